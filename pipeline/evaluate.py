@@ -1,0 +1,105 @@
+"""Metrics that tell whether features are good: accuracy, balanced accuracy, per-class P/R/F1, confusion."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import (
+    balanced_accuracy_score,
+    confusion_matrix,
+    log_loss,
+    precision_recall_fscore_support,
+)
+
+OVERFIT_GAP = 0.10  # train accuracy this far above val accuracy is flagged as overfitting
+
+
+def classification_metrics(y_true: np.ndarray, proba: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """Metrics of predicted class probabilities ``proba`` (N, C) against integer labels."""
+    labels = np.arange(len(classes))
+    pred = proba.argmax(axis=1)
+    p, r, f1, support = precision_recall_fscore_support(y_true, pred, labels=labels, zero_division=0)
+    present = support > 0  # macro averages over the classes this split has
+    eps = 1e-7
+    clipped = np.clip(proba, eps, 1.0)
+    return {
+        "accuracy": float((pred == y_true).mean()) if len(y_true) else 0.0,
+        "balanced_accuracy": float(balanced_accuracy_score(y_true, pred)) if len(y_true) else 0.0,
+        "loss": float(log_loss(y_true, clipped / clipped.sum(1, keepdims=True), labels=labels)),
+        "macro_precision": float(p[present].mean()),
+        "macro_recall": float(r[present].mean()),
+        "macro_f1": float(f1[present].mean()),
+        "per_class": [
+            {
+                "class": c,
+                "precision": float(p[i]),
+                "recall": float(r[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
+            for i, c in enumerate(classes)
+        ],
+        "confusion_matrix": confusion_matrix(y_true, pred, labels=labels).tolist(),
+    }
+
+
+def summarize(
+    *, train: dict[str, Any], val: dict[str, Any], fit_seconds: float, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The ``metrics.json`` of one head: val metrics at the top level, train accuracy/loss and the gap."""
+    gap = train["accuracy"] - val["accuracy"]
+    return {
+        "train_accuracy": train["accuracy"],
+        "train_loss": train["loss"],
+        "val_accuracy": val["accuracy"],
+        "val_loss": val["loss"],
+        "balanced_accuracy": val["balanced_accuracy"],
+        "macro_precision": val["macro_precision"],
+        "macro_recall": val["macro_recall"],
+        "macro_f1": val["macro_f1"],
+        "train_val_gap": gap,
+        "overfitting": bool(gap > OVERFIT_GAP),
+        "fit_seconds": fit_seconds,
+        "per_class": val["per_class"],
+        "confusion_matrix": val["confusion_matrix"],
+        **(extra or {}),
+    }
+
+
+def format_report(metrics: dict[str, Any], *, title: str = "") -> str:
+    """A readable table of one head's metrics (what `train-head` prints)."""
+    lines = [title] if title else []
+    lines += [
+        f"  train accuracy    {metrics['train_accuracy']:.4f}   (loss {metrics['train_loss']:.4f})",
+        f"  val accuracy      {metrics['val_accuracy']:.4f}   (loss {metrics['val_loss']:.4f})",
+        f"  balanced accuracy {metrics['balanced_accuracy']:.4f}",
+        f"  macro P / R / F1  {metrics['macro_precision']:.4f} / {metrics['macro_recall']:.4f} / "
+        f"{metrics['macro_f1']:.4f}",
+        f"  train - val gap   {metrics['train_val_gap']:+.4f}",
+        f"  fit seconds       {metrics['fit_seconds']:.2f}",
+        "",
+    ]
+    width = max(5, *(len(pc["class"]) for pc in metrics["per_class"]))
+    lines.append(f"  {'class':<{width}}  precision  recall  f1      support")
+    for pc in metrics["per_class"]:
+        lines.append(
+            f"  {pc['class']:<{width}}  {pc['precision']:.4f}     {pc['recall']:.4f}  {pc['f1']:.4f}  {pc['support']}"
+        )
+    lines += ["", format_confusion(metrics["confusion_matrix"], [pc["class"] for pc in metrics["per_class"]])]
+    if metrics["overfitting"]:
+        lines.append(
+            f"\n  WARNING: train accuracy exceeds val accuracy by {metrics['train_val_gap']:.1%} "
+            f"(> {OVERFIT_GAP:.0%}): the head is overfitting; try more regularisation or fewer epochs"
+        )
+    return "\n".join(lines)
+
+
+def format_confusion(cm: list[list[int]], classes: list[str], *, max_classes: int = 20) -> str:
+    if len(classes) > max_classes:
+        return f"  confusion matrix: {len(classes)} classes, see metrics.json"
+    short = [c[:6] for c in classes]
+    w = max(6, max(len(str(v)) for row in cm for v in row))
+    head = "  true\\pred " + " ".join(f"{s:>{w}}" for s in short)
+    rows = [f"  {short[i]:<9} " + " ".join(f"{v:>{w}}" for v in row) for i, row in enumerate(cm)]
+    return "\n".join([head, *rows])

@@ -1,0 +1,392 @@
+"""Stage one: run a frozen backbone once over a dataset and write the features to HDF5."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import sklearn
+import torch
+import torchvision
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+import pipeline
+from pipeline.backbones import Backbone, Preprocessing, load_backbone
+from pipeline.datasets import Source, Split, load_source
+from pipeline.errors import PipelineError
+from pipeline.store import (
+    FEATURE_DTYPES,
+    SCHEMA_VERSION,
+    FeatureWriter,
+    FileLock,
+    fingerprint,
+    read_meta,
+    tmp_path_for,
+)
+
+log = logging.getLogger(__name__)
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    dataset: str = "cifar10"
+    backbone: str = "resnet18"
+    weights: str = "IMAGENET1K_V1"
+    data_root: str = "data"
+    download: bool = True
+    val_fraction: float = 0.2
+    split_seed: int = 0
+    limit: int | None = None
+    image_size: int | None = None
+    device: str = "auto"
+    batch_size: int = 64
+    workers: int | None = None  # None: chosen from the device and CPU count
+    out: str | None = None
+    force: bool = False
+    dtype: str = "float32"
+    amp: bool = True  # bf16 autocast for the backbone on CUDA; features are stored in `dtype` regardless
+    skip_bad: bool = False
+    seed: int = 0  # initialisation seed for --weights none
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise PipelineError(f"unknown device {self.device!r}; choose one of: {', '.join(DEVICES)}")
+        if self.dtype not in FEATURE_DTYPES:
+            raise PipelineError(f"unknown dtype {self.dtype!r}; choose one of: {', '.join(FEATURE_DTYPES)}")
+        if self.batch_size < 1:
+            raise PipelineError(f"--batch-size must be at least 1, not {self.batch_size}")
+        if self.limit is not None and self.limit < 1:
+            raise PipelineError(f"--limit must be at least 1, not {self.limit}")
+        if self.image_size is not None and not 16 <= self.image_size <= 1024:
+            raise PipelineError(f"--image-size must be between 16 and 1024, not {self.image_size}")
+        if self.workers is not None and self.workers < 0:
+            raise PipelineError(f"--workers must be 0 or more, not {self.workers}")
+        if not 0 < self.val_fraction < 1:
+            raise PipelineError(f"--val-fraction must be between 0 and 1, not {self.val_fraction}")
+
+
+@dataclass
+class ExtractResult:
+    path: Path
+    reused: bool
+    counts: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, list[str]] = field(default_factory=dict)
+    seconds: float = 0.0
+    images_per_second: float = 0.0
+    fingerprint: str = ""
+
+
+class ExtractInterrupted(PipelineError):
+    """Ctrl-C / SIGTERM during extraction; the partial file stays resumable."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("--device cuda requested but no CUDA GPU is available (use --device auto or cpu)")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise PipelineError("--device mps requested but MPS is not available (use --device auto or cpu)")
+    return torch.device(name)
+
+
+def library_versions() -> dict[str, str]:
+    return {
+        "pipeline": pipeline.__version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": np.__version__,
+        "h5py": h5py.__version__,
+        "scikit-learn": sklearn.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _precision(cfg: ExtractConfig, device: torch.device) -> str:
+    return "bf16-autocast" if cfg.amp and device.type == "cuda" else "fp32"
+
+
+def feature_identity(*, backbone: Backbone, source: Source, cfg: ExtractConfig, device: torch.device) -> dict[str, Any]:
+    """Everything that determines the features; its hash is the file's fingerprint."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "backbone": backbone.name,
+        "weights": backbone.weights,
+        "preprocessing": backbone.preprocess.as_dict(),
+        "dataset": source.identity,
+        "dtype": cfg.dtype,
+        "precision": _precision(cfg, device),
+    }
+
+
+def default_out(cfg: ExtractConfig, source: Source, backbone: Backbone) -> Path:
+    weights = (
+        "none"
+        if cfg.weights.lower() == "none"
+        else Path(cfg.weights).stem
+        if "file:" in backbone.weights
+        else cfg.weights
+    )
+    parts = [source.name, cfg.backbone, weights]
+    if cfg.image_size:
+        parts.append(f"img{cfg.image_size}")
+    if cfg.limit:
+        parts.append(f"n{cfg.limit}")
+    return Path("artifacts") / "features" / ("_".join(parts) + ".h5")
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+class _Images(Dataset):
+    """Samples ``start..`` of a split as uint8 CHW tensors; an unreadable image yields its error instead."""
+
+    def __init__(self, split: Split, pre: Preprocessing, start: int):
+        self.split, self.pre, self.start = split, pre, start
+
+    def __len__(self) -> int:
+        return len(self.split) - self.start
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int, str | None]:
+        idx = self.start + i
+        try:
+            return self.pre.geometry(self.split.load(idx)), idx, None
+        except Exception as e:  # noqa: BLE001 - reported per file by the main process
+            return None, idx, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def _collate(
+    items: list[tuple[torch.Tensor | None, int, str | None]],
+) -> tuple[torch.Tensor | None, list, list]:
+    good = [t for t, _, err in items if err is None]
+    batch = torch.stack(good) if good else None
+    ok = [i for t, i, err in items if err is None]
+    bad = [(i, err) for _, i, err in items if err is not None]
+    return batch, ok, bad
+
+
+def default_workers(device: torch.device) -> int:
+    cpus = os.cpu_count() or 1
+    # On CPU the model needs the cores itself; decoding in 2 workers keeps it fed without oversubscribing.
+    return min(2, cpus) if device.type == "cpu" else min(8, cpus)
+
+
+def _loader(split: Split, pre: Preprocessing, start: int, cfg: ExtractConfig, device: torch.device) -> DataLoader:
+    workers = default_workers(device) if cfg.workers is None else cfg.workers
+    return DataLoader(
+        _Images(split, pre, start),
+        batch_size=cfg.batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+    )
+
+
+# ------------------------------------------------------------------------------------------ the model
+
+
+def prepare_model(backbone: Backbone, device: torch.device) -> torch.nn.Module:
+    # channels_last: 3-5x faster convolutions on CPU here, and the tensor-core layout on CUDA.
+    return backbone.model.to(device).to(memory_format=torch.channels_last)
+
+
+@torch.inference_mode()
+def embed_batch(
+    model: torch.nn.Module, batch: torch.Tensor, *, pre: Preprocessing, device: torch.device, amp: bool
+) -> torch.Tensor:
+    """uint8 NCHW batch -> float32 (N, D) features on ``device``."""
+    x = batch.to(device, non_blocking=True)
+    x = pre.normalize(x).contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+        y = model(x)
+    return y.flatten(1).float()
+
+
+def _run_split(
+    name: str,
+    split: Split,
+    *,
+    writer: FeatureWriter,
+    model: torch.nn.Module,
+    pre: Preprocessing,
+    cfg: ExtractConfig,
+    device: torch.device,
+) -> int:
+    start = writer.seen(name)
+    if start >= len(split):
+        return 0
+    if start:
+        log.info("resuming %s at sample %d of %d", name, start, len(split))
+    bar = tqdm(
+        total=len(split),
+        initial=start,
+        desc=f"extract {name}",
+        unit="img",
+        disable=not cfg.progress,
+        dynamic_ncols=True,
+        mininterval=0.5,
+    )
+    done = 0
+    try:
+        for batch, ok, bad in _loader(split, pre, start, cfg, device):
+            if bad and not cfg.skip_bad:
+                i, err = bad[0]
+                raise PipelineError(f"cannot read image {split.ids[i]}: {err} (pass --skip-bad to skip such files)")
+            for i, err in bad:
+                log.warning("skipped unreadable image %s: %s", split.ids[i], err)
+            feats = (
+                embed_batch(model, batch, pre=pre, device=device, amp=cfg.amp).cpu().numpy()
+                if batch is not None
+                else np.zeros((0, writer.dim), np.float32)
+            )
+            writer.append(
+                name,
+                feats,
+                split.labels[ok],
+                [split.ids[i] for i in ok],
+                seen=len(ok) + len(bad),
+                skipped=[split.ids[i] for i, _ in bad],
+            )
+            done += len(ok)
+            bar.update(len(ok) + len(bad))
+    finally:
+        bar.close()
+    return done
+
+
+# ------------------------------------------------------------------------------------------ entry point
+
+
+def _check_existing(out: Path, fp: str, force: bool) -> bool:
+    """True if ``out`` already holds these features. Never deletes: a mismatch without --force is an error."""
+    if not out.exists():
+        return False
+    try:
+        meta = read_meta(out)
+    except PipelineError as e:
+        if force:
+            return False
+        raise PipelineError(
+            f"{out} exists but is not a usable feature file ({e}); pass --force to replace it"
+        ) from None
+    if meta.get("fingerprint") == fp and meta.get("complete") and not force:
+        return True
+    if not force:
+        raise PipelineError(
+            f"{out} holds features made with other settings (fingerprint {str(meta.get('fingerprint'))[:12]} "
+            f"!= {fp[:12]}); pass --force to replace it or choose another --out"
+        )
+    return False
+
+
+def extract(cfg: ExtractConfig) -> ExtractResult:
+    """Extract features for every split of ``cfg.dataset`` into one HDF5 file (reused if up to date)."""
+    device = resolve_device(cfg.device)
+    backbone = load_backbone(cfg.backbone, weights=cfg.weights, image_size=cfg.image_size, seed=cfg.seed)
+    source = load_source(
+        cfg.dataset,
+        data_root=Path(cfg.data_root),
+        download=cfg.download,
+        val_fraction=cfg.val_fraction,
+        split_seed=cfg.split_seed,
+        limit=cfg.limit,
+    )
+    identity = feature_identity(backbone=backbone, source=source, cfg=cfg, device=device)
+    fp = fingerprint(identity)
+    out = Path(cfg.out) if cfg.out else default_out(cfg, source, backbone)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PipelineError(f"cannot create output folder {out.parent}: {e.strerror}") from None
+    with FileLock(out):
+        if _check_existing(out, fp, cfg.force):
+            counts = {s: len(v) for s, v in source.splits.items()}
+            return ExtractResult(path=out, reused=True, counts=counts, fingerprint=fp)
+        if cfg.force and tmp_path_for(out).exists():
+            tmp_path_for(out).unlink()
+        return _write(out, cfg=cfg, backbone=backbone, source=source, identity=identity, fp=fp, device=device)
+
+
+def _write(
+    out: Path,
+    *,
+    cfg: ExtractConfig,
+    backbone: Backbone,
+    source: Source,
+    identity: dict,
+    fp: str,
+    device: torch.device,
+) -> ExtractResult:
+    meta = {
+        "fingerprint": fp,
+        "backbone": backbone.name,
+        "weights": backbone.weights,
+        "feature_dim": backbone.feature_dim,
+        "num_classes": len(source.classes),
+        "preprocessing": backbone.preprocess.as_dict(),
+        "dataset": source.name,
+        "dataset_identity": source.identity,
+        "identity": identity,
+        "config": asdict(cfg),
+        "classifier_path": backbone.classifier_path,
+        "versions": library_versions(),
+        "device": str(device),
+        "precision": identity["precision"],
+    }
+    writer = FeatureWriter(
+        out,
+        meta=meta,
+        classes=source.classes,
+        sizes={s: len(v) for s, v in source.splits.items()},
+        feature_dim=backbone.feature_dim,
+        dtype=cfg.dtype,
+    )
+    model = prepare_model(backbone, device)
+    t0, done = time.perf_counter(), 0
+    try:
+        for name, split in source.splits.items():
+            done += _run_split(name, split, writer=writer, model=model, pre=backbone.preprocess, cfg=cfg, device=device)
+    except KeyboardInterrupt:
+        writer.close()
+        seen = sum(writer_seen(writer.tmp, s) for s in source.splits)
+        total = sum(len(v) for v in source.splits.values())
+        raise ExtractInterrupted(
+            f"interrupted after {seen} of {total} images; rerun the same command to resume ({writer.tmp})"
+        ) from None
+    except BaseException:
+        writer.close()
+        raise
+    seconds = time.perf_counter() - t0
+    skipped = {s: writer.skipped(s) for s in source.splits}
+    writer.finish({"extract_seconds": round(seconds, 3)})
+    counts = {s: len(v) - len(skipped[s]) for s, v in source.splits.items()}
+    return ExtractResult(
+        path=out,
+        reused=False,
+        counts=counts,
+        skipped=skipped,
+        seconds=seconds,
+        images_per_second=done / seconds if seconds > 0 else 0.0,
+        fingerprint=fp,
+    )
+
+
+def writer_seen(tmp: Path, split: str) -> int:
+    with h5py.File(tmp, "r") as f:
+        return int(f[split].attrs["n_seen"])
