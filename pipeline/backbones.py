@@ -58,6 +58,19 @@ class Preprocessing:
         img = TF.center_crop(img, [self.crop_size, self.crop_size])
         return img if isinstance(img, torch.Tensor) else TF.pil_to_tensor(img)
 
+    def geometry_batch(self, batch: torch.Tensor) -> torch.Tensor:
+        """uint8 NCHW (or NHW greyscale) batch -> float NCHW in [0, 255], resized and cropped where it sits.
+
+        The device-side twin of :meth:`geometry` for datasets held in memory as arrays: the same resize
+        (antialiased) and centre crop, done in float on the GPU rather than in PIL per image. It differs from
+        the PIL path by rounding only (max ~0.02 after normalising; see tests/test_device_preprocess.py).
+        """
+        x = batch.unsqueeze(1) if batch.ndim == 3 else batch
+        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x  # greyscale -> RGB, as PIL's convert("RGB")
+        interp = InterpolationMode(self.interpolation)
+        x = TF.resize(x.float(), [self.resize_size], interpolation=interp, antialias=True)
+        return TF.center_crop(x, [self.crop_size, self.crop_size]).clamp_(0, 255)
+
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 NCHW batch -> float normalised batch. Runs on the device, after the (4x smaller) uint8 copy."""
         mean = torch.tensor(self.mean, device=batch.device).view(1, -1, 1, 1) * 255
@@ -175,8 +188,9 @@ def load_backbone(
     _check_name(name)
     pre = Preprocessing()
     if weights.lower() == "none":
-        torch.manual_seed(seed)
-        model = torchvision.models.get_model(name, weights=None)
+        with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
+            torch.manual_seed(seed)
+            model = torchvision.models.get_model(name, weights=None)
         identity = f"none(seed={seed})"
     elif _looks_like_path(weights):
         path = Path(weights)

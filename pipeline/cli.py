@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, on_stop_signal, stop_signals
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -82,6 +82,15 @@ def cli(verbose: int) -> None:
     help="Stored feature dtype (float16 halves the file).",
 )
 @click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 autocast for the backbone on CUDA.")
+@click.option(
+    "--preprocess",
+    type=click.Choice(["auto", "loader", "device"]),
+    default="auto",
+    show_default=True,
+    help="Where to resize/crop/normalise: 'device' moves uint8 batches of in-memory datasets (CIFAR, MNIST) "
+    "to the GPU first; 'loader' uses PIL in worker processes; 'auto' = device on CUDA when possible.",
+)
+@click.option("--compile/--no-compile", default=False, show_default=True, help="torch.compile the backbone.")
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images (listed in the file and the summary).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Initialisation seed for --weights none.")
 @click.option(
@@ -90,14 +99,21 @@ def cli(verbose: int) -> None:
     default=None,
     help="Output .h5 (default: artifacts/features/<dataset>_<backbone>_<weights>.h5).",
 )
-@click.option("--force", is_flag=True, help="Redo the extraction even if --out is up to date.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Redo the extraction even if --out is up to date; discard a whole or partial (.tmp) file of other settings.",
+)
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def extract(**opts: Any) -> None:
-    """Stage one: run a frozen backbone once and write features + labels + metadata to HDF5."""
+    """Stage one: run a frozen backbone once and write features + labels + metadata to HDF5.
+
+    Under torchrun each rank extracts a slice into a shard file and rank 0 merges them into --out."""
+    from pipeline.distributed import extract_torchrun, launched_by_torchrun
     from pipeline.extract import ExtractConfig
     from pipeline.extract import extract as run
 
-    result = run(ExtractConfig(**opts))
+    result = (extract_torchrun if launched_by_torchrun() else run)(ExtractConfig(**opts))
     if result.reused:
         click.echo(
             f"reused {result.path}: features are up to date (fingerprint {result.fingerprint[:12]}; "
@@ -106,6 +122,9 @@ def extract(**opts: Any) -> None:
         return
     counts = ", ".join(f"{k} {v}" for k, v in result.counts.items())
     click.echo(f"wrote {result.path}: {counts} in {result.seconds:.1f} s ({result.images_per_second:.0f} img/s)")
+    resumed = {k: v for k, v in result.resumed_from.items() if v}
+    if resumed:
+        click.echo("resumed a partial extraction at " + ", ".join(f"{k} {v}" for k, v in resumed.items()))
     for split, ids in result.skipped.items():
         if ids:
             click.echo(
@@ -150,6 +169,24 @@ def _head_options(f: Any) -> Any:
                 show_default=True,
                 help="lbfgs iterations (logreg).",
             ),
+            click.option("--hidden", type=_positive_int, default=512, show_default=True, help="Hidden units (mlp)."),
+            click.option(
+                "--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.5, show_default=True, help="(mlp)"
+            ),
+            click.option("--k", "k", type=_positive_int, default=10, show_default=True, help="Neighbours (knn)."),
+            click.option(
+                "--class-weight",
+                type=click.Choice(["none", "balanced"]),
+                default="none",
+                show_default=True,
+                help="'balanced' weights classes by inverse frequency (linear, mlp, logreg, knn).",
+            ),
+            click.option(
+                "--sweep",
+                is_flag=True,
+                help="Choose lr/weight decay (linear, mlp), C (logreg) or k (knn) on a held-out 20% of train, "
+                "then refit on all of train; val is only reported.",
+            ),
             click.option("--seed", type=int, default=0, show_default=True),
             click.option(
                 "--device",
@@ -165,7 +202,8 @@ def _head_options(f: Any) -> Any:
 
 @cli.command("train-head")
 @_head_options
-@click.option("--head", default="linear", show_default=True, help="Head type (see `compare --help` for all).")
+@click.option("--head", default="linear", show_default=True, help="linear, logreg, mlp, knn or centroid.")
+@click.option("--shots", type=_positive_int, default=None, help="Train on K examples per class (seeded sample).")
 @click.option(
     "--out",
     type=click.Path(file_okay=False),
@@ -180,30 +218,83 @@ def train_head_cmd(features: str, out: str | None, **opts: Any) -> None:
 
     metrics = train_head(Path(features), HeadConfig(**opts), out=out)
     click.echo(format_report(metrics, title=f"{opts['head']} head on {features}"))
-    click.echo(f"\nwrote {metrics['out']}/ (metrics.json, config.json, head.safetensors)")
+    if "chosen" in metrics.get("sweep", {}):
+        sweep = metrics["sweep"]
+        click.echo(f"\nsweep: chose {sweep['chosen']} on {sweep['n_held_out']} held-out train rows (see metrics.json)")
+    pngs = ", confusion.png" + (", curves.png" if metrics.get("history") else "")
+    click.echo(f"\nwrote {metrics['out']}/ (metrics.json, config.json, head.safetensors{pngs})")
 
 
 @cli.command("compare")
 @_head_options
 @click.option("--heads", default="all", show_default=True, help="Comma-separated heads to train, or 'all'.")
 @click.option(
+    "--shots", default=None, help="e.g. 1,5,10,all: accuracy-vs-examples-per-class table and plot (heads not saved)."
+)
+@click.option(
     "--out",
     type=click.Path(file_okay=False),
     default=None,
     help="Output folder (default: artifacts/heads/<features>/).",
 )
-def compare_cmd(features: str, heads: str, out: str | None, **opts: Any) -> None:
+def compare_cmd(features: str, heads: str, out: str | None, shots: str | None, **opts: Any) -> None:
     """Train several head types on one feature file and print one comparison table."""
     from pipeline.heads import HeadConfig
     from pipeline.train import compare, compare_table, parse_heads
 
     names = parse_heads(heads)
-    result = compare(Path(features), heads=names, base=HeadConfig(head=names[0], **opts), out=out)
+    base = HeadConfig(head=names[0], **opts)
+    if shots:
+        from pipeline.train import compare_shots, parse_shots, shots_table
+
+        result = compare_shots(Path(features), heads=names, base=base, shots=parse_shots(shots), out=out)
+        click.echo(f"val accuracy by training examples per class ({result['n_val']} val images)\n")
+        click.echo(shots_table(result["val_accuracy"], result["shots"]))
+        click.echo(f"\nwrote {result['out']}/shots.json, shots.md and shots.png")
+        return
+    result = compare(Path(features), heads=names, base=base, out=out)
     click.echo(
         f"{result['backbone']} ({result['weights']}) features: {result['n_train']} train / {result['n_val']} val\n"
     )
     click.echo(compare_table(result["rows"]))
-    click.echo(f"\nbest on val: {result['best']}; wrote {result['out']}/compare.json and compare.md")
+    click.echo(f"\nbest on val: {result['best']}; wrote {result['out']}/compare.json, compare.md and compare.png")
+
+
+@cli.command("export")
+@click.option("--head", "head_dir", required=True, type=click.Path(file_okay=False), help="A trained head folder.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="MODEL.pt2 (.pth and .json beside it).")
+def export_cmd(head_dir: str, out: str) -> None:
+    """The frozen backbone with the trained head as its final layer: torch.export program + state_dict."""
+    from pipeline.export import export_model
+
+    result = export_model(Path(head_dir), Path(out))
+    click.echo(
+        f"wrote {result.program} (torch.export), {result.state_dict.name} (state_dict) and {result.meta.name} "
+        f"(classes, preprocessing); {len(result.classes)} classes, exported vs eager max |diff| "
+        f"{result.max_abs_diff:.1e}"
+    )
+
+
+@cli.command("predict")
+@click.option("--model", required=True, type=click.Path(dir_okay=False), help="MODEL.pt2 from export.")
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--out", default="preds.csv", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--batch-size", type=_positive_int, default=32, show_default=True)
+@click.option("--top-k", type=_positive_int, default=3, show_default=True, help="Ranked classes per image.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def predict_cmd(model: str, images: tuple[str, ...], out: str, **opts: Any) -> None:
+    """Classify image files and folders (recursively) with an exported model; write a CSV."""
+    from pipeline.predict import predict
+
+    r = predict(Path(model), list(images), out=Path(out), **opts)
+    rate = r.n_images / r.seconds if r.seconds > 0 else 0.0
+    click.echo(f"{r.n_images} images in {r.seconds:.1f} s ({rate:.0f} img/s); wrote {r.out}")
+    for name, count in r.counts.most_common():
+        click.echo(f"  {name:<20} {count}")
+    if r.failed:
+        click.echo(f"{len(r.failed)} could not be read (listed in the CSV's error column):")
+        for path, why in list(r.failed.items())[:10]:
+            click.echo(f"  {path}: {why}")
 
 
 @cli.command("convert-weights")
@@ -220,27 +311,44 @@ def convert_weights_cmd(wheel: str, out: str) -> None:
 # ------------------------------------------------------------------------------------------ entry point
 
 
-def _sigterm(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt  # same clean path as Ctrl-C: flush, say how to resume, exit 130
-
-
 def main(argv: list[str] | None = None) -> None:
-    signal.signal(signal.SIGTERM, _sigterm)
+    """The console script: runs one command and exits with its code (0 ok, 1 error, 2 usage, 130 interrupted)."""
+    # SIGTERM takes the same clean path as Ctrl-C: commit, say how to resume, exit 130. The handlers and hook are
+    # put back afterwards, so calling main() from Python (as the tests do) leaves the interpreter as it was.
+    stop_signals.clear()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig, before in handlers.items():
+        if before is not signal.SIG_IGN:  # a job started in the background keeps ignoring Ctrl-C
+            signal.signal(sig, on_stop_signal)
+    default_hook = sys.unraisablehook
+    # An interrupt Python had to drop ("Exception ignored in ...") is not news: on_stop_signal remembered it.
+    sys.unraisablehook = lambda u: None if isinstance(u.exc_value, KeyboardInterrupt) else default_hook(u)
+    try:
+        code = _run(argv)
+    finally:
+        for sig, before in handlers.items():
+            signal.signal(sig, before)
+        sys.unraisablehook = default_hook
+        stop_signals.clear()
+    sys.exit(code)
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         code = cli.main(args=argv, prog_name="pipeline", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("interrupted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+        return EXIT_INTERRUPTED
     except click.ClickException as e:
         hint = " (see --help)" if isinstance(e, click.UsageError) else ""
         click.echo(f"error: {e.format_message()}{hint}", err=True)
-        sys.exit(EXIT_USAGE)
+        return EXIT_USAGE
     except PipelineError as e:
         from pipeline.extract import ExtractInterrupted
 
         click.echo(f"{'interrupted' if isinstance(e, ExtractInterrupted) else 'error'}: {e}", err=True)
-        sys.exit(EXIT_INTERRUPTED if isinstance(e, ExtractInterrupted) else EXIT_ERROR)
+        return EXIT_INTERRUPTED if isinstance(e, ExtractInterrupted) else EXIT_ERROR
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
-    sys.exit(code if isinstance(code, int) else 0)
+        return EXIT_INTERRUPTED
+    return code if isinstance(code, int) else 0

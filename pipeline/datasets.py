@@ -114,9 +114,13 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_image(path: Path) -> Image.Image:
-    """Decode an image file fully (so truncation is caught here, not later) as RGB."""
+    """Decode an image file fully (so truncation is caught here, not later) as RGB.
+
+    Large photos are fine: PIL warns above ~89 megapixels, which a 100 MP camera exceeds, so the warning is
+    silenced; above twice that PIL refuses the file as a likely decompression bomb (an unreadable image).
+    """
     with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with Image.open(path) as img:
             img.load()
             return to_rgb(img)
@@ -314,4 +318,6 @@ def _limited(source: Source, limit: int, *, seed: int) -> Source:
             idx = np.sort(np.random.default_rng(seed).permutation(n)[: min(limit, n)])
         splits[name] = split.subset(idx)
     identity = {**source.identity, "limit": limit}
+    if source.identity["kind"] != "torchvision":
+        identity["limit_seed"] = seed  # the seeded sample is part of what the features are of
     return Source(name=source.name, classes=source.classes, splits=splits, identity=identity)

@@ -49,6 +49,7 @@ def summarize(
 ) -> dict[str, Any]:
     """The ``metrics.json`` of one head: val metrics at the top level, train accuracy/loss and the gap."""
     gap = train["accuracy"] - val["accuracy"]
+    worst = min((pc for pc in val["per_class"] if pc["support"]), key=lambda pc: pc["recall"], default=None)
     return {
         "train_accuracy": train["accuracy"],
         "train_loss": train["loss"],
@@ -58,6 +59,8 @@ def summarize(
         "macro_precision": val["macro_precision"],
         "macro_recall": val["macro_recall"],
         "macro_f1": val["macro_f1"],
+        "worst_class_recall": worst["recall"] if worst else 0.0,
+        "worst_class": worst["class"] if worst else "",
         "train_val_gap": gap,
         "overfitting": bool(gap > OVERFIT_GAP),
         "fit_seconds": fit_seconds,
@@ -73,7 +76,8 @@ def format_report(metrics: dict[str, Any], *, title: str = "") -> str:
     lines += [
         f"  train accuracy    {metrics['train_accuracy']:.4f}   (loss {metrics['train_loss']:.4f})",
         f"  val accuracy      {metrics['val_accuracy']:.4f}   (loss {metrics['val_loss']:.4f})",
-        f"  balanced accuracy {metrics['balanced_accuracy']:.4f}",
+        f"  balanced accuracy {metrics['balanced_accuracy']:.4f}   (mean per-class recall)",
+        f"  worst recall      {metrics['worst_class_recall']:.4f}   ({metrics['worst_class']})",
         f"  macro P / R / F1  {metrics['macro_precision']:.4f} / {metrics['macro_recall']:.4f} / "
         f"{metrics['macro_f1']:.4f}",
         f"  train - val gap   {metrics['train_val_gap']:+.4f}",

@@ -5,7 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import signal
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,7 @@ from tqdm import tqdm
 import pipeline
 from pipeline.backbones import Backbone, Preprocessing, load_backbone
 from pipeline.datasets import Source, Split, load_source
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, raise_if_stopped
 from pipeline.store import (
     FEATURE_DTYPES,
     SCHEMA_VERSION,
@@ -34,6 +37,10 @@ from pipeline.store import (
 
 log = logging.getLogger(__name__)
 DEVICES = ("auto", "cpu", "cuda", "mps")
+# Where resize/crop/normalise run. "device": uint8 batches of an in-memory array dataset go to the device and are
+# resized there (the CPU stops being the bottleneck on a GPU); "loader": PIL in loader workers; "auto": device on
+# CUDA when the source has arrays, else loader.
+PREPROCESS_MODES = ("auto", "loader", "device")
 
 
 @dataclass(frozen=True)
@@ -57,8 +64,14 @@ class ExtractConfig:
     skip_bad: bool = False
     seed: int = 0  # initialisation seed for --weights none
     progress: bool = True
+    preprocess: str = "auto"  # see PREPROCESS_MODES
+    compile: bool = False  # torch.compile the backbone (pays a compile once; worth it on large GPU runs)
 
     def __post_init__(self) -> None:
+        if self.preprocess not in PREPROCESS_MODES:
+            raise PipelineError(
+                f"unknown preprocess mode {self.preprocess!r}; choose one of: {', '.join(PREPROCESS_MODES)}"
+            )
         if self.device not in DEVICES:
             raise PipelineError(f"unknown device {self.device!r}; choose one of: {', '.join(DEVICES)}")
         if self.dtype not in FEATURE_DTYPES:
@@ -84,6 +97,7 @@ class ExtractResult:
     seconds: float = 0.0
     images_per_second: float = 0.0
     fingerprint: str = ""
+    resumed_from: dict[str, int] = field(default_factory=dict)  # samples per split a partial .tmp already held
 
 
 class ExtractInterrupted(PipelineError):
@@ -120,9 +134,25 @@ def _precision(cfg: ExtractConfig, device: torch.device) -> str:
     return "bf16-autocast" if cfg.amp and device.type == "cuda" else "fp32"
 
 
+def resolve_preprocess(mode: str, *, has_arrays: bool, device: torch.device) -> str:
+    """``auto|loader|device`` -> ``loader`` or ``device`` (see PREPROCESS_MODES)."""
+    if mode == "auto":
+        return "device" if device.type == "cuda" and has_arrays else "loader"
+    if mode == "device" and not has_arrays:
+        raise PipelineError(
+            "--preprocess device needs a dataset held in memory as arrays (cifar10, mnist, ...); "
+            "this one is decoded from files: use --preprocess loader or auto"
+        )
+    return mode
+
+
+def _source_has_arrays(source: Source) -> bool:
+    return all(split.arrays is not None for split in source.splits.values())
+
+
 def feature_identity(*, backbone: Backbone, source: Source, cfg: ExtractConfig, device: torch.device) -> dict[str, Any]:
     """Everything that determines the features; its hash is the file's fingerprint."""
-    return {
+    identity = {
         "schema_version": SCHEMA_VERSION,
         "backbone": backbone.name,
         "weights": backbone.weights,
@@ -131,6 +161,11 @@ def feature_identity(*, backbone: Backbone, source: Source, cfg: ExtractConfig, 
         "dtype": cfg.dtype,
         "precision": _precision(cfg, device),
     }
+    # Device-side resizing differs from PIL's by rounding (features within ~1e-3), so it gets its own
+    # fingerprint. The key is absent for the loader path, which keeps files written before it existed valid.
+    if resolve_preprocess(cfg.preprocess, has_arrays=_source_has_arrays(source), device=device) == "device":
+        identity["preprocess_on"] = "device"
+    return identity
 
 
 def default_out(cfg: ExtractConfig, source: Source, backbone: Backbone) -> Path:
@@ -185,6 +220,42 @@ def default_workers(device: torch.device) -> int:
     return min(2, cpus) if device.type == "cpu" else min(8, cpus)
 
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _quiet_worker(_worker_id: int) -> None:
+    """Loader workers leave Ctrl-C and SIGTERM to the main process, which commits and then stops them.
+
+    A terminal's Ctrl-C reaches the whole process group. A worker that died of it could take down the channel a
+    batch was travelling through, and the main process then failed on that batch (exit 1, a traceback) instead of
+    stopping cleanly (exit 130, "rerun to resume"): seen once in about 25 interrupts under load. Workers still exit
+    when the main process goes, by DataLoader's own parent watchdog. The signals were blocked while the worker was
+    forked (see ``_start_workers``), so one that arrived in between is discarded here, not raised in the worker.
+    """
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    default_hook = sys.excepthook
+
+    def hook(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
+        # multiprocessing's fd-sharing thread reports here when the main process hung up in the middle of fetching
+        # a batch: it is stopping, and says so itself.
+        if not issubclass(exc_type, (EOFError, ConnectionError)):
+            default_hook(exc_type, exc, tb)
+
+    sys.excepthook = hook
+
+
+def _start_workers(batches: Any) -> Iterator:
+    """``iter(batches)``, forking loader workers with Ctrl-C and SIGTERM held back; the main process gets any that
+    arrived in the meantime as soon as they are forked."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return iter(batches)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def _loader(split: Split, pre: Preprocessing, start: int, cfg: ExtractConfig, device: torch.device) -> DataLoader:
     workers = default_workers(device) if cfg.workers is None else cfg.workers
     return DataLoader(
@@ -195,23 +266,51 @@ def _loader(split: Split, pre: Preprocessing, start: int, cfg: ExtractConfig, de
         collate_fn=_collate,
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers else None,
+        persistent_workers=workers > 0,
+        worker_init_fn=_quiet_worker if workers else None,
     )
+
+
+def _array_batches(
+    split: Split, start: int, *, batch_size: int, device: torch.device
+) -> Iterator[tuple[torch.Tensor, list[int], list]]:
+    """uint8 batches of an in-memory split, already on ``device`` (NCHW, or NHW for greyscale).
+
+    No workers and no PIL: the slice is pinned and copied without blocking, and resizing happens on the device.
+    """
+    arrays = split.arrays
+    for lo in range(start, len(split), batch_size):
+        hi = min(lo + batch_size, len(split))
+        x = torch.from_numpy(np.ascontiguousarray(arrays[lo:hi]))
+        if device.type == "cuda":
+            x = x.pin_memory()
+        x = x.to(device, non_blocking=True)
+        yield (x.permute(0, 3, 1, 2) if x.ndim == 4 else x), list(range(lo, hi)), []
 
 
 # ------------------------------------------------------------------------------------------ the model
 
 
-def prepare_model(backbone: Backbone, device: torch.device) -> torch.nn.Module:
+def prepare_model(backbone: Backbone, device: torch.device, *, compile: bool = False) -> torch.nn.Module:
     # channels_last: 3-5x faster convolutions on CPU here, and the tensor-core layout on CUDA.
-    return backbone.model.to(device).to(memory_format=torch.channels_last)
+    model = backbone.model.to(device).to(memory_format=torch.channels_last)
+    return torch.compile(model) if compile else model
 
 
 @torch.inference_mode()
 def embed_batch(
-    model: torch.nn.Module, batch: torch.Tensor, *, pre: Preprocessing, device: torch.device, amp: bool
+    model: torch.nn.Module,
+    batch: torch.Tensor,
+    *,
+    pre: Preprocessing,
+    device: torch.device,
+    amp: bool,
+    geometry: bool = False,
 ) -> torch.Tensor:
-    """uint8 NCHW batch -> float32 (N, D) features on ``device``."""
+    """uint8 NCHW batch -> float32 (N, D) features on ``device``; ``geometry`` resizes and crops it there first."""
     x = batch.to(device, non_blocking=True)
+    if geometry:
+        x = pre.geometry_batch(x)
     x = pre.normalize(x).contiguous(memory_format=torch.channels_last)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
         y = model(x)
@@ -243,15 +342,21 @@ def _run_split(
         mininterval=0.5,
     )
     done = 0
+    on_device = resolve_preprocess(cfg.preprocess, has_arrays=split.arrays is not None, device=device) == "device"
+    batches = (
+        _array_batches(split, start, batch_size=cfg.batch_size, device=device)
+        if on_device
+        else _loader(split, pre, start, cfg, device)
+    )
     try:
-        for batch, ok, bad in _loader(split, pre, start, cfg, device):
+        for batch, ok, bad in _start_workers(batches):
             if bad and not cfg.skip_bad:
                 i, err = bad[0]
                 raise PipelineError(f"cannot read image {split.ids[i]}: {err} (pass --skip-bad to skip such files)")
             for i, err in bad:
                 log.warning("skipped unreadable image %s: %s", split.ids[i], err)
             feats = (
-                embed_batch(model, batch, pre=pre, device=device, amp=cfg.amp).cpu().numpy()
+                embed_batch(model, batch, pre=pre, device=device, amp=cfg.amp, geometry=on_device).cpu().numpy()
                 if batch is not None
                 else np.zeros((0, writer.dim), np.float32)
             )
@@ -265,6 +370,7 @@ def _run_split(
             )
             done += len(ok)
             bar.update(len(ok) + len(bad))
+            raise_if_stopped()
     finally:
         bar.close()
     return done
@@ -295,11 +401,26 @@ def _check_existing(out: Path, fp: str, force: bool) -> bool:
     return False
 
 
-def extract(cfg: ExtractConfig) -> ExtractResult:
-    """Extract features for every split of ``cfg.dataset`` into one HDF5 file (reused if up to date)."""
+@dataclass
+class ExtractPlan:
+    """What an extraction will write, decided before any image is read: model, data, fingerprint, file."""
+
+    device: torch.device
+    backbone: Backbone
+    source: Source
+    identity: dict[str, Any]
+    fp: str
+    out: Path
+
+
+def plan_extraction(cfg: ExtractConfig, *, source: Source | None = None) -> ExtractPlan:
+    """Load the backbone and the dataset index and fix the output path and fingerprint.
+
+    ``source`` replaces ``cfg.dataset`` with a ready-made one (e.g. in-memory arrays in tests and benchmarks).
+    """
     device = resolve_device(cfg.device)
     backbone = load_backbone(cfg.backbone, weights=cfg.weights, image_size=cfg.image_size, seed=cfg.seed)
-    source = load_source(
+    source = source or load_source(
         cfg.dataset,
         data_root=Path(cfg.data_root),
         download=cfg.download,
@@ -308,8 +429,18 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         limit=cfg.limit,
     )
     identity = feature_identity(backbone=backbone, source=source, cfg=cfg, device=device)
-    fp = fingerprint(identity)
     out = Path(cfg.out) if cfg.out else default_out(cfg, source, backbone)
+    return ExtractPlan(device, backbone, source, identity, fingerprint(identity), out)
+
+
+def extract(cfg: ExtractConfig, *, plan: ExtractPlan | None = None) -> ExtractResult:
+    """Extract features for every split of ``cfg.dataset`` into one HDF5 file (reused if up to date).
+
+    ``plan`` (from :func:`plan_extraction`) may be narrowed to one rank's rows and shard file; see
+    :mod:`pipeline.distributed`. The fingerprint stays that of the whole run.
+    """
+    p = plan or plan_extraction(cfg)
+    device, backbone, source, identity, fp, out = p.device, p.backbone, p.source, p.identity, p.fp, p.out
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -357,24 +488,24 @@ def _write(
         feature_dim=backbone.feature_dim,
         dtype=cfg.dtype,
     )
-    model = prepare_model(backbone, device)
+    model = prepare_model(backbone, device, compile=cfg.compile)
     t0, done = time.perf_counter(), 0
     try:
         for name, split in source.splits.items():
             done += _run_split(name, split, writer=writer, model=model, pre=backbone.preprocess, cfg=cfg, device=device)
     except KeyboardInterrupt:
         writer.close()
-        seen = sum(writer_seen(writer.tmp, s) for s in source.splits)
+        seen = sum(writer.seen(s) for s in source.splits)  # committed: what a rerun will not redo
         total = sum(len(v) for v in source.splits.values())
         raise ExtractInterrupted(
-            f"interrupted after {seen} of {total} images; rerun the same command to resume ({writer.tmp})"
+            f"stopped after {seen} of {total} images; rerun the same command to resume ({writer.tmp} keeps them)"
         ) from None
     except BaseException:
         writer.close()
         raise
     seconds = time.perf_counter() - t0
     skipped = {s: writer.skipped(s) for s in source.splits}
-    writer.finish({"extract_seconds": round(seconds, 3)})
+    writer.finish({"extract_seconds": round(seconds, 3), "resumed_from": writer.start})
     counts = {s: len(v) - len(skipped[s]) for s, v in source.splits.items()}
     return ExtractResult(
         path=out,
@@ -384,9 +515,5 @@ def _write(
         seconds=seconds,
         images_per_second=done / seconds if seconds > 0 else 0.0,
         fingerprint=fp,
+        resumed_from=dict(writer.start),
     )
-
-
-def writer_seen(tmp: Path, split: str) -> int:
-    with h5py.File(tmp, "r") as f:
-        return int(f[split].attrs["n_seen"])

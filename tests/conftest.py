@@ -7,9 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pipeline.store import FeatureWriter
+
+# One intra-op thread: the tensors in these tests are tiny, and on a shared 2-core machine torch's default
+# OpenMP threads spin against other processes (measured ~15x slower extractions under load).
+torch.set_num_threads(1)
 
 COLOURS = {"cat": (200, 60, 60), "dog": (60, 60, 200), "bird": (60, 200, 60)}
 
@@ -117,3 +122,7 @@ TINY_EXTRACT = {
     "progress": False,
     "device": "cpu",
 }
+
+# The same settings as command-line options.
+TINY_ARGS = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32", "--batch-size", "8",
+             "--workers", "0", "--device", "cpu", "--no-progress"]  # fmt: skip

@@ -1,0 +1,273 @@
+"""Heads on synthetic features: every registered head learns, round-trips through safetensors, and the
+protocol pieces (batched linear grid, --sweep on held-out train, --shots, --class-weight) do what they say."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.errors import PipelineError
+from pipeline.heads import HEADS, HeadConfig, LinearHead, balanced_weights, build_head, load_head, save_head
+from pipeline.store import SplitFeatures, read_features
+from pipeline.train import (
+    compare_shots,
+    few_shot,
+    fit_and_evaluate,
+    parse_shots,
+    stratified_holdout,
+    sweep,
+    train_head,
+)
+from tests.conftest import separable_features
+
+FAST = {"epochs": 20, "lr": 1e-2, "hidden": 32, "k": 5, "device": "cpu"}
+
+
+@pytest.mark.parametrize("name", list(HEADS))
+def test_every_head_learns_and_round_trips(name: str, tmp_path: Path) -> None:
+    X, y = separable_features(n=600, classes=4, spread=1.0)
+    head = build_head(HeadConfig(head=name, **FAST), num_classes=4, feature_dim=32)
+    head.fit(X[:400], y[:400])
+    proba = head.predict_proba(X[400:])
+    assert proba.shape == (200, 4) and np.allclose(proba.sum(1), 1, atol=1e-5)
+    assert (proba.argmax(1) == y[400:]).mean() > 0.95
+    save_head(head, tmp_path, config={"head_config": {**vars(head.cfg)}, "classes": list("abcd"), "feature_dim": 32})
+    loaded, _ = load_head(tmp_path)
+    np.testing.assert_allclose(loaded.predict_proba(X[400:]), proba, rtol=1e-5, atol=1e-6)
+
+
+def test_grid_members_train_independently() -> None:
+    """Member 0 of a batched grid ends exactly where the same head trained alone ends."""
+    X, y = separable_features(n=300, classes=3, spread=2.0)
+    cfg = HeadConfig(head="linear", epochs=4, lr=3e-3, device="cpu")
+    alone = LinearHead(cfg, num_classes=3, feature_dim=32)
+    alone.fit(X, y)
+    grid = [{"lr": 3e-3, "weight_decay": 0.0}, {"lr": 1.0, "weight_decay": 0.1}, {"lr": 1e-4, "weight_decay": 0.0}]
+    model, histories = LinearHead(cfg, num_classes=3, feature_dim=32)._fit_grid(X, y, grid=grid)
+    np.testing.assert_allclose(model.weight[0].numpy(), alone.weight, rtol=1e-5, atol=1e-6)
+    assert len(histories) == 3 and len(histories[0]) == 4
+    assert not np.allclose(model.weight[1].numpy(), alone.weight)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_adam_matches_torch_optim(fused: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from pipeline.heads import Adam
+
+    monkeypatch.setattr(Adam, "FUSED", fused and Adam.FUSED)  # the fused kernel, and the written-out fallback
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(5, 3), torch.nn.Linear(5, 3)
+    b.load_state_dict(a.state_dict())
+    ours = Adam([{"params": a.parameters(), "lr": 0.1, "weight_decay": 0.01}])
+    ref = torch.optim.Adam(b.parameters(), lr=0.1, weight_decay=0.01)
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    for _ in range(5):
+        for layer, opt in ((a, ours), (b, ref)):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(layer(x), y).backward()
+            opt.step()
+    torch.testing.assert_close(a.weight, b.weight, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(a.weight, torch.nn.Linear(5, 3).weight)
+
+
+@pytest.mark.parametrize("name", ["linear", "mlp"])
+def test_analytic_training_matches_autograd(name: str) -> None:
+    """The hand-written gradients give what autograd gives: same weights, same per-epoch history, class weights on."""
+    import torch
+
+    from pipeline.heads import MLPHead, TorchData, _Single, train_grid
+
+    X, y = separable_features(n=500, classes=3, spread=3.0)
+    y[:150] = 0  # imbalanced, so "balanced" class weights change the loss
+    cfg = HeadConfig(head=name, epochs=3, lr=3e-3, weight_decay=1e-3, batch_size=64, hidden=16, dropout=0.0)
+    cfg = replace(cfg, class_weight="balanced", device="cpu")
+    head = build_head(cfg, num_classes=3, feature_dim=32)
+    fast = head.fit(X[:400], y[:400], val=(X[400:], y[400:])).history
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)  # the same initial weights as the head drew
+        module = MLPHead(cfg, num_classes=3, feature_dim=32)._module() if name == "mlp" else torch.nn.Linear(32, 3)
+    data = TorchData.build(X[:400], y[:400], val=(X[400:], y[400:]), cfg=cfg, num_classes=3, device=torch.device("cpu"))
+    groups = [{"params": module.parameters(), "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
+    reference = train_grid(_Single(module), groups, data, cfg=cfg)[0]
+    assert [r["epoch"] for r in fast] == [1, 2, 3]
+    for got, want in zip(fast, reference):
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-6)
+    ours = head.state()
+    for key, value in module.state_dict().items():
+        np.testing.assert_allclose(ours[key], value.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_fitting_threads_is_one_on_cpu_and_restored() -> None:
+    import torch
+
+    from pipeline.heads import fitting_threads
+
+    before = torch.get_num_threads()
+    with fitting_threads(torch.device("cpu")):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+
+
+def test_knn_train_metrics_leave_one_out_on_a_sample(make_feature_file, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A point is never its own neighbour in knn's train metrics, and at most TRAIN_METRIC_ROWS rows are scored."""
+    from pipeline.heads import KNNHead
+
+    monkeypatch.setattr(KNNHead, "TRAIN_METRIC_ROWS", 500)
+    X, y = _imbalanced()  # overlapping classes: with itself as a neighbour, k=1 would score 1.0
+    head = build_head(HeadConfig(head="knn", k=1), num_classes=2, feature_dim=8)
+    head.fit(X, y)
+    assert (head.logits(X).argmax(1) == y).all()
+    labels, proba, note = head.train_predictions(X, y)
+    assert len(labels) == len(proba) == KNNHead.TRAIN_METRIC_ROWS < len(y)
+    assert (proba.argmax(1) == labels).mean() < 0.97 and "leave-one-out" in note
+    fs = read_features(make_feature_file("k.h5", spread=2.0))
+    _, metrics, _ = fit_and_evaluate(fs, HeadConfig(head="knn", k=1))
+    assert "leave-one-out" in metrics["train_metrics_note"] and metrics["train_accuracy"] > 0.9
+
+
+def test_linear_sweep_scores_the_whole_grid_in_one_pass() -> None:
+    X, y = separable_features(n=400, classes=4, spread=1.0)
+    head = LinearHead(HeadConfig(epochs=3, device="cpu"), num_classes=4, feature_dim=32)
+    grid = [{"lr": 1e-5, "weight_decay": 0.0}, {"lr": 1e-2, "weight_decay": 0.0}]
+    scores = head.sweep_scores(X[:300], y[:300], (X[300:], y[300:]), grid=grid)
+    assert len(scores) == 2 and scores[1] > scores[0] and scores[1] > 0.9
+
+
+def test_sweep_chooses_on_held_out_train_never_val(make_feature_file) -> None:
+    fs = read_features(make_feature_file("a.h5", spread=2.0))
+    cfg = HeadConfig(head="logreg", sweep=True)
+    _, metrics, _ = fit_and_evaluate(fs, cfg)
+    record = metrics["sweep"]
+    assert len(record["grid"]) == len(record["held_out_accuracy"]) == 6
+    assert record["chosen"] in record["grid"] and record["n_fit"] + record["n_held_out"] == len(fs.train)
+    # Scramble val: the choice and the fitted head must not move.
+    rng = np.random.default_rng(1)
+    scrambled = replace(fs, splits={**fs.splits, "val": replace(fs.val, labels=rng.permutation(fs.val.labels))})
+    head_a, _, _ = fit_and_evaluate(fs, cfg)
+    head_b, metrics_b, _ = fit_and_evaluate(scrambled, cfg)
+    assert metrics_b["sweep"]["chosen"] == record["chosen"]
+    np.testing.assert_array_equal(head_a.weight, head_b.weight)
+
+
+def test_sweep_records_grid_in_metrics_json_and_refits(feature_file: Path, tmp_path: Path) -> None:
+    metrics = train_head(feature_file, HeadConfig(head="knn", sweep=True), out=tmp_path / "knn")
+    saved = json.loads((tmp_path / "knn" / "metrics.json").read_text())
+    assert saved["sweep"]["grid"] == [{"k": k} for k in (1, 3, 5, 10, 20, 50)]
+    assert saved["sweep"]["chosen"] == {
+        "k": json.loads((tmp_path / "knn" / "config.json").read_text())["head_config"]["k"]
+    }
+    assert metrics["val_accuracy"] > 0.95
+    centroid = train_head(feature_file, HeadConfig(head="centroid", sweep=True), out=tmp_path / "c")
+    assert "no hyper-parameter" in centroid["sweep"]["note"]
+
+
+def test_sweep_is_skipped_when_nothing_can_be_held_out() -> None:
+    X, y = separable_features(n=4, classes=4)
+    head = build_head(HeadConfig(head="logreg", sweep=True), num_classes=4, feature_dim=32)
+    cfg, record = sweep(head, X, y)
+    assert cfg == head.cfg and "skipped" in record
+
+
+@settings(max_examples=40, deadline=None)
+@given(counts=st.lists(st.integers(1, 30), min_size=2, max_size=6), seed=st.integers(0, 100))
+def test_stratified_holdout_partitions_each_class(counts: list[int], seed: int) -> None:
+    y = np.repeat(np.arange(len(counts)), counts)
+    fit, held = stratified_holdout(y, fraction=0.2, seed=seed)
+    assert len(np.intersect1d(fit, held)) == 0 and len(fit) + len(held) == len(y)
+    for c, n in enumerate(counts):
+        assert (y[fit] == c).sum() >= 1
+        assert (y[held] == c).sum() == (0 if n < 2 else max(1, min(n - 1, round(0.2 * n))))
+
+
+def test_few_shot_draws_k_per_class_with_a_seed() -> None:
+    X, y = separable_features(n=100, classes=4)
+    split = SplitFeatures(features=X, labels=y, ids=np.array([str(i) for i in range(100)]))
+    a, b, c = (few_shot(split, shots=3, seed=s) for s in (0, 0, 1))
+    assert np.bincount(a.labels).tolist() == [3, 3, 3, 3]
+    assert list(a.ids) == list(b.ids) and list(a.ids) != list(c.ids)
+    assert len(few_shot(split, shots=1000, seed=0)) == 100  # a class with fewer rows gives all of them
+
+
+def test_compare_shots_table(feature_file: Path, tmp_path: Path) -> None:
+    result = compare_shots(
+        feature_file, heads=["centroid", "knn"], base=HeadConfig(k=1), shots=parse_shots("1,5,all"), out=tmp_path
+    )
+    assert result["shots"] == ["1", "5", "all"]
+    assert set(result["val_accuracy"]) == {"centroid", "knn"}
+    assert [r["n_train_used"] for r in result["runs"][:3]] == [4, 20, 400]
+    assert (tmp_path / "shots.md").read_text().count("|") > 10 and (tmp_path / "shots.png").stat().st_size > 1000
+    with pytest.raises(PipelineError, match="--shots"):
+        parse_shots("1,two")
+
+
+def _imbalanced(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two overlapping classes, 95:5: an unweighted head favours the majority."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random(2000) < 0.05).astype(np.int64)
+    X = rng.normal(0, 1, (2000, 8)).astype(np.float32)
+    X[:, 0] += 1.5 * y
+    return X, y
+
+
+@pytest.mark.parametrize("name", ["linear", "logreg", "mlp", "knn"])
+def test_balanced_class_weight_raises_minority_recall(name: str) -> None:
+    X, y = _imbalanced()
+    recalls = []
+    for weighting in ("none", "balanced"):
+        cfg = HeadConfig(head=name, class_weight=weighting, epochs=15, lr=3e-2, batch_size=500, hidden=16, k=25)
+        head = build_head(cfg, num_classes=2, feature_dim=8)
+        head.fit(X[:1500], y[:1500])
+        pred = head.logits(X[1500:]).argmax(1)
+        recalls.append((pred[y[1500:] == 1] == 1).mean())
+    assert recalls[1] > recalls[0] + 0.2, recalls
+
+
+def test_balanced_weights() -> None:
+    w = balanced_weights(np.array([0, 0, 0, 1]), 3)
+    np.testing.assert_allclose(w, [4 / 6, 2.0, 0.0])
+
+
+def test_logreg_standardisation_folds_into_one_linear_layer() -> None:
+    import torch
+
+    X, y = separable_features(n=300, classes=3, spread=2.0)
+    X = X * 50 + 7  # far from standardised, so the fold matters
+    head = build_head(HeadConfig(head="logreg"), num_classes=3, feature_dim=32)
+    head.fit(X, y)
+    with torch.no_grad():
+        folded = head.as_module()(torch.as_tensor(X)).numpy()
+    np.testing.assert_allclose(folded, head.logits(X), rtol=1e-4, atol=1e-4 * np.abs(folded).max())
+
+
+def test_knn_is_cosine_and_centroid_is_nearest_mean() -> None:
+    X, y = separable_features(n=200, classes=4, spread=1.0)
+    knn = build_head(HeadConfig(head="knn", k=1), num_classes=4, feature_dim=32)
+    knn.fit(X, y)
+    assert (knn.logits(X).argmax(1) == y).all()  # each point is its own nearest neighbour
+    np.testing.assert_array_equal(knn.logits(X * 7.0).argmax(1), knn.logits(X).argmax(1))  # scale-free
+    centroid = build_head(HeadConfig(head="centroid"), num_classes=4, feature_dim=32)
+    centroid.fit(X, y)
+    means = np.stack([X[y == c].mean(0) for c in range(4)])
+    nearest = ((X[:, None] - means[None]) ** 2).sum(-1).argmin(1)
+    np.testing.assert_array_equal(centroid.logits(X).argmax(1), nearest)
+
+
+@pytest.mark.parametrize(
+    ("kw", "fragment"),
+    [
+        ({"class_weight": "heavy"}, "--class-weight"),
+        ({"dropout": 1.0}, "--dropout"),
+        ({"shots": 0}, "--shots"),
+        ({"k": 0}, "--k"),
+    ],
+)
+def test_bad_head_config(kw: dict, fragment: str) -> None:
+    with pytest.raises(PipelineError, match=fragment):
+        HeadConfig(**kw)

@@ -1,0 +1,373 @@
+"""The feature file on its own: round trips (property-based), resume after a crash, refusal of damaged or foreign
+files with a message that says which problem, many readers at once, and the writer's lock."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from pipeline.errors import PipelineError
+from pipeline.store import FeatureWriter, FileLock, read_features, read_meta, tmp_path_for
+from tests.conftest import write_feature_file
+from tests.test_reliability import one_thread  # noqa: F401 - autouse: one torch thread in this module
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Names a folder or a dataset could give a class or an image: any unicode but NUL (no file name holds one) and
+# lone surrogates (not encodable as UTF-8, so no path holds one either).
+NAMES = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), min_size=1, max_size=12)
+
+
+@st.composite
+def feature_sets(draw: st.DrawFn) -> dict:
+    dtype = draw(st.sampled_from(["float32", "float16"]))
+    dim = draw(st.integers(1, 48))
+    classes = draw(st.lists(NAMES, min_size=1, max_size=6, unique=True))
+    finite = st.floats(width=16 if dtype == "float16" else 32, allow_nan=False, allow_infinity=False)
+    splits = {}
+    for name, lo in (("train", 1), ("val", 0)):
+        n = draw(st.integers(lo, 40))
+        splits[name] = {
+            "features": draw(hnp.arrays(dtype, (n, dim), elements=finite)),
+            "labels": np.array(draw(st.lists(st.integers(0, len(classes) - 1), min_size=n, max_size=n)), np.int64),
+            "ids": draw(st.lists(NAMES, min_size=n, max_size=n)),
+            # where the extraction hands rows over: any chunking must give the same file
+            "cuts": sorted(draw(st.sets(st.integers(1, max(1, n - 1)), max_size=4)) if n > 1 else []),
+        }
+    return {"dtype": dtype, "dim": dim, "classes": classes, "splits": splits, "flush_every": draw(st.integers(1, 4))}
+
+
+def _writer(path: Path, data: dict) -> FeatureWriter:
+    meta = {
+        "fingerprint": "property-test",
+        "backbone": "synthetic",
+        "weights": "none",
+        "feature_dim": data["dim"],
+        "num_classes": len(data["classes"]),
+        "preprocessing": {"crop_size": 1},
+        "dataset_identity": {"kind": "synthetic"},
+    }
+    sizes = {s: len(v["labels"]) for s, v in data["splits"].items()}
+    return FeatureWriter(
+        path,
+        meta=meta,
+        classes=data["classes"],
+        sizes=sizes,
+        feature_dim=data["dim"],
+        dtype=data["dtype"],
+        flush_every=data["flush_every"],
+    )
+
+
+def _append_from(w: FeatureWriter, name: str, split: dict, start: int) -> None:
+    bounds = [start, *(c for c in split["cuts"] if c > start), len(split["labels"])]
+    for lo, hi in zip(bounds, bounds[1:]):
+        if hi > lo:
+            w.append(name, split["features"][lo:hi], split["labels"][lo:hi], split["ids"][lo:hi], seen=hi - lo)
+
+
+def _assert_holds(path: Path, data: dict) -> None:
+    fs = read_features(path)
+    assert fs.classes == data["classes"]
+    assert fs.feature_dim == data["dim"]
+    for name, split in data["splits"].items():
+        got = fs.splits[name]
+        assert got.features.dtype == np.dtype(data["dtype"])
+        np.testing.assert_array_equal(got.features, split["features"])
+        np.testing.assert_array_equal(got.labels, split["labels"])
+        assert list(got.ids) == split["ids"]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(data=feature_sets())
+def test_round_trip_is_unchanged(data: dict) -> None:
+    """Random shapes, dtypes, unicode class names and ids, split sizes (val may be empty) and chunkings."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "f.h5"
+        w = _writer(path, data)
+        for name, split in data["splits"].items():
+            _append_from(w, name, split, 0)
+        w.finish()
+        assert not tmp_path_for(path).exists()
+        _assert_holds(path, data)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(data=feature_sets(), stop_after=st.integers(0, 8))
+def test_crash_then_resume_gives_the_same_file(data: dict, stop_after: int) -> None:
+    """A writer that dies after ``stop_after`` appends (rows after its last commit on disk but not committed) is
+    reopened, its committed rows carried over, continued from there, and ends with the uninterrupted file."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "f.h5"
+        w = _writer(path, data)
+        appended = 0
+        for name, split in data["splits"].items():
+            bounds = [0, *split["cuts"], len(split["labels"])]
+            for lo, hi in zip(bounds, bounds[1:]):
+                if appended == stop_after:
+                    break
+                w.append(name, split["features"][lo:hi], split["labels"][lo:hi], split["ids"][lo:hi], seen=hi - lo)
+                appended += 1
+        committed = (appended // data["flush_every"]) * data["flush_every"]
+        w.f.close()  # the crash: no commit, so the counters on disk are those of the last one
+        assert not path.exists()
+
+        again = _writer(path, data)
+        done = 0
+        for name, split in data["splits"].items():
+            bounds = [0, *split["cuts"], len(split["labels"])]
+            take = min(len(bounds) - 1, max(0, committed - done))  # chunks of this split that were committed
+            assert again.seen(name) == again.start[name] == bounds[take], (name, committed, done)
+            done += len(bounds) - 1
+            _append_from(again, name, split, again.seen(name))
+        again.finish()
+        _assert_holds(path, data)
+
+
+def test_partial_file_with_other_settings_is_kept(tmp_path: Path) -> None:
+    """Only --force (the caller unlinking it) discards a partial file; a mismatch is an error, not a deletion."""
+    data = {"dtype": "float32", "dim": 4, "classes": ["a", "b"], "flush_every": 1, "splits": {}}
+    data["splits"] = {
+        "train": {"features": np.ones((3, 4), np.float32), "labels": np.array([0, 1, 0]), "ids": list("xyz")},
+        "val": {"features": np.ones((1, 4), np.float32), "labels": np.array([1]), "ids": ["w"]},
+    }
+    path = tmp_path / "f.h5"
+    w = _writer(path, data)
+    w.append("train", data["splits"]["train"]["features"][:2], np.array([0, 1]), ["x", "y"], seen=2)
+    w.close()
+    before = tmp_path_for(path).read_bytes()
+    other = {**data, "dim": 5}
+    with pytest.raises(PipelineError, match="partial extraction with other settings.*--force"):
+        FeatureWriter(
+            path,
+            meta={"fingerprint": "another"},
+            classes=["a", "b"],
+            sizes={"train": 3, "val": 1},
+            feature_dim=other["dim"],
+        )
+    assert tmp_path_for(path).read_bytes() == before
+    tmp_path_for(path).write_text("my notes, not HDF5")
+    with pytest.raises(PipelineError, match="not a partial feature file.*--force"):
+        _writer(path, data)
+    assert tmp_path_for(path).read_text() == "my notes, not HDF5"
+
+
+# ------------------------------------------------------------------------------------------ refusals
+
+
+def _damage(path: Path, how: str) -> None:
+    with h5py.File(path, "a") as f:
+        if how == "schema":
+            f.attrs["schema_version"] = 99
+        elif how == "dim":
+            del f["val/features"]
+            f["val/features"] = np.zeros((len(f["val/labels"]), 16), np.float32)
+        elif how == "labels":
+            f["train/labels"][3] = 7
+        elif how == "negative":
+            f["val/labels"][0] = -1
+        elif how == "nan":
+            f["train/features"][5, 2] = np.nan
+        elif how == "inf":
+            f["val/features"][1, 0] = np.inf
+        elif how == "incomplete":
+            f.attrs["complete"] = False
+        elif how == "no-split":
+            del f["val"]
+        elif how == "label-type":
+            del f["train/labels"]
+            f["train/labels"] = np.zeros(len(f["train/ids"]), np.float64)
+        elif how == "bad-json":
+            f.attrs["preprocessing"] = "{not json"
+
+
+@pytest.mark.parametrize(
+    ("how", "fragments"),
+    [
+        ("schema", ["schema version 99", "reads 1"]),
+        ("dim", ["splits disagree in feature dimension", "train 32", "val 16"]),
+        ("labels", ["/train/labels fall outside the 4 classes", "0..7"]),
+        ("negative", ["/val/labels fall outside"]),
+        ("nan", ["/train/features holds NaN or Inf in 1 rows"]),
+        ("inf", ["/val/features holds NaN or Inf in 1 rows"]),
+        ("incomplete", ["incomplete", "rerun extract to resume"]),
+        ("no-split", ["no complete '/val' group"]),
+        ("label-type", ["wrong types", "labels float64"]),
+        ("bad-json", ["'preprocessing' attribute is not valid JSON"]),
+    ],
+)
+def test_damaged_file_is_refused_saying_which(how: str, fragments: list[str], make_feature_file, capsys) -> None:
+    from tests.test_cli import assert_one_line_error, run
+
+    path = make_feature_file(n_train=40, n_val=20)
+    _damage(path, how)
+    with pytest.raises(PipelineError) as e:
+        read_features(path)
+    for fragment in fragments:
+        assert fragment in str(e.value)
+    code, _, err = run(["train-head", "--features", str(path), "--out", str(path.parent / "h")], capsys)
+    assert_one_line_error(code, err, *fragments)
+    assert not (path.parent / "h").exists()
+
+
+@pytest.mark.parametrize("keep", [0.05, 0.3, 0.6, 0.9, 0.99])
+def test_truncated_file_is_refused(keep: float, make_feature_file, capsys) -> None:
+    from tests.test_cli import assert_one_line_error, run
+
+    path = make_feature_file(n_train=300, n_val=100)
+    size = path.stat().st_size
+    with open(path, "r+b") as fh:
+        fh.truncate(int(size * keep))
+    with pytest.raises(PipelineError, match="truncated|damaged|not an HDF5"):
+        read_features(path)
+    code, _, err = run(["train-head", "--features", str(path)], capsys)
+    assert_one_line_error(code, err, str(path))
+
+
+def test_foreign_hdf5_files_are_refused(tmp_path: Path) -> None:
+    other = tmp_path / "keras.h5"
+    with h5py.File(other, "w") as f:
+        f["model_weights/dense/kernel"] = np.zeros((3, 3))
+        f.attrs["keras_version"] = "2.15"
+    with pytest.raises(PipelineError, match="not written by `pipeline extract`"):
+        read_features(other)
+    with pytest.raises(PipelineError, match="is a folder"):
+        read_features(tmp_path)
+    mimic = tmp_path / "mimic.h5"  # claims our format, holds something else
+    with h5py.File(mimic, "w") as f:
+        f.attrs.update(format="pipeline.cached-embeddings", schema_version=1, complete=True, feature_dim=2)
+        f["classes"] = np.array([b"a", b"b"])
+        for s in ("train", "val"):
+            f[f"{s}/features"] = np.array([["x", "y"]], dtype=h5py.string_dtype())
+            f[f"{s}/labels"] = np.array([0])
+            f[f"{s}/ids"] = np.array([b"0"])
+    with pytest.raises(PipelineError, match="wrong types"):
+        read_features(mimic)
+
+
+# ------------------------------------------------------------------------------------------ concurrency
+
+_READER = """
+import sys, time
+from pipeline.store import read_features
+fs = read_features(sys.argv[1])            # holds nothing open afterwards; then hold the file open while others read
+import h5py
+with h5py.File(sys.argv[1], "r") as f:
+    print(len(fs.train), flush=True)
+    time.sleep(float(sys.argv[2]))
+    assert f["train/features"].shape[0] == len(fs.train)
+"""
+
+
+def test_many_readers_at_once(make_feature_file, tmp_path: Path, capsys) -> None:
+    """Several processes hold one feature file open while train-head reads it: all succeed."""
+    from tests.test_cli import run
+
+    path = make_feature_file(n_train=200, n_val=80)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _READER, str(path), "4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT
+        )
+        for _ in range(3)
+    ]
+    try:
+        for p in procs:  # every reader has the file open before the next read starts
+            assert p.stdout.readline().strip() == b"200"
+        code, out, _ = run(
+            ["train-head", "--features", str(path), "--head", "linear", "--epochs", "2", "--out", str(tmp_path / "h")],
+            capsys,
+        )
+        assert code == 0 and (tmp_path / "h" / "metrics.json").exists()
+        assert all(p.poll() is None for p in procs), "readers should still hold the file"
+        assert read_features(path).train.features.shape == (200, 32)
+    finally:
+        for p in procs:
+            _, err = p.communicate(timeout=60)
+            assert p.returncode == 0, err.decode()
+
+
+def test_a_file_being_written_is_never_read(tmp_path: Path) -> None:
+    """While a writer holds ``<out>.tmp`` there is nothing under ``<out>``, and the .tmp itself is refused."""
+    data_path = tmp_path / "f.h5"
+    w = FeatureWriter(
+        data_path, meta={"fingerprint": "x", "feature_dim": 2}, classes=["a", "b"], sizes={"train": 4}, feature_dim=2
+    )
+    w.append("train", np.zeros((2, 2), np.float32), np.array([0, 1]), ["p", "q"], seen=2)
+    w.commit()
+    code = (
+        "import sys\nfrom pipeline.store import read_features\nfrom pipeline.errors import PipelineError\n"
+        "for p in sys.argv[1:]:\n"
+        "    try:\n        read_features(p)\n    except PipelineError as e:\n        print(e)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(data_path), str(w.tmp)], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
+    lines = proc.stdout.strip().splitlines()
+    assert "feature file not found" in lines[0]
+    assert "being written by another process" in lines[1]
+    w.close()
+    with pytest.raises(PipelineError, match="incomplete.*resume"):  # writer gone: the .tmp is a partial file
+        read_features(w.tmp)
+
+
+_LOCKER = """
+import os, sys, time
+from pathlib import Path
+from pipeline.store import FileLock
+lock = FileLock(Path(sys.argv[1]))
+lock.acquire()
+if os.fork() == 0:      # a child (like a DataLoader worker) that outlives its parent
+    time.sleep(30)
+    os._exit(0)
+print("locked", flush=True)
+time.sleep(30)
+"""
+
+
+def test_lock_refuses_a_second_writer_and_dies_with_its_process(tmp_path: Path) -> None:
+    out = tmp_path / "f.h5"
+    with FileLock(out), pytest.raises(PipelineError, match="another extract is already writing .*f.h5"):
+        FileLock(out).acquire()
+    with FileLock(out):  # released on leaving the block
+        pass
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _LOCKER, str(out)], stdout=subprocess.PIPE, cwd=ROOT, start_new_session=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == b"locked"
+        with pytest.raises(PipelineError, match="another extract"):
+            FileLock(out).acquire()
+        os.kill(proc.pid, signal.SIGKILL)  # its forked child lives on, holding a copy of the descriptor
+        proc.wait(timeout=30)
+        t0 = time.monotonic()
+        lock = FileLock(out)
+        lock.acquire()  # free at once: the child's copy was pointed away from the lock file when it forked
+        lock.release()
+        assert time.monotonic() - t0 < 1
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the orphaned child, same session as the process started here
+
+
+def test_read_meta_of_a_written_file(feature_file: Path) -> None:
+    meta = read_meta(feature_file)
+    assert meta["complete"] and meta["feature_dim"] == 32 and meta["schema_version"] == 1
+    assert json.loads(json.dumps(meta["dataset_identity"])) == {}
+
+
+def test_default_fixture_still_writes_valid_files(tmp_path: Path) -> None:
+    path = write_feature_file(tmp_path / "x.h5", n_train=10, n_val=0)
+    assert len(read_features(path).val) == 0
