@@ -169,9 +169,16 @@ def _head_options(f: Any) -> Any:
                 show_default=True,
                 help="lbfgs iterations (logreg).",
             ),
-            click.option("--hidden", type=_positive_int, default=512, show_default=True, help="Hidden units (mlp)."),
+            click.option("--hidden", type=_positive_int, default=128, show_default=True, help="Hidden units (mlp)."),
             click.option(
                 "--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.5, show_default=True, help="(mlp)"
+            ),
+            click.option(
+                "--standardize/--no-standardize",
+                default=False,
+                show_default=True,
+                help="Train linear/mlp on features standardised by train's mean and std (folded into the saved "
+                "layer, which still takes raw features). logreg always standardises.",
             ),
             click.option("--k", "k", type=_positive_int, default=10, show_default=True, help="Neighbours (knn)."),
             click.option(
@@ -184,6 +191,7 @@ def _head_options(f: Any) -> Any:
             click.option(
                 "--sweep",
                 is_flag=True,
+                default=False,
                 help="Choose lr/weight decay (linear, mlp), C (logreg) or k (knn) on a held-out 20% of train, "
                 "then refit on all of train; val is only reported.",
             ),

@@ -45,6 +45,7 @@ class HeadConfig:
     max_iter: int = 1000
     hidden: int = 128  # mlp; 128 keeps `compare` within its budget (see MLPHead)
     dropout: float = 0.5  # mlp
+    standardize: bool = False  # linear, mlp: train on (x - mean) / std of train, folded into the first layer after
     k: int = 10  # knn
     class_weight: str = "none"  # "balanced": weight classes by inverse frequency (heads that can use it)
     sweep: bool = False  # choose lr/weight decay/C/k on a held-out part of train (see train.sweep)
@@ -81,6 +82,7 @@ class FitResult:
 class Head(ABC):
     name: ClassVar[str]
     uses_class_weight: ClassVar[bool] = False
+    uses_standardize: ClassVar[bool] = False  # trained by gradient on the features as given, unless --standardize
 
     def __init__(self, cfg: HeadConfig, *, num_classes: int, feature_dim: int):
         self.cfg, self.num_classes, self.feature_dim = cfg, num_classes, feature_dim
@@ -516,6 +518,7 @@ class LinearHead(_AffineHead):
 
     name = "linear"
     uses_class_weight = True
+    uses_standardize = True
 
     def __init__(self, cfg: HeadConfig, *, num_classes: int, feature_dim: int):
         super().__init__(cfg, num_classes=num_classes, feature_dim=feature_dim)
@@ -526,6 +529,7 @@ class LinearHead(_AffineHead):
         self, X: np.ndarray, y: np.ndarray, *, grid: list[dict[str, float]], val: Any = None
     ) -> tuple[LinearGrid, list[list[dict[str, float]]]]:
         device = head_device(self.cfg.device)
+        X, val, shift = prepare_inputs(X, val, cfg=self.cfg)
         data = TorchData.build(X, y, val=val, cfg=self.cfg, num_classes=self.num_classes, device=device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.seed)
@@ -534,6 +538,9 @@ class LinearHead(_AffineHead):
         weight_decay = [p.get("weight_decay", self.cfg.weight_decay) for p in grid]
         with fitting_threads(device):
             histories = train_linear_grid(model, data, lr=lr, weight_decay=weight_decay, cfg=self.cfg)
+        if shift is not None:
+            with torch.no_grad():
+                fold_standardiser(model.weight, model.bias, *shift)
         return model, histories
 
     def fit(self, X: np.ndarray, y: np.ndarray, *, val: tuple[np.ndarray, np.ndarray] | None = None) -> FitResult:
@@ -633,11 +640,49 @@ def _standardiser(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean.astype(np.float32), scale.astype(np.float32)
 
 
+# Below this median per-feature standard deviation, Adam at the usual learning rates cannot move the logits in
+# any number of epochs (the steps are ~lr per weight, times features of this size): a random-init MobileNetV2 gives
+# features of ~1e-9. ImageNet-pretrained backbones give 0.1-1.
+TINY_SPREAD = 1e-3
+
+
+def prepare_inputs(X: np.ndarray, val: Any, *, cfg: HeadConfig) -> tuple[np.ndarray, Any, tuple | None]:
+    """What a gradient-trained head (linear, mlp) trains on: ``(X, val, None)`` as given, or with ``standardize``
+    both standardised by train's statistics and ``(mean, scale)`` to fold back into the first layer afterwards, so
+    the saved head still takes raw features."""
+    if not cfg.standardize:
+        return X, val, None
+    mean, scale = _standardiser(X)
+    X = (np.asarray(X, np.float32) - mean) / scale
+    if val is not None:
+        val = ((np.asarray(val[0], np.float32) - mean) / scale, val[1])
+    return X, val, (mean, scale)
+
+
+def warn_if_tiny(X: np.ndarray, cfg: HeadConfig) -> None:
+    """Say so when raw features are too small for a gradient-trained head to learn from (see TINY_SPREAD)."""
+    spread = float(np.median(np.std(X[:10_000], axis=0))) if len(X) > 1 else 1.0
+    if spread < TINY_SPREAD:
+        log.warning(
+            "features have a tiny spread (median std %.1e): the %s head will not learn from them; pass --standardize",
+            spread,
+            cfg.head,
+        )
+
+
+def fold_standardiser(weight: torch.Tensor, bias: torch.Tensor, mean: np.ndarray, scale: np.ndarray) -> None:
+    """In place: a layer ``W z + b`` on ``z = (x - mean) / scale`` becomes ``(W / scale) x + (b - (W / scale) mean)``.
+    ``weight`` is (..., D), ``bias`` its leading shape."""
+    weight.div_(torch.as_tensor(scale, device=weight.device))
+    bias.sub_(weight @ torch.as_tensor(mean, device=weight.device))
+
+
 class MLPHead(Head):
     """One hidden layer: Linear(D, hidden) -> ReLU -> Dropout -> Linear(hidden, C), trained like ``linear``."""
 
     name = "mlp"
     uses_class_weight = True
+    uses_standardize = True
 
     def _module(self) -> nn.Sequential:
         return nn.Sequential(
@@ -649,6 +694,7 @@ class MLPHead(Head):
 
     def fit(self, X: np.ndarray, y: np.ndarray, *, val: tuple[np.ndarray, np.ndarray] | None = None) -> FitResult:
         device = head_device(self.cfg.device)
+        X, val, shift = prepare_inputs(X, val, cfg=self.cfg)
         data = TorchData.build(X, y, val=val, cfg=self.cfg, num_classes=self.num_classes, device=device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.seed)  # init and dropout masks
@@ -656,6 +702,9 @@ class MLPHead(Head):
             with fitting_threads(device):
                 histories = train_mlp(self.module, data, cfg=self.cfg)
         self.module = self.module.cpu().eval()
+        if shift is not None:
+            with torch.no_grad():
+                fold_standardiser(self.module[0].weight, self.module[0].bias, *shift)
         return FitResult(history=histories[0])
 
     @classmethod

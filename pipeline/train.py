@@ -20,7 +20,7 @@ import numpy as np
 from pipeline import plots
 from pipeline.errors import PipelineError
 from pipeline.evaluate import classification_metrics, summarize
-from pipeline.heads import HEADS, Head, HeadConfig, build_head, save_head
+from pipeline.heads import HEADS, Head, HeadConfig, build_head, save_head, warn_if_tiny
 from pipeline.store import FeatureSet, SplitFeatures, read_features
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,8 @@ def fit_and_evaluate(fs: FeatureSet, cfg: HeadConfig) -> tuple[Head, dict[str, A
     if cfg.sweep:
         cfg, sweep_record = sweep(build_head(cfg, **dims), X, y)
     head = build_head(cfg, **dims)
+    if type(head).uses_standardize and not cfg.standardize:
+        warn_if_tiny(X, cfg)
     fit = head.fit(X, y, val=(fs.val.features, fs.val.labels))
     fit_seconds = time.perf_counter() - t0
     train_y, train_proba, train_note = head.train_predictions(X, y)
@@ -96,6 +98,7 @@ def fit_and_evaluate(fs: FeatureSet, cfg: HeadConfig) -> tuple[Head, dict[str, A
     extra = {
         "head": cfg.head,
         "class_weight": cfg.class_weight if type(head).uses_class_weight else "n/a",
+        "standardize": cfg.standardize if type(head).uses_standardize else "n/a",
         "shots": cfg.shots,
         "n_train_used": len(y),
         **fit.info,

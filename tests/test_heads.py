@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from pipeline.errors import PipelineError
 from pipeline.heads import HEADS, HeadConfig, LinearHead, balanced_weights, build_head, load_head, save_head
-from pipeline.store import SplitFeatures, read_features
+from pipeline.store import FeatureSet, SplitFeatures, read_features
 from pipeline.train import (
     compare_shots,
     few_shot,
@@ -271,3 +271,63 @@ def test_knn_is_cosine_and_centroid_is_nearest_mean() -> None:
 def test_bad_head_config(kw: dict, fragment: str) -> None:
     with pytest.raises(PipelineError, match=fragment):
         HeadConfig(**kw)
+
+
+def _feature_set(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.ndarray) -> FeatureSet:
+    def split(X: np.ndarray, y: np.ndarray) -> SplitFeatures:
+        return SplitFeatures(X, y, np.array([str(i) for i in range(len(y))]))
+
+    classes = [f"c{i}" for i in range(int(max(ytr.max(), yva.max())) + 1)]
+    splits = {"train": split(Xtr, ytr), "val": split(Xva, yva)}
+    return FeatureSet(Path("in-memory.h5"), classes, splits, meta={"feature_dim": Xtr.shape[1]})
+
+
+@pytest.mark.parametrize("name", ["linear", "mlp"])
+def test_standardize_trains_on_tiny_features_and_folds_into_the_layer(
+    name: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Features of ~1e-9 (a random-init MobileNetV2 gives such): the raw head stays at chance and says why;
+    --standardize learns, and the saved head still takes raw features (the scaling folded into its first layer)."""
+    import torch
+
+    X, y = separable_features(n=600, classes=4, spread=1.0)
+    X = (X * 1e-9 + 5e-9).astype(np.float32)
+    fs = _feature_set(X[:400], y[:400], X[400:], y[400:])
+    cfg = HeadConfig(head=name, epochs=10, lr=1e-2, hidden=32, device="cpu")
+    with caplog.at_level("WARNING"):
+        _, raw, _ = fit_and_evaluate(fs, cfg)
+    assert raw["val_accuracy"] < 0.4 and "pass --standardize" in caplog.text
+    caplog.clear()
+    head, std, _ = fit_and_evaluate(fs, replace(cfg, standardize=True))
+    assert std["val_accuracy"] > 0.95 and std["standardize"] is True and "tiny spread" not in caplog.text
+    with torch.no_grad():
+        layer = head.as_module()(torch.as_tensor(X[400:])).numpy()
+    np.testing.assert_allclose(layer, head.logits(X[400:]), rtol=1e-4, atol=1e-4)
+    save_head(head, tmp_path, config={"head_config": {**vars(head.cfg)}, "classes": list("abcd"), "feature_dim": 32})
+    loaded, _ = load_head(tmp_path)
+    assert (loaded.logits(X[400:]).argmax(1) == y[400:]).mean() > 0.95
+
+
+def test_standardize_matches_training_on_standardised_features() -> None:
+    """The fold is exact: a linear head with --standardize on X gives the logits of the same head trained on
+    (X - mean) / std by hand."""
+    X, y = separable_features(n=300, classes=3, spread=2.0)
+    X = X * np.linspace(0.1, 10, 32, dtype=np.float32) + 3
+    cfg = HeadConfig(head="linear", epochs=3, lr=3e-3, device="cpu")
+    folded = LinearHead(replace(cfg, standardize=True), num_classes=3, feature_dim=32)
+    folded.fit(X, y)
+    Z = (X - X.mean(0)) / X.std(0)
+    by_hand = LinearHead(cfg, num_classes=3, feature_dim=32)
+    by_hand.fit(Z, y)
+    np.testing.assert_allclose(folded.logits(X), by_hand.logits(Z), rtol=1e-4, atol=1e-4)
+
+
+def test_cli_defaults_are_the_head_config_defaults() -> None:
+    """One set of defaults: `train-head`/`compare` options and HeadConfig (what the API and benchmarks use)."""
+    from pipeline.cli import compare_cmd, train_head_cmd
+
+    defaults = HeadConfig()
+    for cmd in (train_head_cmd, compare_cmd):
+        for param in cmd.params:
+            if param.name in HeadConfig.__dataclass_fields__ and param.name != "head":
+                assert param.default == getattr(defaults, param.name), (cmd.name, param.name)
