@@ -246,7 +246,11 @@ def two_stage(root: Path, work: Path, *, cfg: BenchConfig) -> dict[str, Any]:
     res = extract(ecfg)
     t1 = time.perf_counter()
     with threads(cfg.head_threads):
-        metrics = train_head(res.path, HeadConfig(head="linear", epochs=cfg.epochs, device="cpu"), out=work / "head")
+        metrics = train_head(
+            res.path,
+            HeadConfig(head="linear", epochs=cfg.epochs, batch_size=cfg.batch_size, device="cpu"),
+            out=work / "head",
+        )
     t2 = time.perf_counter()
     return {
         "extract_seconds": t1 - t0,
