@@ -17,6 +17,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -34,8 +35,9 @@ log = logging.getLogger(__name__)
 TIMEOUT_ENV = "PIPELINE_DIST_TIMEOUT"  # seconds a rank may show no sign of life before rank 0 gives up
 DEFAULT_TIMEOUT_S = 300.0
 _BEAT_S = 5.0
-# Root attributes FeatureWriter sets itself; every other attribute of shard 0 is carried into the merged file.
-_WRITER_ATTRS = ("format", "schema_version", "complete", "created", "extract_seconds")
+# Root attributes that describe one file's writing (set by FeatureWriter, or by extract when it finishes a file);
+# every other attribute of shard 0 is carried into the merged file.
+_WRITER_ATTRS = ("format", "schema_version", "complete", "created", "extract_seconds", "resumed_from")
 
 
 # ------------------------------------------------------------------------------------------ shards
@@ -79,13 +81,28 @@ def _open_shard(path: Path, fp: str, rank: int) -> h5py.File:
     return h5py.File(path, "r")
 
 
+def _shard_blocks(g: h5py.Group, step: int) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
+    """``(features, labels, ids)`` of a shard's split, ``step`` rows at a time; a read that fails (a shard damaged
+    after it was checked complete) is one line naming the shard."""
+    try:
+        rows = int(g.attrs["n_rows"])
+        for a in range(0, rows, step):
+            b = min(rows, a + step)
+            yield g["features"][a:b], g["labels"][a:b], list(g["ids"].asstr()[a:b])
+    except (OSError, KeyError, ValueError) as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise PipelineError(
+            f"cannot read shard {g.file.filename} ({type(e).__name__}: {first}); "
+            "delete it and rerun the same command to redo its rows"
+        ) from None
+
+
 def _copy_split(g: h5py.Group, writer: FeatureWriter, name: str) -> None:
-    rows, seen = int(g.attrs["n_rows"]), int(g.attrs["n_seen"])
     # 16 of the file's ~1 MiB chunks per copy: measured 2x faster than one (fewer resizes and string writes).
     step = 16 * _chunk_rows(writer.dim, writer.dtype.itemsize)
-    for a in range(0, rows, step):
-        b = min(rows, a + step)
-        writer.append(name, g["features"][a:b], g["labels"][a:b], list(g["ids"].asstr()[a:b]), seen=b - a)
+    for features, labels, ids in _shard_blocks(g, step):
+        writer.append(name, features, labels, ids, seen=len(labels))
+    rows, seen = int(g.attrs["n_rows"]), int(g.attrs["n_seen"])
     skipped = json.loads(g.attrs.get("skipped", "[]"))
     if seen > rows:  # unreadable images (--skip-bad): consumed, listed, no rows
         writer.append(
@@ -161,7 +178,6 @@ def merge_shards(cfg: ExtractConfig, *, plan: ExtractPlan, world: int) -> Extrac
     # the rename, they would still be here for the rerun to merge again.
     for p in paths:
         p.unlink(missing_ok=True)
-        p.with_name(p.name + ".lock").unlink(missing_ok=True)  # no one writes a shard once it is merged
     seconds = time.perf_counter() - t0
     counts = {s: n - len(skipped[s]) for s, n in sizes.items()}
     log.info("merged %d shards into %s in %.2f s", world, out, seconds)

@@ -500,8 +500,13 @@ def _write(
         raise ExtractInterrupted(
             f"stopped after {seen} of {total} images; rerun the same command to resume ({writer.tmp} keeps them)"
         ) from None
-    except BaseException:
+    except BaseException as e:
         writer.close()
+        if cfg.compile and type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise PipelineError(
+                f"--compile failed ({type(e).__name__}: {first}); rerun without --compile to resume"
+            ) from None
         raise
     seconds = time.perf_counter() - t0
     skipped = {s: writer.skipped(s) for s in source.splits}

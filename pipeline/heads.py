@@ -581,6 +581,8 @@ class LogRegHead(Head):
         from sklearn.linear_model import LogisticRegression
         from threadpoolctl import threadpool_limits
 
+        if len(np.unique(y)) < 2:
+            raise PipelineError("logreg needs at least 2 classes in train; this train split has one")
         mean, scale = _standardiser(X)
         clf = LogisticRegression(
             C=self.cfg.C,

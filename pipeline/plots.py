@@ -19,6 +19,7 @@ def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
+    matplotlib.rcParams["text.parse_math"] = False  # class names are text: a folder named "$x$" is not TeX
     import matplotlib.pyplot as plt
 
     return plt

@@ -58,10 +58,11 @@ def load_classifier(path: Path | str) -> Classifier:
         if meta.get("format") != EXPORT_FORMAT:
             raise ValueError(f"not written by `pipeline export` (format {meta.get('format')!r})")
         pre = Preprocessing.from_dict(meta["preprocessing"])
+        classes = list(meta["classes"])
         program = _quiet_load(path)
     except Exception as e:  # noqa: BLE001 - json, key, zip and torch errors all mean an unusable model file
         raise PipelineError(f"cannot load model {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-    return Classifier(program.module(), list(meta["classes"]), pre)
+    return Classifier(program.module(), classes, pre)
 
 
 def _quiet_load(path: Path) -> Any:

@@ -386,9 +386,12 @@ class FeatureWriter:
             try:
                 self._copy_committed(old, fresh, progress)
             except (KeyError, ValueError, TypeError, OSError) as e:
+                # Kept, not started over: a full disk fails here as well as a damaged file, and the rows are work.
                 fresh.unlink(missing_ok=True)
-                log.warning("cannot read the committed rows of %s (%s); starting it over", self.tmp, e)
-                return None
+                raise PipelineError(
+                    f"cannot carry over the committed rows of {self.tmp} ({type(e).__name__}: {e}); free disk space "
+                    "and rerun to resume, or pass --force to start over"
+                ) from None
         # The old file is never written to again: a kill can leave HDF5 structures updated after the last flush
         # half written (seen: the global heap of the id strings), and appending to them then fails with "bad heap
         # index" although the committed rows read back intact. A copy of the committed rows starts clean.

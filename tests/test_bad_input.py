@@ -10,6 +10,7 @@ import os
 import pickle
 import struct
 import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -18,8 +19,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.backbones import Preprocessing
 from pipeline.datasets import load_image
 from pipeline.errors import PipelineError
+from pipeline.export import EXPORT_FORMAT
 from pipeline.extract import ExtractConfig, extract
 from pipeline.heads import HeadConfig, LinearHead, load_head, save_head
 from pipeline.store import read_features
@@ -323,3 +326,36 @@ def test_a_pickle_inside_an_exported_model_is_refused_not_run(tmp_path: Path, ca
     assert_one_line_error(code, err, "cannot load model")
     assert not marker.exists() and not (tmp_path / "p.csv").exists()
     assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ  # the switch is put back
+
+
+def test_logreg_on_a_train_split_with_one_class(make_feature_file, tmp_path: Path, capsys) -> None:
+    """`extract --limit 1` can leave train with one class: sklearn's own error was a traceback."""
+    features = make_feature_file(n_train=1, n_val=4)
+    code, _, err = run(
+        ["train-head", "--features", str(features), "--head", "logreg", "--out", str(tmp_path / "h")], capsys
+    )
+    assert_one_line_error(code, err, "logreg needs at least 2 classes")
+
+
+def test_a_model_json_without_class_names(image_folder: Path, tmp_path: Path, capsys) -> None:
+    model = tmp_path / "m.pt2"
+    model.write_bytes(b"never read")
+    meta = {"format": EXPORT_FORMAT, "preprocessing": Preprocessing().as_dict()}
+    model.with_suffix(".json").write_text(json.dumps(meta))
+    code, _, err = run(["predict", "--model", str(model), str(image_folder), "--out", str(tmp_path / "p.csv")], capsys)
+    assert_one_line_error(code, err, "cannot load model", "KeyError")
+
+
+def test_a_failing_compile_is_one_line_and_resumable(image_folder: Path, tmp_path: Path) -> None:
+    """--compile where the compiler cannot run (here: a C++ compiler that always fails): one line, exit 1, and the
+    same command without --compile resumes."""
+    out = tmp_path / "f.h5"
+    args = [*TINY, "--dataset", str(image_folder), "--out", str(out)]
+    env = {**os.environ, "CXX": "/bin/false", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "pipeline", "extract", *args]
+    proc = subprocess.run([*cmd, "--compile"], capture_output=True, text=True, env=env, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: --compile failed"), proc.stderr
+    assert not out.exists()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and out.exists(), proc.stderr

@@ -26,6 +26,8 @@ def test_confusion_png_small_and_many_classes(tmp_path: Path) -> None:
     big = rng.integers(0, 9, (30, 30)).tolist()
     big[3] = [0] * 30  # a class with no val samples must not divide by zero
     _assert_picture(plots.confusion_png(big, [f"class_{i}" for i in range(30)], tmp_path / "c30.png"))
+    # Folder names are text, not TeX: "$\\foo$" once made matplotlib raise after metrics.json was written.
+    _assert_picture(plots.confusion_png(cm, ["$\\foo$", "a_b^c", "$5"], tmp_path / "dollars.png"))
 
 
 def test_curves_compare_and_shots_png(tmp_path: Path) -> None:

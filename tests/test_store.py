@@ -159,6 +159,16 @@ def test_partial_file_with_other_settings_is_kept(tmp_path: Path) -> None:
             feature_dim=other["dim"],
         )
     assert tmp_path_for(path).read_bytes() == before
+
+    def disk_full(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    with pytest.MonkeyPatch.context() as mp:  # copying the committed rows fails: the partial file stays, said so
+        mp.setattr(FeatureWriter, "_copy_committed", disk_full)
+        with pytest.raises(PipelineError, match="cannot carry over the committed rows.*No space left.*--force"):
+            _writer(path, data)
+    assert tmp_path_for(path).read_bytes() == before
+    assert not tmp_path_for(path).with_name(tmp_path_for(path).name + ".resume").exists()
     tmp_path_for(path).write_text("my notes, not HDF5")
     with pytest.raises(PipelineError, match="not a partial feature file.*--force"):
         _writer(path, data)
