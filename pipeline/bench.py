@@ -22,8 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -61,11 +60,9 @@ class BenchConfig:
     # so both sides of each ratio see the same machine load (this box is shared; load moves over minutes).
     rounds: int = 3
     compare_heads: tuple[str, ...] | None = None  # None: every registered head
-    # Intra-op threads around head training; 0 (default) keeps torch's. The heads already train their small steps
-    # on 1 thread (heads.fitting_threads: 2 OpenMP threads were up to 30x slower on this shared 2-core box), and
-    # forcing 1 here as well would also slow k-NN's big similarity matmuls (compare: 28-32 s against 23-24 s).
-    # Extraction and the classic loop always use torch's default.
-    head_threads: int = 0
+    # Threads: torch's default everywhere. The heads train their small steps on 1 thread themselves
+    # (heads.fitting_threads: 2 OpenMP threads were up to 30x slower on this shared 2-core box); forcing 1 around
+    # all of head training would also slow k-NN's big similarity matmuls (compare: 28-32 s against 23-24 s).
     out_dir: str = "artifacts/bench"
 
     def __post_init__(self) -> None:
@@ -90,18 +87,6 @@ QUICK = BenchConfig(
     head_repeats=1,
     compare_heads=("linear", "logreg"),
 )
-
-
-@contextmanager
-def threads(n: int) -> Iterator[None]:
-    """torch intra-op threads set to ``n`` (0: unchanged) inside the block."""
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -245,12 +230,11 @@ def two_stage(root: Path, work: Path, *, cfg: BenchConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     res = extract(ecfg)
     t1 = time.perf_counter()
-    with threads(cfg.head_threads):
-        metrics = train_head(
-            res.path,
-            HeadConfig(head="linear", epochs=cfg.epochs, batch_size=cfg.batch_size, device="cpu"),
-            out=work / "head",
-        )
+    metrics = train_head(
+        res.path,
+        HeadConfig(head="linear", epochs=cfg.epochs, batch_size=cfg.batch_size, device="cpu"),
+        out=work / "head",
+    )
     t2 = time.perf_counter()
     return {
         "extract_seconds": t1 - t0,
@@ -534,7 +518,7 @@ def _row(name: str, value: float, fmt: str, target: str, met: bool | None, note:
     return {"measure": name, "value": value, "shown": fmt.format(value), "target": target, "met": met, "note": note}
 
 
-def summary_rows(r: dict[str, Any], *, cfg: BenchConfig) -> list[dict[str, Any]]:
+def summary_rows(r: dict[str, Any]) -> list[dict[str, Any]]:
     """The ratios (and the few absolute times the issue sets limits on), each with its target."""
     classic, two, heads, mem = r["classic"], r["two_stage"], r["heads"], r["memory"]
     est_epoch = classic["seconds_per_image_epoch"] * heads["rows"]  # one classic epoch over the same rows, estimated
@@ -599,17 +583,16 @@ def run(cfg: BenchConfig, *, quick: bool = False) -> dict[str, Any]:
         log.info("3/5 heads on %d x %d features", cfg.head_train, cfg.head_dim)
         features = work / "heads.h5"
         feature_bytes = write_feature_file(features, n_train=cfg.head_train, n_val=cfg.head_val, dim=cfg.head_dim)
-        with threads(cfg.head_threads):
-            result["heads"] = heads_on_file(
-                features, work, epochs=cfg.epochs, heads=cfg.compare_heads, repeats=cfg.head_repeats
-            )
+        result["heads"] = heads_on_file(
+            features, work, epochs=cfg.epochs, heads=cfg.compare_heads, repeats=cfg.head_repeats
+        )
         log.info("4/5 memory (fresh child processes)")
         result["memory"] = memory(features, feature_bytes, work, cfg=cfg)
         log.info("5/5 GPU")
         result["gpu"] = gpu(work, quick=quick)
     result["machine"]["load_average_at_end"] = os.getloadavg()
     result["seconds"] = time.perf_counter() - started
-    result["summary"] = summary_rows(result, cfg=cfg)
+    result["summary"] = summary_rows(result)
     return result
 
 

@@ -88,10 +88,11 @@ def rebuild_backbone(config: dict[str, Any]) -> Backbone:
     return backbone
 
 
-def attach_head(backbone: Backbone, head: Head) -> nn.Module:
-    """The backbone with ``head`` where its original classifier sat (``fc``, ``classifier.1``, ...)."""
+def attach_head(backbone: Backbone, layer: nn.Module) -> nn.Module:
+    """The backbone with ``layer`` (a head's ``as_module()``) where its original classifier sat (``fc``,
+    ``classifier.1``, ...)."""
     model = backbone.model
-    model.set_submodule(backbone.classifier_path, head.as_module())
+    model.set_submodule(backbone.classifier_path, layer)
     return model.eval().requires_grad_(False)
 
 
@@ -110,8 +111,8 @@ def _check_program(program: Any, model: nn.Module, crop: int) -> float:
     return float((program.module()(x) - model(x)).abs().max())
 
 
-def _meta(config: dict[str, Any], head: Head, backbone: Backbone, program: Path) -> dict[str, Any]:
-    linear = isinstance(head.as_module(), nn.Linear)
+def _meta(config: dict[str, Any], head: Head, layer: nn.Module, backbone: Backbone, program: Path) -> dict[str, Any]:
+    linear = isinstance(layer, nn.Linear)
     return {
         "format": EXPORT_FORMAT,
         "program": program.name,
@@ -146,8 +147,9 @@ def export_model(head_dir: Path | str, out: Path | str) -> ExportResult:
     if out.suffix != PROGRAM_SUFFIX:
         raise PipelineError(f"--out must end in {PROGRAM_SUFFIX} (the .pth and .json are written beside it), not {out}")
     head, config = load_head(Path(head_dir))
+    layer = head.as_module()  # first: a head that cannot be a layer (knn) is refused before the backbone is built
     backbone = rebuild_backbone(config)
-    model = attach_head(backbone, head)
+    model = attach_head(backbone, layer)
     crop = int(config["preprocessing"]["crop_size"])
     program = _export_program(model, crop)
     diff = _check_program(program, model, crop)
@@ -156,7 +158,7 @@ def export_model(head_dir: Path | str, out: Path | str) -> ExportResult:
         out.parent.mkdir(parents=True, exist_ok=True)
         _atomic(out, lambda p: torch.export.save(program, p))
         _atomic(state_path, lambda p: torch.save(model.state_dict(), p))
-        meta = _meta(config, head, backbone, out)
+        meta = _meta(config, head, layer, backbone, out)
         _atomic(meta_path, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
     except OSError as e:
         raise PipelineError(f"cannot write {out}: {e.strerror or e}") from None

@@ -497,8 +497,10 @@ def fitting_threads(device: torch.device) -> Iterator[None]:
 class _AffineHead(Head):
     """A head that ends as one linear layer, ``weight`` (C, D) and ``bias`` (C,) in numpy."""
 
-    weight: np.ndarray
-    bias: np.ndarray
+    def __init__(self, cfg: HeadConfig, *, num_classes: int, feature_dim: int):
+        super().__init__(cfg, num_classes=num_classes, feature_dim=feature_dim)
+        self.weight = np.zeros((num_classes, feature_dim), np.float32)
+        self.bias = np.zeros(num_classes, np.float32)
 
     def logits(self, X: np.ndarray) -> np.ndarray:
         return np.asarray(X, np.float32) @ self.weight.T + self.bias
@@ -519,11 +521,6 @@ class LinearHead(_AffineHead):
     name = "linear"
     uses_class_weight = True
     uses_standardize = True
-
-    def __init__(self, cfg: HeadConfig, *, num_classes: int, feature_dim: int):
-        super().__init__(cfg, num_classes=num_classes, feature_dim=feature_dim)
-        self.weight = np.zeros((num_classes, feature_dim), np.float32)
-        self.bias = np.zeros(num_classes, np.float32)
 
     def _fit_grid(
         self, X: np.ndarray, y: np.ndarray, *, grid: list[dict[str, float]], val: Any = None
@@ -621,10 +618,10 @@ class LogRegHead(Head):
         return Z @ self.weight.T + self.bias
 
     def as_module(self) -> nn.Module:
-        # W (x - m) / s + b  ==  (W / s) x + (b - (W / s) m): the standardisation folds into one linear layer.
-        w = (self.weight.astype(np.float64) / self.scale).astype(np.float32)
-        b = (self.bias.astype(np.float64) - w.astype(np.float64) @ self.mean).astype(np.float32)
-        return _linear_module(w, b)
+        layer = _linear_module(self.weight, self.bias)  # the standardisation folds into the one linear layer
+        with torch.no_grad():
+            fold_standardiser(layer.weight, layer.bias, self.mean, self.scale)
+        return layer
 
     def state(self) -> dict[str, np.ndarray]:
         return {"weight": self.weight, "bias": self.bias, "mean": self.mean, "scale": self.scale}
@@ -673,10 +670,15 @@ def warn_if_tiny(X: np.ndarray, cfg: HeadConfig) -> None:
 
 
 def fold_standardiser(weight: torch.Tensor, bias: torch.Tensor, mean: np.ndarray, scale: np.ndarray) -> None:
-    """In place: a layer ``W z + b`` on ``z = (x - mean) / scale`` becomes ``(W / scale) x + (b - (W / scale) mean)``.
-    ``weight`` is (..., D), ``bias`` its leading shape."""
-    weight.div_(torch.as_tensor(scale, device=weight.device))
-    bias.sub_(weight @ torch.as_tensor(mean, device=weight.device))
+    """In place: a layer ``W z + b`` on ``z = (x - mean) / scale`` becomes ``(W / scale) x + (b - (W / scale) mean)``,
+    in float64 and then stored in the layer's dtype (the new bias from the stored weight). ``weight`` is (..., D),
+    ``bias`` its leading shape."""
+
+    def f64(a: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(a, np.float64), device=weight.device)
+
+    weight.copy_(weight.double() / f64(scale))
+    bias.copy_(bias.double() - weight.double() @ f64(mean))
 
 
 class MLPHead(Head):
@@ -736,11 +738,6 @@ class CentroidHead(_AffineHead):
     term shared by all classes, so the head is a linear layer; the temperature T is fitted on train."""
 
     name = "centroid"
-
-    def __init__(self, cfg: HeadConfig, *, num_classes: int, feature_dim: int):
-        super().__init__(cfg, num_classes=num_classes, feature_dim=feature_dim)
-        self.weight = np.zeros((num_classes, feature_dim), np.float32)
-        self.bias = np.zeros(num_classes, np.float32)
 
     def fit(self, X: np.ndarray, y: np.ndarray, *, val: tuple[np.ndarray, np.ndarray] | None = None) -> FitResult:
         X = np.asarray(X, np.float64)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.cli import main
 from pipeline.store import FeatureWriter
 
 # One intra-op thread: the tensors in these tests are tiny, and on a shared 2-core machine torch's default
@@ -126,3 +127,20 @@ TINY_EXTRACT = {
 # The same settings as command-line options.
 TINY_ARGS = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32", "--batch-size", "8",
              "--workers", "0", "--device", "cpu", "--no-progress"]  # fmt: skip
+
+
+# The command line in-process: (exit code, stdout, stderr) of `python -m pipeline ARGS`.
+def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    out, err = capsys.readouterr()
+    return int(e.value.code or 0), out, err
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error:") and "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]

@@ -26,8 +26,8 @@ from pipeline.export import EXPORT_FORMAT
 from pipeline.extract import ExtractConfig, extract
 from pipeline.heads import HeadConfig, LinearHead, load_head, save_head
 from pipeline.store import read_features
-from tests.conftest import TINY_EXTRACT, write_image_folder
-from tests.test_cli import TINY, assert_one_line_error, run
+from tests.conftest import TINY_EXTRACT, assert_one_line_error, run, write_image_folder
+from tests.test_cli import TINY
 from tests.test_reliability import one_thread  # noqa: F401 - autouse: one torch thread in this module
 
 # ------------------------------------------------------------------------------------------ unreadable images

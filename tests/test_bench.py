@@ -38,7 +38,7 @@ def test_quick_bench_writes_json_with_every_section(tmp_path: Path, monkeypatch:
     monkeypatch.setattr(bench, "children_peak_rss", _fake_children)
     threads = torch.get_num_threads()
     assert bench.main(["--quick", "--out-dir", str(tmp_path)]) == 0
-    assert torch.get_num_threads() == threads  # the head-thread setting is undone
+    assert torch.get_num_threads() == threads  # the heads' one-thread fitting is undone
     written = sorted(tmp_path.glob("bench-*-quick.json"))
     assert len(written) == 1 and (tmp_path / "latest-quick.json").read_text() == written[0].read_text()
     result = json.loads(written[0].read_text())

@@ -14,27 +14,10 @@ import pytest
 import torch
 import torchvision
 
-from pipeline.cli import main
 from pipeline.store import read_features
-from tests.conftest import TINY_ARGS, write_image_folder
+from tests.conftest import TINY_ARGS, assert_one_line_error, run, write_image_folder
 
 TINY = TINY_ARGS
-
-
-def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as e:
-        main(args)
-    out, err = capsys.readouterr()
-    return int(e.value.code or 0), out, err
-
-
-def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
-    assert code != 0
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error:") and "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 # ------------------------------------------------------------------------------------------ happy paths

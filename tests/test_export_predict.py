@@ -13,7 +13,6 @@ import pytest
 import torch
 import torchvision
 
-from pipeline.cli import main
 from pipeline.errors import PipelineError
 from pipeline.export import export_model
 from pipeline.extract import ExtractConfig, extract
@@ -21,7 +20,7 @@ from pipeline.heads import HeadConfig, load_head
 from pipeline.predict import Classifier, load_classifier, predict, predict_batch, read_image
 from pipeline.store import read_features
 from pipeline.train import train_head
-from tests.conftest import TINY_EXTRACT, write_image_folder
+from tests.conftest import TINY_EXTRACT, run, write_image_folder
 
 
 @pytest.fixture(scope="module")
@@ -100,19 +99,13 @@ def test_export_and_predict_commands(extracted: dict[str, Any], tmp_path: Path, 
     train_head(extracted["resnet18"], HeadConfig(head="linear", epochs=30, lr=1e-2), out=head_dir)
     model = tmp_path / "model" / "clf.pt2"
 
-    def run(args: list[str]) -> tuple[int, str, str]:
-        with pytest.raises(SystemExit) as e:
-            main(args)
-        out, err = capsys.readouterr()
-        return int(e.value.code or 0), out, err
-
-    code, out, _ = run(["export", "--head", str(head_dir), "--out", str(model)])
+    code, out, _ = run(["export", "--head", str(head_dir), "--out", str(model)], capsys)
     assert code == 0 and str(model) in out and model.with_suffix(".json").is_file()
 
     unseen = write_image_folder(tmp_path / "new", per_class=2, seed=7)
     (unseen / "cat" / "broken.png").write_bytes(b"not an image")
     preds = tmp_path / "preds.csv"
-    code, out, err = run(["predict", "--model", str(model), str(unseen), "--out", str(preds), "--top-k", "2"])
+    code, out, err = run(["predict", "--model", str(model), str(unseen), "--out", str(preds), "--top-k", "2"], capsys)
     assert code == 0 and "1 could not be read" in out and "broken.png" in out
     rows = list(csv.DictReader(preds.open()))
     assert len(rows) == 7
@@ -122,13 +115,13 @@ def test_export_and_predict_commands(extracted: dict[str, Any], tmp_path: Path, 
     assert sum(r["class"] == Path(r["path"]).parent.name for r in good) >= 5  # colours separate the classes
     assert [r["path"] for r in rows if r["error"]] == [str(unseen / "cat" / "broken.png")]
 
-    code, _, err = run(["predict", "--model", str(tmp_path / "nope.pt2"), str(unseen), "--out", str(preds)])
+    code, _, err = run(["predict", "--model", str(tmp_path / "nope.pt2"), str(unseen), "--out", str(preds)], capsys)
     assert code == 1 and err.startswith("error: model not found") and len(err.strip().splitlines()) == 1
 
     junk = tmp_path / "junk.pt2"
     junk.write_bytes(b"not a zip archive")
     junk.with_suffix(".json").write_text(model.with_suffix(".json").read_text())
-    code, _, err = run(["predict", "--model", str(junk), str(unseen), "--out", str(preds)])
+    code, _, err = run(["predict", "--model", str(junk), str(unseen), "--out", str(preds)], capsys)
     assert code == 1 and err.startswith("error: cannot load model") and len(err.strip().splitlines()) == 1
 
 

@@ -110,9 +110,13 @@ def test_fitting_threads_is_one_on_cpu_and_restored() -> None:
     from pipeline.heads import fitting_threads
 
     before = torch.get_num_threads()
-    with fitting_threads(torch.device("cpu")):
-        assert torch.get_num_threads() == 1
-    assert torch.get_num_threads() == before
+    torch.set_num_threads(2)  # conftest runs the suite on 1 thread, where "is 1 inside" could not fail
+    try:
+        with fitting_threads(torch.device("cpu")):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_knn_train_metrics_leave_one_out_on_a_sample(make_feature_file, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from pipeline import plots
-from pipeline.cli import main
+from tests.conftest import run
 
 
 def _assert_picture(path: Path, *, min_size: tuple[int, int] = (300, 200)) -> None:
@@ -48,15 +48,9 @@ def test_curves_compare_and_shots_png(tmp_path: Path) -> None:
     _assert_picture(plots.shots_png(table, ["1", "5", "all"], tmp_path / "shots.png"))
 
 
-def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as e:
-        main(args)
-    return int(e.value.code or 0), capsys.readouterr().out
-
-
 def test_train_head_and_compare_write_pngs(feature_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     head = tmp_path / "linear"
-    code, out = run(
+    code, out, _ = run(
         ["train-head", "--features", str(feature_file), "--out", str(head), "--epochs", "3", "--sweep"], capsys
     )
     assert code == 0 and "sweep: chose" in out and "curves.png" in out
@@ -65,14 +59,14 @@ def test_train_head_and_compare_write_pngs(feature_file: Path, tmp_path: Path, c
     _assert_picture(head / "confusion.png")
 
     cmp = tmp_path / "cmp"
-    code, out = run(
+    code, out, _ = run(
         ["compare", "--features", str(feature_file), "--out", str(cmp), "--epochs", "2", "--hidden", "16"], capsys
     )
     assert code == 0 and all(h in out for h in ("linear", "logreg", "mlp", "knn", "centroid"))
     _assert_picture(cmp / "compare.png")
     assert (cmp / "mlp" / "curves.png").is_file() and not (cmp / "knn" / "curves.png").exists()
 
-    code, out = run(
+    code, out, _ = run(
         [
             "compare",
             "--features",

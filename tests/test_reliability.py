@@ -19,8 +19,7 @@ import torch
 from pipeline.errors import PipelineError
 from pipeline.extract import ExtractConfig, extract, plan_extraction
 from pipeline.store import FeatureWriter, read_features, tmp_path_for
-from tests.conftest import TINY_EXTRACT, write_image_folder
-from tests.test_cli import run
+from tests.conftest import TINY_EXTRACT, run, write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 # Slow enough to stop partway yet cheap: 180 tiny images one per batch (a commit every 8) take about a second,

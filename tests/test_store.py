@@ -220,7 +220,7 @@ def _damage(path: Path, how: str) -> None:
     ],
 )
 def test_damaged_file_is_refused_saying_which(how: str, fragments: list[str], make_feature_file, capsys) -> None:
-    from tests.test_cli import assert_one_line_error, run
+    from tests.conftest import assert_one_line_error, run
 
     path = make_feature_file(n_train=40, n_val=20)
     _damage(path, how)
@@ -235,7 +235,7 @@ def test_damaged_file_is_refused_saying_which(how: str, fragments: list[str], ma
 
 @pytest.mark.parametrize("keep", [0.05, 0.3, 0.6, 0.9, 0.99])
 def test_truncated_file_is_refused(keep: float, make_feature_file, capsys) -> None:
-    from tests.test_cli import assert_one_line_error, run
+    from tests.conftest import assert_one_line_error, run
 
     path = make_feature_file(n_train=300, n_val=100)
     size = path.stat().st_size
@@ -284,7 +284,7 @@ with h5py.File(sys.argv[1], "r") as f:
 
 def test_many_readers_at_once(make_feature_file, tmp_path: Path, capsys) -> None:
     """Several processes hold one feature file open while train-head reads it: all succeed."""
-    from tests.test_cli import run
+    from tests.conftest import run
 
     path = make_feature_file(n_train=200, n_val=80)
     procs = [
