@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from torch import nn
 
 from pipeline.backbones import Backbone, file_sha256, load_backbone
 from pipeline.errors import PipelineError
+from pipeline.fileio import atomic_write
 from pipeline.heads import Head, load_head
 
 log = logging.getLogger(__name__)
@@ -135,12 +135,6 @@ def _meta(config: dict[str, Any], head: Head, layer: nn.Module, backbone: Backbo
     }
 
 
-def _atomic(path: Path, write: Any) -> None:
-    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")  # keeps the suffix torch.export.save expects
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def export_model(head_dir: Path | str, out: Path | str) -> ExportResult:
     """Write ``out`` (a ``.pt2`` program) with its ``.pth`` state_dict and ``.json`` metadata beside it."""
     out = Path(out)
@@ -156,10 +150,10 @@ def export_model(head_dir: Path | str, out: Path | str) -> ExportResult:
     state_path, meta_path = sidecar_paths(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        _atomic(out, lambda p: torch.export.save(program, p))
-        _atomic(state_path, lambda p: torch.save(model.state_dict(), p))
+        atomic_write(out, lambda p: torch.export.save(program, p))
+        atomic_write(state_path, lambda p: torch.save(model.state_dict(), p))
         meta = _meta(config, head, layer, backbone, out)
-        _atomic(meta_path, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+        atomic_write(meta_path, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
     except OSError as e:
         raise PipelineError(f"cannot write {out}: {e.strerror or e}") from None
     return ExportResult(out, state_path, meta_path, list(config["classes"]), diff)

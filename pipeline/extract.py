@@ -24,6 +24,7 @@ from tqdm import tqdm
 import pipeline
 from pipeline.backbones import Backbone, Preprocessing, load_backbone
 from pipeline.datasets import Source, Split, load_source
+from pipeline.devices import DEVICES, resolve_device
 from pipeline.errors import PipelineError, raise_if_stopped
 from pipeline.store import (
     FEATURE_DTYPES,
@@ -36,7 +37,6 @@ from pipeline.store import (
 )
 
 log = logging.getLogger(__name__)
-DEVICES = ("auto", "cpu", "cuda", "mps")
 # Where resize/crop/normalise run. "device": uint8 batches of an in-memory array dataset go to the device and are
 # resized there (the CPU stops being the bottleneck on a GPU); "loader": PIL in loader workers; "auto": device on
 # CUDA when the source has arrays, else loader.
@@ -102,20 +102,6 @@ class ExtractResult:
 
 class ExtractInterrupted(PipelineError):
     """Ctrl-C / SIGTERM during extraction; the partial file stays resumable."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("--device cuda requested but no CUDA GPU is available (use --device auto or cpu)")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise PipelineError("--device mps requested but MPS is not available (use --device auto or cpu)")
-    return torch.device(name)
 
 
 def library_versions() -> dict[str, str]:

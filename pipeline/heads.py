@@ -24,7 +24,9 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 from torch import nn
 
+from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
+from pipeline.fileio import atomic_write, write_json
 
 log = logging.getLogger(__name__)
 HEAD_FILE = "head.safetensors"
@@ -137,12 +139,6 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
-
-
-def head_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def balanced_weights(y: np.ndarray, num_classes: int) -> np.ndarray:
@@ -525,7 +521,7 @@ class LinearHead(_AffineHead):
     def _fit_grid(
         self, X: np.ndarray, y: np.ndarray, *, grid: list[dict[str, float]], val: Any = None
     ) -> tuple[LinearGrid, list[list[dict[str, float]]]]:
-        device = head_device(self.cfg.device)
+        device = resolve_device(self.cfg.device)
         X, val, shift = prepare_inputs(X, val, cfg=self.cfg)
         data = TorchData.build(X, y, val=val, cfg=self.cfg, num_classes=self.num_classes, device=device)
         with torch.random.fork_rng(devices=[]):
@@ -697,7 +693,7 @@ class MLPHead(Head):
         )
 
     def fit(self, X: np.ndarray, y: np.ndarray, *, val: tuple[np.ndarray, np.ndarray] | None = None) -> FitResult:
-        device = head_device(self.cfg.device)
+        device = resolve_device(self.cfg.device)
         X, val, shift = prepare_inputs(X, val, cfg=self.cfg)
         data = TorchData.build(X, y, val=val, cfg=self.cfg, num_classes=self.num_classes, device=device)
         with torch.random.fork_rng(devices=[]):
@@ -852,9 +848,9 @@ def build_head(cfg: HeadConfig, *, num_classes: int, feature_dim: int) -> Head:
 
 def save_head(head: Head, out_dir: Path, *, config: dict[str, Any]) -> None:
     """``head.safetensors`` (arrays only) + ``config.json`` (what produced it)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: np.ascontiguousarray(v) for k, v in head.state().items()}, str(out_dir / HEAD_FILE))
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+    state = {k: np.ascontiguousarray(v) for k, v in head.state().items()}
+    atomic_write(out_dir / HEAD_FILE, lambda p: save_file(state, str(p)))
+    write_json(out_dir / "config.json", config)
 
 
 def load_head(head_dir: Path) -> tuple[Head, dict[str, Any]]:

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.fileio import atomic_write
+
 MAX_ANNOTATED_CLASSES = 20  # above this the cells are too small for numbers
 
 
@@ -26,10 +28,11 @@ def _pyplot() -> Any:
 
 
 def _save(fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    _pyplot().close(fig)
+    try:
+        atomic_write(path, lambda p: fig.savefig(p, dpi=120))
+    finally:
+        _pyplot().close(fig)
     return path
 
 

@@ -23,6 +23,7 @@ from pipeline.backbones import Preprocessing
 from pipeline.datasets import IMG_EXTENSIONS, load_image
 from pipeline.errors import PipelineError
 from pipeline.export import EXPORT_FORMAT, sidecar_paths
+from pipeline.fileio import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -151,18 +152,10 @@ def predict_with(
     out = Path(out)
     result = PredictResult(out=out, n_images=len(paths))
     t0 = time.perf_counter()
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(_columns(top_k))
-            _predict_all(
-                clf, paths, writer=writer, result=result, batch_size=batch_size, top_k=top_k, progress=progress
-            )
-        os.replace(tmp, out)
-    except OSError as e:
-        raise PipelineError(f"cannot write {out}: {e.strerror or e}") from None
+    with atomic_path(out) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(_columns(top_k))
+        _predict_all(clf, paths, writer=writer, result=result, batch_size=batch_size, top_k=top_k, progress=progress)
     result.seconds = time.perf_counter() - t0
     return result
 

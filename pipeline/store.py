@@ -37,6 +37,7 @@ import h5py
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.fileio import fsync_path
 
 log = logging.getLogger(__name__)
 FORMAT = "pipeline.cached-embeddings"
@@ -395,7 +396,7 @@ class FeatureWriter:
         # The old file is never written to again: a kill can leave HDF5 structures updated after the last flush
         # half written (seen: the global heap of the id strings), and appending to them then fails with "bad heap
         # index" although the committed rows read back intact. A copy of the committed rows starts clean.
-        _fsync(fresh)
+        fsync_path(fresh)
         os.replace(fresh, self.tmp)
         self._progress = progress
         return h5py.File(self.tmp, "a")
@@ -509,9 +510,9 @@ class FeatureWriter:
         self.f.attrs["complete"] = True
         _LOCK_FDS.pop(self._fd, None)
         self.f.close()
-        _fsync(self.tmp)  # the data must be on disk before the name says "complete" (power loss)
+        fsync_path(self.tmp)  # the data must be on disk before the name says "complete" (power loss)
         os.replace(self.tmp, self.path)
-        _fsync(self.path.parent)
+        fsync_path(self.path.parent)
         return self.path
 
     def close(self) -> None:
@@ -520,16 +521,6 @@ class FeatureWriter:
             self.commit()
             _LOCK_FDS.pop(self._fd, None)
             self.f.close()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems cannot fsync a folder; the rename is still atomic
-        pass
-    finally:
-        os.close(fd)
 
 
 def _is_locked(e: OSError) -> bool:

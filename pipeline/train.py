@@ -8,7 +8,6 @@ cached ``train`` split with ``--seed``, so few-shot curves need no re-extraction
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, replace
@@ -20,6 +19,7 @@ import numpy as np
 from pipeline import plots
 from pipeline.errors import PipelineError
 from pipeline.evaluate import classification_metrics, summarize
+from pipeline.fileio import write_json, write_text
 from pipeline.heads import HEADS, Head, HeadConfig, build_head, save_head, warn_if_tiny
 from pipeline.store import FeatureSet, SplitFeatures, read_features
 
@@ -111,10 +111,6 @@ def fit_and_evaluate(fs: FeatureSet, cfg: HeadConfig) -> tuple[Head, dict[str, A
     return head, metrics, fit.history
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-
-
 def train_head(features: Path | str, cfg: HeadConfig, *, out: Path | str | None = None) -> dict[str, Any]:
     """Train ``cfg.head`` on a feature file; write metrics.json, config.json, PNGs and the head to ``out``."""
     features = Path(features)
@@ -156,7 +152,7 @@ def _train_one(fs: FeatureSet, cfg: HeadConfig, *, out: Path) -> dict[str, Any]:
         metrics["history"] = history
     try:
         save_head(head, out, config=head_config(fs, head))
-        _write_json(out / "metrics.json", metrics)
+        write_json(out / "metrics.json", metrics)
         _write_plots(metrics, history, out, classes=fs.classes)
     except OSError as e:
         raise PipelineError(f"cannot write head to {out}: {e.strerror or e}") from None
@@ -245,8 +241,8 @@ def compare(
     result = {**_describe(fs), "rows": rows, "best": best["head"]}
     try:
         root.mkdir(parents=True, exist_ok=True)
-        _write_json(root / "compare.json", result)
-        (root / "compare.md").write_text(_header(fs) + compare_table(rows) + "\n")
+        write_json(root / "compare.json", result)
+        write_text(root / "compare.md", _header(fs) + compare_table(rows) + "\n")
         plots.compare_png(rows, root / "compare.png", title=f"{fs.meta.get('backbone')} features: heads on val")
     except OSError as e:
         raise PipelineError(f"cannot write comparison to {root}: {e.strerror or e}") from None
@@ -289,8 +285,8 @@ def compare_shots(
     result = {**_describe(fs), "shots": labels, "seed": base.seed, "val_accuracy": table, "runs": runs}
     try:
         root.mkdir(parents=True, exist_ok=True)
-        _write_json(root / "shots.json", result)
-        (root / "shots.md").write_text(_header(fs) + shots_table(table, labels) + "\n")
+        write_json(root / "shots.json", result)
+        write_text(root / "shots.md", _header(fs) + shots_table(table, labels) + "\n")
         plots.shots_png(table, labels, root / "shots.png", title=f"{fs.meta.get('backbone')} features: few-shot")
     except OSError as e:
         raise PipelineError(f"cannot write the shots comparison to {root}: {e.strerror or e}") from None

