@@ -142,7 +142,7 @@ def classic_loop(root: Path, *, cfg: BenchConfig, between: Callable[[], None] = 
     from torchvision import datasets, models, transforms
 
     from pipeline.backbones import Preprocessing
-    from pipeline.extract import default_workers
+    from pipeline.batches import default_workers
 
     pre = Preprocessing().with_crop(cfg.image_size)
     tf = transforms.Compose(
@@ -442,13 +442,12 @@ def matmul_rate(device: torch.device, *, n: int = 8192, reps: int = 20) -> float
 
 def array_source(sizes: dict[str, int], *, side: int = 32, seed: int = SEED) -> Any:
     """CIFAR-10-shaped synthetic uint8 arrays held in memory, as ``datasets.load_torchvision`` builds them."""
-    from pipeline.datasets import Source, Split, _ArrayLoader
+    from pipeline.datasets import Source, array_split
 
     rng = np.random.default_rng(seed)
     splits = {}
     for name, n in sizes.items():
-        arrays = rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8)
-        splits[name] = Split([str(i) for i in range(n)], np.arange(n) % CLASSES, _ArrayLoader(arrays), arrays)
+        splits[name] = array_split(rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8), np.arange(n) % CLASSES)
     return Source("cifar10-synthetic", [str(c) for c in range(CLASSES)], splits, {"kind": "bench", **sizes})
 
 

@@ -11,7 +11,7 @@ import logging
 import os
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,27 +64,31 @@ class Split:
     labels: np.ndarray
     load: Callable[[int], Image.Image]
     arrays: np.ndarray | None = None  # uint8 NHWC (or NHW) when the whole split sits in memory
+    path: Callable[[int], Path] | None = None  # the file of sample i, when samples are files (raw-byte sources)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def subset(self, indices: np.ndarray) -> Split:
-        arrays = None if self.arrays is None else self.arrays[indices]
-        return Split(
-            ids=[self.ids[i] for i in indices],
-            labels=self.labels[indices],
-            load=_Remapped(self.load, indices),
-            arrays=arrays,
-        )
+        """The samples at ``indices``, every field narrowed (``replace`` keeps any field added later)."""
+        narrowed: dict[str, Any] = {"ids": [self.ids[i] for i in indices], "labels": self.labels[indices]}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in narrowed or value is None:
+                continue
+            narrowed[f.name] = _Remapped(value, indices) if callable(value) else value[indices]
+        return replace(self, **narrowed)
 
 
 @dataclass
 class _Remapped:
-    load_fn: Callable[[int], Image.Image]
+    """A per-sample function (``load``, ``path``) of the parent split, called through the subset's indices."""
+
+    fn: Callable[[int], Any]
     indices: np.ndarray
 
-    def __call__(self, i: int) -> Image.Image:
-        return self.load_fn(int(self.indices[i]))
+    def __call__(self, i: int) -> Any:
+        return self.fn(int(self.indices[i]))
 
 
 @dataclass
@@ -135,6 +139,15 @@ class _FileLoader:
         return load_image(self.root / self.relpaths[i])
 
 
+@dataclass
+class _FilePath:
+    root: Path
+    relpaths: list[str]
+
+    def __call__(self, i: int) -> Path:
+        return self.root / self.relpaths[i]
+
+
 def _is_image(p: Path) -> bool:
     return p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMG_EXTENSIONS
 
@@ -167,7 +180,7 @@ def _split_from_files(root: Path, classes: list[str], files: dict[str, list[Path
     index = {c: i for i, c in enumerate(classes)}
     rel = [str(p.relative_to(base)) for c in classes for p in files.get(c, [])]
     labels = np.array([index[c] for c in classes for _ in files.get(c, [])], dtype=np.int64)
-    return Split(ids=rel, labels=labels, load=_FileLoader(base, rel))
+    return Split(ids=rel, labels=labels, load=_FileLoader(base, rel), path=_FilePath(base, rel))
 
 
 def load_folder(root: Path, *, val_fraction: float = 0.2, seed: int = 0) -> Source:
@@ -229,6 +242,12 @@ class _ArrayLoader:
         return to_rgb(Image.fromarray(self.arrays[i]))
 
 
+def array_split(arrays: np.ndarray, labels: np.ndarray) -> Split:
+    """A split held in memory: uint8 ``(N, H, W)`` greyscale or ``(N, H, W, 3)`` RGB images, ids ``"0".."N-1"``."""
+    labels = np.asarray(labels, dtype=np.int64)
+    return Split(ids=[str(i) for i in range(len(labels))], labels=labels, load=_ArrayLoader(arrays), arrays=arrays)
+
+
 def _as_nhwc(ds: Any) -> np.ndarray:
     data = ds.data.numpy() if isinstance(ds.data, torch.Tensor) else np.asarray(ds.data)
     if data.ndim == 4 and data.shape[1] in (1, 3) and data.shape[-1] not in (1, 3):
@@ -261,12 +280,8 @@ def load_torchvision(name: str, *, root: Path, download: bool) -> Source:
                 f"cannot download {name} to {root} ({type(e).__name__}: {e}); offline? copy the dataset "
                 f"files under {root} and pass --no-download"
             ) from None
-        arrays = _as_nhwc(ds)
-        labels = _labels_of(ds)
-        splits[split] = Split(
-            ids=[str(i) for i in range(len(labels))], labels=labels, load=_ArrayLoader(arrays), arrays=arrays
-        )
-        classes = classes or [str(c) for c in getattr(ds, "classes", sorted(set(labels.tolist())))]
+        splits[split] = array_split(_as_nhwc(ds), _labels_of(ds))
+        classes = classes or [str(c) for c in getattr(ds, "classes", sorted(set(splits[split].labels.tolist())))]
     identity = {
         "kind": "torchvision",
         "name": key,

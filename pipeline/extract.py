@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import logging
-import os
 import platform
-import signal
-import sys
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,11 +14,11 @@ import numpy as np
 import sklearn
 import torch
 import torchvision
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import pipeline
 from pipeline.backbones import Backbone, Preprocessing, load_backbone
+from pipeline.batches import PREPROCESS_MODES, SourceSettings, choose_source, default_workers, open_source
 from pipeline.datasets import Source, Split, load_source
 from pipeline.devices import DEVICES, resolve_device
 from pipeline.errors import PipelineError, raise_if_stopped
@@ -37,10 +33,6 @@ from pipeline.store import (
 )
 
 log = logging.getLogger(__name__)
-# Where resize/crop/normalise run. "device": uint8 batches of an in-memory array dataset go to the device and are
-# resized there (the CPU stops being the bottleneck on a GPU); "loader": PIL in loader workers; "auto": device on
-# CUDA when the source has arrays, else loader.
-PREPROCESS_MODES = ("auto", "loader", "device")
 
 
 @dataclass(frozen=True)
@@ -120,24 +112,11 @@ def _precision(cfg: ExtractConfig, device: torch.device) -> str:
     return "bf16-autocast" if cfg.amp and device.type == "cuda" else "fp32"
 
 
-def resolve_preprocess(mode: str, *, has_arrays: bool, device: torch.device) -> str:
-    """``auto|loader|device`` -> ``loader`` or ``device`` (see PREPROCESS_MODES)."""
-    if mode == "auto":
-        return "device" if device.type == "cuda" and has_arrays else "loader"
-    if mode == "device" and not has_arrays:
-        raise PipelineError(
-            "--preprocess device needs a dataset held in memory as arrays (cifar10, mnist, ...); "
-            "this one is decoded from files: use --preprocess loader or auto"
-        )
-    return mode
-
-
-def _source_has_arrays(source: Source) -> bool:
-    return all(split.arrays is not None for split in source.splits.values())
-
-
-def feature_identity(*, backbone: Backbone, source: Source, cfg: ExtractConfig, device: torch.device) -> dict[str, Any]:
-    """Everything that determines the features; its hash is the file's fingerprint."""
+def feature_identity(
+    *, backbone: Backbone, source: Source, cfg: ExtractConfig, device: torch.device, sources: dict[str, str]
+) -> dict[str, Any]:
+    """Everything that determines the features; its hash is the file's fingerprint. ``sources``: the batch source
+    of each split (see :mod:`pipeline.batches`)."""
     identity = {
         "schema_version": SCHEMA_VERSION,
         "backbone": backbone.name,
@@ -147,10 +126,12 @@ def feature_identity(*, backbone: Backbone, source: Source, cfg: ExtractConfig, 
         "dtype": cfg.dtype,
         "precision": _precision(cfg, device),
     }
-    # Device-side resizing differs from PIL's by rounding (features within ~1e-3), so it gets its own
-    # fingerprint. The key is absent for the loader path, which keeps files written before it existed valid.
-    if resolve_preprocess(cfg.preprocess, has_arrays=_source_has_arrays(source), device=device) == "device":
-        identity["preprocess_on"] = "device"
+    # Batch sources agree to rounding, not bit for bit, so what ran is part of the fingerprint. The key is absent
+    # when every split ran on the PIL loader, which keeps files written before it existed valid; one name when all
+    # splits share a source, else one per split.
+    used = set(sources.values())
+    if used != {"loader"}:
+        identity["preprocess_on"] = used.pop() if len(used) == 1 else dict(sources)
     return identity
 
 
@@ -168,110 +149,6 @@ def default_out(cfg: ExtractConfig, source: Source, backbone: Backbone) -> Path:
     if cfg.limit:
         parts.append(f"n{cfg.limit}")
     return Path("artifacts") / "features" / ("_".join(parts) + ".h5")
-
-
-# ------------------------------------------------------------------------------------------ loading
-
-
-class _Images(Dataset):
-    """Samples ``start..`` of a split as uint8 CHW tensors; an unreadable image yields its error instead."""
-
-    def __init__(self, split: Split, pre: Preprocessing, start: int):
-        self.split, self.pre, self.start = split, pre, start
-
-    def __len__(self) -> int:
-        return len(self.split) - self.start
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int, str | None]:
-        idx = self.start + i
-        try:
-            return self.pre.geometry(self.split.load(idx)), idx, None
-        except Exception as e:  # noqa: BLE001 - reported per file by the main process
-            return None, idx, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-
-
-def _collate(
-    items: list[tuple[torch.Tensor | None, int, str | None]],
-) -> tuple[torch.Tensor | None, list, list]:
-    good = [t for t, _, err in items if err is None]
-    batch = torch.stack(good) if good else None
-    ok = [i for t, i, err in items if err is None]
-    bad = [(i, err) for _, i, err in items if err is not None]
-    return batch, ok, bad
-
-
-def default_workers(device: torch.device) -> int:
-    cpus = os.cpu_count() or 1
-    # On CPU the model needs the cores itself; decoding in 2 workers keeps it fed without oversubscribing.
-    return min(2, cpus) if device.type == "cpu" else min(8, cpus)
-
-
-STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-
-
-def _quiet_worker(_worker_id: int) -> None:
-    """Loader workers leave Ctrl-C and SIGTERM to the main process, which commits and then stops them.
-
-    A terminal's Ctrl-C reaches the whole process group. A worker that died of it could take down the channel a
-    batch was travelling through, and the main process then failed on that batch (exit 1, a traceback) instead of
-    stopping cleanly (exit 130, "rerun to resume"): seen once in about 25 interrupts under load. Workers still exit
-    when the main process goes, by DataLoader's own parent watchdog. The signals were blocked while the worker was
-    forked (see ``_start_workers``), so one that arrived in between is discarded here, not raised in the worker.
-    """
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-    default_hook = sys.excepthook
-
-    def hook(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
-        # multiprocessing's fd-sharing thread reports here when the main process hung up in the middle of fetching
-        # a batch: it is stopping, and says so itself.
-        if not issubclass(exc_type, (EOFError, ConnectionError)):
-            default_hook(exc_type, exc, tb)
-
-    sys.excepthook = hook
-
-
-def _start_workers(batches: Any) -> Iterator:
-    """``iter(batches)``, forking loader workers with Ctrl-C and SIGTERM held back; the main process gets any that
-    arrived in the meantime as soon as they are forked."""
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        return iter(batches)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
-def _loader(split: Split, pre: Preprocessing, start: int, cfg: ExtractConfig, device: torch.device) -> DataLoader:
-    workers = default_workers(device) if cfg.workers is None else cfg.workers
-    return DataLoader(
-        _Images(split, pre, start),
-        batch_size=cfg.batch_size,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=_collate,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=4 if workers else None,
-        persistent_workers=workers > 0,
-        worker_init_fn=_quiet_worker if workers else None,
-    )
-
-
-def _array_batches(
-    split: Split, start: int, *, batch_size: int, device: torch.device
-) -> Iterator[tuple[torch.Tensor, list[int], list]]:
-    """uint8 batches of an in-memory split, already on ``device`` (NCHW, or NHW for greyscale).
-
-    No workers and no PIL: the slice is pinned and copied without blocking, and resizing happens on the device.
-    """
-    arrays = split.arrays
-    for lo in range(start, len(split), batch_size):
-        hi = min(lo + batch_size, len(split))
-        x = torch.from_numpy(np.ascontiguousarray(arrays[lo:hi]))
-        if device.type == "cuda":
-            x = x.pin_memory()
-        x = x.to(device, non_blocking=True)
-        yield (x.permute(0, 3, 1, 2) if x.ndim == 4 else x), list(range(lo, hi)), []
 
 
 # ------------------------------------------------------------------------------------------ the model
@@ -309,10 +186,10 @@ def _run_split(
     *,
     writer: FeatureWriter,
     model: torch.nn.Module,
-    pre: Preprocessing,
+    plan: ExtractPlan,
     cfg: ExtractConfig,
-    device: torch.device,
 ) -> int:
+    pre, device = plan.backbone.preprocess, plan.device
     start = writer.seen(name)
     if start >= len(split):
         return 0
@@ -328,36 +205,38 @@ def _run_split(
         mininterval=0.5,
     )
     done = 0
-    on_device = resolve_preprocess(cfg.preprocess, has_arrays=split.arrays is not None, device=device) == "device"
-    batches = (
-        _array_batches(split, start, batch_size=cfg.batch_size, device=device)
-        if on_device
-        else _loader(split, pre, start, cfg, device)
-    )
+    source = open_source(plan.sources[name], split, plan.settings)
+    batches = source.batches(start)
     try:
-        for batch, ok, bad in _start_workers(batches):
-            if bad and not cfg.skip_bad:
-                i, err = bad[0]
+        for batch in batches:
+            if batch.bad and not cfg.skip_bad:
+                i, err = batch.bad[0]
                 raise PipelineError(f"cannot read image {split.ids[i]}: {err} (pass --skip-bad to skip such files)")
-            for i, err in bad:
+            for i, err in batch.bad:
                 log.warning("skipped unreadable image %s: %s", split.ids[i], err)
             feats = (
-                embed_batch(model, batch, pre=pre, device=device, amp=cfg.amp, geometry=on_device).cpu().numpy()
-                if batch is not None
+                embed_batch(
+                    model, batch.images, pre=pre, device=device, amp=cfg.amp, geometry=source.geometry_on_device
+                )
+                .cpu()
+                .numpy()
+                if batch.images is not None
                 else np.zeros((0, writer.dim), np.float32)
             )
+            ok = batch.indices
             writer.append(
                 name,
                 feats,
                 split.labels[ok],
                 [split.ids[i] for i in ok],
-                seen=len(ok) + len(bad),
-                skipped=[split.ids[i] for i, _ in bad],
+                seen=batch.consumed,
+                skipped=[split.ids[i] for i, _ in batch.bad],
             )
             done += len(ok)
-            bar.update(len(ok) + len(bad))
+            bar.update(batch.consumed)
             raise_if_stopped()
     finally:
+        batches.close()  # stops loader workers on every exit path
         bar.close()
     return done
 
@@ -397,6 +276,8 @@ class ExtractPlan:
     identity: dict[str, Any]
     fp: str
     out: Path
+    sources: dict[str, str]  # split -> batch source name (pipeline.batches.BATCH_SOURCES), decided once here
+    settings: SourceSettings  # batch size, loader workers, preprocessing, device: what the sources run with
 
 
 def plan_extraction(cfg: ExtractConfig, *, source: Source | None = None) -> ExtractPlan:
@@ -414,9 +295,12 @@ def plan_extraction(cfg: ExtractConfig, *, source: Source | None = None) -> Extr
         split_seed=cfg.split_seed,
         limit=cfg.limit,
     )
-    identity = feature_identity(backbone=backbone, source=source, cfg=cfg, device=device)
+    sources = {name: choose_source(cfg.preprocess, split, device) for name, split in source.splits.items()}
+    identity = feature_identity(backbone=backbone, source=source, cfg=cfg, device=device, sources=sources)
     out = Path(cfg.out) if cfg.out else default_out(cfg, source, backbone)
-    return ExtractPlan(device, backbone, source, identity, fingerprint(identity), out)
+    workers = default_workers(device) if cfg.workers is None else cfg.workers
+    settings = SourceSettings(pre=backbone.preprocess, device=device, batch_size=cfg.batch_size, workers=workers)
+    return ExtractPlan(device, backbone, source, identity, fingerprint(identity), out, sources, settings)
 
 
 def extract(cfg: ExtractConfig, *, plan: ExtractPlan | None = None) -> ExtractResult:
@@ -426,7 +310,7 @@ def extract(cfg: ExtractConfig, *, plan: ExtractPlan | None = None) -> ExtractRe
     :mod:`pipeline.distributed`. The fingerprint stays that of the whole run.
     """
     p = plan or plan_extraction(cfg)
-    device, backbone, source, identity, fp, out = p.device, p.backbone, p.source, p.identity, p.fp, p.out
+    source, fp, out = p.source, p.fp, p.out
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -437,19 +321,18 @@ def extract(cfg: ExtractConfig, *, plan: ExtractPlan | None = None) -> ExtractRe
             return ExtractResult(path=out, reused=True, counts=counts, fingerprint=fp)
         if cfg.force and tmp_path_for(out).exists():
             tmp_path_for(out).unlink()
-        return _write(out, cfg=cfg, backbone=backbone, source=source, identity=identity, fp=fp, device=device)
+        return _write(p, cfg=cfg)
 
 
-def _write(
-    out: Path,
-    *,
-    cfg: ExtractConfig,
-    backbone: Backbone,
-    source: Source,
-    identity: dict,
-    fp: str,
-    device: torch.device,
-) -> ExtractResult:
+def _write(plan: ExtractPlan, *, cfg: ExtractConfig) -> ExtractResult:
+    out, backbone, source, identity, fp, device = (
+        plan.out,
+        plan.backbone,
+        plan.source,
+        plan.identity,
+        plan.fp,
+        plan.device,
+    )
     meta = {
         "fingerprint": fp,
         "backbone": backbone.name,
@@ -478,7 +361,7 @@ def _write(
     t0, done = time.perf_counter(), 0
     try:
         for name, split in source.splits.items():
-            done += _run_split(name, split, writer=writer, model=model, pre=backbone.preprocess, cfg=cfg, device=device)
+            done += _run_split(name, split, writer=writer, model=model, plan=plan, cfg=cfg)
     except KeyboardInterrupt:
         writer.close()
         seen = sum(writer.seen(s) for s in source.splits)  # committed: what a rerun will not redo

@@ -16,9 +16,10 @@ import torch
 from PIL import Image
 
 from pipeline.backbones import Preprocessing
-from pipeline.datasets import Source, Split, _ArrayLoader, to_rgb
+from pipeline.batches import choose_source
+from pipeline.datasets import Source, Split, array_split, to_rgb
 from pipeline.errors import PipelineError
-from pipeline.extract import ExtractConfig, extract, plan_extraction, resolve_preprocess
+from pipeline.extract import ExtractConfig, extract, plan_extraction
 from pipeline.heads import HeadConfig
 from pipeline.store import read_features
 from pipeline.train import fit_and_evaluate
@@ -47,7 +48,7 @@ def array_source(*, n_train: int = 48, n_val: int = 24, grey: bool = False) -> S
     splits = {}
     for name, n, seed in (("train", n_train, 1), ("val", n_val, 2)):
         arrays, labels = _arrays(n, seed=seed, grey=grey)
-        splits[name] = Split(ids=[str(i) for i in range(n)], labels=labels, load=_ArrayLoader(arrays), arrays=arrays)
+        splits[name] = array_split(arrays, labels)
     identity = {"kind": "test-arrays", "grey": grey, "n": [n_train, n_val]}
     return Source(name="arrays", classes=["red", "blue", "green"], splits=splits, identity=identity)
 
@@ -89,9 +90,13 @@ def test_device_path_gives_pil_features_and_same_head_accuracy(tmp_path: Path, g
 
 def test_preprocess_modes_resolve_and_refuse_files(image_folder: Path) -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve_preprocess("auto", has_arrays=True, device=cpu) == "loader"
-    assert resolve_preprocess("auto", has_arrays=True, device=cuda) == "device"
-    assert resolve_preprocess("auto", has_arrays=False, device=cuda) == "loader"
+    arrays = array_source().splits["train"]
+    files = arrays.subset(np.arange(4))
+    files = Split(ids=files.ids, labels=files.labels, load=files.load)  # same samples, no arrays: read as files
+    assert choose_source("auto", arrays, cpu) == "loader"
+    assert choose_source("auto", arrays, cuda) == "device"
+    assert choose_source("auto", files, cuda) == "loader"
+    assert choose_source("loader", arrays, cuda) == "loader"
     with pytest.raises(PipelineError, match="in memory as arrays"):
         plan_extraction(ExtractConfig(dataset=str(image_folder), preprocess="device", **TINY_EXTRACT))
     with pytest.raises(PipelineError, match="preprocess mode"):
