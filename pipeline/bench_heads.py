@@ -11,12 +11,15 @@ Each row is a figure beside its target; ``met`` says whether it is within it.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
 import math
+import subprocess
+import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -186,3 +189,144 @@ def pca_file(path: Path, *, dim: int = 512) -> Path:
     meta = {k: fs.meta[k] for k in ("backbone", "weights", "dataset") if k in fs.meta}
     _write(out, splits, classes=fs.classes, meta={**meta, "reduced": f"PCA to {dim} (fitted on train)"})
     return out
+
+
+# ------------------------------------------------------------------------------------------ the timings
+
+
+def _row(name: str, seconds: float, target: float | None, note: str) -> dict[str, Any]:
+    return {"name": name, "seconds": seconds, "target_s": target, "met": None if target is None else seconds <= target,
+            "note": note}  # fmt: skip
+
+
+def _timed_head(fs: Any, cfg: Any) -> tuple[float, dict[str, Any]]:
+    from pipeline.train import fit_and_evaluate
+
+    t0 = time.perf_counter()
+    _, metrics, _ = fit_and_evaluate(fs, cfg)
+    return time.perf_counter() - t0, metrics
+
+
+def _fit_note(m: dict[str, Any]) -> str:
+    parts = [f"val acc {m['val_accuracy']:.4f}"]
+    if "n_iter" in m:
+        parts.append(f"{m['n_iter']} iterations, {'converged' if m['converged'] else 'NOT converged'}")
+    return "; ".join(parts)
+
+
+def logreg_rows(fs: Any, *, label: str, device: str, gpu: bool, sklearn: bool = True) -> list[dict[str, Any]]:
+    """logreg in torch (target 5 s on CPU at 50,000 x 512, 2 s on a GPU), scikit-learn for reference, and the
+    45-value sweep + refit (target 3x the torch fit)."""
+    from pipeline.heads import HeadConfig
+
+    cfg = HeadConfig(head="logreg", device=device)
+    seconds, m = _timed_head(fs, cfg)
+    rows = [_row(f"logreg torch, {label}", seconds, 2.0 if gpu else 5.0, _fit_note(m))]
+    if sklearn:
+        s, ms = _timed_head(fs, replace(cfg, solver="sklearn"))
+        rows.append(_row(f"logreg sklearn (reference), {label}", s, None, _fit_note(ms)))
+    s, mw = _timed_head(fs, replace(cfg, sweep=True))
+    sw = mw["sweep"]
+    note = (f"45 C on {sw['n_fit']} rows, {sw['iterations']} path iterations; chose C={sw['chosen']['C']:.3g}; "
+            f"{_fit_note(mw)}")  # fmt: skip
+    rows.append(_row(f"logreg --sweep + refit, {label}", s, 3 * seconds, note + " (target: 3x the fit above)"))
+    return rows
+
+
+def other_head_rows(fs: Any, *, label: str, device: str, logreg_acc: float) -> list[dict[str, Any]]:
+    from pipeline.heads import HeadConfig
+
+    rows = []
+    for name in ("linear", "mlp", "knn", "centroid"):
+        seconds, m = _timed_head(fs, HeadConfig(head=name, device=device))
+        note = _fit_note(m)
+        if name == "linear":
+            gap = 100 * (logreg_acc - m["val_accuracy"])
+            note += f"; {gap:+.1f} points below logreg (target: within 1)"
+        rows.append(_row(f"{name}, {label}", seconds, None, note))
+    return rows
+
+
+def compare_row(path: Path, work: Path, *, label: str, device: str, gpu: bool) -> dict[str, Any]:
+    """``python -m pipeline compare`` of every head, the whole process (start-up and reading the file included)."""
+    cmd = [sys.executable, "-m", "pipeline", "compare", "--features", str(path), "--out", str(work / "compare"),
+           "--device", device]  # fmt: skip
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if proc.returncode:
+        return _row(f"compare all heads (process), {label}", seconds, None, "FAILED: " + proc.stderr.strip()[-300:])
+    best = json.loads((work / "compare" / "compare.json").read_text())
+    fits = ", ".join(f"{r['head']} {r['fit_seconds']:.1f}" for r in best["rows"])
+    return _row(f"compare all heads (process), {label}", seconds, 10.0 if gpu else 30.0, f"fit s: {fits}")
+
+
+def synthetic_file(work: Path, *, n_train: int, n_val: int, dim: int) -> Path:
+    from pipeline.bench import write_feature_file
+
+    path = Path(work) / f"synthetic_{n_train}x{dim}.h5"
+    if not path.is_file():
+        write_feature_file(path, n_train=n_train, n_val=n_val, dim=dim)
+    return path
+
+
+def heads_bench(*, work: Path, device: str = "auto", quick: bool = False) -> dict[str, Any]:
+    """Every row: real 1,280-d and 512-d (PCA) features, then the synthetic file; ``rows`` of
+    ``{name, seconds, target_s, met, note}``. Feature files are cached in ``work``."""
+    from pipeline.devices import resolve_device
+    from pipeline.store import read_features
+
+    dev = resolve_device(device)
+    gpu = dev.type == "cuda"
+    spec = QUICK_FEATURES if quick else RealFeatures()
+    t0 = time.perf_counter()
+    full = real_feature_file(work, spec=spec, device=device)
+    reduced = pca_file(full, dim=64 if quick else 512)
+    build_s = time.perf_counter() - t0
+    rows: list[dict[str, Any]] = []
+    fs512, fs1280 = read_features(reduced), read_features(full)
+    n = f"{len(fs1280.train):,} train"
+    rows += logreg_rows(fs512, label=f"{n} x {fs512.feature_dim} real (PCA)", device=device, gpu=gpu)
+    lr_rows = logreg_rows(fs1280, label=f"{n} x 1,280 real", device=device, gpu=gpu, sklearn=not gpu)
+    rows += lr_rows
+    acc = float(lr_rows[0]["note"].split("val acc ")[1].split(";")[0])
+    rows += other_head_rows(fs1280, label=f"{n} x 1,280 real", device=device, logreg_acc=acc)
+    rows.append(
+        compare_row(full, work, label=f"{len(fs1280.train) + len(fs1280.val):,} x 1,280 real", device=device, gpu=gpu)
+    )
+    size = (2_000, 500, 64) if quick else (50_000, 10_000, 512)
+    syn = read_features(synthetic_file(work, n_train=size[0], n_val=size[1], dim=size[2]))
+    seconds, m = _timed_head(
+        syn, __import__("pipeline.heads", fromlist=["HeadConfig"]).HeadConfig(head="logreg", device=device)
+    )
+    rows.append(_row(f"logreg torch, {size[0]:,} x {size[2]} synthetic (flatters)", seconds, None, _fit_note(m)))
+    return {"device": str(dev), "quick": quick, "feature_file": str(full), "build_or_reuse_s": build_s, "rows": rows}
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'row':<62} {'seconds':>8} {'target':>8}  met   note"]
+    for r in rows:
+        target = "-" if r["target_s"] is None else f"{r['target_s']:.1f}"
+        met = "-" if r["met"] is None else ("yes" if r["met"] else "NO")
+        lines.append(f"{r['name']:<62} {r['seconds']:>8.2f} {target:>8}  {met:<4}  {r['note']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.bench_heads", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small files: checks that the bench runs")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--work", default="artifacts/bench", help="where the feature files are cached")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    result = heads_bench(work=Path(args.work), device=args.device, quick=args.quick)
+    out = Path(args.work) / ("heads-quick.json" if args.quick else "heads-latest.json")
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nheads on {result['device']} (features: {result['feature_file']})")
+    print(format_rows(result["rows"]))
+    print(f"\nfull numbers: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -454,3 +454,15 @@ def test_logreg_path_warm_starts_cost_few_fits() -> None:
     one = LogRegHead(replace(head.cfg, **best), num_classes=10, feature_dim=64).fit(X, y).info
     assert len(scores) == 45 and max(scores) > 0.9
     assert head.sweep_info["iterations"] * 1400 <= 3 * one["n_iter"] * len(y), (head.sweep_info, one)
+
+
+def test_knn_scores_the_same_in_small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a block of 5 queries' worth of similarities, the answer is the same as in one block."""
+    from pipeline.heads import KNNHead
+
+    X, y = separable_features(n=300, classes=4, spread=2.0)
+    head = build_head(HeadConfig(head="knn", k=5, device="cpu"), num_classes=4, feature_dim=32)
+    head.fit(X[:200], y[:200])
+    whole = head.logits(X[200:])
+    monkeypatch.setattr(KNNHead, "CHUNK_ELEMENTS", 5 * 200)
+    np.testing.assert_allclose(head.logits(X[200:]), whole, rtol=1e-6, atol=1e-6)

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import torch
 
+from pipeline.devices import resolve_device
 from pipeline.heads.base import FitResult, Head, balanced_weights, softmax
 from pipeline.heads.config import HeadConfig
 
@@ -46,26 +47,30 @@ class KNNHead(Head):
 
     @torch.no_grad()
     def _log_votes(self, X: np.ndarray, *, exclude: np.ndarray | None = None) -> np.ndarray:
-        """Log of each class's share of the weighted votes; ``exclude[i]``: a train row query i may not vote for."""
-        train = torch.as_tensor(self.train_features)
-        labels = torch.as_tensor(self.train_labels)
-        class_w = torch.ones(self.num_classes)
+        """Log of each class's share of the weighted votes; ``exclude[i]``: a train row query i may not vote for.
+        On the head's device (a GPU when there is one), one block of queries at a time: never the N x N matrix."""
+        dev = resolve_device(self.cfg.device)
+        train = torch.as_tensor(self.train_features, device=dev)
+        labels = torch.as_tensor(self.train_labels, device=dev)
+        class_w = torch.ones(self.num_classes, device=dev)
         if self.cfg.class_weight == "balanced":
-            class_w = torch.as_tensor(balanced_weights(self.train_labels, self.num_classes))
+            class_w = torch.as_tensor(balanced_weights(self.train_labels, self.num_classes), device=dev)
         k = min(self.cfg.k, len(labels) - (exclude is not None))
         chunk = max(1, self.CHUNK_ELEMENTS // max(1, len(labels)))  # bounds the similarity block's memory
         out = []
         for start in range(0, len(X), chunk):
-            q = torch.as_tensor(_l2_normalise(X[start : start + chunk]))
+            q = torch.as_tensor(_l2_normalise(X[start : start + chunk]), device=dev)
             sim = q @ train.T
             if exclude is not None:
-                sim[torch.arange(len(q)), torch.as_tensor(exclude[start : start + chunk])] = -math.inf
+                sim[
+                    torch.arange(len(q), device=dev), torch.as_tensor(exclude[start : start + chunk], device=dev)
+                ] = -math.inf
             sim, idx = sim.topk(k, dim=1)
             nb = labels[idx]
             weights = (sim / self.TEMPERATURE).exp() * class_w[nb]
-            votes = torch.zeros(len(q), self.num_classes).scatter_add_(1, nb, weights)
+            votes = torch.zeros(len(q), self.num_classes, device=dev).scatter_add_(1, nb, weights)
             out.append(torch.log(votes / votes.sum(1, keepdim=True) + 1e-6))
-        return torch.cat(out).numpy() if out else np.zeros((0, self.num_classes), np.float32)
+        return torch.cat(out).cpu().numpy() if out else np.zeros((0, self.num_classes), np.float32)
 
     def state(self) -> dict[str, np.ndarray]:
         return {"train_features": self.train_features, "train_labels": self.train_labels}
