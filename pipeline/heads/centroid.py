@@ -18,8 +18,7 @@ class CentroidHead(AffineHead):
     def fit(self, X: np.ndarray, y: np.ndarray, *, val: tuple[np.ndarray, np.ndarray] | None = None) -> FitResult:
         X = np.asarray(X, np.float64)
         present = np.bincount(y, minlength=self.num_classes) > 0
-        means = np.zeros((self.num_classes, self.feature_dim))
-        np.add.at(means, y, X)
+        means = np.eye(self.num_classes)[y].T @ X  # class sums as one matmul: np.add.at took 0.5 s on 50,000 x 1,280
         means[present] /= np.bincount(y, minlength=self.num_classes)[present, None]
         w, b = 2 * means, -(means**2).sum(1)
         b[~present] = ABSENT_LOGIT
