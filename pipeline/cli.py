@@ -135,82 +135,67 @@ def extract(**opts: Any) -> None:
 # ------------------------------------------------------------------------------------------ stage two
 
 
+_CLICK_TYPES = {"int": int, "float": float, "str": str}
+
+
+def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """A device this machine lacks is a usage error (exit 2), caught before any file is read."""
+    from pipeline.devices import resolve_device
+
+    try:
+        resolve_device(value)
+    except PipelineError as e:
+        raise click.BadParameter(str(e)) from None
+    return value
+
+
 def _head_options(f: Any) -> Any:
-    for decorator in reversed(
-        [
-            click.option(
-                "--features",
-                required=True,
-                type=click.Path(dir_okay=False),
-                help="Feature file from extract.",
-            ),
-            click.option(
-                "--lr",
-                type=_positive_float,
-                default=1e-3,
-                show_default=True,
-                help="Learning rate (torch heads).",
-            ),
-            click.option("--epochs", type=_positive_int, default=15, show_default=True),
-            click.option("--batch-size", type=_positive_int, default=128, show_default=True),
-            click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0, show_default=True),
-            click.option(
-                "--C",
-                "C",
-                type=_positive_float,
-                default=1.0,
-                show_default=True,
-                help="Inverse L2 strength (logreg).",
-            ),
-            click.option(
-                "--max-iter",
-                type=_positive_int,
-                default=1000,
-                show_default=True,
-                help="lbfgs iterations (logreg).",
-            ),
-            click.option("--hidden", type=_positive_int, default=128, show_default=True, help="Hidden units (mlp)."),
-            click.option(
-                "--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.5, show_default=True, help="(mlp)"
-            ),
-            click.option(
-                "--standardize/--no-standardize",
-                default=False,
-                show_default=True,
-                help="Train linear/mlp on features standardised by train's mean and std (folded into the saved "
-                "layer, which still takes raw features). logreg always standardises.",
-            ),
-            click.option("--k", "k", type=_positive_int, default=10, show_default=True, help="Neighbours (knn)."),
-            click.option(
-                "--class-weight",
-                type=click.Choice(["none", "balanced"]),
-                default="none",
-                show_default=True,
-                help="'balanced' weights classes by inverse frequency (linear, mlp, logreg, knn).",
-            ),
-            click.option(
-                "--sweep",
-                is_flag=True,
-                default=False,
-                help="Choose lr/weight decay (linear, mlp), C (logreg) or k (knn) on a held-out 20% of train, "
-                "then refit on all of train; val is only reported.",
-            ),
-            click.option("--seed", type=int, default=0, show_default=True),
-            click.option(
-                "--device",
-                type=click.Choice(["auto", "cpu", "cuda", "mps"]),
-                default="auto",
-                show_default=True,
-            ),
-        ]
-    ):
+    """``--features`` plus one option per ``HeadConfig`` field: name, default, help and choices come from the
+    dataclass (its field metadata), so they are written once. Range checks are HeadConfig's own."""
+    from dataclasses import MISSING, fields
+
+    from pipeline.heads import HeadConfig
+
+    options = [
+        click.option("--features", required=True, type=click.Path(dir_okay=False), help="Feature file from extract.")
+    ]
+    for fld in fields(HeadConfig):
+        meta = fld.metadata
+        if not meta.get("cli", True):
+            continue
+        flag = "--" + fld.name.replace("_", "-")
+        kw: dict[str, Any] = {
+            "default": fld.default,
+            "help": meta.get("help"),
+            "show_default": fld.default is not MISSING,
+        }
+        if fld.type == "bool":
+            decl = flag if meta.get("flag") else f"{flag}/--no-{flag[2:]}"
+            options.append(
+                click.option(decl, fld.name, is_flag=True, **kw)
+                if meta.get("flag")
+                else click.option(decl, fld.name, **kw)
+            )
+            continue
+        kw["type"] = click.Choice(meta["choices"]) if "choices" in meta else _CLICK_TYPES[fld.type]
+        if fld.name == "device":
+            kw["callback"] = _check_device
+        options.append(click.option(flag, fld.name, **kw))
+    for decorator in reversed(options):
         f = decorator(f)
     return f
 
 
+def _head_option(f: Any) -> Any:
+    from pipeline.heads import HEADS, HeadConfig
+
+    help = f"Head type: {', '.join(HEADS)}."
+    return click.option("--head", default=HeadConfig.head, show_default=True, help=help)(f)
+
+
 @cli.command("train-head")
 @_head_options
-@click.option("--head", default="linear", show_default=True, help="linear, logreg, mlp, knn or centroid.")
+@_head_option
 @click.option("--shots", type=_positive_int, default=None, help="Train on K examples per class (seeded sample).")
 @click.option(
     "--out",
@@ -235,7 +220,9 @@ def train_head_cmd(features: str, out: str | None, **opts: Any) -> None:
 
 @cli.command("compare")
 @_head_options
-@click.option("--heads", default="all", show_default=True, help="Comma-separated heads to train, or 'all'.")
+@click.option(
+    "--heads", default="all", show_default=True, help="Comma-separated heads to train, or 'all' (every head)."
+)
 @click.option(
     "--shots", default=None, help="e.g. 1,5,10,all: accuracy-vs-examples-per-class table and plot (heads not saved)."
 )

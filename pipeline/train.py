@@ -72,6 +72,7 @@ def sweep(head: Head, X: np.ndarray, y: np.ndarray) -> tuple[HeadConfig, dict[st
         "n_fit": len(fit),
         "n_held_out": len(held),
         "seconds": time.perf_counter() - t0,
+        **head.sweep_info,
     }
     log.info("sweep %s: chose %s (held-out accuracy %.4f)", cfg.head, grid[best], scores[best])
     return replace(cfg, **grid[best]), record

@@ -1,0 +1,345 @@
+"""``python -m pipeline.bench_heads``: the heads timed on features of real images from a real pretrained backbone.
+
+The feature file: augmented views (random crops, flips, small rotations; seeded) of the committed ``data/digits``
+through the ImageNet MobileNetV2 (1,280-d), at CIFAR scale (50,000 train + 10,000 val views; the val views come
+from digit images no train view comes from). The same file reduced to 512-d by PCA fitted on train is the second
+real file; a synthetic file of separable blobs is a last row only, to show how much synthetic features flatter.
+The files are cached under ``artifacts/bench/`` keyed by their settings and reused.
+
+Each row is a figure beside its target; ``met`` says whether it is within it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = Path("artifacts/weights/mobilenet_v2_imagenet.pt")
+DIGITS = Path("data/digits")
+
+
+@dataclass(frozen=True)
+class RealFeatures:
+    """How the real feature file is made; every field is in its cache key."""
+
+    n_train: int = 50_000
+    n_val: int = 10_000
+    image_size: int = 64  # MobileNetV2 at 64 px: ~1,000 images/s on 2 cores, so the one-off build is ~1 minute
+    val_images: float = 0.2  # share of the digit images whose views form val
+    seed: int = 0
+    batch_size: int = 256
+
+
+QUICK_FEATURES = RealFeatures(n_train=2_000, n_val=500, image_size=32)
+
+
+# ------------------------------------------------------------------------------------------ the feature files
+
+
+def _digits(root: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    from PIL import Image
+
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    images, labels = [], []
+    for c, name in enumerate(classes):
+        for f in sorted((root / name).glob("*.png")):
+            images.append(np.asarray(Image.open(f).convert("L"), np.float32) / 255.0)
+            labels.append(c)
+    return np.stack(images), np.asarray(labels, np.int64), classes
+
+
+def augmented_views(
+    images: torch.Tensor, n: int, *, size: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` views of (M, H, W) images in [0, 1]: random source, crop (zoom 1-1.3x, shift up to 15%), horizontal
+    flip, rotation of at most 15 degrees, resampled bilinearly to ``size`` x ``size``. (views, source index)."""
+    src = torch.randint(len(images), (n,), generator=gen)
+    angle = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(15)
+    zoom = 1 / (1 + 0.3 * torch.rand(n, generator=gen))  # < 1: the view covers part of the image (a crop)
+    flip = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+    shift = (torch.rand(n, 2, generator=gen) * 2 - 1) * 0.15
+    cos, sin = torch.cos(angle) * zoom, torch.sin(angle) * zoom
+    theta = torch.stack(
+        [torch.stack([cos * flip, -sin, shift[:, 0]], 1), torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1
+    )
+    grid = torch.nn.functional.affine_grid(theta, [n, 1, size, size], align_corners=False)
+    views = torch.nn.functional.grid_sample(
+        images[src, None], grid, mode="bilinear", padding_mode="border", align_corners=False
+    )
+    return views, src
+
+
+def _key(spec: RealFeatures, weights: Path) -> str:
+    from pipeline.backbones import file_sha256
+
+    settings = {**asdict(spec), "weights": file_sha256(weights), "digits": _digits_identity(DIGITS)}
+    settings.pop("batch_size")  # does not change the features
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _digits_identity(root: Path) -> str:
+    names = sorted(str(p.relative_to(root)) for p in root.rglob("*.png"))
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:12]
+
+
+@torch.inference_mode()
+def _embed(model: torch.nn.Module, views: torch.Tensor, *, batch_size: int, device: torch.device) -> np.ndarray:
+    from pipeline.backbones import IMAGENET_MEAN, IMAGENET_STD
+
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    out = []
+    for batch in views.split(batch_size):
+        x = ((batch.to(device).expand(-1, 3, -1, -1) - mean) / std).contiguous(memory_format=torch.channels_last)
+        out.append(model(x).float().cpu())
+    return torch.cat(out).numpy()
+
+
+def real_feature_file(
+    work: Path, *, spec: RealFeatures = RealFeatures(), weights: Path = WEIGHTS, device: str = "auto"
+) -> Path:
+    """The 1,280-d MobileNetV2 features of augmented digit views, built once per settings and reused."""
+    from pipeline.backbones import load_backbone
+    from pipeline.devices import resolve_device
+    from pipeline.train import stratified_holdout
+
+    path = Path(work) / f"digits_aug_mobilenet_v2_{spec.image_size}px_{spec.n_train}_{_key(spec, weights)}.h5"
+    if path.is_file():
+        log.info("reusing %s", path)
+        return path
+    dev = resolve_device(device)
+    images, labels, classes = _digits(DIGITS)
+    fit, held = stratified_holdout(labels, fraction=spec.val_images, seed=spec.seed)
+    model = load_backbone("mobilenet_v2", weights=str(weights)).model.to(dev).to(memory_format=torch.channels_last)
+    gen = torch.Generator().manual_seed(spec.seed)
+    splits = {}
+    t0 = time.perf_counter()
+    for name, rows, n in (("train", fit, spec.n_train), ("val", held, spec.n_val)):
+        views, src = augmented_views(torch.as_tensor(images[rows]), n, size=spec.image_size, gen=gen)
+        splits[name] = (_embed(model, views, batch_size=spec.batch_size, device=dev), labels[rows][src.numpy()])
+    seconds = time.perf_counter() - t0
+    log.info(
+        "embedded %d views in %.0f s (%.0f images/s)",
+        spec.n_train + spec.n_val,
+        seconds,
+        (spec.n_train + spec.n_val) / seconds,
+    )
+    meta = {
+        "backbone": "mobilenet_v2",
+        "weights": f"file:{weights.name}",
+        "dataset": "digits (augmented views)",
+        "bench": asdict(spec),
+    }
+    _write(path, splits, classes=classes, meta=meta)
+    return path
+
+
+def _write(
+    path: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], *, classes: list[str], meta: dict[str, Any]
+) -> None:
+    """A feature file in the schema extract writes (through the store's writer)."""
+    from pipeline.store import FeatureWriter
+
+    dim = splits["train"][0].shape[1]
+    meta = {
+        "fingerprint": f"bench-{path.stem}",
+        "feature_dim": dim,
+        "num_classes": len(classes),
+        "preprocessing": {},
+        "dataset_identity": {},
+        **meta,
+    }
+    sizes = {name: len(y) for name, (_, y) in splits.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = FeatureWriter(path, meta=meta, classes=classes, sizes=sizes, feature_dim=dim)
+    for name, (X, y) in splits.items():
+        w.append(name, X, y, [str(i) for i in range(len(y))], seen=len(y))
+    w.finish()
+
+
+def pca_file(path: Path, *, dim: int = 512) -> Path:
+    """``path`` projected on the top ``dim`` principal components of its train split (fitted on train only)."""
+    from pipeline.store import read_features
+
+    out = path.with_name(f"{path.stem}_pca{dim}.h5")
+    if out.is_file():
+        return out
+    fs = read_features(path)
+    X = fs.train.features.astype(np.float64)
+    mean = X.mean(0)
+    _, vectors = np.linalg.eigh(np.cov(X - mean, rowvar=False))
+    basis = vectors[:, ::-1][:, :dim]  # eigh sorts ascending
+    splits = {
+        s: (((fs.splits[s].features - mean) @ basis).astype(np.float32), fs.splits[s].labels) for s in ("train", "val")
+    }
+    meta = {k: fs.meta[k] for k in ("backbone", "weights", "dataset") if k in fs.meta}
+    _write(out, splits, classes=fs.classes, meta={**meta, "reduced": f"PCA to {dim} (fitted on train)"})
+    return out
+
+
+# ------------------------------------------------------------------------------------------ the timings
+
+
+def _row(name: str, seconds: float, target: float | None, note: str) -> dict[str, Any]:
+    return {"name": name, "seconds": seconds, "target_s": target, "met": None if target is None else seconds <= target,
+            "note": note}  # fmt: skip
+
+
+def _timed_head(fs: Any, cfg: Any) -> tuple[float, dict[str, Any]]:
+    from pipeline.train import fit_and_evaluate
+
+    t0 = time.perf_counter()
+    _, metrics, _ = fit_and_evaluate(fs, cfg)
+    return time.perf_counter() - t0, metrics
+
+
+def _fit_note(m: dict[str, Any]) -> str:
+    parts = [f"val acc {m['val_accuracy']:.4f}"]
+    if "n_iter" in m:
+        parts.append(f"{m['n_iter']} iterations, {'converged' if m['converged'] else 'NOT converged'}")
+    return "; ".join(parts)
+
+
+def logreg_rows(fs: Any, *, label: str, device: str, gpu: bool, sklearn: bool = True) -> list[dict[str, Any]]:
+    """logreg in torch (target 5 s on CPU at 50,000 x 512, 2 s on a GPU), scikit-learn for reference, and the
+    45-value sweep + refit (target 3x the torch fit)."""
+    from pipeline.heads import HeadConfig
+
+    cfg = HeadConfig(head="logreg", device=device)
+    seconds, m = _timed_head(fs, cfg)
+    rows = [_row(f"logreg torch, {label}", seconds, 2.0 if gpu else 5.0, _fit_note(m))]
+    if sklearn:
+        s, ms = _timed_head(fs, replace(cfg, solver="sklearn"))
+        rows.append(_row(f"logreg sklearn (reference), {label}", s, None, _fit_note(ms)))
+    s, mw = _timed_head(fs, replace(cfg, sweep=True))
+    sw = mw["sweep"]
+    note = (f"45 C on {sw['n_fit']} rows, {sw['iterations']} path iterations; chose C={sw['chosen']['C']:.3g}; "
+            f"{_fit_note(mw)}")  # fmt: skip
+    rows.append(_row(f"logreg --sweep + refit, {label}", s, 3 * seconds, note + " (target: 3x the fit above)"))
+    return rows
+
+
+def other_head_rows(fs: Any, *, label: str, device: str, logreg_acc: float) -> list[dict[str, Any]]:
+    from pipeline.heads import HeadConfig
+
+    rows = []
+    for name in ("linear", "mlp", "knn", "centroid"):
+        seconds, m = _timed_head(fs, HeadConfig(head=name, device=device))
+        note = _fit_note(m)
+        if name == "linear":
+            gap = 100 * (m["val_accuracy"] - logreg_acc)
+            note += f"; {gap:+.1f} points against logreg (target: no lower than -1)"
+        rows.append(_row(f"{name}, {label}", seconds, None, note))
+    return rows
+
+
+def compare_row(path: Path, work: Path, *, label: str, device: str, gpu: bool) -> dict[str, Any]:
+    """``python -m pipeline compare`` of every head, the whole process (start-up and reading the file included)."""
+    cmd = [sys.executable, "-m", "pipeline", "compare", "--features", str(path), "--out", str(work / "compare"),
+           "--device", device]  # fmt: skip
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if proc.returncode:
+        return _row(f"compare all heads (process), {label}", seconds, None, "FAILED: " + proc.stderr.strip()[-300:])
+    best = json.loads((work / "compare" / "compare.json").read_text())
+    fits = ", ".join(f"{r['head']} {r['fit_seconds']:.1f}" for r in best["rows"])
+    return _row(f"compare all heads (process), {label}", seconds, 10.0 if gpu else 30.0, f"fit s: {fits}")
+
+
+def synthetic_file(work: Path, *, n_train: int, n_val: int, dim: int) -> Path:
+    from pipeline.bench import write_feature_file
+
+    path = Path(work) / f"synthetic_{n_train}x{dim}.h5"
+    if not path.is_file():
+        write_feature_file(path, n_train=n_train, n_val=n_val, dim=dim)
+    return path
+
+
+def heads_bench(*, work: Path, device: str = "auto", quick: bool = False) -> dict[str, Any]:
+    """Every row: real 1,280-d and 512-d (PCA) features, then the synthetic file; ``rows`` of
+    ``{name, seconds, target_s, met, note}``. Feature files are cached in ``work``."""
+    from pipeline.devices import resolve_device
+    from pipeline.store import read_features
+
+    dev = resolve_device(device)
+    gpu = dev.type == "cuda"
+    spec = QUICK_FEATURES if quick else RealFeatures()
+    t0 = time.perf_counter()
+    full = real_feature_file(work, spec=spec, device=device)
+    reduced = pca_file(full, dim=64 if quick else 512)
+    build_s = time.perf_counter() - t0
+    rows: list[dict[str, Any]] = []
+    fs512, fs1280 = read_features(reduced), read_features(full)
+    n = f"{len(fs1280.train):,} train"
+    rows += logreg_rows(fs512, label=f"{n} x {fs512.feature_dim} real (PCA)", device=device, gpu=gpu)
+    lr_rows = logreg_rows(fs1280, label=f"{n} x 1,280 real", device=device, gpu=gpu, sklearn=not gpu)
+    rows += lr_rows
+    acc = float(lr_rows[0]["note"].split("val acc ")[1].split(";")[0])
+    rows += other_head_rows(fs1280, label=f"{n} x 1,280 real", device=device, logreg_acc=acc)
+    rows.append(
+        compare_row(full, work, label=f"{len(fs1280.train) + len(fs1280.val):,} x 1,280 real", device=device, gpu=gpu)
+    )
+    if gpu:
+        rows += logreg_rows(_lifted(fs1280, dim=2048), label=f"{n} x 2,048 (real, lifted)", device=device, gpu=True,
+                            sklearn=False)  # fmt: skip
+    size = (2_000, 500, 64) if quick else (50_000, 10_000, 512)
+    syn = read_features(synthetic_file(work, n_train=size[0], n_val=size[1], dim=size[2]))
+    seconds, m = _timed_head(
+        syn, __import__("pipeline.heads", fromlist=["HeadConfig"]).HeadConfig(head="logreg", device=device)
+    )
+    rows.append(_row(f"logreg torch, {size[0]:,} x {size[2]} synthetic (flatters)", seconds, None, _fit_note(m)))
+    return {"device": str(dev), "quick": quick, "feature_file": str(full), "build_or_reuse_s": build_s, "rows": rows}
+
+
+def _lifted(fs: Any, *, dim: int) -> Any:
+    """The GPU target's shape (60,000 x 2,048) from the real features: a fixed seeded random projection to ``dim``
+    followed by ReLU, as a wider backbone's features are non-negative (the information is the 1,280-d one)."""
+    from dataclasses import replace as swap
+
+    proj = np.random.default_rng(0).normal(0, fs.feature_dim**-0.5, (fs.feature_dim, dim)).astype(np.float32)
+    splits = {k: swap(v, features=np.maximum(v.features @ proj, 0)) for k, v in fs.splits.items()}
+    return swap(fs, splits=splits, meta={**fs.meta, "feature_dim": dim})
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'row':<62} {'seconds':>8} {'target':>8}  met   note"]
+    for r in rows:
+        target = "-" if r["target_s"] is None else f"{r['target_s']:.1f}"
+        met = "-" if r["met"] is None else ("yes" if r["met"] else "NO")
+        lines.append(f"{r['name']:<62} {r['seconds']:>8.2f} {target:>8}  {met:<4}  {r['note']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.bench_heads", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small files: checks that the bench runs")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--work", default="artifacts/bench", help="where the feature files are cached")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    result = heads_bench(work=Path(args.work), device=args.device, quick=args.quick)
+    out = Path(args.work) / ("heads-quick.json" if args.quick else "heads-latest.json")
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nheads on {result['device']} (features: {result['feature_file']})")
+    print(format_rows(result["rows"]))
+    print(f"\nfull numbers: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Stage-two heads trained on cached features. Adding a head type is one module plus one entry in ``HEADS``.
+
+A head is fitted on ``(X, y)`` arrays, gives class logits and probabilities, and round-trips through a dict of
+plain arrays (saved as safetensors: loading a head never unpickles, so it never runs code). Heads that are a
+function of the features a torch layer can compute (``linear``, ``logreg``, ``centroid``, ``mlp``) also turn
+into an ``nn.Module`` (``as_module``), which is what ``export`` puts on top of the backbone.
+
+Layout: ``config`` (HeadConfig), ``base`` (the Head interface, standardisation), ``fitting`` (optimiser, data on the
+device, mini-batch loops), ``lbfgs`` (full-batch logistic regression in torch), and one module per head type.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from pipeline.errors import PipelineError
+from pipeline.fileio import atomic_write, write_json
+from pipeline.heads.base import FitResult, Head, balanced_weights, warn_if_tiny
+from pipeline.heads.centroid import CentroidHead
+from pipeline.heads.config import HeadConfig
+from pipeline.heads.knn import KNNHead
+from pipeline.heads.linear import LinearHead
+from pipeline.heads.logreg import LogRegHead
+from pipeline.heads.mlp import MLPHead
+
+HEAD_FILE = "head.safetensors"
+
+HEADS: dict[str, type[Head]] = {
+    LinearHead.name: LinearHead,
+    LogRegHead.name: LogRegHead,
+    MLPHead.name: MLPHead,
+    KNNHead.name: KNNHead,
+    CentroidHead.name: CentroidHead,
+}
+
+__all__ = [
+    "HEADS", "HEAD_FILE", "FitResult", "Head", "HeadConfig", "balanced_weights", "build_head", "load_head",
+    "save_head", "warn_if_tiny", "CentroidHead", "KNNHead", "LinearHead", "LogRegHead", "MLPHead",
+]  # fmt: skip
+
+
+def build_head(cfg: HeadConfig, *, num_classes: int, feature_dim: int) -> Head:
+    return HEADS[cfg.head](cfg, num_classes=num_classes, feature_dim=feature_dim)
+
+
+def save_head(head: Head, out_dir: Path, *, config: dict[str, Any]) -> None:
+    """``head.safetensors`` (arrays only) + ``config.json`` (what produced it)."""
+    state = {k: np.ascontiguousarray(v) for k, v in head.state().items()}
+    atomic_write(out_dir / HEAD_FILE, lambda p: save_file(state, str(p)))
+    write_json(out_dir / "config.json", config)
+
+
+def load_head(head_dir: Path) -> tuple[Head, dict[str, Any]]:
+    """Load a saved head and its config; refuses anything that is not plain arrays in safetensors."""
+    head_dir = Path(head_dir)
+    cfg_path, tensors = head_dir / "config.json", head_dir / HEAD_FILE
+    if not cfg_path.is_file() or not tensors.is_file():
+        raise PipelineError(f"{head_dir} is not a trained head folder (needs config.json and {HEAD_FILE})")
+    try:
+        config = json.loads(cfg_path.read_text())
+        head_cfg = HeadConfig(**config["head_config"])
+        head = build_head(head_cfg, num_classes=len(config["classes"]), feature_dim=int(config["feature_dim"]))
+        state = load_file(str(tensors))
+    except (SafetensorError, ValueError, KeyError, TypeError, OSError) as e:
+        raise PipelineError(f"cannot load head from {head_dir}: {type(e).__name__}: {e}") from None
+    weight = state.get("weight")
+    if weight is not None and weight.shape != (head.num_classes, head.feature_dim):
+        raise PipelineError(
+            f"{tensors} holds a {weight.shape[1]}-d head for {weight.shape[0]} classes; its config says "
+            f"{head.feature_dim}-d, {head.num_classes} classes"
+        )
+    try:
+        head.load_state(state)
+    except KeyError as e:
+        raise PipelineError(f"{tensors} lacks the array {e} that a {head.name} head needs") from None
+    return head, config

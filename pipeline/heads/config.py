@@ -1,0 +1,80 @@
+"""``HeadConfig``: the hyper-parameters of every head. Each field carries its command-line help (and choices) as
+metadata, so ``train-head`` and ``compare`` build their options from this one place."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.devices import DEVICES
+from pipeline.errors import PipelineError
+
+CLASS_WEIGHTS = ("none", "balanced")
+SOLVERS = ("torch", "sklearn")
+
+
+def option(default: Any, help: str, **meta: Any) -> Any:
+    """A field with its command-line help; ``choices``, ``flag`` (an on/off switch without --no-) or ``cli=False``
+    (not an option of the generic set) in ``meta``."""
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """Hyper-parameters of every head; each head reads the ones it uses."""
+
+    head: str = option("linear", "Head type.", cli=False)  # the commands take --head / --heads themselves
+    lr: float = option(1e-3, "Learning rate (linear, mlp).")
+    epochs: int = option(15, "Passes over train (linear, mlp).")
+    batch_size: int = option(128, "Mini-batch size (linear, mlp).")
+    weight_decay: float = option(0.0, "L2 weight decay (linear, mlp).")
+    C: float = option(1.0, "Inverse L2 strength (logreg): minimises mean log-loss + ||W||^2 / (2 C n), as sklearn.")
+    max_iter: int = option(1000, "L-BFGS iterations at most (logreg).")
+    tol: float = option(1e-4, "Stop when the largest gradient entry is below this (logreg; sklearn's gtol).")
+    solver: str = option("torch", "logreg solver: 'torch' (L-BFGS where the features are), 'sklearn' (reference).",
+                         choices=SOLVERS)  # fmt: skip
+    hidden: int = option(128, "Hidden units (mlp).")  # 128 keeps `compare` within its budget (see MLPHead)
+    dropout: float = option(0.5, "Dropout after the hidden layer (mlp).")
+    standardize: bool = option(
+        False,
+        "Train linear/mlp on features standardised by train's mean and std (folded into the saved layer, which "
+        "still takes raw features). logreg always standardises.",
+    )
+    k: int = option(10, "Neighbours (knn).")
+    class_weight: str = option(
+        "none", "'balanced' weights classes by inverse frequency (linear, mlp, logreg, knn).", choices=CLASS_WEIGHTS
+    )
+    sweep: bool = option(
+        False,
+        "Choose lr/weight decay (linear, mlp), C (logreg, 45 values) or k (knn) on a held-out 20% of train, then "
+        "refit on all of train; val is only reported.",
+        flag=True,
+    )
+    shots: int | None = option(None, "Train on K examples per class (seeded sample).", cli=False)
+    seed: int = option(0, "Seed of initialisation, batches and samples.")
+    device: str = option("auto", "Where torch heads train.", choices=DEVICES)
+
+    def __post_init__(self) -> None:
+        from pipeline.heads import HEADS  # the registry imports the heads, which import this module
+
+        if self.head not in HEADS:
+            raise PipelineError(f"unknown head {self.head!r}; choose one of: {', '.join(HEADS)}")
+        for name in ("lr", "C", "tol"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise PipelineError(f"--{name} must be a positive number, not {value}")
+        if self.weight_decay < 0 or not math.isfinite(self.weight_decay):
+            raise PipelineError(f"--weight-decay must be 0 or more, not {self.weight_decay}")
+        for name in ("epochs", "batch_size", "max_iter", "hidden", "k"):
+            if getattr(self, name) < 1:
+                raise PipelineError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
+        if not 0 <= self.dropout < 1:
+            raise PipelineError(f"--dropout must be in [0, 1), not {self.dropout}")
+        for name, choices in (("class_weight", CLASS_WEIGHTS), ("solver", SOLVERS)):
+            if getattr(self, name) not in choices:
+                raise PipelineError(
+                    f"--{name.replace('_', '-')} must be one of: {', '.join(choices)}, not {getattr(self, name)!r}"
+                )
+        if self.shots is not None and self.shots < 1:
+            raise PipelineError(f"--shots must be at least 1, not {self.shots}")

@@ -1,0 +1,284 @@
+"""The fitting machinery of the torch heads: the optimiser (:class:`Adam`), the data held on the device
+(:class:`TorchData`) and the mini-batch loops with hand-written gradients (:func:`train_linear_grid`, the batched grid
+trainer that is the way to train a linear head; :func:`train_mlp`). Head classes live in their own modules."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.heads.base import balanced_weights
+from pipeline.heads.config import HeadConfig
+
+log = logging.getLogger(__name__)
+
+
+class LinearGrid(nn.Module):
+    """G independent linear layers evaluated as one matmul: (N, D) -> (G, N, C).
+
+    The members live in one (G, C, D) weight and one (G, C) bias, so a grid of learning rates and weight decays
+    trains in one pass over the features with one matmul and one Adam update per step (dinov2's linear evaluation
+    trains its grid in one pass the same way).
+    """
+
+    def __init__(self, groups: int, feature_dim: int, num_classes: int):
+        super().__init__()
+        # Each member drawn as nn.Linear draws it, in turn: member 0 of any grid starts where a lone head starts.
+        layers = [nn.Linear(feature_dim, num_classes) for _ in range(groups)]
+        # Buffers, not parameters: trained by hand (analytic gradient, train_linear_grid), never by autograd.
+        self.register_buffer("weight", torch.stack([m.weight.detach() for m in layers]))
+        self.register_buffer("bias", torch.stack([m.bias.detach() for m in layers]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        G, C = self.bias.shape
+        return torch.addmm(self.bias.view(-1), x, self.weight.view(G * C, -1).t()).view(len(x), G, C).permute(1, 0, 2)
+
+
+def _grid_loss(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Per-member mean cross-entropy, (G,). Summing them trains the members independently."""
+    G = logits.shape[0]
+    per = nn.functional.cross_entropy(
+        logits.permute(1, 2, 0), y[:, None].expand(-1, G), weight=weight, reduction="none"
+    )  # (N, G)
+    denom = weight[y].sum() if weight is not None else torch.tensor(float(len(y)), device=y.device)
+    return per.sum(0) / denom
+
+
+class Adam:
+    """``torch.optim.Adam`` (L2 weight decay added to the gradient) with per-group lr and weight decay.
+
+    Why not torch.optim: its first construction imports ``torch._dynamo``, seconds of start-up on a CPU that would
+    dwarf fitting a head on cached features. Each parameter is updated by torch's fused Adam kernel (the one behind
+    ``torch.optim.Adam(fused=True)``, on CPU and CUDA): one op a step where the written-out update (kept as the
+    fallback) is seven, which on small heads is most of a step. Tested against ``torch.optim.Adam``.
+    ``step`` uses ``p.grad``, or ``grads`` (one per parameter, in order).
+    """
+
+    FUSED = hasattr(torch, "_fused_adam_")
+
+    def __init__(self, groups: list[dict[str, Any]], *, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.groups = [{**g, "params": list(g["params"])} for g in groups]
+        self.betas, self.eps, self.steps = betas, eps, 0
+        # Moments made up front, so that a step is one kernel call per group and no Python bookkeeping: at a few
+        # microseconds per kernel, the bookkeeping was most of the optimizer's time on a small head.
+        for g in self.groups:
+            g["m"], g["v"] = ([torch.zeros_like(p) for p in g["params"]] for _ in range(2))
+        device = self.groups[0]["params"][0].device if self.groups and self.groups[0]["params"] else None
+        self.step_tensor = torch.zeros(
+            (), device=device
+        )  # the fused kernel's step count (all parameters step together)
+        self.one = torch.ones((), device=device)
+
+    @torch.no_grad()
+    def step(self, grads: list[torch.Tensor] | None = None) -> None:
+        self.steps += 1
+        self.step_tensor.add_(self.one)  # on the device: the kernel reads it there, so no wait on the host
+        b1, b2 = self.betas
+        start = 0
+        for g in self.groups:
+            params, end = g["params"], start + len(g["params"])
+            given = grads[start:end] if grads is not None else [p.grad for p in params]
+            start = end
+            m, v = g["m"], g["v"]
+            if any(grad is None for grad in given):
+                keep = [i for i, grad in enumerate(given) if grad is not None]
+                params, given, m, v = ([t[i] for i in keep] for t in (params, given, m, v))
+            if not params:
+                continue
+            lr, wd = float(g["lr"]), float(g["weight_decay"])
+            if self.FUSED:
+                torch._fused_adam_(
+                    params, given, m, v, [], [self.step_tensor] * len(params), lr=lr, beta1=b1, beta2=b2,
+                    weight_decay=wd, eps=self.eps, amsgrad=False, maximize=False,
+                )  # fmt: skip
+            else:
+                self._update(params, given, m, v, lr=lr, weight_decay=wd)
+
+    def _update(self, params: list, grads: list, m: list, v: list, *, lr: float, weight_decay: float) -> None:
+        """The written-out update (torch's single-tensor Adam), where the fused kernel is missing."""
+        b1, b2 = self.betas
+        correction1, root_correction2 = 1 - b1**self.steps, math.sqrt(1 - b2**self.steps)
+        for p, grad, m_p, v_p in zip(params, grads, m, v):
+            grad = grad.add(p, alpha=weight_decay) if weight_decay else grad
+            m_p.lerp_(grad, 1 - b1)
+            v_p.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+            p.addcdiv_(m_p, (v_p.sqrt() / root_correction2).add_(self.eps), value=-lr / correction1)
+
+
+@dataclass
+class TorchData:
+    X: torch.Tensor
+    y: torch.Tensor
+    val: tuple[torch.Tensor, torch.Tensor] | None
+    weight: torch.Tensor | None
+    classes: int
+
+    @classmethod
+    def build(
+        cls, X: np.ndarray, y: np.ndarray, *, val: Any, cfg: HeadConfig, num_classes: int, device: torch.device
+    ) -> TorchData:
+        # The whole matrix lives on the device: no DataLoader, no per-batch host->device copies.
+        def t(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+            return torch.as_tensor(np.asarray(a), dtype=dtype, device=device)
+
+        weight = t(balanced_weights(y, num_classes), torch.float32) if cfg.class_weight == "balanced" else None
+        v = None if val is None or not len(val[1]) else (t(val[0], torch.float32), t(val[1], torch.long))
+        return cls(t(X, torch.float32), t(y, torch.long), v, weight, num_classes)
+
+
+# A step: (x batch, each row's share of its batch loss, the one-hot targets times that share, out) -> the batch's
+# (G * C, B) logits written to ``out``, taken before the update it makes.
+Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@torch.no_grad()
+def train_epochs(
+    data: TorchData, *, groups: int, cfg: HeadConfig, step: Step, evaluate: Callable[[torch.Tensor], torch.Tensor]
+) -> list[list[dict[str, float]]]:
+    """The mini-batch loop of the analytic-gradient heads, with nothing waiting on the device until the end of
+    the epoch. Tested against the same loop written with autograd and ``torch.optim.Adam`` (tests/test_heads.py).
+
+    ``step`` does one batch's forward, gradient and update; ``evaluate`` gives (G, N, C) logits for val. The
+    softmax cross-entropy gradient is ``(softmax(z) - onehot(y)) * w_y / sum(w)`` per row, so the driver hands each
+    step the rows' shares ``w_y / sum(w)`` and ``onehot(y) * share``. The epoch's logits are kept (transposed,
+    (G * C, N)) so that train loss and accuracy are computed once per epoch from the same pre-update logits a
+    per-step tally would see.
+    """
+    dev, n, B, C = data.X.device, len(data.X), cfg.batch_size, data.classes
+    row_weight = data.weight[data.y] if data.weight is not None else torch.ones(n, device=dev)
+    batch_of = torch.arange(n, device=dev) // B
+    batch_size = torch.bincount(batch_of).float()
+    logits = torch.empty(groups * C, n, device=dev)
+    xb = torch.empty(min(B, n), data.X.shape[1], device=dev)
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    histories: list[list[dict[str, float]]] = [[] for _ in range(groups)]
+    for epoch in range(1, cfg.epochs + 1):
+        perm = torch.randperm(n, generator=gen).to(dev)
+        y, w = data.y[perm], row_weight[perm]
+        share = w / torch.zeros(len(batch_size), device=dev).index_add_(0, batch_of, w)[batch_of]
+        target = nn.functional.one_hot(y, C).t().float().mul_(share).repeat(groups, 1)  # (G * C, n)
+        batches = zip(perm.split(B), share.split(B), target.split(B, 1), logits.split(B, 1))  # views, made at once
+        for idx, share_b, target_b, out in batches:
+            x = torch.index_select(data.X, 0, idx, out=xb[: len(idx)])  # faster than X[idx]
+            step(x, share_b, target_b, out)
+        logits3 = logits.view(groups, C, n)
+        nll = -torch.log_softmax(logits3, 1).gather(1, y[None, None].expand(groups, 1, n))[:, 0]  # (G, n)
+        stats = [
+            (nll * share * batch_size[batch_of]).sum(1) / n,  # mean over batches of each batch's loss
+            (logits3.transpose(1, 2).contiguous().argmax(2) == y).float().mean(1),  # 4x faster than argmax(1)
+        ]
+        if data.val is not None:
+            val_logits = evaluate(data.val[0])
+            stats += [
+                _grid_loss(val_logits, data.val[1], data.weight),
+                (val_logits.argmax(2) == data.val[1]).float().mean(1),
+            ]
+        values = torch.stack(stats).tolist()  # the epoch's one wait on the device
+        keys = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")[: len(values)]
+        for g, history in enumerate(histories):
+            history.append({"epoch": epoch, **{k: float(v[g]) for k, v in zip(keys, values)}})
+        log.debug("epoch %d %s", epoch, histories[0][-1])
+    return histories
+
+
+def _softmax_grad(z: torch.Tensor, groups: int, share: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """d(batch loss)/dz for (G * C, B) logits z: (softmax(z) - onehot) * share."""
+    return torch.softmax(z.view(groups, -1, z.shape[1]), 1).view(z.shape).mul_(share).sub_(target)
+
+
+def train_linear_grid(
+    model: LinearGrid, data: TorchData, *, lr: list[float], weight_decay: list[float], cfg: HeadConfig
+) -> list[list[dict[str, float]]]:
+    """Mini-batch Adam for every member of ``model`` at once, without autograd; per-member histories.
+
+    A step is one gather, two matmuls, a softmax and one fused Adam update of the weight and bias.
+    Logits are computed transposed, W @ x.T: 2-3x faster than x @ W.T for these skinny shapes on MKL.
+    """
+    G, C, D = model.weight.shape
+    weight, bias = model.weight.view(G * C, D), model.bias.view(G * C, 1)
+    grad_weight, grad_bias = torch.empty_like(weight), torch.empty_like(bias)
+    # Member g is rows g * C ... (g + 1) * C: its own Adam group (lr, weight decay), updated in place.
+    rows = [slice(g * C, (g + 1) * C) for g in range(G)]
+    opt = Adam(
+        [{"params": [weight[r], bias[r]], "lr": lr[g], "weight_decay": weight_decay[g]} for g, r in enumerate(rows)]
+    )
+    grads = [t[r] for r in rows for t in (grad_weight, grad_bias)]
+
+    def step(x: torch.Tensor, share: torch.Tensor, target: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        z = torch.addmm(bias, weight, x.t(), out=out)
+        dz = _softmax_grad(z, G, share, target)
+        torch.mm(dz, x, out=grad_weight)
+        torch.sum(dz, 1, keepdim=True, out=grad_bias)
+        opt.step(grads)
+        return z
+
+    return train_epochs(data, groups=G, cfg=cfg, step=step, evaluate=model)
+
+
+def train_mlp(module: nn.Sequential, data: TorchData, *, cfg: HeadConfig) -> list[list[dict[str, float]]]:
+    """Mini-batch Adam for ``Linear -> ReLU -> Dropout -> Linear`` with the backward pass written out, like
+    :func:`train_linear_grid`: autograd, ``bernoulli_`` dropout masks and one Adam update per parameter cost
+    2-3 ms a step on this CPU, 4x the matmuls themselves. Same loss, update and history as the autograd loop.
+
+    The four parameters are trained in one flat tensor (one Adam update a step) and copied back at the end.
+    Dropout draws its mask with ``torch.rand`` from the default generator (the caller seeds it).
+    """
+    params = [module[0].weight, module[0].bias, module[3].weight, module[3].bias]
+    sizes, p = [t.numel() for t in params], module[2].p
+    flat = torch.cat([t.detach().reshape(-1) for t in params])
+    grad = torch.empty_like(flat)
+    w1, b1, w2, b2 = (v.view_as(t) for v, t in zip(flat.split(sizes), params))
+    g_w1, g_b1, g_w2, g_b2 = (v.view_as(t) for v, t in zip(grad.split(sizes), params))
+    b2_col = b2[:, None]
+    opt = Adam([{"params": [flat], "lr": cfg.lr, "weight_decay": cfg.weight_decay}])
+
+    def step(x: torch.Tensor, share: torch.Tensor, target: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        a = torch.addmm(b1, x, w1.t())
+        gate = (a > 0).to(a.dtype)  # d relu(a) / da, times the dropout mask and its 1 / (1 - p) scale
+        if p:
+            gate.mul_(torch.rand_like(a).ge_(p)).mul_(1 / (1 - p))
+        h = a.mul_(gate)
+        z = torch.addmm(b2_col, w2, h.t())
+        out.copy_(z)
+        dz = _softmax_grad(z, 1, share, target)
+        torch.mm(dz, h, out=g_w2)
+        torch.sum(dz, 1, out=g_b2)
+        da = torch.mm(dz.t(), w2).mul_(gate)
+        torch.mm(da.t(), x, out=g_w1)
+        torch.sum(da, 0, out=g_b1)
+        opt.step([grad])
+        return z
+
+    def evaluate(X: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(b2, torch.addmm(b1, X, w1.t()).relu_(), w2.t())[None]
+
+    histories = train_epochs(data, groups=1, cfg=cfg, step=step, evaluate=evaluate)
+    with torch.no_grad():
+        for t, v in zip(params, flat.split(sizes)):
+            t.copy_(v.view_as(t))
+    return histories
+
+
+@contextmanager
+def fitting_threads(device: torch.device) -> Iterator[None]:
+    """One intra-op thread while a head trains on the CPU, restored after.
+
+    Why: the steps are small (128 x 512 matmuls), and on a shared CPU torch's default OpenMP threads spin-wait for
+    each other: with another process holding a core, 2 threads made the same 15 epochs up to 30x slower, and 1
+    thread is as fast when the machine is idle. The big one-off matmuls (k-NN, logreg) are not run in here.
+    """
+    before = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

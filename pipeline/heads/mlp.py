@@ -1,0 +1,65 @@
+"""The mlp head: one hidden layer, trained like the linear head."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.devices import resolve_device
+from pipeline.errors import PipelineError
+from pipeline.heads.base import FitResult, Head, fold_standardiser, prepare_inputs
+from pipeline.heads.config import HeadConfig
+from pipeline.heads.fitting import TorchData, fitting_threads, train_mlp
+
+
+class MLPHead(Head):
+    """One hidden layer: Linear(D, hidden) -> ReLU -> Dropout -> Linear(hidden, C), trained like ``linear``."""
+
+    name = "mlp"
+    uses_class_weight = True
+    uses_standardize = True
+
+    def _module(self) -> nn.Sequential:
+        return nn.Sequential(
+            nn.Linear(self.feature_dim, self.cfg.hidden),
+            nn.ReLU(),
+            nn.Dropout(self.cfg.dropout),
+            nn.Linear(self.cfg.hidden, self.num_classes),
+        )
+
+    def fit(self, X: np.ndarray, y: np.ndarray, *, val: tuple[np.ndarray, np.ndarray] | None = None) -> FitResult:
+        device = resolve_device(self.cfg.device)
+        X, val, shift = prepare_inputs(X, val, cfg=self.cfg)
+        data = TorchData.build(X, y, val=val, cfg=self.cfg, num_classes=self.num_classes, device=device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.seed)  # init and dropout masks
+            self.module = self._module().to(device)
+            with fitting_threads(device):
+                histories = train_mlp(self.module, data, cfg=self.cfg)
+        self.module = self.module.cpu().eval()
+        if shift is not None:
+            with torch.no_grad():
+                fold_standardiser(self.module[0].weight, self.module[0].bias, *shift)
+        return FitResult(history=histories[0])
+
+    @classmethod
+    def sweep_grid(cls, cfg: HeadConfig) -> list[dict[str, float]]:
+        return [{"lr": lr, "weight_decay": wd} for lr in (3e-4, 1e-3, 3e-3) for wd in (0.0, 1e-3)]
+
+    @torch.no_grad()
+    def logits(self, X: np.ndarray) -> np.ndarray:
+        return self.module(torch.as_tensor(np.asarray(X), dtype=torch.float32)).numpy()
+
+    def as_module(self) -> nn.Module:
+        return self.module
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {k: v.detach().cpu().numpy() for k, v in self.module.state_dict().items()}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        self.module = self._module().eval()
+        try:
+            self.module.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
+        except RuntimeError as e:
+            raise PipelineError(f"saved mlp head does not fit its config: {str(e).splitlines()[0]}") from None
