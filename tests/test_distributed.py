@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -89,7 +88,7 @@ def test_torchrun_two_ranks_equal_single_process(odd_folder: Path, tmp_path: Pat
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"wrote {merged}: train 18, val 3" in done.stdout
     assert_same_features(single, merged)
-    assert json.loads(read_meta(merged)["merge"])["shards"] == 2  # provenance: merged from 2 shards
+    assert read_meta(merged)["merge"]["shards"] == 2  # provenance: merged from 2 shards (a dict, as written)
     assert not list(tmp_path.glob("merged.h5.shard-*"))  # merged, so the shards are gone
 
 

@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from pipeline import store
 from pipeline.errors import PipelineError
 from pipeline.store import FeatureWriter, FileLock, read_features, read_meta, tmp_path_for
 from tests.conftest import write_feature_file
@@ -160,12 +161,12 @@ def test_partial_file_with_other_settings_is_kept(tmp_path: Path) -> None:
         )
     assert tmp_path_for(path).read_bytes() == before
 
-    def disk_full(*args: object) -> None:
+    def disk_full(*args: object, **kw: object) -> None:
         raise OSError(28, "No space left on device")
 
     with pytest.MonkeyPatch.context() as mp:  # copying the committed rows fails: the partial file stays, said so
-        mp.setattr(FeatureWriter, "_copy_committed", disk_full)
-        with pytest.raises(PipelineError, match="cannot carry over the committed rows.*No space left.*--force"):
+        mp.setattr(store, "_blocks", disk_full)
+        with pytest.raises(PipelineError, match=r"^disk full: 2 rows kept in .*f\.h5\.tmp; free space and rerun$"):
             _writer(path, data)
     assert tmp_path_for(path).read_bytes() == before
     assert not tmp_path_for(path).with_name(tmp_path_for(path).name + ".resume").exists()
