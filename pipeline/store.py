@@ -901,9 +901,18 @@ class FeatureWriter:
         )
 
     def _room_needed(self) -> int:
-        # The rows, plus a whole new chunk of each dataset (HDF5 allocates chunks in full) and metadata.
-        chunks = _CHUNK_BYTES + 65536 * (8 + 16)
-        return self._pending_bytes() + chunks * sum(bool(b) for b in self._pending.values()) + (1 << 20)
+        """Bytes the next commit may add: the rows, the chunks they open (HDF5 allocates a chunk in full when its
+        first row is written) and some metadata (index nodes, the heap of the id strings)."""
+        need = self._pending_bytes() + (64 << 10)
+        for s, blocks in self._pending.items():
+            at = self._committed[s].rows
+            n = sum(len(labels) for _, labels, _ in blocks)
+            for key in ("features", "labels", "ids"):
+                d = self.f[s][key]
+                per_chunk = d.chunks[0]
+                new_chunks = -(-(at + n) // per_chunk) - -(-at // per_chunk)
+                need += new_chunks * int(np.prod(d.chunks)) * (d.dtype.itemsize if key != "ids" else 16)
+        return need
 
     def commit(self) -> None:
         """Write the held rows and flush; then the progress counters and flush: after a crash or a failed write
