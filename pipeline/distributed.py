@@ -132,6 +132,7 @@ def merge_shards(cfg: ExtractConfig, *, plan: ExtractPlan, world: int) -> Extrac
                 {
                     "extract_seconds": round(max(shard_seconds), 3),
                     "merge": {"shards": world, "seconds": round(time.perf_counter() - t0, 3)},
+                    "resumed_from": writer.start,  # rows a partial .tmp of these settings already held
                 }
             )
         finally:
