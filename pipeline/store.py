@@ -136,7 +136,7 @@ class FeatureMeta:
     Attributes this version does not know are kept in ``extra`` (decoded as stored).
     """
 
-    fingerprint: str
+    fingerprint: str = ""
     backbone: str = ""
     weights: str = ""
     feature_dim: int = 0
@@ -227,8 +227,6 @@ class FeatureMeta:
             except (TypeError, ValueError):
                 what = "valid JSON" if kind is list or kind is dict else f"a {kind.__name__}"
                 raise PipelineError(f"{path}: the '{key}' attribute is not {what}") from None
-        if "fingerprint" not in values:
-            values["fingerprint"] = ""
         return cls.from_dict(values)
 
 
@@ -348,7 +346,11 @@ class FeatureSet:
     path: Path
     classes: list[str]
     splits: dict[str, SplitFeatures]
-    meta: FeatureMeta = field(default_factory=lambda: FeatureMeta(fingerprint=""))
+    meta: FeatureMeta = field(default_factory=FeatureMeta)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.meta, dict):  # built in memory (tests, benchmarks) from a plain dict of fields
+            self.meta = FeatureMeta.from_dict(self.meta)
 
     @property
     def train(self) -> SplitFeatures:
