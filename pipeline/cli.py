@@ -92,6 +92,14 @@ def cli(verbose: int) -> None:
 )
 @click.option("--compile/--no-compile", default=False, show_default=True, help="torch.compile the backbone.")
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images (listed in the file and the summary).")
+@click.option(
+    "--verify",
+    type=click.Choice(["stat", "content"]),
+    default="stat",
+    show_default=True,
+    help="How a folder's images are identified for reuse: 'stat' (path, size, modification time) or 'content' "
+    "(a hash of every file's bytes: slower, catches edits that keep size and time).",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Initialisation seed for --weights none.")
 @click.option(
     "--out",

@@ -24,6 +24,11 @@ from pipeline.errors import PipelineError
 log = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+# How image files are identified in the fingerprint: by path, size and modification time (fast), or by their bytes.
+VERIFY_MODES = ("stat", "content")
+# Images above this many pixels are refused from their header, before decoding: a 20 KB PNG can declare 13000 x 13000
+# 1-bit pixels and take 1.7 GB once decoded. 120 MP keeps 100 MP camera photos readable.
+MAX_PIXELS = 120_000_000
 
 
 def _cifar(cls_name: str) -> Callable[..., Any]:
@@ -96,7 +101,11 @@ class Source:
     name: str
     classes: list[str]
     splits: dict[str, Split]
-    identity: dict[str, Any] = field(default_factory=dict)
+    identity: dict[str, Any] = field(default_factory=dict)  # hashed into the fingerprint
+    # Beside the identity, not in it: a digest per image file (its path -> hex), to say which files changed when a
+    # feature file is refused as stale; and the folder entries that could not be read (broken links, rights).
+    files: dict[str, str] | None = None
+    unreadable: list[str] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------ image files
@@ -120,12 +129,17 @@ def to_rgb(img: Image.Image) -> Image.Image:
 def load_image(path: Path) -> Image.Image:
     """Decode an image file fully (so truncation is caught here, not later) as RGB.
 
-    Large photos are fine: PIL warns above ~89 megapixels, which a 100 MP camera exceeds, so the warning is
-    silenced; above twice that PIL refuses the file as a likely decompression bomb (an unreadable image).
+    Large photos are fine up to :data:`MAX_PIXELS` (PIL's own warning at ~89 megapixels, which a 100 MP camera
+    exceeds, is silenced); a larger one is refused from its header, before any pixel is decoded.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with Image.open(path) as img:
+            w, h = img.size
+            if w * h > MAX_PIXELS:
+                raise ValueError(
+                    f"{w}x{h} pixels is over the {MAX_PIXELS // 1_000_000}-megapixel limit (a decompression bomb?)"
+                )
             img.load()
             return to_rgb(img)
 
@@ -148,17 +162,62 @@ class _FilePath:
         return self.root / self.relpaths[i]
 
 
-def _is_image(p: Path) -> bool:
-    return p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMG_EXTENSIONS
+def display_name(name: str) -> str:
+    """A path as text HDF5 can store: undecodable bytes of a file name (not UTF-8) shown as ``\\xNN``."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _scan_classes(root: Path) -> tuple[list[str], dict[str, list[Path]]]:
+def _walk_images(folder: Path, *, root: Path, problems: list[str]) -> list[Path]:
+    """Image files under ``folder`` (links followed); broken links, link loops and folders that cannot be listed
+    are added to ``problems`` instead of vanishing silently."""
+    found, visited = [], set()
+
+    def rel(p: str | Path) -> str:
+        return display_name(os.path.relpath(p, root))
+
+    def unlistable(e: OSError) -> None:
+        problems.append(f"{rel(e.filename)} ({e.strerror or 'cannot be listed'})")
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=unlistable, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in visited:
+            problems.append(f"{rel(dirpath)} (symlink loop)")
+            dirnames[:] = []
+            continue
+        visited.add((st.st_dev, st.st_ino))
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            p = Path(dirpath) / name
+            if name.startswith("."):
+                continue
+            if p.is_symlink() and not p.exists():
+                problems.append(f"{rel(p)} (broken link)")
+            elif p.suffix.lower() in IMG_EXTENSIONS:
+                found.append(p)
+    return sorted(found)
+
+
+def _holds_only_outputs(folder: Path) -> bool:
+    """A folder of feature files (``--out`` inside the image folder): not a class."""
+    return any(".h5" in p.name for p in folder.rglob("*") if p.is_file())
+
+
+def _scan_classes(root: Path, problems: list[str] | None = None) -> tuple[list[str], dict[str, list[Path]]]:
     if not root.is_dir():
         raise PipelineError(f"image folder not found: {root}")
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    problems = [] if problems is None else problems
+    try:
+        class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError as e:
+        raise PipelineError(f"cannot list {root}: {e.strerror}") from None
     if not class_dirs:
         raise PipelineError(f"{root} has no class folders (expected {root}/<class>/<image files>)")
-    files = {d.name: sorted(p for p in d.rglob("*") if _is_image(p)) for d in class_dirs}
+    files = {d.name: _walk_images(d, root=root, problems=problems) for d in class_dirs}
+    for d in class_dirs:
+        if not files[d.name] and _holds_only_outputs(d):
+            log.info("ignoring %s: it holds feature files, not images", d)
+            del files[d.name]
+    class_dirs = [d for d in class_dirs if d.name in files]
     empty = [c for c, fs in files.items() if not fs]
     if empty:
         raise PipelineError(f"class folder {root / empty[0]} has no images ({len(empty)} empty class folders)")
@@ -167,28 +226,45 @@ def _scan_classes(root: Path) -> tuple[list[str], dict[str, list[Path]]]:
     return [d.name for d in class_dirs], files
 
 
-def _file_identity(root: Path, relpaths: list[str]) -> str:
-    """Hash of sorted relative paths with sizes and modification times: any change to the files changes it."""
-    h = hashlib.sha256()
+def _file_digest(path: Path, *, verify: str) -> tuple[str, str]:
+    """(what the identity hashes for one file, its short digest). ``stat``: size and modification time, as before
+    ``--verify`` existed (so older fingerprints stay valid); ``content``: the sha256 of its bytes."""
+    if verify == "content":
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest(), h.hexdigest()[:16]
+    st = path.stat()
+    key = f"{st.st_size}\0{st.st_mtime_ns}"
+    return key, hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _file_identity(root: Path, relpaths: list[str], *, verify: str = "stat") -> tuple[str, dict[str, str]]:
+    """Hash of sorted relative paths with sizes and modification times (or contents): any change to the files
+    changes it. Also the per-file digests, by displayed path."""
+    h, digests = hashlib.sha256(), {}
     for rel in sorted(relpaths):
-        st = (root / rel).stat()
-        h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
+        key, digests[display_name(rel)] = _file_digest(root / rel, verify=verify)
+        h.update(f"{rel}\0{key}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest(), digests
 
 
 def _split_from_files(root: Path, classes: list[str], files: dict[str, list[Path]], base: Path) -> Split:
     index = {c: i for i, c in enumerate(classes)}
     rel = [str(p.relative_to(base)) for c in classes for p in files.get(c, [])]
     labels = np.array([index[c] for c in classes for _ in files.get(c, [])], dtype=np.int64)
-    return Split(ids=rel, labels=labels, load=_FileLoader(base, rel), path=_FilePath(base, rel))
+    ids = [display_name(r) for r in rel]  # the real names open the files; the ids must be storable text
+    return Split(ids=ids, labels=labels, load=_FileLoader(base, rel), path=_FilePath(base, rel))
 
 
-def load_folder(root: Path, *, val_fraction: float = 0.2, seed: int = 0) -> Source:
+def load_folder(root: Path, *, val_fraction: float = 0.2, seed: int = 0, verify: str = "stat") -> Source:
     """``root/train/<class>/*`` + ``root/val/<class>/*``, or ``root/<class>/*`` split by a seeded fraction."""
     root = Path(root)
+    problems: list[str] = []
     if (root / "train").is_dir() and (root / "val").is_dir():
-        classes, train_files = _scan_classes(root / "train")
-        val_classes, val_files = _scan_classes(root / "val")
+        classes, train_files = _scan_classes(root / "train", problems)
+        val_classes, val_files = _scan_classes(root / "val", problems)
         extra = sorted(set(val_classes) - set(classes))
         if extra:
             raise PipelineError(f"{root}/val has classes missing from {root}/train: {', '.join(extra[:5])}")
@@ -198,19 +274,26 @@ def load_folder(root: Path, *, val_fraction: float = 0.2, seed: int = 0) -> Sour
         }
         how = "folders"
     else:
-        classes, files = _scan_classes(root)
+        classes, files = _scan_classes(root, problems)
         whole = _split_from_files(root, classes, files, root)
         splits = _stratified_split(whole, val_fraction=val_fraction, seed=seed, root=root)
         how = f"stratified val_fraction={val_fraction} seed={seed}"
-    ids = splits["train"].ids + splits["val"].ids
+    if problems:
+        shown = ", ".join(problems[:5]) + (" ..." if len(problems) > 5 else "")
+        log.warning("skipped %d entries of %s that cannot be read: %s", len(problems), root, shown)
+    found = [train_files, val_files] if how == "folders" else [files]
+    relpaths = [str(p.relative_to(root)) for by_class in found for ps in by_class.values() for p in ps]
+    files_sha256, digests = _file_identity(root, relpaths, verify=verify)
     identity = {
         "kind": "folder",
         "root": str(root.resolve()),
         "split": how,
-        "num_files": len(ids),
-        "files_sha256": _file_identity(root, ids),
+        "num_files": len(relpaths),
+        "files_sha256": files_sha256,
     }
-    return Source(name=root.name, classes=classes, splits=splits, identity=identity)
+    if verify != "stat":
+        identity["verify"] = verify  # absent for the default, which keeps older fingerprints valid
+    return Source(name=root.name, classes=classes, splits=splits, identity=identity, files=digests, unreadable=problems)
 
 
 def _stratified_split(whole: Split, *, val_fraction: float, seed: int, root: Path) -> dict[str, Split]:
@@ -304,13 +387,16 @@ def load_source(
     val_fraction: float = 0.2,
     split_seed: int = 0,
     limit: int | None = None,
+    verify: str = "stat",
 ) -> Source:
-    """Resolve ``dataset`` (a torchvision name or a folder path) and apply ``limit`` to each split."""
+    """Resolve ``dataset`` (a torchvision name or a folder path) and apply ``limit`` to each split.
+
+    ``verify``: how a folder's image files enter the identity (see :data:`VERIFY_MODES`)."""
     key = dataset.lower().replace("-", "").replace("_", "")
     if key in TORCHVISION_DATASETS and not Path(dataset).is_dir():
         source = load_torchvision(dataset, root=Path(data_root), download=download)
     elif Path(dataset).is_dir() or os.sep in dataset:
-        source = load_folder(Path(dataset), val_fraction=val_fraction, seed=split_seed)
+        source = load_folder(Path(dataset), val_fraction=val_fraction, seed=split_seed, verify=verify)
     else:
         raise PipelineError(
             f"unknown dataset {dataset!r}; choose one of: {', '.join(available_datasets())}, or a folder path"
@@ -335,4 +421,4 @@ def _limited(source: Source, limit: int, *, seed: int) -> Source:
     identity = {**source.identity, "limit": limit}
     if source.identity["kind"] != "torchvision":
         identity["limit_seed"] = seed  # the seeded sample is part of what the features are of
-    return Source(name=source.name, classes=source.classes, splits=splits, identity=identity)
+    return replace(source, splits=splits, identity=identity)

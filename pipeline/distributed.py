@@ -12,32 +12,27 @@ key-value store does. So there is no NCCL or gloo collective at all, and CPU-onl
 
 from __future__ import annotations
 
-import json
+import glob
 import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import asdict, replace
 from datetime import timedelta
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.extract import ExtractConfig, ExtractPlan, ExtractResult, _check_existing, extract, plan_extraction
-from pipeline.store import FeatureWriter, FileLock, _chunk_rows, _decode_attr, read_meta, tmp_path_for
+from pipeline.extract import ExtractConfig, ExtractPlan, ExtractResult, extract, plan_extraction, reuse_existing
+from pipeline.store import FeatureMeta, FeatureReadError, FeatureWriter, FileLock, StoredFile, read_meta
 
 log = logging.getLogger(__name__)
 
 TIMEOUT_ENV = "PIPELINE_DIST_TIMEOUT"  # seconds a rank may show no sign of life before rank 0 gives up
 DEFAULT_TIMEOUT_S = 300.0
 _BEAT_S = 5.0
-# Root attributes that describe one file's writing (set by FeatureWriter, or by extract when it finishes a file);
-# every other attribute of shard 0 is carried into the merged file.
-_WRITER_ATTRS = ("format", "schema_version", "complete", "created", "extract_seconds", "resumed_from")
 
 
 # ------------------------------------------------------------------------------------------ shards
@@ -69,109 +64,79 @@ def extract_shard(cfg: ExtractConfig, *, plan: ExtractPlan, rank: int, world: in
 # ------------------------------------------------------------------------------------------ merging
 
 
-def _open_shard(path: Path, fp: str, rank: int) -> h5py.File:
+def _open_shard(path: Path, fp: str, rank: int) -> StoredFile:
     if not path.exists():
         raise PipelineError(
             f"shard {path} is missing (rank {rank} did not finish, or --out is not on a filesystem all nodes "
             "share); rerun the same command to redo only the missing work"
         )
-    meta = read_meta(path)
-    if meta.get("fingerprint") != fp or not meta.get("complete"):
-        raise PipelineError(f"shard {path} is incomplete or from other settings; rerun the same command")
-    return h5py.File(path, "r")
+    return StoredFile(path, fingerprint=fp)
 
 
-def _shard_blocks(g: h5py.Group, step: int) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
-    """``(features, labels, ids)`` of a shard's split, ``step`` rows at a time; a read that fails (a shard damaged
-    after it was checked complete) is one line naming the shard."""
-    try:
-        rows = int(g.attrs["n_rows"])
-        for a in range(0, rows, step):
-            b = min(rows, a + step)
-            yield g["features"][a:b], g["labels"][a:b], list(g["ids"].asstr()[a:b])
-    except (OSError, KeyError, ValueError) as e:
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise PipelineError(
-            f"cannot read shard {g.file.filename} ({type(e).__name__}: {first}); "
-            "delete it and rerun the same command to redo its rows"
-        ) from None
-
-
-def _copy_split(g: h5py.Group, writer: FeatureWriter, name: str) -> None:
-    # 16 of the file's ~1 MiB chunks per copy: measured 2x faster than one (fewer resizes and string writes).
-    step = 16 * _chunk_rows(writer.dim, writer.dtype.itemsize)
-    for features, labels, ids in _shard_blocks(g, step):
-        writer.append(name, features, labels, ids, seen=len(labels))
-    rows, seen = int(g.attrs["n_rows"]), int(g.attrs["n_seen"])
-    skipped = json.loads(g.attrs.get("skipped", "[]"))
-    if seen > rows:  # unreadable images (--skip-bad): consumed, listed, no rows
-        writer.append(
-            name, np.zeros((0, writer.dim), np.float32), np.zeros(0, np.int64), [], seen=seen - rows, skipped=skipped
-        )
-
-
-def _discard_redundant_tmp(out: Path, *, fp: str, force: bool) -> None:
-    tmp = tmp_path_for(out)
-    if not tmp.exists() or force:
-        tmp.unlink(missing_ok=True)
-        return
-    try:
-        with h5py.File(tmp, "r") as f:
-            same = _decode_attr(f.attrs.get("fingerprint")) == fp
-    except OSError:
-        same = False
-    if not same:
-        raise PipelineError(
-            f"{tmp} holds a partial extraction with other settings; finish it, choose another --out, "
-            "or pass --force to discard it"
-        )
-    tmp.unlink()
+def remove_leftover_shards(out: Path, *, fp: str) -> list[Path]:
+    """Delete the shards of a complete ``out`` (left when a merge was killed between its rename and their
+    deletion): complete files of the same fingerprint named ``<out>.shard-*``. Returns what was deleted."""
+    removed = []
+    for p in sorted(out.parent.glob(f"{glob.escape(out.name)}.shard-*-of-*.h5")):
+        try:
+            same = read_meta(p).fingerprint == fp
+        except PipelineError:
+            same = False
+        if same:
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    if removed:
+        log.warning("deleted %d leftover shard files of the complete %s", len(removed), out)
+    return removed
 
 
 def merge_shards(cfg: ExtractConfig, *, plan: ExtractPlan, world: int) -> ExtractResult:
-    """Copy the ``world`` complete shards, in rank order, into ``plan.out`` (``.tmp`` + rename), then delete them."""
+    """Copy the ``world`` complete shards, in rank order, into ``plan.out`` (``.tmp`` + rename), then delete them.
+
+    The merge writes through the same :class:`FeatureWriter` as a plain run, so a partial ``.tmp`` follows the one
+    policy of :mod:`pipeline.store`: one of these settings (a merge cut short, or a plain run's) is resumed, one of
+    other settings is refused unless --force. Its metadata is built from the plan, as a plain run's is.
+    """
     t0, out = time.perf_counter(), plan.out
     paths = [shard_path(out, r, world) for r in range(world)]
     sizes = {s: len(v) for s, v in plan.source.splits.items()}
     with FileLock(out):
-        if _check_existing(out, plan.fp, cfg.force):
-            return ExtractResult(path=out, reused=True, counts=sizes, fingerprint=plan.fp)
-        # A merge cut short is not resumed: its rows cannot be matched to shards without extra bookkeeping,
-        # and redoing it costs seconds. The same goes for a single-process .tmp of the same features: the
-        # complete shards hold all of its work. A .tmp of other settings is the user's and is kept.
-        _discard_redundant_tmp(out, fp=plan.fp, force=cfg.force)
-        files = []
+        reused = reuse_existing(plan, force=cfg.force)
+        if reused:
+            return reused
+        shards: list[StoredFile] = []
         try:
-            files = [_open_shard(p, plan.fp, r) for r, p in enumerate(paths)]
-            shard_seconds = [float(f.attrs.get("extract_seconds", 0.0)) for f in files]
-            meta = {k: v for k, v in files[0].attrs.items() if k not in _WRITER_ATTRS}
+            shards = [_open_shard(p, plan.fp, r) for r, p in enumerate(paths)]
+            shard_seconds = [s.meta.extract_seconds or 0.0 for s in shards]
             writer = FeatureWriter(
                 out,
-                meta=meta,
+                meta=FeatureMeta.from_plan(plan, config=asdict(cfg)),
                 classes=plan.source.classes,
                 sizes=sizes,
                 feature_dim=plan.backbone.feature_dim,
                 dtype=cfg.dtype,
+                files=plan.source.files,
+                restart=cfg.force,
             )
             try:
                 for name in sizes:
-                    for f in files:
-                        _copy_split(f[name], writer, name)
-            except BaseException:
-                # Not left for a resume: mid-shard, its n_seen need not match its rows the way extract's does.
+                    writer.extend_from(shards, name)
+            except FeatureReadError as e:
                 writer.close()
-                tmp_path_for(out).unlink(missing_ok=True)
+                raise PipelineError(f"{e}; delete that shard and rerun the same command to redo its rows") from None
+            except BaseException:
+                writer.close()  # committed rows stay in the .tmp: a rerun resumes the merge
                 raise
             skipped = {s: writer.skipped(s) for s in sizes}
-            merge_s = time.perf_counter() - t0
             writer.finish(
                 {
                     "extract_seconds": round(max(shard_seconds), 3),
-                    "merge": {"shards": world, "seconds": round(merge_s, 3)},
+                    "merge": {"shards": world, "seconds": round(time.perf_counter() - t0, 3)},
+                    "resumed_from": writer.start,  # rows a partial .tmp of these settings already held
                 }
             )
         finally:
-            for f in files:
+            for f in shards:
                 f.close()
     # The merged file is complete under its final name, so the shards are redundant: keeping them would double
     # the disk used, and a rerun reuses the merged file without looking at them. Had this process died before
@@ -267,9 +232,10 @@ def extract_distributed(cfg: ExtractConfig, *, rank: int, world: int, store: obj
             plan = _plan(cfg, rank=rank, store=store, timeout_s=timeout_s)
             if world == 1:  # nothing to split or merge: write --out directly, as the plain command does
                 result = extract(cfg, plan=plan)
-            elif _check_existing(plan.out, plan.fp, cfg.force):  # every rank sees the same file: all reuse
-                counts = {s: len(v) for s, v in plan.source.splits.items()}
-                result = ExtractResult(path=plan.out, reused=True, counts=counts, fingerprint=plan.fp)
+            elif reused := reuse_existing(plan, force=cfg.force):  # every rank sees the same file: all reuse
+                if rank == 0:
+                    remove_leftover_shards(plan.out, fp=plan.fp)
+                result = reused
             else:
                 result = extract_shard(cfg, plan=plan, rank=rank, world=world)
         except BaseException as e:

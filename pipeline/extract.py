@@ -3,34 +3,35 @@
 from __future__ import annotations
 
 import logging
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
-import sklearn
 import torch
-import torchvision
 from tqdm import tqdm
 
-import pipeline
 from pipeline.backbones import Backbone, Preprocessing, load_backbone
 from pipeline.batches import PREPROCESS_MODES, SourceSettings, choose_source, default_workers, open_source
-from pipeline.datasets import Source, Split, load_source
+from pipeline.datasets import VERIFY_MODES, Source, Split, load_source
 from pipeline.devices import DEVICES, resolve_device
 from pipeline.errors import PipelineError, raise_if_stopped
 from pipeline.store import (
     FEATURE_DTYPES,
     SCHEMA_VERSION,
+    FeatureMeta,
     FeatureWriter,
     FileLock,
+    check_output_name,
+    describe_change,
     fingerprint,
+    library_versions,
+    read_dataset_files,
     read_meta,
-    tmp_path_for,
 )
+
+__all__ = ["ExtractConfig", "ExtractPlan", "ExtractResult", "extract", "library_versions", "plan_extraction"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class ExtractConfig:
     progress: bool = True
     preprocess: str = "auto"  # see PREPROCESS_MODES
     compile: bool = False  # torch.compile the backbone (pays a compile once; worth it on large GPU runs)
+    verify: str = "stat"  # how image files are identified: "stat" (path, size, mtime) or "content" (their bytes)
 
     def __post_init__(self) -> None:
         if self.preprocess not in PREPROCESS_MODES:
@@ -78,6 +80,11 @@ class ExtractConfig:
             raise PipelineError(f"--workers must be 0 or more, not {self.workers}")
         if not 0 < self.val_fraction < 1:
             raise PipelineError(f"--val-fraction must be between 0 and 1, not {self.val_fraction}")
+        for name, seed in (("--split-seed", self.split_seed), ("--seed", self.seed)):
+            if not 0 <= seed < 2**32:
+                raise PipelineError(f"{name} must be between 0 and 2**32 - 1, not {seed}")
+        if self.verify not in VERIFY_MODES:
+            raise PipelineError(f"unknown --verify {self.verify!r}; choose one of: {', '.join(VERIFY_MODES)}")
 
 
 @dataclass
@@ -94,18 +101,6 @@ class ExtractResult:
 
 class ExtractInterrupted(PipelineError):
     """Ctrl-C / SIGTERM during extraction; the partial file stays resumable."""
-
-
-def library_versions() -> dict[str, str]:
-    return {
-        "pipeline": pipeline.__version__,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "numpy": np.__version__,
-        "h5py": h5py.__version__,
-        "scikit-learn": sklearn.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def _precision(cfg: ExtractConfig, device: torch.device) -> str:
@@ -244,26 +239,38 @@ def _run_split(
 # ------------------------------------------------------------------------------------------ entry point
 
 
-def _check_existing(out: Path, fp: str, force: bool) -> bool:
-    """True if ``out`` already holds these features. Never deletes: a mismatch without --force is an error."""
+def reuse_existing(plan: ExtractPlan, *, force: bool) -> ExtractResult | None:
+    """The result of reusing ``plan.out`` if it already holds these features, else None (write them).
+
+    Never deletes: a file of other settings without --force is refused with one line saying what changed.
+    A file under the final name is always complete (it is renamed there when finished), so this needs no lock.
+    """
+    out, fp = plan.out, plan.fp
     if not out.exists():
-        return False
+        return None
     try:
         meta = read_meta(out)
     except PipelineError as e:
         if force:
-            return False
+            return None
         raise PipelineError(
             f"{out} exists but is not a usable feature file ({e}); pass --force to replace it"
         ) from None
-    if meta.get("fingerprint") == fp and meta.get("complete") and not force:
-        return True
+    if meta.fingerprint == fp and meta.complete and not force:
+        counts = {s: len(v) for s, v in plan.source.splits.items()}
+        return ExtractResult(path=out, reused=True, counts=counts, fingerprint=fp)
     if not force:
+        if meta.identity:
+            change = describe_change(
+                meta.identity, plan.identity, old_files=read_dataset_files(out), new_files=plan.source.files
+            )
+        else:  # written before files recorded their identity
+            change = f"fingerprint {meta.fingerprint[:12]} != {fp[:12]}"
         raise PipelineError(
-            f"{out} holds features made with other settings (fingerprint {str(meta.get('fingerprint'))[:12]} "
-            f"!= {fp[:12]}); pass --force to replace it or choose another --out"
+            f"{out} holds features made with other settings ({change}); pass --force to replace it or choose "
+            "another --out"
         )
-    return False
+    return None
 
 
 @dataclass
@@ -294,6 +301,7 @@ def plan_extraction(cfg: ExtractConfig, *, source: Source | None = None) -> Extr
         val_fraction=cfg.val_fraction,
         split_seed=cfg.split_seed,
         limit=cfg.limit,
+        verify=cfg.verify,
     )
     sources = {name: choose_source(cfg.preprocess, split, device) for name, split in source.splits.items()}
     identity = feature_identity(backbone=backbone, source=source, cfg=cfg, device=device, sources=sources)
@@ -310,52 +318,31 @@ def extract(cfg: ExtractConfig, *, plan: ExtractPlan | None = None) -> ExtractRe
     :mod:`pipeline.distributed`. The fingerprint stays that of the whole run.
     """
     p = plan or plan_extraction(cfg)
-    source, fp, out = p.source, p.fp, p.out
+    check_output_name(p.out)
+    # Checked before taking the lock, so an up-to-date file in a read-only folder is reused, not refused.
+    reused = reuse_existing(p, force=cfg.force)
+    if reused:
+        return reused
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
+        p.out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise PipelineError(f"cannot create output folder {out.parent}: {e.strerror}") from None
-    with FileLock(out):
-        if _check_existing(out, fp, cfg.force):
-            counts = {s: len(v) for s, v in source.splits.items()}
-            return ExtractResult(path=out, reused=True, counts=counts, fingerprint=fp)
-        if cfg.force and tmp_path_for(out).exists():
-            tmp_path_for(out).unlink()
-        return _write(p, cfg=cfg)
+        raise PipelineError(f"cannot create output folder {p.out.parent}: {e.strerror}") from None
+    with FileLock(p.out):
+        reused = reuse_existing(p, force=cfg.force)  # again: another process may have finished it meanwhile
+        return reused or _write(p, cfg=cfg)
 
 
 def _write(plan: ExtractPlan, *, cfg: ExtractConfig) -> ExtractResult:
-    out, backbone, source, identity, fp, device = (
-        plan.out,
-        plan.backbone,
-        plan.source,
-        plan.identity,
-        plan.fp,
-        plan.device,
-    )
-    meta = {
-        "fingerprint": fp,
-        "backbone": backbone.name,
-        "weights": backbone.weights,
-        "feature_dim": backbone.feature_dim,
-        "num_classes": len(source.classes),
-        "preprocessing": backbone.preprocess.as_dict(),
-        "dataset": source.name,
-        "dataset_identity": source.identity,
-        "identity": identity,
-        "config": asdict(cfg),
-        "classifier_path": backbone.classifier_path,
-        "versions": library_versions(),
-        "device": str(device),
-        "precision": identity["precision"],
-    }
+    out, backbone, source, fp, device = plan.out, plan.backbone, plan.source, plan.fp, plan.device
     writer = FeatureWriter(
         out,
-        meta=meta,
+        meta=FeatureMeta.from_plan(plan, config=asdict(cfg)),
         classes=source.classes,
         sizes={s: len(v) for s, v in source.splits.items()},
         feature_dim=backbone.feature_dim,
         dtype=cfg.dtype,
+        files=source.files,
+        restart=cfg.force,  # --force: the one place a partial .tmp is discarded
     )
     model = prepare_model(backbone, device, compile=cfg.compile)
     t0, done = time.perf_counter(), 0

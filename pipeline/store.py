@@ -1,43 +1,67 @@
 """The feature file: the contract between stage one (extract) and stage two (heads).
 
-The schema is defined here and nowhere else; stage two reads it only through :func:`read_features`.
+The schema is defined here and nowhere else: :class:`FeatureMeta` is the one record of the root attributes, with
+its one encoder and decoder (every attribute reads back as the type it was written as); stage two reads files only
+through :func:`read_features`, stage one writes them only through :class:`FeatureWriter`.
 
-    /                      attrs: format, schema_version, fingerprint, complete, backbone, weights,
-                                  feature_dim, num_classes, preprocessing (JSON), dataset, dataset_identity
-                                  (JSON), config (JSON), created (ISO 8601), versions (JSON)
+    /                      attrs: the fields of FeatureMeta (format, schema_version, fingerprint, complete,
+                                  backbone, weights, feature_dim, num_classes, preprocessing, dataset,
+                                  dataset_identity, identity, config, classifier_path, versions, device,
+                                  precision, created, extract_seconds, resumed_from, merge, scan_skipped);
+                                  dicts and lists as JSON text, absent values not written
     /classes               (C,)   utf-8 class names, index = label
+    /dataset_files         (F,)   optional, utf-8: 16 hex digits of each source file's digest, then its path;
+                                  only used to say what changed when a file is refused as stale
     /<split>/features      (N, D) float32 (or float16)
     /<split>/labels        (N,)   int64 in [0, C)
     /<split>/ids           (N,)   utf-8 per-sample id: dataset index or path relative to the image folder
     /<split>               attrs: n_total (samples in the source split), n_seen (samples processed),
                                   n_rows (rows written), skipped (JSON list of ids of unreadable images)
 
-A file is written as ``<out>.tmp`` and renamed to ``<out>`` only when complete (after an fsync), so a reader
-never sees a partial file under the final name. Every few batches the writer *commits*: it writes
-``n_seen``/``n_rows``/``skipped`` and then flushes, and touches them at no other time, so a ``.tmp`` left by a
-crash or ``kill -9`` describes exactly the rows that reached the disk and can be resumed (see :class:`FeatureWriter`).
-A finished file also records ``extract_seconds`` and ``resumed_from`` (JSON: samples per split a resumed run found).
+Schema version 1: files written before the record existed (``identity``, ``resumed_from`` and ``merge`` read back
+as JSON text then) are read by the same decoder, which knows each attribute's type.
+
+**Writing.** A file is written as ``<out>.tmp`` and renamed to ``<out>`` only when complete (after an fsync), so a
+reader never sees a partial file under the final name. Appended rows are held in memory and written at each
+*commit* (every few batches): free space is checked first (``statvfs`` and the file-size limit), then the rows are
+written and flushed, and only then the ``n_seen``/``n_rows``/``skipped`` counters are written and flushed. So a
+``.tmp`` left by a crash, ``kill -9`` or a full disk describes exactly rows that reached the disk. A commit that
+cannot be written (no space, any write or flush error) ends the run with one line (``disk full: N rows kept in
+<out>.tmp; free space and rerun``) and the file is closed without touching it again.
+
+**The partial ``.tmp`` policy** (one policy, for plain runs and torchrun merges alike, in :class:`FeatureWriter`):
+
+- same settings (fingerprint) and readable: resumed; its committed rows are copied into a fresh ``.tmp``;
+- other settings, or not a feature file at all: refused with one line and kept; only ``--force`` discards it;
+- HDF5 that will not open (killed before its first commit reached the disk): it holds nothing; replaced.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import functools
 import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+import platform
+import resource
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
 
 from pipeline.errors import PipelineError
 from pipeline.fileio import fsync_path
+
+if TYPE_CHECKING:
+    from pipeline.extract import ExtractPlan
 
 log = logging.getLogger(__name__)
 FORMAT = "pipeline.cached-embeddings"
@@ -46,6 +70,9 @@ SPLITS = ("train", "val")
 FEATURE_DTYPES = ("float32", "float16")
 _STR = h5py.string_dtype("utf-8")
 _CHUNK_BYTES = 1 << 20  # ~1 MiB chunks of whole rows: fast full reads (tiny auto-chunks are 7x slower)
+_COPY_CHUNKS = 16  # chunks per block when copying rows (resume, merge): measured 2x faster than one
+_COMPANIONS = (".tmp.resume", ".lock")  # the longest names written beside <out>
+_DIGEST_LEN = 16  # hex digits of a per-file digest in /dataset_files
 
 
 def fingerprint(identity: dict[str, Any]) -> str:
@@ -56,6 +83,250 @@ def fingerprint(identity: dict[str, Any]) -> str:
 
 def tmp_path_for(path: Path) -> Path:
     return path.with_name(path.name + ".tmp")
+
+
+def _resume_path(tmp: Path) -> Path:
+    return tmp.with_name(tmp.name + ".resume")
+
+
+def check_output_name(path: Path) -> None:
+    """Refuse an output name whose companion files (``.tmp.resume``) would exceed the file-name limit, before
+    anything is written rather than at the first resume."""
+    path = Path(path)
+    try:
+        limit = os.pathconf(path.parent if path.parent.exists() else ".", "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    longest = len((path.name + ".tmp.resume").encode(errors="surrogateescape"))
+    if longest > limit:
+        keep = limit - len(".tmp.resume")
+        raise PipelineError(
+            f"output name {path.name[:40]}... is too long: at most {keep} bytes, since files named after it "
+            f"(<name>.tmp.resume) must fit the {limit}-byte file-name limit; choose a shorter --out"
+        )
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of everything that computes or stores the features (imported here only when a file is written)."""
+    import sklearn
+    import torch
+    import torchvision
+
+    import pipeline
+
+    return {
+        "pipeline": pipeline.__version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": np.__version__,
+        "h5py": h5py.__version__,
+        "scikit-learn": sklearn.__version__,
+        "python": platform.python_version(),
+    }
+
+
+# --------------------------------------------------------------------------------------------- the record
+
+
+@dataclass(frozen=True)
+class FeatureMeta:
+    """The root attributes of a feature file: one field per attribute, each with its type.
+
+    Reads like the dict it replaces (``meta["fingerprint"]``, ``meta.get("config")``): stage two indexes it by name.
+    Attributes this version does not know are kept in ``extra`` (decoded as stored).
+    """
+
+    fingerprint: str = ""
+    backbone: str = ""
+    weights: str = ""
+    feature_dim: int = 0
+    num_classes: int = 0
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    dataset: str = ""
+    dataset_identity: dict[str, Any] = field(default_factory=dict)
+    identity: dict[str, Any] = field(default_factory=dict)  # everything hashed into the fingerprint
+    config: dict[str, Any] = field(default_factory=dict)  # the extract options
+    classifier_path: str | None = None  # where the backbone's classifier sat (used by export)
+    versions: dict[str, Any] = field(default_factory=dict)
+    device: str = ""
+    precision: str = ""
+    scan_skipped: list[str] | None = None  # entries of the image folder that could not be read (links, rights)
+    # Written by the writer:
+    format: str = FORMAT
+    schema_version: int = SCHEMA_VERSION
+    complete: bool = False
+    created: str = ""  # ISO 8601, UTC
+    extract_seconds: float | None = None
+    resumed_from: dict[str, int] | None = None  # samples per split a resumed run found done
+    merge: dict[str, Any] | None = None  # torchrun: {"shards": W, "seconds": s}
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_plan(cls, plan: ExtractPlan, *, config: dict[str, Any]) -> FeatureMeta:
+        """The record of a file an extraction plan writes: the same for a plain run, each shard and the merge."""
+        backbone, source = plan.backbone, plan.source
+        return cls(
+            fingerprint=plan.fp,
+            backbone=backbone.name,
+            weights=backbone.weights,
+            feature_dim=backbone.feature_dim,
+            num_classes=len(source.classes),
+            preprocessing=backbone.preprocess.as_dict(),
+            dataset=source.name,
+            dataset_identity=source.identity,
+            identity=plan.identity,
+            config=config,
+            classifier_path=backbone.classifier_path,
+            versions=library_versions(),
+            device=str(plan.device),
+            precision=str(plan.identity.get("precision", "")),
+            scan_skipped=list(getattr(source, "unreadable", None) or []) or None,
+        )
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> FeatureMeta:
+        known = {f.name for f in fields(cls)} - {"extra"}
+        return cls(
+            **{k: v for k, v in values.items() if k in known},
+            extra={k: v for k, v in values.items() if k not in known},
+        )
+
+    # -- dict-like reading, for stage two and older callers
+    def __getitem__(self, key: str) -> Any:
+        if key != "extra" and key in _KINDS:
+            return getattr(self, key)
+        return self.extra[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        try:
+            value = self[key]
+        except KeyError:
+            return default
+        return default if value is None else value
+
+    def __contains__(self, key: str) -> bool:
+        return self.get(key) is not None
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in _KINDS if getattr(self, k) is not None}
+        return {**out, **self.extra}
+
+    # -- the one encoder and decoder
+    def encode(self) -> dict[str, Any]:
+        """HDF5 attribute values: JSON text for dicts and lists; ``None`` fields are not written."""
+        return {k: encode_attr(k, v) for k, v in self.as_dict().items() if v is not None}
+
+    @classmethod
+    def decode(cls, attrs: dict[str, Any], *, path: Path | str = "") -> FeatureMeta:
+        values = {}
+        for key, raw in attrs.items():
+            value = _decode_attr(raw)
+            kind = _KINDS.get(key)
+            try:
+                values[key] = value if kind is None else _as_kind(kind, value)
+            except (TypeError, ValueError):
+                what = "valid JSON" if kind is list or kind is dict else f"a {kind.__name__}"
+                raise PipelineError(f"{path}: the '{key}' attribute is not {what}") from None
+        return cls.from_dict(values)
+
+
+def _kind_of(annotation: str) -> type:
+    for kind in (bool, int, float, dict, list):
+        if annotation.startswith(kind.__name__):
+            return kind
+    return str
+
+
+_KINDS: dict[str, type] = {f.name: _kind_of(str(f.type)) for f in fields(FeatureMeta) if f.name != "extra"}
+
+
+def _as_kind(kind: type, value: Any) -> Any:
+    if kind in (dict, list):
+        value = json.loads(value) if isinstance(value, str) else value
+        if not isinstance(value, kind):
+            raise TypeError(f"not a {kind.__name__}")
+        return value
+    if kind is bool:
+        return bool(value)
+    if kind is str:
+        return str(value)
+    return kind(value)
+
+
+def encode_attr(key: str, value: Any) -> Any:
+    """One attribute value as HDF5 stores it (JSON text for dicts and lists, also for keys the record lacks)."""
+    if isinstance(value, (dict, list, tuple)) or _KINDS.get(key) in (dict, list):
+        return json.dumps(value)
+    return value
+
+
+def _decode_attr(value: Any) -> Any:
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, np.generic):
+        value = value.item()
+    return value
+
+
+# --------------------------------------------------------------------------------------------- what changed
+
+_IDENTITY_ORDER = ("backbone", "weights", "preprocessing", "dataset", "dtype", "precision", "preprocess_on")
+
+
+def _short(value: Any) -> str:
+    text = "absent" if value is None else json.dumps(value, sort_keys=True) if isinstance(value, dict) else str(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _dict_change(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return [f"{k} {_short(old.get(k))} -> {_short(new.get(k))}" for k in sorted(set(old) | set(new), key=str)
+            if old.get(k) != new.get(k)]  # fmt: skip
+
+
+def _files_change(old: dict[str, str] | None, new: dict[str, str] | None) -> str:
+    if old is None or new is None:
+        return "files changed"
+    added = len(new.keys() - old.keys())
+    removed = len(old.keys() - new.keys())
+    changed = sum(old[k] != new[k] for k in old.keys() & new.keys())
+    return f"files: {added} added, {removed} removed, {changed} changed"
+
+
+def describe_change(
+    old: dict[str, Any],
+    new: dict[str, Any],
+    *,
+    old_files: dict[str, str] | None = None,
+    new_files: dict[str, str] | None = None,
+) -> str:
+    """Which parts of two feature identities differ, in one line (``backbone resnet18 -> resnet50; dataset
+    (files: 2 added, 0 removed, 1 changed)``). ``*_files``: per-file digests, when both sides know them."""
+    keys = [
+        *(k for k in _IDENTITY_ORDER if k in old or k in new),
+        *sorted((old.keys() | new.keys()) - set(_IDENTITY_ORDER)),
+    ]
+    parts = []
+    for key in keys:
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if key == "dataset" and isinstance(a, dict) and isinstance(b, dict):
+            inner = [_files_change(old_files, new_files)] if a.get("files_sha256") != b.get("files_sha256") else []
+            a2 = {k: v for k, v in a.items() if k not in ("files_sha256", "num_files")}
+            b2 = {k: v for k, v in b.items() if k not in ("files_sha256", "num_files")}
+            parts.append(f"dataset ({', '.join([*inner, *_dict_change(a2, b2)]) or 'num_files'})")
+        elif isinstance(a, dict) and isinstance(b, dict):
+            parts.append(f"{key} ({', '.join(_dict_change(a, b))})")
+        else:
+            parts.append(f"{key} {_short(a)} -> {_short(b)}")
+    return "; ".join(parts) or "same settings, other fingerprint"
+
+
+def files_digests_lines(files: dict[str, str]) -> list[str]:
+    return [f"{digest[:_DIGEST_LEN]}{name}" for name, digest in files.items()]
+
+
+# --------------------------------------------------------------------------------------------- reading
 
 
 @dataclass
@@ -75,7 +346,11 @@ class FeatureSet:
     path: Path
     classes: list[str]
     splits: dict[str, SplitFeatures]
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: FeatureMeta = field(default_factory=FeatureMeta)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.meta, dict):  # built in memory (tests, benchmarks) from a plain dict of fields
+            self.meta = FeatureMeta.from_dict(self.meta)
 
     @property
     def train(self) -> SplitFeatures:
@@ -87,10 +362,7 @@ class FeatureSet:
 
     @property
     def feature_dim(self) -> int:
-        return int(self.meta["feature_dim"])
-
-
-# --------------------------------------------------------------------------------------------- reading
+        return int(self.meta.feature_dim)
 
 
 def _open_for_read(path: Path) -> h5py.File:
@@ -108,40 +380,38 @@ def _open_for_read(path: Path) -> h5py.File:
         raise PipelineError(f"cannot open {path}: damaged or truncated HDF5 file ({e})") from None
 
 
-def _decode_attr(value: Any) -> Any:
-    if isinstance(value, bytes):
-        value = value.decode()
-    if isinstance(value, np.generic):
-        value = value.item()
-    return value
-
-
-def _meta_from(f: h5py.File, path: Path) -> dict[str, Any]:
+def _meta_from(f: h5py.File, path: Path) -> FeatureMeta:
     try:
-        meta = {k: _decode_attr(v) for k, v in f.attrs.items()}
+        attrs = dict(f.attrs.items())
     except (OSError, TypeError, ValueError) as e:
         raise PipelineError(f"cannot read the metadata of {path}: damaged HDF5 file ({e})") from None
-    if meta.get("format") != FORMAT:
+    if _decode_attr(attrs.get("format")) != FORMAT:
         raise PipelineError(f"{path} was not written by `pipeline extract` (no '{FORMAT}' format attribute)")
-    version = meta.get("schema_version")
+    version = _decode_attr(attrs.get("schema_version"))
     if version != SCHEMA_VERSION:
         raise PipelineError(
             f"{path} has feature-file schema version {version}; this version of pipeline reads {SCHEMA_VERSION}"
         )
-    for key in ("preprocessing", "dataset_identity", "config", "versions"):
-        if isinstance(meta.get(key), str):
-            try:
-                meta[key] = json.loads(meta[key])
-            except ValueError:
-                raise PipelineError(f"{path}: the '{key}' attribute is not valid JSON") from None
-    return meta
+    return FeatureMeta.decode(attrs, path=path)
 
 
-def read_meta(path: Path) -> dict[str, Any]:
+def read_meta(path: Path | str) -> FeatureMeta:
     """Root metadata of a feature file (validated format and schema version, no arrays read)."""
     path = Path(path)
     with _open_for_read(path) as f:
         return _meta_from(f, path)
+
+
+def read_dataset_files(path: Path | str) -> dict[str, str] | None:
+    """The per-file digests a file recorded of its source (``/dataset_files``), or None if it has none."""
+    try:
+        with h5py.File(path, "r") as f:
+            if "dataset_files" not in f:
+                return None
+            lines = f["dataset_files"].asstr()[()]
+    except (OSError, KeyError, ValueError, TypeError):
+        return None
+    return {line[_DIGEST_LEN:]: line[:_DIGEST_LEN] for line in lines}
 
 
 def _read_split(f: h5py.File, name: str, path: Path) -> SplitFeatures:
@@ -172,7 +442,7 @@ def _validate(fs: FeatureSet) -> None:
     if len(set(dims.values())) > 1:
         shown = ", ".join(f"{name} {d}" for name, d in dims.items())
         raise PipelineError(f"{path}: the splits disagree in feature dimension ({shown})")
-    dim = fs.meta.get("feature_dim")
+    dim = fs.meta.feature_dim
     for name, split in fs.splits.items():
         if split.features.shape[1] != dim:
             raise PipelineError(
@@ -200,7 +470,7 @@ def read_features(path: Path | str, *, splits: tuple[str, ...] = SPLITS) -> Feat
     path = Path(path)
     with _open_for_read(path) as f:
         meta = _meta_from(f, path)
-        if not meta.get("complete"):
+        if not meta.complete:
             raise PipelineError(f"{path} is incomplete (extraction did not finish); rerun extract to resume")
         if "classes" not in f:
             raise PipelineError(f"{path} has no /classes dataset")
@@ -214,7 +484,81 @@ def read_features(path: Path | str, *, splits: tuple[str, ...] = SPLITS) -> Feat
     return fs
 
 
-# --------------------------------------------------------------------------------------------- writing
+# --------------------------------------------------------------------------------------------- blocks of rows
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What a file holds of one split: rows written, source samples consumed, ids of the unreadable ones."""
+
+    rows: int = 0
+    seen: int = 0
+    skipped: tuple[str, ...] = ()
+
+
+class FeatureReadError(PipelineError):
+    """Rows that a file says it holds could not be read back (damaged after it was written)."""
+
+
+def _blocks(g: h5py.Group, *, start: int, stop: int, step: int) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
+    """The one block iterator: ``(features, labels, ids)`` of rows ``[start, stop)`` of a split group, ``step`` rows
+    at a time. Shared by the resume (committed rows into a fresh ``.tmp``) and the merge (shards into ``<out>``)."""
+    a = start
+    while a < stop:
+        b = min(stop, a + step)
+        try:
+            block = g["features"][a:b], g["labels"][a:b], list(g["ids"].asstr()[a:b])
+        except (OSError, KeyError, ValueError, TypeError) as e:
+            first = str(e).splitlines()[0] if str(e) else ""
+            raise FeatureReadError(
+                f"cannot read rows {a}..{b} of {g.file.filename}{g.name} ({type(e).__name__}: {first})"
+            ) from None
+        yield block
+        a = b
+
+
+def _progress_of(g: h5py.Group) -> Progress:
+    rows, seen = int(g.attrs["n_rows"]), int(g.attrs["n_seen"])
+    if any(g[key].shape[0] < rows for key in ("features", "labels", "ids")):
+        raise ValueError(f"/{g.name} is shorter than its committed {rows} rows")
+    return Progress(rows, seen, tuple(json.loads(_decode_attr(g.attrs.get("skipped", "[]")))))
+
+
+class StoredFile:
+    """A complete feature file opened once for copying its rows elsewhere (the shards of a torchrun merge)."""
+
+    def __init__(self, path: Path, *, fingerprint: str):
+        self.path = Path(path)
+        self.f = _open_for_read(self.path)
+        try:
+            self.meta = _meta_from(self.f, self.path)
+        except PipelineError:
+            self.f.close()
+            raise
+        if self.meta.fingerprint != fingerprint or not self.meta.complete:
+            self.f.close()
+            raise PipelineError(f"{self.path} is incomplete or from other settings; rerun the same command")
+
+    def progress(self, split: str) -> Progress:
+        try:
+            return _progress_of(self.f[split])
+        except (OSError, KeyError, ValueError, TypeError) as e:
+            raise FeatureReadError(f"cannot read /{split} of {self.path} ({type(e).__name__}: {e})") from None
+
+    def blocks(self, split: str, *, start: int = 0, step: int) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
+        return _blocks(self.f[split], start=start, stop=self.progress(split).rows, step=step)
+
+    def close(self) -> None:
+        self.f.close()
+
+    def __enter__(self) -> StoredFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------------------------- locks
 
 
 # Descriptors through which this process holds a lock: the ``.lock`` file and the open ``.tmp`` (HDF5 locks it too).
@@ -310,43 +654,87 @@ def _chunk_rows(dim: int, itemsize: int) -> int:
     return max(1, _CHUNK_BYTES // max(1, dim * itemsize))
 
 
+class DiskFull(PipelineError):
+    """No room for the next commit; the rows of the last one are kept and a rerun resumes from them."""
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    text = str(e)
+    return getattr(e, "errno", None) in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) or any(
+        s in text for s in ("No space left", "File too large", "Disk quota", "errno = 28", "errno = 27")
+    )
+
+
+def _room_for(path: Path, need: int, *, size: int) -> bool:
+    """Whether ``need`` more bytes fit: free space of the filesystem and this process's file-size limit
+    (``ulimit -f``), for a file at ``path`` that holds ``size`` bytes now."""
+    try:
+        st = os.statvfs(path.parent)
+        if st.f_bavail * st.f_frsize < need:
+            return False
+    except OSError:
+        pass  # a filesystem that cannot say: the write itself will tell
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return soft == resource.RLIM_INFINITY or size + need <= soft
+
+
+def _abandon(f: h5py.File) -> None:
+    """Close a file whose last write failed without writing to it again. After a failed flush HDF5 retries the
+    write at close and again at exit, and h5py then crashed the process (SIGSEGV seen at exit): its descriptor is
+    pointed at /dev/null first, so those retries succeed harmlessly and the file keeps what the last commit left."""
+    with contextlib.suppress(Exception):
+        fd = int(f.id.get_vfd_handle())
+        _LOCK_FDS.pop(fd, None)
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, fd)
+        os.close(null)
+    with contextlib.suppress(Exception):
+        f.close()
+
+
 class FeatureWriter:
     """Writes one feature file under ``<out>.tmp``, resumable, and renames it to ``<out>`` when finished.
 
-    ``meta`` holds the root attributes (must include ``fingerprint``); ``sizes`` the number of source samples
-    per split. Progress is *committed* every ``flush_every`` appends: the ``n_seen``/``n_rows``/``skipped``
-    attributes are written and then the file is flushed, so whatever a crash leaves on disk describes only
-    rows that reached the disk before it (HDF5 may write metadata between flushes, which is why the counters
-    are never touched in between). If a ``.tmp`` with the same fingerprint exists, its committed rows are copied
-    into a fresh ``.tmp`` and writing continues from there (``start`` says where). A readable ``.tmp`` with
-    another fingerprint is refused, never deleted: only ``--force`` (the caller) discards one. An
-    unreadable ``.tmp`` (killed before a commit reached the disk) holds nothing to recover and is replaced.
+    ``meta``: the root attributes (a :class:`FeatureMeta`, or a dict of its fields); ``sizes``: source samples per
+    split; ``files``: per-file digests of the source (``/dataset_files``). Appended rows are held in memory and
+    written at each commit (every ``flush_every`` appends, or 64 MiB): space checked, rows written and flushed,
+    then the counters written and flushed (see the module docstring). An existing ``.tmp`` is handled by the one
+    policy of the module docstring; ``restart`` (``--force``) discards it first. ``start`` says where this run
+    began (> 0: resumed).
     """
 
     def __init__(
         self,
         path: Path,
         *,
-        meta: dict[str, Any],
+        meta: FeatureMeta | dict[str, Any],
         classes: list[str],
         sizes: dict[str, int],
         feature_dim: int,
         dtype: str = "float32",
         flush_every: int = 8,
+        files: dict[str, str] | None = None,
+        restart: bool = False,
     ):
         if dtype not in FEATURE_DTYPES:
             raise PipelineError(f"feature dtype must be one of {', '.join(FEATURE_DTYPES)}, not {dtype!r}")
         self.path = Path(path)
+        check_output_name(self.path)
         self.tmp = tmp_path_for(self.path)
-        self.meta, self.classes, self.sizes = meta, classes, sizes
+        self.meta = meta if isinstance(meta, FeatureMeta) else FeatureMeta.from_dict(meta)
+        self.classes, self.sizes, self.files = classes, sizes, files
         self.dim, self.dtype, self.flush_every = feature_dim, np.dtype(dtype), flush_every
-        self._writes = 0
-        # Per split: (rows written, source samples consumed, ids of unreadable samples), in memory until committed.
-        self._progress: dict[str, tuple[int, int, list[str]]] = {s: (0, 0, []) for s in sizes}
+        self._writes, self._dead = 0, False
+        self._progress = {s: Progress() for s in sizes}  # in memory: committed + pending
+        self._committed = dict(self._progress)  # on disk
+        self._pending: dict[str, list[tuple[np.ndarray, np.ndarray, list[str]]]] = {s: [] for s in sizes}
+        if restart:
+            self.tmp.unlink(missing_ok=True)
+            _resume_path(self.tmp).unlink(missing_ok=True)
         self.f = self._open()
         self._fd = self.fileno()
         _hold(self._fd)
-        self.start = {s: self._progress[s][1] for s in sizes}  # where this run began: > 0 means resumed
+        self.start = {s: self._progress[s].seen for s in sizes}  # where this run began: > 0 means resumed
 
     # -- opening
     def _open(self) -> h5py.File:
@@ -360,7 +748,11 @@ class FeatureWriter:
             f = h5py.File(self.tmp, "w")
         except OSError as e:
             raise PipelineError(f"cannot create {self.tmp}: {e.strerror or e}") from None
-        self._create(f)
+        try:
+            self._create(f, created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        except Exception as e:
+            _abandon(f)
+            raise self._write_error(e) from None
         return f
 
     def _try_resume(self) -> h5py.File | None:
@@ -374,74 +766,83 @@ class FeatureWriter:
             return None  # killed before its first commit reached the disk: nothing to resume
         with old:
             try:
-                progress = self._committed(old)
+                progress = self._partial_progress(old)
             except (KeyError, ValueError, TypeError, OSError):
-                return None
-            if progress is None:
-                fp = _decode_attr(old.attrs.get("fingerprint"))
-                raise PipelineError(
-                    f"{self.tmp} holds a partial extraction with other settings (fingerprint {str(fp)[:12]} != "
-                    f"{self.meta['fingerprint'][:12]}); rerun that command to finish it, or pass --force to discard it"
-                )
-            fresh = self.tmp.with_name(self.tmp.name + ".resume")
-            try:
-                self._copy_committed(old, fresh, progress)
-            except (KeyError, ValueError, TypeError, OSError) as e:
-                # Kept, not started over: a full disk fails here as well as a damaged file, and the rows are work.
-                fresh.unlink(missing_ok=True)
-                raise PipelineError(
-                    f"cannot carry over the committed rows of {self.tmp} ({type(e).__name__}: {e}); free disk space "
-                    "and rerun to resume, or pass --force to start over"
-                ) from None
+                return None  # counters unreadable: no commit of ours reached the disk
+            fresh = _resume_path(self.tmp)
+            rows = sum(p.rows for p in progress.values())
+            if not _room_for(fresh, self.tmp.stat().st_size + (4 << 20), size=0):
+                raise DiskFull(f"disk full: {rows} rows kept in {self.tmp}; free space and rerun")
+            self._copy_committed(old, fresh, progress)
         # The old file is never written to again: a kill can leave HDF5 structures updated after the last flush
         # half written (seen: the global heap of the id strings), and appending to them then fails with "bad heap
         # index" although the committed rows read back intact. A copy of the committed rows starts clean.
         fsync_path(fresh)
         os.replace(fresh, self.tmp)
-        self._progress = progress
+        self._progress, self._committed = dict(progress), dict(progress)
         return h5py.File(self.tmp, "a")
 
-    def _copy_committed(self, old: h5py.File, fresh: Path, progress: dict[str, tuple[int, int, list[str]]]) -> None:
-        """Write ``fresh``: a new ``.tmp`` holding the committed rows of ``old``, copied in ~16 MiB blocks."""
-        step = 16 * _chunk_rows(self.dim, self.dtype.itemsize)
-        with h5py.File(fresh, "w") as f:
-            self._create(f)
-            if "created" in old.attrs:
-                f.attrs["created"] = old.attrs["created"]
-            for s, (rows, seen, bad) in progress.items():
-                src, dst = old[s], f[s]
+    def _partial_progress(self, f: h5py.File) -> dict[str, Progress]:
+        """The committed progress of a reopened ``.tmp`` of these settings; a one-line refusal for another's."""
+        old = FeatureMeta.decode(dict(f.attrs.items()), path=self.tmp)
+        if old.fingerprint != self.meta.fingerprint:
+            change = (
+                describe_change(old.identity, self.meta.identity)
+                if old.identity and self.meta.identity
+                else (f"fingerprint {old.fingerprint[:12]} != {self.meta.fingerprint[:12]}")
+            )
+            raise PipelineError(
+                f"{self.tmp} holds a partial extraction with other settings ({change}); rerun that command to "
+                "finish it, or pass --force to discard it"
+            )
+        shapes = {s: f[s]["features"].shape[1:] if s in f else None for s in self.sizes}
+        if any(shape != (self.dim,) for shape in shapes.values()):
+            shown = ", ".join(f"{s} {shape[0] if shape else 'missing'}" for s, shape in shapes.items())
+            raise PipelineError(
+                f"{self.tmp} has these settings but not their shape (feature dimension {self.dim} expected: {shown}); "
+                "it was not written by this version of pipeline: pass --force to discard it"
+            )
+        return {s: _progress_of(f[s]) for s in self.sizes}
+
+    def _copy_committed(self, old: h5py.File, fresh: Path, progress: dict[str, Progress]) -> None:
+        """Write ``fresh``: a new ``.tmp`` holding the committed rows of ``old``, copied block by block."""
+        rows = sum(p.rows for p in progress.values())
+        f = h5py.File(fresh, "w")
+        try:
+            self._create(f, created=_decode_attr(old.attrs.get("created", "")))
+            for s, p in progress.items():
+                dst, a = f[s], 0
                 for key in ("features", "labels", "ids"):
-                    dst[key].resize(rows, axis=0)
-                for a in range(0, rows, step):
-                    b = min(rows, a + step)
-                    dst["features"][a:b] = src["features"][a:b]
-                    dst["labels"][a:b] = src["labels"][a:b]
-                    dst["ids"][a:b] = src["ids"].asstr()[a:b]
-                dst.attrs.update(n_rows=rows, n_seen=seen, skipped=json.dumps(bad))
+                    dst[key].resize(p.rows, axis=0)
+                for feats, labels, ids in _blocks(old[s], start=0, stop=p.rows, step=self._copy_step):
+                    b = a + len(labels)
+                    dst["features"][a:b], dst["labels"][a:b], dst["ids"][a:b] = feats, labels, ids
+                    a = b
+                dst.attrs.update(n_rows=p.rows, n_seen=p.seen, skipped=json.dumps(list(p.skipped)))
+            f.flush()
+        except Exception as e:
+            # Kept, not started over: a full disk fails here as well as a damaged file, and the rows are work.
+            _abandon(f)
+            fresh.unlink(missing_ok=True)
+            if _is_disk_full(e):
+                raise DiskFull(f"disk full: {rows} rows kept in {self.tmp}; free space and rerun") from None
+            raise PipelineError(
+                f"cannot carry over the committed rows of {self.tmp} ({type(e).__name__}: {str(e)[:200]}); "
+                "rerun to resume, or pass --force to start over"
+            ) from None
+        f.close()
 
-    def _committed(self, f: h5py.File) -> dict[str, tuple[int, int, list[str]]] | None:
-        """The committed progress of a reopened ``.tmp``, or None if it belongs to other settings."""
-        if _decode_attr(f.attrs.get("fingerprint")) != self.meta["fingerprint"]:
-            return None
-        if any(s not in f for s in self.sizes) or f[next(iter(self.sizes))]["features"].shape[1:] != (self.dim,):
-            return None
-        progress = {}
-        for s in self.sizes:
-            g = f[s]
-            rows, seen = int(g.attrs["n_rows"]), int(g.attrs["n_seen"])
-            if any(g[key].shape[0] < rows for key in ("features", "labels", "ids")):
-                raise ValueError(f"/{s} is shorter than its committed {rows} rows")
-            progress[s] = (rows, seen, list(json.loads(_decode_attr(g.attrs.get("skipped", "[]")))))
-        return progress
+    @property
+    def _copy_step(self) -> int:
+        return _COPY_CHUNKS * _chunk_rows(self.dim, self.dtype.itemsize)
 
-    def _create(self, f: h5py.File) -> None:
-        for key, value in self.meta.items():
-            f.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
-        f.attrs["format"] = FORMAT
-        f.attrs["schema_version"] = SCHEMA_VERSION
-        f.attrs["complete"] = False
-        f.attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    def _create(self, f: h5py.File, *, created: str) -> None:
+        meta = replace(self.meta, format=FORMAT, schema_version=SCHEMA_VERSION, complete=False, created=created)
+        for key, value in meta.encode().items():
+            f.attrs[key] = value
         f.create_dataset("classes", data=np.array(self.classes, dtype=object), dtype=_STR)
+        if self.files is not None:
+            f.create_dataset("dataset_files", data=np.array(files_digests_lines(self.files), dtype=object), dtype=_STR)
         rows = _chunk_rows(self.dim, self.dtype.itemsize)
         for s, n in self.sizes.items():
             g = f.create_group(s)
@@ -460,10 +861,13 @@ class FeatureWriter:
     # -- progress
     def seen(self, split: str) -> int:
         """Source samples of ``split`` already processed (the resume point)."""
-        return self._progress[split][1]
+        return self._progress[split].seen
+
+    def rows(self, split: str) -> int:
+        return self._progress[split].rows
 
     def skipped(self, split: str) -> list[str]:
-        return list(self._progress[split][2])
+        return list(self._progress[split].skipped)
 
     def fileno(self) -> int:
         """The OS file descriptor of the open ``.tmp`` (a forked loader worker must close its copy)."""
@@ -480,36 +884,123 @@ class FeatureWriter:
         skipped: list[str] = (),
     ) -> None:
         """Append rows for ``seen`` consumed source samples (``skipped`` of them unreadable)."""
-        g = self.f[split]
-        rows, n_seen, bad = self._progress[split]
-        n = len(labels)
-        for key, arr in (
-            ("features", features.astype(self.dtype, copy=False)),
-            ("labels", labels),
-            ("ids", ids),
-        ):
-            g[key].resize(rows + n, axis=0)
-            g[key][rows : rows + n] = arr
-        # One assignment, after the rows are in place: an interrupt anywhere above leaves the old progress.
-        self._progress[split] = (rows + n, n_seen + seen, [*bad, *skipped])
+        if self._dead:
+            raise PipelineError(f"{self.tmp} was closed after a failed write")
+        p = self._progress[split]
+        if len(labels):
+            self._pending[split].append((features.astype(self.dtype, copy=False), np.asarray(labels), list(ids)))
+        # One assignment, after the rows are held: an interrupt anywhere above leaves the old progress.
+        self._progress[split] = Progress(p.rows + len(labels), p.seen + seen, (*p.skipped, *skipped))
         self._writes += 1
-        if self._writes % self.flush_every == 0:
+        if self._writes % self.flush_every == 0 or self._pending_bytes() >= 64 << 20:
             self.commit()
 
-    def commit(self) -> None:
-        """Write the progress counters, then flush: after a crash they describe exactly the rows on disk."""
-        for s, (rows, seen, bad) in self._progress.items():
-            self.f[s].attrs.update(n_rows=rows, n_seen=seen, skipped=json.dumps(bad))
-        self.f.flush()
+    def _pending_bytes(self) -> int:
+        return sum(
+            feats.nbytes + labels.nbytes + sum(len(i) + 16 for i in ids)
+            for blocks in self._pending.values()
+            for feats, labels, ids in blocks
+        )
 
-    def finish(self, extra_attrs: dict[str, Any] | None = None) -> Path:
-        """Mark complete, close, sync to disk and atomically rename to the final name."""
+    def _room_needed(self) -> int:
+        """Bytes the next commit may add: the rows, the chunks they open (HDF5 allocates a chunk in full when its
+        first row is written) and some metadata (index nodes, the heap of the id strings)."""
+        need = self._pending_bytes() + (64 << 10)
+        for s, blocks in self._pending.items():
+            at = self._committed[s].rows
+            n = sum(len(labels) for _, labels, _ in blocks)
+            for key in ("features", "labels", "ids"):
+                d = self.f[s][key]
+                per_chunk = d.chunks[0]
+                new_chunks = -(-(at + n) // per_chunk) - -(-at // per_chunk)
+                need += new_chunks * int(np.prod(d.chunks)) * (d.dtype.itemsize if key != "ids" else 16)
+        return need
+
+    def commit(self) -> None:
+        """Write the held rows and flush; then the progress counters and flush: after a crash or a failed write
+        the counters on disk describe only rows that reached the disk."""
+        if self._dead:
+            raise PipelineError(f"{self.tmp} was closed after a failed write")
+        kept = sum(p.rows for p in self._committed.values())
+        if not _room_for(self.tmp, self._room_needed(), size=os.fstat(self._fd).st_size):
+            self._dead = True  # nothing written: the file stays as the last commit left it
+            _abandon(self.f)
+            raise DiskFull(f"disk full: {kept} rows kept in {self.tmp}; free space and rerun")
+        try:
+            for s, blocks in self._pending.items():
+                self._write_rows(self.f[s], self._committed[s].rows, blocks)
+            self.f.flush()
+            for s, p in self._progress.items():
+                self.f[s].attrs.update(n_rows=p.rows, n_seen=p.seen, skipped=json.dumps(list(p.skipped)))
+            self.f.flush()
+        except Exception as e:  # any failed write is fatal for this commit (h5py raises OSError or RuntimeError)
+            self._dead = True
+            _abandon(self.f)
+            raise self._write_error(e) from None
+        self._committed = dict(self._progress)
+        self._pending = {s: [] for s in self._pending}
+
+    @staticmethod
+    def _write_rows(g: h5py.Group, at: int, blocks: list[tuple[np.ndarray, np.ndarray, list[str]]]) -> None:
+        if not blocks:
+            return
+        n = sum(len(labels) for _, labels, _ in blocks)
+        for key in ("features", "labels", "ids"):
+            g[key].resize(at + n, axis=0)  # once per commit: the rows' size is known before any is written
+        for feats, labels, ids in blocks:
+            b = at + len(labels)
+            g["features"][at:b], g["labels"][at:b], g["ids"][at:b] = feats, labels, ids
+            at = b
+
+    def _write_error(self, e: BaseException) -> PipelineError:
+        kept = sum(p.rows for p in self._committed.values())
+        if _is_disk_full(e):
+            return DiskFull(f"disk full: {kept} rows kept in {self.tmp}; free space and rerun")
+        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        return PipelineError(f"cannot write {self.tmp} ({first}); {kept} rows kept: rerun to resume")
+
+    def extend_from(self, sources: list[StoredFile], split: str) -> None:
+        """Append the rows of ``sources`` (complete files of the same settings: torchrun's shards) in order.
+
+        Continues a resumed ``.tmp``: its rows are the first rows of the same sequence, so the copy starts after
+        them; consumed counts and skipped ids are brought up to each source's end as it finishes."""
+        done = self._progress[split].rows
+        cum_rows = cum_seen = 0
+        for src in sources:
+            p = src.progress(split)
+            for feats, labels, ids in src.blocks(
+                split, start=min(max(done - cum_rows, 0), p.rows), step=self._copy_step
+            ):
+                self.append(split, feats, labels, ids, seen=len(labels))
+            cum_rows, cum_seen = cum_rows + p.rows, cum_seen + p.seen
+            mine = self._progress[split]
+            have = set(mine.skipped)
+            missing = [i for i in p.skipped if i not in have]
+            if cum_seen > mine.seen or missing:
+                empty = np.zeros((0, self.dim), self.dtype)
+                self.append(split, empty, np.zeros(0, np.int64), [], seen=max(0, cum_seen - mine.seen), skipped=missing)
+
+    def finish(self, updates: dict[str, Any] | None = None) -> Path:
+        """Refuse an empty split, mark complete, close, sync to disk and atomically rename to the final name."""
+        empty = [s for s, n in self.sizes.items() if n and not self._progress[s].rows]
+        if empty:
+            self.close()
+            s = empty[0]
+            raise PipelineError(
+                f"every one of the {self.sizes[s]} {s} images was unreadable (skipped): a feature file without "
+                f"{s} rows would fail later; fix or remove them ({self.tmp} keeps the other rows)"
+            )
         self.commit()
-        for key, value in (extra_attrs or {}).items():
-            self.f.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
-        self.f.attrs["complete"] = True
-        _LOCK_FDS.pop(self._fd, None)
-        self.f.close()
+        try:
+            for key, value in (updates or {}).items():
+                self.f.attrs[key] = encode_attr(key, value)
+            self.f.attrs["complete"] = True
+            _LOCK_FDS.pop(self._fd, None)
+            self.f.close()
+        except Exception as e:
+            self._dead = True
+            _abandon(self.f)
+            raise self._write_error(e) from None
         fsync_path(self.tmp)  # the data must be on disk before the name says "complete" (power loss)
         os.replace(self.tmp, self.path)
         fsync_path(self.path.parent)
@@ -517,10 +1008,11 @@ class FeatureWriter:
 
     def close(self) -> None:
         """Commit and close without finishing (interrupt, error): the ``.tmp`` stays resumable."""
-        if self.f.id.valid:
-            self.commit()
-            _LOCK_FDS.pop(self._fd, None)
-            self.f.close()
+        if self._dead or not self.f.id.valid:
+            return
+        self.commit()
+        _LOCK_FDS.pop(self._fd, None)
+        self.f.close()
 
 
 def _is_locked(e: OSError) -> bool:

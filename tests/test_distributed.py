@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -89,7 +88,7 @@ def test_torchrun_two_ranks_equal_single_process(odd_folder: Path, tmp_path: Pat
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"wrote {merged}: train 18, val 3" in done.stdout
     assert_same_features(single, merged)
-    assert json.loads(read_meta(merged)["merge"])["shards"] == 2  # provenance: merged from 2 shards
+    assert read_meta(merged)["merge"]["shards"] == 2  # provenance: merged from 2 shards (a dict, as written)
     assert not list(tmp_path.glob("merged.h5.shard-*"))  # merged, so the shards are gone
 
 
@@ -175,3 +174,79 @@ def test_merge_keeps_a_partial_file_of_other_settings(odd_folder: Path, tmp_path
     assert other.read_bytes() == before and shard_path(out, 0, 2).exists()
     merged = merge_shards(replace(cfg, force=True), plan=plan, world=2)
     assert merged.path == out and not other.exists()
+
+
+def test_distributed_needs_no_h5py_and_no_private_names() -> None:
+    import ast
+
+    tree = ast.parse((REPO / "pipeline" / "distributed.py").read_text())
+    imported = [
+        (node.module, alias.name) for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for alias in node.names
+    ]
+    imported += [(alias.name, "") for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+    assert not [m for m, _ in imported if m and m.startswith("h5py")]
+    assert not [(m, n) for m, n in imported if n.startswith("_")]
+
+
+def test_leftover_shards_of_a_complete_file_are_deleted(odd_folder: Path, tmp_path: Path, caplog) -> None:
+    """Killed between the merge's rename and the shards' deletion: the rerun reuses the file and deletes them."""
+    out = tmp_path / "out.h5"
+    cfg = _cfg(odd_folder, out)
+    plan = plan_extraction(cfg)
+    for rank in (0, 1):
+        extract_shard(cfg, plan=plan, rank=rank, world=2)
+    kept = [shard_path(out, r, 2).read_bytes() for r in (0, 1)]
+    merge_shards(cfg, plan=plan, world=2)
+    for r in (0, 1):
+        shard_path(out, r, 2).write_bytes(kept[r])
+    (tmp_path / "out.h5.shard-0-of-3.h5").write_bytes(b"someone else's")  # not a shard of this file: kept
+    store = dist.HashStore()
+    store.set("planned", "ok")
+    assert extract_distributed(cfg, rank=0, world=2, store=store, timeout_s=5).reused
+    assert not shard_path(out, 0, 2).exists() and not shard_path(out, 1, 2).exists()
+    assert (tmp_path / "out.h5.shard-0-of-3.h5").exists()
+    assert "deleted 2 leftover shard files" in caplog.text
+
+
+def test_the_merge_follows_the_one_partial_file_policy(odd_folder: Path, tmp_path: Path, monkeypatch) -> None:
+    """A .tmp of these settings (here a plain run's, stopped after 4 rows) is resumed by the merge, as by a plain
+    run; one that HDF5 cannot open (killed before its first commit) is replaced by both."""
+    from pipeline.store import FeatureWriter
+
+    single, out = tmp_path / "single.h5", tmp_path / "out.h5"
+    extract(_cfg(odd_folder, single))
+    cfg = _cfg(odd_folder, out, batch_size=2)
+    real_append, calls = FeatureWriter.append, {"n": 0}
+
+    def append(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_append(self, *a, **kw)
+
+    real_init = FeatureWriter.__init__
+    monkeypatch.setattr(
+        FeatureWriter, "__init__", lambda self, *a, **kw: real_init(self, *a, **{**kw, "flush_every": 2})
+    )
+    monkeypatch.setattr(FeatureWriter, "append", append)
+    with pytest.raises(PipelineError, match="stopped after 4"):
+        extract(cfg)
+    monkeypatch.undo()
+    plan = plan_extraction(cfg)
+    for rank in (0, 1):
+        extract_shard(cfg, plan=plan, rank=rank, world=2)
+    merge_shards(cfg, plan=plan, world=2)
+    assert read_meta(out)["resumed_from"] == {"train": 4, "val": 0}
+    assert_same_features(single, out)
+
+    unreadable = single.read_bytes()[:600]  # an HDF5 signature, then nothing usable
+    for merged in (True, False):
+        out.unlink()
+        tmp_path_for(out).write_bytes(unreadable)
+        if merged:
+            for rank in (0, 1):
+                extract_shard(cfg, plan=plan, rank=rank, world=2)
+            merge_shards(cfg, plan=plan, world=2)
+        else:
+            extract(cfg)
+        assert_same_features(single, out)

@@ -19,7 +19,7 @@ import torch
 from pipeline.errors import PipelineError
 from pipeline.extract import ExtractConfig, extract, plan_extraction
 from pipeline.store import FeatureWriter, read_features, tmp_path_for
-from tests.conftest import TINY_EXTRACT, run, write_image_folder
+from tests.conftest import TINY_ARGS, TINY_EXTRACT, assert_one_line_error, run, write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 # Slow enough to stop partway yet cheap: 180 tiny images one per batch (a commit every 8) take about a second,
@@ -333,3 +333,170 @@ def test_random_weights_are_seeded_in_the_fingerprint(image_folder: Path, tmp_pa
     fa, fb, fc = (read_features(r.path).train.features for r in (a, b, c))
     assert np.array_equal(fa, fb) and not np.array_equal(fa, fc)
     assert read_features(a.path).meta["weights"] == "none(seed=0)"
+
+
+# ------------------------------------------------------------------------------------------ full disk (issue 12)
+
+
+def _limited_run(args: list[str], limit: int) -> subprocess.CompletedProcess:
+    """``python -m pipeline ARGS`` under ``ulimit -f`` (RLIMIT_FSIZE): writes past ``limit`` bytes fail with EFBIG,
+    as on a full disk (SIGXFSZ ignored, as a shell's ulimit leaves it to the program)."""
+
+    def limit_files() -> None:
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limit_files,
+    )
+
+
+def test_full_disk_is_one_line_and_the_rerun_resumes(big_folder: Path, reference, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "full.h5"
+    args = ["extract", "--dataset", str(big_folder), "--out", str(out), "--workers", "0", *SLOW_ARGS]
+    done = _limited_run(args, 420_000)  # room for the train rows, not for val's first chunk
+    assert done.returncode == 1, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    kept = _committed(tmp_path_for(out))
+    assert lines[0] == f"error: disk full: {kept['train']} rows kept in {out}.tmp; free space and rerun"
+    assert kept["train"] > 0
+    code, text, _ = run(args, capsys)
+    assert code == 0 and f"resumed a partial extraction at train {kept['train']}" in text
+    _assert_same_features(out, reference)
+
+    # --force over the finished file, disk full: the old file stays whole, one line, no crash.
+    before = out.read_bytes()
+    done = _limited_run([*args, "--force", "--image-size", "48"], 60_000)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.stderr.strip().startswith("error: disk full: 0 rows kept in")
+    assert out.read_bytes() == before
+    _assert_same_features(out, reference)
+
+
+def test_stale_file_refusal_says_what_changed(image_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "f.h5"
+    cfg = {"dataset": str(image_folder), "out": str(out), **TINY_EXTRACT}
+    extract(ExtractConfig(**cfg))
+    with pytest.raises(PipelineError) as e:
+        extract(ExtractConfig(**{**cfg, "image_size": 48}))
+    assert "other settings (preprocessing (crop_size 32 -> 48" in str(e.value) and "fingerprint" not in str(e.value)
+    (image_folder / "cat" / "extra.png").write_bytes((image_folder / "cat" / "000.png").read_bytes())
+    (image_folder / "dog" / "000.png").unlink()
+    target = image_folder / "bird" / "001.png"
+    target.write_bytes(target.read_bytes() + b"\0")
+    with pytest.raises(PipelineError, match=r"other settings \(dataset \(files: 1 added, 1 removed, 1 changed\)\)"):
+        extract(ExtractConfig(**cfg))
+
+
+def test_an_up_to_date_file_is_reused_without_taking_the_lock(image_folder: Path, tmp_path: Path, monkeypatch) -> None:
+    """A read-only folder: the lock file cannot be created there (running as root, chmod would not stop us, so
+    the lock itself refuses), yet reading the finished file needs no lock."""
+    from pipeline import store
+
+    out = tmp_path / "f.h5"
+    cfg = ExtractConfig(dataset=str(image_folder), out=str(out), **TINY_EXTRACT)
+    extract(cfg)
+
+    def read_only(self):
+        raise PipelineError(f"cannot write to {self.path.parent}: Read-only file system")
+
+    monkeypatch.setattr(store.FileLock, "acquire", read_only)
+    assert extract(cfg).reused
+    with pytest.raises(PipelineError, match="Read-only"):  # writing still needs it
+        extract(ExtractConfig(dataset=str(image_folder), out=str(tmp_path / "g.h5"), **TINY_EXTRACT))
+
+
+def test_a_split_whose_images_are_all_unreadable_is_refused(split_image_folder: Path, tmp_path: Path, capsys) -> None:
+    for p in (split_image_folder / "val").rglob("*.png"):
+        p.write_bytes(b"not an image")
+    out = tmp_path / "f.h5"
+    args = ["extract", "--dataset", str(split_image_folder), "--out", str(out), "--skip-bad", *TINY_ARGS]
+    code, _, err = run(args, capsys)
+    assert_one_line_error(code, err, "every one of the 6 val images was unreadable")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("seed", ["-1", str(10**25)])
+def test_split_seed_out_of_range_is_one_line(image_folder: Path, seed: str, capsys) -> None:
+    code, _, err = run(["extract", "--dataset", str(image_folder), "--split-seed", seed, *TINY_ARGS], capsys)
+    assert_one_line_error(code, err, "--split-seed must be between 0 and 2**32 - 1")
+
+
+def test_out_inside_the_image_folder_is_not_a_class(image_folder: Path) -> None:
+    out = image_folder / "features" / "f.h5"
+    first = extract(ExtractConfig(dataset=str(image_folder), out=str(out), **TINY_EXTRACT))
+    again = extract(ExtractConfig(dataset=str(image_folder), out=str(out), **TINY_EXTRACT))
+    assert again.reused and again.fingerprint == first.fingerprint
+    assert read_features(out).classes == ["bird", "cat", "dog"]
+
+
+def test_broken_links_and_loops_are_listed_not_ignored(image_folder: Path, tmp_path: Path, caplog) -> None:
+    from pipeline.datasets import load_source
+
+    (image_folder / "cat" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (image_folder / "dog" / "loop").symlink_to(image_folder / "dog")
+    caplog.set_level("WARNING", logger="pipeline.datasets")
+    source = load_source(str(image_folder))
+    assert source.unreadable == ["cat/gone.png (broken link)", "dog/loop (symlink loop)"]
+    assert "skipped 2 entries" in caplog.text and "cat/gone.png (broken link)" in caplog.text
+    out = tmp_path / "f.h5"
+    extract(ExtractConfig(dataset=str(image_folder), out=str(out), **TINY_EXTRACT))
+    assert read_features(out).meta.scan_skipped == source.unreadable
+    assert len(read_features(out).train) + len(read_features(out).val) == 18  # nothing counted twice
+
+
+def test_an_image_over_the_pixel_cap_is_unreadable_before_decoding(
+    image_folder: Path, tmp_path: Path, monkeypatch
+) -> None:
+    from PIL import Image
+
+    from pipeline import datasets
+
+    Image.new("1", (200, 100)).save(image_folder / "cat" / "bomb.png")  # 20,000 pixels
+    monkeypatch.setattr(datasets, "MAX_PIXELS", 10_000)
+    with pytest.raises(ValueError, match="200x100 pixels is over"):
+        datasets.load_image(image_folder / "cat" / "bomb.png")
+    result = extract(
+        ExtractConfig(dataset=str(image_folder), out=str(tmp_path / "f.h5"), skip_bad=True, **TINY_EXTRACT)
+    )
+    assert sum(result.skipped.values(), []) == ["cat/bomb.png"]
+
+
+def test_verify_content_catches_swapped_images_with_restored_times(tmp_path: Path) -> None:
+    from PIL import Image
+
+    folder = write_image_folder(tmp_path / "img", per_class=3, size=(16, 16))
+    a, b = folder / "cat" / "x.bmp", folder / "dog" / "y.bmp"  # uncompressed: equal sizes, other pixels
+    Image.new("RGB", (16, 16), (200, 0, 0)).save(a)
+    Image.new("RGB", (16, 16), (0, 0, 200)).save(b)
+    assert a.stat().st_size == b.stat().st_size  # same size: the stat identity cannot tell them apart
+    stat_before, content_before = _fp(folder), _fp(folder, verify="content")
+    times = [(p.stat().st_atime_ns, p.stat().st_mtime_ns) for p in (a, b)]
+    data_a, data_b = a.read_bytes(), b.read_bytes()
+    a.write_bytes(data_b)
+    b.write_bytes(data_a)
+    for p, t in zip((a, b), times):
+        os.utime(p, ns=t)
+    assert _fp(folder) == stat_before  # the default checks path, size and modification time only
+    assert _fp(folder, verify="content") != content_before != stat_before
+
+
+def test_a_file_name_that_is_not_utf8_is_stored_escaped(image_folder: Path, tmp_path: Path) -> None:
+    src = image_folder / "cat" / "000.png"
+    odd = os.path.join(os.fsencode(image_folder / "cat"), b"caf\xe9.png")
+    with open(odd, "wb") as fh:
+        fh.write(src.read_bytes())
+    out = tmp_path / "f.h5"
+    extract(ExtractConfig(dataset=str(image_folder), out=str(out), **TINY_EXTRACT))
+    fs = read_features(out)
+    assert "cat/caf\\xe9.png" in list(fs.train.ids) + list(fs.val.ids)

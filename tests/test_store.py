@@ -3,6 +3,7 @@ files with a message that says which problem, many readers at once, and the writ
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from pipeline import store
 from pipeline.errors import PipelineError
 from pipeline.store import FeatureWriter, FileLock, read_features, read_meta, tmp_path_for
 from tests.conftest import write_feature_file
@@ -160,12 +162,12 @@ def test_partial_file_with_other_settings_is_kept(tmp_path: Path) -> None:
         )
     assert tmp_path_for(path).read_bytes() == before
 
-    def disk_full(*args: object) -> None:
+    def disk_full(*args: object, **kw: object) -> None:
         raise OSError(28, "No space left on device")
 
     with pytest.MonkeyPatch.context() as mp:  # copying the committed rows fails: the partial file stays, said so
-        mp.setattr(FeatureWriter, "_copy_committed", disk_full)
-        with pytest.raises(PipelineError, match="cannot carry over the committed rows.*No space left.*--force"):
+        mp.setattr(store, "_blocks", disk_full)
+        with pytest.raises(PipelineError, match=r"^disk full: 2 rows kept in .*f\.h5\.tmp; free space and rerun$"):
             _writer(path, data)
     assert tmp_path_for(path).read_bytes() == before
     assert not tmp_path_for(path).with_name(tmp_path_for(path).name + ".resume").exists()
@@ -425,3 +427,246 @@ def test_read_meta_of_a_written_file(feature_file: Path) -> None:
 def test_default_fixture_still_writes_valid_files(tmp_path: Path) -> None:
     path = write_feature_file(tmp_path / "x.h5", n_train=10, n_val=0)
     assert len(read_features(path).val) == 0
+
+
+# ------------------------------------------------------------------------------------------ the record
+
+
+def _full_meta() -> store.FeatureMeta:
+    return store.FeatureMeta(
+        fingerprint="f" * 64,
+        backbone="resnet18",
+        weights="none(seed=0)",
+        feature_dim=4,
+        num_classes=2,
+        preprocessing={"crop_size": 32, "mean": [0.5, 0.5, 0.5]},
+        dataset="imgs",
+        dataset_identity={"kind": "folder", "num_files": 3},
+        identity={"backbone": "resnet18", "dataset": {"kind": "folder"}},
+        config={"batch_size": 8, "limit": None},
+        classifier_path="fc",
+        versions={"h5py": "3"},
+        device="cpu",
+        precision="fp32",
+        scan_skipped=["cat/loop (symlink loop)"],
+    )
+
+
+def _tiny_file(path: Path, meta: store.FeatureMeta | dict, **finish: object) -> Path:
+    w = FeatureWriter(path, meta=meta, classes=["a", "b"], sizes={"train": 2, "val": 1}, feature_dim=4)
+    w.append("train", np.ones((2, 4), np.float32), np.array([0, 1]), ["x", "y"], seen=2)
+    w.append("val", np.ones((1, 4), np.float32), np.array([1]), ["z"], seen=1)
+    w.finish(finish)
+    return path
+
+
+def test_every_attribute_reads_back_as_the_type_it_was_written_as(tmp_path: Path) -> None:
+    meta = _full_meta()
+    path = _tiny_file(tmp_path / "f.h5", meta, extract_seconds=1.5, resumed_from={"train": 2, "val": 0})
+    got = read_meta(path)
+    for name in (f.name for f in dataclasses.fields(store.FeatureMeta)):
+        if name in ("created", "complete", "extract_seconds", "resumed_from"):
+            continue
+        assert getattr(got, name) == getattr(meta, name), name
+        assert type(getattr(got, name)) is type(getattr(meta, name)), name
+    assert got.complete is True and got.extract_seconds == 1.5 and got.resumed_from == {"train": 2, "val": 0}
+    assert got["identity"] == meta.identity and isinstance(got["resumed_from"], dict)  # were JSON text
+    assert read_features(path).meta["preprocessing"]["crop_size"] == 32  # stage two indexes it like a dict
+    with h5py.File(path) as f:  # every attribute the file holds is a field of the record
+        assert set(f.attrs) <= {f.name for f in dataclasses.fields(store.FeatureMeta)}
+
+
+def test_a_version_1_file_of_the_previous_writer_is_read(tmp_path: Path) -> None:
+    """Attributes exactly as version 1 wrote them before the record existed: every dict as JSON text."""
+    path = tmp_path / "v1.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs.update(
+            fingerprint="abc",
+            backbone="resnet18",
+            weights="none(seed=0)",
+            feature_dim=np.int64(4),
+            num_classes=2,
+            preprocessing=json.dumps({"crop_size": 32}),
+            dataset="imgs",
+            dataset_identity=json.dumps({"kind": "folder"}),
+            identity=json.dumps({"backbone": "resnet18"}),
+            config=json.dumps({"batch_size": 8}),
+            classifier_path="fc",
+            versions=json.dumps({"h5py": "3"}),
+            device="cpu",
+            precision="fp32",
+            format="pipeline.cached-embeddings",
+            schema_version=1,
+            complete=np.True_,
+            created="2026-01-01T00:00:00+00:00",
+            extract_seconds=2.5,
+            resumed_from=json.dumps({"train": 0, "val": 0}),
+            merge=json.dumps({"shards": 2, "seconds": 0.1}),
+        )
+        f["classes"] = np.array(["a", "b"], dtype=object)
+        for s, n in (("train", 2), ("val", 1)):
+            g = f.create_group(s)
+            g["features"] = np.zeros((n, 4), np.float32)
+            g["labels"] = np.zeros(n, np.int64)
+            g["ids"] = np.array([str(i) for i in range(n)], dtype=object)
+            g.attrs.update(n_total=n, n_seen=n, n_rows=n, skipped="[]")
+    meta = read_features(path).meta
+    assert meta.identity == {"backbone": "resnet18"} and meta.resumed_from == {"train": 0, "val": 0}
+    assert meta.merge == {"shards": 2, "seconds": 0.1} and meta["preprocessing"] == {"crop_size": 32}
+    assert meta.feature_dim == 4 and type(meta.feature_dim) is int and meta.complete is True
+
+
+def test_a_partial_file_of_the_same_settings_but_another_shape_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "f.h5"
+    w = FeatureWriter(path, meta={"fingerprint": "same"}, classes=["a", "b"], sizes={"train": 3}, feature_dim=4)
+    w.append("train", np.ones((2, 4), np.float32), np.array([0, 1]), ["x", "y"], seen=2)
+    w.close()
+    with pytest.raises(PipelineError) as e:
+        FeatureWriter(path, meta={"fingerprint": "same"}, classes=["a", "b"], sizes={"train": 3}, feature_dim=5)
+    assert "other settings" not in str(e.value) and "not their shape" in str(e.value) and "train 4" in str(e.value)
+
+
+def test_describe_change_names_what_differs() -> None:
+    old = {
+        "backbone": "resnet18",
+        "weights": "none(seed=0)",
+        "preprocessing": {"crop_size": 32, "resize_size": 36},
+        "dataset": {"kind": "folder", "files_sha256": "a", "num_files": 5, "limit": 4},
+        "dtype": "float32",
+    }
+    new = {**old, "backbone": "resnet50", "preprocessing": {"crop_size": 48, "resize_size": 36}}
+    new["dataset"] = {**old["dataset"], "files_sha256": "b", "num_files": 6, "limit": 5}
+    files_old = {"cat/1.png": "1", "cat/2.png": "2", "dog/1.png": "3"}
+    files_new = {"cat/1.png": "1", "cat/2.png": "X", "dog/2.png": "4", "dog/3.png": "5"}
+    line = store.describe_change(old, new, old_files=files_old, new_files=files_new)
+    assert line == (
+        "backbone resnet18 -> resnet50; preprocessing (crop_size 32 -> 48); "
+        "dataset (files: 2 added, 1 removed, 1 changed, limit 4 -> 5)"
+    )
+    assert store.describe_change(old, {**old, "precision": "bf16"}) == "precision absent -> bf16"
+
+
+# ------------------------------------------------------------------------------------------ a full disk
+
+
+def _commits(path: Path, n: int, **kw: object) -> FeatureWriter:
+    w = FeatureWriter(
+        path,
+        meta={"fingerprint": "fp", "feature_dim": 4},
+        classes=["a", "b"],
+        sizes={"train": 10},
+        feature_dim=4,
+        flush_every=1,
+        **kw,
+    )
+    for i in range(n):
+        w.append("train", np.full((1, 4), i, np.float32), np.array([i % 2]), [f"r{i}"], seen=1)
+    return w
+
+
+def test_no_room_for_a_commit_keeps_the_last_one(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "f.h5"
+    w = _commits(path, 3)
+    monkeypatch.setattr(store, "_room_for", lambda *a, **kw: False)
+    with pytest.raises(store.DiskFull, match=r"^disk full: 3 rows kept in .*f\.h5\.tmp; free space and rerun$"):
+        w.append("train", np.ones((1, 4), np.float32), np.array([0]), ["r3"], seen=1)
+    w.close()  # after a failed commit: nothing more is written, no error
+    before = tmp_path_for(path).read_bytes()
+    with pytest.raises(store.DiskFull, match="disk full: 3 rows kept"):  # no room to resume either: kept as is
+        _commits(path, 0)
+    assert tmp_path_for(path).read_bytes() == before
+    assert not tmp_path_for(path).with_name("f.h5.tmp.resume").exists()
+    monkeypatch.undo()
+    again = _commits(path, 0)
+    assert again.seen("train") == 3 and again.rows("train") == 3
+
+
+def test_a_failed_write_is_fatal_for_its_commit_and_the_counters_stay(tmp_path: Path, monkeypatch) -> None:
+    """The error comes from inside HDF5's write: the counters on disk still describe the last good commit."""
+    path = tmp_path / "f.h5"
+    w = _commits(path, 2)
+    real = FeatureWriter._write_rows
+
+    def failing(g, at, blocks):
+        real(g, at, blocks)  # the rows are half on their way when the disk fills
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(FeatureWriter, "_write_rows", staticmethod(failing))
+    with pytest.raises(store.DiskFull, match="^disk full: 2 rows kept in"):
+        w.append("train", np.ones((1, 4), np.float32), np.array([0]), ["r2"], seen=1)
+    w.close()
+    monkeypatch.undo()
+    with h5py.File(tmp_path_for(path)) as f:
+        assert f["train"].attrs["n_rows"] == 2 and f["train"].attrs["n_seen"] == 2
+    again = _commits(path, 0)
+    assert again.seen("train") == 2
+    for i in range(2, 10):
+        again.append("train", np.full((1, 4), i, np.float32), np.array([i % 2]), [f"r{i}"], seen=1)
+    again.finish()
+    got = read_features(path, splits=("train",)).train
+    assert got.features[:, 0].tolist() == list(range(10)) and list(got.ids) == [f"r{i}" for i in range(10)]
+
+
+_FSIZE = """
+import resource, signal, sys
+import numpy as np
+from pathlib import Path
+from pipeline.errors import PipelineError
+from pipeline.store import FeatureWriter
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # writes past the limit fail with EFBIG instead of killing us
+limit = int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+meta = {"fingerprint": "fp", "feature_dim": 256}
+w = FeatureWriter(Path(sys.argv[1]), meta=meta, classes=["a", "b"], sizes={"train": 4000}, feature_dim=256,
+                  flush_every=1)
+try:
+    for i in range(40):
+        w.append("train", np.full((100, 256), i, np.float32), np.arange(100) % 2, [str(i)] * 100, seen=100)
+    w.finish()
+except PipelineError as e:
+    print(e)
+    sys.exit(1)
+"""
+
+
+@pytest.mark.parametrize("limit", [200_000, 1_500_000])
+def test_a_file_size_limit_is_a_full_disk_and_the_rows_before_it_resume(tmp_path: Path, limit: int) -> None:
+    """``ulimit -f`` in a real process: HDF5's writes would fail with EFBIG (and h5py crashed at exit after one
+    failed flush); the space check stops before that, says so in one line, and the rows kept resume."""
+    path = tmp_path / "f.h5"
+    proc = subprocess.run(
+        [sys.executable, "-c", _FSIZE, str(path), str(limit)], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    line = proc.stdout.strip()
+    assert line.startswith("disk full: ") and line.endswith(f"rows kept in {path}.tmp; free space and rerun"), line
+    kept = int(line.split()[2])
+    assert kept % 100 == 0 and (kept > 0) == (limit > 1_000_000)
+    again = FeatureWriter(
+        path, meta={"fingerprint": "fp", "feature_dim": 256}, classes=["a", "b"], sizes={"train": 4000}, feature_dim=256
+    )
+    assert again.rows("train") == kept
+    for i in range(kept // 100, 40):
+        again.append("train", np.full((100, 256), i, np.float32), np.arange(100) % 2, [str(i)] * 100, seen=100)
+    again.finish()
+    got = read_features(path, splits=("train",)).train.features
+    assert np.array_equal(got[::100, 0], np.arange(40, dtype=np.float32))
+
+
+def test_an_output_name_too_long_for_its_companions_is_refused_up_front(tmp_path: Path) -> None:
+    path = tmp_path / ("x" * 248 + ".h5")
+    with pytest.raises(PipelineError, match="too long.*shorter --out"):
+        FeatureWriter(path, meta={"fingerprint": "fp"}, classes=["a", "b"], sizes={"train": 1}, feature_dim=2)
+    assert list(tmp_path.iterdir()) == []
+    ok = tmp_path / ("x" * 240 + ".h5")  # 240 + 3 + 11 (.tmp.resume) fits 255
+    FeatureWriter(ok, meta={"fingerprint": "fp"}, classes=["a", "b"], sizes={"train": 1}, feature_dim=2).close()
+
+
+def test_a_split_left_without_rows_is_refused_when_finishing(tmp_path: Path) -> None:
+    path = tmp_path / "f.h5"
+    w = FeatureWriter(path, meta={"fingerprint": "fp"}, classes=["a", "b"], sizes={"train": 2, "val": 2}, feature_dim=2)
+    w.append("train", np.ones((2, 2), np.float32), np.array([0, 1]), ["x", "y"], seen=2)
+    w.append("val", np.zeros((0, 2), np.float32), np.zeros(0, np.int64), [], seen=2, skipped=["v1", "v2"])
+    with pytest.raises(PipelineError, match="every one of the 2 val images was unreadable"):
+        w.finish()
+    assert not path.exists()
