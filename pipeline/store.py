@@ -51,6 +51,7 @@ import resource
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -108,7 +109,6 @@ def check_output_name(path: Path) -> None:
 
 def library_versions() -> dict[str, str]:
     """Versions of everything that computes or stores the features (imported here only when a file is written)."""
-    import sklearn
     import torch
     import torchvision
 
@@ -120,9 +120,17 @@ def library_versions() -> dict[str, str]:
         "torchvision": torchvision.__version__,
         "numpy": np.__version__,
         "h5py": h5py.__version__,
-        "scikit-learn": sklearn.__version__,
+        "scikit-learn": _version("scikit-learn"),
         "python": platform.python_version(),
     }
+
+
+def _version(dist: str) -> str:
+    """A package's version without importing it (scikit-learn alone takes ~1 s to import; extraction never uses it)."""
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
 
 
 # --------------------------------------------------------------------------------------------- the record
@@ -883,12 +891,13 @@ class FeatureWriter:
         seen: int,
         skipped: list[str] = (),
     ) -> None:
-        """Append rows for ``seen`` consumed source samples (``skipped`` of them unreadable)."""
+        """Append rows for ``seen`` consumed source samples (``skipped`` of them unreadable). The rows are copied:
+        they are held until the next commit, and callers reuse their buffers (the extraction's pinned ring)."""
         if self._dead:
             raise PipelineError(f"{self.tmp} was closed after a failed write")
         p = self._progress[split]
         if len(labels):
-            self._pending[split].append((features.astype(self.dtype, copy=False), np.asarray(labels), list(ids)))
+            self._pending[split].append((features.astype(self.dtype, copy=True), np.array(labels), list(ids)))
         # One assignment, after the rows are held: an interrupt anywhere above leaves the old progress.
         self._progress[split] = Progress(p.rows + len(labels), p.seen + seen, (*p.skipped, *skipped))
         self._writes += 1

@@ -107,6 +107,25 @@ def test_round_trip_is_unchanged(data: dict) -> None:
         _assert_holds(path, data)
 
 
+def test_append_copies_the_rows_it_holds(tmp_path: Path) -> None:
+    """Rows wait in memory until the next commit, and the extraction appends from a ring of reused pinned buffers:
+    the writer must keep the values at the time of ``append``, not a view that the next batch overwrites."""
+    rng = np.random.default_rng(0)
+    feats = rng.standard_normal((12, 4)).astype(np.float32)
+    data = {"classes": ["a", "b"], "dim": 4, "dtype": "float32", "flush_every": 100}
+    data["splits"] = {"train": {"labels": np.arange(12) % 2}, "val": {"labels": np.zeros(0, np.int64)}}
+    w = _writer(tmp_path / "f.h5", data)
+    buf = np.empty((3, 4), np.float32)  # one buffer reused for every batch, as the extraction's ring does
+    labels = np.empty(3, np.int64)
+    for lo in range(0, 12, 3):
+        buf[:], labels[:] = feats[lo : lo + 3], np.arange(lo, lo + 3) % 2
+        w.append("train", buf, labels, [str(i) for i in range(lo, lo + 3)], seen=3)
+    w.finish()
+    got = read_features(tmp_path / "f.h5").train
+    np.testing.assert_array_equal(got.features, feats)
+    np.testing.assert_array_equal(got.labels, np.arange(12) % 2)
+
+
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(data=feature_sets(), stop_after=st.integers(0, 8))
 def test_crash_then_resume_gives_the_same_file(data: dict, stop_after: int) -> None:
