@@ -72,7 +72,12 @@ def cli(verbose: int) -> None:
     "--image-size", type=click.IntRange(16, 1024), default=None, help="Crop size (default: the weights' own)."
 )
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
-@click.option("--batch-size", type=_positive_int, default=64, show_default=True)
+@click.option(
+    "--batch-size",
+    type=_positive_int,
+    default=None,
+    help="Images per batch (default: by device: 64 on CPU, 512 on a GPU).",
+)
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Loader processes (default: by device).")
 @click.option(
     "--dtype",
@@ -84,13 +89,18 @@ def cli(verbose: int) -> None:
 @click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 autocast for the backbone on CUDA.")
 @click.option(
     "--preprocess",
-    type=click.Choice(["auto", "loader", "device"]),
+    type=click.Choice(["auto", "loader", "device", "gpu-decode"]),
     default="auto",
     show_default=True,
-    help="Where to resize/crop/normalise: 'device' moves uint8 batches of in-memory datasets (CIFAR, MNIST) "
-    "to the GPU first; 'loader' uses PIL in worker processes; 'auto' = device on CUDA when possible.",
+    help="Where to decode/resize/crop: 'device' moves uint8 batches of in-memory datasets (CIFAR, MNIST) "
+    "to the GPU first; 'gpu-decode' decodes the JPEGs of a folder on the GPU; 'loader' uses PIL in worker "
+    "processes; 'auto' = device or gpu-decode on CUDA, loader on CPU.",
 )
-@click.option("--compile/--no-compile", default=False, show_default=True, help="torch.compile the backbone.")
+@click.option(
+    "--compile/--no-compile",
+    default=None,
+    help="torch.compile the backbone (default: only on CUDA runs large enough to earn the compile time back).",
+)
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images (listed in the file and the summary).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Initialisation seed for --weights none.")
 @click.option(

@@ -4,21 +4,33 @@ from __future__ import annotations
 
 import logging
 import platform
+import queue
+import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
-import sklearn
 import torch
 import torchvision
 from tqdm import tqdm
 
 import pipeline
 from pipeline.backbones import Backbone, Preprocessing, load_backbone
-from pipeline.batches import PREPROCESS_MODES, SourceSettings, choose_source, default_workers, open_source
+from pipeline.batches import (
+    PREPROCESS_MODES,
+    Batch,
+    SourceSettings,
+    choose_source,
+    default_batch_size,
+    default_prefetch,
+    default_workers,
+    error_line,
+    open_source,
+)
 from pipeline.datasets import Source, Split, load_source
 from pipeline.devices import DEVICES, resolve_device
 from pipeline.errors import PipelineError, raise_if_stopped
@@ -47,7 +59,7 @@ class ExtractConfig:
     limit: int | None = None
     image_size: int | None = None
     device: str = "auto"
-    batch_size: int = 64
+    batch_size: int | None = None  # None: chosen from the device and crop size (64 on CPU, 512 at 224 px on a GPU)
     workers: int | None = None  # None: chosen from the device and CPU count
     out: str | None = None
     force: bool = False
@@ -57,7 +69,8 @@ class ExtractConfig:
     seed: int = 0  # initialisation seed for --weights none
     progress: bool = True
     preprocess: str = "auto"  # see PREPROCESS_MODES
-    compile: bool = False  # torch.compile the backbone (pays a compile once; worth it on large GPU runs)
+    # torch.compile the backbone; None: only on CUDA for runs of at least COMPILE_BREAK_EVEN_IMAGES images
+    compile: bool | None = None
 
     def __post_init__(self) -> None:
         if self.preprocess not in PREPROCESS_MODES:
@@ -68,7 +81,7 @@ class ExtractConfig:
             raise PipelineError(f"unknown device {self.device!r}; choose one of: {', '.join(DEVICES)}")
         if self.dtype not in FEATURE_DTYPES:
             raise PipelineError(f"unknown dtype {self.dtype!r}; choose one of: {', '.join(FEATURE_DTYPES)}")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise PipelineError(f"--batch-size must be at least 1, not {self.batch_size}")
         if self.limit is not None and self.limit < 1:
             raise PipelineError(f"--limit must be at least 1, not {self.limit}")
@@ -103,9 +116,17 @@ def library_versions() -> dict[str, str]:
         "torchvision": torchvision.__version__,
         "numpy": np.__version__,
         "h5py": h5py.__version__,
-        "scikit-learn": sklearn.__version__,
+        "scikit-learn": _version("scikit-learn"),
         "python": platform.python_version(),
     }
+
+
+def _version(dist: str) -> str:
+    """A package's version without importing it (scikit-learn alone takes ~1 s to import; extraction never uses it)."""
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def _precision(cfg: ExtractConfig, device: torch.device) -> str:
@@ -154,10 +175,22 @@ def default_out(cfg: ExtractConfig, source: Source, backbone: Backbone) -> Path:
 # ------------------------------------------------------------------------------------------ the model
 
 
+# torch.compile: the mode and the run size above which it pays. Inductor's default mode: "max-autotune" modes spend
+# minutes autotuning, which a one-pass extraction never earns back. The break-even is the images at which compile
+# time equals the time it saves, measured by `make bench-gpu` (section "compile"); until it is measured on a GPU it is
+# estimated from the H200 figures in FACTS.md (~16 s of compile, ~15% faster forward at ~35,000 images/s).
+COMPILE_MODE = "default"
+COMPILE_BREAK_EVEN_IMAGES = 2_000_000
+
+
 def prepare_model(backbone: Backbone, device: torch.device, *, compile: bool = False) -> torch.nn.Module:
     # channels_last: 3-5x faster convolutions on CPU here, and the tensor-core layout on CUDA.
     model = backbone.model.to(device).to(memory_format=torch.channels_last)
-    return torch.compile(model) if compile else model
+    if device.type == "cuda":
+        # Every batch has one shape (the last is padded, see _embed): cuDNN's autotuning runs once per layer and
+        # then picks the fastest kernels (depthwise convolutions, MobileNetV2's, have slow heuristic defaults).
+        torch.backends.cudnn.benchmark = True
+    return torch.compile(model, mode=COMPILE_MODE, dynamic=False) if compile else model
 
 
 @torch.inference_mode()
@@ -180,17 +213,139 @@ def embed_batch(
     return y.flatten(1).float()
 
 
+def _embed(model: torch.nn.Module, images: torch.Tensor, *, plan: ExtractPlan, cfg: ExtractConfig, geometry: bool):
+    """The one call of :func:`embed_batch`. A short batch is padded to ``plan.pad_to`` rows and the padding dropped:
+    one input shape for the whole run, so neither torch.compile nor cuDNN's autotuner meets a new one at the end."""
+    n = len(images)
+    if plan.pad_to and n < plan.pad_to:
+        images = torch.cat([images, images.new_zeros((plan.pad_to - n, *images.shape[1:]))])
+    feats = embed_batch(model, images, pre=plan.backbone.preprocess, device=plan.device, amp=cfg.amp, geometry=geometry)
+    return feats[:n]
+
+
+@dataclass
+class _Job:
+    split: str
+    slot: int | None  # the pinned host buffer holding the features; None for a batch of unreadable samples only
+    rows: int
+    event: Any  # CUDA event recorded after the copy to the host; None on the CPU
+    labels: np.ndarray
+    ids: list[str]
+    seen: int
+    skipped: list[str]
+
+
+class FeatureSink:
+    """Features on their way from the device to the file, off the main thread.
+
+    ``put`` starts a non-blocking copy of a batch of features into one of a few pinned host buffers (a ring), on a
+    side CUDA stream, and queues it; one writer thread waits for each copy (its event, not a device-wide
+    synchronisation) and calls ``writer.append``. The main thread meanwhile queues the next batches on the GPU. Once
+    started, only the writer thread touches the :class:`FeatureWriter` until :meth:`stop` has joined it. The ring
+    bounds how far the GPU runs ahead of the disk (``put`` waits for a free buffer).
+    """
+
+    def __init__(self, writer: FeatureWriter, *, device: torch.device, rows: int, slots: int = 4):
+        self.writer, self.device = writer, device
+        cuda = device.type == "cuda"
+        self._bufs = [torch.empty(rows, writer.dim, pin_memory=cuda) for _ in range(slots)]
+        self._free: queue.Queue[int] = queue.Queue()
+        for k in range(slots):
+            self._free.put(k)
+        self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        self._stream = torch.cuda.Stream(device) if cuda else None
+        self._abandon = False  # set by a second interrupt: stop appending, just let the thread end
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="feature-writer", daemon=True)
+        self._thread.start()
+        self._stopped = False
+
+    def put(
+        self,
+        split: str,
+        feats: torch.Tensor | None,
+        *,
+        labels: np.ndarray,
+        ids: list[str],
+        seen: int,
+        skipped: list[str],
+    ) -> None:
+        self.raise_error()
+        slot = event = None
+        rows = 0 if feats is None else len(feats)
+        if rows:
+            slot = self._take_slot()
+            host = self._bufs[slot][:rows]
+            if self._stream is None:
+                host.copy_(feats)
+            else:
+                self._stream.wait_stream(torch.cuda.current_stream(self.device))  # the forward that made feats
+                with torch.cuda.stream(self._stream):
+                    host.copy_(feats, non_blocking=True)
+                    event = torch.cuda.Event()
+                    event.record(self._stream)
+                feats.record_stream(self._stream)
+        self._jobs.put(_Job(split, slot, rows, event, labels, ids, seen, skipped))
+
+    def _take_slot(self) -> int:
+        while True:
+            try:
+                return self._free.get(timeout=0.1)
+            except queue.Empty:
+                self.raise_error()  # the writer died holding the buffers: say why instead of waiting forever
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                if self.error is None and not self._abandon:
+                    self._append(job)
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread by raise_error
+                self.error = e
+            finally:
+                if job.slot is not None:
+                    self._free.put(job.slot)
+
+    def _append(self, job: _Job) -> None:
+        if job.event is not None:
+            job.event.synchronize()
+        feats = self._bufs[job.slot][: job.rows].numpy() if job.slot is not None else np.zeros((0, self.writer.dim))
+        self.writer.append(job.split, feats, job.labels, job.ids, seen=job.seen, skipped=job.skipped)
+
+    def raise_error(self) -> None:
+        """Re-raise, on the calling thread, what stopped the writer thread (one line; the traceback at -v)."""
+        e = self.error
+        if e is None:
+            return
+        if isinstance(e, (PipelineError, KeyboardInterrupt)):  # already one line / the interrupt path
+            raise e
+        log.debug("the feature writer thread failed", exc_info=e)
+        raise PipelineError(
+            f"writing {self.writer.tmp} failed ({error_line(e)}); rerun the same command to resume"
+        ) from None
+
+    def stop(self) -> None:
+        """Append what is queued, then join the thread (every exit path calls this; it may be called twice). A second
+        Ctrl-C while it waits drops what is still queued: the file then holds fewer rows, all of them whole."""
+        if not self._stopped:
+            self._stopped = True
+            self._jobs.put(None)
+        while self._thread.is_alive():
+            try:
+                self._thread.join()
+            except KeyboardInterrupt:
+                self._abandon = True
+
+
 def _run_split(
     name: str,
     split: Split,
     *,
-    writer: FeatureWriter,
+    start: int,
+    sink: FeatureSink,
     model: torch.nn.Module,
     plan: ExtractPlan,
     cfg: ExtractConfig,
 ) -> int:
-    pre, device = plan.backbone.preprocess, plan.device
-    start = writer.seen(name)
     if start >= len(split):
         return 0
     if start:
@@ -209,26 +364,16 @@ def _run_split(
     batches = source.batches(start)
     try:
         for batch in batches:
-            if batch.bad and not cfg.skip_bad:
-                i, err = batch.bad[0]
-                raise PipelineError(f"cannot read image {split.ids[i]}: {err} (pass --skip-bad to skip such files)")
-            for i, err in batch.bad:
-                log.warning("skipped unreadable image %s: %s", split.ids[i], err)
-            feats = (
-                embed_batch(
-                    model, batch.images, pre=pre, device=device, amp=cfg.amp, geometry=source.geometry_on_device
-                )
-                .cpu()
-                .numpy()
-                if batch.images is not None
-                else np.zeros((0, writer.dim), np.float32)
-            )
+            _check_bad(batch, split, skip_bad=cfg.skip_bad)
+            feats = None
+            if batch.images is not None:
+                feats = _embed(model, batch.images, plan=plan, cfg=cfg, geometry=source.geometry_on_device)
             ok = batch.indices
-            writer.append(
+            sink.put(
                 name,
                 feats,
-                split.labels[ok],
-                [split.ids[i] for i in ok],
+                labels=split.labels[ok],
+                ids=[split.ids[i] for i in ok],
                 seen=batch.consumed,
                 skipped=[split.ids[i] for i, _ in batch.bad],
             )
@@ -236,9 +381,17 @@ def _run_split(
             bar.update(batch.consumed)
             raise_if_stopped()
     finally:
-        batches.close()  # stops loader workers on every exit path
+        batches.close()  # stops loader workers and reading threads on every exit path
         bar.close()
     return done
+
+
+def _check_bad(batch: Batch, split: Split, *, skip_bad: bool) -> None:
+    if batch.bad and not skip_bad:
+        i, err = batch.bad[0]
+        raise PipelineError(f"cannot read image {split.ids[i]}: {err} (pass --skip-bad to skip such files)")
+    for i, err in batch.bad:
+        log.warning("skipped unreadable image %s: %s", split.ids[i], err)
 
 
 # ------------------------------------------------------------------------------------------ entry point
@@ -278,6 +431,14 @@ class ExtractPlan:
     out: Path
     sources: dict[str, str]  # split -> batch source name (pipeline.batches.BATCH_SOURCES), decided once here
     settings: SourceSettings  # batch size, loader workers, preprocessing, device: what the sources run with
+    compile: bool = False  # torch.compile the backbone (cfg.compile, with None resolved by the run size)
+    pad_to: int = 0  # pad every batch to this many rows (0: no padding): one shape for compile and cuDNN
+
+    def recorded_config(self, cfg: ExtractConfig) -> dict[str, Any]:
+        """The file's ``config``: the options with every ``None`` (= by device) replaced by the value used."""
+        s = self.settings
+        resolved = replace(cfg, batch_size=s.batch_size, workers=s.workers, compile=self.compile)
+        return {**asdict(resolved), **s.recorded(), "pad_to": self.pad_to}
 
 
 def plan_extraction(cfg: ExtractConfig, *, source: Source | None = None) -> ExtractPlan:
@@ -298,9 +459,34 @@ def plan_extraction(cfg: ExtractConfig, *, source: Source | None = None) -> Extr
     sources = {name: choose_source(cfg.preprocess, split, device) for name, split in source.splits.items()}
     identity = feature_identity(backbone=backbone, source=source, cfg=cfg, device=device, sources=sources)
     out = Path(cfg.out) if cfg.out else default_out(cfg, source, backbone)
-    workers = default_workers(device) if cfg.workers is None else cfg.workers
-    settings = SourceSettings(pre=backbone.preprocess, device=device, batch_size=cfg.batch_size, workers=workers)
-    return ExtractPlan(device, backbone, source, identity, fingerprint(identity), out, sources, settings)
+    settings = source_settings(cfg, device=device, pre=backbone.preprocess)
+    images = sum(len(split) for split in source.splits.values())
+    compile = cfg.compile if cfg.compile is not None else device.type == "cuda" and images >= COMPILE_BREAK_EVEN_IMAGES
+    pad_to = settings.batch_size if compile or device.type == "cuda" else 0
+    return ExtractPlan(
+        device,
+        backbone,
+        source,
+        identity,
+        fingerprint(identity),
+        out,
+        sources,
+        settings,
+        compile=compile,
+        pad_to=pad_to,
+    )
+
+
+def source_settings(cfg: ExtractConfig, *, device: torch.device, pre: Preprocessing) -> SourceSettings:
+    """Batch size, workers, pinned memory and prefetch: the user's values, else the device's defaults."""
+    return SourceSettings(
+        pre=pre,
+        device=device,
+        batch_size=cfg.batch_size or default_batch_size(device, crop_size=pre.crop_size),
+        workers=default_workers(device) if cfg.workers is None else cfg.workers,
+        pin_memory=device.type == "cuda",
+        prefetch=default_prefetch(device),
+    )
 
 
 def extract(cfg: ExtractConfig, *, plan: ExtractPlan | None = None) -> ExtractResult:
@@ -343,7 +529,7 @@ def _write(plan: ExtractPlan, *, cfg: ExtractConfig) -> ExtractResult:
         "dataset": source.name,
         "dataset_identity": source.identity,
         "identity": identity,
-        "config": asdict(cfg),
+        "config": plan.recorded_config(cfg),
         "classifier_path": backbone.classifier_path,
         "versions": library_versions(),
         "device": str(device),
@@ -357,12 +543,19 @@ def _write(plan: ExtractPlan, *, cfg: ExtractConfig) -> ExtractResult:
         feature_dim=backbone.feature_dim,
         dtype=cfg.dtype,
     )
-    model = prepare_model(backbone, device, compile=cfg.compile)
+    starts = {name: writer.seen(name) for name in source.splits}  # read before the writer thread owns the writer
+    model = prepare_model(backbone, device, compile=plan.compile)
+    sink = FeatureSink(writer, device=device, rows=plan.settings.batch_size)
     t0, done = time.perf_counter(), 0
     try:
+        if plan.compile:
+            _compile_now(model, plan=plan, cfg=cfg)
         for name, split in source.splits.items():
-            done += _run_split(name, split, writer=writer, model=model, plan=plan, cfg=cfg)
+            done += _run_split(name, split, start=starts[name], sink=sink, model=model, plan=plan, cfg=cfg)
+        sink.stop()
+        sink.raise_error()
     except KeyboardInterrupt:
+        sink.stop()
         writer.close()
         seen = sum(writer.seen(s) for s in source.splits)  # committed: what a rerun will not redo
         total = sum(len(v) for v in source.splits.values())
@@ -370,12 +563,9 @@ def _write(plan: ExtractPlan, *, cfg: ExtractConfig) -> ExtractResult:
             f"stopped after {seen} of {total} images; rerun the same command to resume ({writer.tmp} keeps them)"
         ) from None
     except BaseException as e:
+        sink.stop()
         writer.close()
-        if cfg.compile and type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise PipelineError(
-                f"--compile failed ({type(e).__name__}: {first}); rerun without --compile to resume"
-            ) from None
+        _raise_one_line(e, cfg=cfg, plan=plan)
         raise
     seconds = time.perf_counter() - t0
     skipped = {s: writer.skipped(s) for s in source.splits}
@@ -391,3 +581,27 @@ def _write(plan: ExtractPlan, *, cfg: ExtractConfig) -> ExtractResult:
         fingerprint=fp,
         resumed_from=dict(writer.start),
     )
+
+
+def _compile_now(model: torch.nn.Module, *, plan: ExtractPlan, cfg: ExtractConfig) -> None:
+    """Compile on a blank batch of the run's one shape, so the compile time is said, not hidden in the first batch."""
+    crop = plan.backbone.preprocess.crop_size
+    blank = torch.zeros((plan.pad_to, 3, crop, crop), dtype=torch.uint8, device=plan.device)
+    t0 = time.perf_counter()
+    _embed(model, blank, plan=plan, cfg=cfg, geometry=False)
+    if plan.device.type == "cuda":
+        torch.cuda.synchronize(plan.device)  # once, to time the compile
+    log.info("--compile: compiled %s in %.1f s (mode %s)", plan.backbone.name, time.perf_counter() - t0, COMPILE_MODE)
+
+
+def _raise_one_line(e: BaseException, *, cfg: ExtractConfig, plan: ExtractPlan) -> None:
+    """Errors a user can fix by changing an option become one line; the partial ``.tmp`` stays resumable."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if plan.compile and type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
+        raise PipelineError(
+            f"--compile failed ({type(e).__name__}: {first}); rerun without --compile to resume"
+        ) from None
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        raise PipelineError(
+            f"out of GPU memory at batch size {plan.settings.batch_size}; rerun with a smaller --batch-size to resume"
+        ) from None
