@@ -461,7 +461,7 @@ def plan_extraction(cfg: ExtractConfig, *, source: Source | None = None) -> Extr
     out = Path(cfg.out) if cfg.out else default_out(cfg, source, backbone)
     settings = source_settings(cfg, device=device, pre=backbone.preprocess)
     images = sum(len(split) for split in source.splits.values())
-    compile = cfg.compile if cfg.compile is not None else device.type == "cuda" and images >= COMPILE_BREAK_EVEN_IMAGES
+    compile = resolve_compile(cfg.compile, device=device, images=images)
     pad_to = settings.batch_size if compile or device.type == "cuda" else 0
     return ExtractPlan(
         device,
@@ -475,6 +475,13 @@ def plan_extraction(cfg: ExtractConfig, *, source: Source | None = None) -> Extr
         compile=compile,
         pad_to=pad_to,
     )
+
+
+def resolve_compile(choice: bool | None, *, device: torch.device, images: int) -> bool:
+    """``--compile`` as given, or (None) only on CUDA and only for runs that earn the compile time back."""
+    if choice is not None:
+        return choice
+    return device.type == "cuda" and images >= COMPILE_BREAK_EVEN_IMAGES
 
 
 def source_settings(cfg: ExtractConfig, *, device: torch.device, pre: Preprocessing) -> SourceSettings:

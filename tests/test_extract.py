@@ -133,3 +133,68 @@ def test_random_weights_are_reproducible(image_folder: Path, tmp_path: Path) -> 
     a = read_features(_run(image_folder, tmp_path / "a.h5").path)
     b = read_features(_run(image_folder, tmp_path / "b.h5").path)
     np.testing.assert_array_equal(a.train.features, b.train.features)
+
+
+# ------------------------------------------------------------------------------------------ the loop (issue 13)
+
+
+def test_resolved_defaults_are_recorded(image_folder: Path, tmp_path: Path) -> None:
+    """batch_size/workers/compile None mean "by device": the file records the values that ran, not None."""
+    res = _run(image_folder, tmp_path / "f.h5", batch_size=None, workers=None, compile=None)
+    config = read_features(res.path).meta["config"]
+    config = json.loads(config) if isinstance(config, str) else config
+    assert config["batch_size"] == 64 and config["workers"] == 2 and config["compile"] is False
+    assert config["pin_memory"] is False and config["prefetch"] == 2 and config["pad_to"] == 0
+
+
+def test_padded_last_batch_gives_the_same_features(image_folder: Path, tmp_path: Path) -> None:
+    """Padding every batch to one shape (CUDA, --compile) drops the padded rows: same rows, same features."""
+    from dataclasses import replace
+
+    from pipeline.extract import plan_extraction
+
+    cfg = ExtractConfig(dataset=str(image_folder), out=str(tmp_path / "pad.h5"), **{**TINY_EXTRACT, "batch_size": 4})
+    plan = plan_extraction(cfg)
+    padded = extract(cfg, plan=replace(plan, pad_to=8))  # 15 train rows: batches of 4 + 3, each padded to 8
+    plain = _run(image_folder, tmp_path / "plain.h5", batch_size=4)
+    a, b = read_features(padded.path), read_features(plain.path)
+    assert len(a.train) == 15 and list(a.train.ids) == list(b.train.ids)
+    np.testing.assert_allclose(a.train.features, b.train.features, rtol=1e-4, atol=1e-5)
+
+
+def test_compile_is_chosen_by_device_and_run_size() -> None:
+    import torch
+
+    from pipeline.extract import COMPILE_BREAK_EVEN_IMAGES, resolve_compile
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_compile(None, device=cuda, images=COMPILE_BREAK_EVEN_IMAGES)
+    assert not resolve_compile(None, device=cuda, images=COMPILE_BREAK_EVEN_IMAGES - 1)
+    assert not resolve_compile(None, device=cpu, images=10 * COMPILE_BREAK_EVEN_IMAGES)
+    assert resolve_compile(True, device=cpu, images=1) and not resolve_compile(False, device=cuda, images=10**9)
+
+
+def test_a_writer_thread_failure_is_one_line_and_keeps_the_tmp(
+    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from pipeline.store import FeatureWriter, tmp_path_for
+
+    real_append, calls = FeatureWriter.append, {"n": 0}
+
+    def append(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(28, "No space left on device")
+        return real_append(self, *a, **kw)
+
+    monkeypatch.setattr(FeatureWriter, "append", append)
+    out = tmp_path / "f.h5"
+    with pytest.raises(PipelineError, match=r"^writing .*f\.h5\.tmp failed \(OSError: .*No space left.*\); rerun"):
+        _run(image_folder, out, batch_size=2)
+    assert not any(t.name == "feature-writer" for t in threading.enumerate())  # joined on the error path
+    assert tmp_path_for(out).exists() and not out.exists()
+    monkeypatch.setattr(FeatureWriter, "append", real_append)
+    res = _run(image_folder, out, batch_size=2)  # resumes from what was committed
+    assert res.counts == {"train": 15, "val": 3}
