@@ -31,7 +31,7 @@ DEMO_SIZE    ?= 112
 DEMO_FEATURES      := artifacts/features/digits_mobilenet_v2_imagenet_img$(DEMO_SIZE).h5
 DEMO_FEATURES_NONE := artifacts/features/digits_mobilenet_v2_none_img$(DEMO_SIZE).h5
 
-.PHONY: install extract train-head compare export predict demo demo-none test bench lint clean help
+.PHONY: install extract train-head compare export predict demo demo-none test bench bench-gpu lint clean help
 
 help:
 	@echo "make demo        offline end-to-end run on committed data with real pretrained weights"
@@ -42,6 +42,7 @@ help:
 	@echo "make export      backbone + trained HEAD as one model: MODEL=$(MODEL)"
 	@echo "make predict     MODEL on IMAGES=<files or folders>, CSV to PREDS=$(PREDS)"
 	@echo "make bench       speed/memory benchmark (ratios measured side by side)"
+	@echo "make bench-gpu   the GPU path against bare forward and FLOP ceiling, < 5 min (one line without CUDA)"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -94,6 +95,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pipeline.bench
+
+# On a GPU machine without this venv: PYTHONPATH=. python -m pipeline.bench_gpu --out <path>.json
+BENCH_GPU_ARGS ?=
+bench-gpu: $(STAMP)
+	$(PY) -m pipeline.bench_gpu $(BENCH_GPU_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline tests

@@ -213,7 +213,8 @@ class LoaderSource(BatchSource):
             num_workers=s.workers,
             collate_fn=_collate,
             pin_memory=s.pin_memory,
-            prefetch_factor=s.prefetch if s.workers else None,
+            # Each worker keeps prefetch_factor batches in shared memory: at 512 x 224 px that is 77 MB a batch.
+            prefetch_factor=(s.prefetch if s.batch_size < 256 else 2) if s.workers else None,
             persistent_workers=False,
             worker_init_fn=_quiet_worker if s.workers else None,
         )
@@ -371,7 +372,8 @@ class GpuDecodeSource(BatchSource):
             except OSError as e:
                 raw.bad[i] = error_line(e)
                 continue
-            if data.startswith(JPEG_MAGIC):
+            # A JPEG without its end marker is truncated: PIL reports it (nvJPEG may decode it with a grey tail).
+            if data.startswith(JPEG_MAGIC) and data.rstrip(b"\0").endswith(b"\xff\xd9"):
                 raw.jpegs.append((i, torch.frombuffer(bytearray(data), dtype=torch.uint8)))
             else:
                 self._pil(raw, i)

@@ -103,6 +103,7 @@ class ExtractResult:
     images_per_second: float = 0.0
     fingerprint: str = ""
     resumed_from: dict[str, int] = field(default_factory=dict)  # samples per split a partial .tmp already held
+    compile_seconds: float = 0.0  # of ``seconds``, spent compiling the backbone (--compile)
 
 
 class ExtractInterrupted(PipelineError):
@@ -553,10 +554,10 @@ def _write(plan: ExtractPlan, *, cfg: ExtractConfig) -> ExtractResult:
     starts = {name: writer.seen(name) for name in source.splits}  # read before the writer thread owns the writer
     model = prepare_model(backbone, device, compile=plan.compile)
     sink = FeatureSink(writer, device=device, rows=plan.settings.batch_size)
-    t0, done = time.perf_counter(), 0
+    t0, done, compile_s = time.perf_counter(), 0, 0.0
     try:
         if plan.compile:
-            _compile_now(model, plan=plan, cfg=cfg)
+            compile_s = _compile_now(model, plan=plan, cfg=cfg)
         for name, split in source.splits.items():
             done += _run_split(name, split, start=starts[name], sink=sink, model=model, plan=plan, cfg=cfg)
         sink.stop()
@@ -587,10 +588,11 @@ def _write(plan: ExtractPlan, *, cfg: ExtractConfig) -> ExtractResult:
         images_per_second=done / seconds if seconds > 0 else 0.0,
         fingerprint=fp,
         resumed_from=dict(writer.start),
+        compile_seconds=compile_s,
     )
 
 
-def _compile_now(model: torch.nn.Module, *, plan: ExtractPlan, cfg: ExtractConfig) -> None:
+def _compile_now(model: torch.nn.Module, *, plan: ExtractPlan, cfg: ExtractConfig) -> float:
     """Compile on a blank batch of the run's one shape, so the compile time is said, not hidden in the first batch."""
     crop = plan.backbone.preprocess.crop_size
     blank = torch.zeros((plan.pad_to, 3, crop, crop), dtype=torch.uint8, device=plan.device)
@@ -598,7 +600,9 @@ def _compile_now(model: torch.nn.Module, *, plan: ExtractPlan, cfg: ExtractConfi
     _embed(model, blank, plan=plan, cfg=cfg, geometry=False)
     if plan.device.type == "cuda":
         torch.cuda.synchronize(plan.device)  # once, to time the compile
-    log.info("--compile: compiled %s in %.1f s (mode %s)", plan.backbone.name, time.perf_counter() - t0, COMPILE_MODE)
+    seconds = time.perf_counter() - t0
+    log.info("--compile: compiled %s in %.1f s (mode %s)", plan.backbone.name, seconds, COMPILE_MODE)
+    return seconds
 
 
 def _raise_one_line(e: BaseException, *, cfg: ExtractConfig, plan: ExtractPlan) -> None:

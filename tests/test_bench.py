@@ -68,3 +68,108 @@ def test_gpu_section_code_runs_on_cpu_at_tiny_size(tmp_path: Path) -> None:
     )
     assert out["status"] == "measured" and out["images"] == 16 and out["preprocess"] == "device"
     assert out["flops_per_image"] > 1e7 and out["ceiling_images_per_second"] > 0
+
+
+# ------------------------------------------------------------------------------------------ make bench-gpu
+
+
+def test_bench_gpu_without_cuda_says_so_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline import bench_gpu
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert bench_gpu.main([]) == 0
+    out = capsys.readouterr().out
+    assert len(out.strip().splitlines()) == 1 and "no CUDA" in out
+
+
+def test_bench_gpu_quick_records_failures_and_prints_the_table_last(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pipeline import bench_gpu
+
+    def boom(ctx):
+        raise ValueError("section exploded\nsecond line")
+
+    monkeypatch.setitem(bench_gpu.SECTIONS, "ceiling", boom)
+    out = tmp_path / "gpu.json"
+    assert bench_gpu.main(["--quick", "--out", str(out), "--sections", "ceiling,arrays,jpeg,compile,heads"]) == 0
+    result = json.loads(out.read_text())
+    assert result["ceiling"]["status"] == "failed: ValueError: section exploded"  # one line; the next ones ran
+    assert result["arrays"]["status"] == "measured" and result["arrays"]["best_batch"] in bench_gpu.QUICK.batch_sizes
+    assert result["arrays"]["defaults"]["batch_size"] == 64  # the CPU default, resolved
+    jpeg = result["jpeg"]
+    assert jpeg["status"] == "measured" and jpeg["gpu_decode"]["sources"] == ["gpu-decode"]
+    assert jpeg["agreement"]["cosine_min"] > 0.999
+    assert result["compile"]["status"].startswith("skipped") and result["heads"]["status"]
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[-1].startswith("|") and any("gpu-decode" in line for line in printed)
+    assert any("[ceiling] | OPEN" in line for line in printed)
+
+
+def _measured(**kw):
+    return {"status": "measured", **kw}
+
+
+def test_bench_gpu_table_covers_every_section() -> None:
+    """The rows a CUDA run prints, from a result shaped as the sections write it (no GPU here to make one)."""
+    from pipeline import bench_gpu
+
+    run = {"images_per_second": 30_000.0, "images": 60_000, "seconds": 2.0, "compile_seconds": 0.0, "batch_size": 512}
+    result = {
+        "ceiling": _measured(matmul_flops_per_second=7.8e14, ceiling_images_per_second={"resnet18": 216_000.0}),
+        "bare": _measured(
+            resnet18={"256": 38_000.0, "512": 39_000.0},
+            mobilenet_v2={"256": 28_000.0},
+            resnet50={"256": 15_000.0},
+            mobilenet_v2_no_cudnn_benchmark=9_000.0,
+        ),  # fmt: skip
+        "arrays": _measured(
+            defaults=run, best=run, best_batch=512, sync_calls_per_batch={"per_batch": 0.0, "where": []}
+        ),  # fmt: skip
+        "families": _measured(mobilenet_v2=run, resnet50=run),
+        "jpeg": _measured(
+            folder={"files": 20_000, "mean_bytes": 1e5},
+            gpu_decode=run,
+            loader=run,
+            agreement={"cosine_min": 0.99, "cosine_median": 0.999, "relative_l2_median": 0.04},
+        ),
+        "torchrun": _measured(plain={"wall_s": 10.0}, torchrun={"wall_s": 12.0}, torchrun_over_plain=1.2),
+        "startup": _measured(phases_s={"import torch": 2.0, "scikit-learn imported by extract": False}, wall_s=9.0),
+        "compile": _measured(
+            mode="default",
+            eager=run,
+            compiled={**run, "compile_seconds": 40.0},
+            compiled_steady_images_per_second=36_000.0,
+            break_even_images=7.2e6,
+            constant_in_use=2_000_000,
+        ),  # fmt: skip
+        "heads": {"status": "not available (No module named 'pipeline.bench_heads')"},
+    }
+    rows = bench_gpu.summary_rows(result)
+    table = bench_gpu.format_table(rows)
+    assert "| extract resnet18 arrays, defaults (batch 512) (img/s) | 30,000 | >= 0.9 x bare | 0.77 x bare |" in table
+    assert "0.18 x FLOP ceiling" in table  # ResNet18 bare at batch 512 against 216,000
+    for text in ("gpu-decode", "PIL loader", "torchrun", "start-up", "break-even", "7,200,000", "[heads] | OPEN"):
+        assert text in table, text
+
+
+def test_break_even_images() -> None:
+    from pipeline.bench_gpu import break_even_images
+
+    # 40 s of compile, 30,000 -> 40,000 img/s: each image saves 1/120,000 s
+    assert break_even_images(compile_s=40.0, eager_ips=30_000.0, compiled_ips=40_000.0) == pytest.approx(4.8e6)
+    assert break_even_images(compile_s=40.0, eager_ips=30_000.0, compiled_ips=29_000.0) is None
+
+
+def test_compile_measure_bookkeeping_on_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compile child's arithmetic with torch.compile stood in for by the eager model (inductor takes minutes
+    here): the compile time is reported apart from the run, and --compile pads the last batch."""
+    from pipeline import bench_gpu
+
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: model)
+    ctx = bench_gpu.Context(cfg=bench_gpu.QUICK, device=torch.device("cpu"), work=tmp_path, quick=True)
+    out = bench_gpu.compile_measure(ctx)
+    assert out["eager"]["images"] == out["compiled"]["images"] == bench_gpu.QUICK.compile_images
+    assert out["compiled"]["compile_seconds"] > 0 and out["eager"]["compile_seconds"] == 0
+    assert out["constant_in_use"] > 0 and out["mode"]
