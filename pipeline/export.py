@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 import torchvision
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 from torchvision.transforms import InterpolationMode
 
@@ -321,7 +321,8 @@ def _check_program(program: Any, model: nn.Module, crop: int) -> float:
 def _save_tensors(model: nn.Module, path: Path, identity: dict[str, Any]) -> None:
     # clone: safetensors refuses tensors that share memory, and a state_dict may hold views
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={IDENTITY_KEY: json.dumps(identity, sort_keys=True)})
+    # bytes written by us, not save_file: its file is created mode 0600 (unreadable to others), ours follows umask
+    path.write_bytes(save(state, metadata={IDENTITY_KEY: json.dumps(identity, sort_keys=True)}))
 
 
 def export_model(head_dir: Path | str, out: Path | str) -> ExportResult:

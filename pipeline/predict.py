@@ -88,6 +88,8 @@ def _read_tensors(path: Path, meta: ExportMeta) -> dict[str, torch.Tensor]:
     try:
         with safe_open(path, framework="pt") as f:
             recorded = json.loads((f.metadata() or {})[IDENTITY_KEY])
+            if not isinstance(recorded, dict):
+                raise ValueError(f"{IDENTITY_KEY} in its header is not a mapping")
             state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
     except Exception as e:  # noqa: BLE001 - safetensors (Rust) raises its own types; no code runs either way
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -138,7 +140,7 @@ def _probe(model: nn.Module, meta: ExportMeta) -> None:
     try:
         out = model(torch.zeros(1, 3, crop, crop))
     except Exception as e:  # noqa: BLE001 - e.g. a ViT given another image size
-        raise PipelineError(f"the model does not run at crop size {crop}: {str(e).splitlines()[0]}") from None
+        raise PipelineError(f"the model does not run on a {crop} x {crop} image: {str(e).splitlines()[0]}") from None
     if tuple(out.shape) != (1, len(meta.classes)):
         raise PipelineError(f"the model gives {tuple(out.shape[1:])} outputs for {len(meta.classes)} classes")
 

@@ -62,7 +62,8 @@ def _exported_vs_cached(clf: Classifier, head_dir: Path, features: Path, images:
 @pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v2"])
 def test_exported_logits_equal_head_on_cached_features(extracted: dict[str, Any], backbone: str) -> None:
     program = extracted[f"{backbone}-model"]
-    assert all(program.with_suffix(s).is_file() for s in (".pt2", ".safetensors", ".json"))
+    modes = {s: program.with_suffix(s).stat().st_mode & 0o777 for s in (".pt2", ".safetensors", ".json")}
+    assert len(set(modes.values())) == 1, modes  # all by umask (safetensors' own writer makes 0600 files)
     assert not program.with_suffix(".pth").exists()  # safetensors replaced the pickled state_dict
     clf = extracted[f"{backbone}-clf"]
     exported, cached = _exported_vs_cached(clf, extracted[f"{backbone}-head"], extracted[backbone], extracted["images"])
@@ -171,9 +172,9 @@ def _add_payload(program: Path, payload: bytes, *, where: str) -> None:
     """Put ``payload`` into the archive as torch.export.save would store it. ``constant``: an opaque (pickled)
     constant, a file ``data/constants/<opaque prefix>0`` and an entry marked ``use_pickle`` in the constants
     config (torch unpickles it with ``pickle.loads``); ``sample_inputs``: in place of the pickled sample inputs."""
-    from torch.export.pt2_archive.constants import CONSTANTS_DIR, OPAQUE_OBJ_FILENAME_PREFIX
-
-    name = f"{OPAQUE_OBJ_FILENAME_PREFIX}0"
+    constants = pytest.importorskip("torch.export.pt2_archive.constants")
+    CONSTANTS_DIR = constants.CONSTANTS_DIR
+    name = f"{getattr(constants, 'OPAQUE_OBJ_FILENAME_PREFIX', 'opaque_obj_')}0"
     original = program.read_bytes()
     with zipfile.ZipFile(io.BytesIO(original)) as zin, zipfile.ZipFile(program, "w") as zout:
         root = zin.namelist()[0].split("/", 1)[0]
@@ -212,7 +213,8 @@ def test_a_pickle_in_the_program_runs_no_code(
     _add_payload(model, pickle.dumps(_Exploit(marker)) if where == "constant" else payload.getvalue(), where=where)
     with contextlib.suppress(Exception):
         torch.export.load(model)
-    assert marker.exists(), "the crafted archive must run its payload under torch.export.load (else: no test)"
+    if not marker.exists():  # torch 2.14-2.15 do run it
+        pytest.skip(f"torch {torch.__version__} does not run a pickle {where} of a .pt2: no live payload to test")
     marker.unlink()
 
     images = extracted["images"] / "cat"
