@@ -275,7 +275,9 @@ def compare_cmd(features: str, heads: str, out: str | None, shots: str | None, *
 
 @cli.command("export")
 @click.option("--head", "head_dir", required=True, type=click.Path(file_okay=False), help="A trained head folder.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="MODEL.pt2 (.pth and .json beside it).")
+@click.option(
+    "--out", required=True, type=click.Path(dir_okay=False), help="MODEL.pt2 (.safetensors and .json beside it)."
+)
 def export_cmd(head_dir: str, out: str) -> None:
     """The frozen backbone with the trained head as its final layer: torch.export program + state_dict."""
     from pipeline.export import export_model
@@ -294,6 +296,7 @@ def export_cmd(head_dir: str, out: str) -> None:
 @click.option("--out", default="preds.csv", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--batch-size", type=_positive_int, default=32, show_default=True)
 @click.option("--top-k", type=_positive_int, default=3, show_default=True, help="Ranked classes per image.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def predict_cmd(model: str, images: tuple[str, ...], out: str, **opts: Any) -> None:
     """Classify image files and folders (recursively) with an exported model; write a CSV."""

@@ -2,10 +2,16 @@
 
 ``export_model`` writes three files side by side:
 
-    MODEL.pt2    a self-contained ``torch.export`` program: float (N, 3, S, S) normalised images -> (N, C) logits
-    MODEL.pth    its ``state_dict``; for a linear head (linear, logreg, centroid) it loads into the plain
-                 ``torchvision.models.get_model(backbone, num_classes=C)`` (``weights_only=True`` is enough)
-    MODEL.json   class names, preprocessing, backbone, weights and head: what ``predict`` needs besides the program
+    MODEL.pt2          a ``torch.export`` program, float (N, 3, S, S) normalised images -> (N, C) logits, for other
+                       tools. ``torch.export.load`` unpickles parts of such an archive: load only ones you trust.
+                       ``predict`` never opens it.
+    MODEL.safetensors  the whole model's ``state_dict`` (backbone and head), tensors only; what ``predict`` loads.
+                       For a linear head (linear, logreg, centroid) it loads into the plain
+                       ``torchvision.models.get_model(backbone, num_classes=C)``.
+    MODEL.json         class names, preprocessing, backbone, where the head sits and what it is (:class:`ExportMeta`)
+
+``predict`` rebuilds the model from MODEL.json (``torchvision.models.get_model(backbone, weights=None)``, the head's
+layer put where the classifier was) and loads the tensors: no pickle is read, so a crafted file cannot run code.
 
 The backbone is rebuilt from the head's ``config.json`` exactly as ``extract`` built it (same weights identity,
 same crop size), so the exported logits on an image equal the head's logits on that image's cached features.
@@ -15,22 +21,27 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torchvision
+from safetensors.torch import save
 from torch import nn
+from torchvision.transforms import InterpolationMode
 
-from pipeline.backbones import Backbone, file_sha256, load_backbone
+from pipeline.backbones import Backbone, Preprocessing, available_backbones, file_sha256, load_backbone
 from pipeline.errors import PipelineError
-from pipeline.fileio import atomic_write
-from pipeline.heads import Head, load_head
+from pipeline.fileio import atomic_write, write_json
+from pipeline.heads import Head, HeadConfig, build_head, load_head
 
 log = logging.getLogger(__name__)
 PROGRAM_SUFFIX = ".pt2"
 EXPORT_FORMAT = "pipeline.exported-classifier"
+EXPORT_VERSION = 2  # 2: MODEL.safetensors + head_layer in MODEL.json (1 had MODEL.pth, read through the program)
+IDENTITY_KEY = "pipeline.export"  # the safetensors metadata entry that repeats what MODEL.json says the model is
 
 
 @dataclass(frozen=True)
@@ -43,8 +54,200 @@ class ExportResult:
 
 
 def sidecar_paths(program: Path) -> tuple[Path, Path]:
-    """(state_dict, metadata) paths beside an exported ``.pt2`` program."""
-    return program.with_suffix(".pth"), program.with_suffix(".json")
+    """(tensors, metadata) paths beside an exported ``.pt2`` program."""
+    return program.with_suffix(".safetensors"), program.with_suffix(".json")
+
+
+# ------------------------------------------------------------------------------------------ MODEL.json
+
+
+def _int(value: Any, what: str, *, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise PipelineError(f"{what} must be an integer >= {low}, not {value!r}")
+    return value
+
+
+def _numbers(value: Any, what: str, *, positive: bool = False) -> tuple[float, ...]:
+    ok = isinstance(value, list) and len(value) == 3
+    ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    if not ok or (positive and min(value) <= 0):
+        kind = "positive" if positive else "finite"
+        raise PipelineError(f"{what} must be 3 {kind} numbers (one per RGB channel), not {value!r}")
+    return tuple(float(v) for v in value)
+
+
+def read_preprocessing(d: Any) -> Preprocessing:
+    """MODEL.json's ``preprocessing``, every field checked (a std of 0 or a 2-value mean gives wrong answers)."""
+    if not isinstance(d, dict) or set(d) != set(Preprocessing().as_dict()):
+        raise PipelineError(f"preprocessing must have the keys {sorted(Preprocessing().as_dict())}")
+    interpolations = [m.value for m in InterpolationMode]
+    if d["interpolation"] not in interpolations:
+        raise PipelineError(f"preprocessing.interpolation must be one of {interpolations}, not {d['interpolation']!r}")
+    return Preprocessing(
+        resize_size=_int(d["resize_size"], "preprocessing.resize_size"),
+        crop_size=_int(d["crop_size"], "preprocessing.crop_size"),
+        mean=_numbers(d["mean"], "preprocessing.mean"),
+        std=_numbers(d["std"], "preprocessing.std", positive=True),
+        interpolation=d["interpolation"],
+    )
+
+
+@dataclass(frozen=True)
+class HeadLayer:
+    """The head's layer, enough to rebuild it: one ``nn.Linear`` or the ``mlp`` head's ``nn.Sequential``."""
+
+    type: str  # "linear" | "mlp"
+    in_features: int
+    out_features: int
+    hidden: int | None = None  # mlp
+    dropout: float | None = None  # mlp (inactive in eval(); kept so the module is the head's own)
+
+    def __post_init__(self) -> None:
+        if self.type not in ("linear", "mlp"):
+            raise PipelineError(f"head_layer.type must be 'linear' or 'mlp', not {self.type!r}")
+        _int(self.in_features, "head_layer.in_features")
+        _int(self.out_features, "head_layer.out_features")
+        if self.type == "mlp":
+            _int(self.hidden, "head_layer.hidden")
+            ok = isinstance(self.dropout, (int, float)) and not isinstance(self.dropout, bool)
+            if not ok or not 0 <= self.dropout < 1:
+                raise PipelineError(f"head_layer.dropout must be in [0, 1), not {self.dropout!r}")
+
+    @classmethod
+    def of(cls, head: Head, layer: nn.Module) -> HeadLayer:
+        if isinstance(layer, nn.Linear):
+            return cls("linear", layer.in_features, layer.out_features)
+        if head.name == "mlp":  # the hidden size and dropout from the head's config, which built the layer
+            return cls("mlp", head.feature_dim, head.num_classes, head.cfg.hidden, head.cfg.dropout)
+        raise PipelineError(f"cannot describe a {head.name} head's layer ({type(layer).__name__}) for export")
+
+    def build(self, state: dict[str, torch.Tensor]) -> nn.Module:
+        """The layer with ``state`` (its tensors, named as in the layer) loaded; names or shapes that do not fit
+        are a :class:`PipelineError`. The mlp's layout is the head's own (``MLPHead.load_state``)."""
+        if self.type == "mlp":
+            cfg = HeadConfig(head="mlp", hidden=self.hidden, dropout=self.dropout)
+            head = build_head(cfg, num_classes=self.out_features, feature_dim=self.in_features)
+            head.load_state({k: v.numpy() for k, v in state.items()})
+            return head.as_module()
+        layer = nn.Linear(self.in_features, self.out_features)
+        wanted = {k: tuple(v.shape) for k, v in layer.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in state.items()}
+        if got != wanted:
+            raise PipelineError(f"the head's tensors {got} do not fit a linear layer {wanted}")
+        layer.load_state_dict(state)
+        return layer
+
+    def as_dict(self) -> dict[str, Any]:
+        d = {"type": self.type, "in_features": self.in_features, "out_features": self.out_features}
+        return d | ({"hidden": self.hidden, "dropout": self.dropout} if self.type == "mlp" else {})
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")  # a lone surrogate ("\\udcff" in JSON) cannot be written to the CSV
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class ExportMeta:
+    """What MODEL.json says the model is: all ``predict`` needs to rebuild it besides the tensors."""
+
+    classes: tuple[str, ...]
+    preprocessing: Preprocessing
+    backbone: str
+    classifier_path: str
+    head_layer: HeadLayer
+
+    def __post_init__(self) -> None:
+        classes = self.classes
+        if (
+            not classes
+            or not all(isinstance(c, str) and c and _utf8(c) for c in classes)
+            or len(set(classes)) != len(classes)
+        ):
+            raise PipelineError(f"classes must be a non-empty list of distinct names, not {list(classes)!r}")
+        if len(classes) != self.head_layer.out_features:
+            raise PipelineError(f"{len(classes)} class names for a head with {self.head_layer.out_features} outputs")
+        if self.backbone not in available_backbones():
+            raise PipelineError(f"unknown backbone {self.backbone!r}")
+        if not isinstance(self.classifier_path, str) or not self.classifier_path:
+            raise PipelineError(f"classifier_path must be a module path such as 'fc', not {self.classifier_path!r}")
+
+    def identity(self) -> dict[str, Any]:
+        """The facts that must agree between MODEL.json and the tensors file (class names may be edited)."""
+        return {
+            "backbone": self.backbone,
+            "classifier_path": self.classifier_path,
+            "preprocessing": self.preprocessing.as_dict(),
+            "head_layer": self.head_layer.as_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any) -> ExportMeta:
+        """MODEL.json, checked field by field; anything wrong is a one-line :class:`PipelineError`."""
+        if not isinstance(d, dict) or d.get("format") != EXPORT_FORMAT:
+            raise PipelineError("not written by `pipeline export` (no 'format' entry)")
+        if d.get("format_version") != EXPORT_VERSION:
+            raise PipelineError(
+                f"written by another version of `pipeline export` (format_version {d.get('format_version')!r}, "
+                f"this one reads {EXPORT_VERSION}); export the head again"
+            )
+        missing = [k for k in ("classes", "preprocessing", "backbone", "classifier_path", "head_layer") if k not in d]
+        if missing:
+            raise PipelineError(f"no {', '.join(missing)} entry")
+        if not isinstance(d["classes"], list) or not isinstance(d["head_layer"], dict):
+            raise PipelineError("classes must be a list and head_layer a mapping")
+        try:
+            layer = HeadLayer(**d["head_layer"])
+        except TypeError as e:
+            raise PipelineError(f"head_layer: {e}") from None
+        pre = read_preprocessing(d["preprocessing"])
+        return cls(tuple(d["classes"]), pre, d["backbone"], d["classifier_path"], layer)
+
+
+def read_meta(path: Path) -> ExportMeta:
+    """The one reader of MODEL.json."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"cannot read {path.name}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    try:
+        return ExportMeta.from_dict(d)
+    except PipelineError as e:
+        raise PipelineError(f"{path.name}: {e}") from None
+
+
+def _meta(config: dict[str, Any], head: Head, layer: nn.Module, backbone: Backbone, out: Path) -> dict[str, Any]:
+    """The one writer of MODEL.json: :class:`ExportMeta`'s fields plus what produced the model."""
+    meta = ExportMeta(tuple(config["classes"]), backbone.preprocess, backbone.name, backbone.classifier_path,
+                      HeadLayer.of(head, layer))  # fmt: skip
+    linear = meta.head_layer.type == "linear"
+    return {
+        "format": EXPORT_FORMAT,
+        "format_version": EXPORT_VERSION,
+        "program": out.name,
+        "tensors": sidecar_paths(out)[0].name,
+        "classes": list(meta.classes),
+        **meta.identity(),
+        "input": "float32 (N, 3, crop, crop): resize shorter side, centre crop, /255, normalise with mean/std",
+        "weights": backbone.weights,
+        "head": head.name,
+        "head_config": config.get("head_config"),
+        "features_fingerprint": config.get("features_fingerprint"),
+        "state_dict_loads_into": (
+            f"torchvision.models.get_model({backbone.name!r}, num_classes={len(meta.classes)})"
+            if linear
+            else f"torchvision.models.get_model({backbone.name!r}) with {backbone.classifier_path} replaced by the "
+            f"{head.name} head's nn.Sequential (head_layer)"
+        ),
+        "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__},
+    }
+
+
+# ------------------------------------------------------------------------------------------ the model
 
 
 def _weights_argument(config: dict[str, Any]) -> tuple[str, int]:
@@ -88,12 +291,16 @@ def rebuild_backbone(config: dict[str, Any]) -> Backbone:
     return backbone
 
 
-def attach_head(backbone: Backbone, layer: nn.Module) -> nn.Module:
-    """The backbone with ``layer`` (a head's ``as_module()``) where its original classifier sat (``fc``,
-    ``classifier.1``, ...)."""
-    model = backbone.model
-    model.set_submodule(backbone.classifier_path, layer)
+def attach_head(model: nn.Module, classifier_path: str, layer: nn.Module) -> nn.Module:
+    """``model`` with ``layer`` (a head's ``as_module()``) where its original classifier sat (``fc``,
+    ``classifier.1``, ...), in ``eval()`` mode with gradients off."""
+    model.set_submodule(classifier_path, layer)
     return model.eval().requires_grad_(False)
+
+
+def non_finite(state: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding NaN or inf, or None."""
+    return next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
 
 
 def _export_program(model: nn.Module, crop: int) -> Any:
@@ -111,49 +318,37 @@ def _check_program(program: Any, model: nn.Module, crop: int) -> float:
     return float((program.module()(x) - model(x)).abs().max())
 
 
-def _meta(config: dict[str, Any], head: Head, layer: nn.Module, backbone: Backbone, program: Path) -> dict[str, Any]:
-    linear = isinstance(layer, nn.Linear)
-    return {
-        "format": EXPORT_FORMAT,
-        "program": program.name,
-        "classes": config["classes"],
-        "preprocessing": config["preprocessing"],
-        "input": "float32 (N, 3, crop, crop): resize shorter side, centre crop, /255, normalise with mean/std",
-        "backbone": backbone.name,
-        "weights": backbone.weights,
-        "classifier_path": backbone.classifier_path,
-        "head": head.name,
-        "head_config": config.get("head_config"),
-        "features_fingerprint": config.get("features_fingerprint"),
-        "state_dict_loads_into": (
-            f"torchvision.models.get_model({backbone.name!r}, num_classes={len(config['classes'])})"
-            if linear
-            else f"torchvision.models.get_model({backbone.name!r}) with {backbone.classifier_path} replaced by the "
-            f"{head.name} head's nn.Sequential"
-        ),
-        "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__},
-    }
+def _save_tensors(model: nn.Module, path: Path, identity: dict[str, Any]) -> None:
+    # clone: safetensors refuses tensors that share memory, and a state_dict may hold views
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    # bytes written by us, not save_file: its file is created mode 0600 (unreadable to others), ours follows umask
+    path.write_bytes(save(state, metadata={IDENTITY_KEY: json.dumps(identity, sort_keys=True)}))
 
 
 def export_model(head_dir: Path | str, out: Path | str) -> ExportResult:
-    """Write ``out`` (a ``.pt2`` program) with its ``.pth`` state_dict and ``.json`` metadata beside it."""
+    """Write ``out`` (a ``.pt2`` program) with its ``.safetensors`` tensors and ``.json`` metadata beside it."""
     out = Path(out)
     if out.suffix != PROGRAM_SUFFIX:
-        raise PipelineError(f"--out must end in {PROGRAM_SUFFIX} (the .pth and .json are written beside it), not {out}")
+        raise PipelineError(
+            f"--out must end in {PROGRAM_SUFFIX} (the .safetensors and .json are written beside it), not {out}"
+        )
     head, config = load_head(Path(head_dir))
     layer = head.as_module()  # first: a head that cannot be a layer (knn) is refused before the backbone is built
+    bad = non_finite(layer.state_dict())
+    if bad is not None:
+        raise PipelineError(f"the head in {head_dir} has NaN or infinite values (in {bad}); train it again")
     backbone = rebuild_backbone(config)
-    model = attach_head(backbone, layer)
-    crop = int(config["preprocessing"]["crop_size"])
+    meta = _meta(config, head, layer, backbone, out)
+    model = attach_head(backbone.model, backbone.classifier_path, layer)
+    bad = non_finite(model.state_dict())
+    if bad is not None:
+        raise PipelineError(f"the backbone's weights have NaN or infinite values (in {bad}); nothing exported")
+    crop = backbone.preprocess.crop_size
     program = _export_program(model, crop)
     diff = _check_program(program, model, crop)
-    state_path, meta_path = sidecar_paths(out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(out, lambda p: torch.export.save(program, p))
-        atomic_write(state_path, lambda p: torch.save(model.state_dict(), p))
-        meta = _meta(config, head, layer, backbone, out)
-        atomic_write(meta_path, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
-    except OSError as e:
-        raise PipelineError(f"cannot write {out}: {e.strerror or e}") from None
-    return ExportResult(out, state_path, meta_path, list(config["classes"]), diff)
+    tensors_path, meta_path = sidecar_paths(out)
+    identity = ExportMeta.from_dict(meta).identity()
+    atomic_write(out, lambda p: torch.export.save(program, p))
+    atomic_write(tensors_path, lambda p: _save_tensors(model, p, identity))
+    write_json(meta_path, meta)
+    return ExportResult(out, tensors_path, meta_path, list(config["classes"]), diff)

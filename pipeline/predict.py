@@ -1,5 +1,8 @@
 """Predict: run an exported classifier (``export``) over image files and write one CSV row per image.
 
+The model is rebuilt from ``MODEL.json`` and ``MODEL.safetensors`` (tensors only, checked before use); the
+``MODEL.pt2`` program is never opened, since torch's loader for it unpickles and a crafted archive runs code.
+
 Columns: ``path``, ``class``, ``probability``, then ``class_2``, ``probability_2`` ... up to ``--top-k``, then
 ``error`` (empty unless the image could not be read: such an image is reported and skipped, never fatal).
 """
@@ -17,12 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torchvision
+from safetensors import safe_open
+from torch import nn
 from tqdm import tqdm
 
-from pipeline.backbones import Preprocessing
+from pipeline.backbones import Preprocessing, strip_classifier
 from pipeline.datasets import IMG_EXTENSIONS, load_image
+from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
-from pipeline.export import EXPORT_FORMAT, sidecar_paths
+from pipeline.export import IDENTITY_KEY, ExportMeta, attach_head, non_finite, read_meta, sidecar_paths
 from pipeline.fileio import atomic_path
 
 log = logging.getLogger(__name__)
@@ -30,60 +37,112 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Classifier:
-    """An exported program with the class names and preprocessing that travel beside it."""
+    """An exported model rebuilt for inference, with the class names and preprocessing that travel beside it."""
 
-    module: Any
+    module: nn.Module
     classes: list[str]
     preprocess: Preprocessing
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
 @dataclass
 class PredictResult:
     out: Path
     n_images: int
-    failed: dict[str, str] = field(default_factory=dict)  # path -> why it could not be read
+    failed: dict[str, str] = field(default_factory=dict)  # path (as shown) -> why it could not be read
     counts: Counter = field(default_factory=Counter)  # predicted class -> images
     seconds: float = 0.0
 
 
-def load_classifier(path: Path | str) -> Classifier:
-    """Load ``MODEL.pt2`` and ``MODEL.json`` as written by ``export``."""
+def shown(path: Path | str) -> str:
+    """A path as text any file or terminal takes: bytes that are not UTF-8 appear as ``\\xNN`` escapes
+    (``str(path)`` holds surrogates there, which a UTF-8 writer refuses)."""
+    return os.fsencode(path).decode("utf-8", errors="backslashreplace")
+
+
+def load_classifier(path: Path | str, *, device: str = "auto") -> Classifier:
+    """Rebuild the classifier ``export`` wrote as ``path`` (``MODEL.pt2``) from ``MODEL.json`` and the tensors in
+    ``MODEL.safetensors``. The program itself is never opened: torch's ``.pt2`` loader unpickles, safetensors holds
+    tensors only, so a crafted file cannot run code here. Anything damaged or inconsistent is a one-line error."""
     path = Path(path)
-    _, meta_path = sidecar_paths(path)
-    if not path.is_file():
-        raise PipelineError(f"model not found: {path} (write one with `python -m pipeline export`)")
-    if not meta_path.is_file():
-        raise PipelineError(f"{meta_path} is missing: predict needs the class names and preprocessing beside {path}")
+    dev = resolve_device(device)
+    tensors_path, meta_path = sidecar_paths(path)
+    if not tensors_path.is_file() and not meta_path.is_file():
+        raise PipelineError(f"model not found: {shown(path)} (write one with `python -m pipeline export`)")
     try:
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format") != EXPORT_FORMAT:
-            raise ValueError(f"not written by `pipeline export` (format {meta.get('format')!r})")
-        pre = Preprocessing.from_dict(meta["preprocessing"])
-        classes = list(meta["classes"])
-        program = _quiet_load(path)
-    except Exception as e:  # noqa: BLE001 - json, key, zip and torch errors all mean an unusable model file
-        raise PipelineError(f"cannot load model {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-    return Classifier(program.module(), classes, pre)
+        if not meta_path.is_file():
+            raise PipelineError(f"{meta_path.name} (class names, preprocessing) is missing beside it")
+        meta = read_meta(meta_path)
+        if not tensors_path.is_file():
+            raise PipelineError(f"{tensors_path.name} (the weights) is missing beside it; export the head again")
+        model = _assemble(meta, _read_tensors(tensors_path, meta))
+        _probe(model, meta)
+    except PipelineError as e:
+        raise PipelineError(shown(f"cannot load model {path}: {e}")) from None
+    model = model.to(dev, memory_format=torch.channels_last)  # the layout normalize() gives the batches
+    return Classifier(model, list(meta.classes), meta.preprocessing, dev)
 
 
-def _quiet_load(path: Path) -> Any:
-    """``torch.export.load`` without the tracebacks it logs before raising on a damaged file (we raise one line)."""
-    logger = logging.getLogger("torch.export")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    # torch.export's deserializer retries a failed weights_only unpickling with weights_only=False, which runs
-    # whatever a crafted .pt2 holds (checked on torch 2.15). Forcing weights_only for every torch.load inside
-    # turns that retry into a refusal.
-    forced = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+def _read_tensors(path: Path, meta: ExportMeta) -> dict[str, torch.Tensor]:
+    """The tensors of ``MODEL.safetensors``, whose header must describe the model MODEL.json describes."""
     try:
-        return torch.export.load(path)
-    finally:
-        logger.setLevel(level)
-        if forced is None:
-            del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
-        else:
-            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = forced
+        with safe_open(path, framework="pt") as f:
+            recorded = json.loads((f.metadata() or {})[IDENTITY_KEY])
+            if not isinstance(recorded, dict):
+                raise ValueError(f"{IDENTITY_KEY} in its header is not a mapping")
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except Exception as e:  # noqa: BLE001 - safetensors (Rust) raises its own types; no code runs either way
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise PipelineError(f"{path.name} is not a tensors file written by `pipeline export` ({reason})") from None
+    for key, value in meta.identity().items():
+        was = recorded.get(key)
+        if was != value:
+            if isinstance(was, dict) and isinstance(value, dict):  # name the entry that differs
+                diffs = ((f"{key}.{k}", v, was.get(k)) for k, v in value.items() if was.get(k) != v)
+                key, value, was = next(diffs, (key, value, was))
+            json_name = path.with_suffix(".json").name
+            raise PipelineError(f"{json_name} says {key} {value!r}, but {path.name} was exported with {was!r}")
+    return state
+
+
+def _assemble(meta: ExportMeta, state: dict[str, torch.Tensor]) -> nn.Module:
+    """torchvision's architecture, the head's layer where its classifier was, then every tensor checked (names,
+    shapes, dtypes, finite values) and loaded."""
+    bad = non_finite(state)
+    if bad is not None:
+        raise PipelineError(f"tensor {bad} holds NaN or infinite values")
+    with torch.random.fork_rng(devices=[]):  # the random init is overwritten; leave the caller's RNG alone
+        model = torchvision.models.get_model(meta.backbone, weights=None)
+    where = strip_classifier(model)
+    if where != meta.classifier_path:
+        raise PipelineError(f"{meta.backbone}'s classifier is {where!r}, not {meta.classifier_path!r}")
+    prefix = where + "."
+    layer = meta.head_layer.build({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+    model = attach_head(model, where, layer)
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = [f"{len(names)} {what} (e.g. {', '.join(names[:2])})" for what, names in
+                 (("missing", missing), ("unexpected", unexpected)) if names]  # fmt: skip
+        raise PipelineError(f"tensors do not fit {meta.backbone}: {'; '.join(parts)}")
+    for k, v in expected.items():
+        if state[k].shape != v.shape or state[k].dtype != v.dtype:
+            got, want = (f"{tuple(t.shape)} {str(t.dtype)[6:]}" for t in (state[k], v))
+            raise PipelineError(f"tensor {k} is {got}; {meta.backbone} needs {want}")
+    model.load_state_dict(state)
+    return model
+
+
+@torch.inference_mode()
+def _probe(model: nn.Module, meta: ExportMeta) -> None:
+    """One blank image through the model: it must run at the recorded crop size and give one logit per class."""
+    crop = meta.preprocessing.crop_size
+    try:
+        out = model(torch.zeros(1, 3, crop, crop))
+    except Exception as e:  # noqa: BLE001 - e.g. a ViT given another image size
+        raise PipelineError(f"the model does not run on a {crop} x {crop} image: {str(e).splitlines()[0]}") from None
+    if tuple(out.shape) != (1, len(meta.classes)):
+        raise PipelineError(f"the model gives {tuple(out.shape[1:])} outputs for {len(meta.classes)} classes")
 
 
 def collect_images(inputs: list[Path | str]) -> list[Path]:
@@ -95,9 +154,9 @@ def collect_images(inputs: list[Path | str]) -> list[Path]:
         elif item.is_file():
             files.append(item)
         else:
-            raise PipelineError(f"no such image or folder: {item}")
+            raise PipelineError(f"no such image or folder: {shown(item)}")
     if not files:
-        raise PipelineError(f"no images found in {', '.join(map(str, inputs))}")
+        raise PipelineError(f"no images found in {', '.join(map(shown, inputs))}")
     return files
 
 
@@ -108,8 +167,8 @@ def read_image(path: Path, pre: Preprocessing) -> torch.Tensor:
 @torch.inference_mode()
 def predict_batch(clf: Classifier, images: list[torch.Tensor]) -> torch.Tensor:
     """uint8 CHW tensors (already resized and cropped) -> (N, C) probabilities."""
-    x = clf.preprocess.normalize(torch.stack(images))
-    return torch.softmax(clf.module(x), dim=1)
+    x = clf.preprocess.normalize(torch.stack(images).to(clf.device))
+    return torch.softmax(clf.module(x).float(), dim=1).cpu()
 
 
 def _columns(top_k: int) -> list[str]:
@@ -121,7 +180,7 @@ def _rows(paths: list[Path], proba: torch.Tensor, classes: list[str], top_k: int
     p, idx = proba.topk(top_k, dim=1)
     rows = []
     for path, ps, ks in zip(paths, p.tolist(), idx.tolist()):
-        cells: list[Any] = [str(path)]
+        cells: list[Any] = [shown(path)]
         for prob, k in zip(ps, ks):
             cells += [classes[k], f"{prob:.6f}"]
         rows.append([*cells, ""])
@@ -136,9 +195,11 @@ def predict(
     batch_size: int = 32,
     top_k: int = 3,
     progress: bool = True,
+    device: str = "auto",
 ) -> PredictResult:
-    """Classify every image file in ``inputs`` (files and folders) with an exported model; write a CSV."""
-    clf = model if isinstance(model, Classifier) else load_classifier(model)
+    """Classify every image file in ``inputs`` (files and folders) with an exported model; write a CSV.
+    ``device`` (``auto|cpu|cuda|mps``) is where a model named by path runs."""
+    clf = model if isinstance(model, Classifier) else load_classifier(model, device=device)
     return predict_with(clf, collect_images(inputs), out=out, batch_size=batch_size, top_k=top_k, progress=progress)
 
 
@@ -152,7 +213,7 @@ def predict_with(
     out = Path(out)
     result = PredictResult(out=out, n_images=len(paths))
     t0 = time.perf_counter()
-    with atomic_path(out) as tmp, open(tmp, "w", newline="") as fh:
+    with atomic_path(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(_columns(top_k))
         _predict_all(clf, paths, writer=writer, result=result, batch_size=batch_size, top_k=top_k, progress=progress)
@@ -178,10 +239,10 @@ def _predict_all(
                 images.append(read_image(path, clf.preprocess))
                 ok_paths.append(path)
             except Exception as e:  # noqa: BLE001 - PIL raises many types for a corrupt file; report and go on
-                reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                log.warning("cannot read %s: %s", path, reason)
-                result.failed[str(path)] = reason
-                writer.writerow([str(path), *blank, reason])
+                reason = shown(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")  # may name the file
+                log.warning("cannot read %s: %s", shown(path), reason)
+                result.failed[shown(path)] = reason
+                writer.writerow([shown(path), *blank, reason])
         if images:
             rows = _rows(ok_paths, predict_batch(clf, images), clf.classes, top_k)
             writer.writerows(rows)
