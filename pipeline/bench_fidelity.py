@@ -38,14 +38,17 @@ GPU_DECODE = "gpu-decode"  # the GPU JPEG batch source, where pipeline.batches h
 
 def digits_source(root: Path = DIGITS, *, tinted: bool = False, per_split: int | None = None, seed: int = 0) -> Source:
     """The committed digits as in-memory uint8 arrays (greyscale, or tinted RGB), split as ``extract`` splits the
-    folder (stratified 20% val, seed 0). ``per_split``: only the first N of each split (already shuffled)."""
+    folder (stratified 20% val, seed 0). ``per_split``: a seeded sample of N per split, in split order (the folder
+    lists its splits class by class, so the first N would hold a few classes only)."""
     folder = load_folder(root)
     rng = np.random.default_rng(seed)
     splits = {}
     for name, split in folder.splits.items():
-        n = len(split) if per_split is None else min(per_split, len(split))
-        grey = np.stack([np.asarray(split.load(i))[..., 0] for i in range(n)])
-        splits[name] = array_split(tint(grey, rng) if tinted else grey, split.labels[:n])
+        keep = np.arange(len(split))
+        if per_split is not None and per_split < len(split):
+            keep = np.sort(rng.permutation(len(split))[:per_split])
+        grey = np.stack([np.asarray(split.load(int(i)))[..., 0] for i in keep])
+        splits[name] = array_split(tint(grey, rng) if tinted else grey, split.labels[keep])
     identity = {"kind": "digits-arrays", "tinted": tinted, "n": {k: len(v) for k, v in splits.items()}}
     return Source(
         name="digits-tinted" if tinted else "digits", classes=folder.classes, splits=splits, identity=identity
