@@ -86,7 +86,23 @@ def cli(verbose: int) -> None:
     show_default=True,
     help="Stored feature dtype (float16 halves the file).",
 )
-@click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 autocast for the backbone on CUDA.")
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "bf16", "fp16", "tf32", "fp32"]),
+    default="auto",
+    show_default=True,
+    help="Backbone arithmetic: fp32 = TF32 off (the reference), tf32, bf16 or fp16 autocast; auto = bf16 on CUDA, "
+    "else fp32. Recorded in the fingerprint.",
+)
+@click.option("--amp/--no-amp", default=None, help="Old alias: --amp = --precision auto, --no-amp = fp32.")
+@click.option(
+    "--resize",
+    type=click.Choice(["crop", "full"]),
+    default="crop",
+    show_default=True,
+    help="crop = the weights' recipe (shorter side to 256/224 x crop, centre crop); full = the whole image "
+    "straight to crop x crop (the usual recipe for CIFAR-sized images). Recorded in the fingerprint.",
+)
 @click.option(
     "--preprocess",
     type=click.Choice(["auto", "loader", "device", "gpu-decode"]),
@@ -130,7 +146,9 @@ def extract(**opts: Any) -> None:
     from pipeline.distributed import extract_torchrun, launched_by_torchrun
     from pipeline.extract import ExtractConfig
     from pipeline.extract import extract as run
+    from pipeline.precision import from_amp_option
 
+    opts["precision"] = from_amp_option(opts["precision"], opts.pop("amp"))
     result = (extract_torchrun if launched_by_torchrun() else run)(ExtractConfig(**opts))
     if result.reused:
         click.echo(

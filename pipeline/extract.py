@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.backbones import Backbone, Preprocessing, load_backbone
+from pipeline.backbones import RESIZE_MODES, Backbone, Preprocessing, load_backbone
 from pipeline.batches import (
     PREPROCESS_MODES,
     Batch,
@@ -29,6 +29,7 @@ from pipeline.batches import (
 from pipeline.datasets import VERIFY_MODES, Source, Split, load_source
 from pipeline.devices import DEVICES, resolve_device
 from pipeline.errors import PipelineError, raise_if_stopped
+from pipeline.precision import Precision, check_precision, precision_context, resolve_precision
 from pipeline.store import (
     FEATURE_DTYPES,
     SCHEMA_VERSION,
@@ -65,7 +66,8 @@ class ExtractConfig:
     out: str | None = None
     force: bool = False
     dtype: str = "float32"
-    amp: bool = True  # bf16 autocast for the backbone on CUDA; features are stored in `dtype` regardless
+    precision: str = "auto"  # see pipeline.precision; features are stored in `dtype` regardless
+    resize: str = "crop"  # see Preprocessing.resize: crop = the weights' recipe, full = whole image to the crop size
     skip_bad: bool = False
     seed: int = 0  # initialisation seed for --weights none
     progress: bool = True
@@ -75,6 +77,9 @@ class ExtractConfig:
     verify: str = "stat"  # how image files are identified: "stat" (path, size, mtime) or "content" (their bytes)
 
     def __post_init__(self) -> None:
+        check_precision(self.precision)
+        if self.resize not in RESIZE_MODES:
+            raise PipelineError(f"unknown resize mode {self.resize!r}; choose one of: {', '.join(RESIZE_MODES)}")
         if self.preprocess not in PREPROCESS_MODES:
             raise PipelineError(
                 f"unknown preprocess mode {self.preprocess!r}; choose one of: {', '.join(PREPROCESS_MODES)}"
@@ -117,8 +122,8 @@ class ExtractInterrupted(PipelineError):
     """Ctrl-C / SIGTERM during extraction; the partial file stays resumable."""
 
 
-def _precision(cfg: ExtractConfig, device: torch.device) -> str:
-    return "bf16-autocast" if cfg.amp and device.type == "cuda" else "fp32"
+def _precision(cfg: ExtractConfig, device: torch.device) -> Precision:
+    return resolve_precision(cfg.precision, device)
 
 
 def feature_identity(
@@ -133,7 +138,7 @@ def feature_identity(
         "preprocessing": backbone.preprocess.as_dict(),
         "dataset": source.identity,
         "dtype": cfg.dtype,
-        "precision": _precision(cfg, device),
+        "precision": _precision(cfg, device).label,
     }
     # Batch sources agree to rounding, not bit for bit, so what ran is part of the fingerprint. The key is absent
     # when every split ran on the PIL loader, which keeps files written before it existed valid; one name when all
@@ -188,7 +193,7 @@ def embed_batch(
     *,
     pre: Preprocessing,
     device: torch.device,
-    amp: bool,
+    precision: Precision,
     geometry: bool = False,
 ) -> torch.Tensor:
     """uint8 NCHW batch -> float32 (N, D) features on ``device``; ``geometry`` resizes and crops it there first."""
@@ -196,7 +201,7 @@ def embed_batch(
     if geometry:
         x = pre.geometry_batch(x)
     x = pre.normalize(x)  # channels_last
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+    with precision_context(precision, device):
         y = model(x)
     return y.flatten(1).float()
 
@@ -207,7 +212,14 @@ def _embed(model: torch.nn.Module, images: torch.Tensor, *, plan: ExtractPlan, c
     n = len(images)
     if plan.pad_to and n < plan.pad_to:
         images = torch.cat([images, images.new_zeros((plan.pad_to - n, *images.shape[1:]))])
-    feats = embed_batch(model, images, pre=plan.backbone.preprocess, device=plan.device, amp=cfg.amp, geometry=geometry)
+    feats = embed_batch(
+        model,
+        images,
+        pre=plan.backbone.preprocess,
+        device=plan.device,
+        precision=_precision(cfg, plan.device),
+        geometry=geometry,
+    )
     return feats[:n]
 
 
@@ -447,7 +459,9 @@ def plan_extraction(cfg: ExtractConfig, *, source: Source | None = None) -> Extr
     ``source`` replaces ``cfg.dataset`` with a ready-made one (e.g. in-memory arrays in tests and benchmarks).
     """
     device = resolve_device(cfg.device)
-    backbone = load_backbone(cfg.backbone, weights=cfg.weights, image_size=cfg.image_size, seed=cfg.seed)
+    backbone = load_backbone(
+        cfg.backbone, weights=cfg.weights, image_size=cfg.image_size, seed=cfg.seed, resize=cfg.resize
+    )
     source = source or load_source(
         cfg.dataset,
         data_root=Path(cfg.data_root),

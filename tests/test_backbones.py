@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from PIL import Image
+from torchvision.transforms import functional as TF
 
 from pipeline.backbones import Preprocessing, load_backbone
 from pipeline.errors import PipelineError
@@ -122,3 +124,15 @@ def test_offline_download_says_where_to_put_the_file(monkeypatch: pytest.MonkeyP
         load_backbone("resnet18", weights="IMAGENET1K_V1")
     msg = str(e.value)
     assert "resnet18-f37072fd.pth" in msg and str(tmp_path) in msg and "--weights PATH" in msg
+
+
+def test_resize_mode_travels_with_the_preprocessing() -> None:
+    bb = load_backbone("resnet18", weights="none", image_size=32, resize="full")
+    assert bb.preprocess.resize == "full" and bb.preprocess.with_crop(48).resize == "full"
+    assert bb.preprocess.resized_size(10, 40) == (32, 32)  # the whole image, squashed to the crop
+    crop = load_backbone("resnet18", weights="none", image_size=32).preprocess
+    for h, w in ((10, 40), (40, 10), (7, 23), (33, 33)):  # torchvision's Resize(37) rule on a PIL image
+        width, height = TF.resize(Image.new("L", (w, h)), [crop.resize_size]).size
+        assert crop.resized_size(h, w) == (height, width)
+    with pytest.raises(PipelineError, match="unknown resize mode"):
+        load_backbone("resnet18", weights="none", image_size=32, resize="stretch")
