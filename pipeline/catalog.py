@@ -78,9 +78,21 @@ def weights(backbone: str = "resnet18", *, weights_dir: Path = DEFAULT_WEIGHTS_D
         entries.append(Entry(key, note))
     entries.append(Entry("none", "random initialisation seeded by --seed (for tests and baselines)"))
     for path in local_weight_files(weights_dir):
-        size = path.stat().st_size / 2**20
-        entries.append(Entry(str(path), f"local state_dict, {size:.0f} MiB (must fit {backbone})"))
+        if _fits(backbone, path):
+            entries.append(Entry(str(path), f"local state_dict, {path.stat().st_size / 2**20:.0f} MiB"))
     return entries
+
+
+def _fits(backbone: str, path: Path) -> bool:
+    """Whether ``--backbone backbone --weights path`` loads: asked of load_backbone, which decides it for extract."""
+    from pipeline.backbones import load_backbone
+    from pipeline.errors import PipelineError
+
+    try:
+        load_backbone(backbone, weights=str(path))
+    except PipelineError:
+        return False
+    return True
 
 
 def _looks_like_image_folder(root: Path) -> bool:

@@ -84,13 +84,20 @@ def test_list_backbones(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_list_weights_for_a_backbone(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    (tmp_path / "mine.pt").write_bytes(b"x" * 2048)
+    """torchvision names, none, and only the local files that load into this backbone."""
+    import torch
+    import torchvision
+
+    torch.save(torchvision.models.mobilenet_v2().state_dict(), tmp_path / "mine.pt")
+    (tmp_path / "broken.pt").write_bytes(b"x" * 2048)
     (tmp_path / "notes.txt").write_text("not weights")
     code, out, _ = run(["list", "weights", "--backbone", "mobilenet_v2", "--weights-dir", str(tmp_path)], capsys)
     assert code == 0
     names = [line.split()[0] for line in out.splitlines()[1:]]
     assert names == ["IMAGENET1K_V1", "IMAGENET1K_V2", "DEFAULT", "none", str(tmp_path / "mine.pt")]
     assert "= IMAGENET1K_V2" in out  # what DEFAULT means today
+    code, out, _ = run(["list", "weights", "--backbone", "resnet18", "--weights-dir", str(tmp_path)], capsys)
+    assert code == 0 and "mine.pt" not in out  # a MobileNetV2 state_dict does not fit ResNet18
 
 
 def test_list_weights_says_whether_a_checkpoint_is_cached(
