@@ -37,6 +37,9 @@ endif
 # CPU-only index: no NVIDIA libraries. Needs download.pytorch.org; the default takes the CUDA build from PyPI.
 TORCH ?= pypi
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_CPU_INSTALL = $(BIN)/pip install torch torchvision --index-url $(TORCH_CPU_INDEX)
+TORCH_CPU_CHECK = $(PY) -c "import sys, torch; sys.exit(torch.version.cuda and f'TORCH=cpu installed torch \
+	{torch.__version__}, a CUDA build: does a pip configuration add another index?')"
 ifeq ($(filter pypi cpu,$(TORCH)),)
 $(error TORCH=$(TORCH): use TORCH=cpu (PyTorch's CPU-only index) or leave it unset (PyPI's CUDA build))
 endif
@@ -66,7 +69,8 @@ help:
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(if $(filter cpu,$(TORCH)),$(BIN)/pip install torch torchvision --index-url $(TORCH_CPU_INDEX))
+	$(if $(filter cpu,$(TORCH)),$(TORCH_CPU_INSTALL))
+	$(if $(filter cpu,$(TORCH)),$(TORCH_CPU_CHECK))
 	# torchvision is not pinned against torch on purpose: it brings the torch build it was compiled for.
 	$(BIN)/pip install -e '.[dev]'
 	touch $(STAMP)

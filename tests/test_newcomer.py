@@ -183,6 +183,20 @@ def test_inspect_real_extraction(image_folder: Path, tmp_path: Path, capsys: pyt
     assert summary["created"] and summary["versions"]["pipeline"] == pipeline.__version__
 
 
+def test_inspect_does_not_claim_none_skipped_after_skip_bad(
+    image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (image_folder / "cat" / "broken.png").write_bytes(b"not a png")
+    out_path = tmp_path / "f.h5"
+    args = ["extract", "--dataset", str(image_folder), *TINY_ARGS, "--skip-bad", "--out", str(out_path)]
+    code, out, err = run(args, capsys)
+    assert code == 0 and "skipped 1" in out, err
+    summary = json.loads(run(["inspect", str(out_path), "--json"], capsys)[1])
+    assert summary["skipped"] != {}  # the list is not in read_meta's record yet: unknown, never "none"
+    if summary["skipped"] is not None:
+        assert sum(len(v) for v in summary["skipped"].values()) == 1
+
+
 def test_inspect_unfinished_extraction(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     meta = {"fingerprint": "fp", "backbone": "synthetic", "weights": "none", "feature_dim": 4, "num_classes": 2,
             "dataset": "synthetic", "preprocessing": {}, "dataset_identity": {}}  # fmt: skip
@@ -310,7 +324,7 @@ def test_make_install_torch_cpu_uses_the_cpu_index(makefile_dir: Path) -> None:
     assert cpu.returncode == 0, cpu.stderr
     assert "pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu" in cpu.stdout
     # the CPU torch goes in before the project, which then finds torchvision installed
-    assert cpu.stdout.index("--index-url") < cpu.stdout.index("pip install -e")
+    assert cpu.stdout.index("--index-url") < cpu.stdout.index("torch.version.cuda") < cpu.stdout.index("pip install -e")
     default = make(makefile_dir, "install")
     assert default.returncode == 0 and "--index-url" not in default.stdout
     bad = make(makefile_dir, "install", "TORCH=gpu")
