@@ -38,8 +38,11 @@ endif
 TORCH ?= pypi
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH_CPU_INSTALL = $(BIN)/pip install torch torchvision --index-url $(TORCH_CPU_INDEX)
+# What TORCH=cpu must end with: a CPU build of torch, and a torchvision that loads with it (PyPI's does not).
 TORCH_CPU_CHECK = $(PY) -c "import sys, torch; sys.exit(torch.version.cuda and f'TORCH=cpu installed torch \
-	{torch.__version__}, a CUDA build: does a pip configuration add another index?')"
+	{torch.__version__}, a CUDA build: does a pip configuration add another index?')" && \
+	{ $(PY) -c "import torchvision" 2>/dev/null || { echo "TORCH=cpu: torchvision does not load with this torch \
+	(not both from $(TORCH_CPU_INDEX)?); rm -rf $(VENV) and retry" >&2; exit 1; }; }
 ifeq ($(filter pypi cpu,$(TORCH)),)
 $(error TORCH=$(TORCH): use TORCH=cpu (PyTorch's CPU-only index) or leave it unset (PyPI's CUDA build))
 endif
