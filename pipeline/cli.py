@@ -4,6 +4,7 @@ one library function; every error a user can cause is printed as one line with a
 from __future__ import annotations
 
 import logging
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 import click
 
+from pipeline import __version__
 from pipeline.errors import PipelineError, on_stop_signal, stop_signals
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -19,7 +21,22 @@ _positive_int = click.IntRange(min=1)
 _positive_float = click.FloatRange(min=0, min_open=True)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class _Group(click.Group):
+    """Lists each command with the whole first sentence of its docstring (click cuts it at ~45 characters)."""
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, cmd.get_short_help_str(limit=1000)) for name, cmd in self._listed(ctx)]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+    def _listed(self, ctx: click.Context) -> list[tuple[str, click.Command]]:
+        commands = ((name, self.get_command(ctx, name)) for name in self.list_commands(ctx))
+        return [(name, cmd) for name, cmd in commands if cmd is not None and not cmd.hidden]
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, "--version", prog_name="pipeline", message="%(prog)s %(version)s")
 @click.option("-v", "--verbose", count=True, help="More diagnostics (-v info, -vv debug).")
 def cli(verbose: int) -> None:
     """Two-stage transfer learning: extract frozen-backbone features once, then train heads in seconds."""
@@ -150,11 +167,13 @@ def extract(**opts: Any) -> None:
 
     opts["precision"] = from_amp_option(opts["precision"], opts.pop("amp"))
     result = (extract_torchrun if launched_by_torchrun() else run)(ExtractConfig(**opts))
+    next_step = f"next: python -m pipeline compare --features {shlex.quote(str(result.path))}"
     if result.reused:
         click.echo(
             f"reused {result.path}: features are up to date (fingerprint {result.fingerprint[:12]}; "
             f"--force redoes them)"
         )
+        click.echo(next_step)
         return
     counts = ", ".join(f"{k} {v}" for k, v in result.counts.items())
     click.echo(f"wrote {result.path}: {counts} in {result.seconds:.1f} s ({result.images_per_second:.0f} img/s)")
@@ -166,6 +185,7 @@ def extract(**opts: Any) -> None:
             click.echo(
                 f"skipped {len(ids)} unreadable {split} images: {', '.join(ids[:5])}" + (" ..." if len(ids) > 5 else "")
             )
+    click.echo(next_step)
 
 
 # ------------------------------------------------------------------------------------------ stage two
@@ -386,3 +406,85 @@ def _run(argv: list[str] | None) -> int:
         click.echo("interrupted", err=True)
         return EXIT_INTERRUPTED
     return code if isinstance(code, int) else 0
+
+
+# ------------------------------------------------------------------------------------------ small tools
+
+
+@cli.command("list")
+@click.argument("what", type=click.Choice(["backbones", "weights", "datasets", "heads"]))
+@click.option(
+    "--backbone", default="resnet18", show_default=True, help="Whose weights `list weights` shows (any backbone name)."
+)
+@click.option(
+    "--weights-dir",
+    default="artifacts/weights",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Where `list weights` looks for local state_dict files.",
+)
+@click.option(
+    "--data-root",
+    default="data",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Where `list datasets` looks for image folders.",
+)
+def list_cmd(what: str, backbone: str, weights_dir: str, data_root: str) -> None:
+    """Names you can pass: backbones, weights (per backbone), datasets, heads.
+
+    \b
+    python -m pipeline list backbones
+    python -m pipeline list weights --backbone mobilenet_v2
+    python -m pipeline list datasets
+    python -m pipeline list heads"""
+    from pipeline import catalog
+
+    if what == "weights":
+        entries = catalog.weights(backbone, weights_dir=Path(weights_dir))
+        click.echo(f"--weights for --backbone {backbone} (a path to any state_dict that fits works too):")
+    elif what == "datasets":
+        entries = catalog.datasets(data_root=Path(data_root))
+        click.echo("--dataset names (or the path of any folder PATH/<class>/<images>):")
+    else:
+        entries = catalog.LISTS[what]()
+        click.echo(f"--{what[:-1]} names:")
+    click.echo(catalog.format_entries(entries))
+
+
+@cli.command("inspect")
+@click.argument("features", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (for scripts).")
+def inspect_cmd(features: str, as_json: bool) -> None:
+    """Show what a feature file holds: counts per split and class, and how its features were made."""
+    from pipeline.inspection import format_summary, summarize, to_json
+
+    summary = summarize(Path(features))
+    click.echo(to_json(summary) if as_json else format_summary(summary))
+
+
+# One description for options that several commands share and that do not carry their own help; a
+# (command, option) key says it for one command.
+_SHARED_HELP: dict[str | tuple[str, str], str] = {
+    "device": "Where to run: auto picks cuda, then mps, then cpu.",
+    "progress": "Show a progress bar.",
+    "epochs": "Passes over train (linear, mlp).",
+    "weight_decay": "L2 penalty of Adam (linear, mlp).",
+    "seed": "Random seed (initialisation, batch order, sampling).",
+    "batch_size": "Samples per batch.",
+    ("extract", "batch_size"): "Images per backbone forward pass.",
+    ("train-head", "batch_size"): "Feature rows per training step (linear, mlp).",
+    ("compare", "batch_size"): "Feature rows per training step (linear, mlp).",
+    ("predict", "batch_size"): "Images per forward pass.",
+    ("predict", "out"): "CSV of predictions, one row per image.",
+}
+
+
+def _fill_missing_help(group: click.Group) -> None:
+    for name, command in group.commands.items():
+        for param in command.params:
+            if isinstance(param, click.Option) and not param.help:
+                param.help = _SHARED_HELP.get((name, param.name or ""), _SHARED_HELP.get(param.name or ""))
+
+
+_fill_missing_help(cli)

@@ -1,0 +1,144 @@
+"""The names a user can pass to the commands, for ``pipeline list``: backbones, weights, datasets and heads.
+
+Each list is read from the registry that checks the name (torchvision's model and weights registries, the
+dataset table, ``HEADS``), so a name shown here is a name the command accepts.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+DEFAULT_WEIGHTS_DIR = Path("artifacts") / "weights"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One name a user can pass, with a short note (empty when there is nothing to say)."""
+
+    name: str
+    note: str = ""
+
+
+def backbones() -> list[Entry]:
+    """Every torchvision classification model, with its pretrained weights names."""
+    import torchvision
+
+    from pipeline.backbones import available_backbones
+
+    entries = []
+    for name in available_backbones():
+        members = [k for k in torchvision.models.get_model_weights(name).__members__ if k != "DEFAULT"]
+        entries.append(Entry(name, ", ".join(members) if members else "no pretrained weights"))
+    return entries
+
+
+def _cached_file(url: str) -> Path:
+    # Where torch.hub keeps a downloaded checkpoint (the place backbones' offline message names).
+    import torch
+
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
+def _weights_note(w: object) -> str:
+    meta = getattr(w, "meta", {})
+    crop = w.transforms().crop_size[0]  # type: ignore[attr-defined]
+    top1 = next((m["acc@1"] for m in meta.get("_metrics", {}).values() if "acc@1" in m), None)
+    parts = [f"{crop} px"]
+    if top1 is not None:
+        parts.append(f"ImageNet top-1 {top1:.1f}")
+    cached = _cached_file(w.url).is_file()  # type: ignore[attr-defined]
+    parts.append("cached, works offline" if cached else "downloaded on first use")
+    return ", ".join(parts)
+
+
+def local_weight_files(weights_dir: Path = DEFAULT_WEIGHTS_DIR) -> list[Path]:
+    """state_dict files under ``weights_dir`` (e.g. the demo's converted MobileNetV2)."""
+    if not weights_dir.is_dir():
+        return []
+    return sorted(p for p in weights_dir.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+
+
+def weights(backbone: str = "resnet18", *, weights_dir: Path = DEFAULT_WEIGHTS_DIR) -> list[Entry]:
+    """``--weights`` values for ``backbone``: torchvision names, ``none`` and local state_dict files."""
+    import torchvision
+
+    from pipeline.backbones import available_backbones
+    from pipeline.errors import PipelineError
+
+    if backbone not in available_backbones():
+        raise PipelineError(f"unknown backbone {backbone!r}; `python -m pipeline list backbones` shows the names")
+    enum = torchvision.models.get_model_weights(backbone)
+    entries = []
+    for key, w in enum.__members__.items():
+        note = f"= {w.name}" if key == "DEFAULT" else _weights_note(w)
+        entries.append(Entry(key, note))
+    entries.append(Entry("none", "random initialisation seeded by --seed (for tests and baselines)"))
+    for path in local_weight_files(weights_dir):
+        if _fits(backbone, path):
+            entries.append(Entry(str(path), f"local state_dict, {path.stat().st_size / 2**20:.0f} MiB"))
+    return entries
+
+
+def _fits(backbone: str, path: Path) -> bool:
+    """Whether ``--backbone backbone --weights path`` loads: asked of load_backbone, which decides it for extract."""
+    from pipeline.backbones import load_backbone
+    from pipeline.errors import PipelineError
+
+    try:
+        load_backbone(backbone, weights=str(path))
+    except PipelineError:
+        return False
+    return True
+
+
+def _looks_like_image_folder(root: Path) -> bool:
+    """PATH/<class>/<image> or PATH/train/<class>/<image>: checks a few entries, not every file."""
+    from pipeline.datasets import IMG_EXTENSIONS
+
+    base = root / "train" if (root / "train").is_dir() and (root / "val").is_dir() else root
+    classes = [d for d in base.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    if len(classes) < 2:
+        return False
+    # rglob is lazy: any() stops at the first image of each class folder
+    return all(any(p.suffix.lower() in IMG_EXTENSIONS for p in d.rglob("*")) for d in classes[:3])
+
+
+def datasets(*, data_root: Path = Path("data")) -> list[Entry]:
+    """torchvision dataset names and the image folders found directly under ``data_root``."""
+    from pipeline.datasets import available_datasets
+
+    entries = [Entry(name, "torchvision (downloaded to --data-root on first use)") for name in available_datasets()]
+    if data_root.is_dir():
+        for folder in sorted(p for p in data_root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if _looks_like_image_folder(folder):
+                entries.append(Entry(str(folder), "image folder"))
+    return entries
+
+
+def heads() -> list[Entry]:
+    """``--head`` names, each with the first sentence of its class's docstring."""
+    from pipeline.heads import HEADS
+
+    entries = []
+    for name, cls in HEADS.items():
+        doc = " ".join((cls.__doc__ or "").replace("``", "").split())
+        first = doc.split(". ")[0].rstrip(".")
+        entries.append(Entry(name, first))
+    return entries
+
+
+LISTS: dict[str, Callable[..., list[Entry]]] = {
+    "backbones": backbones,
+    "weights": weights,
+    "datasets": datasets,
+    "heads": heads,
+}
+
+
+def format_entries(entries: list[Entry]) -> str:
+    width = max((len(e.name) for e in entries), default=0)
+    return "\n".join(f"{e.name:<{width}}  {e.note}".rstrip() for e in entries)

@@ -1,0 +1,141 @@
+"""What a feature file holds, for ``pipeline inspect``: counts per split and class, and how the features were made.
+
+Reads the file only through :func:`pipeline.store.read_meta` and :func:`pipeline.store.read_features`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.store import read_features, read_meta
+
+
+def _get(meta: Any, key: str) -> Any:
+    """``meta[key]``, or None for a key this file does not carry (older files lack some)."""
+    try:
+        return meta[key]
+    except (KeyError, AttributeError, TypeError):
+        return None
+
+
+def _skipped(meta: Any) -> dict[str, list[str]] | None:
+    """Unreadable images per split; None when the metadata does not say."""
+    recorded = _get(meta, "skipped")
+    if isinstance(recorded, dict):
+        return {str(k): list(v) for k, v in recorded.items()}
+    config = _get(meta, "config") or {}
+    if isinstance(config, dict) and config.get("skip_bad") is False:
+        return {}  # without --skip-bad, extract stops at the first unreadable image: none were skipped
+    return None
+
+
+def _weights_source(meta: Any) -> str | None:
+    """The --weights path a file's features came from (the fingerprint holds only its sha256)."""
+    config = _get(meta, "config") or {}
+    weights = str(_get(meta, "weights") or "")
+    return config.get("weights") if weights.startswith("file:") and isinstance(config, dict) else None
+
+
+def summarize(path: Path) -> dict[str, Any]:
+    """A JSON-ready summary of one feature file (a ``.tmp`` of an unfinished extraction too, without counts)."""
+    path = Path(path)
+    meta = read_meta(path)
+    complete = bool(_get(meta, "complete"))
+    summary: dict[str, Any] = {
+        "path": str(path),
+        "bytes": path.stat().st_size,
+        "complete": complete,
+        "dataset": _get(meta, "dataset"),
+        "dataset_identity": _get(meta, "dataset_identity"),
+        "backbone": _get(meta, "backbone"),
+        "weights": _get(meta, "weights"),
+        "weights_source": _weights_source(meta),
+        "feature_dim": _get(meta, "feature_dim"),
+        "dtype": (_get(meta, "config") or {}).get("dtype"),
+        "preprocessing": _get(meta, "preprocessing"),
+        "precision": _get(meta, "precision"),
+        "device": _get(meta, "device"),
+        "fingerprint": _get(meta, "fingerprint"),
+        "created": _get(meta, "created"),
+        "extract_seconds": _get(meta, "extract_seconds"),
+        "skipped": _skipped(meta),
+        "versions": _get(meta, "versions"),
+        "classes": None,
+        "counts": None,
+    }
+    if complete:
+        fs = read_features(path)
+        summary["classes"] = list(fs.classes)
+        summary["dtype"] = str(fs.train.features.dtype)
+        summary["counts"] = {
+            name: dict(zip(fs.classes, np.bincount(split.labels, minlength=len(fs.classes)).tolist()))
+            for name, split in fs.splits.items()
+        }
+    return summary
+
+
+def _preprocessing_line(pre: Any) -> str:
+    if not isinstance(pre, dict) or not pre:
+        return "not recorded"
+    parts = [f"resize {pre.get('resize_size')}", f"crop {pre.get('crop_size')}", str(pre.get("interpolation"))]
+    if pre.get("mean") is not None:
+        parts.append(f"mean {tuple(round(m, 3) for m in pre['mean'])}")
+    if pre.get("std") is not None:
+        parts.append(f"std {tuple(round(s, 3) for s in pre['std'])}")
+    return ", ".join(parts)
+
+
+def _skipped_line(skipped: dict[str, list[str]] | None) -> str:
+    if skipped is None:
+        return "not recorded in the file's metadata (extracted with --skip-bad)"
+    total = sum(len(v) for v in skipped.values())
+    if not total:
+        return "none"
+    shown = ", ".join(f"{split} {len(ids)} ({', '.join(ids[:3])}{' ...' if len(ids) > 3 else ''})"
+                      for split, ids in skipped.items() if ids)  # fmt: skip
+    return f"{total}: {shown}"
+
+
+def _counts_table(classes: list[str], counts: dict[str, dict[str, int]]) -> str:
+    splits = list(counts)
+    width = max([len("class"), len("total"), *(len(c) for c in classes)])
+    cols = [max(len(s), 6) for s in splits]
+    lines = [f"{'class':<{width}}  " + "  ".join(f"{s:>{w}}" for s, w in zip(splits, cols))]
+    for c in classes:
+        lines.append(f"{c:<{width}}  " + "  ".join(f"{counts[s][c]:>{w}}" for s, w in zip(splits, cols)))
+    lines.append(f"{'total':<{width}}  " + "  ".join(f"{sum(counts[s].values()):>{w}}" for s, w in zip(splits, cols)))
+    return "\n".join(lines)
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """The summary as the text ``pipeline inspect`` prints."""
+    size = s["bytes"] / 2**20
+    state = "complete" if s["complete"] else "INCOMPLETE: extraction did not finish; rerun extract to resume"
+    ident = s["dataset_identity"] if isinstance(s["dataset_identity"], dict) else {}
+    where = ", ".join(str(ident[k]) for k in ("root", "split") if ident.get(k))
+    versions = s["versions"] if isinstance(s["versions"], dict) else {}
+    seconds = f"; extraction {s['extract_seconds']:.1f} s" if s["extract_seconds"] is not None else ""
+    rows = [
+        ("dataset", f"{s['dataset']}" + (f" ({where})" if where else "")),
+        ("backbone", f"{s['backbone']}, {s['feature_dim']}-d features" + (f", {s['dtype']}" if s["dtype"] else "")),
+        ("weights", f"{s['weights']}" + (f" (from {s['weights_source']})" if s["weights_source"] else "")),
+        ("preprocessing", _preprocessing_line(s["preprocessing"])),
+        ("precision", f"{s['precision']}" + (f" on {s['device']}" if s["device"] else "")),
+        ("fingerprint", s["fingerprint"]),
+        ("created", f"{s['created']}{seconds}"),
+        ("skipped", _skipped_line(s["skipped"])),
+        ("versions", ", ".join(f"{k} {v}" for k, v in versions.items()) or "not recorded"),
+    ]
+    lines = [f"{s['path']} ({size:.1f} MiB, {state})", ""]
+    lines += [f"{k:<14} {v}" for k, v in rows]
+    if s["counts"]:
+        lines += ["", _counts_table(s["classes"], s["counts"])]
+    return "\n".join(lines)
+
+
+def to_json(s: dict[str, Any]) -> str:
+    return json.dumps(s, indent=2, default=str)
