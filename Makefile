@@ -12,11 +12,16 @@ DATASET  ?= cifar10
 BACKBONE ?= resnet18
 WEIGHTS  ?= IMAGENET1K_V1
 EXTRACT_ARGS ?=
+# How images reach the crop size. The low-resolution torchvision sets follow the reference recipe, resizing the whole
+# 28-32 px image to 224 (`full`); anything else the weights' own (resize 256, centre crop 224: `crop`).
+LOWRES_DATASETS := cifar10 cifar100 mnist fashionmnist kmnist svhn
+RESIZE ?= $(if $(filter $(DATASET),$(LOWRES_DATASETS)),full,crop)
+RESIZE_TAG := $(if $(filter full,$(RESIZE)),_full,)
 # File names as `extract` makes them: the folder's name (my_images/ -> my_images) and, for WEIGHTS=path/to/x.pt,
 # the file's stem (x), so FEATURES is one file directly under artifacts/features/.
 DATASET_NAME := $(notdir $(abspath $(DATASET)))
 WEIGHTS_NAME := $(basename $(notdir $(WEIGHTS)))
-FEATURES ?= artifacts/features/$(DATASET_NAME)_$(BACKBONE)_$(WEIGHTS_NAME).h5
+FEATURES ?= artifacts/features/$(DATASET_NAME)_$(BACKBONE)_$(WEIGHTS_NAME)$(RESIZE_TAG).h5
 HEAD     ?= linear
 HEAD_ARGS ?=
 HEADS    ?= all
@@ -82,7 +87,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 extract: $(STAMP)
-	$(PY) -m pipeline extract --dataset $(DATASET) --backbone $(BACKBONE) --weights $(WEIGHTS) \
+	$(PY) -m pipeline extract --dataset $(DATASET) --backbone $(BACKBONE) --weights $(WEIGHTS) --resize $(RESIZE) \
 		--out $(FEATURES) $(EXTRACT_ARGS)
 
 train-head: $(STAMP)

@@ -119,10 +119,19 @@ class Preprocessing:
         Runs on the device, after the (4x smaller) uint8 copy. One conversion into the new layout and two in-place
         ops: the same values as ``(x.float() - mean) / std`` then ``.contiguous(channels_last)``, 40% faster on CPU
         (6.6 against 10.7 ms for 64 x 3 x 96 x 96)."""
-        mean = torch.tensor(self.mean, device=batch.device).view(1, -1, 1, 1) * 255
-        std = torch.tensor(self.std, device=batch.device).view(1, -1, 1, 1) * 255
+        mean, std = _scaled_mean_std(self.mean, self.std, batch.device)
         x = batch.to(torch.float32, memory_format=torch.channels_last, copy=True)  # a copy even if already float
         return x.sub_(mean).div_(std)
+
+
+@functools.lru_cache(maxsize=16)
+def _scaled_mean_std(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """mean*255 and std*255 as (1, C, 1, 1) tensors on ``device``, made once: building them per batch is a blocking
+    host-to-device copy, which on CUDA makes the CPU wait for every queued batch (one synchronisation per batch)."""
+    to = functools.partial(torch.tensor, device=device, dtype=torch.float32)
+    return to(mean).view(1, -1, 1, 1) * 255, to(std).view(1, -1, 1, 1) * 255
 
 
 # ------------------------------------------------------------------------------------------ PIL's resize on tensors

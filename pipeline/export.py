@@ -78,8 +78,9 @@ def _numbers(value: Any, what: str, *, positive: bool = False) -> tuple[float, .
 
 def read_preprocessing(d: Any) -> Preprocessing:
     """MODEL.json's ``preprocessing``, every field checked (a std of 0 or a 2-value mean gives wrong answers)."""
-    if not isinstance(d, dict) or set(d) != set(Preprocessing().as_dict()):
-        raise PipelineError(f"preprocessing must have the keys {sorted(Preprocessing().as_dict())}")
+    required = set(Preprocessing().as_dict())  # plus "resize" when it is not the default "crop"
+    if not isinstance(d, dict) or not required <= set(d) <= required | {"resize"}:
+        raise PipelineError(f"preprocessing must have the keys {sorted(required)} (and optionally 'resize')")
     interpolations = [m.value for m in InterpolationMode]
     if d["interpolation"] not in interpolations:
         raise PipelineError(f"preprocessing.interpolation must be one of {interpolations}, not {d['interpolation']!r}")
@@ -89,6 +90,7 @@ def read_preprocessing(d: Any) -> Preprocessing:
         mean=_numbers(d["mean"], "preprocessing.mean"),
         std=_numbers(d["std"], "preprocessing.std", positive=True),
         interpolation=d["interpolation"],
+        resize=d.get("resize", "crop"),
     )
 
 
@@ -279,7 +281,9 @@ def rebuild_backbone(config: dict[str, Any]) -> Backbone:
     if not name or name == "synthetic" or "crop_size" not in pre:
         raise PipelineError("this head was not trained on features from `pipeline extract`; nothing to export")
     weights, seed = _weights_argument(config)
-    backbone = load_backbone(name, weights=weights, image_size=int(pre["crop_size"]), seed=seed)
+    backbone = load_backbone(
+        name, weights=weights, image_size=int(pre["crop_size"]), seed=seed, resize=pre.get("resize", "crop")
+    )
     if backbone.preprocess.as_dict() != pre:
         raise PipelineError(
             f"rebuilt {name} preprocessing {backbone.preprocess.as_dict()} differs from the features' {pre}"

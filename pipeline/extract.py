@@ -162,6 +162,8 @@ def default_out(cfg: ExtractConfig, source: Source, backbone: Backbone) -> Path:
         parts.append(f"img{cfg.image_size}")
     if cfg.limit:
         parts.append(f"n{cfg.limit}")
+    if cfg.resize != "crop":
+        parts.append(cfg.resize)  # a second recipe of the same images gets its own file, not a stale-file refusal
     return Path("artifacts") / "features" / ("_".join(parts) + ".h5")
 
 

@@ -34,13 +34,15 @@ from tests.conftest import TINY_EXTRACT, assert_one_line_error, run, write_image
 @pytest.fixture(scope="module")
 def extracted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A tiny image folder, its features from two backbones (``fc`` and ``classifier.1`` classifiers), and
-    two exported models: a logreg head (standardisation folded in) on resnet18, an mlp head on mobilenet_v2."""
+    two exported models: a logreg head (standardisation folded in) on resnet18, an mlp head on mobilenet_v2 whose
+    features were made with ``--resize full`` (so the exported preprocessing must carry the resize mode)."""
     root = tmp_path_factory.mktemp("export")
     images = write_image_folder(root / "images", per_class=6)
     paths = {"root": root, "images": images}
-    for backbone, head in (("resnet18", "logreg"), ("mobilenet_v2", "mlp")):
+    for backbone, head, resize in (("resnet18", "logreg", "crop"), ("mobilenet_v2", "mlp", "full")):
         feats = root / f"{backbone}.h5"
-        extract(ExtractConfig(dataset=str(images), out=str(feats), **{**TINY_EXTRACT, "backbone": backbone}))
+        settings = {**TINY_EXTRACT, "backbone": backbone, "resize": resize}
+        extract(ExtractConfig(dataset=str(images), out=str(feats), **settings))
         head_dir = root / "heads" / f"{backbone}-{head}"
         train_head(feats, HeadConfig(head=head, epochs=3, hidden=16, device="cpu"), out=head_dir)
         paths |= {backbone: feats, f"{backbone}-head": head_dir, f"{backbone}-model": root / f"{backbone}-{head}.pt2"}

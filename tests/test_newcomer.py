@@ -265,7 +265,7 @@ def _out_of(dry_run: str) -> str:
 def test_make_features_name_default(makefile_dir: Path) -> None:
     r = make(makefile_dir, "extract")
     assert r.returncode == 0, r.stderr
-    assert _out_of(r.stdout) == "artifacts/features/cifar10_resnet18_IMAGENET1K_V1.h5"
+    assert _out_of(r.stdout) == "artifacts/features/cifar10_resnet18_IMAGENET1K_V1_full.h5"
 
 
 def test_make_features_name_folder_with_slash_and_weights_file(makefile_dir: Path) -> None:
@@ -306,7 +306,7 @@ def test_make_export_and_predict_without_a_head_say_what_to_run(makefile_dir: Pa
     for target in (["export"], ["predict", "IMAGES=photos/"]):
         r = make(makefile_dir, *target, "HEAD=mlp")
         assert r.returncode != 0
-        assert "run make train-head FEATURES=artifacts/features/cifar10_resnet18_IMAGENET1K_V1.h5 HEAD=mlp first" in (
+        assert "run make train-head FEATURES=artifacts/features/cifar10_resnet18_IMAGENET1K_V1_full.h5 HEAD=mlp first" in (
             r.stderr
         )
         assert "No rule to make target" not in r.stderr
