@@ -306,9 +306,8 @@ def test_make_export_and_predict_without_a_head_say_what_to_run(makefile_dir: Pa
     for target in (["export"], ["predict", "IMAGES=photos/"]):
         r = make(makefile_dir, *target, "HEAD=mlp")
         assert r.returncode != 0
-        assert "run make train-head FEATURES=artifacts/features/cifar10_resnet18_IMAGENET1K_V1_full.h5 HEAD=mlp first" in (
-            r.stderr
-        )
+        features = "artifacts/features/cifar10_resnet18_IMAGENET1K_V1_full.h5"
+        assert f"run make train-head FEATURES={features} HEAD=mlp first" in r.stderr
         assert "No rule to make target" not in r.stderr
 
 
