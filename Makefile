@@ -129,8 +129,11 @@ demo-none: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# Extraction and end-to-end ratios, heads on features of real images, and feature agreement between the paths.
 bench: $(STAMP)
 	$(PY) -m pipeline.bench
+	$(PY) -m pipeline.bench_heads
+	$(PY) -m pipeline.bench_fidelity
 
 # On a GPU machine without this venv: PYTHONPATH=. python -m pipeline.bench_gpu --out <path>.json
 BENCH_GPU_ARGS ?=

@@ -16,6 +16,8 @@ Sections (each caught on its own: a failure is recorded in the JSON and the tabl
     compile    ``--compile`` in a child process: compile time, compiled against eager images/s, the break-even run
                size (``extract.COMPILE_BREAK_EVEN_IMAGES`` is set from it)
     heads      ``pipeline.bench_heads.heads_bench`` on the GPU, when that module exists
+    fidelity   ``pipeline.bench_fidelity.fidelity_bench`` (its quick size): tf32 / bf16 / fp16, the device resize and
+               nvJPEG against PIL fp32, with logreg accuracy per row
 
 Without CUDA it says so in one line and exits 0; ``--quick`` runs every section at toy sizes on whatever device there
 is (that is how its code is tested on the CPU; its figures then mean nothing).
@@ -497,6 +499,13 @@ def section_heads(ctx: Context) -> dict[str, Any]:
     return result if isinstance(result, dict) else {"result": result}
 
 
+def section_fidelity(ctx: Context) -> dict[str, Any]:
+    """Feature agreement of every path and precision on this GPU against PIL fp32 (``pipeline.bench_fidelity``)."""
+    from pipeline.bench_fidelity import fidelity_bench
+
+    return fidelity_bench(work=ctx.work / "fidelity", quick=True)
+
+
 SECTIONS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "ceiling": section_ceiling,
     "bare": section_bare,
@@ -507,6 +516,7 @@ SECTIONS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "startup": section_startup,
     "compile": section_compile,
     "heads": section_heads,
+    "fidelity": section_fidelity,
 }
 
 
@@ -641,6 +651,16 @@ def summary_rows(r: dict[str, Any]) -> list[dict[str, Any]]:
                 note=json.dumps({k: v for k, v in ok["heads"].items() if k != "status"}, default=str)[:200],
             )
         )
+    for images in ("digits", "digits-tinted") if "fidelity" in ok else ():
+        for r in ok["fidelity"].get(images, {}).get("rows", []):
+            rows.append(
+                _row(
+                    f"agreement with PIL fp32, {images}: {r['path']}",
+                    r["median_rel"],
+                    "{:.1e}",
+                    note=f"min cosine {r['min_cos']:.6f}, logreg val {r['logreg_val_acc']:.3f}",
+                )
+            )
     return rows
 
 
