@@ -132,6 +132,8 @@ def write_feature_file(path: Path, *, n_train: int, n_val: int, dim: int, seed: 
 def classic_loop(root: Path, *, cfg: BenchConfig, between: Callable[[], None] = lambda: None) -> dict[str, Any]:
     """The tutorial recipe: frozen ResNet18, new ``fc``, Adam 1e-3, the backbone run over train+val every epoch.
 
+    Kept as one function on purpose: it is the loop users write without this tool, measured as they write it.
+
     Same images, size, batch, loader workers and channels_last as the pipeline, so the ratio measures the
     design (one backbone pass instead of ``epochs``), not a handicap. The backbone stays in ``eval()``: the
     tutorial's ``model.train()`` would also move its BatchNorm statistics, so the features drift every epoch.

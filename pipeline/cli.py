@@ -44,118 +44,91 @@ def cli(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
+# ------------------------------------------------------------------------------------------ options from configs
+
+
+_CLICK_TYPES = {"int": int, "float": float, "str": str}
+
+
+def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """A device this machine lacks is a usage error (exit 2), caught before any file is read."""
+    from pipeline.devices import resolve_device
+
+    try:
+        resolve_device(value)
+    except PipelineError as e:
+        raise click.BadParameter(str(e)) from None
+    return value
+
+
+def _config_class(name: str) -> type:
+    """The config dataclasses, imported when a command runs (importing the heads costs a second at start-up)."""
+    if name == "ExtractConfig":
+        from pipeline.extract import ExtractConfig
+
+        return ExtractConfig
+    from pipeline.heads import HeadConfig
+
+    return HeadConfig
+
+
+def _options_from(name: str) -> Any:
+    """One click option per field of the config dataclass ``name``: flag, default, help and choices come from the
+    field (its metadata, see :func:`pipeline.options.option`), so they are written once. Range checks are the
+    dataclass's own, turned into usage errors by :func:`_config`."""
+
+    def decorate(f: Any) -> Any:
+        from dataclasses import fields
+
+        for fld in reversed(fields(_config_class(name))):
+            if fld.metadata.get("cli", True):
+                f = _field_option(fld)(f)
+        return f
+
+    return decorate
+
+
+def _field_option(fld: Any) -> Any:
+    meta, flag = fld.metadata, "--" + fld.name.replace("_", "-")
+    kw: dict[str, Any] = {"default": fld.default, "help": meta.get("help"), "show_default": fld.default is not None}
+    base = fld.type.replace(" | None", "")
+    if base == "bool":
+        if meta.get("flag"):
+            return click.option(flag, fld.name, is_flag=True, **kw)
+        return click.option(f"{flag}/--no-{flag[2:]}", fld.name, **kw)
+    if "choices" in meta:
+        kw["type"] = click.Choice(meta["choices"])
+    elif "path" in meta:
+        kw["type"] = click.Path(file_okay=meta["path"] == "file", dir_okay=meta["path"] == "dir")
+    else:
+        kw["type"] = _CLICK_TYPES[base]
+    if fld.name == "device":
+        kw["callback"] = _check_device
+    return click.option(flag, fld.name, **kw)
+
+
+def _config(cls: type, opts: dict[str, Any]) -> Any:
+    """``cls(**opts)``; a value the dataclass refuses is a usage error (exit 2), like a value click refuses."""
+    try:
+        return cls(**opts)
+    except PipelineError as e:
+        raise click.UsageError(str(e)) from None
+
+
+def _head_options(f: Any) -> Any:
+    """``--features`` plus the ``HeadConfig`` options."""
+    f = _options_from("HeadConfig")(f)
+    return click.option(
+        "--features", required=True, type=click.Path(dir_okay=False), help="Feature file from extract."
+    )(f)
+
+
 # ------------------------------------------------------------------------------------------ stage one
 
 
 @cli.command()
-@click.option(
-    "--dataset",
-    default="cifar10",
-    show_default=True,
-    help="torchvision dataset name (cifar10, cifar100, mnist, fashionmnist, kmnist, svhn, stl10) or a "
-    "folder of images: PATH/train/<class>/*, PATH/val/<class>/*, or PATH/<class>/*.",
-)
-@click.option("--backbone", default="resnet18", show_default=True, help="Any torchvision classification model.")
-@click.option(
-    "--weights",
-    default="IMAGENET1K_V1",
-    show_default=True,
-    help="torchvision weights name (IMAGENET1K_V1, DEFAULT, ...), 'none' (random init), or a state_dict path.",
-)
-@click.option(
-    "--data-root",
-    default="data",
-    show_default=True,
-    type=click.Path(file_okay=False),
-    help="Where torchvision datasets live.",
-)
-@click.option("--download/--no-download", default=True, show_default=True, help="Download a torchvision dataset.")
-@click.option(
-    "--val-fraction",
-    default=0.2,
-    show_default=True,
-    type=click.FloatRange(0, 1, min_open=True, max_open=True),
-    help="Validation share of a PATH/<class>/* folder (stratified, seeded).",
-)
-@click.option(
-    "--split-seed",
-    default=0,
-    show_default=True,
-    type=int,
-    help="Seed of the folder split and --limit sample.",
-)
-@click.option("--limit", type=_positive_int, default=None, help="Only the first N samples of each split.")
-@click.option(
-    "--image-size", type=click.IntRange(16, 1024), default=None, help="Crop size (default: the weights' own)."
-)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
-@click.option(
-    "--batch-size",
-    type=_positive_int,
-    default=None,
-    help="Images per batch (default: by device: 64 on CPU, 512 on a GPU).",
-)
-@click.option("--workers", type=click.IntRange(min=0), default=None, help="Loader processes (default: by device).")
-@click.option(
-    "--dtype",
-    type=click.Choice(["float32", "float16"]),
-    default="float32",
-    show_default=True,
-    help="Stored feature dtype (float16 halves the file).",
-)
-@click.option(
-    "--precision",
-    type=click.Choice(["auto", "bf16", "fp16", "tf32", "fp32"]),
-    default="auto",
-    show_default=True,
-    help="Backbone arithmetic: fp32 = TF32 off (the reference), tf32, bf16 or fp16 autocast; auto = bf16 on CUDA, "
-    "else fp32. Recorded in the fingerprint.",
-)
+@_options_from("ExtractConfig")
 @click.option("--amp/--no-amp", default=None, help="Old alias: --amp = --precision auto, --no-amp = fp32.")
-@click.option(
-    "--resize",
-    type=click.Choice(["crop", "full"]),
-    default="crop",
-    show_default=True,
-    help="crop = the weights' recipe (shorter side to 256/224 x crop, centre crop); full = the whole image "
-    "straight to crop x crop (the usual recipe for CIFAR-sized images). Recorded in the fingerprint.",
-)
-@click.option(
-    "--preprocess",
-    type=click.Choice(["auto", "loader", "device", "gpu-decode"]),
-    default="auto",
-    show_default=True,
-    help="Where to decode/resize/crop: 'device' moves uint8 batches of in-memory datasets (CIFAR, MNIST) "
-    "to the GPU first; 'gpu-decode' decodes the JPEGs of a folder on the GPU; 'loader' uses PIL in worker "
-    "processes; 'auto' = device or gpu-decode on CUDA, loader on CPU.",
-)
-@click.option(
-    "--compile/--no-compile",
-    default=None,
-    help="torch.compile the backbone (default: only on CUDA runs large enough to earn the compile time back).",
-)
-@click.option("--skip-bad", is_flag=True, help="Skip unreadable images (listed in the file and the summary).")
-@click.option(
-    "--verify",
-    type=click.Choice(["stat", "content"]),
-    default="stat",
-    show_default=True,
-    help="How a folder's images are identified for reuse: 'stat' (path, size, modification time) or 'content' "
-    "(a hash of every file's bytes: slower, catches edits that keep size and time).",
-)
-@click.option("--seed", type=int, default=0, show_default=True, help="Initialisation seed for --weights none.")
-@click.option(
-    "--out",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Output .h5 (default: artifacts/features/<dataset>_<backbone>_<weights>.h5).",
-)
-@click.option(
-    "--force",
-    is_flag=True,
-    help="Redo the extraction even if --out is up to date; discard a whole or partial (.tmp) file of other settings.",
-)
-@click.option("--progress/--no-progress", default=True, show_default=True)
 def extract(**opts: Any) -> None:
     """Stage one: run a frozen backbone once and write features + labels + metadata to HDF5.
 
@@ -166,7 +139,7 @@ def extract(**opts: Any) -> None:
     from pipeline.precision import from_amp_option
 
     opts["precision"] = from_amp_option(opts["precision"], opts.pop("amp"))
-    result = (extract_torchrun if launched_by_torchrun() else run)(ExtractConfig(**opts))
+    result = (extract_torchrun if launched_by_torchrun() else run)(_config(ExtractConfig, opts))
     next_step = f"next: python -m pipeline compare --features {shlex.quote(str(result.path))}"
     if result.reused:
         click.echo(
@@ -189,57 +162,6 @@ def extract(**opts: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------ stage two
-
-
-_CLICK_TYPES = {"int": int, "float": float, "str": str}
-
-
-def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    """A device this machine lacks is a usage error (exit 2), caught before any file is read."""
-    from pipeline.devices import resolve_device
-
-    try:
-        resolve_device(value)
-    except PipelineError as e:
-        raise click.BadParameter(str(e)) from None
-    return value
-
-
-def _head_options(f: Any) -> Any:
-    """``--features`` plus one option per ``HeadConfig`` field: name, default, help and choices come from the
-    dataclass (its field metadata), so they are written once. Range checks are HeadConfig's own."""
-    from dataclasses import MISSING, fields
-
-    from pipeline.heads import HeadConfig
-
-    options = [
-        click.option("--features", required=True, type=click.Path(dir_okay=False), help="Feature file from extract.")
-    ]
-    for fld in fields(HeadConfig):
-        meta = fld.metadata
-        if not meta.get("cli", True):
-            continue
-        flag = "--" + fld.name.replace("_", "-")
-        kw: dict[str, Any] = {
-            "default": fld.default,
-            "help": meta.get("help"),
-            "show_default": fld.default is not MISSING,
-        }
-        if fld.type == "bool":
-            decl = flag if meta.get("flag") else f"{flag}/--no-{flag[2:]}"
-            options.append(
-                click.option(decl, fld.name, is_flag=True, **kw)
-                if meta.get("flag")
-                else click.option(decl, fld.name, **kw)
-            )
-            continue
-        kw["type"] = click.Choice(meta["choices"]) if "choices" in meta else _CLICK_TYPES[fld.type]
-        if fld.name == "device":
-            kw["callback"] = _check_device
-        options.append(click.option(flag, fld.name, **kw))
-    for decorator in reversed(options):
-        f = decorator(f)
-    return f
 
 
 def _head_option(f: Any) -> Any:
@@ -265,7 +187,7 @@ def train_head_cmd(features: str, out: str | None, **opts: Any) -> None:
     from pipeline.heads import HeadConfig
     from pipeline.train import train_head
 
-    metrics = train_head(Path(features), HeadConfig(**opts), out=out)
+    metrics = train_head(Path(features), _config(HeadConfig, opts), out=out)
     click.echo(format_report(metrics, title=f"{opts['head']} head on {features}"))
     if "chosen" in metrics.get("sweep", {}):
         sweep = metrics["sweep"]
@@ -294,7 +216,7 @@ def compare_cmd(features: str, heads: str, out: str | None, shots: str | None, *
     from pipeline.train import compare, compare_table, parse_heads
 
     names = parse_heads(heads)
-    base = HeadConfig(head=names[0], **opts)
+    base = _config(HeadConfig, {"head": names[0], **opts})
     if shots:
         from pipeline.train import compare_shots, parse_shots, shots_table
 

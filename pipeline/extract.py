@@ -29,7 +29,8 @@ from pipeline.batches import (
 from pipeline.datasets import VERIFY_MODES, Source, Split, load_source
 from pipeline.devices import DEVICES, resolve_device
 from pipeline.errors import PipelineError, raise_if_stopped
-from pipeline.precision import Precision, check_precision, precision_context, resolve_precision
+from pipeline.options import option
+from pipeline.precision import PRECISIONS, Precision, check_precision, precision_context, resolve_precision
 from pipeline.store import (
     FEATURE_DTYPES,
     SCHEMA_VERSION,
@@ -51,30 +52,70 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    dataset: str = "cifar10"
-    backbone: str = "resnet18"
-    weights: str = "IMAGENET1K_V1"
-    data_root: str = "data"
-    download: bool = True
-    val_fraction: float = 0.2
-    split_seed: int = 0
-    limit: int | None = None
-    image_size: int | None = None
-    device: str = "auto"
-    batch_size: int | None = None  # None: chosen from the device and crop size (64 on CPU, 512 at 224 px on a GPU)
-    workers: int | None = None  # None: chosen from the device and CPU count
-    out: str | None = None
-    force: bool = False
-    dtype: str = "float32"
-    precision: str = "auto"  # see pipeline.precision; features are stored in `dtype` regardless
-    resize: str = "crop"  # see Preprocessing.resize: crop = the weights' recipe, full = whole image to the crop size
-    skip_bad: bool = False
-    seed: int = 0  # initialisation seed for --weights none
-    progress: bool = True
-    preprocess: str = "auto"  # see PREPROCESS_MODES
-    # torch.compile the backbone; None: only on CUDA for runs of at least COMPILE_BREAK_EVEN_IMAGES images
-    compile: bool | None = None
-    verify: str = "stat"  # how image files are identified: "stat" (path, size, mtime) or "content" (their bytes)
+    """Everything ``extract`` takes; each field's help is the ``extract`` command's option help."""
+
+    dataset: str = option(
+        "cifar10",
+        "torchvision dataset name (cifar10, cifar100, mnist, fashionmnist, kmnist, svhn, stl10) or a folder of "
+        "images: PATH/train/<class>/*, PATH/val/<class>/*, or PATH/<class>/*.",
+    )
+    backbone: str = option("resnet18", "Any torchvision classification model.")
+    weights: str = option(
+        "IMAGENET1K_V1",
+        "torchvision weights name (IMAGENET1K_V1, DEFAULT, ...), 'none' (random init), or a state_dict path.",
+    )
+    data_root: str = option("data", "Where torchvision datasets live.", path="dir")
+    download: bool = option(True, "Download a torchvision dataset when it is missing.")
+    val_fraction: float = option(0.2, "Validation share of a PATH/<class>/* folder (stratified, seeded).")
+    split_seed: int = option(0, "Seed of the folder split and of the --limit sample.")
+    limit: int | None = option(None, "Only the first N samples of each split (a seeded sample for folders).")
+    image_size: int | None = option(None, "Crop size in pixels, 16-1024 (default: the weights' own).")
+    device: str = option("auto", "auto picks cuda, then mps, then cpu.", choices=DEVICES)
+    batch_size: int | None = option(None, "Images per batch (default: by device: 64 on CPU, 512 at 224 px on a GPU).")
+    workers: int | None = option(None, "Loader processes or reading threads (default: by device and CPU count).")
+    out: str | None = option(
+        None, "Output .h5 (default: artifacts/features/<dataset>_<backbone>_<weights>[_img<N>][_n<limit>].h5).",
+        path="file",
+    )  # fmt: skip
+    force: bool = option(
+        False,
+        "Redo the extraction even if --out is up to date; discard a whole or partial (.tmp) file of other settings.",
+        flag=True,
+    )
+    dtype: str = option("float32", "Stored feature dtype (float16 halves the file).", choices=FEATURE_DTYPES)
+    precision: str = option(
+        "auto",
+        "Backbone arithmetic: fp32 = TF32 off (the reference), tf32, bf16 or fp16 autocast; auto = bf16 on CUDA, "
+        "else fp32. Recorded in the fingerprint; features are stored in --dtype regardless.",
+        choices=PRECISIONS,
+    )
+    resize: str = option(
+        "crop",
+        "crop = the weights' recipe (shorter side to 256/224 x crop, centre crop); full = the whole image straight "
+        "to crop x crop (the usual recipe for CIFAR-sized images). Recorded in the fingerprint.",
+        choices=RESIZE_MODES,
+    )
+    skip_bad: bool = option(False, "Skip unreadable images (listed in the file and the summary).", flag=True)
+    seed: int = option(0, "Initialisation seed for --weights none.")
+    progress: bool = option(True, "Show a progress bar.")
+    preprocess: str = option(
+        "auto",
+        "Where to decode/resize/crop: 'device' moves uint8 batches of in-memory datasets (CIFAR, MNIST) to the GPU "
+        "first; 'gpu-decode' decodes the JPEGs of a folder on the GPU; 'loader' uses PIL in worker processes; "
+        "'auto' = device or gpu-decode on CUDA, loader on CPU. Recorded in the fingerprint.",
+        choices=PREPROCESS_MODES,
+    )
+    compile: bool | None = option(
+        None,
+        "torch.compile the backbone (default: only on CUDA runs of at least COMPILE_BREAK_EVEN_IMAGES images, "
+        "which earn the compile time back).",
+    )
+    verify: str = option(
+        "stat",
+        "How a folder's images are identified for reuse: 'stat' (path, size, modification time) or 'content' "
+        "(a hash of every file's bytes: slower, catches edits that keep size and time).",
+        choices=VERIFY_MODES,
+    )
 
     def __post_init__(self) -> None:
         check_precision(self.precision)

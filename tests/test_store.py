@@ -354,17 +354,17 @@ def test_a_file_being_written_is_never_read(tmp_path: Path) -> None:
         read_features(w.tmp)
 
 
-_LOCKER = """
+_LOCKER = r"""
 import os, sys, time
 from pathlib import Path
 from pipeline.store import FileLock
 lock = FileLock(Path(sys.argv[1]))
 lock.acquire()
 if os.fork() == 0:      # a child (like a DataLoader worker) that outlives its parent
-    print("child", flush=True)  # after its fork hook ran (the hook runs before fork() returns in the child)
+    os.write(1, b"child\n")  # after its fork hook ran (the hook runs before fork() returns in the child)
     time.sleep(30)
     os._exit(0)
-print("locked", flush=True)
+os.write(1, b"locked\n")  # one write per line: print() writes text and newline apart, which interleave
 time.sleep(30)
 """
 
@@ -378,12 +378,17 @@ def test_lock_refuses_a_second_writer_and_dies_with_its_process(tmp_path: Path) 
     assert not out.with_name("f.h5.lock").exists()
 
     proc = subprocess.Popen(
-        [sys.executable, "-c", _LOCKER, str(out)], stdout=subprocess.PIPE, cwd=ROOT, start_new_session=True
+        [sys.executable, "-c", _LOCKER, str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+        start_new_session=True,
     )
     try:
         # Both lines, in either order: the child may not have run (and dropped its copy of the lock) yet when the
         # parent says "locked", and the test then failed under load.
-        assert sorted(proc.stdout.readline().strip() for _ in range(2)) == [b"child", b"locked"]
+        lines = sorted(proc.stdout.readline().strip() for _ in range(2))
+        assert lines == [b"child", b"locked"], lines
         with pytest.raises(PipelineError, match="another extract"):
             FileLock(out).acquire()
         os.kill(proc.pid, signal.SIGKILL)  # its forked child lives on, holding a copy of the descriptor

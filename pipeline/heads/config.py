@@ -4,20 +4,14 @@ metadata, so ``train-head`` and ``compare`` build their options from this one pl
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from pipeline.devices import DEVICES
 from pipeline.errors import PipelineError
+from pipeline.options import option
 
 CLASS_WEIGHTS = ("none", "balanced")
 SOLVERS = ("torch", "sklearn")
-
-
-def option(default: Any, help: str, **meta: Any) -> Any:
-    """A field with its command-line help; ``choices``, ``flag`` (an on/off switch without --no-) or ``cli=False``
-    (not an option of the generic set) in ``meta``."""
-    return field(default=default, metadata={"help": help, **meta})
 
 
 @dataclass(frozen=True)
