@@ -504,3 +504,35 @@ def test_a_file_name_that_is_not_utf8_is_stored_escaped(image_folder: Path, tmp_
     extract(ExtractConfig(dataset=str(image_folder), out=str(out), **TINY_EXTRACT))
     fs = read_features(out)
     assert "cat/caf\\xe9.png" in list(fs.train.ids) + list(fs.val.ids)
+
+
+_FAILING_RUN = r"""
+import sys
+import pipeline.extract as ex
+real, calls = ex.embed_batch, [0]
+def failing(*a, **kw):
+    calls[0] += 1
+    if calls[0] == 3:
+        raise RuntimeError("an unexpected error inside the loop")
+    return real(*a, **kw)
+ex.embed_batch = failing
+from pipeline.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_unexpected_error_in_the_loop_never_hangs(big_folder: Path, tmp_path: Path, workers: int) -> None:
+    """Issue 12 item 3: with loader workers, an error that is not the user's used to hang at exit (the workers
+    ignore SIGTERM and the main process waited for them). Every exit path now shuts the loader down: the process
+    ends promptly with exit 1, and the committed rows stay resumable."""
+    out = tmp_path / "f.h5"
+    args = ["extract", "--dataset", str(big_folder), "--out", str(out), *TINY_ARGS, "--workers", str(workers)]
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-c", _FAILING_RUN, *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "an unexpected error inside the loop" in proc.stderr
+    assert time.monotonic() - t0 < 90
+    assert tmp_path_for(out).exists() and not out.exists()
