@@ -493,7 +493,7 @@ def section_heads(ctx: Context) -> dict[str, Any]:
         from pipeline.bench_heads import heads_bench
     except ImportError as e:
         return {"status": f"not available ({e})"}
-    offered = {"device": ctx.device, "quick": ctx.quick, "work": ctx.work}
+    offered = {"device": str(ctx.device), "quick": ctx.quick, "work": ctx.work}
     params = inspect.signature(heads_bench).parameters
     result = heads_bench(**{k: v for k, v in offered.items() if k in params})
     return result if isinstance(result, dict) else {"result": result}
@@ -644,15 +644,10 @@ def summary_rows(r: dict[str, Any]) -> list[dict[str, Any]]:
                 note=f"constant in use: {c['constant_in_use']:,}" + ("" if n else "; never pays"),
             )
         )
-    if "heads" in ok:
-        rows.append(
-            _row(
-                "heads on the GPU",
-                None,
-                "",
-                note=json.dumps({k: v for k, v in ok["heads"].items() if k != "status"}, default=str)[:200],
-            )
-        )
+    for h in ok.get("heads", {}).get("rows", []):
+        target = f"<= {h['target_s']:g} s" if h.get("target_s") else ""
+        met = "" if h.get("met") is None else ("met" if h["met"] else "NOT met")
+        rows.append(_row(f"heads: {h['name']} (s)", h["seconds"], "{:.2f}", target=target, ratio=met, note=h["note"]))
     for images in ("digits", "digits-tinted") if "fidelity" in ok else ():
         for r in ok["fidelity"].get(images, {}).get("rows", []):
             rows.append(
