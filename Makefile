@@ -133,12 +133,12 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pipeline.bench
 	$(PY) -m pipeline.bench_heads
-	$(PY) -m pipeline.bench_fidelity
+	$(PY) -m pipeline.bench.fidelity
 
-# On a GPU machine without this venv: PYTHONPATH=. python -m pipeline.bench_gpu --out <path>.json
+# On a GPU machine without this venv: PYTHONPATH=. python -m pipeline.bench.gpu --out <path>.json
 BENCH_GPU_ARGS ?=
 bench-gpu: $(STAMP)
-	$(PY) -m pipeline.bench_gpu $(BENCH_GPU_ARGS)
+	$(PY) -m pipeline.bench.gpu $(BENCH_GPU_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline tests

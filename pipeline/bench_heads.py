@@ -262,7 +262,7 @@ def compare_row(path: Path, work: Path, *, label: str, device: str, gpu: bool) -
 
 
 def synthetic_file(work: Path, *, n_train: int, n_val: int, dim: int) -> Path:
-    from pipeline.bench import write_feature_file
+    from pipeline.bench.endtoend import write_feature_file
 
     path = Path(work) / f"synthetic_{n_train}x{dim}.h5"
     if not path.is_file():

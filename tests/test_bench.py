@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import bench
+from pipeline.bench import endtoend as bench
 
 EXPECTED = {"machine", "config", "classic", "two_stage", "bare_forward", "heads", "memory", "gpu", "summary"}
 
@@ -74,7 +74,7 @@ def test_gpu_section_code_runs_on_cpu_at_tiny_size(tmp_path: Path) -> None:
 
 
 def test_bench_gpu_without_cuda_says_so_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
-    from pipeline import bench_gpu
+    from pipeline.bench import gpu as bench_gpu
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -86,7 +86,7 @@ def test_bench_gpu_without_cuda_says_so_in_one_line(capsys: pytest.CaptureFixtur
 def test_bench_gpu_quick_records_failures_and_prints_the_table_last(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from pipeline import bench_gpu
+    from pipeline.bench import gpu as bench_gpu
 
     def boom(ctx):
         raise ValueError("section exploded\nsecond line")
@@ -113,7 +113,7 @@ def _measured(**kw):
 
 def test_bench_gpu_table_covers_every_section() -> None:
     """The rows a CUDA run prints, from a result shaped as the sections write it (no GPU here to make one)."""
-    from pipeline import bench_gpu
+    from pipeline.bench import gpu as bench_gpu
 
     run = {"images_per_second": 30_000.0, "images": 60_000, "seconds": 2.0, "compile_seconds": 0.0, "batch_size": 512}
     result = {
@@ -164,7 +164,7 @@ def test_bench_gpu_table_covers_every_section() -> None:
 
 
 def test_break_even_images() -> None:
-    from pipeline.bench_gpu import break_even_images
+    from pipeline.bench.gpu import break_even_images
 
     # 40 s of compile, 30,000 -> 40,000 img/s: each image saves 1/120,000 s
     assert break_even_images(compile_s=40.0, eager_ips=30_000.0, compiled_ips=40_000.0) == pytest.approx(4.8e6)
@@ -174,7 +174,7 @@ def test_break_even_images() -> None:
 def test_compile_measure_bookkeeping_on_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The compile child's arithmetic with torch.compile stood in for by the eager model (inductor takes minutes
     here): the compile time is reported apart from the run, and --compile pads the last batch."""
-    from pipeline import bench_gpu
+    from pipeline.bench import gpu as bench_gpu
 
     monkeypatch.setattr(torch, "compile", lambda model, **kw: model)
     ctx = bench_gpu.Context(cfg=bench_gpu.QUICK, device=torch.device("cpu"), work=tmp_path, quick=True)

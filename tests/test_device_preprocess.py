@@ -18,7 +18,7 @@ from PIL import Image
 
 from pipeline.backbones import Preprocessing, pil_resample_matrix
 from pipeline.batches import choose_source
-from pipeline.bench_fidelity import DEMO_WEIGHTS, agreement, digits_source
+from pipeline.bench.fidelity import DEMO_WEIGHTS, agreement, digits_source
 from pipeline.datasets import Source, Split, array_split, to_rgb
 from pipeline.errors import PipelineError
 from pipeline.extract import ExtractConfig, extract, plan_extraction

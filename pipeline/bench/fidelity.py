@@ -1,5 +1,5 @@
 """Feature agreement: the same real images through every extraction path and precision this machine has, against
-the reference (PIL in loader workers, fp32, TF32 off). ``python -m pipeline.bench_fidelity [--quick]``.
+the reference (PIL in loader workers, fp32, TF32 off). ``python -m pipeline.bench.fidelity [--quick]``.
 
 Images: the committed digits (greyscale) and a tinted copy (each digit gets its own ink and paper colour), held in
 memory as arrays, through the demo's ImageNet MobileNetV2 at the demo's 112 px. Per row: the median and max relative
@@ -196,7 +196,7 @@ def format_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.bench_fidelity", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.bench.fidelity", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="200 images per split at 64 px")
     parser.add_argument("--work", type=Path, default=Path("artifacts/bench/fidelity"))
     parser.add_argument("--weights", type=Path, default=DEMO_WEIGHTS)

@@ -1,4 +1,4 @@
-"""``make bench-gpu`` / ``python -m pipeline.bench_gpu``: the GPU path against its ceilings, in under 5 minutes.
+"""``make bench-gpu`` / ``python -m pipeline.bench.gpu``: the GPU path against its ceilings, in under 5 minutes.
 
 Sections (each caught on its own: a failure is recorded in the JSON and the table, and the next one runs):
 
@@ -16,7 +16,7 @@ Sections (each caught on its own: a failure is recorded in the JSON and the tabl
     compile    ``--compile`` in a child process: compile time, compiled against eager images/s, the break-even run
                size (``extract.COMPILE_BREAK_EVEN_IMAGES`` is set from it)
     heads      ``pipeline.bench_heads.heads_bench`` on the GPU, when that module exists
-    fidelity   ``pipeline.bench_fidelity.fidelity_bench`` (its quick size): tf32 / bf16 / fp16, the device resize and
+    fidelity   ``pipeline.bench.fidelity.fidelity_bench`` (its quick size): tf32 / bf16 / fp16, the device resize and
                nvJPEG against PIL fp32, with logreg accuracy per row
 
 Without CUDA it says so in one line and exits 0; ``--quick`` runs every section at toy sizes on whatever device there
@@ -47,7 +47,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-DIGITS = Path(__file__).resolve().parent.parent / "data" / "digits"
+REPO = Path(__file__).resolve().parents[2]  # the checkout: pipeline/bench/gpu.py -> .
+DIGITS = REPO / "data" / "digits"
 MOBILENET_WEIGHTS = Path("artifacts/weights/mobilenet_v2_imagenet.pt")
 BACKBONES = ("resnet18", "mobilenet_v2", "resnet50")
 # Measured on an H200 before this work (FACTS.md, issue 13): what each row is compared with.
@@ -375,7 +376,7 @@ def section_jpeg(ctx: Context) -> dict[str, Any]:
 
 
 def _child_env() -> dict[str, str]:
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(REPO)
     path = os.environ.get("PYTHONPATH", "")
     return {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
 
@@ -481,7 +482,7 @@ def section_compile(ctx: Context) -> dict[str, Any]:
     if ctx.quick and ctx.device.type == "cpu":
         return {"status": "skipped: inductor compiles for minutes on a small CPU; the arithmetic is tested"}
     out = ctx.work / "compile.json"
-    cmd = [sys.executable, "-m", "pipeline.bench_gpu", "--section", "compile", "--section-out", str(out)]
+    cmd = [sys.executable, "-m", "pipeline.bench.gpu", "--section", "compile", "--section-out", str(out)]
     cmd += ["--quick"] if ctx.quick else []
     remaining = ctx.cfg.budget_s + 25 - (time.perf_counter() - ctx.results["_started"])
     _timed(cmd, timeout=max(30.0, min(ctx.cfg.compile_timeout_s, remaining)))
@@ -500,8 +501,8 @@ def section_heads(ctx: Context) -> dict[str, Any]:
 
 
 def section_fidelity(ctx: Context) -> dict[str, Any]:
-    """Feature agreement of every path and precision on this GPU against PIL fp32 (``pipeline.bench_fidelity``)."""
-    from pipeline.bench_fidelity import fidelity_bench
+    """Feature agreement of every path and precision on this GPU against PIL fp32 (``pipeline.bench.fidelity``)."""
+    from pipeline.bench.fidelity import fidelity_bench
 
     return fidelity_bench(work=ctx.work / "fidelity", quick=True)
 
@@ -684,7 +685,7 @@ def machine(device: torch.device) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.bench_gpu", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m pipeline.bench.gpu", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="toy sizes on any device: checks the code, not the speed")
     p.add_argument("--out", default=None, help="JSON path (default artifacts/bench/gpu-<UTC time>.json)")
     p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset, in this order")

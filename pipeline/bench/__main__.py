@@ -1,0 +1,5 @@
+import sys
+
+from pipeline.bench.endtoend import main
+
+sys.exit(main())
