@@ -133,7 +133,8 @@ def sweep_line(sweep: dict[str, Any]) -> str:
     )
     tied = sweep.get("tied") or []
     if tied:
-        line += f"; a tie: {len(tied)} grid points scored the same, the first in grid order was taken"
+        shown = "; ".join(_point(p) for p in tied[:3]) + (" ..." if len(tied) > 3 else "")
+        line += f"; a tie of {len(tied)} grid points ({shown}): the first in grid order was taken"
     return line
 
 
