@@ -99,12 +99,13 @@ def format_report(metrics: dict[str, Any], *, title: str = "") -> str:
 
 # What reins in each head when it overfits: its own options (logreg has no epochs, knn no weights).
 OVERFIT_ADVICE = {
-    "linear": "try fewer --epochs, a --weight-decay, or --sweep",
-    "mlp": "try fewer --epochs, a --weight-decay, a higher --dropout, or --sweep",
-    "logreg": "try a smaller --C (stronger L2), or --sweep to choose C",
-    "knn": "try a larger --k, or --sweep to choose k",
+    "linear": "try fewer --epochs or a --weight-decay",
+    "mlp": "try fewer --epochs, a --weight-decay or a higher --dropout",
+    "logreg": "try a smaller --C (stronger L2)",
+    "knn": "try a larger --k",
     "centroid": "a nearest class mean has nothing to tune; more training examples per class help",
 }
+SWEPT_BY = {"linear": "lr and weight decay", "mlp": "lr and weight decay", "logreg": "C", "knn": "k"}
 
 
 def overfitting_warning(metrics: dict[str, Any]) -> str | None:
@@ -113,6 +114,8 @@ def overfitting_warning(metrics: dict[str, Any]) -> str | None:
         return None
     head = metrics.get("head", "")
     advice = OVERFIT_ADVICE.get(head, "try more regularisation")
+    if head in SWEPT_BY and "sweep" not in metrics:
+        advice += f", or --sweep to choose {SWEPT_BY[head]} on held-out train"
     return (
         f"WARNING: {head}: train accuracy exceeds val accuracy by {100 * metrics['train_val_gap']:.1f} points "
         f"(more than {100 * OVERFIT_GAP:.0f}): the head is overfitting; {advice}"

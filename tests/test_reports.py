@@ -137,6 +137,8 @@ def test_a_tie_in_the_sweep_is_said(feature_file: Path, tmp_path: Path) -> None:
 def test_overfitting_advice_fits_the_head(head: str, says: str, not_says: str) -> None:
     text = overfitting_warning({"head": head, "overfitting": True, "train_val_gap": 0.234})
     assert text is not None and "23.4 points" in text and says in text and not_says not in text
+    assert "--sweep" in text  # and once swept, it is not advised again
+    assert "--sweep" not in overfitting_warning({"head": head, "overfitting": True, "train_val_gap": 0.2, "sweep": {}})
     assert overfitting_warning({"head": head, "overfitting": False, "train_val_gap": 0.05}) is None
 
 
