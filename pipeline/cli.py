@@ -266,7 +266,7 @@ def _head_option(f: Any) -> Any:
 
 def _force_option(f: Any) -> Any:
     return click.option(
-        "--force", is_flag=True, help="Replace a head (or shots.json) in --out that was trained with other settings."
+        "--force", is_flag=True, help="Replace what --out holds (a head, a shots.json) though made with other settings."
     )(f)
 
 
