@@ -146,6 +146,7 @@ def extract(**opts: Any) -> None:
             f"reused {result.path}: features are up to date (fingerprint {result.fingerprint[:12]}; "
             f"--force redoes them)"
         )
+        _echo_skipped(_stored_skipped(result.path, fingerprint=result.fingerprint), reused=True)
         click.echo(next_step)
         return
     counts = ", ".join(f"{k} {v}" for k, v in result.counts.items())
@@ -153,12 +154,26 @@ def extract(**opts: Any) -> None:
     resumed = {k: v for k, v in result.resumed_from.items() if v}
     if resumed:
         click.echo("resumed a partial extraction at " + ", ".join(f"{k} {v}" for k, v in resumed.items()))
-    for split, ids in result.skipped.items():
-        if ids:
-            click.echo(
-                f"skipped {len(ids)} unreadable {split} images: {', '.join(ids[:5])}" + (" ..." if len(ids) > 5 else "")
-            )
+    _echo_skipped(result.skipped)
     click.echo(next_step)
+
+
+def _stored_skipped(path: Path, *, fingerprint: str) -> dict[str, list[str]]:
+    """The unreadable images a finished feature file left out, per split (recorded by the run that wrote it)."""
+    from pipeline.store import SPLITS, StoredFile
+
+    with StoredFile(path, fingerprint=fingerprint) as stored:
+        return {split: list(stored.progress(split).skipped) for split in SPLITS}
+
+
+def _echo_skipped(skipped: dict[str, list[str]], *, reused: bool = False) -> None:
+    for split, ids in skipped.items():
+        if ids:
+            shown = ", ".join(ids[:5]) + (" ..." if len(ids) > 5 else "")
+            if reused:  # the file a rerun reuses may have been made with --skip-bad: say what it lacks
+                click.echo(f"the file leaves out {len(ids)} unreadable {split} images (made with --skip-bad): {shown}")
+            else:
+                click.echo(f"skipped {len(ids)} unreadable {split} images: {shown}")
 
 
 # ------------------------------------------------------------------------------------------ stage two
@@ -171,6 +186,12 @@ def _head_option(f: Any) -> Any:
     return click.option("--head", default=HeadConfig.head, show_default=True, help=help)(f)
 
 
+def _force_option(f: Any) -> Any:
+    return click.option(
+        "--force", is_flag=True, help="Replace what --out holds (a head, a shots.json) though made with other settings."
+    )(f)
+
+
 @cli.command("train-head")
 @_head_options
 @_head_option
@@ -181,17 +202,15 @@ def _head_option(f: Any) -> Any:
     default=None,
     help="Output folder (default: artifacts/heads/<features>/<head>/).",
 )
-def train_head_cmd(features: str, out: str | None, **opts: Any) -> None:
+@_force_option
+def train_head_cmd(features: str, out: str | None, force: bool, **opts: Any) -> None:
     """Stage two: train one head on cached features and report its metrics."""
     from pipeline.evaluate import format_report
     from pipeline.heads import HeadConfig
     from pipeline.train import train_head
 
-    metrics = train_head(Path(features), _config(HeadConfig, opts), out=out)
+    metrics = train_head(Path(features), _config(HeadConfig, opts), out=out, force=force)
     click.echo(format_report(metrics, title=f"{opts['head']} head on {features}"))
-    if "chosen" in metrics.get("sweep", {}):
-        sweep = metrics["sweep"]
-        click.echo(f"\nsweep: chose {sweep['chosen']} on {sweep['n_held_out']} held-out train rows (see metrics.json)")
     pngs = ", confusion.png" + (", curves.png" if metrics.get("history") else "")
     click.echo(f"\nwrote {metrics['out']}/ (metrics.json, config.json, head.safetensors{pngs})")
 
@@ -208,9 +227,10 @@ def train_head_cmd(features: str, out: str | None, **opts: Any) -> None:
     "--out",
     type=click.Path(file_okay=False),
     default=None,
-    help="Output folder (default: artifacts/heads/<features>/).",
+    help="Output folder (default: artifacts/heads/<features>/compare/: its own, apart from train-head's heads).",
 )
-def compare_cmd(features: str, heads: str, out: str | None, shots: str | None, **opts: Any) -> None:
+@_force_option
+def compare_cmd(features: str, heads: str, out: str | None, shots: str | None, force: bool, **opts: Any) -> None:
     """Train several head types on one feature file and print one comparison table."""
     from pipeline.heads import HeadConfig
     from pipeline.train import compare, compare_table, parse_heads
@@ -220,17 +240,27 @@ def compare_cmd(features: str, heads: str, out: str | None, shots: str | None, *
     if shots:
         from pipeline.train import compare_shots, parse_shots, shots_table
 
-        result = compare_shots(Path(features), heads=names, base=base, shots=parse_shots(shots), out=out)
+        result = compare_shots(Path(features), heads=names, base=base, shots=parse_shots(shots), out=out, force=force)
+        click.echo(f"{result['label']}: {result['n_train']} train / {result['n_val']} val")
         click.echo(f"val accuracy by training examples per class ({result['n_val']} val images)\n")
         click.echo(shots_table(result["val_accuracy"], result["shots"]))
+        notes = dict.fromkeys(n for run in result["runs"] for n in run["notes"] if n.startswith("--shots"))
+        for note in notes:  # the same for every head: said once
+            click.echo(f"\n{note}")
         click.echo(f"\nwrote {result['out']}/shots.json, shots.md and shots.png")
         return
-    result = compare(Path(features), heads=names, base=base, out=out)
-    click.echo(
-        f"{result['backbone']} ({result['weights']}) features: {result['n_train']} train / {result['n_val']} val\n"
-    )
+    result = compare(Path(features), heads=names, base=base, out=out, force=force)
+    click.echo(f"{result['label']}: {result['n_train']} train / {result['n_val']} val\n")
     click.echo(compare_table(result["rows"]))
-    click.echo(f"\nbest on val: {result['best']}; wrote {result['out']}/compare.json, compare.md and compare.png")
+    notes = [(row["head"], note) for row in result["rows"] for note in row["notes"]]
+    if notes:
+        click.echo("")
+    for head, note in notes:
+        click.echo(note if note.startswith("WARNING") else f"{head}: {note}")
+    click.echo(
+        f"\nbest on val: {result['best']}; wrote {result['out']}/ (compare.json, compare.md, compare.png and a "
+        "folder per head)"
+    )
 
 
 @cli.command("export")

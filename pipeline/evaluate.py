@@ -91,12 +91,74 @@ def format_report(metrics: dict[str, Any], *, title: str = "") -> str:
             f"  {pc['class']:<{width}}  {pc['precision']:.4f}     {pc['recall']:.4f}  {pc['f1']:.4f}  {pc['support']}"
         )
     lines += ["", format_confusion(metrics["confusion_matrix"], [pc["class"] for pc in metrics["per_class"]])]
-    if metrics["overfitting"]:
-        lines.append(
-            f"\n  WARNING: train accuracy exceeds val accuracy by {metrics['train_val_gap']:.1%} "
-            f"(> {OVERFIT_GAP:.0%}): the head is overfitting; try more regularisation or fewer epochs"
-        )
+    notes = report_notes(metrics)
+    if notes:
+        lines += ["", *(f"  {note}" for note in notes)]
     return "\n".join(lines)
+
+
+# What reins in each head when it overfits: its own options (logreg has no epochs, knn no weights).
+OVERFIT_ADVICE = {
+    "linear": "try fewer --epochs or a --weight-decay",
+    "mlp": "try fewer --epochs, a --weight-decay or a higher --dropout",
+    "logreg": "try a smaller --C (stronger L2)",
+    "knn": "try a larger --k",
+    "centroid": "a nearest class mean has nothing to tune; more training examples per class help",
+}
+SWEPT_BY = {"linear": "lr and weight decay", "mlp": "lr and weight decay", "logreg": "C", "knn": "k"}
+
+
+def overfitting_warning(metrics: dict[str, Any]) -> str | None:
+    """One line when train accuracy exceeds val accuracy by more than OVERFIT_GAP, with advice for that head."""
+    if not metrics.get("overfitting"):
+        return None
+    head = metrics.get("head", "")
+    advice = OVERFIT_ADVICE.get(head, "try more regularisation")
+    if head in SWEPT_BY and "sweep" not in metrics:
+        advice += f", or --sweep to choose {SWEPT_BY[head]} on held-out train"
+    return (
+        f"WARNING: {head}: train accuracy exceeds val accuracy by {100 * metrics['train_val_gap']:.1f} points "
+        f"(more than {100 * OVERFIT_GAP:.0f}): the head is overfitting; {advice}"
+    )
+
+
+def _point(point: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in point.items())
+
+
+def sweep_line(sweep: dict[str, Any]) -> str:
+    """What ``--sweep`` chose, on what, and whether other grid points scored as well."""
+    if "chosen" not in sweep:
+        return f"sweep: {sweep.get('skipped') or sweep.get('note') or 'nothing chosen'}"
+    line = (
+        f"sweep: chose {_point(sweep['chosen'])} (held-out accuracy {sweep['chosen_score']:.4f} on "
+        f"{sweep['n_held_out']} held-out train rows)"
+    )
+    tied = sweep.get("tied") or []
+    if tied:
+        shown = "; ".join(_point(p) for p in tied[:3]) + (" ..." if len(tied) > 3 else "")
+        line += f"; a tie of {len(tied)} grid points ({shown}): the first in grid order was taken"
+    return line
+
+
+def shots_line(shots: int, short: dict[str, int]) -> str:
+    """Say that ``--shots K`` used fewer than K images of the classes that had fewer."""
+    shown = ", ".join(f"{c} {n}" for c, n in list(short.items())[:5]) + (" ..." if len(short) > 5 else "")
+    return f"--shots {shots}: {len(short)} classes had fewer training images and used all they had ({shown})"
+
+
+def report_notes(metrics: dict[str, Any]) -> list[str]:
+    """The lines said under a head's figures, by train-head and compare alike: the sweep's choice, a --shots that
+    asked for more images than a class had, an overfitting warning."""
+    notes = []
+    if "sweep" in metrics:
+        notes.append(sweep_line(metrics["sweep"]))
+    if metrics.get("shots_short"):
+        notes.append(shots_line(metrics["shots"], metrics["shots_short"]))
+    warning = overfitting_warning(metrics)
+    if warning:
+        notes.append(warning)
+    return notes
 
 
 def format_confusion(cm: list[list[int]], classes: list[str], *, max_classes: int = 20) -> str:

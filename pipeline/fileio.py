@@ -7,6 +7,7 @@ at any point leaves the old file or the new one, never a torn one; a failed writ
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -34,6 +35,20 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+@functools.cache
+def _umask() -> int:
+    """The process's umask (read once: ``os.umask`` can only be read by setting it, which is not thread-safe)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def normal_mode(path: Path) -> None:
+    """Give a file the mode a plain ``open()`` would have: ``0o666 & ~umask``. Some writers create their file
+    private (safetensors' ``save_file`` makes it 0600), which would leave one output of a run unreadable to others."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def _why(e: OSError) -> str:
     return e.strerror or str(e)
 
@@ -42,6 +57,7 @@ def _why(e: OSError) -> str:
 def atomic_path(path: Path | str) -> Iterator[Path]:
     """Yield a temporary path to write ``path`` through; on success it is fsynced and renamed to ``path``.
 
+    The file gets the mode of a plain ``open()`` (``0o666 & ~umask``), whatever mode its writer created it with.
     Any exception removes the temporary and leaves an existing ``path`` untouched; an OSError (read-only folder,
     full disk) becomes a one-line :class:`PipelineError` naming ``path``.
     """
@@ -50,6 +66,7 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
+        normal_mode(tmp)
         fsync_path(tmp)
         os.replace(tmp, path)
         fsync_path(path.parent)

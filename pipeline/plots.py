@@ -28,7 +28,7 @@ def _pyplot() -> Any:
 
 
 def _save(fig: Any, path: Path) -> Path:
-    fig.tight_layout()
+    """Write a figure the builders below laid out (each ends with ``tight_layout``) and close it."""
     try:
         atomic_write(path, lambda p: fig.savefig(p, dpi=120))
     finally:
@@ -36,14 +36,15 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def confusion_png(cm: list[list[int]], classes: list[str], path: Path, *, title: str = "") -> Path:
-    """Row-normalised confusion matrix (each row: where that true class went), class names on both axes."""
+def confusion_figure(cm: list[list[int]], classes: list[str], *, title: str = "") -> Any:
+    """Row-normalised confusion matrix (each row: where that true class went), class names on both axes, each
+    cell's share of its true class above its count."""
     plt = _pyplot()
     counts = np.asarray(cm, dtype=float)
     rows = counts.sum(1, keepdims=True)
     norm = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
     n = len(classes)
-    size = min(14.0, max(4.5, 0.45 * n + 2))
+    size = min(14.0, max(4.5, 0.5 * n + 2))
     fig, ax = plt.subplots(figsize=(size + 1, size))
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of true class")
@@ -51,23 +52,30 @@ def confusion_png(cm: list[list[int]], classes: list[str], path: Path, *, title:
     ax.set_yticks(range(n), classes)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(title or "confusion matrix (row-normalised)")
+    ax.set_title(title or "confusion matrix", fontsize=10)
     if n <= MAX_ANNOTATED_CLASSES:
         for i in range(n):
             for j in range(n):
                 if counts[i, j]:
                     colour = "white" if norm[i, j] > 0.5 else "black"
-                    ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", color=colour, fontsize=8)
-    return _save(fig, path)
+                    text = f"{norm[i, j]:.2f}\n({int(counts[i, j])})"
+                    ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=7 if n > 10 else 8)
+    fig.text(0.01, 0.01, "cells: share of the true class (count of val images)", fontsize=8, color="0.3")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return fig
 
 
-def curves_png(history: list[dict[str, float]], path: Path, *, title: str = "") -> Path:
-    """Train and val loss (left) and accuracy (right) per epoch."""
+def confusion_png(cm: list[list[int]], classes: list[str], path: Path, *, title: str = "") -> Path:
+    return _save(confusion_figure(cm, classes, title=title), path)
+
+
+def curves_figure(history: list[dict[str, float]], *, title: str = "", note: str = "") -> Any:
+    """Train and val loss (left) and accuracy (right) per epoch; ``note`` (how they were measured) below."""
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
     epochs = [row["epoch"] for row in history]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
     for ax, metric in zip(axes, ("loss", "accuracy")):
         for split, style in (("train", "-"), ("val", "--")):
             key = f"{split}_{metric}"
@@ -78,12 +86,20 @@ def curves_png(history: list[dict[str, float]], path: Path, *, title: str = "") 
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(title or "training curves")
-    return _save(fig, path)
+    fig.suptitle(title or "training curves", fontsize=10)
+    if note:
+        fig.text(0.5, 0.01, note, ha="center", fontsize=8, color="0.3")
+    fig.tight_layout(rect=(0, 0.04 if note else 0, 1, 1))
+    return fig
 
 
-def compare_png(rows: list[dict[str, Any]], path: Path, *, title: str = "") -> Path:
-    """Grouped bars per head: val accuracy and balanced accuracy, values written on the bars."""
+def curves_png(history: list[dict[str, float]], path: Path, *, title: str = "", note: str = "") -> Path:
+    return _save(curves_figure(history, title=title, note=note), path)
+
+
+def compare_figure(rows: list[dict[str, Any]], *, title: str = "") -> Any:
+    """Grouped bars per head: val accuracy and balanced accuracy, values written on the bars. The axis starts at
+    0, so that 0.961 and 0.981 look as close as they are; the labels give the difference."""
     plt = _pyplot()
     names = [r["head"] for r in rows]
     x = np.arange(len(names))
@@ -96,23 +112,42 @@ def compare_png(rows: list[dict[str, Any]], path: Path, *, title: str = "") -> P
     ax.set_ylim(0, 1.18)  # head-room for the legend above the bars
     ax.set_ylabel("score on val")
     ax.legend(loc="upper center", ncol=2)
-    ax.set_title(title or "heads compared")
-    return _save(fig, path)
+    ax.set_title(title or "heads compared", fontsize=10)
+    fig.tight_layout()
+    return fig
 
 
-def shots_png(table: dict[str, dict[str, float]], shots: list[str], path: Path, *, title: str = "") -> Path:
-    """Val accuracy against examples per class, one line per head (``table[head][shots]``)."""
+def compare_png(rows: list[dict[str, Any]], path: Path, *, title: str = "") -> Path:
+    return _save(compare_figure(rows, title=title), path)
+
+
+SHOTS_STYLES = ("-", "--", "-.", ":")
+SHOTS_OFFSET = 0.06  # of the distance between two x ticks, between neighbouring heads
+
+
+def shots_figure(table: dict[str, dict[str, float]], shots: list[str], *, title: str = "") -> Any:
+    """Val accuracy against examples per class, one line per head (``table[head][shots]``). Lines that coincide
+    stay visible: each head has its own marker and line style and is shifted a little sideways."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     x = np.arange(len(shots))
-    markers = itertools.cycle("osD^vx*+")  # different markers tell apart lines that coincide
-    for (head, scores), marker in zip(table.items(), markers):
-        ax.plot(x, [scores.get(s, np.nan) for s in shots], marker=marker, alpha=0.8, label=head)
+    styles = zip(itertools.cycle("osD^vx*+"), itertools.cycle(SHOTS_STYLES))
+    centre = (len(table) - 1) / 2
+    for i, ((head, scores), (marker, line)) in enumerate(zip(table.items(), styles)):
+        ax.plot(
+            x + (i - centre) * SHOTS_OFFSET, [scores.get(s, np.nan) for s in shots], linestyle=line, marker=marker,
+            alpha=0.85, label=head,
+        )  # fmt: skip
     ax.set_xticks(x, shots)
     ax.set_xlabel("training examples per class")
     ax.set_ylabel("val accuracy")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title(title or "accuracy vs shots")
-    return _save(fig, path)
+    ax.set_title(title or "accuracy vs shots", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def shots_png(table: dict[str, dict[str, float]], shots: list[str], path: Path, *, title: str = "") -> Path:
+    return _save(shots_figure(table, shots, title=title), path)

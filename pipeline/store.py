@@ -608,6 +608,8 @@ class FileLock:
     is still the one at that path (a process that opened it just before the holder deleted it would otherwise lock
     a deleted file and believe it holds the lock); if not, it tries again on the new file."""
 
+    BUSY = "another extract is already writing {target}; wait for it or choose --out"  # the refusal, per user
+
     def __init__(self, path: Path):
         self.path = path.with_name(path.name + ".lock")
         self._fd: int | None = None
@@ -622,9 +624,7 @@ class FileLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                raise PipelineError(
-                    f"another extract is already writing {self.path.with_suffix('')}; wait for it or choose --out"
-                ) from None
+                raise PipelineError(self.BUSY.format(target=self.path.with_suffix(""))) from None
             if _same_file(fd, self.path):
                 break
             os.close(fd)  # locked a lock file its holder had just deleted: start again on the current one

@@ -8,9 +8,12 @@ cached ``train`` split with ``--seed``, so few-shot curves need no re-extraction
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import time
-from dataclasses import asdict, replace
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,17 +21,89 @@ import numpy as np
 
 from pipeline import plots
 from pipeline.errors import PipelineError
-from pipeline.evaluate import classification_metrics, summarize
+from pipeline.evaluate import classification_metrics, report_notes, summarize
 from pipeline.fileio import write_json, write_text
 from pipeline.heads import HEADS, Head, HeadConfig, build_head, save_head, warn_if_tiny
-from pipeline.store import FeatureSet, SplitFeatures, read_features
+from pipeline.store import FeatureMeta, FeatureSet, FileLock, SplitFeatures, read_features, read_meta
 
 log = logging.getLogger(__name__)
 HELD_OUT_FRACTION = 0.2  # share of train that --sweep scores the grid on
 
 
 def default_head_root(features: Path) -> Path:
+    """Where ``train-head`` puts ``<head>/`` by default."""
     return Path("artifacts") / "heads" / Path(features).stem
+
+
+def default_compare_root(features: Path) -> Path:
+    """Where ``compare`` puts its run by default: its own folder, so that it never replaces a head that
+    ``train-head`` trained (with other settings, say ``--class-weight balanced``) beside it."""
+    return default_head_root(features) / "compare"
+
+
+# ------------------------------------------------------------------------------------------ who wrote a folder
+
+
+def used_settings(cfg: HeadConfig) -> dict[str, Any]:
+    """The HeadConfig fields ``cfg.head`` reads (the head class lists them), with the head's name."""
+    return {"head": cfg.head, **{name: getattr(cfg, name) for name in HEADS[cfg.head].settings}}
+
+
+def run_settings(cfg: HeadConfig) -> dict[str, Any]:
+    """What a run asked for, as far as it changes the head: the settings it uses (not where it ran), ``--sweep``,
+    ``--shots`` and the seed they draw with. Two runs with equal run settings on one feature file train the same
+    head, so one may replace the other's folder; any other run must be asked to (``--force``)."""
+    settings = used_settings(cfg)
+    settings.pop("device", None)
+    if cfg.sweep or cfg.shots:
+        settings["seed"] = cfg.seed
+    return {**settings, "sweep": cfg.sweep, "shots": cfg.shots}
+
+
+def _changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return [f"{k} {old.get(k, '-')} -> {new.get(k, '-')}" for k in {**old, **new} if old.get(k) != new.get(k)]
+
+
+def check_replace(record: Path, *, settings: dict[str, Any], fingerprint: str, what: str, force: bool) -> None:
+    """Refuse to replace ``record`` (a head's config.json, a shots.json) written by a run with other settings or on
+    other features, unless ``force``. A record from a run with the same settings is replaced: nothing is lost."""
+    if force or not record.is_file():
+        return
+    try:
+        old = json.loads(record.read_text())
+        # A head saved before "settings" was recorded: its head_config holds the same keys.
+        old_settings = old.get("settings") or {k: old.get("head_config", {}).get(k) for k in settings}
+    except (OSError, ValueError, AttributeError):
+        old, old_settings = {}, {"unreadable": record.name}
+    changes = _changes(old_settings, settings)
+    if old.get("features_fingerprint", fingerprint) != fingerprint:
+        changes.insert(0, "features re-extracted since")
+    if changes:
+        shown = ", ".join(changes[:4]) + (f" and {len(changes) - 4} more" if len(changes) > 4 else "")
+        raise PipelineError(
+            f"{record.parent} holds {what} made with other settings ({shown}); pass --force to replace it or "
+            "choose another --out"
+        )
+
+
+class _FolderLock(FileLock):
+    BUSY = "another train-head or compare is writing {target}; wait for it or choose another --out"
+
+
+@contextlib.contextmanager
+def writing(*folders: Path) -> Iterator[None]:
+    """Hold ``<folder>.lock`` for each folder while a run writes them: a second writer is refused, one line."""
+    with contextlib.ExitStack() as stack:
+        for folder in folders:
+            try:
+                folder.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise PipelineError(f"cannot write to {folder.parent}: {e.strerror or e}") from None
+            stack.enter_context(_FolderLock(folder))
+        yield
+
+
+# ------------------------------------------------------------------------------------------ training
 
 
 def few_shot(split: SplitFeatures, *, shots: int, seed: int) -> SplitFeatures:
@@ -37,6 +112,12 @@ def few_shot(split: SplitFeatures, *, shots: int, seed: int) -> SplitFeatures:
     keep = [rng.permutation(np.flatnonzero(split.labels == c))[:shots] for c in np.unique(split.labels)]
     idx = np.sort(np.concatenate(keep))
     return SplitFeatures(features=split.features[idx], labels=split.labels[idx], ids=split.ids[idx])
+
+
+def shots_short(fs: FeatureSet, *, shots: int) -> dict[str, int]:
+    """The classes that have fewer than ``shots`` train rows, with how many they have (all of which were used)."""
+    counts = np.bincount(fs.train.labels, minlength=len(fs.classes))
+    return {fs.classes[c]: int(n) for c, n in enumerate(counts) if n < shots}
 
 
 def stratified_holdout(y: np.ndarray, *, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -63,11 +144,14 @@ def sweep(head: Head, X: np.ndarray, y: np.ndarray) -> tuple[HeadConfig, dict[st
         return cfg, {"grid": grid, "skipped": "too few training examples per class to hold some out"}
     t0 = time.perf_counter()
     scores = head.sweep_scores(X[fit], y[fit], (X[held], y[held]), grid=grid)
-    best = int(np.argmax(scores))  # the first of equal scores: the grids run from strong to weak regularisation
+    best = int(np.argmax(scores))  # the first of equal scores, in grid order
+    tied = [point for point, score in zip(grid, scores) if score == scores[best]]
     record = {
         "grid": grid,
         "held_out_accuracy": scores,
         "chosen": grid[best],
+        "chosen_score": scores[best],
+        "tied": tied if len(tied) > 1 else [],  # grid points that scored as well as the chosen one
         "held_out_fraction": HELD_OUT_FRACTION,
         "n_fit": len(fit),
         "n_held_out": len(held),
@@ -104,6 +188,8 @@ def fit_and_evaluate(fs: FeatureSet, cfg: HeadConfig) -> tuple[Head, dict[str, A
         "n_train_used": len(y),
         **fit.info,
     }
+    if cfg.shots:
+        extra["shots_short"] = shots_short(fs, shots=cfg.shots)
     if train_note is not None:
         extra["train_metrics_note"] = train_note
     if sweep_record is not None:
@@ -112,22 +198,50 @@ def fit_and_evaluate(fs: FeatureSet, cfg: HeadConfig) -> tuple[Head, dict[str, A
     return head, metrics, fit.history
 
 
-def train_head(features: Path | str, cfg: HeadConfig, *, out: Path | str | None = None) -> dict[str, Any]:
-    """Train ``cfg.head`` on a feature file; write metrics.json, config.json, PNGs and the head to ``out``."""
+def train_head(
+    features: Path | str, cfg: HeadConfig, *, out: Path | str | None = None, force: bool = False
+) -> dict[str, Any]:
+    """Train ``cfg.head`` on a feature file; write metrics.json, config.json, PNGs and the head to ``out``.
+    A head there trained with other settings is replaced only with ``force``."""
     features = Path(features)
-    fs = read_features(features)
-    return _train_one(fs, cfg, out=Path(out) if out else default_head_root(features) / cfg.head)
+    out = Path(out) if out else default_head_root(features) / cfg.head
+    fingerprint = read_meta(features).fingerprint  # a missing or foreign file is refused before any folder is made
+    with writing(out):
+        check_replace(out / "config.json", settings=run_settings(cfg), fingerprint=fingerprint, what="a head",
+                      force=force)  # fmt: skip
+        return _train_one(read_features(features), cfg, out=out)
 
 
-def head_config(fs: FeatureSet, head: Head) -> dict[str, Any]:
-    """``config.json`` of a head: its settings (after any sweep) and everything export needs to rebuild the model."""
+def weights_label(meta: FeatureMeta) -> str:
+    """The weights by name: a torchvision name, 'random init (seed=S)', or a file's name and a short hash."""
+    weights = str(meta.get("weights") or "?")
+    if weights.startswith("file:"):
+        source = (meta.get("config") or {}).get("weights")
+        sha = weights[len("file:") :][:8]
+        return f"{Path(source).name} (sha256 {sha})" if source else f"file sha256 {sha}"
+    if weights.startswith("none"):
+        return "random init" + weights[len("none") :]
+    return weights
+
+
+def features_label(fs: FeatureSet) -> str:
+    """What a figure or table is about, by name: dataset, backbone, weights."""
+    return f"{fs.meta.get('dataset') or fs.path.stem}, {fs.meta.get('backbone')}, {weights_label(fs.meta)}"
+
+
+def head_config(fs: FeatureSet, head: Head, *, settings: dict[str, Any]) -> dict[str, Any]:
+    """``config.json`` of a head: the settings it uses (after any sweep: what export rebuilds it from), the run's
+    settings as asked (what a later run into this folder is checked against) and what produced its features."""
     return {
         "head": head.cfg.head,
-        "head_config": asdict(head.cfg),
+        "head_config": used_settings(head.cfg),
+        "settings": settings,
         "features": str(fs.path),
         "features_fingerprint": fs.meta.get("fingerprint"),
+        "dataset": fs.meta.get("dataset"),
         "backbone": fs.meta.get("backbone"),
         "weights": fs.meta.get("weights"),
+        "weights_label": weights_label(fs.meta),
         "extract_config": fs.meta.get("config"),
         "feature_dim": fs.feature_dim,
         "classes": fs.classes,
@@ -138,13 +252,28 @@ def head_config(fs: FeatureSet, head: Head) -> dict[str, Any]:
     }
 
 
-def _write_plots(metrics: dict[str, Any], history: list[dict[str, float]], out: Path, *, classes: list[str]) -> None:
-    name = metrics["head"]
+def curves_note(cfg: HeadConfig) -> str:
+    """How the curves were measured, under their title: train during each epoch (the table's train accuracy is the
+    finished head's), and with dropout on where the head has dropout."""
+    dropout = "dropout" in HEADS[cfg.head].settings and cfg.dropout > 0
+    train = "train: mean over each epoch's batches while training" + (
+        f", dropout {cfg.dropout:g} on" if dropout else ""
+    )
+    return f"{train}; val: after each epoch{', dropout off' if dropout else ''}"
+
+
+def _write_plots(
+    metrics: dict[str, Any], history: list[dict[str, float]], out: Path, *, fs: FeatureSet, cfg: HeadConfig
+) -> None:
+    name, label = metrics["head"], features_label(fs)
     plots.confusion_png(
-        metrics["confusion_matrix"], classes, out / "confusion.png", title=f"{name}: val confusion (row-normalised)"
+        metrics["confusion_matrix"], fs.classes, out / "confusion.png", title=f"{name} head: val confusion\n{label}"
     )
     if history:
-        plots.curves_png(history, out / "curves.png", title=f"{name}: loss and accuracy per epoch")
+        plots.curves_png(
+            history, out / "curves.png", title=f"{name} head: loss and accuracy per epoch ({label})",
+            note=curves_note(cfg),
+        )  # fmt: skip
 
 
 def _train_one(fs: FeatureSet, cfg: HeadConfig, *, out: Path) -> dict[str, Any]:
@@ -152,9 +281,9 @@ def _train_one(fs: FeatureSet, cfg: HeadConfig, *, out: Path) -> dict[str, Any]:
     if history:
         metrics["history"] = history
     try:
-        save_head(head, out, config=head_config(fs, head))
+        save_head(head, out, config=head_config(fs, head, settings=run_settings(cfg)))
         write_json(out / "metrics.json", metrics)
-        _write_plots(metrics, history, out, classes=fs.classes)
+        _write_plots(metrics, history, out, fs=fs, cfg=head.cfg)
     except OSError as e:
         raise PipelineError(f"cannot write head to {out}: {e.strerror or e}") from None
     metrics["out"] = str(out)
@@ -212,41 +341,58 @@ def compare_table(rows: list[dict[str, Any]]) -> str:
 def _describe(fs: FeatureSet) -> dict[str, Any]:
     return {
         "features": str(fs.path),
+        "features_fingerprint": fs.meta.get("fingerprint"),
+        "dataset": fs.meta.get("dataset"),
         "backbone": fs.meta.get("backbone"),
         "weights": fs.meta.get("weights"),
+        "label": features_label(fs),
         "n_train": len(fs.train),
         "n_val": len(fs.val),
     }
 
 
 def _header(fs: FeatureSet) -> str:
-    return (
-        f"Features: `{fs.path}` ({fs.meta.get('backbone')}, {fs.meta.get('weights')}; "
-        f"{len(fs.train)} train / {len(fs.val)} val)\n\n"
-    )
+    return f"Features: `{fs.path}`: {features_label(fs)}; {len(fs.train)} train / {len(fs.val)} val\n\n"
+
+
+def _compare_row(metrics: dict[str, Any]) -> dict[str, Any]:
+    """One head's line of compare.json: the table's columns and what the CLI says below the table."""
+    row = {k: metrics[k] for _, k, _ in COMPARE_COLUMNS}
+    row |= {k: metrics[k] for k in ("train_val_gap", "overfitting", "shots", "n_train_used")}
+    if "sweep" in metrics:
+        row["sweep"] = {k: v for k, v in metrics["sweep"].items() if k not in ("grid", "held_out_accuracy")}
+    if metrics.get("shots_short"):
+        row["shots_short"] = metrics["shots_short"]
+    row["notes"] = report_notes(metrics)
+    return row
 
 
 def compare(
-    features: Path | str, *, heads: list[str], base: HeadConfig, out: Path | str | None = None
+    features: Path | str, *, heads: list[str], base: HeadConfig, out: Path | str | None = None, force: bool = False
 ) -> dict[str, Any]:
-    """Train every head in ``heads`` on one feature file (read once); write compare.json/.md/.png."""
+    """Train every head in ``heads`` on one feature file (read once); write each head to ``<out>/<head>/`` and
+    compare.json/.md/.png to ``out`` (default: its own folder, see :func:`default_compare_root`). The folders are
+    locked while the run writes them, and a head there trained with other settings is replaced only with ``force``."""
     features = Path(features)
-    fs = read_features(features)
-    root = Path(out) if out else default_head_root(features)
-    rows = []
-    for name in heads:
-        log.info("training %s", name)
-        metrics = _train_one(fs, replace(base, head=name), out=root / name)
-        rows.append({k: metrics[k] for _, k, _ in COMPARE_COLUMNS} | {"overfitting": metrics["overfitting"]})
-    best = max(rows, key=lambda r: r["val_accuracy"])
-    result = {**_describe(fs), "rows": rows, "best": best["head"]}
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        write_json(root / "compare.json", result)
-        write_text(root / "compare.md", _header(fs) + compare_table(rows) + "\n")
-        plots.compare_png(rows, root / "compare.png", title=f"{fs.meta.get('backbone')} features: heads on val")
-    except OSError as e:
-        raise PipelineError(f"cannot write comparison to {root}: {e.strerror or e}") from None
+    root = Path(out) if out else default_compare_root(features)
+    fingerprint = read_meta(features).fingerprint
+    with writing(root, *(root / name for name in heads)):
+        for name in heads:  # all checked before any is trained: a refusal costs nothing
+            check_replace(root / name / "config.json", settings=run_settings(replace(base, head=name)),
+                          fingerprint=fingerprint, what=f"a {name} head", force=force)  # fmt: skip
+        fs = read_features(features)
+        rows = []
+        for name in heads:
+            log.info("training %s", name)
+            rows.append(_compare_row(_train_one(fs, replace(base, head=name), out=root / name)))
+        best = max(rows, key=lambda r: r["val_accuracy"])
+        result = {**_describe(fs), "rows": rows, "best": best["head"]}
+        try:
+            write_json(root / "compare.json", result)
+            write_text(root / "compare.md", _header(fs) + compare_table(rows) + "\n")
+            plots.compare_png(rows, root / "compare.png", title=f"heads on val: {features_label(fs)}")
+        except OSError as e:
+            raise PipelineError(f"cannot write comparison to {root}: {e.strerror or e}") from None
     result["out"] = str(root)
     return result
 
@@ -268,28 +414,35 @@ def compare_shots(
     base: HeadConfig,
     shots: list[int | None],
     out: Path | str | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Val accuracy of every head at every number of shots per class; writes shots.json/.md/.png.
     The heads themselves are not saved: this is a curve, not a model."""
     features = Path(features)
-    fs = read_features(features)
-    root = Path(out) if out else default_head_root(features)
+    root = Path(out) if out else default_compare_root(features)
     labels = [_shot_label(s) for s in shots]
-    table: dict[str, dict[str, float]] = {name: {} for name in heads}
-    runs = []
-    for name in heads:
-        for k, label in zip(shots, labels):
-            _, metrics, _ = fit_and_evaluate(fs, replace(base, head=name, shots=k))
-            table[name][label] = metrics["val_accuracy"]
-            keep = ("val_accuracy", "balanced_accuracy", "worst_class_recall", "n_train_used", "fit_seconds")
-            runs.append({"head": name, "shots": label, **{key: metrics[key] for key in keep}})
-    result = {**_describe(fs), "shots": labels, "seed": base.seed, "val_accuracy": table, "runs": runs}
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        write_json(root / "shots.json", result)
-        write_text(root / "shots.md", _header(fs) + shots_table(table, labels) + "\n")
-        plots.shots_png(table, labels, root / "shots.png", title=f"{fs.meta.get('backbone')} features: few-shot")
-    except OSError as e:
-        raise PipelineError(f"cannot write the shots comparison to {root}: {e.strerror or e}") from None
+    settings = {"heads": {name: run_settings(replace(base, head=name)) for name in heads}, "shots": labels}
+    fingerprint = read_meta(features).fingerprint
+    with writing(root):
+        what = "a few-shot comparison"
+        check_replace(root / "shots.json", settings=settings, fingerprint=fingerprint, what=what, force=force)
+        fs = read_features(features)
+        table: dict[str, dict[str, float]] = {name: {} for name in heads}
+        runs = []
+        for name in heads:
+            for k, label in zip(shots, labels):
+                _, metrics, _ = fit_and_evaluate(fs, replace(base, head=name, shots=k))
+                table[name][label] = metrics["val_accuracy"]
+                keep = ("val_accuracy", "balanced_accuracy", "worst_class_recall", "n_train_used", "fit_seconds")
+                runs.append({"head": name, "shots": label, **{key: metrics[key] for key in keep}})
+                runs[-1] |= {"shots_short": metrics.get("shots_short", {}), "notes": report_notes(metrics)}
+        result = {**_describe(fs), "settings": settings, "seed": base.seed, "shots": labels, "val_accuracy": table}
+        result["runs"] = runs
+        try:
+            write_json(root / "shots.json", result)
+            write_text(root / "shots.md", _header(fs) + shots_table(table, labels) + "\n")
+            plots.shots_png(table, labels, root / "shots.png", title=f"few-shot: {features_label(fs)}")
+        except OSError as e:
+            raise PipelineError(f"cannot write the shots comparison to {root}: {e.strerror or e}") from None
     result["out"] = str(root)
     return result

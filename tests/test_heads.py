@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import PipelineError
-from pipeline.heads import HEADS, HeadConfig, LinearHead, balanced_weights, build_head, load_head, save_head
+from pipeline.heads import HEADS, HeadConfig, KNNHead, LinearHead, balanced_weights, build_head, load_head, save_head
 from pipeline.store import FeatureSet, SplitFeatures, read_features
 from pipeline.train import (
     compare_shots,
@@ -363,17 +363,19 @@ def test_standardize_matches_training_on_standardised_features() -> None:
 
 
 def test_a_cli_run_uses_the_head_config_defaults(feature_file: Path, tmp_path: Path, capsys) -> None:
-    """The options are made from HeadConfig's fields: a run without options saves HeadConfig's defaults."""
+    """The options are made from HeadConfig's fields: a run without options saves HeadConfig's defaults (of the
+    settings the head uses: config.json lists only those)."""
     from dataclasses import asdict
 
     from tests.conftest import run
 
     code, _, err = run(
-        ["train-head", "--features", str(feature_file), "--head", "centroid", "--out", str(tmp_path / "c")], capsys
+        ["train-head", "--features", str(feature_file), "--head", "knn", "--out", str(tmp_path / "c")], capsys
     )
     assert code == 0, err
     saved = json.loads((tmp_path / "c" / "config.json").read_text())["head_config"]
-    assert saved == asdict(HeadConfig(head="centroid"))
+    defaults = asdict(HeadConfig(head="knn"))
+    assert saved == {k: defaults[k] for k in ("head", *KNNHead.settings)}
 
 
 def test_train_head_on_a_missing_gpu_is_a_usage_error(feature_file: Path, capsys, monkeypatch) -> None:

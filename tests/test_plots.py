@@ -82,3 +82,40 @@ def test_train_head_and_compare_write_pngs(feature_file: Path, tmp_path: Path, c
     )
     assert code == 0 and "| centroid |" in out and "all" in out
     _assert_picture(cmp / "shots.png")
+
+
+def _texts(fig) -> list[str]:
+    return [t.get_text() for t in fig.texts] + [t.get_text() for ax in fig.axes for t in ax.texts]
+
+
+def test_confusion_cells_show_counts_beside_shares() -> None:
+    fig = plots.confusion_figure([[5, 1, 0], [0, 6, 0], [2, 0, 4]], ["cat", "dog", "bird"], title="knn on digits")
+    texts = _texts(fig)
+    assert "0.83\n(5)" in texts and "0.17\n(1)" in texts and "1.00\n(6)" in texts
+    assert fig.axes[0].get_title() == "knn on digits" and any("count" in t for t in texts)
+
+
+def test_curves_say_how_they_were_measured() -> None:
+    from pipeline.heads import HeadConfig
+    from pipeline.train import curves_note
+
+    note = curves_note(HeadConfig(head="mlp", dropout=0.5))
+    assert "dropout 0.5 on" in note and "dropout off" in note
+    assert "dropout" not in curves_note(HeadConfig(head="linear"))
+    history = [{"epoch": e, "train_loss": 1 / e, "train_accuracy": 1 - 1 / (e + 1)} for e in range(1, 4)]
+    assert note in _texts(plots.curves_figure(history, title="t", note=note))
+
+
+def test_compare_axis_starts_at_zero_with_values_written() -> None:
+    rows = [{"head": h, "val_accuracy": a, "balanced_accuracy": a} for h, a in (("linear", 0.961), ("logreg", 0.981))]
+    fig = plots.compare_figure(rows, title="heads on val: digits")
+    ax = fig.axes[0]
+    assert ax.get_ylim()[0] == 0 and {"0.961", "0.981"} <= set(_texts(fig))
+
+
+def test_coinciding_shots_lines_stay_apart() -> None:
+    same = {"1": 0.5, "5": 0.8, "all": 0.9}
+    fig = plots.shots_figure({"linear": same, "logreg": dict(same), "knn": dict(same)}, ["1", "5", "all"])
+    lines = fig.axes[0].get_lines()
+    assert len({tuple(line.get_xdata()) for line in lines}) == 3  # shifted sideways
+    assert len({line.get_linestyle() for line in lines}) == 3 and len({line.get_marker() for line in lines}) == 3

@@ -29,6 +29,7 @@ class Head(ABC):
     name: ClassVar[str]
     uses_class_weight: ClassVar[bool] = False
     uses_standardize: ClassVar[bool] = False  # trained by gradient on the features as given, unless --standardize
+    settings: ClassVar[tuple[str, ...]] = ()  # the HeadConfig fields it reads (config.json lists only these)
 
     def __init__(self, cfg: HeadConfig, *, num_classes: int, feature_dim: int):
         self.cfg, self.num_classes, self.feature_dim = cfg, num_classes, feature_dim
@@ -137,6 +138,9 @@ def standardiser(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # any number of epochs (the steps are ~lr per weight, times features of this size): a random-init MobileNetV2 gives
 # features of ~1e-9. ImageNet-pretrained backbones give 0.1-1.
 TINY_SPREAD = 1e-3
+# Above this, Adam's float32 second moment (gradient squared, gradients ~ features) overflows: measured on separable
+# features, linear and mlp learn at a median std of 4e19 and fall to chance at 4e21. The margin is deliberate.
+HUGE_SPREAD = 1e12
 
 
 def prepare_inputs(X: np.ndarray, val: Any, *, cfg: HeadConfig) -> tuple[np.ndarray, Any, tuple | None]:
@@ -153,11 +157,13 @@ def prepare_inputs(X: np.ndarray, val: Any, *, cfg: HeadConfig) -> tuple[np.ndar
 
 
 def warn_if_tiny(X: np.ndarray, cfg: HeadConfig) -> None:
-    """Say so when raw features are too small for a gradient-trained head to learn from (see TINY_SPREAD)."""
-    spread = float(np.median(np.std(X[:10_000], axis=0))) if len(X) > 1 else 1.0
-    if spread < TINY_SPREAD:
+    """Say so when raw features are too small or too large for a gradient-trained head to learn from (see
+    TINY_SPREAD, HUGE_SPREAD)."""
+    spread = float(np.median(np.std(X[:10_000], axis=0, dtype=np.float64))) if len(X) > 1 else 1.0
+    if spread < TINY_SPREAD or spread > HUGE_SPREAD:
         log.warning(
-            "features have a tiny spread (median std %.1e): the %s head will not learn from them; pass --standardize",
+            "features have a %s spread (median std %.1e): the %s head will not learn from them; pass --standardize",
+            "tiny" if spread < TINY_SPREAD else "huge",
             spread,
             cfg.head,
         )

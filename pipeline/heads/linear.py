@@ -17,6 +17,7 @@ class LinearHead(AffineHead):
     """The reference recipe: ``nn.Linear(D, C)``, cross-entropy, Adam, mini-batches over the in-memory matrix."""
 
     name = "linear"
+    settings = ("lr", "epochs", "batch_size", "weight_decay", "standardize", "class_weight", "seed", "device")
     uses_class_weight = True
     uses_standardize = True
 

@@ -64,6 +64,7 @@ class LogRegHead(Head):
     """
 
     name = "logreg"
+    settings = ("C", "max_iter", "tol", "solver", "class_weight", "seed", "device")
     uses_class_weight = True
     DTYPE = torch.float32  # float64 for the checks against scikit-learn (tests)
 

@@ -17,6 +17,8 @@ class MLPHead(Head):
     """One hidden layer: Linear(D, hidden) -> ReLU -> Dropout -> Linear(hidden, C), trained like ``linear``."""
 
     name = "mlp"
+    settings = ("lr", "epochs", "batch_size", "weight_decay", "hidden", "dropout", "standardize", "class_weight",
+                "seed", "device")  # fmt: skip
     uses_class_weight = True
     uses_standardize = True
 
