@@ -84,7 +84,7 @@ def augmented_views(
 
 
 def _key(spec: RealFeatures, weights: Path) -> str:
-    from pipeline.backbones import file_sha256
+    from pipeline.stage1.backbones import file_sha256
 
     settings = {**asdict(spec), "weights": file_sha256(weights), "digits": _digits_identity(DIGITS)}
     settings.pop("batch_size")  # does not change the features
@@ -98,7 +98,7 @@ def _digits_identity(root: Path) -> str:
 
 @torch.inference_mode()
 def _embed(model: torch.nn.Module, views: torch.Tensor, *, batch_size: int, device: torch.device) -> np.ndarray:
-    from pipeline.backbones import IMAGENET_MEAN, IMAGENET_STD
+    from pipeline.stage1.backbones import IMAGENET_MEAN, IMAGENET_STD
 
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
@@ -113,8 +113,8 @@ def real_feature_file(
     work: Path, *, spec: RealFeatures = RealFeatures(), weights: Path = WEIGHTS, device: str = "auto"
 ) -> Path:
     """The 1,280-d MobileNetV2 features of augmented digit views, built once per settings and reused."""
-    from pipeline.backbones import load_backbone
     from pipeline.devices import resolve_device
+    from pipeline.stage1.backbones import load_backbone
     from pipeline.train import stratified_holdout
 
     path = Path(work) / f"digits_aug_mobilenet_v2_{spec.image_size}px_{spec.n_train}_{_key(spec, weights)}.h5"

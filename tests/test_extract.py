@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.extract import ExtractConfig, extract
+from pipeline.stage1.extract import ExtractConfig, extract
 from pipeline.store import SCHEMA_VERSION, read_features, read_meta
 from tests.conftest import TINY_EXTRACT, write_image_folder
 
@@ -58,8 +58,8 @@ def test_features_are_those_of_the_backbone(image_folder: Path, tmp_path: Path) 
     """Rows equal the frozen model applied to the same preprocessed image, one by one."""
     import torch
 
-    from pipeline.backbones import load_backbone
-    from pipeline.datasets import load_image
+    from pipeline.stage1.backbones import load_backbone
+    from pipeline.stage1.datasets import load_image
 
     out = tmp_path / "f.h5"
     _run(image_folder, out)
@@ -151,7 +151,7 @@ def test_padded_last_batch_gives_the_same_features(image_folder: Path, tmp_path:
     """Padding every batch to one shape (CUDA, --compile) drops the padded rows: same rows, same features."""
     from dataclasses import replace
 
-    from pipeline.extract import plan_extraction
+    from pipeline.stage1.extract import plan_extraction
 
     cfg = ExtractConfig(dataset=str(image_folder), out=str(tmp_path / "pad.h5"), **{**TINY_EXTRACT, "batch_size": 4})
     plan = plan_extraction(cfg)
@@ -165,7 +165,7 @@ def test_padded_last_batch_gives_the_same_features(image_folder: Path, tmp_path:
 def test_compile_is_chosen_by_device_and_run_size() -> None:
     import torch
 
-    from pipeline.extract import COMPILE_BREAK_EVEN_IMAGES, resolve_compile
+    from pipeline.stage1.extract import COMPILE_BREAK_EVEN_IMAGES, resolve_compile
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert resolve_compile(None, device=cuda, images=COMPILE_BREAK_EVEN_IMAGES)

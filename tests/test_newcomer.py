@@ -279,8 +279,8 @@ def test_make_names_match_extracts_default_out(makefile_dir: Path, tmp_path: Pat
     """The Makefile's FEATURES is the file `extract` names by default (same folder name, same weights stem)."""
     from types import SimpleNamespace
 
-    from pipeline.datasets import load_folder
-    from pipeline.extract import ExtractConfig, default_out
+    from pipeline.stage1.datasets import load_folder
+    from pipeline.stage1.extract import ExtractConfig, default_out
 
     folder = write_image_folder(tmp_path / "my_images", per_class=2)
     weights = "artifacts/weights/mobilenet_v2_imagenet.pt"

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.extract import ExtractConfig, plan_extraction
-from pipeline.precision import from_amp_option, precision_context, resolve_precision
+from pipeline.stage1.extract import ExtractConfig, plan_extraction
+from pipeline.stage1.precision import from_amp_option, precision_context, resolve_precision
 from pipeline.store import read_meta
 from tests.conftest import TINY_ARGS, TINY_EXTRACT, assert_one_line_error, run
 

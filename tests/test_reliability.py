@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.extract import ExtractConfig, extract, plan_extraction
+from pipeline.stage1.extract import ExtractConfig, extract, plan_extraction
 from pipeline.store import FeatureWriter, read_features, tmp_path_for
 from tests.conftest import TINY_ARGS, TINY_EXTRACT, assert_one_line_error, run, write_image_folder
 
@@ -302,7 +302,7 @@ def test_fingerprint_covers_the_weights_file(image_folder: Path, tmp_path: Path)
 
 def test_fingerprint_of_a_torchvision_dataset(tmp_path: Path, monkeypatch) -> None:
     """Name, split, length and root (a fake dataset class stands in for a download)."""
-    from pipeline import datasets
+    from pipeline.stage1 import datasets
 
     class Fake:
         def __init__(self, n: int):
@@ -445,11 +445,11 @@ def test_out_inside_the_image_folder_is_not_a_class(image_folder: Path) -> None:
 
 
 def test_broken_links_and_loops_are_listed_not_ignored(image_folder: Path, tmp_path: Path, caplog) -> None:
-    from pipeline.datasets import load_source
+    from pipeline.stage1.datasets import load_source
 
     (image_folder / "cat" / "gone.png").symlink_to(tmp_path / "nowhere.png")
     (image_folder / "dog" / "loop").symlink_to(image_folder / "dog")
-    caplog.set_level("WARNING", logger="pipeline.datasets")
+    caplog.set_level("WARNING", logger="pipeline.stage1.datasets")
     source = load_source(str(image_folder))
     assert source.unreadable == ["cat/gone.png (broken link)", "dog/loop (symlink loop)"]
     assert "skipped 2 entries" in caplog.text and "cat/gone.png (broken link)" in caplog.text
@@ -464,7 +464,7 @@ def test_an_image_over_the_pixel_cap_is_unreadable_before_decoding(
 ) -> None:
     from PIL import Image
 
-    from pipeline import datasets
+    from pipeline.stage1 import datasets
 
     Image.new("1", (200, 100)).save(image_folder / "cat" / "bomb.png")  # 20,000 pixels
     monkeypatch.setattr(datasets, "MAX_PIXELS", 10_000)
@@ -508,7 +508,7 @@ def test_a_file_name_that_is_not_utf8_is_stored_escaped(image_folder: Path, tmp_
 
 _FAILING_RUN = r"""
 import sys
-import pipeline.extract as ex
+import pipeline.stage1.extract as ex
 real, calls = ex.embed_batch, [0]
 def failing(*a, **kw):
     calls[0] += 1

@@ -1,7 +1,7 @@
 from pathlib import Path
 
-from pipeline.extract import ExtractConfig, extract
 from pipeline.heads import HeadConfig
+from pipeline.stage1.extract import ExtractConfig, extract
 from pipeline.store import read_features
 from pipeline.train import train_head
 from tests.conftest import TINY_EXTRACT

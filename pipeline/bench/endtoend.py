@@ -143,8 +143,8 @@ def classic_loop(root: Path, *, cfg: BenchConfig, between: Callable[[], None] = 
     from torch.utils.data import DataLoader
     from torchvision import datasets, models, transforms
 
-    from pipeline.backbones import Preprocessing
-    from pipeline.batches import default_workers
+    from pipeline.stage1.backbones import Preprocessing
+    from pipeline.stage1.batches import default_workers
 
     pre = Preprocessing().with_crop(cfg.image_size)
     tf = transforms.Compose(
@@ -214,8 +214,8 @@ def _classic_val(model: torch.nn.Module, loader: Any) -> float:
 
 def two_stage(root: Path, work: Path, *, cfg: BenchConfig) -> dict[str, Any]:
     """``extract`` once, then ``train-head --epochs 15`` (library calls: no interpreter start-up on either side)."""
-    from pipeline.extract import ExtractConfig, extract
     from pipeline.heads import HeadConfig
+    from pipeline.stage1.extract import ExtractConfig, extract
     from pipeline.train import train_head
 
     ecfg = ExtractConfig(
@@ -282,8 +282,8 @@ def interleaved(root: Path, work: Path, *, cfg: BenchConfig) -> tuple[dict, dict
 @torch.inference_mode()
 def bare_forward(*, image_size: int, batch_size: int, batches: int, device: torch.device) -> dict[str, Any]:
     """Images/s of the prepared backbone alone on ready-made normalised tensors (same batch and dtype)."""
-    from pipeline.backbones import load_backbone
-    from pipeline.extract import prepare_model
+    from pipeline.stage1.backbones import load_backbone
+    from pipeline.stage1.extract import prepare_model
 
     model = prepare_model(load_backbone("resnet18", weights="none", image_size=image_size), device)
     x = torch.randn(batch_size, 3, image_size, image_size, device=device).contiguous(memory_format=torch.channels_last)
@@ -421,7 +421,7 @@ def flops_per_image(image_size: int) -> float:
     """Forward FLOPs of ResNet18 (no classifier) per image, counted by torch (2 per multiply-add)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.backbones import load_backbone
+    from pipeline.stage1.backbones import load_backbone
 
     model = load_backbone("resnet18", weights="none", image_size=image_size).model
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
@@ -444,7 +444,7 @@ def matmul_rate(device: torch.device, *, n: int = 8192, reps: int = 20) -> float
 
 def array_source(sizes: dict[str, int], *, side: int = 32, seed: int = SEED) -> Any:
     """CIFAR-10-shaped synthetic uint8 arrays held in memory, as ``datasets.load_torchvision`` builds them."""
-    from pipeline.datasets import Source, array_split
+    from pipeline.stage1.datasets import Source, array_split
 
     rng = np.random.default_rng(seed)
     splits = {}
@@ -463,7 +463,7 @@ def accelerator_throughput(
     matmul_n: int = 8192,
 ) -> dict[str, Any]:
     """Extraction images/s with preprocessing on ``device`` and bf16 autocast, against its FLOP ceiling."""
-    from pipeline.extract import ExtractConfig, extract, plan_extraction
+    from pipeline.stage1.extract import ExtractConfig, extract, plan_extraction
 
     cfg = ExtractConfig(dataset="cifar10-synthetic", weights="none", image_size=image_size, batch_size=batch_size)
     cfg = replace(cfg, device=device.type, out=str(work / "gpu.h5"), force=True, progress=False, preprocess="device")

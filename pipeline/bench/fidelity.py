@@ -19,13 +19,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.batches import BATCH_SOURCES
-from pipeline.datasets import Source, array_split, load_folder
 from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
-from pipeline.extract import ExtractConfig, extract, plan_extraction
 from pipeline.fileio import write_json
 from pipeline.heads import HeadConfig
+from pipeline.stage1.batches import BATCH_SOURCES
+from pipeline.stage1.datasets import Source, array_split, load_folder
+from pipeline.stage1.extract import ExtractConfig, extract, plan_extraction
 from pipeline.store import FeatureSet, read_features
 from pipeline.train import fit_and_evaluate
 
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 DIGITS = Path("data/digits")
 DEMO_WEIGHTS = Path("artifacts/weights/mobilenet_v2_imagenet.pt")
-GPU_DECODE = "gpu-decode"  # the GPU JPEG batch source, where pipeline.batches has one
+GPU_DECODE = "gpu-decode"  # the GPU JPEG batch source, where pipeline.stage1.batches has one
 
 
 def digits_source(root: Path = DIGITS, *, tinted: bool = False, per_split: int | None = None, seed: int = 0) -> Source:

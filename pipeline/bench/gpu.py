@@ -143,7 +143,7 @@ def augmented_digits(ctx: Context, n: int, *, side: int, rgb: bool, seed: int = 
 
 def array_source(arrays: np.ndarray, labels: np.ndarray, name: str) -> Any:
     """Five sixths train, one sixth val (CIFAR-10's 50,000 / 10,000), held in memory as arrays."""
-    from pipeline.datasets import Source, array_split
+    from pipeline.stage1.datasets import Source, array_split
 
     cut = len(arrays) * 5 // 6
     splits = {"train": array_split(arrays[:cut], labels[:cut]), "val": array_split(arrays[cut:], labels[cut:])}
@@ -195,7 +195,7 @@ def write_jpeg_folder(ctx: Context, root: Path, *, n: int, size: tuple[int, int]
 
 
 def model_for(name: str, *, image_size: int, weights: str = "none") -> Any:
-    from pipeline.backbones import load_backbone
+    from pipeline.stage1.backbones import load_backbone
 
     return load_backbone(name, weights=weights, image_size=image_size, seed=0)
 
@@ -227,7 +227,7 @@ def bare_forward(
 
 def run_extract(ctx: Context, source: Any, *, out: str, **options: Any) -> dict[str, Any]:
     """``extract`` as the CLI runs it (defaults unless ``options`` says otherwise) on an in-memory or folder source."""
-    from pipeline.extract import ExtractConfig, extract, plan_extraction
+    from pipeline.stage1.extract import ExtractConfig, extract, plan_extraction
 
     cfg = ExtractConfig(
         **{"weights": "none", "device": ctx.device.type, "force": True, "progress": False, **options},
@@ -321,7 +321,7 @@ def count_syncs(ctx: Context, source: Any, *, batches: int, **options: Any) -> d
 
     if ctx.device.type != "cuda":
         return {"status": "not measured: CUDA only"}
-    from pipeline.datasets import Source
+    from pipeline.stage1.datasets import Source
 
     bs = options.get("batch_size") or 512
     small = {k: v.subset(np.arange(min(len(v), bs * batches))) for k, v in source.splits.items()}
@@ -356,7 +356,7 @@ def section_families(ctx: Context) -> dict[str, Any]:
 
 
 def section_jpeg(ctx: Context) -> dict[str, Any]:
-    from pipeline.datasets import load_folder
+    from pipeline.stage1.datasets import load_folder
     from pipeline.store import read_features
 
     c = ctx.cfg
@@ -410,7 +410,7 @@ import json, sys, time
 t = {}
 t0 = time.perf_counter(); import torch; t["import torch"] = time.perf_counter() - t0
 t0 = time.perf_counter(); import torchvision; t["import torchvision"] = time.perf_counter() - t0
-t0 = time.perf_counter(); import pipeline.cli, pipeline.extract; t["import pipeline.extract"] = time.perf_counter() - t0
+t0 = time.perf_counter(); import pipeline.cli, pipeline.stage1.extract; t["import pipeline"] = time.perf_counter() - t0
 t["scikit-learn imported by extract"] = "sklearn" in sys.modules
 device = torch.device(sys.argv[1]); size = int(sys.argv[2]); batch = int(sys.argv[3])
 t0 = time.perf_counter()
@@ -418,8 +418,8 @@ if device.type == "cuda":
     torch.cuda.init(); torch.zeros(1, device=device); torch.cuda.synchronize()
 t["CUDA init"] = time.perf_counter() - t0
 t0 = time.perf_counter()
-from pipeline.backbones import load_backbone
-from pipeline.extract import prepare_model
+from pipeline.stage1.backbones import load_backbone
+from pipeline.stage1.extract import prepare_model
 bb = load_backbone("resnet18", weights="none", image_size=size)
 model = prepare_model(bb, device)
 t["load and place ResNet18"] = time.perf_counter() - t0
@@ -436,7 +436,7 @@ print(json.dumps(t))
 
 
 def section_startup(ctx: Context) -> dict[str, Any]:
-    from pipeline.batches import default_batch_size
+    from pipeline.stage1.batches import default_batch_size
 
     batch = default_batch_size(ctx.device, crop_size=ctx.cfg.image_size)
     cmd = [sys.executable, "-c", _STARTUP, ctx.device.type, str(ctx.cfg.image_size), str(batch)]
@@ -456,7 +456,7 @@ def break_even_images(*, compile_s: float, eager_ips: float, compiled_ips: float
 
 def compile_measure(ctx: Context) -> dict[str, Any]:
     """Eager and compiled extraction of the same arrays (in this process; the parent runs it in a child)."""
-    from pipeline.extract import COMPILE_BREAK_EVEN_IMAGES, COMPILE_MODE
+    from pipeline.stage1.extract import COMPILE_BREAK_EVEN_IMAGES, COMPILE_MODE
 
     c = ctx.cfg
     arrays, labels = augmented_digits(ctx, c.compile_images, side=32, rgb=True, seed=3)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.extract import ExtractConfig, ExtractPlan, ExtractResult, extract, plan_extraction, reuse_existing
+from pipeline.stage1.extract import ExtractConfig, ExtractPlan, ExtractResult, extract, plan_extraction, reuse_existing
 from pipeline.store import FeatureMeta, FeatureReadError, FeatureWriter, FileLock, StoredFile, read_meta
 
 log = logging.getLogger(__name__)

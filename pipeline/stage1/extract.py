@@ -14,8 +14,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.backbones import RESIZE_MODES, Backbone, Preprocessing, load_backbone
-from pipeline.batches import (
+from pipeline.devices import DEVICES, resolve_device
+from pipeline.errors import PipelineError, raise_if_stopped
+from pipeline.options import option
+from pipeline.stage1.backbones import RESIZE_MODES, Backbone, Preprocessing, load_backbone
+from pipeline.stage1.batches import (
     PREPROCESS_MODES,
     Batch,
     SourceSettings,
@@ -26,11 +29,8 @@ from pipeline.batches import (
     error_line,
     open_source,
 )
-from pipeline.datasets import VERIFY_MODES, Source, Split, load_source
-from pipeline.devices import DEVICES, resolve_device
-from pipeline.errors import PipelineError, raise_if_stopped
-from pipeline.options import option
-from pipeline.precision import PRECISIONS, Precision, check_precision, precision_context, resolve_precision
+from pipeline.stage1.datasets import VERIFY_MODES, Source, Split, load_source
+from pipeline.stage1.precision import PRECISIONS, Precision, check_precision, precision_context, resolve_precision
 from pipeline.store import (
     FEATURE_DTYPES,
     SCHEMA_VERSION,
@@ -171,7 +171,7 @@ def feature_identity(
     *, backbone: Backbone, source: Source, cfg: ExtractConfig, device: torch.device, sources: dict[str, str]
 ) -> dict[str, Any]:
     """Everything that determines the features; its hash is the file's fingerprint. ``sources``: the batch source
-    of each split (see :mod:`pipeline.batches`)."""
+    of each split (see :mod:`pipeline.stage1.batches`)."""
     identity = {
         "schema_version": SCHEMA_VERSION,
         "backbone": backbone.name,
@@ -484,7 +484,7 @@ class ExtractPlan:
     identity: dict[str, Any]
     fp: str
     out: Path
-    sources: dict[str, str]  # split -> batch source name (pipeline.batches.BATCH_SOURCES), decided once here
+    sources: dict[str, str]  # split -> batch source name (pipeline.stage1.batches.BATCH_SOURCES), decided once here
     settings: SourceSettings  # batch size, loader workers, preprocessing, device: what the sources run with
     compile: bool = False  # torch.compile the backbone (cfg.compile, with None resolved by the run size)
     pad_to: int = 0  # pad every batch to this many rows (0: no padding): one shape for compile and cuDNN
@@ -558,7 +558,7 @@ def extract(cfg: ExtractConfig, *, plan: ExtractPlan | None = None) -> ExtractRe
     """Extract features for every split of ``cfg.dataset`` into one HDF5 file (reused if up to date).
 
     ``plan`` (from :func:`plan_extraction`) may be narrowed to one rank's rows and shard file; see
-    :mod:`pipeline.distributed`. The fingerprint stays that of the whole run.
+    :mod:`pipeline.stage1.distributed`. The fingerprint stays that of the whole run.
     """
     p = plan or plan_extraction(cfg)
     check_output_name(p.out)

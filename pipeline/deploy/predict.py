@@ -25,12 +25,12 @@ from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.backbones import Preprocessing, strip_classifier
-from pipeline.datasets import IMG_EXTENSIONS, load_image
+from pipeline.deploy.export import IDENTITY_KEY, ExportMeta, attach_head, non_finite, read_meta, sidecar_paths
 from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
-from pipeline.export import IDENTITY_KEY, ExportMeta, attach_head, non_finite, read_meta, sidecar_paths
 from pipeline.fileio import atomic_path
+from pipeline.stage1.backbones import Preprocessing, strip_classifier
+from pipeline.stage1.datasets import IMG_EXTENSIONS, load_image
 
 log = logging.getLogger(__name__)
 

@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.backbones import Preprocessing
-from pipeline.datasets import Split
 from pipeline.errors import PipelineError
+from pipeline.stage1.backbones import Preprocessing
+from pipeline.stage1.datasets import Split
 
 log = logging.getLogger(__name__)
 

@@ -32,16 +32,16 @@ from safetensors.torch import save
 from torch import nn
 from torchvision.transforms import InterpolationMode
 
-from pipeline.backbones import Backbone, Preprocessing, available_backbones, file_sha256, load_backbone
 from pipeline.errors import PipelineError
 from pipeline.fileio import atomic_write, write_json
 from pipeline.heads import Head, HeadConfig, build_head, load_head
+from pipeline.stage1.backbones import Backbone, Preprocessing, available_backbones, file_sha256, load_backbone
 
 log = logging.getLogger(__name__)
 PROGRAM_SUFFIX = ".pt2"
 EXPORT_FORMAT = "pipeline.exported-classifier"
 EXPORT_VERSION = 2  # 2: MODEL.safetensors + head_layer in MODEL.json (1 had MODEL.pth, read through the program)
-IDENTITY_KEY = "pipeline.export"  # the safetensors metadata entry that repeats what MODEL.json says the model is
+IDENTITY_KEY = "pipeline.deploy.export"  # the safetensors metadata entry that repeats what MODEL.json says the model is
 
 
 @dataclass(frozen=True)
