@@ -269,7 +269,8 @@ def compare_cmd(features: str, heads: str, out: str | None, shots: str | None, f
     "--out", required=True, type=click.Path(dir_okay=False), help="MODEL.pt2 (.safetensors and .json beside it)."
 )
 def export_cmd(head_dir: str, out: str) -> None:
-    """The frozen backbone with the trained head as its final layer: torch.export program + state_dict."""
+    """The frozen backbone with the trained head as its final layer: a torch.export program, and the tensors and
+    metadata `predict` loads (safetensors + JSON: loading them never runs code)."""
     from pipeline.deploy.export import export_model
 
     result = export_model(Path(head_dir), Path(out))
