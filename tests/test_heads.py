@@ -570,3 +570,37 @@ def test_centroid_temperature_is_the_best_of_its_grid() -> None:
     losses = [-np.log(np.clip(softmax(z / g)[np.arange(len(y)), y], 1e-12, None)).mean() for g in grid]
     assert t == pytest.approx(grid[int(np.argmin(losses))], rel=1e-4)
     np.testing.assert_allclose(head.weight, (2 * means / t).astype(np.float32), rtol=1e-4, atol=1e-6)
+
+
+def test_cuda_takes_larger_steps_only_with_the_default_batch_and_enough_rows() -> None:
+    """On CUDA the default batch grows (lr x sqrt of the factor) while an epoch keeps MIN_STEPS steps; on the CPU,
+    with a chosen batch, or on small data, the configured batch runs as given (the same object: nothing changes)."""
+    import torch
+
+    from pipeline.heads.fitting import CUDA_BATCH_FACTOR, MIN_STEPS, ran_with, scaled_for_device
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # a device object needs no GPU
+    cfg = HeadConfig(head="linear")
+    ran, factor = scaled_for_device(cfg, n=50_000, device=cuda)
+    assert ran.batch_size == CUDA_BATCH_FACTOR * cfg.batch_size and factor == pytest.approx(CUDA_BATCH_FACTOR**0.5)
+    assert ran.lr == pytest.approx(cfg.lr * factor) and 50_000 // ran.batch_size >= MIN_STEPS
+    assert ran_with(cfg, n=50_000, device=cuda) == {"batch_size_run": ran.batch_size, "lr_factor_run": factor}
+    assert scaled_for_device(cfg, n=1_437, device=cuda) == (cfg, 1.0)  # the digits: keep the steps
+    assert scaled_for_device(cfg, n=50_000, device=cpu)[0] is cfg
+    assert scaled_for_device(replace(cfg, batch_size=256), n=50_000, device=cuda)[0].batch_size == 256
+    assert ran_with(cfg, n=50_000, device=cpu) == {}
+
+
+def test_shuffles_on_the_device_reproducibly_with_the_seed() -> None:
+    """Batches are drawn by ``torch.randperm`` on the rows' device from the seed: the same seed gives the same
+    head, another seed another one."""
+    X, y = separable_features(n=300, classes=3, spread=2.0)
+    cfg = HeadConfig(head="mlp", epochs=2, batch_size=32, hidden=8, device="cpu")
+
+    def fit(seed: int) -> np.ndarray:
+        head = build_head(replace(cfg, seed=seed), num_classes=3, feature_dim=32)
+        head.fit(X, y)
+        return head.state()["0.weight"]
+
+    np.testing.assert_array_equal(fit(0), fit(0))
+    assert not np.array_equal(fit(0), fit(1))
