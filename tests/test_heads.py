@@ -468,3 +468,141 @@ def test_knn_scores_the_same_in_small_blocks(monkeypatch: pytest.MonkeyPatch) ->
     whole = head.logits(X[200:])
     monkeypatch.setattr(KNNHead, "CHUNK_ELEMENTS", 5 * 200)
     np.testing.assert_allclose(head.logits(X[200:]), whole, rtol=1e-6, atol=1e-6)
+
+
+def _clustered_unit_rows(n: int, *, dim: int = 64, centres: int = 5, seed: int = 0, noise: float = 0.05):
+    """Unit rows in tight clusters: many similarities within bfloat16's error of each other, the case the coarse
+    k-NN pass must not get wrong."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(centres, dim, generator=g)
+    x = c[torch.arange(n) % centres] + noise * torch.randn(n, dim, generator=g)
+    return x / x.norm(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("use_exclude", [False, True])
+def test_knn_coarse_bf16_pass_finds_the_float32_neighbours(use_exclude: bool) -> None:
+    """``nearest`` with the bfloat16 pass returns the float32 top-k (same rows, same float32 similarities) where
+    a plain bfloat16 top-k would not, with and without a row excluded per query (leave-one-out)."""
+    import torch
+
+    from pipeline.heads.knn import _exact_topk, coarse_error, nearest
+
+    train = _clustered_unit_rows(3000)
+    q = _clustered_unit_rows(200, seed=1)
+    exclude = torch.randint(3000, (200,), generator=torch.Generator().manual_seed(2)) if use_exclude else None
+    if use_exclude:  # the excluded row is the query's true nearest: the case where excluding matters
+        exclude = (q @ train.T).argmax(1)
+    want_sim, want_idx = _exact_topk(q, train, k=10, exclude=exclude)
+    sim, idx = nearest(q, train, k=10, exclude=exclude, coarse=train.bfloat16())
+    np.testing.assert_allclose(sim.numpy(), want_sim.numpy(), rtol=0, atol=1e-6)
+    exact = q @ train.T
+    for i in np.flatnonzero((np.sort(idx.numpy(), 1) != np.sort(want_idx.numpy(), 1)).any(1)):
+        # only a float32 tie (two summation orders of the same dot product) may resolve the other way
+        assert (exact[i, idx[i]] - want_sim[i, -1]).abs().min() < 1e-6
+    approx = (q.bfloat16() @ train.bfloat16().T).float()
+    if exclude is not None:
+        approx[torch.arange(200), exclude] = -float("inf")
+        assert not (idx == exclude[:, None]).any()
+    plain = approx.topk(10, dim=1).indices
+    assert (np.sort(plain.numpy(), 1) != np.sort(want_idx.numpy(), 1)).any()  # the plain coarse pass is wrong
+    assert ((approx - q @ train.T).abs().nan_to_num(posinf=0, neginf=0) <= coarse_error(64)).all()  # the bound
+
+
+def test_knn_head_gives_the_same_votes_with_and_without_the_coarse_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from pipeline.heads import knn
+
+    X = _clustered_unit_rows(1200, noise=0.2).numpy()  # no float32 ties among the neighbours; bf16 ones, yes
+    y = np.arange(1200) % 3  # labels not tied to the clusters: a wrong neighbour changes the votes
+    head = build_head(HeadConfig(head="knn", k=7, device="cpu"), num_classes=3, feature_dim=64)
+    head.fit(X[:1000], y[:1000])
+    monkeypatch.setattr(knn, "_fast_bf16", lambda device: True)
+    coarse = head.logits(X[1000:]), head.train_predictions(X[:1000], y[:1000])[1]
+    monkeypatch.setattr(knn, "_fast_bf16", lambda device: False)
+    exact = head.logits(X[1000:]), head.train_predictions(X[:1000], y[:1000])[1]
+    for a, b in zip(coarse, exact):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    q = torch.as_tensor(X[1000:])
+    plain = (q.bfloat16() @ torch.as_tensor(X[:1000]).bfloat16().T).float().topk(7, dim=1).indices
+    assert (plain.sort(1).values != (q @ torch.as_tensor(X[:1000]).T).topk(7, dim=1).indices.sort(1).values).any()
+
+
+def test_correlation_preconditioner_is_the_ridged_inverse_and_cuts_iterations() -> None:
+    """``q -> q (Sigma + RIDGE I)^-1`` on the weight columns, the intercept as is; on correlated features L-BFGS
+    with it reaches the same optimum in fewer iterations."""
+    import torch
+
+    from pipeline.heads import lbfgs
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(2000, 40, generator=g, dtype=torch.float64) @ torch.randn(40, 40, generator=g, dtype=torch.float64)
+    Z = (X - X.mean(0)) / X.std(0, unbiased=False)
+    P = lbfgs.correlation_preconditioner(Z)
+    q = torch.randn(3, 41, generator=g, dtype=torch.float64)
+    want = q[:, :-1] @ torch.linalg.inv(Z.T @ Z / len(Z) + lbfgs.RIDGE * torch.eye(40, dtype=torch.float64))
+    torch.testing.assert_close(P(q)[:, :-1], want)
+    torch.testing.assert_close(P(q)[:, -1], q[:, -1])
+    y = (Z @ torch.randn(40, 3, generator=g, dtype=torch.float64)).argmax(1)
+    problem = lbfgs.Problem.build(Z, y, classes=3, class_weight=None)
+
+    def fg(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return problem.loss_grad(t, 1e-3)
+
+    start = torch.zeros(3, 41, dtype=torch.float64)
+    plain = lbfgs.lbfgs(fg, start, max_iter=2000, tol=1e-8)
+    pre = lbfgs.lbfgs(fg, start, max_iter=2000, tol=1e-8, precondition=P)
+    assert plain.converged and pre.converged and pre.n_iter < plain.n_iter, (pre.n_iter, plain.n_iter)
+    torch.testing.assert_close(pre.theta, plain.theta, rtol=1e-4, atol=1e-5)
+
+
+def test_centroid_temperature_is_the_best_of_its_grid() -> None:
+    """The fitted temperature has the lowest train log-loss of the 25-point grid (computed here in numpy)."""
+    from pipeline.heads.base import softmax
+
+    X, y = separable_features(n=400, classes=4, spread=3.0)
+    head = build_head(HeadConfig(head="centroid"), num_classes=4, feature_dim=32)
+    t = head.fit(X, y).info["temperature"]
+    means = np.stack([X[y == c].astype(np.float64).mean(0) for c in range(4)])
+    z = 2 * X @ means.T - (means**2).sum(1)
+    spread = np.std(z - z.mean(1, keepdims=True))
+    grid = spread * np.logspace(-3, 1, 25)
+    losses = [-np.log(np.clip(softmax(z / g)[np.arange(len(y)), y], 1e-12, None)).mean() for g in grid]
+    assert t == pytest.approx(grid[int(np.argmin(losses))], rel=1e-4)
+    np.testing.assert_allclose(head.weight, (2 * means / t).astype(np.float32), rtol=1e-4, atol=1e-6)
+
+
+def test_cuda_takes_larger_steps_only_with_the_default_batch_and_enough_rows() -> None:
+    """On CUDA the default batch grows (lr x sqrt of the factor) while an epoch keeps MIN_STEPS steps; on the CPU,
+    with a chosen batch, or on small data, the configured batch runs as given (the same object: nothing changes)."""
+    import torch
+
+    from pipeline.heads.fitting import CUDA_BATCH_FACTOR, MIN_STEPS, ran_with, scaled_for_device
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # a device object needs no GPU
+    cfg = HeadConfig(head="linear")
+    ran, factor = scaled_for_device(cfg, n=50_000, device=cuda)
+    assert ran.batch_size == CUDA_BATCH_FACTOR * cfg.batch_size and factor == pytest.approx(CUDA_BATCH_FACTOR**0.5)
+    assert ran.lr == pytest.approx(cfg.lr * factor) and 50_000 // ran.batch_size >= MIN_STEPS
+    assert ran_with(cfg, n=50_000, device=cuda) == {"batch_size_run": ran.batch_size, "lr_factor_run": factor}
+    assert scaled_for_device(cfg, n=1_437, device=cuda) == (cfg, 1.0)  # the digits: keep the steps
+    assert scaled_for_device(cfg, n=50_000, device=cpu)[0] is cfg
+    assert scaled_for_device(replace(cfg, batch_size=256), n=50_000, device=cuda)[0].batch_size == 256
+    assert ran_with(cfg, n=50_000, device=cpu) == {}
+
+
+def test_shuffles_on_the_device_reproducibly_with_the_seed() -> None:
+    """Batches are drawn by ``torch.randperm`` on the rows' device from the seed: the same seed gives the same
+    head, another seed another one."""
+    X, y = separable_features(n=300, classes=3, spread=2.0)
+    cfg = HeadConfig(head="mlp", epochs=2, batch_size=32, hidden=8, device="cpu")
+
+    def fit(seed: int) -> np.ndarray:
+        head = build_head(replace(cfg, seed=seed), num_classes=3, feature_dim=32)
+        head.fit(X, y)
+        return head.state()["0.weight"]
+
+    np.testing.assert_array_equal(fit(0), fit(0))
+    assert not np.array_equal(fit(0), fit(1))

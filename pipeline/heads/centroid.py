@@ -5,8 +5,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 
-from pipeline.heads.base import ABSENT_LOGIT, AffineHead, FitResult, softmax
+from pipeline.heads.base import ABSENT_LOGIT, AffineHead, FitResult
+from pipeline.heads.fitting import fitting_threads
+
+LOG_FLOOR = math.log(1e-12)  # a row's log-probability counts as at least this (as the clip of p at 1e-12 before)
 
 
 class CentroidHead(AffineHead):
@@ -15,27 +19,31 @@ class CentroidHead(AffineHead):
 
     name = "centroid"
 
+    @torch.no_grad()
     def fit(self, X: np.ndarray, y: np.ndarray, *, val: tuple[np.ndarray, np.ndarray] | None = None) -> FitResult:
-        X = np.asarray(X, np.float64)
-        present = np.bincount(y, minlength=self.num_classes) > 0
-        means = np.eye(self.num_classes)[y].T @ X  # class sums as one matmul: np.add.at took 0.5 s on 50,000 x 1,280
-        means[present] /= np.bincount(y, minlength=self.num_classes)[present, None]
+        # Two float32 matmuls in torch (the class sums, then the logits), float64 for the rest: a float64 copy of X
+        # and numpy's matmuls were 2.5 s of a 2.6 s fit on 50,000 x 1,280 (0.2 s now); the class sums in float32
+        # are within ~2e-6 relative of float64 ones.
+        Xt, yt = torch.as_tensor(np.asarray(X, np.float32)), torch.as_tensor(np.asarray(y, np.int64))
+        counts = torch.bincount(yt, minlength=self.num_classes).double()
+        present = counts > 0
+        means = (torch.nn.functional.one_hot(yt, self.num_classes).t().float() @ Xt).double()
+        means[present] /= counts[present, None]
         w, b = 2 * means, -(means**2).sum(1)
         b[~present] = ABSENT_LOGIT
-        z = X @ w.T + b
-        temperature = _fit_temperature(z, y)
-        self.weight = (w / temperature).astype(np.float32)
-        self.bias = np.where(present, b / temperature, ABSENT_LOGIT).astype(np.float32)
+        z = (Xt @ w.t().float()).double() + b
+        with fitting_threads(torch.device("cpu")):  # ~1 ms ops: a second thread on a busy CPU made them 10x slower
+            temperature = _fit_temperature(z, yt)
+        self.weight = (w / temperature).float().numpy()
+        self.bias = torch.where(present, b / temperature, ABSENT_LOGIT).float().numpy()
         return FitResult(info={"temperature": temperature})
 
 
-def _fit_temperature(z: np.ndarray, y: np.ndarray) -> float:
-    """The T (log-spaced grid around the logit spread) with the lowest train log-loss of softmax(z / T)."""
-    spread = float(np.std(z - z.mean(1, keepdims=True))) or 1.0
-    best, best_loss = spread, math.inf
-    for t in spread * np.logspace(-3, 1, 25):
-        p = softmax(z / t)
-        loss = -np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)).mean()
-        if loss < best_loss:
-            best, best_loss = float(t), loss
-    return best
+def _fit_temperature(z: torch.Tensor, y: torch.Tensor) -> float:
+    """The T (log-spaced grid around the logit spread) with the lowest train log-loss of softmax(z / T); the
+    first of equal losses."""
+    spread = float((z - z.mean(1, keepdim=True)).std(unbiased=False)) or 1.0
+    grid = spread * torch.logspace(-3, 1, 25, dtype=torch.float64)
+    zy = z.gather(1, y[:, None])[:, 0]
+    losses = torch.stack([(torch.logsumexp(z / t, 1) - zy / t).clamp_max(-LOG_FLOOR).mean() for t in grid])
+    return float(grid[int(torch.argmin(losses))])

@@ -8,7 +8,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -19,6 +19,7 @@ from pipeline.heads.base import balanced_weights
 from pipeline.heads.config import HeadConfig
 
 log = logging.getLogger(__name__)
+DEFAULT_BATCH = next(f.default for f in fields(HeadConfig) if f.name == "batch_size")
 
 
 class LinearGrid(nn.Module):
@@ -158,10 +159,10 @@ def train_epochs(
     batch_size = torch.bincount(batch_of).float()
     logits = torch.empty(groups * C, n, device=dev)
     xb = torch.empty(min(B, n), data.X.shape[1], device=dev)
-    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    gen = torch.Generator(device=dev).manual_seed(cfg.seed)  # shuffled where the rows are: no copy per epoch
     histories: list[list[dict[str, float]]] = [[] for _ in range(groups)]
     for epoch in range(1, cfg.epochs + 1):
-        perm = torch.randperm(n, generator=gen).to(dev)
+        perm = torch.randperm(n, generator=gen, device=dev)
         y, w = data.y[perm], row_weight[perm]
         share = w / torch.zeros(len(batch_size), device=dev).index_add_(0, batch_of, w)[batch_of]
         target = nn.functional.one_hot(y, C).t().float().mul_(share).repeat(groups, 1)  # (G * C, n)
@@ -265,6 +266,37 @@ def train_mlp(module: nn.Sequential, data: TorchData, *, cfg: HeadConfig) -> lis
         for t, v in zip(params, flat.split(sizes)):
             t.copy_(v.view_as(t))
     return histories
+
+
+# On CUDA a step of these small heads costs its kernel launches and Python, not its arithmetic: 5,865 steps of 128
+# rows took ~3 s on an H200, 2x the CPU. So there, the default batch grows up to 8x (as long as an epoch keeps
+# MIN_STEPS steps) with the learning rate times sqrt(factor), Adam's usual rule. Checked on the CPU on real
+# features (50,000 x 1,280 MobileNetV2, 15 epochs): batch 1,024 at lr 2.8e-3 gave val 0.9103 (linear) and 0.9191
+# (mlp) against 0.9117 and 0.9197 at 128 and 1e-3. On the CPU nothing changes: a step there is its arithmetic.
+CUDA_BATCH_FACTOR = 8
+MIN_STEPS = 48
+
+
+def launch_scale(cfg: HeadConfig, *, n: int, device: torch.device) -> int:
+    """How many times the configured batch one step takes: 1 except on CUDA with the default batch size."""
+    if device.type != "cuda" or cfg.batch_size != DEFAULT_BATCH:
+        return 1
+    return max(1, min(CUDA_BATCH_FACTOR, n // (cfg.batch_size * MIN_STEPS)))
+
+
+def scaled_for_device(cfg: HeadConfig, *, n: int, device: torch.device) -> tuple[HeadConfig, float]:
+    """``(cfg with the batch the device runs, the factor its learning rates take)``; ``(cfg, 1.0)`` on the CPU."""
+    f = launch_scale(cfg, n=n, device=device)
+    if f == 1:
+        return cfg, 1.0
+    log.info("on %s: %d rows a step, lr x %.3g (the default batch, scaled)", device, f * cfg.batch_size, f**0.5)
+    return replace(cfg, batch_size=f * cfg.batch_size, lr=cfg.lr * f**0.5), f**0.5
+
+
+def ran_with(cfg: HeadConfig, *, n: int, device: torch.device) -> dict[str, Any]:
+    """What a fit's metrics record of a scaled batch (nothing when the configured one ran)."""
+    ran, factor = scaled_for_device(cfg, n=n, device=device)
+    return {} if ran is cfg else {"batch_size_run": ran.batch_size, "lr_factor_run": factor}
 
 
 @contextmanager

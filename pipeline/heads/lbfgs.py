@@ -11,6 +11,12 @@ stopping rule is scipy's L-BFGS-B one that sklearn uses: the largest gradient en
 Each evaluation of ``f`` is two matmuls over the (N, D) matrix; the only waits on the device are the ones L-BFGS
 needs: one read of three scalars per function evaluation (the loss, the slope, the largest gradient entry).
 A path of C values (strong to weak) starts each fit where the previous one ended (:func:`fit_path`).
+
+L-BFGS starts each iteration's inverse-Hessian estimate from ``gamma * P`` rather than ``gamma * I``, with
+``P = (Sigma + RIDGE I)^-1`` and ``Sigma`` the features' correlation matrix estimated on a sample of rows
+(:func:`correlation_preconditioner`): the data term's Hessian is ``Sigma`` times a class matrix, so ``P`` undoes
+the correlation of the features that standardising leaves. Measured on real MobileNetV2 features (50,000 x 1,280,
+C=1): 86 iterations -> 31, for a 0.3 s set-up; on PCA features (already uncorrelated) 38 -> 30.
 """
 
 from __future__ import annotations
@@ -25,6 +31,11 @@ log = logging.getLogger(__name__)
 
 HISTORY = 10  # scipy's default number of correction pairs (maxcor)
 ARMIJO = 1e-4
+# Ridge added to the correlation matrix (unit diagonal) before inverting it: 0.3 and 1 both took 31 iterations on
+# the real features above, 0.01 took 36 and 3 took 40; the ridge keeps P well-conditioned when rows < D.
+RIDGE = 1.0
+PRECONDITIONER_ROWS = 8192  # rows sampled for Sigma: 0.3 s on 1,280-d on one CPU core; P needs no precision
+Precondition = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -57,6 +68,26 @@ class Problem:
         return f, grad
 
 
+def correlation_preconditioner(Z: torch.Tensor, *, seed: int = 0) -> Precondition:
+    """``q -> q P`` on the weight columns of a (K, D + 1) tensor (the intercept column as is), with
+    ``P = (Z_s^T Z_s / n_s + RIDGE I)^-1`` from up to PRECONDITIONER_ROWS seeded rows ``Z_s`` of the standardised
+    features. Symmetric positive definite, so L-BFGS with it stays a descent method."""
+    n, D = Z.shape
+    rows = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:PRECONDITIONER_ROWS].to(Z.device)
+    sample = Z[rows]
+    sigma = (sample.t() @ sample).double() / max(1, len(rows))
+    sigma.diagonal().add_(RIDGE)
+    P = torch.cholesky_inverse(torch.linalg.cholesky(sigma)).to(Z.dtype)
+
+    def precondition(q: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(q)
+        torch.mm(q[:, :-1], P, out=out[:, :-1])
+        out[:, -1] = q[:, -1]
+        return out
+
+    return precondition
+
+
 @dataclass
 class Solution:
     theta: torch.Tensor  # (K, D + 1): weight and bias
@@ -72,17 +103,20 @@ def lbfgs(
     max_iter: int,
     tol: float,
     pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
+    precondition: Precondition | None = None,
 ) -> Solution:
     """Minimise a smooth convex ``fg`` (value, gradient) from ``theta``: L-BFGS with a backtracking line search
     (Armijo, or where the loss no longer resolves the decrease, the approximate Wolfe test of Hager and Zhang on
-    the slope). ``pairs`` (s, y, 1 / s.y), updated in place, are the curvature memory; a path passes them on."""
+    the slope). ``pairs`` (s, y, 1 / s.y), updated in place, are the curvature memory; a path passes them on.
+    ``precondition`` (symmetric positive definite, e.g. :func:`correlation_preconditioner`) is the initial inverse
+    Hessian up to scale; the identity when None."""
     f, g = fg(theta)
     f_host, gmax = (float(v) for v in torch.stack([f, g.abs().max().double()]).tolist())
     pairs = [] if pairs is None else pairs
     it = 0
     while gmax > tol and it < max_iter:
         it += 1
-        d = -_two_loop(g, pairs)
+        d = -_two_loop(g, pairs, precondition)
         gd = (g * d).sum()
         t = 1.0 if pairs else min(1.0, 1.0 / float(g.abs().sum()))  # first step: as torch.optim.LBFGS
         for _ in range(30):
@@ -106,16 +140,23 @@ def lbfgs(
     return Solution(theta, it, gmax <= tol, f_host)
 
 
-def _two_loop(g: torch.Tensor, pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """The L-BFGS approximation of H^-1 g; all on the device (no reads of the scalars)."""
+def _two_loop(
+    g: torch.Tensor,
+    pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    precondition: Precondition | None = None,
+) -> torch.Tensor:
+    """The L-BFGS approximation of H^-1 g, from H0^-1 = P * s.y / y.P.y; all on the device (no reads of the
+    scalars)."""
+    P = precondition or (lambda t: t.clone())
     q, alphas = g.clone(), []
     for s, y, rho in reversed(pairs):
         a = rho * (s * q).sum()
         q.sub_(a * y)
         alphas.append(a)
+    q = P(q)
     if pairs:
         s, y, rho = pairs[-1]
-        gamma = rho * (y * y).sum()  # 1 / gamma = y.y / s.y, the initial Hessian's scale
+        gamma = rho * (y * P(y)).sum()  # 1 / gamma = y.P.y / s.y, the initial Hessian's scale
         q.mul_(torch.where(gamma > 0, 1.0 / gamma, torch.ones_like(gamma)))
     for (s, y, rho), a in zip(pairs, reversed(alphas)):
         q.add_(s * (a - rho * (y * q).sum()))
@@ -129,11 +170,19 @@ def fit_path(problem: Problem, lams: list[float], *, max_iter: int, tol: float) 
     K, D = problem.target.shape[1], problem.Z.shape[1]
     theta = torch.zeros(K, D + 1, dtype=problem.Z.dtype, device=problem.Z.device)
     pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    precondition = correlation_preconditioner(problem.Z)
     previous = None
     for lam in lams:
         if previous is not None and pairs:
             pairs[:] = [_shift(s, y, lam - previous) for s, y, _ in pairs]
-        sol = lbfgs(lambda t, lam=lam: problem.loss_grad(t, lam), theta, max_iter=max_iter, tol=tol, pairs=pairs)
+        sol = lbfgs(
+            lambda t, lam=lam: problem.loss_grad(t, lam),
+            theta,
+            max_iter=max_iter,
+            tol=tol,
+            pairs=pairs,
+            precondition=precondition,
+        )
         theta, previous = sol.theta, lam
         yield sol
 

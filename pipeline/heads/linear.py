@@ -10,7 +10,14 @@ import torch
 from pipeline.devices import resolve_device
 from pipeline.heads.base import AffineHead, FitResult, fold_standardiser, prepare_inputs
 from pipeline.heads.config import HeadConfig
-from pipeline.heads.fitting import LinearGrid, TorchData, fitting_threads, train_linear_grid
+from pipeline.heads.fitting import (
+    LinearGrid,
+    TorchData,
+    fitting_threads,
+    ran_with,
+    scaled_for_device,
+    train_linear_grid,
+)
 
 
 class LinearHead(AffineHead):
@@ -25,15 +32,16 @@ class LinearHead(AffineHead):
         self, X: np.ndarray, y: np.ndarray, *, grid: list[dict[str, float]], val: Any = None
     ) -> tuple[LinearGrid, list[list[dict[str, float]]]]:
         device = resolve_device(self.cfg.device)
-        X, val, shift = prepare_inputs(X, val, cfg=self.cfg)
-        data = TorchData.build(X, y, val=val, cfg=self.cfg, num_classes=self.num_classes, device=device)
+        cfg, lr_factor = scaled_for_device(self.cfg, n=len(y), device=device)
+        X, val, shift = prepare_inputs(X, val, cfg=cfg)
+        data = TorchData.build(X, y, val=val, cfg=cfg, num_classes=self.num_classes, device=device)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.cfg.seed)
+            torch.manual_seed(cfg.seed)
             model = LinearGrid(len(grid), self.feature_dim, self.num_classes).to(device)
-        lr = [p.get("lr", self.cfg.lr) for p in grid]
-        weight_decay = [p.get("weight_decay", self.cfg.weight_decay) for p in grid]
+        lr = [p.get("lr", self.cfg.lr) * lr_factor for p in grid]
+        weight_decay = [p.get("weight_decay", cfg.weight_decay) for p in grid]
         with fitting_threads(device):
-            histories = train_linear_grid(model, data, lr=lr, weight_decay=weight_decay, cfg=self.cfg)
+            histories = train_linear_grid(model, data, lr=lr, weight_decay=weight_decay, cfg=cfg)
         if shift is not None:
             with torch.no_grad():
                 fold_standardiser(model.weight, model.bias, *shift)
@@ -43,7 +51,7 @@ class LinearHead(AffineHead):
         model, histories = self._fit_grid(X, y, grid=[{}], val=val)
         self.weight = model.weight[0].cpu().numpy().copy()
         self.bias = model.bias[0].cpu().numpy().copy()
-        return FitResult(history=histories[0])
+        return FitResult(history=histories[0], info=ran_with(self.cfg, device=model.weight.device, n=len(y)))
 
     @classmethod
     def sweep_grid(cls, cfg: HeadConfig) -> list[dict[str, float]]:

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 # log-spaced from 1e-6 to 1e5, i.e. C = 1 / strength, solved from strong to weak.
 SWEEP_STRENGTHS = np.logspace(5, -6, 45)
 PATH_TOL_FACTOR = 10.0
+LOGIT_ROWS = 4096
 
 
 def standardise(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,8 +157,13 @@ class LogRegHead(Head):
         return [float(a) for a in torch.stack(correct).tolist()]
 
     def logits(self, X: np.ndarray) -> np.ndarray:
-        Z = (np.asarray(X, np.float32) - self.mean) / self.scale
-        return Z @ self.weight.T + self.bias
+        """Standardised a block of rows at a time: a whole standardised copy of 50,000 x 1,280 cost ~1 s in
+        page faults, 10x the matmul."""
+        out = np.empty((len(X), self.num_classes), np.float32)
+        for start in range(0, len(X), LOGIT_ROWS):
+            Z = (np.asarray(X[start : start + LOGIT_ROWS], np.float32) - self.mean) / self.scale
+            out[start : start + LOGIT_ROWS] = Z @ self.weight.T + self.bias
+        return out
 
     def as_module(self) -> nn.Module:
         layer = linear_module(self.weight, self.bias)  # the standardisation folds into the one linear layer

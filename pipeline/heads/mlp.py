@@ -10,7 +10,7 @@ from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.heads.base import FitResult, Head, fold_standardiser, prepare_inputs
 from pipeline.heads.config import HeadConfig
-from pipeline.heads.fitting import TorchData, fitting_threads, train_mlp
+from pipeline.heads.fitting import TorchData, fitting_threads, ran_with, scaled_for_device, train_mlp
 
 
 class MLPHead(Head):
@@ -32,18 +32,19 @@ class MLPHead(Head):
 
     def fit(self, X: np.ndarray, y: np.ndarray, *, val: tuple[np.ndarray, np.ndarray] | None = None) -> FitResult:
         device = resolve_device(self.cfg.device)
-        X, val, shift = prepare_inputs(X, val, cfg=self.cfg)
-        data = TorchData.build(X, y, val=val, cfg=self.cfg, num_classes=self.num_classes, device=device)
+        cfg, _ = scaled_for_device(self.cfg, n=len(y), device=device)
+        X, val, shift = prepare_inputs(X, val, cfg=cfg)
+        data = TorchData.build(X, y, val=val, cfg=cfg, num_classes=self.num_classes, device=device)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.cfg.seed)  # init and dropout masks
+            torch.manual_seed(cfg.seed)  # init and dropout masks
             self.module = self._module().to(device)
             with fitting_threads(device):
-                histories = train_mlp(self.module, data, cfg=self.cfg)
+                histories = train_mlp(self.module, data, cfg=cfg)
         self.module = self.module.cpu().eval()
         if shift is not None:
             with torch.no_grad():
                 fold_standardiser(self.module[0].weight, self.module[0].bias, *shift)
-        return FitResult(history=histories[0])
+        return FitResult(history=histories[0], info=ran_with(self.cfg, device=device, n=len(y)))
 
     @classmethod
     def sweep_grid(cls, cfg: HeadConfig) -> list[dict[str, float]]:
