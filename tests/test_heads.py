@@ -606,3 +606,14 @@ def test_shuffles_on_the_device_reproducibly_with_the_seed() -> None:
 
     np.testing.assert_array_equal(fit(0), fit(0))
     assert not np.array_equal(fit(0), fit(1))
+
+
+def test_knn_normalises_huge_and_tiny_features() -> None:
+    """Squares of float32 features above ~1e19 overflow: k-NN sat at chance on features scaled by 1e30."""
+    from pipeline.heads.knn import _l2_normalise
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((20, 16)).astype(np.float32)
+    unit = X / np.linalg.norm(X, axis=1, keepdims=True)
+    for scale in (1e-30, 1.0, 1e30):
+        np.testing.assert_allclose(_l2_normalise(X * np.float32(scale)), unit, rtol=1e-5, atol=1e-6)

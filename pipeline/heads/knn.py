@@ -80,6 +80,9 @@ class KNNHead(Head):
 
 def _l2_normalise(X: np.ndarray) -> np.ndarray:
     X = torch.as_tensor(np.asarray(X, np.float32))
+    # Each row divided by its largest entry first: the squares of features above ~1e19 overflow float32, which left
+    # k-NN at chance on huge features; the direction, all that cosine similarity uses, is the same.
+    X = X / X.abs().amax(dim=1, keepdim=True).clamp_min_(1e-30)
     return (X / torch.linalg.vector_norm(X, dim=1, keepdim=True).clamp_min_(1e-12)).numpy()  # 5x np.linalg.norm
 
 
