@@ -132,7 +132,7 @@ test: $(STAMP)
 # Extraction and end-to-end ratios, heads on features of real images, and feature agreement between the paths.
 bench: $(STAMP)
 	$(PY) -m pipeline.bench
-	$(PY) -m pipeline.bench_heads
+	$(PY) -m pipeline.bench.heads
 	$(PY) -m pipeline.bench.fidelity
 
 # On a GPU machine without this venv: PYTHONPATH=. python -m pipeline.bench.gpu --out <path>.json

@@ -121,7 +121,7 @@ def datasets(*, data_root: Path = Path("data")) -> list[Entry]:
 
 def heads() -> list[Entry]:
     """``--head`` names, each with the first sentence of its class's docstring."""
-    from pipeline.heads import HEADS
+    from pipeline.stage2.heads import HEADS
 
     entries = []
     for name, cls in HEADS.items():

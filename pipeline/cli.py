@@ -67,7 +67,7 @@ def _config_class(name: str) -> type:
         from pipeline.stage1.extract import ExtractConfig
 
         return ExtractConfig
-    from pipeline.heads import HeadConfig
+    from pipeline.stage2.heads import HeadConfig
 
     return HeadConfig
 
@@ -180,7 +180,7 @@ def _echo_skipped(skipped: dict[str, list[str]], *, reused: bool = False) -> Non
 
 
 def _head_option(f: Any) -> Any:
-    from pipeline.heads import HEADS, HeadConfig
+    from pipeline.stage2.heads import HEADS, HeadConfig
 
     help = f"Head type: {', '.join(HEADS)}."
     return click.option("--head", default=HeadConfig.head, show_default=True, help=help)(f)
@@ -205,9 +205,9 @@ def _force_option(f: Any) -> Any:
 @_force_option
 def train_head_cmd(features: str, out: str | None, force: bool, **opts: Any) -> None:
     """Stage two: train one head on cached features and report its metrics."""
-    from pipeline.evaluate import format_report
-    from pipeline.heads import HeadConfig
-    from pipeline.train import train_head
+    from pipeline.stage2.evaluate import format_report
+    from pipeline.stage2.heads import HeadConfig
+    from pipeline.stage2.train import train_head
 
     metrics = train_head(Path(features), _config(HeadConfig, opts), out=out, force=force)
     click.echo(format_report(metrics, title=f"{opts['head']} head on {features}"))
@@ -232,13 +232,13 @@ def train_head_cmd(features: str, out: str | None, force: bool, **opts: Any) -> 
 @_force_option
 def compare_cmd(features: str, heads: str, out: str | None, shots: str | None, force: bool, **opts: Any) -> None:
     """Train several head types on one feature file and print one comparison table."""
-    from pipeline.heads import HeadConfig
-    from pipeline.train import compare, compare_table, parse_heads
+    from pipeline.stage2.heads import HeadConfig
+    from pipeline.stage2.train import compare, compare_table, parse_heads
 
     names = parse_heads(heads)
     base = _config(HeadConfig, {"head": names[0], **opts})
     if shots:
-        from pipeline.train import compare_shots, parse_shots, shots_table
+        from pipeline.stage2.train import compare_shots, parse_shots, shots_table
 
         result = compare_shots(Path(features), heads=names, base=base, shots=parse_shots(shots), out=out, force=force)
         click.echo(f"{result['label']}: {result['n_train']} train / {result['n_val']} val")

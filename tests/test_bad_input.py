@@ -21,10 +21,10 @@ from PIL import Image
 
 from pipeline.deploy.export import EXPORT_FORMAT, EXPORT_VERSION
 from pipeline.errors import PipelineError
-from pipeline.heads import HeadConfig, LinearHead, load_head, save_head
 from pipeline.stage1.backbones import Preprocessing
 from pipeline.stage1.datasets import load_image
 from pipeline.stage1.extract import ExtractConfig, extract
+from pipeline.stage2.heads import HeadConfig, LinearHead, load_head, save_head
 from pipeline.store import read_features
 from tests.conftest import TINY_EXTRACT, assert_one_line_error, run, write_image_folder
 from tests.test_cli import TINY

@@ -24,10 +24,10 @@ from safetensors.torch import load_file, save_file
 from pipeline.deploy.export import export_model
 from pipeline.deploy.predict import Classifier, load_classifier, predict, predict_batch, read_image
 from pipeline.errors import PipelineError
-from pipeline.heads import HEAD_FILE, HeadConfig, load_head
 from pipeline.stage1.extract import ExtractConfig, extract
+from pipeline.stage2.heads import HEAD_FILE, HeadConfig, load_head
+from pipeline.stage2.train import train_head
 from pipeline.store import read_features
-from pipeline.train import train_head
 from tests.conftest import TINY_EXTRACT, assert_one_line_error, run, write_image_folder
 
 

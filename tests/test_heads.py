@@ -13,9 +13,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import PipelineError
-from pipeline.heads import HEADS, HeadConfig, KNNHead, LinearHead, balanced_weights, build_head, load_head, save_head
-from pipeline.store import FeatureSet, SplitFeatures, read_features
-from pipeline.train import (
+from pipeline.stage2.heads import (
+    HEADS,
+    HeadConfig,
+    KNNHead,
+    LinearHead,
+    balanced_weights,
+    build_head,
+    load_head,
+    save_head,
+)
+from pipeline.stage2.train import (
     compare_shots,
     few_shot,
     fit_and_evaluate,
@@ -24,6 +32,7 @@ from pipeline.train import (
     sweep,
     train_head,
 )
+from pipeline.store import FeatureSet, SplitFeatures, read_features
 from tests.conftest import separable_features
 
 FAST = {"epochs": 20, "lr": 1e-2, "hidden": 32, "k": 5, "device": "cpu"}
@@ -59,7 +68,7 @@ def test_grid_members_train_independently() -> None:
 def test_adam_matches_torch_optim(fused: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from pipeline.heads.fitting import Adam
+    from pipeline.stage2.heads.fitting import Adam
 
     monkeypatch.setattr(Adam, "FUSED", fused and Adam.FUSED)  # the fused kernel, and the written-out fallback
     torch.manual_seed(0)
@@ -82,8 +91,8 @@ def test_analytic_training_matches_autograd(name: str) -> None:
     """The hand-written gradients give what autograd gives: same weights, same per-epoch history, class weights on."""
     import torch
 
-    from pipeline.heads import MLPHead
-    from pipeline.heads.fitting import TorchData
+    from pipeline.stage2.heads import MLPHead
+    from pipeline.stage2.heads.fitting import TorchData
 
     X, y = separable_features(n=500, classes=3, spread=3.0)
     y[:150] = 0  # imbalanced, so "balanced" class weights change the loss
@@ -143,7 +152,7 @@ def _autograd_reference(module, data, *, cfg: HeadConfig) -> list[dict[str, floa
 def test_fitting_threads_is_one_on_cpu_and_restored() -> None:
     import torch
 
-    from pipeline.heads.fitting import fitting_threads
+    from pipeline.stage2.heads.fitting import fitting_threads
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)  # conftest runs the suite on 1 thread, where "is 1 inside" could not fail
@@ -157,7 +166,7 @@ def test_fitting_threads_is_one_on_cpu_and_restored() -> None:
 
 def test_knn_train_metrics_leave_one_out_on_a_sample(make_feature_file, monkeypatch: pytest.MonkeyPatch) -> None:
     """A point is never its own neighbour in knn's train metrics, and at most TRAIN_METRIC_ROWS rows are scored."""
-    from pipeline.heads import KNNHead
+    from pipeline.stage2.heads import KNNHead
 
     monkeypatch.setattr(KNNHead, "TRAIN_METRIC_ROWS", 500)
     X, y = _imbalanced()  # overlapping classes: with itself as a neighbour, k=1 would score 1.0
@@ -411,7 +420,7 @@ def test_torch_logreg_matches_sklearn(class_weight: str, monkeypatch: pytest.Mon
     relative and val accuracy within 0.1 point, on the real digit pixels (with and without class weights)."""
     import torch
 
-    from pipeline.heads.logreg import LogRegHead
+    from pipeline.stage2.heads.logreg import LogRegHead
 
     X, y = _digits_pixels()
     rng = np.random.default_rng(0)
@@ -444,7 +453,7 @@ def test_torch_logreg_matches_sklearn(class_weight: str, monkeypatch: pytest.Mon
 def test_logreg_path_warm_starts_cost_few_fits() -> None:
     """The 45-value sweep along the path (on 80% of train, as --sweep runs it) costs at most 3x the work of one fit
     on all of train at the chosen C: iterations times rows."""
-    from pipeline.heads.logreg import LogRegHead
+    from pipeline.stage2.heads.logreg import LogRegHead
 
     X, y = _digits_pixels()
     order = np.random.default_rng(0).permutation(len(y))
@@ -460,7 +469,7 @@ def test_logreg_path_warm_starts_cost_few_fits() -> None:
 
 def test_knn_scores_the_same_in_small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     """With a block of 5 queries' worth of similarities, the answer is the same as in one block."""
-    from pipeline.heads import KNNHead
+    from pipeline.stage2.heads import KNNHead
 
     X, y = separable_features(n=300, classes=4, spread=2.0)
     head = build_head(HeadConfig(head="knn", k=5, device="cpu"), num_classes=4, feature_dim=32)
@@ -487,7 +496,7 @@ def test_knn_coarse_bf16_pass_finds_the_float32_neighbours(use_exclude: bool) ->
     a plain bfloat16 top-k would not, with and without a row excluded per query (leave-one-out)."""
     import torch
 
-    from pipeline.heads.knn import _exact_topk, coarse_error, nearest
+    from pipeline.stage2.heads.knn import _exact_topk, coarse_error, nearest
 
     train = _clustered_unit_rows(3000)
     q = _clustered_unit_rows(200, seed=1)
@@ -513,7 +522,7 @@ def test_knn_coarse_bf16_pass_finds_the_float32_neighbours(use_exclude: bool) ->
 def test_knn_head_gives_the_same_votes_with_and_without_the_coarse_pass(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from pipeline.heads import knn
+    from pipeline.stage2.heads import knn
 
     X = _clustered_unit_rows(1200, noise=0.2).numpy()  # no float32 ties among the neighbours; bf16 ones, yes
     y = np.arange(1200) % 3  # labels not tied to the clusters: a wrong neighbour changes the votes
@@ -535,7 +544,7 @@ def test_correlation_preconditioner_is_the_ridged_inverse_and_cuts_iterations() 
     with it reaches the same optimum in fewer iterations."""
     import torch
 
-    from pipeline.heads import lbfgs
+    from pipeline.stage2.heads import lbfgs
 
     g = torch.Generator().manual_seed(0)
     X = torch.randn(2000, 40, generator=g, dtype=torch.float64) @ torch.randn(40, 40, generator=g, dtype=torch.float64)
@@ -560,7 +569,7 @@ def test_correlation_preconditioner_is_the_ridged_inverse_and_cuts_iterations() 
 
 def test_centroid_temperature_is_the_best_of_its_grid() -> None:
     """The fitted temperature has the lowest train log-loss of the 25-point grid (computed here in numpy)."""
-    from pipeline.heads.base import softmax
+    from pipeline.stage2.heads.base import softmax
 
     X, y = separable_features(n=400, classes=4, spread=3.0)
     head = build_head(HeadConfig(head="centroid"), num_classes=4, feature_dim=32)
@@ -579,7 +588,7 @@ def test_cuda_takes_larger_steps_only_with_the_default_batch_and_enough_rows() -
     with a chosen batch, or on small data, the configured batch runs as given (the same object: nothing changes)."""
     import torch
 
-    from pipeline.heads.fitting import CUDA_BATCH_FACTOR, MIN_STEPS, ran_with, scaled_for_device
+    from pipeline.stage2.heads.fitting import CUDA_BATCH_FACTOR, MIN_STEPS, ran_with, scaled_for_device
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")  # a device object needs no GPU
     cfg = HeadConfig(head="linear")
@@ -610,7 +619,7 @@ def test_shuffles_on_the_device_reproducibly_with_the_seed() -> None:
 
 def test_knn_normalises_huge_and_tiny_features() -> None:
     """Squares of float32 features above ~1e19 overflow: k-NN sat at chance on features scaled by 1e30."""
-    from pipeline.heads.knn import _l2_normalise
+    from pipeline.stage2.heads.knn import _l2_normalise
 
     rng = np.random.default_rng(0)
     X = rng.standard_normal((20, 16)).astype(np.float32)

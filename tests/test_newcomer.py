@@ -18,7 +18,7 @@ import pytest
 import pipeline
 from pipeline import catalog
 from pipeline.cli import cli
-from pipeline.heads import HEADS
+from pipeline.stage2.heads import HEADS
 from pipeline.store import FeatureWriter, read_features
 from tests.conftest import TINY_ARGS, assert_one_line_error, run, write_image_folder
 

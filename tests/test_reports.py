@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from pipeline.evaluate import overfitting_warning
 from pipeline.fileio import atomic_write
-from pipeline.heads import HeadConfig
+from pipeline.stage2.evaluate import overfitting_warning
+from pipeline.stage2.heads import HeadConfig
+from pipeline.stage2.train import compare, features_label, fit_and_evaluate, train_head, weights_label
 from pipeline.store import FeatureMeta, FileLock, read_features
-from pipeline.train import compare, features_label, fit_and_evaluate, train_head, weights_label
 from tests.conftest import TINY_ARGS, assert_one_line_error, run, write_feature_file, write_image_folder
 
 
@@ -206,7 +206,7 @@ def test_huge_features_warn_like_tiny_ones(feature_file: Path, caplog: pytest.Lo
     huge = replace(fs, splits={k: replace(v, features=v.features * 1e30) for k, v in fs.splits.items()})
     with caplog.at_level(logging.WARNING), warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # the spread itself is measured without overflow
-        from pipeline.heads import warn_if_tiny
+        from pipeline.stage2.heads import warn_if_tiny
 
         warn_if_tiny(huge.train.features, HeadConfig(head="linear"))
     assert "huge spread" in caplog.text and "--standardize" in caplog.text

@@ -1,9 +1,9 @@
 from pathlib import Path
 
-from pipeline.heads import HeadConfig
 from pipeline.stage1.extract import ExtractConfig, extract
+from pipeline.stage2.heads import HeadConfig
+from pipeline.stage2.train import train_head
 from pipeline.store import read_features
-from pipeline.train import train_head
 from tests.conftest import TINY_EXTRACT
 
 

@@ -214,9 +214,9 @@ def _classic_val(model: torch.nn.Module, loader: Any) -> float:
 
 def two_stage(root: Path, work: Path, *, cfg: BenchConfig) -> dict[str, Any]:
     """``extract`` once, then ``train-head --epochs 15`` (library calls: no interpreter start-up on either side)."""
-    from pipeline.heads import HeadConfig
     from pipeline.stage1.extract import ExtractConfig, extract
-    from pipeline.train import train_head
+    from pipeline.stage2.heads import HeadConfig
+    from pipeline.stage2.train import train_head
 
     ecfg = ExtractConfig(
         dataset=str(root),
@@ -316,9 +316,9 @@ def heads_on_file(
 ) -> dict[str, Any]:
     """Load time, fit times of the linear and logreg heads (median of ``repeats``, every time kept), and ``compare``
     of all heads, in this process."""
-    from pipeline.heads import HEADS, HeadConfig
+    from pipeline.stage2.heads import HEADS, HeadConfig
+    from pipeline.stage2.train import compare, fit_and_evaluate
     from pipeline.store import read_features
-    from pipeline.train import compare, fit_and_evaluate
 
     t0 = time.perf_counter()
     fs = read_features(path)
@@ -387,7 +387,7 @@ def memory(features: Path, feature_bytes: int, work: Path, *, cfg: BenchConfig) 
     """Peak RSS of train-head vs feature bytes, and of extract at two sizes (each a fresh process)."""
     root = write_image_folder(work / "rss_images", n=cfg.rss_sizes[1], size=cfg.rss_image_size, fmt="PNG")
     commands = {
-        "baseline": ["-c", "import torch, sklearn.linear_model, pipeline.cli, pipeline.train"],
+        "baseline": ["-c", "import torch, sklearn.linear_model, pipeline.cli, pipeline.stage2.train"],
         "train_head": ["-m", "pipeline", "train-head", "--features", str(features), "--head", "linear"]
         + ["--device", "cpu", "--out", str(work / "rss_head")],
     }

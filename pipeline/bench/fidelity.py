@@ -22,12 +22,12 @@ from PIL import Image
 from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.fileio import write_json
-from pipeline.heads import HeadConfig
 from pipeline.stage1.batches import BATCH_SOURCES
 from pipeline.stage1.datasets import Source, array_split, load_folder
 from pipeline.stage1.extract import ExtractConfig, extract, plan_extraction
+from pipeline.stage2.heads import HeadConfig
+from pipeline.stage2.train import fit_and_evaluate
 from pipeline.store import FeatureSet, read_features
-from pipeline.train import fit_and_evaluate
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ Sections (each caught on its own: a failure is recorded in the JSON and the tabl
     startup    where a fresh process spends its time before the first batch (imports, CUDA, model, cuDNN autotune)
     compile    ``--compile`` in a child process: compile time, compiled against eager images/s, the break-even run
                size (``extract.COMPILE_BREAK_EVEN_IMAGES`` is set from it)
-    heads      ``pipeline.bench_heads.heads_bench`` on the GPU, when that module exists
+    heads      ``pipeline.bench.heads.heads_bench`` on the GPU, when that module exists
     fidelity   ``pipeline.bench.fidelity.fidelity_bench`` (its quick size): tf32 / bf16 / fp16, the device resize and
                nvJPEG against PIL fp32, with logreg accuracy per row
 
@@ -491,7 +491,7 @@ def section_compile(ctx: Context) -> dict[str, Any]:
 
 def section_heads(ctx: Context) -> dict[str, Any]:
     try:
-        from pipeline.bench_heads import heads_bench
+        from pipeline.bench.heads import heads_bench
     except ImportError as e:
         return {"status": f"not available ({e})"}
     offered = {"device": str(ctx.device), "quick": ctx.quick, "work": ctx.work}

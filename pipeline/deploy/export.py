@@ -34,8 +34,8 @@ from torchvision.transforms import InterpolationMode
 
 from pipeline.errors import PipelineError
 from pipeline.fileio import atomic_write, write_json
-from pipeline.heads import Head, HeadConfig, build_head, load_head
 from pipeline.stage1.backbones import Backbone, Preprocessing, available_backbones, file_sha256, load_backbone
+from pipeline.stage2.heads import Head, HeadConfig, build_head, load_head
 
 log = logging.getLogger(__name__)
 PROGRAM_SUFFIX = ".pt2"

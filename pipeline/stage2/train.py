@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import plots
 from pipeline.errors import PipelineError
-from pipeline.evaluate import classification_metrics, report_notes, summarize
 from pipeline.fileio import write_json, write_text
-from pipeline.heads import HEADS, Head, HeadConfig, build_head, save_head, warn_if_tiny
+from pipeline.stage2 import plots
+from pipeline.stage2.evaluate import classification_metrics, report_notes, summarize
+from pipeline.stage2.heads import HEADS, Head, HeadConfig, build_head, save_head, warn_if_tiny
 from pipeline.store import FeatureMeta, FeatureSet, FileLock, SplitFeatures, read_features, read_meta
 
 log = logging.getLogger(__name__)

@@ -8,9 +8,9 @@ from torch import nn
 
 from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
-from pipeline.heads.base import FitResult, Head, fold_standardiser, prepare_inputs
-from pipeline.heads.config import HeadConfig
-from pipeline.heads.fitting import TorchData, fitting_threads, ran_with, scaled_for_device, train_mlp
+from pipeline.stage2.heads.base import FitResult, Head, fold_standardiser, prepare_inputs
+from pipeline.stage2.heads.config import HeadConfig
+from pipeline.stage2.heads.fitting import TorchData, fitting_threads, ran_with, scaled_for_device, train_mlp
 
 
 class MLPHead(Head):

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import torch
 
-from pipeline.heads.base import ABSENT_LOGIT, AffineHead, FitResult
-from pipeline.heads.fitting import fitting_threads
+from pipeline.stage2.heads.base import ABSENT_LOGIT, AffineHead, FitResult
+from pipeline.stage2.heads.fitting import fitting_threads
 
 LOG_FLOOR = math.log(1e-12)  # a row's log-probability counts as at least this (as the clip of p at 1e-12 before)
 

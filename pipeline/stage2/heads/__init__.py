@@ -21,13 +21,13 @@ from safetensors.numpy import load_file, save_file
 
 from pipeline.errors import PipelineError
 from pipeline.fileio import atomic_write, write_json
-from pipeline.heads.base import FitResult, Head, balanced_weights, warn_if_tiny
-from pipeline.heads.centroid import CentroidHead
-from pipeline.heads.config import HeadConfig
-from pipeline.heads.knn import KNNHead
-from pipeline.heads.linear import LinearHead
-from pipeline.heads.logreg import LogRegHead
-from pipeline.heads.mlp import MLPHead
+from pipeline.stage2.heads.base import FitResult, Head, balanced_weights, warn_if_tiny
+from pipeline.stage2.heads.centroid import CentroidHead
+from pipeline.stage2.heads.config import HeadConfig
+from pipeline.stage2.heads.knn import KNNHead
+from pipeline.stage2.heads.linear import LinearHead
+from pipeline.stage2.heads.logreg import LogRegHead
+from pipeline.stage2.heads.mlp import MLPHead
 
 HEAD_FILE = "head.safetensors"
 

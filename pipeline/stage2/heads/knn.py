@@ -8,9 +8,9 @@ import numpy as np
 import torch
 
 from pipeline.devices import resolve_device
-from pipeline.heads.base import FitResult, Head, balanced_weights, softmax
-from pipeline.heads.config import HeadConfig
-from pipeline.heads.fitting import fitting_threads
+from pipeline.stage2.heads.base import FitResult, Head, balanced_weights, softmax
+from pipeline.stage2.heads.config import HeadConfig
+from pipeline.stage2.heads.fitting import fitting_threads
 
 
 class KNNHead(Head):

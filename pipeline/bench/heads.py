@@ -1,4 +1,4 @@
-"""``python -m pipeline.bench_heads``: the heads timed on features of real images from a real pretrained backbone.
+"""``python -m pipeline.bench.heads``: the heads timed on features of real images from a real pretrained backbone.
 
 The feature file: augmented views (random crops, flips, small rotations; seeded) of the committed ``data/digits``
 through the ImageNet MobileNetV2 (1,280-d), at CIFAR scale (50,000 train + 10,000 val views; the val views come
@@ -115,7 +115,7 @@ def real_feature_file(
     """The 1,280-d MobileNetV2 features of augmented digit views, built once per settings and reused."""
     from pipeline.devices import resolve_device
     from pipeline.stage1.backbones import load_backbone
-    from pipeline.train import stratified_holdout
+    from pipeline.stage2.train import stratified_holdout
 
     path = Path(work) / f"digits_aug_mobilenet_v2_{spec.image_size}px_{spec.n_train}_{_key(spec, weights)}.h5"
     if path.is_file():
@@ -200,7 +200,7 @@ def _row(name: str, seconds: float, target: float | None, note: str) -> dict[str
 
 
 def _timed_head(fs: Any, cfg: Any) -> tuple[float, dict[str, Any]]:
-    from pipeline.train import fit_and_evaluate
+    from pipeline.stage2.train import fit_and_evaluate
 
     t0 = time.perf_counter()
     _, metrics, _ = fit_and_evaluate(fs, cfg)
@@ -217,7 +217,7 @@ def _fit_note(m: dict[str, Any]) -> str:
 def logreg_rows(fs: Any, *, label: str, device: str, gpu: bool, sklearn: bool = True) -> list[dict[str, Any]]:
     """logreg in torch (target 5 s on CPU at 50,000 x 512, 2 s on a GPU), scikit-learn for reference, and the
     45-value sweep + refit (target 3x the torch fit)."""
-    from pipeline.heads import HeadConfig
+    from pipeline.stage2.heads import HeadConfig
 
     cfg = HeadConfig(head="logreg", device=device)
     seconds, m = _timed_head(fs, cfg)
@@ -234,7 +234,7 @@ def logreg_rows(fs: Any, *, label: str, device: str, gpu: bool, sklearn: bool = 
 
 
 def other_head_rows(fs: Any, *, label: str, device: str, logreg_acc: float) -> list[dict[str, Any]]:
-    from pipeline.heads import HeadConfig
+    from pipeline.stage2.heads import HeadConfig
 
     rows = []
     for name in ("linear", "mlp", "knn", "centroid"):
@@ -300,7 +300,7 @@ def heads_bench(*, work: Path, device: str = "auto", quick: bool = False) -> dic
     size = (2_000, 500, 64) if quick else (50_000, 10_000, 512)
     syn = read_features(synthetic_file(work, n_train=size[0], n_val=size[1], dim=size[2]))
     seconds, m = _timed_head(
-        syn, __import__("pipeline.heads", fromlist=["HeadConfig"]).HeadConfig(head="logreg", device=device)
+        syn, __import__("pipeline.stage2.heads", fromlist=["HeadConfig"]).HeadConfig(head="logreg", device=device)
     )
     rows.append(_row(f"logreg torch, {size[0]:,} x {size[2]} synthetic (flatters)", seconds, None, _fit_note(m)))
     return {"device": str(dev), "quick": quick, "feature_file": str(full), "build_or_reuse_s": build_s, "rows": rows}
@@ -326,7 +326,7 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.bench_heads", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m pipeline.bench.heads", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small files: checks that the bench runs")
     p.add_argument("--device", default="auto")
     p.add_argument("--work", default="artifacts/bench", help="where the feature files are cached")

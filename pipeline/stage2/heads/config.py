@@ -50,7 +50,7 @@ class HeadConfig:
     device: str = option("auto", "Where torch heads train.", choices=DEVICES)
 
     def __post_init__(self) -> None:
-        from pipeline.heads import HEADS  # the registry imports the heads, which import this module
+        from pipeline.stage2.heads import HEADS  # the registry imports the heads, which import this module
 
         if self.head not in HEADS:
             raise PipelineError(f"unknown head {self.head!r}; choose one of: {', '.join(HEADS)}")

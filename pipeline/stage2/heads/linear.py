@@ -8,9 +8,9 @@ import numpy as np
 import torch
 
 from pipeline.devices import resolve_device
-from pipeline.heads.base import AffineHead, FitResult, fold_standardiser, prepare_inputs
-from pipeline.heads.config import HeadConfig
-from pipeline.heads.fitting import (
+from pipeline.stage2.heads.base import AffineHead, FitResult, fold_standardiser, prepare_inputs
+from pipeline.stage2.heads.config import HeadConfig
+from pipeline.stage2.heads.fitting import (
     LinearGrid,
     TorchData,
     fitting_threads,

@@ -1,6 +1,6 @@
 """Multinomial logistic regression with L2 on standardised features: scikit-learn's objective, solved in torch
-(full-batch L-BFGS, :mod:`pipeline.heads.lbfgs`) where the features are, or by scikit-learn (``--solver sklearn``,
-the reference)."""
+(full-batch L-BFGS, :mod:`pipeline.stage2.heads.lbfgs`) where the features are, or by scikit-learn
+(``--solver sklearn``, the reference)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from torch import nn
 
 from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
-from pipeline.heads.base import ABSENT_LOGIT, FitResult, Head, balanced_weights, fold_standardiser, linear_module
-from pipeline.heads.config import HeadConfig
-from pipeline.heads.fitting import fitting_threads
-from pipeline.heads.lbfgs import Problem, fit_path
+from pipeline.stage2.heads.base import ABSENT_LOGIT, FitResult, Head, balanced_weights, fold_standardiser, linear_module
+from pipeline.stage2.heads.config import HeadConfig
+from pipeline.stage2.heads.fitting import fitting_threads
+from pipeline.stage2.heads.lbfgs import Problem, fit_path
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import PipelineError
-from pipeline.heads.config import HeadConfig
+from pipeline.stage2.heads.config import HeadConfig
 
 log = logging.getLogger(__name__)
 ABSENT_LOGIT = -1e4  # logit of a class that train lacks: a very low score rather than a missing row

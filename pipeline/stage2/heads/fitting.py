@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.heads.base import balanced_weights
-from pipeline.heads.config import HeadConfig
+from pipeline.stage2.heads.base import balanced_weights
+from pipeline.stage2.heads.config import HeadConfig
 
 log = logging.getLogger(__name__)
 DEFAULT_BATCH = next(f.default for f in fields(HeadConfig) if f.name == "batch_size")
