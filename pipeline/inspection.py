@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.store import read_features, read_meta
+from pipeline.errors import PipelineError
+from pipeline.store import WeightsIdentity, read_features, read_meta
 
 
 def _get(meta: Any, key: str) -> Any:
@@ -36,8 +37,11 @@ def _skipped(meta: Any) -> dict[str, list[str]] | None:
 def _weights_source(meta: Any) -> str | None:
     """The --weights path a file's features came from (the fingerprint holds only its sha256)."""
     config = _get(meta, "config") or {}
-    weights = str(_get(meta, "weights") or "")
-    return config.get("weights") if weights.startswith("file:") and isinstance(config, dict) else None
+    try:
+        is_file = WeightsIdentity.parse(str(_get(meta, "weights") or "")).kind == "file"
+    except PipelineError:
+        return None
+    return config.get("weights") if is_file and isinstance(config, dict) else None
 
 
 def summarize(path: Path) -> dict[str, Any]:

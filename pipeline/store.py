@@ -133,6 +133,49 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
+@dataclass(frozen=True)
+class WeightsIdentity:
+    """What made a backbone's weights, as feature files record it (the ``weights`` attribute), written and parsed
+    here only: ``ResNet18_Weights.IMAGENET1K_V1`` (torchvision), ``none(seed=S)`` (random init), ``file:<sha256>``."""
+
+    kind: str  # "torchvision" | "none" | "file"
+    value: str  # the weights enum's name, the seed, or the file's sha256
+
+    def __str__(self) -> str:
+        none = f"none(seed={self.value})" if self.value else "none"  # bare "none": hand-made files, no seed recorded
+        return {"torchvision": self.value, "none": none, "file": f"file:{self.value}"}[self.kind]
+
+    @classmethod
+    def parse(cls, text: str) -> WeightsIdentity:
+        text = str(text)
+        if text == "none":
+            return cls("none", "")
+        if text.startswith("none(seed=") and text.endswith(")") and text[10:-1].isdigit():
+            return cls("none", text[10:-1])
+        if text.startswith("file:") and len(text) > 5:
+            return cls("file", text[5:])
+        if "." in text and not text.startswith(("none", "file:")):  # e.g. "ResNet18_Weights.IMAGENET1K_V1"
+            return cls("torchvision", text)
+        raise PipelineError(f"cannot tell which backbone weights made these features (weights {text!r})")
+
+    @property
+    def seed(self) -> int:
+        return int(self.value) if self.kind == "none" and self.value else 0
+
+    @property
+    def argument(self) -> str | None:
+        """The ``--weights`` value that loads these weights again (None for a file: only its hash is recorded)."""
+        return {"torchvision": self.value.rsplit(".", 1)[-1], "none": "none", "file": None}[self.kind]
+
+    def label(self, source: str | None = None) -> str:
+        """For people: the torchvision name, 'random init (seed=S)', or the file's name (``source``) and hash."""
+        if self.kind == "file":
+            return f"{Path(source).name} (sha256 {self.value[:8]})" if source else f"file sha256 {self.value[:8]}"
+        if self.kind == "none":
+            return f"random init (seed={self.value})" if self.value else "random init"
+        return self.value
+
+
 # --------------------------------------------------------------------------------------------- the record
 
 

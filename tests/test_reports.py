@@ -166,7 +166,7 @@ def test_tables_name_the_dataset_and_the_weights_not_a_hash() -> None:
     meta = FeatureMeta(weights=f"file:{sha}", config={"weights": "artifacts/weights/mobilenet_v2_imagenet.pt"})
     label = weights_label(meta)
     assert label == "mobilenet_v2_imagenet.pt (sha256 abababab)" and sha not in label
-    assert weights_label(FeatureMeta(weights="none(seed=3)")) == "random init(seed=3)"
+    assert weights_label(FeatureMeta(weights="none(seed=3)")) == "random init (seed=3)"
     assert weights_label(FeatureMeta(weights="IMAGENET1K_V1")) == "IMAGENET1K_V1"
 
 

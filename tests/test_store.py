@@ -697,3 +697,23 @@ def test_a_split_left_without_rows_is_refused_when_finishing(tmp_path: Path) -> 
     with pytest.raises(PipelineError, match="every one of the 2 val images was unreadable"):
         w.finish()
     assert not path.exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "kind", "argument", "seed", "label"),
+    [
+        ("ResNet18_Weights.IMAGENET1K_V1", "torchvision", "IMAGENET1K_V1", 0, "ResNet18_Weights.IMAGENET1K_V1"),
+        ("none(seed=7)", "none", "none", 7, "random init (seed=7)"),
+        ("file:" + "ab" * 32, "file", None, 0, "w.pt (sha256 abababab)"),
+    ],
+)
+def test_weights_identity_is_written_and_parsed_in_one_place(text, kind, argument, seed, label) -> None:
+    identity = store.WeightsIdentity.parse(text)
+    assert (identity.kind, identity.argument, identity.seed) == (kind, argument, seed)
+    assert str(identity) == text and identity.label("some/dir/w.pt") == label
+
+
+@pytest.mark.parametrize("text", ["", "none(seed=x)", "file:", "IMAGENET1K_V1"])
+def test_an_unknown_weights_identity_is_one_line(text: str) -> None:
+    with pytest.raises(PipelineError, match="cannot tell which backbone weights"):
+        store.WeightsIdentity.parse(text)

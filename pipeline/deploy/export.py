@@ -34,8 +34,15 @@ from torchvision.transforms import InterpolationMode
 
 from pipeline.errors import PipelineError
 from pipeline.fileio import atomic_write, write_json
-from pipeline.stage1.backbones import Backbone, Preprocessing, available_backbones, file_sha256, load_backbone
+from pipeline.stage1.backbones import (
+    Backbone,
+    Preprocessing,
+    available_backbones,
+    file_sha256,
+    load_backbone,
+)
 from pipeline.stage2.heads import Head, HeadConfig, build_head, load_head
+from pipeline.store import WeightsIdentity
 
 log = logging.getLogger(__name__)
 PROGRAM_SUFFIX = ".pt2"
@@ -254,31 +261,25 @@ def _meta(config: dict[str, Any], head: Head, layer: nn.Module, backbone: Backbo
 
 def _weights_argument(config: dict[str, Any]) -> tuple[str, int]:
     """(the ``--weights`` value, seed) that rebuild the backbone whose weights identity the head records."""
-    identity = str(config.get("weights") or "")
-    extract_cfg = config.get("extract_config") or {}
-    if identity.startswith("none(seed="):
-        return "none", int(identity[len("none(seed=") : -1])
-    if identity.startswith("file:"):
-        if not extract_cfg.get("weights"):
-            raise PipelineError("the head's config.json does not say which weights file made the features; retrain it")
-        path = Path(str(extract_cfg["weights"]))
-        if not path.is_file():
-            raise PipelineError(
-                f"export needs the backbone weights file the features were made with ({path}); not found"
-            )
-        if file_sha256(path) != identity[len("file:") :]:
-            raise PipelineError(f"{path} has changed since the features were extracted (sha256 differs)")
-        return str(path), 0
-    if "." in identity:  # e.g. "ResNet18_Weights.IMAGENET1K_V1"
-        return identity.rsplit(".", 1)[1], 0
-    raise PipelineError(f"cannot tell which backbone weights made these features (weights {identity!r})")
+    identity = WeightsIdentity.parse(str(config.get("weights") or ""))
+    if identity.kind != "file":
+        return identity.argument, identity.seed
+    source = (config.get("extract_config") or {}).get("weights")
+    if not source:
+        raise PipelineError("the head's config.json does not say which weights file made the features; retrain it")
+    path = Path(str(source))
+    if not path.is_file():
+        raise PipelineError(f"export needs the backbone weights file the features were made with ({path}); not found")
+    if file_sha256(path) != identity.value:
+        raise PipelineError(f"{path} has changed since the features were extracted (sha256 differs)")
+    return str(path), 0
 
 
 def rebuild_backbone(config: dict[str, Any]) -> Backbone:
     """The frozen backbone a head was trained on, checked against what the feature file recorded."""
     name = config.get("backbone")
     pre = config.get("preprocessing") or {}
-    if not name or name == "synthetic" or "crop_size" not in pre:
+    if name not in available_backbones() or "crop_size" not in pre:
         raise PipelineError("this head was not trained on features from `pipeline extract`; nothing to export")
     weights, seed = _weights_argument(config)
     backbone = load_backbone(

@@ -21,6 +21,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from pipeline.errors import PipelineError
+from pipeline.store import WeightsIdentity
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +258,7 @@ class Backbone:
     model: nn.Module
     preprocess: Preprocessing
     name: str
-    weights: str  # identity of the weights: torchvision name, "none(seed=S)" or "file:<sha256>"
+    weights: str  # str(WeightsIdentity): torchvision name, "none(seed=S)" or "file:<sha256>"
     feature_dim: int
     classifier_path: str  # where the original classifier sat, e.g. "fc" or "classifier.1" (used by export)
 
@@ -371,13 +372,13 @@ def load_backbone(
         with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
             torch.manual_seed(seed)
             model = torchvision.models.get_model(name, weights=None)
-        identity = f"none(seed={seed})"
+        identity = WeightsIdentity("none", str(seed))
     elif _looks_like_path(weights):
         path = Path(weights)
         if not path.is_file():
             raise PipelineError(f"weights file not found: {path}")
         model = torchvision.models.get_model(name, weights=None)
-        identity = f"file:{file_sha256(path)}"
+        identity = WeightsIdentity("file", file_sha256(path))
     else:
         w = _resolve_torchvision_weights(name, weights)
         try:
@@ -392,16 +393,16 @@ def load_backbone(
             std=tuple(t.std),
             interpolation=t.interpolation.value,
         )
-        identity = str(w)  # e.g. "ResNet18_Weights.IMAGENET1K_V1": DEFAULT resolves to a concrete version
+        identity = WeightsIdentity("torchvision", str(w))  # DEFAULT resolves to a concrete version
     classifier_path = strip_classifier(model)
-    if identity.startswith("file:"):
+    if identity.kind == "file":
         _load_state_file(model, Path(weights), classifier_path)
     if image_size is not None:
         pre = pre.with_crop(image_size)
     pre = replace(pre, resize=resize)
     model.eval().requires_grad_(False)
     feature_dim = _probe_dim(model, pre.crop_size, name)
-    return Backbone(model, pre, name, identity, feature_dim, classifier_path)
+    return Backbone(model, pre, name, str(identity), feature_dim, classifier_path)
 
 
 @torch.inference_mode()

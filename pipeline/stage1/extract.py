@@ -37,6 +37,7 @@ from pipeline.store import (
     FeatureMeta,
     FeatureWriter,
     FileLock,
+    WeightsIdentity,
     check_output_name,
     describe_change,
     fingerprint,
@@ -191,13 +192,8 @@ def feature_identity(
 
 
 def default_out(cfg: ExtractConfig, source: Source, backbone: Backbone) -> Path:
-    weights = (
-        "none"
-        if cfg.weights.lower() == "none"
-        else Path(cfg.weights).stem
-        if "file:" in backbone.weights
-        else cfg.weights
-    )
+    kind = WeightsIdentity.parse(backbone.weights).kind
+    weights = {"none": "none", "file": Path(cfg.weights).stem}.get(kind, cfg.weights)
     parts = [source.name, cfg.backbone, weights]
     if cfg.image_size:
         parts.append(f"img{cfg.image_size}")

@@ -24,7 +24,15 @@ from pipeline.fileio import write_json, write_text
 from pipeline.stage2 import plots
 from pipeline.stage2.evaluate import classification_metrics, report_notes, summarize
 from pipeline.stage2.heads import HEADS, Head, HeadConfig, build_head, save_head, warn_if_tiny
-from pipeline.store import FeatureMeta, FeatureSet, FileLock, SplitFeatures, read_features, read_meta
+from pipeline.store import (
+    FeatureMeta,
+    FeatureSet,
+    FileLock,
+    SplitFeatures,
+    WeightsIdentity,
+    read_features,
+    read_meta,
+)
 
 log = logging.getLogger(__name__)
 HELD_OUT_FRACTION = 0.2  # share of train that --sweep scores the grid on
@@ -214,14 +222,11 @@ def train_head(
 
 def weights_label(meta: FeatureMeta) -> str:
     """The weights by name: a torchvision name, 'random init (seed=S)', or a file's name and a short hash."""
-    weights = str(meta.get("weights") or "?")
-    if weights.startswith("file:"):
-        source = (meta.get("config") or {}).get("weights")
-        sha = weights[len("file:") :][:8]
-        return f"{Path(source).name} (sha256 {sha})" if source else f"file sha256 {sha}"
-    if weights.startswith("none"):
-        return "random init" + weights[len("none") :]
-    return weights
+    try:
+        identity = WeightsIdentity.parse(str(meta.get("weights") or ""))
+    except PipelineError:
+        return str(meta.get("weights") or "?")  # not from `extract` (a hand-made file): shown as it is
+    return identity.label((meta.get("config") or {}).get("weights"))
 
 
 def features_label(fs: FeatureSet) -> str:
