@@ -228,3 +228,21 @@ def test_a_reused_file_names_the_images_it_skipped(tmp_path: Path, capsys: pytes
     code, text, err = run(args, capsys)  # without --skip-bad: the file is reused, and says what it lacks
     assert code == 0, err
     assert text.startswith(f"reused {out}") and "1 unreadable" in text and "cat/broken.png" in text
+
+
+def test_metrics_are_typed_complete_and_written_as_they_are(feature_file: Path, tmp_path: Path) -> None:
+    """Stage two's result is a HeadMetrics made once: nothing is added after metrics.json is written (the history
+    is in it, the folder is not), and it cannot gain keys later."""
+    import json
+
+    from pipeline.stage2.evaluate import HeadMetrics
+    from pipeline.stage2.heads import HeadConfig
+    from pipeline.stage2.train import train_head
+
+    metrics = train_head(feature_file, HeadConfig(head="linear", epochs=2, device="cpu"), out=tmp_path / "h")
+    assert isinstance(metrics, HeadMetrics) and metrics.out == str(tmp_path / "h")
+    written = json.loads((tmp_path / "h" / "metrics.json").read_text())
+    assert written == json.loads(json.dumps(metrics.to_json())) and "out" not in written
+    assert len(written["history"]) == 2 and metrics["val_accuracy"] == written["val_accuracy"]
+    with pytest.raises(TypeError):
+        metrics["extra"] = 1  # a Mapping, not a dict

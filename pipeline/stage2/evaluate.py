@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -44,33 +46,75 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, classes: list[
     }
 
 
+@dataclass(frozen=True)
+class HeadMetrics(Mapping[str, Any]):
+    """One head's results, complete when made (``metrics.json`` is :meth:`to_json`): the fixed metrics as typed
+    fields, and what depends on the head or the run (its settings, the fit's own figures, a sweep, the training
+    history) in ``details``. Read like the dict it is written as: ``metrics["val_accuracy"]``."""
+
+    train_accuracy: float
+    train_loss: float
+    val_accuracy: float
+    val_loss: float
+    balanced_accuracy: float
+    macro_precision: float
+    macro_recall: float
+    macro_f1: float
+    worst_class_recall: float
+    worst_class: str
+    train_val_gap: float
+    overfitting: bool
+    fit_seconds: float
+    per_class: list[dict[str, Any]]
+    confusion_matrix: list[list[int]]
+    details: dict[str, Any] = field(default_factory=dict)
+    out: str | None = None  # the folder it was written to: where, not what, so not in metrics.json
+
+    def to_json(self) -> dict[str, Any]:
+        """``metrics.json``: every field at the top level (``details`` flattened), as it has always been written."""
+        fixed = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("details", "out")}
+        return {**fixed, **self.details}
+
+    def _view(self) -> dict[str, Any]:
+        return {**self.to_json(), **({"out": self.out} if self.out is not None else {})}
+
+    def __getitem__(self, key: str) -> Any:
+        return self._view()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._view())
+
+    def __len__(self) -> int:
+        return len(self._view())
+
+
 def summarize(
     *, train: dict[str, Any], val: dict[str, Any], fit_seconds: float, extra: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """The ``metrics.json`` of one head: val metrics at the top level, train accuracy/loss and the gap."""
+) -> HeadMetrics:
+    """The metrics of one head: val metrics at the top level, train accuracy/loss and the gap."""
     gap = train["accuracy"] - val["accuracy"]
     worst = min((pc for pc in val["per_class"] if pc["support"]), key=lambda pc: pc["recall"], default=None)
-    return {
-        "train_accuracy": train["accuracy"],
-        "train_loss": train["loss"],
-        "val_accuracy": val["accuracy"],
-        "val_loss": val["loss"],
-        "balanced_accuracy": val["balanced_accuracy"],
-        "macro_precision": val["macro_precision"],
-        "macro_recall": val["macro_recall"],
-        "macro_f1": val["macro_f1"],
-        "worst_class_recall": worst["recall"] if worst else 0.0,
-        "worst_class": worst["class"] if worst else "",
-        "train_val_gap": gap,
-        "overfitting": bool(gap > OVERFIT_GAP),
-        "fit_seconds": fit_seconds,
-        "per_class": val["per_class"],
-        "confusion_matrix": val["confusion_matrix"],
-        **(extra or {}),
-    }
+    return HeadMetrics(
+        train_accuracy=train["accuracy"],
+        train_loss=train["loss"],
+        val_accuracy=val["accuracy"],
+        val_loss=val["loss"],
+        balanced_accuracy=val["balanced_accuracy"],
+        macro_precision=val["macro_precision"],
+        macro_recall=val["macro_recall"],
+        macro_f1=val["macro_f1"],
+        worst_class_recall=worst["recall"] if worst else 0.0,
+        worst_class=worst["class"] if worst else "",
+        train_val_gap=gap,
+        overfitting=bool(gap > OVERFIT_GAP),
+        fit_seconds=fit_seconds,
+        per_class=val["per_class"],
+        confusion_matrix=val["confusion_matrix"],
+        details=dict(extra or {}),
+    )
 
 
-def format_report(metrics: dict[str, Any], *, title: str = "") -> str:
+def format_report(metrics: Mapping[str, Any], *, title: str = "") -> str:
     """A readable table of one head's metrics (what `train-head` prints)."""
     lines = [title] if title else []
     lines += [
@@ -108,7 +152,7 @@ OVERFIT_ADVICE = {
 SWEPT_BY = {"linear": "lr and weight decay", "mlp": "lr and weight decay", "logreg": "C", "knn": "k"}
 
 
-def overfitting_warning(metrics: dict[str, Any]) -> str | None:
+def overfitting_warning(metrics: Mapping[str, Any]) -> str | None:
     """One line when train accuracy exceeds val accuracy by more than OVERFIT_GAP, with advice for that head."""
     if not metrics.get("overfitting"):
         return None
@@ -147,7 +191,7 @@ def shots_line(shots: int, short: dict[str, int]) -> str:
     return f"--shots {shots}: {len(short)} classes had fewer training images and used all they had ({shown})"
 
 
-def report_notes(metrics: dict[str, Any]) -> list[str]:
+def report_notes(metrics: Mapping[str, Any]) -> list[str]:
     """The lines said under a head's figures, by train-head and compare alike: the sweep's choice, a --shots that
     asked for more images than a class had, an overfitting warning."""
     notes = []

@@ -22,7 +22,7 @@ import numpy as np
 from pipeline.errors import PipelineError
 from pipeline.fileio import write_json, write_text
 from pipeline.stage2 import plots
-from pipeline.stage2.evaluate import classification_metrics, report_notes, summarize
+from pipeline.stage2.evaluate import HeadMetrics, classification_metrics, report_notes, summarize
 from pipeline.stage2.heads import HEADS, Head, HeadConfig, build_head, save_head, warn_if_tiny
 from pipeline.store import (
     FeatureMeta,
@@ -170,7 +170,7 @@ def sweep(head: Head, X: np.ndarray, y: np.ndarray) -> tuple[HeadConfig, dict[st
     return replace(cfg, **grid[best]), record
 
 
-def fit_and_evaluate(fs: FeatureSet, cfg: HeadConfig) -> tuple[Head, dict[str, Any], list[dict[str, float]]]:
+def fit_and_evaluate(fs: FeatureSet, cfg: HeadConfig) -> tuple[Head, HeadMetrics, list[dict[str, float]]]:
     """Fit one head on ``fs.train`` (or its few-shot sample); metrics on that train and on val.
     Val is never used to choose anything."""
     train = few_shot(fs.train, shots=cfg.shots, seed=cfg.seed) if cfg.shots else fs.train
@@ -208,7 +208,7 @@ def fit_and_evaluate(fs: FeatureSet, cfg: HeadConfig) -> tuple[Head, dict[str, A
 
 def train_head(
     features: Path | str, cfg: HeadConfig, *, out: Path | str | None = None, force: bool = False
-) -> dict[str, Any]:
+) -> HeadMetrics:
     """Train ``cfg.head`` on a feature file; write metrics.json, config.json, PNGs and the head to ``out``.
     A head there trained with other settings is replaced only with ``force``."""
     features = Path(features)
@@ -268,7 +268,7 @@ def curves_note(cfg: HeadConfig) -> str:
 
 
 def _write_plots(
-    metrics: dict[str, Any], history: list[dict[str, float]], out: Path, *, fs: FeatureSet, cfg: HeadConfig
+    metrics: HeadMetrics, history: list[dict[str, float]], out: Path, *, fs: FeatureSet, cfg: HeadConfig
 ) -> None:
     name, label = metrics["head"], features_label(fs)
     plots.confusion_png(
@@ -281,18 +281,17 @@ def _write_plots(
         )  # fmt: skip
 
 
-def _train_one(fs: FeatureSet, cfg: HeadConfig, *, out: Path) -> dict[str, Any]:
+def _train_one(fs: FeatureSet, cfg: HeadConfig, *, out: Path) -> HeadMetrics:
     head, metrics, history = fit_and_evaluate(fs, cfg)
     if history:
-        metrics["history"] = history
+        metrics = replace(metrics, details={**metrics.details, "history": history})
     try:
         save_head(head, out, config=head_config(fs, head, settings=run_settings(cfg)))
-        write_json(out / "metrics.json", metrics)
+        write_json(out / "metrics.json", metrics.to_json())
         _write_plots(metrics, history, out, fs=fs, cfg=head.cfg)
     except OSError as e:
         raise PipelineError(f"cannot write head to {out}: {e.strerror or e}") from None
-    metrics["out"] = str(out)
-    return metrics
+    return replace(metrics, out=str(out))
 
 
 def parse_heads(spec: str | None) -> list[str]:
@@ -360,7 +359,7 @@ def _header(fs: FeatureSet) -> str:
     return f"Features: `{fs.path}`: {features_label(fs)}; {len(fs.train)} train / {len(fs.val)} val\n\n"
 
 
-def _compare_row(metrics: dict[str, Any]) -> dict[str, Any]:
+def _compare_row(metrics: HeadMetrics) -> dict[str, Any]:
     """One head's line of compare.json: the table's columns and what the CLI says below the table."""
     row = {k: metrics[k] for _, k, _ in COMPARE_COLUMNS}
     row |= {k: metrics[k] for k in ("train_val_gap", "overfitting", "shots", "n_train_used")}
