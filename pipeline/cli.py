@@ -302,6 +302,11 @@ def predict_cmd(model: str, images: tuple[str, ...], out: str, **opts: Any) -> N
         click.echo(f"{len(r.failed)} could not be read (listed in the CSV's error column):")
         for path, why in list(r.failed.items())[:10]:
             click.echo(f"  {path}: {why}")
+    if r.scored:  # every image in a folder named after a class: report how the model did
+        from pipeline.stage2.evaluate import format_confusion
+
+        click.echo(f"\naccuracy {r.accuracy():.4f} on {len(r.labelled)} images (true class = the image's folder)")
+        click.echo(format_confusion(r.confusion(), r.classes))
 
 
 @cli.command("convert-weights")

@@ -126,6 +126,16 @@ def test_export_and_predict_commands(extracted: dict[str, Any], tmp_path: Path, 
     assert len(good) == 6 and all(0 < float(r["probability"]) <= 1 for r in good)
     assert sum(r["class"] == Path(r["path"]).parent.name for r in good) >= 5  # colours separate the classes
     assert [r["path"] for r in rows if r["error"]] == [str(unseen / "cat" / "broken.png")]
+    # every readable image sits in a folder named after a class: predict scores itself against the folders
+    right = sum(r["class"] == Path(r["path"]).parent.name for r in good)
+    assert f"accuracy {right / 6:.4f} on 6 images (true class = the image's folder)" in out
+
+    loose = tmp_path / "loose"  # images outside class folders: no accuracy line
+    loose.mkdir()
+    for r in good[:2]:
+        (loose / Path(r["path"]).name).write_bytes(Path(r["path"]).read_bytes())
+    code, out, _ = run(["predict", "--model", str(model), str(loose), "--out", str(preds)], capsys)
+    assert code == 0 and "accuracy" not in out
 
     code, _, err = run(["predict", "--model", str(tmp_path / "nope.pt2"), str(unseen), "--out", str(preds)], capsys)
     assert code == 1 and err.startswith("error: model not found") and len(err.strip().splitlines()) == 1

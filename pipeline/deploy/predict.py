@@ -52,6 +52,23 @@ class PredictResult:
     failed: dict[str, str] = field(default_factory=dict)  # path (as shown) -> why it could not be read
     counts: Counter = field(default_factory=Counter)  # predicted class -> images
     seconds: float = 0.0
+    classes: list[str] = field(default_factory=list)  # the model's
+    # (true, predicted) class indices of the images whose folder is named after one of the model's classes
+    labelled: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def scored(self) -> bool:
+        """Whether every readable image sat in a class folder: then the accuracy below means something."""
+        return bool(self.labelled) and len(self.labelled) == self.n_images - len(self.failed)
+
+    def accuracy(self) -> float:
+        return sum(t == p for t, p in self.labelled) / len(self.labelled)
+
+    def confusion(self) -> list[list[int]]:
+        cm = [[0] * len(self.classes) for _ in self.classes]
+        for t, p in self.labelled:
+            cm[t][p] += 1
+        return cm
 
 
 def shown(path: Path | str) -> str:
@@ -211,7 +228,7 @@ def predict_with(
         raise PipelineError("--batch-size and --top-k must be at least 1")
     top_k = min(top_k, len(clf.classes))
     out = Path(out)
-    result = PredictResult(out=out, n_images=len(paths))
+    result = PredictResult(out=out, n_images=len(paths), classes=list(clf.classes))
     t0 = time.perf_counter()
     with atomic_path(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
@@ -244,6 +261,11 @@ def _predict_all(
                 result.failed[shown(path)] = reason
                 writer.writerow([shown(path), *blank, reason])
         if images:
-            rows = _rows(ok_paths, predict_batch(clf, images), clf.classes, top_k)
+            proba = predict_batch(clf, images)
+            rows = _rows(ok_paths, proba, clf.classes, top_k)
             writer.writerows(rows)
             result.counts.update(row[1] for row in rows)
+            index = {c: i for i, c in enumerate(clf.classes)}
+            for path, pred in zip(ok_paths, proba.argmax(dim=1).tolist()):
+                if path.parent.name in index:  # images sorted into class folders: the folder is the truth
+                    result.labelled.append((index[path.parent.name], pred))
