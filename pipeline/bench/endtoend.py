@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.fileio import write_text
+
 log = logging.getLogger(__name__)
 
 CLASSES = 10
@@ -604,8 +606,8 @@ def write_result(result: dict[str, Any], out_dir: Path) -> Path:
     result["created"] = stamp
     text = json.dumps(result, indent=2, default=str) + "\n"
     path = out_dir / f"bench-{stamp}{'-quick' if result.get('quick') else ''}.json"
-    path.write_text(text)
-    (out_dir / ("latest-quick.json" if result.get("quick") else "latest.json")).write_text(text)
+    write_text(path, text)
+    write_text(out_dir / ("latest-quick.json" if result.get("quick") else "latest.json"), text)
     return path
 
 

@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.fileio import write_json
+
 log = logging.getLogger(__name__)
 
 WEIGHTS = Path("artifacts/weights/mobilenet_v2_imagenet.pt")
@@ -334,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     result = heads_bench(work=Path(args.work), device=args.device, quick=args.quick)
     out = Path(args.work) / ("heads-quick.json" if args.quick else "heads-latest.json")
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out, result)
     print(f"\nheads on {result['device']} (features: {result['feature_file']})")
     print(format_rows(result["rows"]))
     print(f"\nfull numbers: {out}")
