@@ -211,7 +211,8 @@ def train_head_cmd(features: str, out: str | None, force: bool, **opts: Any) -> 
 
     metrics = train_head(Path(features), _config(HeadConfig, opts), out=out, force=force)
     click.echo(format_report(metrics, title=f"{opts['head']} head on {features}"))
-    pngs = ", confusion.png" + (", curves.png" if metrics.get("history") else "")
+    pngs = ", confusion.png" + (", pr_roc.png" if metrics["curves"]["per_class"] else "")
+    pngs += ", curves.png" if metrics.get("history") else ""
     click.echo(f"\nwrote {metrics['out']}/ (metrics.json, config.json, head.safetensors{pngs})")
 
 
@@ -251,6 +252,8 @@ def compare_cmd(features: str, heads: str, out: str | None, shots: str | None, f
         return
     result = compare(Path(features), heads=names, base=base, out=out, force=force)
     click.echo(f"{result['label']}: {result['n_train']} train / {result['n_val']} val\n")
+    if result.get("imbalance"):
+        click.echo(result["imbalance"]["line"] + "\n")
     click.echo(compare_table(result["rows"]))
     notes = [(row["head"], note) for row in result["rows"] for note in row["notes"]]
     if notes:
@@ -359,7 +362,7 @@ def _run(argv: list[str] | None) -> int:
         from pipeline.stage1.extract import ExtractInterrupted
 
         click.echo(f"{'interrupted' if isinstance(e, ExtractInterrupted) else 'error'}: {e}", err=True)
-        return EXIT_INTERRUPTED if isinstance(e, ExtractInterrupted) else EXIT_ERROR
+        return EXIT_INTERRUPTED if isinstance(e, ExtractInterrupted) else getattr(e, "exit_code", EXIT_ERROR)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         return EXIT_INTERRUPTED

@@ -14,6 +14,8 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
+from pipeline.stage2.thresholds import curves_line, imbalance_line, threshold_line
+
 OVERFIT_GAP = 0.10  # train accuracy this far above val accuracy is flagged as overfitting
 
 
@@ -117,11 +119,19 @@ def summarize(
 def format_report(metrics: Mapping[str, Any], *, title: str = "") -> str:
     """A readable table of one head's metrics (what `train-head` prints)."""
     lines = [title] if title else []
-    lines += [
+    accuracy = [
         f"  train accuracy    {metrics['train_accuracy']:.4f}   (loss {metrics['train_loss']:.4f})",
         f"  val accuracy      {metrics['val_accuracy']:.4f}   (loss {metrics['val_loss']:.4f})",
+    ]
+    recall = [
         f"  balanced accuracy {metrics['balanced_accuracy']:.4f}   (mean per-class recall)",
         f"  worst recall      {metrics['worst_class_recall']:.4f}   ({metrics['worst_class']})",
+    ]
+    if metrics.get("imbalance"):  # accuracy flatters a head that neglects the small classes: recall leads
+        lines += [f"  {imbalance_line(metrics['imbalance'])}", *recall, *accuracy]
+    else:
+        lines += [*accuracy, *recall]
+    lines += [
         f"  macro P / R / F1  {metrics['macro_precision']:.4f} / {metrics['macro_recall']:.4f} / "
         f"{metrics['macro_f1']:.4f}",
         f"  train - val gap   {metrics['train_val_gap']:+.4f}",
@@ -136,6 +146,8 @@ def format_report(metrics: Mapping[str, Any], *, title: str = "") -> str:
         )
     lines += ["", format_confusion(metrics["confusion_matrix"], [pc["class"] for pc in metrics["per_class"]])]
     notes = report_notes(metrics)
+    if metrics.get("curves", {}).get("per_class") and not metrics["curves"].get("positive"):
+        notes.insert(0, curves_line(metrics["curves"]))
     if notes:
         lines += ["", *(f"  {note}" for note in notes)]
     return "\n".join(lines)
@@ -193,12 +205,16 @@ def shots_line(shots: int, short: dict[str, int]) -> str:
 
 def report_notes(metrics: Mapping[str, Any]) -> list[str]:
     """The lines said under a head's figures, by train-head and compare alike: the sweep's choice, a --shots that
-    asked for more images than a class had, an overfitting warning."""
+    asked for more images than a class had, AP and AUC, a --positive threshold, an overfitting warning."""
     notes = []
     if "sweep" in metrics:
         notes.append(sweep_line(metrics["sweep"]))
     if metrics.get("shots_short"):
         notes.append(shots_line(metrics["shots"], metrics["shots_short"]))
+    if metrics.get("curves", {}).get("positive"):  # asked about one class: its AP and AUC beside its threshold
+        notes.append(curves_line(metrics["curves"]))
+    if "threshold" in metrics:
+        notes.append(threshold_line(metrics["threshold"]))
     warning = overfitting_warning(metrics)
     if warning:
         notes.append(warning)

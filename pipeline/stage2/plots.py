@@ -151,3 +151,33 @@ def shots_figure(table: dict[str, dict[str, float]], shots: list[str], *, title:
 
 def shots_png(table: dict[str, dict[str, float]], shots: list[str], path: Path, *, title: str = "") -> Path:
     return _save(shots_figure(table, shots, title=title), path)
+
+
+MAX_CURVES_LABELLED = 12  # above this the legend hides the curves
+
+
+def pr_roc_figure(curves: dict[str, Any], *, title: str = "") -> Any:
+    """Precision-recall (left, with average precision) and ROC (right, with AUC) of each class that
+    ``curves["per_class"]`` holds (one-vs-rest; the positive class alone for two classes)."""
+    plt = _pyplot()
+    fig, (pr, roc) = plt.subplots(1, 2, figsize=(10, 4.6))
+    per_class = curves["per_class"]
+    for name, c in per_class.items():
+        pr.plot(c["pr"]["recall"], c["pr"]["precision"], label=f"{name} (AP {c['average_precision']:.3f})")
+        roc.plot(c["roc"]["fpr"], c["roc"]["tpr"], label=f"{name} (AUC {c['roc_auc']:.3f})")
+    roc.plot([0, 1], [0, 1], ":", color="0.5")
+    for ax, (x, y) in ((pr, ("recall", "precision")), (roc, ("false positive rate", "true positive rate"))):
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        if len(per_class) <= MAX_CURVES_LABELLED:
+            ax.legend(fontsize=7, loc="lower left" if ax is pr else "lower right")
+    fig.suptitle(title or "precision-recall and ROC", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def pr_roc_png(curves: dict[str, Any], path: Path, *, title: str = "") -> Path:
+    return _save(pr_roc_figure(curves, title=title), path)

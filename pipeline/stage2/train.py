@@ -21,7 +21,7 @@ import numpy as np
 
 from pipeline.errors import PipelineError
 from pipeline.fileio import write_json, write_text
-from pipeline.stage2 import plots
+from pipeline.stage2 import plots, thresholds
 from pipeline.stage2.evaluate import HeadMetrics, classification_metrics, report_notes, summarize
 from pipeline.stage2.heads import HEADS, Head, HeadConfig, build_head, save_head, warn_if_tiny
 from pipeline.store import (
@@ -63,8 +63,10 @@ def run_settings(cfg: HeadConfig) -> dict[str, Any]:
     head, so one may replace the other's folder; any other run must be asked to (``--force``)."""
     settings = used_settings(cfg)
     settings.pop("device", None)
-    if cfg.sweep or cfg.shots:
+    if cfg.sweep or cfg.shots or cfg.threshold_target:
         settings["seed"] = cfg.seed
+    if cfg.positive:  # recorded only when asked, so heads saved before these options still compare equal
+        settings |= {"positive": cfg.positive, **(cfg.threshold_target or {})}
     return {**settings, "sweep": cfg.sweep, "shots": cfg.shots}
 
 
@@ -170,9 +172,28 @@ def sweep(head: Head, X: np.ndarray, y: np.ndarray) -> tuple[HeadConfig, dict[st
     return replace(cfg, **grid[best]), record
 
 
+def choose_threshold(
+    X: np.ndarray, y: np.ndarray, *, cfg: HeadConfig, dims: dict[str, int], positive: int
+) -> dict[str, Any]:
+    """The threshold for class ``positive`` that meets ``cfg``'s target on a stratified held-out 20% of train,
+    scored by a head fitted on the other 80% (its probabilities are those of a head that has not seen the rows,
+    as the refitted head's are on new data; scoring train rows the head was fitted on would flatter them)."""
+    fit, held = stratified_holdout(y, fraction=HELD_OUT_FRACTION, seed=cfg.seed)
+    if not (y[held] == positive).any():
+        raise PipelineError(
+            f"--positive {cfg.positive!r}: too few train rows of that class to hold some out and choose a threshold"
+        )
+    head = build_head(cfg, **dims)
+    head.fit(X[fit], y[fit])
+    score = head.predict_proba(X[held])[:, positive]
+    choice = thresholds.choose_threshold(y[held] == positive, score, **cfg.threshold_target)
+    return {**choice, "held_out_fraction": HELD_OUT_FRACTION, "n_held_out": len(held)}
+
+
 def fit_and_evaluate(fs: FeatureSet, cfg: HeadConfig) -> tuple[Head, HeadMetrics, list[dict[str, float]]]:
     """Fit one head on ``fs.train`` (or its few-shot sample); metrics on that train and on val.
     Val is never used to choose anything."""
+    positive = thresholds.positive_index(cfg.positive, fs.classes) if cfg.positive else None
     train = few_shot(fs.train, shots=cfg.shots, seed=cfg.seed) if cfg.shots else fs.train
     X, y = train.features, train.labels
     dims = {"num_classes": len(fs.classes), "feature_dim": fs.feature_dim}
@@ -187,7 +208,8 @@ def fit_and_evaluate(fs: FeatureSet, cfg: HeadConfig) -> tuple[Head, HeadMetrics
     fit_seconds = time.perf_counter() - t0
     train_y, train_proba, train_note = head.train_predictions(X, y)
     train_m = classification_metrics(train_y, train_proba, fs.classes)
-    val_m = classification_metrics(fs.val.labels, head.predict_proba(fs.val.features), fs.classes)
+    val_proba = head.predict_proba(fs.val.features)
+    val_m = classification_metrics(fs.val.labels, val_proba, fs.classes)
     extra = {
         "head": cfg.head,
         "class_weight": cfg.class_weight if type(head).uses_class_weight else "n/a",
@@ -202,6 +224,16 @@ def fit_and_evaluate(fs: FeatureSet, cfg: HeadConfig) -> tuple[Head, HeadMetrics
         extra["train_metrics_note"] = train_note
     if sweep_record is not None:
         extra["sweep"] = sweep_record
+    extra["curves"] = thresholds.curves(fs.val.labels, val_proba, fs.classes, positive=positive)
+    skew = thresholds.imbalance(y, fs.classes)
+    if skew is not None:
+        extra["imbalance"] = skew
+    if cfg.threshold_target:
+        choice = choose_threshold(X, y, cfg=cfg, dims=dims, positive=positive)
+        report = thresholds.threshold_report(
+            fs.val.labels, val_proba, positive=positive, choice=choice, num_classes=len(fs.classes)
+        )
+        extra["threshold"] = {"positive": cfg.positive, **cfg.threshold_target, **report}
     metrics = summarize(train=train_m, val=val_m, fit_seconds=fit_seconds, extra=extra)
     return head, metrics, fit.history
 
@@ -274,6 +306,8 @@ def _write_plots(
     plots.confusion_png(
         metrics["confusion_matrix"], fs.classes, out / "confusion.png", title=f"{name} head: val confusion\n{label}"
     )
+    if metrics["curves"]["per_class"]:
+        plots.pr_roc_png(metrics["curves"], out / "pr_roc.png", title=f"{name} head: val PR and ROC ({label})")
     if history:
         plots.curves_png(
             history, out / "curves.png", title=f"{name} head: loss and accuracy per epoch ({label})",
@@ -337,9 +371,14 @@ def _table(header: list[str], body: list[list[str]]) -> str:
 
 
 def compare_table(rows: list[dict[str, Any]]) -> str:
-    """Markdown table of compared heads (also what the CLI prints)."""
-    body = [[fmt.format(r[k]) for _, k, fmt in COMPARE_COLUMNS] for r in rows]
-    return _table([c for c, _, _ in COMPARE_COLUMNS], body)
+    """Markdown table of compared heads (also what the CLI prints). When train's classes are imbalanced, balanced
+    accuracy and the worst class's recall lead: accuracy flatters a head that neglects the small classes."""
+    columns = list(COMPARE_COLUMNS)
+    if any(r.get("imbalance") for r in rows):
+        lead = [c for c in columns if c[1] in ("balanced_accuracy", "worst_class_recall")]
+        columns = [columns[0], *lead, *(c for c in columns[1:] if c not in lead)]
+    body = [[fmt.format(r[k]) for _, k, fmt in columns] for r in rows]
+    return _table([c for c, _, _ in columns], body)
 
 
 def _describe(fs: FeatureSet) -> dict[str, Any]:
@@ -367,6 +406,9 @@ def _compare_row(metrics: HeadMetrics) -> dict[str, Any]:
         row["sweep"] = {k: v for k, v in metrics["sweep"].items() if k not in ("grid", "held_out_accuracy")}
     if metrics.get("shots_short"):
         row["shots_short"] = metrics["shots_short"]
+    row["imbalance"] = metrics.get("imbalance")
+    if "threshold" in metrics:
+        row["threshold"] = {k: v for k, v in metrics["threshold"].items() if k != "confusion_matrix"}
     row["notes"] = report_notes(metrics)
     return row
 
@@ -389,8 +431,12 @@ def compare(
         for name in heads:
             log.info("training %s", name)
             rows.append(_compare_row(_train_one(fs, replace(base, head=name), out=root / name)))
-        best = max(rows, key=lambda r: r["val_accuracy"])
-        result = {**_describe(fs), "rows": rows, "best": best["head"]}
+        skew = rows[0]["imbalance"]  # train's classes, the same for every head
+        ranked_by = "balanced_accuracy" if skew else "val_accuracy"
+        best = max(rows, key=lambda r: r[ranked_by])
+        result = {**_describe(fs), "rows": rows, "best": best["head"], "best_by": ranked_by}
+        if skew:
+            result["imbalance"] = skew | {"line": thresholds.imbalance_line(skew)}
         try:
             write_json(root / "compare.json", result)
             write_text(root / "compare.md", _header(fs) + compare_table(rows) + "\n")

@@ -45,6 +45,13 @@ class HeadConfig:
         "refit on all of train; val is only reported.",
         flag=True,
     )
+    positive: str | None = option(
+        None,
+        "The class that matters: choose a probability threshold for it (with --target-recall or "
+        "--target-precision) on a held-out 20% of train; val is only reported. Curves are of this class.",
+    )
+    target_recall: float | None = option(None, "Recall of --positive the threshold must reach, in (0, 1].")
+    target_precision: float | None = option(None, "Precision of --positive the threshold must reach, in (0, 1].")
     shots: int | None = option(None, "Train on K examples per class (seeded sample).", cli=False)
     seed: int = option(0, "Seed of initialisation, batches and samples.")
     device: str = option("auto", "Where torch heads train.", choices=DEVICES)
@@ -70,5 +77,26 @@ class HeadConfig:
                 raise PipelineError(
                     f"--{name.replace('_', '-')} must be one of: {', '.join(choices)}, not {getattr(self, name)!r}"
                 )
+        self._check_threshold()
         if self.shots is not None and self.shots < 1:
             raise PipelineError(f"--shots must be at least 1, not {self.shots}")
+
+    def _check_threshold(self) -> None:
+        targets = [n for n in ("target_recall", "target_precision") if getattr(self, n) is not None]
+        if len(targets) > 1:
+            raise PipelineError("give --target-recall or --target-precision, not both")
+        for name in targets:
+            value = getattr(self, name)
+            if not 0 < value <= 1:
+                raise PipelineError(f"--{name.replace('_', '-')} must be in (0, 1], not {value}")
+        if targets and not self.positive:
+            raise PipelineError(f"--{targets[0].replace('_', '-')} needs --positive CLASS: the class it is about")
+        # --positive alone is allowed: its curves (two classes) are drawn, and no threshold is chosen
+
+    @property
+    def threshold_target(self) -> dict[str, float] | None:
+        """``{"target_recall": R}`` or ``{"target_precision": P}`` when a threshold is asked for, else None."""
+        for name in ("target_recall", "target_precision"):
+            if getattr(self, name) is not None:
+                return {name: getattr(self, name)}
+        return None

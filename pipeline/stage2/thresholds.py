@@ -1,0 +1,193 @@
+"""Decisions beyond argmax, and the figures that judge them: a probability threshold for the class that matters
+(chosen on held-out train for a target recall or precision), the precision-recall and ROC curves, and a word when
+the classes are imbalanced.
+
+Protocol: the threshold is chosen on the held-out 20% of train (the same stratified split ``--sweep`` uses), scored
+by a head fitted on the other 80%; the head that is kept is then refitted on all of train, as after a sweep, and
+applies that threshold. Val is only reported: it never moves the threshold.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import (
+    average_precision_score,
+    confusion_matrix,
+    precision_recall_curve,
+    precision_recall_fscore_support,
+    roc_auc_score,
+    roc_curve,
+)
+
+from pipeline.errors import PipelineError
+
+IMBALANCE_RATIO = 3.0  # largest train class more than this many times the smallest: say so, lead with recall
+CURVE_POINTS = 201  # points of each curve kept in metrics.json (AP and AUC are computed on the full curve)
+
+
+class ThresholdOptionError(PipelineError):
+    """A --positive that names no class of the feature file: a usage error (exit 2), found once the file is read."""
+
+    exit_code = 2
+
+
+# ------------------------------------------------------------------------------------------ choosing
+
+
+def positive_index(positive: str, classes: list[str]) -> int:
+    if positive not in classes:
+        shown = ", ".join(classes[:10]) + (" ..." if len(classes) > 10 else "")
+        raise ThresholdOptionError(f"--positive {positive!r} is not a class of the feature file; its classes: {shown}")
+    return classes.index(positive)
+
+
+def choose_threshold(
+    is_positive: np.ndarray,
+    score: np.ndarray,
+    *,
+    target_recall: float | None = None,
+    target_precision: float | None = None,
+) -> dict[str, Any]:
+    """The probability threshold (predict positive when ``score >= threshold``) that meets the target on these
+    rows: for a recall target the highest threshold whose recall reaches it (the most precise such rule); for a
+    precision target the lowest threshold whose precision reaches it (the most recall). ``reached`` is False when
+    no threshold meets the target; then the nearest is taken (recall: the lowest score; precision: the most
+    precise threshold)."""
+    precision, recall, thresholds = precision_recall_curve(is_positive, score)
+    precision, recall = precision[:-1], recall[:-1]  # the last point (recall 0) has no threshold
+    if target_recall is not None:
+        ok = np.flatnonzero(recall >= target_recall)
+        i = int(ok.max()) if len(ok) else 0  # thresholds ascend: the last that still reaches the recall
+    else:
+        ok = np.flatnonzero(precision >= target_precision)
+        i = int(ok.min()) if len(ok) else int(np.argmax(precision))
+    return {
+        "threshold": float(thresholds[i]),
+        "reached": bool(len(ok)),
+        "held_out_precision": float(precision[i]),
+        "held_out_recall": float(recall[i]),
+    }
+
+
+def thresholded_predictions(proba: np.ndarray, *, positive: int, threshold: float) -> np.ndarray:
+    """The positive class where its probability reaches ``threshold``; elsewhere the most probable other class."""
+    others = proba.copy()
+    others[:, positive] = -np.inf
+    return np.where(proba[:, positive] >= threshold, positive, others.argmax(axis=1))
+
+
+def _binary_scores(y: np.ndarray, pred: np.ndarray, positive: int) -> dict[str, float]:
+    p, r, f1, _ = precision_recall_fscore_support(y == positive, pred == positive, average="binary", zero_division=0)
+    return {"precision": float(p), "recall": float(r), "f1": float(f1)}
+
+
+def threshold_report(
+    y: np.ndarray, proba: np.ndarray, *, positive: int, choice: dict[str, Any], num_classes: int
+) -> dict[str, Any]:
+    """The positive class's precision, recall and F1 on ``(y, proba)`` at the chosen threshold and at argmax,
+    and the confusion matrix of the thresholded decisions."""
+    pred = thresholded_predictions(proba, positive=positive, threshold=choice["threshold"])
+    return {
+        **choice,
+        "at_threshold": _binary_scores(y, pred, positive),
+        "at_argmax": _binary_scores(y, proba.argmax(axis=1), positive),
+        "confusion_matrix": confusion_matrix(y, pred, labels=np.arange(num_classes)).tolist(),
+    }
+
+
+def threshold_line(record: dict[str, Any]) -> str:
+    """One line under a head's figures: the threshold, what it was chosen for, and val at it beside argmax."""
+    target = (
+        f"recall {record['target_recall']:g}"
+        if record.get("target_recall")
+        else (f"precision {record['target_precision']:g}")
+    )
+    missed = "" if record["reached"] else " (not reached on held-out train: the nearest was taken)"
+    t, a = record["at_threshold"], record["at_argmax"]
+    return (
+        f"threshold {record['threshold']:.4f} for {record['positive']!r}, chosen for {target} on "
+        f"{record['n_held_out']} held-out train rows{missed}: val precision / recall / F1 "
+        f"{t['precision']:.4f} / {t['recall']:.4f} / {t['f1']:.4f} (argmax {a['precision']:.4f} / "
+        f"{a['recall']:.4f} / {a['f1']:.4f})"
+    )
+
+
+# ------------------------------------------------------------------------------------------ curves
+
+
+def _thin(*arrays: np.ndarray) -> list[list[float]]:
+    idx = np.unique(np.linspace(0, len(arrays[0]) - 1, min(len(arrays[0]), CURVE_POINTS)).round().astype(int))
+    return [[round(float(v), 6) for v in a[idx]] for a in arrays]
+
+
+def curves(y: np.ndarray, proba: np.ndarray, classes: list[str], *, positive: int | None = None) -> dict[str, Any]:
+    """Precision-recall (with average precision) and ROC (with AUC) curves on ``(y, proba)``: of the positive
+    class for two classes (``positive`` or the second class), else one-vs-rest of each class that the split holds
+    with negatives beside it (``positive`` among them; it is recorded). The curves are thinned to CURVE_POINTS
+    points; AP and AUC are sklearn's, on the full curves."""
+    if len(classes) == 2:
+        which = [1 if positive is None else positive]
+    else:
+        which = [c for c in range(len(classes)) if 0 < (y == c).sum() < len(y)]
+    per_class = {}
+    for c in which:
+        truth, score = y == c, proba[:, c]
+        if truth.all() or not truth.any():
+            continue
+        precision, recall, _ = precision_recall_curve(truth, score)
+        fpr, tpr, _ = roc_curve(truth, score)
+        pr_recall, pr_precision = _thin(recall, precision)
+        roc_fpr, roc_tpr = _thin(fpr, tpr)
+        per_class[classes[c]] = {
+            "average_precision": float(average_precision_score(truth, score)),
+            "roc_auc": float(roc_auc_score(truth, score)),
+            "pr": {"recall": pr_recall, "precision": pr_precision},
+            "roc": {"fpr": roc_fpr, "tpr": roc_tpr},
+        }
+    result: dict[str, Any] = {"per_class": per_class}
+    if positive is not None:
+        result["positive"] = classes[positive]
+    if per_class:
+        result["mean_average_precision"] = float(np.mean([v["average_precision"] for v in per_class.values()]))
+        result["macro_roc_auc"] = float(np.mean([v["roc_auc"] for v in per_class.values()]))
+    return result
+
+
+def curves_line(record: dict[str, Any]) -> str:
+    per_class = record["per_class"]
+    if len(per_class) == 1:
+        ((name, c),) = per_class.items()
+        return f"val {name!r} vs rest: average precision {c['average_precision']:.4f}, ROC AUC {c['roc_auc']:.4f}"
+    return (
+        f"val one-vs-rest over {len(per_class)} classes: mean average precision "
+        f"{record['mean_average_precision']:.4f}, macro ROC AUC {record['macro_roc_auc']:.4f}"
+    )
+
+
+# ------------------------------------------------------------------------------------------ imbalance
+
+
+def imbalance(labels: np.ndarray, classes: list[str]) -> dict[str, Any] | None:
+    """The train class counts when the largest is more than IMBALANCE_RATIO times the smallest, else None."""
+    counts = np.bincount(labels, minlength=len(classes))
+    largest, smallest = int(counts.argmax()), int(counts.argmin())
+    if counts[largest] <= IMBALANCE_RATIO * counts[smallest]:
+        return None
+    ratio = float(counts[largest] / counts[smallest]) if counts[smallest] else float("inf")
+    return {
+        "ratio": ratio,
+        "largest": classes[largest],
+        "largest_count": int(counts[largest]),
+        "smallest": classes[smallest],
+        "smallest_count": int(counts[smallest]),
+    }
+
+
+def imbalance_line(record: dict[str, Any]) -> str:
+    return (
+        f"imbalanced classes: train's largest class {record['largest']!r} has {record['largest_count']} rows, "
+        f"{record['ratio']:.1f} times its smallest {record['smallest']!r} ({record['smallest_count']}): accuracy "
+        "flatters; read balanced accuracy and the worst class's recall"
+    )
