@@ -202,3 +202,44 @@ def test_a_target_of_exactly_one_is_allowed() -> None:
     assert HeadConfig(positive="a", target_recall=1.0).threshold_target == {"target_recall": 1.0}
     with pytest.raises(PipelineError):
         HeadConfig(positive="a", target_recall=float("nan"))
+
+
+# ------------------------------------------------------------------------------------------ export and predict
+
+
+def test_export_records_the_threshold_and_predict_applies_it(
+    image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import csv
+
+    from pipeline.deploy.export import export_model
+    from pipeline.stage1.extract import ExtractConfig, extract
+    from tests.conftest import TINY_EXTRACT
+
+    feats = tmp_path / "f.h5"
+    extract(ExtractConfig(dataset=str(image_folder), out=str(feats), **TINY_EXTRACT))
+    cfg = HeadConfig(head="logreg", positive="cat", target_recall=0.9)
+    metrics = train_head(feats, cfg, out=tmp_path / "h")
+    model = tmp_path / "m.pt2"
+    export_model(tmp_path / "h", model)
+    meta = json.loads(model.with_suffix(".json").read_text())
+    assert meta["decision"] == {"positive": "cat", "threshold": metrics["threshold"]["threshold"]}
+
+    def predicted(threshold: float) -> list[dict[str, str]]:
+        meta["decision"]["threshold"] = threshold  # like class names, the decision may be edited by hand
+        model.with_suffix(".json").write_text(json.dumps(meta))
+        code, _, _ = run(["predict", "--model", str(model), str(image_folder), "--out", str(tmp_path / "p.csv")],
+                         capsys)  # fmt: skip
+        assert code == 0
+        return list(csv.DictReader((tmp_path / "p.csv").open()))
+
+    rows = predicted(0.0)  # every probability reaches 0: the threshold picks cat for every image
+    assert list(rows[0])[-3:] == ["decided_class", "decided_by", "error"]
+    assert {(r["decided_class"], r["decided_by"]) for r in rows} == {("cat", "threshold")}
+    rows = predicted(1.0)  # no softmax probability of these images reaches 1: cat is never picked
+    assert all(r["decided_class"] != "cat" and r["decided_by"] == "below threshold" for r in rows)
+    assert sum(r["class"] == "cat" for r in rows) > 0  # argmax said cat for some: the threshold overruled it
+    meta["decision"] = None
+    model.with_suffix(".json").write_text(json.dumps(meta))
+    code, _, _ = run(["predict", "--model", str(model), str(image_folder), "--out", str(tmp_path / "p.csv")], capsys)
+    assert code == 0 and "decided_class" not in (tmp_path / "p.csv").read_text().splitlines()[0]

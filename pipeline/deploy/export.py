@@ -160,6 +160,28 @@ def _utf8(text: str) -> bool:
 
 
 @dataclass(frozen=True)
+class Decision:
+    """A threshold for the class that matters (``train-head --positive``): that class where its probability reaches
+    ``threshold``, else the most probable other class (:func:`pipeline.stage2.thresholds.thresholded_predictions`)."""
+
+    positive: str
+    threshold: float
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.threshold, (int, float)) or not 0 <= self.threshold <= 1:
+            raise PipelineError(f"decision threshold must be a probability in [0, 1], not {self.threshold!r}")
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Decision | None:
+        if d is None:
+            return None
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise PipelineError(f"decision: {e}") from None
+
+
+@dataclass(frozen=True)
 class ExportMeta:
     """What MODEL.json says the model is: all ``predict`` needs to rebuild it besides the tensors."""
 
@@ -168,6 +190,7 @@ class ExportMeta:
     backbone: str
     classifier_path: str
     head_layer: HeadLayer
+    decision: Decision | None = None  # None: argmax
 
     def __post_init__(self) -> None:
         classes = self.classes
@@ -183,6 +206,8 @@ class ExportMeta:
             raise PipelineError(f"unknown backbone {self.backbone!r}")
         if not isinstance(self.classifier_path, str) or not self.classifier_path:
             raise PipelineError(f"classifier_path must be a module path such as 'fc', not {self.classifier_path!r}")
+        if self.decision is not None and self.decision.positive not in classes:
+            raise PipelineError(f"decision: positive class {self.decision.positive!r} is not one of the classes")
 
     def identity(self) -> dict[str, Any]:
         """The facts that must agree between MODEL.json and the tensors file (class names may be edited)."""
@@ -213,7 +238,8 @@ class ExportMeta:
         except TypeError as e:
             raise PipelineError(f"head_layer: {e}") from None
         pre = read_preprocessing(d["preprocessing"])
-        return cls(tuple(d["classes"]), pre, d["backbone"], d["classifier_path"], layer)
+        decision = Decision.from_dict(d.get("decision"))
+        return cls(tuple(d["classes"]), pre, d["backbone"], d["classifier_path"], layer, decision)
 
 
 def read_meta(path: Path) -> ExportMeta:
@@ -232,7 +258,7 @@ def read_meta(path: Path) -> ExportMeta:
 def _meta(config: dict[str, Any], head: Head, layer: nn.Module, backbone: Backbone, out: Path) -> dict[str, Any]:
     """The one writer of MODEL.json: :class:`ExportMeta`'s fields plus what produced the model."""
     meta = ExportMeta(tuple(config["classes"]), backbone.preprocess, backbone.name, backbone.classifier_path,
-                      HeadLayer.of(head, layer))  # fmt: skip
+                      HeadLayer.of(head, layer), Decision.from_dict(config.get("decision")))  # fmt: skip
     linear = meta.head_layer.type == "linear"
     return {
         "format": EXPORT_FORMAT,
@@ -241,6 +267,7 @@ def _meta(config: dict[str, Any], head: Head, layer: nn.Module, backbone: Backbo
         "tensors": sidecar_paths(out)[0].name,
         "classes": list(meta.classes),
         **meta.identity(),
+        "decision": None if meta.decision is None else vars(meta.decision),  # None: argmax
         "input": "float32 (N, 3, crop, crop): resize shorter side, centre crop, /255, normalise with mean/std",
         "weights": backbone.weights,
         "head": head.name,

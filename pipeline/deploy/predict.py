@@ -25,7 +25,7 @@ from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.deploy.export import IDENTITY_KEY, ExportMeta, attach_head, non_finite, read_meta, sidecar_paths
+from pipeline.deploy.export import IDENTITY_KEY, Decision, ExportMeta, attach_head, non_finite, read_meta, sidecar_paths
 from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.fileio import atomic_path
@@ -43,6 +43,7 @@ class Classifier:
     classes: list[str]
     preprocess: Preprocessing
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    decision: Decision | None = None  # a threshold for one class (MODEL.json's "decision"); None: argmax
 
 
 @dataclass
@@ -97,7 +98,7 @@ def load_classifier(path: Path | str, *, device: str = "auto") -> Classifier:
     except PipelineError as e:
         raise PipelineError(shown(f"cannot load model {path}: {e}")) from None
     model = model.to(dev, memory_format=torch.channels_last)  # the layout normalize() gives the batches
-    return Classifier(model, list(meta.classes), meta.preprocessing, dev)
+    return Classifier(model, list(meta.classes), meta.preprocessing, dev, meta.decision)
 
 
 def _read_tensors(path: Path, meta: ExportMeta) -> dict[str, torch.Tensor]:
@@ -188,9 +189,23 @@ def predict_batch(clf: Classifier, images: list[torch.Tensor]) -> torch.Tensor:
     return torch.softmax(clf.module(x).float(), dim=1).cpu()
 
 
-def _columns(top_k: int) -> list[str]:
+def _columns(top_k: int, *, decision: Decision | None = None) -> list[str]:
+    """The CSV's header: the top-k classes by probability; with a threshold, also the class it decided and how."""
     extra = [f"{name}_{i}" for i in range(2, top_k + 1) for name in ("class", "probability")]
-    return ["path", "class", "probability", *extra, "error"]
+    decided = ["decided_class", "decided_by"] if decision else []
+    return ["path", "class", "probability", *extra, *decided, "error"]
+
+
+def decide(clf: Classifier, proba: torch.Tensor) -> tuple[list[int], list[str]]:
+    """The class of each row: argmax, or with MODEL.json's threshold the positive class where its probability
+    reaches it ("threshold") and the most probable other class elsewhere ("below threshold")."""
+    if clf.decision is None:
+        return proba.argmax(dim=1).tolist(), ["argmax"] * len(proba)
+    from pipeline.stage2.thresholds import thresholded_predictions
+
+    positive = clf.classes.index(clf.decision.positive)
+    pred = thresholded_predictions(proba.numpy(), positive=positive, threshold=clf.decision.threshold)
+    return pred.tolist(), ["threshold" if k == positive else "below threshold" for k in pred.tolist()]
 
 
 def _rows(paths: list[Path], proba: torch.Tensor, classes: list[str], top_k: int) -> list[list[Any]]:
@@ -232,7 +247,7 @@ def predict_with(
     t0 = time.perf_counter()
     with atomic_path(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow(_columns(top_k))
+        writer.writerow(_columns(top_k, decision=clf.decision))
         _predict_all(clf, paths, writer=writer, result=result, batch_size=batch_size, top_k=top_k, progress=progress)
     result.seconds = time.perf_counter() - t0
     return result
@@ -248,7 +263,7 @@ def _predict_all(
     top_k: int,
     progress: bool,
 ) -> None:
-    blank = [""] * (2 * top_k)
+    blank = [""] * (2 * top_k + (2 if clf.decision else 0))
     for start in tqdm(range(0, len(paths), batch_size), desc="predict", unit="batch", disable=not progress):
         ok_paths, images = [], []
         for path in paths[start : start + batch_size]:
@@ -263,9 +278,12 @@ def _predict_all(
         if images:
             proba = predict_batch(clf, images)
             rows = _rows(ok_paths, proba, clf.classes, top_k)
+            decided, how = decide(clf, proba)
+            if clf.decision:
+                rows = [[*row[:-1], clf.classes[k], by, row[-1]] for row, k, by in zip(rows, decided, how)]
             writer.writerows(rows)
-            result.counts.update(row[1] for row in rows)
+            result.counts.update(clf.classes[k] for k in decided)
             index = {c: i for i, c in enumerate(clf.classes)}
-            for path, pred in zip(ok_paths, proba.argmax(dim=1).tolist()):
+            for path, pred in zip(ok_paths, decided):
                 if path.parent.name in index:  # images sorted into class folders: the folder is the truth
                     result.labelled.append((index[path.parent.name], pred))

@@ -156,13 +156,22 @@ def curves(y: np.ndarray, proba: np.ndarray, classes: list[str], *, positive: in
 
 
 def curves_line(record: dict[str, Any]) -> str:
+    """AP and ROC AUC on val: of ``--positive`` when given, and their means over the classes when there are more
+    than two."""
     per_class = record["per_class"]
     if len(per_class) == 1:
         ((name, c),) = per_class.items()
         return f"val {name!r} vs rest: average precision {c['average_precision']:.4f}, ROC AUC {c['roc_auc']:.4f}"
+    overall = (
+        f"one-vs-rest over {len(per_class)} classes: mean average precision {record['mean_average_precision']:.4f}, "
+        f"macro ROC AUC {record['macro_roc_auc']:.4f}"
+    )
+    c = per_class.get(record.get("positive") or "")
+    if c is None:
+        return f"val {overall}"
     return (
-        f"val one-vs-rest over {len(per_class)} classes: mean average precision "
-        f"{record['mean_average_precision']:.4f}, macro ROC AUC {record['macro_roc_auc']:.4f}"
+        f"val {record['positive']!r} vs rest: average precision {c['average_precision']:.4f}, ROC AUC "
+        f"{c['roc_auc']:.4f}; {overall}"
     )
 
 

@@ -320,7 +320,10 @@ def _train_one(fs: FeatureSet, cfg: HeadConfig, *, out: Path) -> HeadMetrics:
     if history:
         metrics = replace(metrics, details={**metrics.details, "history": history})
     try:
-        save_head(head, out, config=head_config(fs, head, settings=run_settings(cfg)))
+        config = head_config(fs, head, settings=run_settings(cfg))
+        if "threshold" in metrics:  # what `export` records and `predict` applies
+            config["decision"] = {k: metrics["threshold"][k] for k in ("positive", "threshold")}
+        save_head(head, out, config=config)
         write_json(out / "metrics.json", metrics.to_json())
         _write_plots(metrics, history, out, fs=fs, cfg=head.cfg)
     except OSError as e:
