@@ -328,6 +328,7 @@ COMPARE_COLUMNS = (
     ("macro F1", "macro_f1", "{:.4f}"),
     ("val loss", "val_loss", "{:.4f}"),
     ("fit s", "fit_seconds", "{:.2f}"),
+    ("total s", "total_seconds", "{:.2f}"),  # extraction + fit; a from-scratch baseline's training time
 )
 
 
@@ -338,7 +339,7 @@ def _table(header: list[str], body: list[list[str]]) -> str:
 
 def compare_table(rows: list[dict[str, Any]]) -> str:
     """Markdown table of compared heads (also what the CLI prints)."""
-    body = [[fmt.format(r[k]) for _, k, fmt in COMPARE_COLUMNS] for r in rows]
+    body = [[fmt.format(r[k]) if r.get(k) is not None else "-" for _, k, fmt in COMPARE_COLUMNS] for r in rows]
     return _table([c for c, _, _ in COMPARE_COLUMNS], body)
 
 
@@ -361,7 +362,7 @@ def _header(fs: FeatureSet) -> str:
 
 def _compare_row(metrics: HeadMetrics) -> dict[str, Any]:
     """One head's line of compare.json: the table's columns and what the CLI says below the table."""
-    row = {k: metrics[k] for _, k, _ in COMPARE_COLUMNS}
+    row = {k: metrics.get(k) for _, k, _ in COMPARE_COLUMNS}  # total_seconds: set by compare
     row |= {k: metrics[k] for k in ("train_val_gap", "overfitting", "shots", "n_train_used")}
     if "sweep" in metrics:
         row["sweep"] = {k: v for k, v in metrics["sweep"].items() if k not in ("grid", "held_out_accuracy")}
@@ -372,14 +373,27 @@ def _compare_row(metrics: HeadMetrics) -> dict[str, Any]:
 
 
 def compare(
-    features: Path | str, *, heads: list[str], base: HeadConfig, out: Path | str | None = None, force: bool = False
+    features: Path | str,
+    *,
+    heads: list[str],
+    base: HeadConfig,
+    out: Path | str | None = None,
+    force: bool = False,
+    baseline: Path | str | None = None,
 ) -> dict[str, Any]:
     """Train every head in ``heads`` on one feature file (read once); write each head to ``<out>/<head>/`` and
     compare.json/.md/.png to ``out`` (default: its own folder, see :func:`default_compare_root`). The folders are
-    locked while the run writes them, and a head there trained with other settings is replaced only with ``force``."""
+    locked while the run writes them, and a head there trained with other settings is replaced only with ``force``.
+    ``baseline``: a folder from ``python -m pipeline baseline`` on the same images, added as the last row."""
     features = Path(features)
     root = Path(out) if out else default_compare_root(features)
-    fingerprint = read_meta(features).fingerprint
+    meta = read_meta(features)
+    fingerprint = meta.fingerprint
+    scratch = None  # read before any head is trained: a refused baseline costs nothing
+    if baseline is not None:
+        from pipeline.stage2.baseline import baseline_row
+
+        scratch = baseline_row(baseline, dataset_identity=meta.dataset_identity)
     with writing(root, *(root / name for name in heads)):
         for name in heads:  # all checked before any is trained: a refusal costs nothing
             check_replace(root / name / "config.json", settings=run_settings(replace(base, head=name)),
@@ -390,7 +404,12 @@ def compare(
             log.info("training %s", name)
             rows.append(_compare_row(_train_one(fs, replace(base, head=name), out=root / name)))
         best = max(rows, key=lambda r: r["val_accuracy"])
-        result = {**_describe(fs), "rows": rows, "best": best["head"]}
+        extract_seconds = fs.meta.get("extract_seconds")
+        for row in rows:  # the two-stage cost of each head: the one extraction + its own fit
+            row["total_seconds"] = None if extract_seconds is None else extract_seconds + row["fit_seconds"]
+        if scratch is not None:
+            rows.append(scratch)
+        result = {**_describe(fs), "extract_seconds": extract_seconds, "rows": rows, "best": best["head"]}
         try:
             write_json(root / "compare.json", result)
             write_text(root / "compare.md", _header(fs) + compare_table(rows) + "\n")
