@@ -342,7 +342,9 @@ def baseline_cmd(**opts: Any) -> None:
 
     result = train_baseline(_config(BaselineConfig, opts))
     m = result.metrics
-    if result.resumed_from:
+    if result.resumed_from == m["epochs"]:
+        click.echo(f"the checkpoint already holds all {m['epochs']} epochs: evaluated it again (--epochs N trains on)")
+    elif result.resumed_from:
         click.echo(f"continued from the checkpoint at epoch {result.resumed_from}")
     click.echo(format_report(m, title=f"{m['head']} on {opts['dataset']}, {m['epochs']} epochs"))
     click.echo(f"\ntraining {m['train_seconds']:.1f} s ({m['train_seconds'] / max(m['epochs'], 1):.1f} s per epoch)")
