@@ -6,6 +6,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -162,3 +163,28 @@ def test_cli_baseline_and_compare(tiny: Path, tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as e:
         main([*argv[:-2], "--out", str(out), "--lr", "0.5"])
     assert e.value.code == 1  # a mismatched checkpoint: one line, exit 1
+
+
+def test_array_splits_are_resized_per_batch_as_the_files_would_be() -> None:
+    from pipeline.stage1.backbones import Preprocessing
+    from pipeline.stage1.datasets import array_split
+
+    arrays = np.random.default_rng(0).integers(0, 256, (5, 20, 24, 3), dtype=np.uint8)
+    split = array_split(arrays, np.arange(5) % 2)
+    pre = Preprocessing().with_crop(16)
+    images = bl.split_images(split, pre)
+    assert not images.resized and tuple(images.data.shape) == (5, 3, 20, 24)  # held as they are, not resized
+    got = images.take(torch.tensor([3, 0]), torch.device("cpu"))
+    assert torch.equal(got, torch.stack([pre.geometry(split.load(i)) for i in (3, 0)]))
+
+
+def test_training_on_an_in_memory_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.stage1.datasets import Source, array_split
+
+    rng = np.random.default_rng(0)
+    splits = {s: array_split(rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), np.arange(n) % 2)
+              for s, n in (("train", 9), ("val", 4))}  # fmt: skip
+    source = Source(name="arrays", classes=["a", "b"], splits=splits, identity={"kind": "test"})
+    monkeypatch.setattr(bl, "load_source", lambda *a, **k: source)
+    result = train_baseline(_cfg(Path("unused"), tmp_path / "bl", epochs=1))
+    assert result.metrics["n_train"] == 9 and (tmp_path / "bl" / "metrics.json").is_file()

@@ -89,21 +89,37 @@ class BaselineConfig:
 # ------------------------------------------------------------------------------------------ data
 
 
-def split_images(split: Split, pre: Preprocessing, *, chunk: int = 1024) -> torch.Tensor:
-    """A whole split as uint8 NCHW, resized and cropped as ``extract`` does (arrays on the batch path, files
-    through PIL one by one). An unreadable image is a one-line error: the baseline must see extract's rows."""
+@dataclass
+class SplitImages:
+    """A split's images as uint8 tensors: files decoded and resized once (``resized``); arrays held as they are
+    (CIFAR at 224 px would be 7.5 GB resized) and resized per batch on the device, as ``extract`` does them."""
+
+    data: torch.Tensor  # NCHW at the crop size when resized, else the raw NCHW / NHW arrays
+    pre: Preprocessing
+    resized: bool
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def take(self, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Rows ``idx`` as uint8 NCHW at the crop size on ``device``."""
+        x = self.data[idx].to(device, non_blocking=True)
+        return x if self.resized else self.pre.geometry_batch(x)
+
+
+def split_images(split: Split, pre: Preprocessing) -> SplitImages:
+    """A whole split, resized and cropped as ``extract`` does it (arrays on the batch path, files through PIL one
+    by one). An unreadable image is a one-line error: the baseline must see extract's rows."""
     if split.arrays is not None:
-        arrays = torch.from_numpy(np.asarray(split.arrays))
-        if arrays.ndim == 4:
-            arrays = arrays.permute(0, 3, 1, 2)
-        return torch.cat([pre.geometry_batch(arrays[i : i + chunk]) for i in range(0, len(arrays), chunk)])
+        arrays = torch.from_numpy(np.ascontiguousarray(split.arrays))
+        return SplitImages(arrays.permute(0, 3, 1, 2) if arrays.ndim == 4 else arrays, pre, resized=False)
     images = []
     for i in range(len(split)):
         try:
             images.append(pre.geometry(split.load(i)))
         except Exception as e:  # noqa: BLE001 - any decoding problem is the user's file
             raise PipelineError(f"cannot read {split.ids[i]}: {str(e).splitlines()[0]}") from None
-    return torch.stack(images)
+    return SplitImages(torch.stack(images), pre, resized=True)
 
 
 def augment(x: torch.Tensor, *, generator: torch.Generator) -> torch.Tensor:
@@ -113,7 +129,7 @@ def augment(x: torch.Tensor, *, generator: torch.Generator) -> torch.Tensor:
     padded = nn.functional.pad(x, (pad, pad, pad, pad))
     offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator).tolist()
     out = torch.stack([padded[i, :, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(offsets)])
-    flip = torch.rand(n, generator=generator) < 0.5
+    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
     return torch.where(flip[:, None, None, None], out.flip(-1), out)
 
 
@@ -191,17 +207,17 @@ def _batches(n: int, size: int, *, order: torch.Tensor | None = None) -> list[to
 
 
 @torch.inference_mode()
-def predict_proba(model: nn.Module, images: torch.Tensor, *, pre: Preprocessing, device: torch.device,
+def predict_proba(model: nn.Module, images: SplitImages, *, pre: Preprocessing, device: torch.device,
                   batch_size: int) -> np.ndarray:  # fmt: skip
     model.eval()
     out = [
-        torch.softmax(model(pre.normalize(images[b].to(device))).float(), dim=1).cpu()
+        torch.softmax(model(pre.normalize(images.take(b, device))).float(), dim=1).cpu()
         for b in _batches(len(images), batch_size)
     ]
     return torch.cat(out).numpy()
 
 
-def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor, *,
+def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, images: SplitImages, labels: torch.Tensor, *,
                 pre: Preprocessing, device: torch.device, batch_size: int, generator: torch.Generator
                 ) -> tuple[float, float]:  # fmt: skip
     """One pass in a seeded order with augmentation; (mean loss, accuracy) over its batches, while training."""
@@ -211,7 +227,7 @@ def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, images: torch.Tens
         raise_if_stopped()
         if len(b) < 2 and seen:  # BatchNorm cannot train on one image: a last batch of one is left out
             continue
-        x = pre.normalize(augment(images[b], generator=generator).to(device))
+        x = pre.normalize(augment(images.take(b, device), generator=generator))
         y = labels[b].to(device)
         logits = model(x)
         loss = nn.functional.cross_entropy(logits, y)
@@ -278,7 +294,7 @@ class _Training:
         _set_rng_state(state["rng"], self.generator, self.device)
         return list(state["history"])
 
-    def epoch(self, images: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], *, classes: list[str]
+    def epoch(self, images: dict[str, SplitImages], labels: dict[str, torch.Tensor], *, classes: list[str]
               ) -> dict[str, float]:  # fmt: skip
         """One epoch of training, then val; its line of the history."""
         t0, lr = time.perf_counter(), self.opt.param_groups[0]["lr"]
@@ -291,7 +307,7 @@ class _Training:
         return {"lr": lr, "train_loss": train_loss, "train_accuracy": train_acc, "val_loss": val["loss"],
                 "val_accuracy": val["accuracy"], "seconds": time.perf_counter() - t0}  # fmt: skip
 
-    def proba(self, images: torch.Tensor) -> np.ndarray:
+    def proba(self, images: SplitImages) -> np.ndarray:
         size = max(self.cfg.batch_size, 256)
         return predict_proba(self.model, images, pre=self.pre, device=self.device, batch_size=size)
 
@@ -337,7 +353,7 @@ def train_baseline(cfg: BaselineConfig) -> BaselineResult:
     return BaselineResult(metrics=metrics, out=out, resumed_from=start)
 
 
-def _final_metrics(run: _Training, images: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], *,
+def _final_metrics(run: _Training, images: dict[str, SplitImages], labels: dict[str, torch.Tensor], *,
                    classes: list[str], history: list[dict[str, float]], resumed_from: int) -> HeadMetrics:  # fmt: skip
     """Train and val metrics of the finished model, both without augmentation (the gap is then overfitting)."""
     m = {s: classification_metrics(labels[s].numpy(), run.proba(images[s]), classes) for s in ("train", "val")}
