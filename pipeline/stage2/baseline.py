@@ -340,7 +340,8 @@ def train_baseline(cfg: BaselineConfig) -> BaselineResult:
     labels = {s: torch.as_tensor(source.splits[s].labels) for s in ("train", "val")}
     run = _Training(cfg, model, pre, device)
     # The global RNG (dropout) is seeded, saved and restored inside, and the caller's put back after.
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(cfg.seed)
         history = run.restore(state) if state is not None else []
         start = len(history)
