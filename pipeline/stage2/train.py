@@ -365,6 +365,7 @@ COMPARE_COLUMNS = (
     ("macro F1", "macro_f1", "{:.4f}"),
     ("val loss", "val_loss", "{:.4f}"),
     ("fit s", "fit_seconds", "{:.2f}"),
+    ("total s", "total_seconds", "{:.2f}"),  # extraction + fit; a from-scratch baseline's training time
 )
 
 
@@ -380,7 +381,7 @@ def compare_table(rows: list[dict[str, Any]]) -> str:
     if any(r.get("imbalance") for r in rows):
         lead = [c for c in columns if c[1] in ("balanced_accuracy", "worst_class_recall")]
         columns = [columns[0], *lead, *(c for c in columns[1:] if c not in lead)]
-    body = [[fmt.format(r[k]) for _, k, fmt in columns] for r in rows]
+    body = [[fmt.format(r[k]) if r.get(k) is not None else "-" for _, k, fmt in columns] for r in rows]
     return _table([c for c, _, _ in columns], body)
 
 
@@ -403,7 +404,7 @@ def _header(fs: FeatureSet) -> str:
 
 def _compare_row(metrics: HeadMetrics) -> dict[str, Any]:
     """One head's line of compare.json: the table's columns and what the CLI says below the table."""
-    row = {k: metrics[k] for _, k, _ in COMPARE_COLUMNS}
+    row = {k: metrics.get(k) for _, k, _ in COMPARE_COLUMNS}  # total_seconds: set by compare
     row |= {k: metrics[k] for k in ("train_val_gap", "overfitting", "shots", "n_train_used")}
     if "sweep" in metrics:
         row["sweep"] = {k: v for k, v in metrics["sweep"].items() if k not in ("grid", "held_out_accuracy")}
@@ -417,14 +418,27 @@ def _compare_row(metrics: HeadMetrics) -> dict[str, Any]:
 
 
 def compare(
-    features: Path | str, *, heads: list[str], base: HeadConfig, out: Path | str | None = None, force: bool = False
+    features: Path | str,
+    *,
+    heads: list[str],
+    base: HeadConfig,
+    out: Path | str | None = None,
+    force: bool = False,
+    baseline: Path | str | None = None,
 ) -> dict[str, Any]:
     """Train every head in ``heads`` on one feature file (read once); write each head to ``<out>/<head>/`` and
     compare.json/.md/.png to ``out`` (default: its own folder, see :func:`default_compare_root`). The folders are
-    locked while the run writes them, and a head there trained with other settings is replaced only with ``force``."""
+    locked while the run writes them, and a head there trained with other settings is replaced only with ``force``.
+    ``baseline``: a folder from ``python -m pipeline baseline`` on the same images, added as the last row."""
     features = Path(features)
     root = Path(out) if out else default_compare_root(features)
-    fingerprint = read_meta(features).fingerprint
+    meta = read_meta(features)
+    fingerprint = meta.fingerprint
+    scratch = None  # read before any head is trained: a refused baseline costs nothing
+    if baseline is not None:
+        from pipeline.stage2.baseline import baseline_row
+
+        scratch = baseline_row(baseline, dataset_identity=meta.dataset_identity)
     with writing(root, *(root / name for name in heads)):
         for name in heads:  # all checked before any is trained: a refusal costs nothing
             check_replace(root / name / "config.json", settings=run_settings(replace(base, head=name)),
@@ -437,7 +451,13 @@ def compare(
         skew = rows[0]["imbalance"]  # train's classes, the same for every head
         ranked_by = "balanced_accuracy" if skew else "val_accuracy"
         best = max(rows, key=lambda r: r[ranked_by])
-        result = {**_describe(fs), "rows": rows, "best": best["head"], "best_by": ranked_by}
+        extract_seconds = fs.meta.get("extract_seconds")
+        for row in rows:  # the two-stage cost of each head: the one extraction + its own fit
+            row["total_seconds"] = None if extract_seconds is None else extract_seconds + row["fit_seconds"]
+        if scratch is not None:
+            rows.append(scratch)
+        result = {**_describe(fs), "extract_seconds": extract_seconds, "rows": rows, "best": best["head"]}
+        result["best_by"] = ranked_by
         if skew:
             result["imbalance"] = skew | {"line": thresholds.imbalance_line(skew)}
         try:
