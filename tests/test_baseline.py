@@ -188,3 +188,24 @@ def test_training_on_an_in_memory_dataset(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr(bl, "load_source", lambda *a, **k: source)
     result = train_baseline(_cfg(Path("unused"), tmp_path / "bl", epochs=1))
     assert result.metrics["n_train"] == 9 and (tmp_path / "bl" / "metrics.json").is_file()
+
+
+class _Payload:
+    """Unpickling this runs code: it creates the marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_crafted_checkpoint_runs_no_code(tiny: Path, tmp_path: Path) -> None:
+    """The checkpoint is read with weights_only=True: a pickle that would run code is refused in one line."""
+    cfg = _cfg(tiny, tmp_path / "bl", epochs=1)
+    marker = tmp_path / "marker"
+    (tmp_path / "bl").mkdir()
+    torch.save({"key_digest": "x", "key": {}, "evil": _Payload(marker)}, tmp_path / "bl" / "checkpoint.pt")
+    with pytest.raises(PipelineError, match="cannot read .*checkpoint.pt"):
+        train_baseline(cfg)
+    assert not marker.exists()

@@ -176,7 +176,7 @@ def load_checkpoint(path: Path, *, digest: str, key: dict[str, Any], force: bool
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
         old_digest, old_key = state["key_digest"], state["key"]
     except Exception as e:  # noqa: BLE001 - a damaged or foreign file
         if force:
