@@ -185,7 +185,7 @@ def test_training_on_an_in_memory_dataset(tmp_path: Path, monkeypatch: pytest.Mo
     splits = {s: array_split(rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), np.arange(n) % 2)
               for s, n in (("train", 9), ("val", 4))}  # fmt: skip
     source = Source(name="arrays", classes=["a", "b"], splits=splits, identity={"kind": "test"})
-    monkeypatch.setattr(bl, "load_source", lambda *a, **k: source)
+    monkeypatch.setattr(bl.SourceOptions, "load", lambda self: source)
     result = train_baseline(_cfg(Path("unused"), tmp_path / "bl", epochs=1))
     assert result.metrics["n_train"] == 9 and (tmp_path / "bl" / "metrics.json").is_file()
 
@@ -209,3 +209,17 @@ def test_a_crafted_checkpoint_runs_no_code(tiny: Path, tmp_path: Path) -> None:
     with pytest.raises(PipelineError, match="cannot read .*checkpoint.pt"):
         train_baseline(cfg)
     assert not marker.exists()
+
+
+def test_the_image_options_are_extracts_own() -> None:
+    """baseline and extract share one definition of the options that pick the images, checks included."""
+    from dataclasses import fields
+
+    from pipeline.stage1.datasets import SourceOptions
+    from pipeline.stage1.extract import ExtractConfig
+
+    shared = {f.name: f for f in fields(SourceOptions)}
+    for cls in (ExtractConfig, BaselineConfig):
+        assert {f.name: f for f in fields(cls) if f.name in shared} == shared
+        with pytest.raises(PipelineError, match="--split-seed must be between"):
+            cls(split_seed=-1)

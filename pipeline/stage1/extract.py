@@ -29,7 +29,7 @@ from pipeline.stage1.batches import (
     error_line,
     open_source,
 )
-from pipeline.stage1.datasets import VERIFY_MODES, Source, Split, load_source
+from pipeline.stage1.datasets import Source, SourceOptions, Split
 from pipeline.stage1.precision import PRECISIONS, Precision, check_precision, precision_context, resolve_precision
 from pipeline.store import (
     FEATURE_DTYPES,
@@ -52,24 +52,14 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class ExtractConfig:
+class ExtractConfig(SourceOptions):
     """Everything ``extract`` takes; each field's help is the ``extract`` command's option help."""
 
-    dataset: str = option(
-        "cifar10",
-        "torchvision dataset name (cifar10, cifar100, mnist, fashionmnist, kmnist, svhn, stl10) or a folder of "
-        "images: PATH/train/<class>/*, PATH/val/<class>/*, or PATH/<class>/*.",
-    )
     backbone: str = option("resnet18", "Any torchvision classification model.")
     weights: str = option(
         "IMAGENET1K_V1",
         "torchvision weights name (IMAGENET1K_V1, DEFAULT, ...), 'none' (random init), or a state_dict path.",
     )
-    data_root: str = option("data", "Where torchvision datasets live.", path="dir")
-    download: bool = option(True, "Download a torchvision dataset when it is missing.")
-    val_fraction: float = option(0.2, "Validation share of a PATH/<class>/* folder (stratified, seeded).")
-    split_seed: int = option(0, "Seed of the folder split and of the --limit sample.")
-    limit: int | None = option(None, "Only the first N samples of each split (a seeded sample for folders).")
     image_size: int | None = option(None, "Crop size in pixels, 16-1024 (default: the weights' own).")
     device: str = option("auto", "auto picks cuda, then mps, then cpu.", choices=DEVICES)
     batch_size: int | None = option(None, "Images per batch (default: by device: 64 on CPU, 512 at 224 px on a GPU).")
@@ -111,15 +101,12 @@ class ExtractConfig:
         "torch.compile the backbone (default: only on CUDA runs of at least COMPILE_BREAK_EVEN_IMAGES images, "
         "which earn the compile time back).",
     )
-    verify: str = option(
-        "stat",
-        "How a folder's images are identified for reuse: 'stat' (path, size, modification time) or 'content' "
-        "(a hash of every file's bytes: slower, catches edits that keep size and time).",
-        choices=VERIFY_MODES,
-    )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_precision(self.precision)
+        if not 0 <= self.seed < 2**32:
+            raise PipelineError(f"--seed must be between 0 and 2**32 - 1, not {self.seed}")
         if self.resize not in RESIZE_MODES:
             raise PipelineError(f"unknown resize mode {self.resize!r}; choose one of: {', '.join(RESIZE_MODES)}")
         if self.preprocess not in PREPROCESS_MODES:
@@ -132,19 +119,10 @@ class ExtractConfig:
             raise PipelineError(f"unknown dtype {self.dtype!r}; choose one of: {', '.join(FEATURE_DTYPES)}")
         if self.batch_size is not None and self.batch_size < 1:
             raise PipelineError(f"--batch-size must be at least 1, not {self.batch_size}")
-        if self.limit is not None and self.limit < 1:
-            raise PipelineError(f"--limit must be at least 1, not {self.limit}")
         if self.image_size is not None and not 16 <= self.image_size <= 1024:
             raise PipelineError(f"--image-size must be between 16 and 1024, not {self.image_size}")
         if self.workers is not None and self.workers < 0:
             raise PipelineError(f"--workers must be 0 or more, not {self.workers}")
-        if not 0 < self.val_fraction < 1:
-            raise PipelineError(f"--val-fraction must be between 0 and 1, not {self.val_fraction}")
-        for name, seed in (("--split-seed", self.split_seed), ("--seed", self.seed)):
-            if not 0 <= seed < 2**32:
-                raise PipelineError(f"{name} must be between 0 and 2**32 - 1, not {seed}")
-        if self.verify not in VERIFY_MODES:
-            raise PipelineError(f"unknown --verify {self.verify!r}; choose one of: {', '.join(VERIFY_MODES)}")
 
 
 @dataclass
@@ -501,15 +479,7 @@ def plan_extraction(cfg: ExtractConfig, *, source: Source | None = None) -> Extr
     backbone = load_backbone(
         cfg.backbone, weights=cfg.weights, image_size=cfg.image_size, seed=cfg.seed, resize=cfg.resize
     )
-    source = source or load_source(
-        cfg.dataset,
-        data_root=Path(cfg.data_root),
-        download=cfg.download,
-        val_fraction=cfg.val_fraction,
-        split_seed=cfg.split_seed,
-        limit=cfg.limit,
-        verify=cfg.verify,
-    )
+    source = source or cfg.load()
     sources = {name: choose_source(cfg.preprocess, split, device) for name, split in source.splits.items()}
     identity = feature_identity(backbone=backbone, source=source, cfg=cfg, device=device, sources=sources)
     out = Path(cfg.out) if cfg.out else default_out(cfg, source, backbone)

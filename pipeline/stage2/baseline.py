@@ -34,7 +34,7 @@ from pipeline.errors import PipelineError, raise_if_stopped
 from pipeline.fileio import atomic_write, write_json
 from pipeline.options import option
 from pipeline.stage1.backbones import RESIZE_MODES, Preprocessing, load_backbone
-from pipeline.stage1.datasets import VERIFY_MODES, Split, load_source
+from pipeline.stage1.datasets import SourceOptions, Split
 from pipeline.stage2 import plots
 from pipeline.stage2.evaluate import HeadMetrics, classification_metrics, summarize
 
@@ -46,17 +46,11 @@ NOT_IN_KEY = ("epochs", "device", "out", "force")
 
 
 @dataclass(frozen=True)
-class BaselineConfig:
-    """Everything ``baseline`` takes; each field's help is the command's option help."""
+class BaselineConfig(SourceOptions):
+    """Everything ``baseline`` takes; the image options are extract's own (:class:`SourceOptions`), so the rows are
+    the same images; each field's help is the command's option help."""
 
-    dataset: str = option("cifar10", "Same as extract's --dataset: a torchvision name or a folder of images.")
     backbone: str = option("resnet18", "Architecture to train from random initialisation (any torchvision model).")
-    data_root: str = option("data", "Where torchvision datasets live.", path="dir")
-    download: bool = option(True, "Download a torchvision dataset when it is missing.")
-    val_fraction: float = option(0.2, "Validation share of a PATH/<class>/* folder (as extract: same split).")
-    split_seed: int = option(0, "Seed of the folder split and of the --limit sample (as extract).")
-    limit: int | None = option(None, "Only the first N samples of each split (as extract).")
-    verify: str = option("stat", "How a folder's images are identified (as extract).", choices=VERIFY_MODES)
     image_size: int | None = option(None, "Crop size in pixels, 16-1024 (default 224); use extract's value.")
     resize: str = option("crop", "crop or full, as extract's --resize.", choices=RESIZE_MODES)
     epochs: int = option(10, "Passes over train (not in the checkpoint key: more epochs continue a run).")
@@ -71,6 +65,7 @@ class BaselineConfig:
     force: bool = option(False, "Start afresh over a checkpoint made with other settings.", flag=True)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise PipelineError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
@@ -78,10 +73,6 @@ class BaselineConfig:
             raise PipelineError(f"--lr must be > 0 and --weight-decay >= 0, not {self.lr} and {self.weight_decay}")
         if self.image_size is not None and not 16 <= self.image_size <= 1024:
             raise PipelineError(f"--image-size must be between 16 and 1024, not {self.image_size}")
-        if self.limit is not None and self.limit < 1:
-            raise PipelineError(f"--limit must be at least 1, not {self.limit}")
-        if not 0 < self.val_fraction < 1:
-            raise PipelineError(f"--val-fraction must be between 0 and 1, not {self.val_fraction}")
         if self.device not in DEVICES:
             raise PipelineError(f"unknown device {self.device!r}; choose one of: {', '.join(DEVICES)}")
 
@@ -322,9 +313,7 @@ class _Training:
 def train_baseline(cfg: BaselineConfig) -> BaselineResult:
     """Train ``cfg.backbone`` from scratch; write checkpoint.pt per epoch, then metrics.json, config.json and
     curves.png to the output folder."""
-    source = load_source(cfg.dataset, data_root=Path(cfg.data_root), download=cfg.download,
-                         val_fraction=cfg.val_fraction, split_seed=cfg.split_seed, limit=cfg.limit,
-                         verify=cfg.verify)  # fmt: skip
+    source = cfg.load()
     device = resolve_device(cfg.device)
     model, pre = build_model(cfg, len(source.classes))
     out = Path(cfg.out) if cfg.out else default_out(cfg, source.name, pre.crop_size)
