@@ -142,12 +142,8 @@ class ExtractInterrupted(PipelineError):
     """Ctrl-C / SIGTERM during extraction; the partial file stays resumable."""
 
 
-def _precision(cfg: ExtractConfig, device: torch.device) -> Precision:
-    return resolve_precision(cfg.precision, device)
-
-
 def feature_identity(
-    *, backbone: Backbone, source: Source, cfg: ExtractConfig, device: torch.device, sources: dict[str, str]
+    *, backbone: Backbone, source: Source, cfg: ExtractConfig, precision: Precision, sources: dict[str, str]
 ) -> dict[str, Any]:
     """Everything that determines the features; its hash is the file's fingerprint. ``sources``: the batch source
     of each split (see :mod:`pipeline.stage1.batches`)."""
@@ -158,7 +154,7 @@ def feature_identity(
         "preprocessing": backbone.preprocess.as_dict(),
         "dataset": source.identity,
         "dtype": cfg.dtype,
-        "precision": _precision(cfg, device).label,
+        "precision": precision.label,
     }
     # Batch sources agree to rounding, not bit for bit, so what ran is part of the fingerprint. The key is absent
     # when every split ran on the PIL loader, which keeps files written before it existed valid; one name when all
@@ -234,7 +230,7 @@ def _embed(model: torch.nn.Module, images: torch.Tensor, *, plan: ExtractPlan, c
         images,
         pre=plan.backbone.preprocess,
         device=plan.device,
-        precision=_precision(cfg, plan.device),
+        precision=plan.precision,
         geometry=geometry,
     )
     return feats[:n]
@@ -460,6 +456,7 @@ class ExtractPlan:
     out: Path
     sources: dict[str, str]  # split -> batch source name (pipeline.stage1.batches.BATCH_SOURCES), decided once here
     settings: SourceSettings  # batch size, loader workers, preprocessing, device: what the sources run with
+    precision: Precision  # the backbone's arithmetic on this device (--precision resolved once)
     compile: bool = False  # torch.compile the backbone (cfg.compile, with None resolved by the run size)
     pad_to: int = 0  # pad every batch to this many rows (0: no padding): one shape for compile and cuDNN
 
@@ -481,7 +478,8 @@ def plan_extraction(cfg: ExtractConfig, *, source: Source | None = None) -> Extr
     )
     source = source or cfg.load()
     sources = {name: choose_source(cfg.preprocess, split, device) for name, split in source.splits.items()}
-    identity = feature_identity(backbone=backbone, source=source, cfg=cfg, device=device, sources=sources)
+    precision = resolve_precision(cfg.precision, device)
+    identity = feature_identity(backbone=backbone, source=source, cfg=cfg, precision=precision, sources=sources)
     out = Path(cfg.out) if cfg.out else default_out(cfg, source, backbone)
     settings = source_settings(cfg, device=device, pre=backbone.preprocess)
     images = sum(len(split) for split in source.splits.values())
@@ -496,6 +494,7 @@ def plan_extraction(cfg: ExtractConfig, *, source: Source | None = None) -> Extr
         out,
         sources,
         settings,
+        precision,
         compile=compile,
         pad_to=pad_to,
     )
