@@ -82,7 +82,7 @@ $(STAMP): pyproject.toml
 	$(if $(filter cpu,$(TORCH)),$(TORCH_CPU_INSTALL))
 	$(if $(filter cpu,$(TORCH)),$(TORCH_CPU_CHECK))
 	# torchvision is not pinned against torch on purpose: it brings the torch build it was compiled for.
-	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install -e '.[dev,timm]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -15,6 +15,9 @@ through :func:`read_features`, stage one writes them only through :class:`Featur
     /<split>/features      (N, D) float32 (or float16)
     /<split>/labels        (N,)   int64 in [0, C)
     /<split>/ids           (N,)   utf-8 per-sample id: dataset index or path relative to the image folder
+    /<split>/targets       (N, T) optional, float32 regression targets (``targets`` attribute: their names)
+    /<split>/activations   (N, C, H, W) optional, float16 activation map at the ``--cache-at`` node
+    (--layers: /<split>/features is the concatenation of the pooled layers the ``layers`` attribute lists)
     /<split>               attrs: n_total (samples in the source split), n_seen (samples processed),
                                   n_rows (rows written), skipped (JSON list of ids of unreadable images)
 
@@ -202,6 +205,10 @@ class FeatureMeta:
     device: str = ""
     precision: str = ""
     scan_skipped: list[str] | None = None  # entries of the image folder that could not be read (links, rights)
+    # Beyond one vector per image (issue 17, 18); None in files that hold only the classifier's input:
+    layers: list[dict[str, Any]] | None = None  # --layers: [{"name": node, "dim": D}, ...] in /<split>/features order
+    activations: dict[str, Any] | None = None  # --cache-at: {"node", "shape": [C, H, W], "dtype"}; /<split>/activations
+    targets: dict[str, Any] | None = None  # --targets: {"names", "source": file name, "sha256"}; /<split>/targets
     # Written by the writer:
     format: str = FORMAT
     schema_version: int = SCHEMA_VERSION
@@ -385,6 +392,7 @@ class SplitFeatures:
     features: np.ndarray
     labels: np.ndarray
     ids: np.ndarray
+    targets: np.ndarray | None = None  # (N, T) float32 regression targets, when the file has them (--targets)
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -55,7 +55,10 @@ log = logging.getLogger(__name__)
 class ExtractConfig(SourceOptions):
     """Everything ``extract`` takes; each field's help is the ``extract`` command's option help."""
 
-    backbone: str = option("resnet18", "Any torchvision classification model.")
+    backbone: str = option(
+        "resnet18",
+        "Any torchvision classification model, or timm:NAME for a timm model (needs pip install -e '.[timm]').",
+    )
     weights: str = option(
         "IMAGENET1K_V1",
         "torchvision weights name (IMAGENET1K_V1, DEFAULT, ...), 'none' (random init), or a state_dict path.",
@@ -100,6 +103,24 @@ class ExtractConfig(SourceOptions):
         None,
         "torch.compile the backbone (default: only on CUDA runs of at least COMPILE_BREAK_EVEN_IMAGES images, "
         "which earn the compile time back).",
+    )
+    layers: str | None = option(
+        None,
+        "Comma-separated nodes whose outputs are stored, each globally average-pooled (e.g. layer3,layer4 for a "
+        "ResNet; `pipeline inspect --nodes BACKBONE` lists them); features = their concatenation, each also stored "
+        "apart (train-head --layer). Default: the input of the final classifier.",
+    )
+    cache_at: str | None = option(
+        None,
+        "Also store the activation map at this node (e.g. layer3), float16, so `train-head --head tail` trains the "
+        "blocks after it without running the frozen part. Large: C*H*W*2 bytes per image (ResNet18 layer3 at "
+        "224 px: 98 KB, ~5.9 GB for CIFAR-10's 60,000 images); refused up front when the disk lacks room.",
+    )
+    targets: str | None = option(
+        None,
+        "CSV of regression targets: a column id (as stored: path relative to the image folder, or dataset index), "
+        "then one or more numeric columns; stored beside the features (train-head then regresses).",
+        path="file",
     )
 
     def __post_init__(self) -> None:

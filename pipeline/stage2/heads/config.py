@@ -12,6 +12,7 @@ from pipeline.options import option
 
 CLASS_WEIGHTS = ("none", "balanced")
 SOLVERS = ("torch", "sklearn")
+TASKS = ("auto", "classify", "regress")
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,15 @@ class HeadConfig:
     )
     target_recall: float | None = option(None, "Recall of --positive the threshold must reach, in (0, 1].")
     target_precision: float | None = option(None, "Precision of --positive the threshold must reach, in (0, 1].")
+    layer: str | None = option(
+        None, "Which stored layer to train on (files made with extract --layers): a layer name, or 'all' (default: "
+        "all, their concatenation)."
+    )
+    task: str = option(
+        "auto", "classify (labels) or regress (the file's --targets); auto = regress when the file has targets.",
+        choices=TASKS,
+    )
+    alpha: float = option(1.0, "L2 strength of the ridge head (chosen on held-out train with --sweep).")
     shots: int | None = option(None, "Train on K examples per class (seeded sample).", cli=False)
     seed: int = option(0, "Seed of initialisation, batches and samples.")
     device: str = option("auto", "Where torch heads train.", choices=DEVICES)
@@ -61,7 +71,7 @@ class HeadConfig:
 
         if self.head not in HEADS:
             raise PipelineError(f"unknown head {self.head!r}; choose one of: {', '.join(HEADS)}")
-        for name in ("lr", "C", "tol"):
+        for name in ("lr", "C", "tol", "alpha"):
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
                 raise PipelineError(f"--{name} must be a positive number, not {value}")
@@ -72,7 +82,7 @@ class HeadConfig:
                 raise PipelineError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
         if not 0 <= self.dropout < 1:
             raise PipelineError(f"--dropout must be in [0, 1), not {self.dropout}")
-        for name, choices in (("class_weight", CLASS_WEIGHTS), ("solver", SOLVERS)):
+        for name, choices in (("class_weight", CLASS_WEIGHTS), ("solver", SOLVERS), ("task", TASKS)):
             if getattr(self, name) not in choices:
                 raise PipelineError(
                     f"--{name.replace('_', '-')} must be one of: {', '.join(choices)}, not {getattr(self, name)!r}"
