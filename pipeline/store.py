@@ -543,6 +543,23 @@ def read_features(path: Path | str, *, splits: tuple[str, ...] = SPLITS) -> Feat
     return fs
 
 
+def read_activations(path: Path | str, split: str, *, rows: np.ndarray | slice | None = None) -> np.ndarray:
+    """The ``--cache-at`` activation maps of ``split`` (``rows`` of them, default all): (N, C, H, W) as stored
+    (float16). Read apart from :func:`read_features`: they are large (ResNet18 layer3: 98 KB per image)."""
+    path = Path(path)
+    with _open_for_read(path) as f:
+        meta = _meta_from(f, path)
+        if not meta.activations:
+            raise PipelineError(f"{path} holds no activation maps; extract with --cache-at NODE first")
+        if not meta.complete:
+            raise PipelineError(f"{path} is incomplete (extraction did not finish); rerun extract to resume")
+        try:
+            data = f[split]["activations"]
+            return data[()] if rows is None else data[rows]
+        except (OSError, KeyError, ValueError, TypeError) as e:
+            raise PipelineError(f"cannot read /{split}/activations of {path} ({type(e).__name__}: {e})") from None
+
+
 # --------------------------------------------------------------------------------------------- blocks of rows
 
 
