@@ -204,7 +204,7 @@ def _force_option(f: Any) -> Any:
     "--out",
     type=click.Path(file_okay=False),
     default=None,
-    help="Output folder (default: artifacts/heads/<features>/<head>/).",
+    help="Output folder (default: artifacts/heads/<features>/<head>/, or .../<features>/<layer>/<head>/ with --layer).",
 )
 @_force_option
 def train_head_cmd(features: str, out: str | None, force: bool, **opts: Any) -> None:
@@ -241,8 +241,22 @@ def train_head_cmd(features: str, out: str | None, force: bool, **opts: Any) -> 
     default=None,
     help="A folder from `baseline` (same images): adds the from-scratch model as a row, with its training time.",
 )
+@click.option(
+    "--layers",
+    "layers",
+    default=None,
+    help="'all' or comma-separated stored layers (extract --layers): the heads on each layer apart and on their "
+    "concatenation; one table of the best head per layer (default folder: artifacts/heads/<features>/compare-layers/).",
+)
 def compare_cmd(
-    features: str, heads: str, out: str | None, shots: str | None, force: bool, baseline: str | None, **opts: Any
+    features: str,
+    heads: str,
+    out: str | None,
+    shots: str | None,
+    force: bool,
+    baseline: str | None,
+    layers: str | None,
+    **opts: Any,
 ) -> None:
     """Train several head types on one feature file and print one comparison table."""
     from pipeline.stage2.heads import HeadConfig
@@ -250,6 +264,10 @@ def compare_cmd(
 
     names = parse_heads(heads)
     base = _config(HeadConfig, {"head": names[0], **opts})
+    if layers is not None:
+        _compare_layers(features, layers=layers, names=names, base=base, out=out, force=force,
+                        others={"--shots": shots, "--baseline": baseline, "--layer": opts["layer"]})  # fmt: skip
+        return
     if shots:
         from pipeline.stage2.train import compare_shots, parse_shots, shots_table
 
@@ -275,6 +293,29 @@ def compare_cmd(
     click.echo(
         f"\nbest on val: {result['best']}; wrote {result['out']}/ (compare.json, compare.md, compare.png and a "
         "folder per head)"
+    )
+
+
+def _compare_layers(
+    features: str, *, layers: str, names: list[str], base: Any, out: str | None, force: bool, others: dict[str, Any]
+) -> None:
+    """``compare --layers``: the best head per layer, then each layer's table of heads."""
+    from pipeline.stage2.train import compare_layers, layers_report
+
+    given = [flag for flag, value in others.items() if value is not None]
+    if given:
+        raise click.UsageError(f"--layers compares every layer itself: it does not combine with {given[0]}")
+    result = compare_layers(Path(features), layers=layers, heads=names, base=base, out=out, force=force)
+    click.echo(f"{result['label']}: {result['n_train']} train / {result['n_val']} val\n")
+    skew = next(iter(result["runs"].values())).get("imbalance")
+    if skew:
+        click.echo(skew["line"] + "\n")
+    click.echo(f"best head per layer (by {result['best_by'].replace('_', ' ')}):\n")
+    click.echo(layers_report(result))
+    best = next(r for r in result["layers"] if r["layer"] == result["best_layer"])
+    click.echo(
+        f"\nbest on val: layer {best['shown']} with {best['best']} ({best[result['best_by']]:.4f}); wrote "
+        f"{result['out']}/ (layers.json, layers.md and a compare folder per layer)"
     )
 
 

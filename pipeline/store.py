@@ -400,12 +400,14 @@ class SplitFeatures:
 
 @dataclass
 class FeatureSet:
-    """A validated feature file held in memory."""
+    """A validated feature file held in memory: every stored column, or one layer's (``layer``; then ``meta``
+    describes that slice: its ``feature_dim`` and ``layers``)."""
 
     path: Path
     classes: list[str]
     splits: dict[str, SplitFeatures]
     meta: FeatureMeta = field(default_factory=FeatureMeta)
+    layer: str | None = None  # the layer these features are (read_features(layer=...)); None: the whole stored row
 
     def __post_init__(self) -> None:
         if isinstance(self.meta, dict):  # built in memory (tests, benchmarks) from a plain dict of fields
@@ -495,8 +497,73 @@ def _read_split(f: h5py.File, name: str, path: Path) -> SplitFeatures:
     return SplitFeatures(features=feats, labels=labels.astype(np.int64, copy=False), ids=ids)
 
 
+# --------------------------------------------------------------------------------------------- layers
+
+FINAL_LAYER = "final"  # the one layer of a file made without --layers: the input of the backbone's final classifier
+ALL_LAYERS = "all"  # every stored layer: the whole row (their concatenation)
+
+
+def layer_columns(meta: FeatureMeta, *, path: Path | str = "") -> dict[str, slice]:
+    """The columns of each stored layer, in file order: ``meta.layers`` (``extract --layers``), checked against
+    ``feature_dim``; a file without them holds one layer, :data:`FINAL_LAYER`. A damaged record is one line."""
+    dim = int(meta.feature_dim)
+    if meta.layers is None:
+        return {FINAL_LAYER: slice(0, dim)}
+    entries = meta.layers
+    ok = bool(entries) and all(
+        isinstance(e, dict) and isinstance(e.get("name"), str) and e["name"] not in ("", ".", "..", ALL_LAYERS)
+        and "/" not in e["name"]  # a name is also a folder name (train-head's default --out)
+        and isinstance(e.get("dim"), int) and not isinstance(e["dim"], bool) and e["dim"] > 0
+        for e in entries
+    )  # fmt: skip
+    if not ok or len({e["name"] for e in entries}) != len(entries):
+        raise PipelineError(
+            f"{path}: the 'layers' attribute is damaged (expected distinct names, none 'all' or with a '/', each "
+            f"with a positive dim): {json.dumps(entries)[:120]}"
+        )
+    total = sum(e["dim"] for e in entries)
+    if total != dim:
+        shown = " + ".join(f"{e['name']} {e['dim']}" for e in entries)
+        raise PipelineError(f"{path}: the 'layers' dims add up to {total} ({shown}), the file says {dim} features")
+    columns, at = {}, 0
+    for e in entries:
+        columns[e["name"]] = slice(at, at + e["dim"])
+        at += e["dim"]
+    return columns
+
+
+def resolve_layer(meta: FeatureMeta, layer: str | None, *, path: Path | str = "") -> str | None:
+    """The layer ``train-head --layer`` names, in one canonical form: None for the whole stored row (no name,
+    ``all``, or the name of a file's only layer), else a layer name of the file. An unknown name is one line
+    listing the file's layers."""
+    columns = layer_columns(meta, path=path)
+    if layer is None or layer == ALL_LAYERS or (len(columns) == 1 and layer in columns):
+        return None
+    if layer not in columns:
+        known = ", ".join(f"{name} ({c.stop - c.start})" for name, c in columns.items())
+        how = "" if meta.layers else f" ('{FINAL_LAYER}': the classifier's input; extract --layers stores others)"
+        raise PipelineError(f"{path} has no layer {layer!r}; its layers: {known}{how}, or '{ALL_LAYERS}'")
+    return layer
+
+
+def select_layer(fs: FeatureSet, layer: str | None) -> FeatureSet:
+    """``fs`` reduced to the columns of ``layer`` (see :func:`resolve_layer`; None: ``fs`` itself)."""
+    layer = resolve_layer(fs.meta, layer, path=fs.path)
+    if layer is None:
+        return fs
+    cols = layer_columns(fs.meta, path=fs.path)[layer]
+    dim = cols.stop - cols.start
+    splits = {
+        name: replace(split, features=np.ascontiguousarray(split.features[:, cols]))
+        for name, split in fs.splits.items()
+    }
+    meta = replace(fs.meta, feature_dim=dim, layers=[{"name": layer, "dim": dim}])
+    return replace(fs, splits=splits, meta=meta, layer=layer)
+
+
 def _validate(fs: FeatureSet) -> None:
     path, n_classes = fs.path, len(fs.classes)
+    layer_columns(fs.meta, path=path)  # the layers' dims add up to feature_dim
     dims = {name: split.features.shape[1] for name, split in fs.splits.items()}
     if len(set(dims.values())) > 1:
         shown = ", ".join(f"{name} {d}" for name, d in dims.items())
@@ -521,9 +588,11 @@ def _validate(fs: FeatureSet) -> None:
         raise PipelineError(f"{path}: the train split is empty")
 
 
-def read_features(path: Path | str, *, splits: tuple[str, ...] = SPLITS) -> FeatureSet:
+def read_features(path: Path | str, *, splits: tuple[str, ...] = SPLITS, layer: str | None = None) -> FeatureSet:
     """Load and validate a complete feature file; every problem is a one-line :class:`PipelineError`.
 
+    ``layer``: None or ``all``, every stored column; a layer's name (``extract --layers``; :data:`FINAL_LAYER` in
+    other files), only its columns (:func:`select_layer`). An unknown name is refused before the arrays are read.
     Any number of processes may read one file at once (HDF5 takes a shared lock for mode "r").
     """
     path = Path(path)
@@ -531,6 +600,7 @@ def read_features(path: Path | str, *, splits: tuple[str, ...] = SPLITS) -> Feat
         meta = _meta_from(f, path)
         if not meta.complete:
             raise PipelineError(f"{path} is incomplete (extraction did not finish); rerun extract to resume")
+        resolve_layer(meta, layer, path=path)
         if "classes" not in f:
             raise PipelineError(f"{path} has no /classes dataset")
         try:
@@ -540,7 +610,7 @@ def read_features(path: Path | str, *, splits: tuple[str, ...] = SPLITS) -> Feat
             raise PipelineError(f"cannot read {path}: damaged or truncated HDF5 file ({e})") from None
     fs = FeatureSet(path=path, classes=classes, splits=data, meta=meta)
     _validate(fs)
-    return fs
+    return select_layer(fs, layer)
 
 
 def read_activations(path: Path | str, split: str, *, rows: np.ndarray | slice | None = None) -> np.ndarray:

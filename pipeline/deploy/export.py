@@ -365,6 +365,11 @@ def export_model(head_dir: Path | str, out: Path | str) -> ExportResult:
             f"--out must end in {PROGRAM_SUFFIX} (the .safetensors and .json are written beside it), not {out}"
         )
     head, config = load_head(Path(head_dir))
+    if config.get("layers"):  # pooled inner layers (extract --layers): the backbone alone does not compute them
+        raise PipelineError(
+            f"{head_dir} was trained on pooled layers ({config.get('layer')} of an extract --layers file), which "
+            "export does not build yet; export a head trained on features extracted without --layers"
+        )
     layer = head.as_module()  # first: a head that cannot be a layer (knn) is refused before the backbone is built
     bad = non_finite(layer.state_dict())
     if bad is not None:

@@ -25,28 +25,38 @@ from pipeline.stage2 import plots, thresholds
 from pipeline.stage2.evaluate import HeadMetrics, classification_metrics, report_notes, summarize
 from pipeline.stage2.heads import HEADS, Head, HeadConfig, build_head, save_head, warn_if_tiny
 from pipeline.store import (
+    ALL_LAYERS,
     FeatureMeta,
     FeatureSet,
     FileLock,
     SplitFeatures,
     WeightsIdentity,
+    layer_columns,
     read_features,
     read_meta,
+    resolve_layer,
 )
 
 log = logging.getLogger(__name__)
 HELD_OUT_FRACTION = 0.2  # share of train that --sweep scores the grid on
 
 
-def default_head_root(features: Path) -> Path:
-    """Where ``train-head`` puts ``<head>/`` by default."""
-    return Path("artifacts") / "heads" / Path(features).stem
+def default_head_root(features: Path, *, layer: str | None = None) -> Path:
+    """Where ``train-head`` puts ``<head>/`` by default; heads on one stored layer (``--layer``) in ``<layer>/``."""
+    root = Path("artifacts") / "heads" / Path(features).stem
+    return root / layer if layer else root
 
 
-def default_compare_root(features: Path) -> Path:
+def default_compare_root(features: Path, *, layer: str | None = None) -> Path:
     """Where ``compare`` puts its run by default: its own folder, so that it never replaces a head that
     ``train-head`` trained (with other settings, say ``--class-weight balanced``) beside it."""
-    return default_head_root(features) / "compare"
+    return default_head_root(features, layer=layer) / "compare"
+
+
+def with_layer(cfg: HeadConfig, meta: FeatureMeta, *, features: Path) -> HeadConfig:
+    """``cfg`` with ``--layer`` in its canonical form for this file (None: the whole stored row; see
+    :func:`pipeline.store.resolve_layer`), so equal choices record equal settings; an unknown layer is one line."""
+    return replace(cfg, layer=resolve_layer(meta, cfg.layer, path=features))
 
 
 # ------------------------------------------------------------------------------------------ who wrote a folder
@@ -67,6 +77,8 @@ def run_settings(cfg: HeadConfig) -> dict[str, Any]:
         settings["seed"] = cfg.seed
     if cfg.positive:  # recorded only when asked, so heads saved before these options still compare equal
         settings |= {"positive": cfg.positive, **(cfg.threshold_target or {})}
+    if cfg.layer:  # one stored layer (canonical, see with_layer); the whole row is recorded as before
+        settings["layer"] = cfg.layer
     return {**settings, "sweep": cfg.sweep, "shots": cfg.shots}
 
 
@@ -244,12 +256,13 @@ def train_head(
     """Train ``cfg.head`` on a feature file; write metrics.json, config.json, PNGs and the head to ``out``.
     A head there trained with other settings is replaced only with ``force``."""
     features = Path(features)
-    out = Path(out) if out else default_head_root(features) / cfg.head
-    fingerprint = read_meta(features).fingerprint  # a missing or foreign file is refused before any folder is made
+    meta = read_meta(features)  # a missing or foreign file, or an unknown --layer, is refused before any folder
+    cfg = with_layer(cfg, meta, features=features)
+    out = Path(out) if out else default_head_root(features, layer=cfg.layer) / cfg.head
     with writing(out):
-        check_replace(out / "config.json", settings=run_settings(cfg), fingerprint=fingerprint, what="a head",
+        check_replace(out / "config.json", settings=run_settings(cfg), fingerprint=meta.fingerprint, what="a head",
                       force=force)  # fmt: skip
-        return _train_one(read_features(features), cfg, out=out)
+        return _train_one(read_features(features, layer=cfg.layer), cfg, out=out)
 
 
 def weights_label(meta: FeatureMeta) -> str:
@@ -281,6 +294,8 @@ def head_config(fs: FeatureSet, head: Head, *, settings: dict[str, Any]) -> dict
         "weights_label": weights_label(fs.meta),
         "extract_config": fs.meta.get("config"),
         "feature_dim": fs.feature_dim,
+        "layer": fs.layer or ALL_LAYERS,  # what the head takes: one stored layer, or the whole row
+        "layers": fs.meta.layers,  # the pooled layers in that input (extract --layers); None: the classifier's input
         "classes": fs.classes,
         "preprocessing": fs.meta.get("preprocessing"),
         "classifier_path": fs.meta.get("classifier_path"),
@@ -317,8 +332,8 @@ def _write_plots(
 
 def _train_one(fs: FeatureSet, cfg: HeadConfig, *, out: Path) -> HeadMetrics:
     head, metrics, history = fit_and_evaluate(fs, cfg)
-    if history:
-        metrics = replace(metrics, details={**metrics.details, "history": history})
+    on = {"layer": fs.layer or ALL_LAYERS, "feature_dim": fs.feature_dim}  # what the head was trained on
+    metrics = replace(metrics, details={**metrics.details, **on, **({"history": history} if history else {})})
     try:
         config = head_config(fs, head, settings=run_settings(cfg))
         if "threshold" in metrics:  # what `export` records and `predict` applies
@@ -399,7 +414,8 @@ def _describe(fs: FeatureSet) -> dict[str, Any]:
 
 
 def _header(fs: FeatureSet) -> str:
-    return f"Features: `{fs.path}`: {features_label(fs)}; {len(fs.train)} train / {len(fs.val)} val\n\n"
+    layer = f"; layer {fs.layer} ({fs.feature_dim}-d)" if fs.layer else ""
+    return f"Features: `{fs.path}`: {features_label(fs)}{layer}; {len(fs.train)} train / {len(fs.val)} val\n\n"
 
 
 def _compare_row(metrics: HeadMetrics) -> dict[str, Any]:
@@ -417,6 +433,14 @@ def _compare_row(metrics: HeadMetrics) -> dict[str, Any]:
     return row
 
 
+def check_heads(root: Path, *, heads: list[str], base: HeadConfig, fingerprint: str, force: bool) -> None:
+    """:func:`check_replace` for each head folder a comparison writes under ``root``: all checked before any head
+    is trained, so a refusal costs nothing."""
+    for name in heads:
+        check_replace(root / name / "config.json", settings=run_settings(replace(base, head=name)),
+                      fingerprint=fingerprint, what=f"a {name} head", force=force)  # fmt: skip
+
+
 def compare(
     features: Path | str,
     *,
@@ -431,8 +455,9 @@ def compare(
     locked while the run writes them, and a head there trained with other settings is replaced only with ``force``.
     ``baseline``: a folder from ``python -m pipeline baseline`` on the same images, added as the last row."""
     features = Path(features)
-    root = Path(out) if out else default_compare_root(features)
     meta = read_meta(features)
+    base = with_layer(base, meta, features=features)
+    root = Path(out) if out else default_compare_root(features, layer=base.layer)
     fingerprint = meta.fingerprint
     scratch = None  # read before any head is trained: a refused baseline costs nothing
     if baseline is not None:
@@ -440,10 +465,8 @@ def compare(
 
         scratch = baseline_row(baseline, dataset_identity=meta.dataset_identity)
     with writing(root, *(root / name for name in heads)):
-        for name in heads:  # all checked before any is trained: a refusal costs nothing
-            check_replace(root / name / "config.json", settings=run_settings(replace(base, head=name)),
-                          fingerprint=fingerprint, what=f"a {name} head", force=force)  # fmt: skip
-        fs = read_features(features)
+        check_heads(root, heads=heads, base=base, fingerprint=fingerprint, force=force)
+        fs = read_features(features, layer=base.layer)
         rows = []
         for name in heads:
             log.info("training %s", name)
@@ -457,6 +480,7 @@ def compare(
         if scratch is not None:
             rows.append(scratch)
         result = {**_describe(fs), "extract_seconds": extract_seconds, "rows": rows, "best": best["head"]}
+        result |= {"layer": fs.layer or ALL_LAYERS, "feature_dim": fs.feature_dim}
         result["best_by"] = ranked_by
         if skew:
             result["imbalance"] = skew | {"line": thresholds.imbalance_line(skew)}
@@ -466,6 +490,102 @@ def compare(
             plots.compare_png(rows, root / "compare.png", title=f"heads on val: {features_label(fs)}")
         except OSError as e:
             raise PipelineError(f"cannot write comparison to {root}: {e.strerror or e}") from None
+    result["out"] = str(root)
+    return result
+
+
+# ------------------------------------------------------------------------------------------ compare --layers
+
+LAYER_COLUMNS = (
+    ("layer", "shown", "{}"),
+    ("dim", "feature_dim", "{}"),
+    ("best head", "best", "{}"),
+    ("val acc", "val_accuracy", "{:.4f}"),
+    ("balanced acc", "balanced_accuracy", "{:.4f}"),
+    ("gap", "train_val_gap", "{:+.4f}"),
+    ("fit s", "fit_seconds", "{:.2f}"),  # the best head's
+    ("all heads s", "heads_seconds", "{:.2f}"),
+)
+
+
+def parse_layers(spec: str, meta: FeatureMeta, *, features: Path) -> list[str]:
+    """``compare --layers``: ``all``, every stored layer, or comma-separated names (each checked), in the file's
+    order; then ``all`` (their concatenation, the whole stored row) when the file holds more than one layer."""
+    columns = layer_columns(meta, path=features)
+    asked = [n.strip() for n in spec.split(",") if n.strip()]
+    if not asked:
+        raise PipelineError("--layers names no layer; give 'all' or comma-separated layer names")
+    for name in asked:
+        resolve_layer(meta, name, path=features)  # an unknown name: one line listing the file's layers
+    names = list(columns) if ALL_LAYERS in asked else [n for n in columns if n in asked]
+    return names + ([ALL_LAYERS] if len(columns) > 1 else [])
+
+
+def _layer_row(name: str, run: dict[str, Any], *, stored: list[str]) -> dict[str, Any]:
+    """One line of the layer table: the best head of ``run`` (a :func:`compare` result on layer ``name``)."""
+    best = next(r for r in run["rows"] if r["head"] == run["best"])
+    keep = ("val_accuracy", "balanced_accuracy", "train_val_gap", "fit_seconds")
+    return {
+        "layer": name,
+        "shown": f"{name} ({'+'.join(stored)})" if name == ALL_LAYERS else name,
+        "feature_dim": run["feature_dim"],
+        "best": run["best"],
+        **{k: best.get(k) for k in keep},
+        "heads_seconds": sum(r["fit_seconds"] for r in run["rows"] if r.get("fit_seconds") is not None),
+        "out": run["out"],
+    }
+
+
+def layers_report(result: dict[str, Any]) -> str:
+    """Markdown: the best head per layer, then each layer's table of heads (what the CLI prints, and layers.md)."""
+    rows = result["layers"]
+    body = [[fmt.format(r[k]) if r.get(k) is not None else "-" for _, k, fmt in LAYER_COLUMNS] for r in rows]
+    parts = [_table([c for c, _, _ in LAYER_COLUMNS], body)]
+    for row in rows:
+        heads = compare_table(result["runs"][row["layer"]]["rows"])
+        parts.append(f"{row['shown']}, {row['feature_dim']}-d, per head:\n\n{heads}")
+    return "\n\n".join(parts)
+
+
+def compare_layers(
+    features: Path | str,
+    *,
+    layers: str,
+    heads: list[str],
+    base: HeadConfig,
+    out: Path | str | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """``compare --layers``: :func:`compare` the ``heads`` on each stored layer apart (``layers``: ``all`` or names,
+    see :func:`parse_layers`) and on their concatenation, each run in ``<out>/<layer>/``; then the best head per
+    layer in one table, written as layers.json and layers.md to ``out`` (default: ``compare-layers/`` beside
+    ``compare/``). Every head folder is checked before any head is trained."""
+    features = Path(features)
+    meta = read_meta(features)
+    names = parse_layers(layers, meta, features=features)
+    root = Path(out) if out else default_head_root(features) / "compare-layers"
+    with writing(root):
+        for name in names:
+            on_layer = with_layer(replace(base, layer=name), meta, features=features)
+            check_heads(root / name, heads=heads, base=on_layer, fingerprint=meta.fingerprint, force=force)
+        runs = {}
+        for name in names:
+            log.info("layer %s", name)
+            runs[name] = compare(features, heads=heads, base=replace(base, layer=name), out=root / name, force=force)
+        stored = list(layer_columns(meta, path=features))
+        rows = [_layer_row(name, run, stored=stored) for name, run in runs.items()]
+        ranked_by = runs[names[0]]["best_by"]  # train's classes, the same for every layer
+        best = max(rows, key=lambda r: r[ranked_by])
+        first = runs[names[0]]
+        result = {k: first[k] for k in ("features", "features_fingerprint", "dataset", "backbone", "weights", "label")}
+        result |= {"n_train": first["n_train"], "n_val": first["n_val"], "heads": heads, "layers": rows}
+        result |= {"best_layer": best["layer"], "best_head": best["best"], "best_by": ranked_by, "runs": runs}
+        header = f"Features: `{features}`: {first['label']}; {first['n_train']} train / {first['n_val']} val\n\n"
+        try:
+            write_json(root / "layers.json", {k: v for k, v in result.items() if k != "runs"})
+            write_text(root / "layers.md", header + layers_report(result) + "\n")
+        except OSError as e:
+            raise PipelineError(f"cannot write the layer comparison to {root}: {e.strerror or e}") from None
     result["out"] = str(root)
     return result
 
@@ -492,14 +612,15 @@ def compare_shots(
     """Val accuracy of every head at every number of shots per class; writes shots.json/.md/.png.
     The heads themselves are not saved: this is a curve, not a model."""
     features = Path(features)
-    root = Path(out) if out else default_compare_root(features)
+    meta = read_meta(features)
+    base = with_layer(base, meta, features=features)
+    root = Path(out) if out else default_compare_root(features, layer=base.layer)
     labels = [_shot_label(s) for s in shots]
     settings = {"heads": {name: run_settings(replace(base, head=name)) for name in heads}, "shots": labels}
-    fingerprint = read_meta(features).fingerprint
     with writing(root):
         what = "a few-shot comparison"
-        check_replace(root / "shots.json", settings=settings, fingerprint=fingerprint, what=what, force=force)
-        fs = read_features(features)
+        check_replace(root / "shots.json", settings=settings, fingerprint=meta.fingerprint, what=what, force=force)
+        fs = read_features(features, layer=base.layer)
         table: dict[str, dict[str, float]] = {name: {} for name in heads}
         runs = []
         for name in heads:
