@@ -524,10 +524,11 @@ def parse_layers(spec: str, meta: FeatureMeta, *, features: Path) -> list[str]:
 def _layer_row(name: str, run: dict[str, Any], *, stored: list[str]) -> dict[str, Any]:
     """One line of the layer table: the best head of ``run`` (a :func:`compare` result on layer ``name``)."""
     best = next(r for r in run["rows"] if r["head"] == run["best"])
+    joined = "+".join(stored)
     keep = ("val_accuracy", "balanced_accuracy", "train_val_gap", "fit_seconds")
     return {
         "layer": name,
-        "shown": f"{name} ({'+'.join(stored)})" if name == ALL_LAYERS else name,
+        "shown": name if name != ALL_LAYERS else f"all ({joined if len(joined) <= 40 else f'{len(stored)} layers'})",
         "feature_dim": run["feature_dim"],
         "best": run["best"],
         **{k: best.get(k) for k in keep},
