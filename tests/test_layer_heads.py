@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.errors import PipelineError
 from pipeline.stage2.heads import HeadConfig
-from pipeline.stage2.train import compare, compare_layers, train_head
+from pipeline.stage2.train import compare, compare_layers, compare_shots, train_head
 from pipeline.store import FINAL_LAYER, FeatureWriter, read_features
 from tests.conftest import assert_one_line_error, run, separable_features
 
@@ -134,6 +134,9 @@ def test_default_folder_names_the_layer(layered: Path, tmp_path: Path, monkeypat
     assert json.loads((Path(whole.out) / "config.json").read_text())["layer"] == "all"
     result = compare(layered, heads=["centroid"], base=HeadConfig(layer="layer3"))
     assert Path(result["out"]) == Path("artifacts/heads/layered/layer3/compare") and result["feature_dim"] == 12
+    shots = compare_shots(layered, heads=["centroid"], base=HeadConfig(layer=GOOD), shots=[2, None])
+    assert Path(shots["out"]) == Path("artifacts/heads/layered/layer4/compare")
+    assert shots["val_accuracy"]["centroid"]["all"] > 0.95 and shots["settings"]["heads"]["centroid"]["layer"] == GOOD
 
 
 def test_a_head_of_another_layer_is_not_replaced_silently(layered: Path, tmp_path: Path) -> None:
