@@ -212,19 +212,19 @@ def default_out(cfg: ExtractConfig, source: Source, backbone: Backbone) -> Path:
         parts.append(f"n{cfg.limit}")
     if cfg.resize != "crop":
         parts.append(cfg.resize)  # a second recipe of the same images gets its own file, not a stale-file refusal
-    parts += _outputs_suffix(backbone)
+    parts += _outputs_suffix(cfg)
     return Path("artifacts") / "features" / ("_".join(parts) + ".h5")
 
 
-def _outputs_suffix(backbone: Backbone) -> list[str]:
+def _outputs_suffix(cfg: ExtractConfig) -> list[str]:
     """``L<layer>+<layer>`` and ``at<node>`` for --layers and --cache-at: other outputs, another default file.
     A long list of nodes is named by a short hash instead (file names have a length limit)."""
     parts = []
-    if backbone.layers:
-        names = "+".join(layer["name"] for layer in backbone.layers)
+    if cfg.layer_list:
+        names = "+".join(dict.fromkeys(cfg.layer_list))
         parts.append("L" + (names if len(names) <= 48 else fingerprint({"layers": names})[:10]))
-    if backbone.activations:
-        parts.append("at" + backbone.activations["node"])
+    if cfg.cache_at:
+        parts.append("at" + cfg.cache_at.strip())
     return [p.replace("/", "-") for p in parts]
 
 
