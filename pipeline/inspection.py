@@ -162,7 +162,17 @@ def list_nodes(backbone: str, *, image_size: int | None = None) -> dict[str, Any
     from pipeline.stage1.backbones import load_backbone, node_shapes
 
     bb = load_backbone(backbone, weights="none", image_size=image_size)
-    nodes = [{"node": name, "shape": None if shape is None else list(shape)} for name, shape in node_shapes(bb)]
+    shapes = node_shapes(bb)
+    last: dict[str, list[str]] = {}  # node -> the modules it ends (their names mean it: layer3 = layer3.1.relu_1)
+    names = [name for name, _ in shapes]
+    for module, _ in bb.model.named_modules():
+        inside = [n for n in names if n == module or n.startswith(module + ".")] if module else []
+        if inside and inside[-1] != module:
+            last.setdefault(inside[-1], []).append(module)
+    nodes = [
+        {"node": name, "shape": None if shape is None else list(shape), "modules": last.get(name, [])}
+        for name, shape in shapes
+    ]
     return {"backbone": backbone, "crop_size": bb.preprocess.crop_size, "nodes": nodes}
 
 
@@ -174,12 +184,11 @@ def format_nodes(listing: dict[str, Any]) -> str:
         f"{listing['backbone']} at {listing['crop_size']} px: the nodes extract --layers pools (C x H x W -> C, "
         "tokens N x C -> C) and --cache-at stores (C x H x W)",
         "",
-        f"{'node':<{width}}  output per image",
+        f"{'node':<{width}}  {'output per image':<16}  also named (the modules it ends)",
     ]
     for n in rows:
         shape = "not a tensor" if n["shape"] is None else " x ".join(map(str, n["shape"])) or "scalar"
-        lines.append(f"{n['node']:<{width}}  {shape}")
-    lines += ["", "A module's name (e.g. layer3) means its last node."]
+        lines.append(f"{n['node']:<{width}}  {shape:<16}  {', '.join(n.get('modules', []))}".rstrip())
     return "\n".join(lines)
 
 

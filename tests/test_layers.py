@@ -275,7 +275,8 @@ def test_cli_extract_layers_and_inspect_nodes(folder: Path, tmp_path: Path, caps
     assert code == 0 and "layer3 (256), layer4 (512)" in stdout and "layer3: 256 x 2 x 2 per image" in stdout
     code, stdout, _ = run(["inspect", "--nodes", "resnet18", "--image-size", "64"], capsys)
     assert code == 0
-    rows = dict(line.split(None, 1) for line in stdout.splitlines()[3:] if line and "node" not in line[:5])
-    assert rows["layer3.1.relu_1"] == "256 x 4 x 4" and rows["flatten"] == "512"
+    rows = {line.split()[0]: line.split("  ", 1)[1].strip() for line in stdout.splitlines()[3:]}
+    assert rows["layer3.1.relu_1"].split("  ")[0] == "256 x 4 x 4" and rows["flatten"] == "512"
+    assert rows["layer3.1.relu_1"].endswith("layer3, layer3.1")  # the module names --layers accepts for it
     code, _, err = run(["inspect"], capsys)
     assert code == 2 and "--nodes BACKBONE" in err
