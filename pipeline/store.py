@@ -32,7 +32,9 @@ reader never sees a partial file under the final name. Appended rows are held in
 written and flushed, and only then the ``n_seen``/``n_rows``/``skipped`` counters are written and flushed. So a
 ``.tmp`` left by a crash, ``kill -9`` or a full disk describes exactly rows that reached the disk. A commit that
 cannot be written (no space, any write or flush error) ends the run with one line (``disk full: N rows kept in
-<out>.tmp; free space and rerun``) and the file is closed without touching it again.
+<out>.tmp; free space and rerun``) and the file is closed without touching it again. Extra per-row columns (the
+``--cache-at`` maps: the writer's ``columns``) travel with their rows through every step: held, committed, copied
+on resume and merged from shards by the same code as the features.
 
 **The partial ``.tmp`` policy** (one policy, for plain runs and torchrun merges alike, in :class:`FeatureWriter`):
 
