@@ -486,12 +486,25 @@ def list_cmd(what: str, backbone: str, weights_dir: str, data_root: str) -> None
 
 
 @cli.command("inspect")
-@click.argument("features", type=click.Path(dir_okay=False))
+@click.argument("features", type=click.Path(dir_okay=False), required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (for scripts).")
-def inspect_cmd(features: str, as_json: bool) -> None:
+@click.option(
+    "--nodes",
+    "nodes_of",
+    metavar="BACKBONE",
+    help="Instead of a file: list BACKBONE's node names and output shapes, for extract --layers / --cache-at.",
+)
+@click.option("--image-size", type=click.IntRange(16, 1024), help="With --nodes: the crop size the shapes are for.")
+def inspect_cmd(features: str | None, as_json: bool, nodes_of: str | None, image_size: int | None) -> None:
     """Show what a feature file holds: counts per split and class, and how its features were made."""
-    from pipeline.inspection import format_summary, summarize, to_json
+    from pipeline.inspection import format_nodes, format_summary, list_nodes, summarize, to_json
 
+    if (features is None) == (nodes_of is None):
+        raise click.UsageError("give a feature file, or --nodes BACKBONE (not both)")
+    if nodes_of is not None:
+        listing = list_nodes(nodes_of, image_size=image_size)
+        click.echo(to_json(listing) if as_json else format_nodes(listing))
+        return
     summary = summarize(Path(features))
     click.echo(to_json(summary) if as_json else format_summary(summary))
 

@@ -1,4 +1,5 @@
-"""What a feature file holds, for ``pipeline inspect``: counts per split and class, and how the features were made.
+"""What a feature file holds, for ``pipeline inspect``: counts per split and class, and how the features were made;
+and (``inspect --nodes BACKBONE``) the nodes of a backbone that ``extract --layers`` and ``--cache-at`` accept.
 
 Reads the file only through :func:`pipeline.store.read_meta` and :func:`pipeline.store.read_features`.
 """
@@ -68,6 +69,8 @@ def summarize(path: Path) -> dict[str, Any]:
         "extract_seconds": _get(meta, "extract_seconds"),
         "skipped": _skipped(meta),
         "versions": _get(meta, "versions"),
+        "layers": _get(meta, "layers"),
+        "activations": _get(meta, "activations"),
         "classes": None,
         "counts": None,
     }
@@ -132,12 +135,60 @@ def format_summary(s: dict[str, Any]) -> str:
         ("fingerprint", s["fingerprint"]),
         ("created", f"{s['created']}{seconds}"),
         ("skipped", _skipped_line(s["skipped"])),
+        *_outputs_rows(s),
         ("versions", ", ".join(f"{k} {v}" for k, v in versions.items()) or "not recorded"),
     ]
     lines = [f"{s['path']} ({size:.1f} MiB, {state})", ""]
     lines += [f"{k:<14} {v}" for k, v in rows]
     if s["counts"]:
         lines += ["", _counts_table(s["classes"], s["counts"])]
+    return "\n".join(lines)
+
+
+def _outputs_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
+    """--layers and --cache-at, when the file was made with them."""
+    rows = []
+    if s.get("layers"):
+        rows.append(("layers", ", ".join(f"{layer['name']} ({layer['dim']})" for layer in s["layers"])))
+    if s.get("activations"):
+        a = s["activations"]
+        rows.append(("activations", f"{a['node']}: {' x '.join(map(str, a['shape']))} per image, {a['dtype']}"))
+    return rows
+
+
+def list_nodes(backbone: str, *, image_size: int | None = None) -> dict[str, Any]:
+    """The nodes of ``backbone`` that ``--layers`` / ``--cache-at`` name, each with its output shape per image at
+    the crop size (``None``: not a tensor). Built with random weights: the shapes do not depend on them."""
+    from pipeline.stage1.backbones import load_backbone, node_shapes
+
+    bb = load_backbone(backbone, weights="none", image_size=image_size)
+    shapes = node_shapes(bb)
+    last: dict[str, list[str]] = {}  # node -> the modules it ends (their names mean it: layer3 = layer3.1.relu_1)
+    names = [name for name, _ in shapes]
+    for module, _ in bb.model.named_modules():
+        inside = [n for n in names if n == module or n.startswith(module + ".")] if module else []
+        if inside and inside[-1] != module:
+            last.setdefault(inside[-1], []).append(module)
+    nodes = [
+        {"node": name, "shape": None if shape is None else list(shape), "modules": last.get(name, [])}
+        for name, shape in shapes
+    ]
+    return {"backbone": backbone, "crop_size": bb.preprocess.crop_size, "nodes": nodes}
+
+
+def format_nodes(listing: dict[str, Any]) -> str:
+    """The node list as ``pipeline inspect --nodes`` prints it: one node a line, with its output shape."""
+    rows = listing["nodes"]
+    width = max(len("node"), *(len(n["node"]) for n in rows))
+    lines = [
+        f"{listing['backbone']} at {listing['crop_size']} px: the nodes extract --layers pools (C x H x W -> C, "
+        "tokens N x C -> C) and --cache-at stores (C x H x W)",
+        "",
+        f"{'node':<{width}}  {'output per image':<16}  also named (the modules it ends)",
+    ]
+    for n in rows:
+        shape = "not a tensor" if n["shape"] is None else " x ".join(map(str, n["shape"])) or "scalar"
+        lines.append(f"{n['node']:<{width}}  {shape:<16}  {', '.join(n.get('modules', []))}".rstrip())
     return "\n".join(lines)
 
 

@@ -18,6 +18,8 @@ through :func:`read_features`, stage one writes them only through :class:`Featur
     /<split>/targets       (N, T) optional, float32 regression targets (``targets`` attribute: their names)
     /<split>/activations   (N, C, H, W) optional, float16 activation map at the ``--cache-at`` node
     (--layers: /<split>/features is the concatenation of the pooled layers the ``layers`` attribute lists)
+    /<split>/layers/<name> (N, D_i) --layers: a virtual dataset (no copy) of the columns of /<split>/features
+                                  that hold layer ``name`` (written when the file is finished)
     /<split>               attrs: n_total (samples in the source split), n_seen (samples processed),
                                   n_rows (rows written), skipped (JSON list of ids of unreadable images)
 
@@ -30,7 +32,9 @@ reader never sees a partial file under the final name. Appended rows are held in
 written and flushed, and only then the ``n_seen``/``n_rows``/``skipped`` counters are written and flushed. So a
 ``.tmp`` left by a crash, ``kill -9`` or a full disk describes exactly rows that reached the disk. A commit that
 cannot be written (no space, any write or flush error) ends the run with one line (``disk full: N rows kept in
-<out>.tmp; free space and rerun``) and the file is closed without touching it again.
+<out>.tmp; free space and rerun``) and the file is closed without touching it again. Extra per-row columns (the
+``--cache-at`` maps: the writer's ``columns``) travel with their rows through every step: held, committed, copied
+on resume and merged from shards by the same code as the features.
 
 **The partial ``.tmp`` policy** (one policy, for plain runs and torchrun merges alike, in :class:`FeatureWriter`):
 
@@ -239,6 +243,8 @@ class FeatureMeta:
             device=str(plan.device),
             precision=str(plan.identity.get("precision", "")),
             scan_skipped=list(getattr(source, "unreadable", None) or []) or None,
+            layers=backbone.layers,
+            activations=backbone.activations,
         )
 
     @classmethod
@@ -646,14 +652,19 @@ class FeatureReadError(PipelineError):
     """Rows that a file says it holds could not be read back (damaged after it was written)."""
 
 
-def _blocks(g: h5py.Group, *, start: int, stop: int, step: int) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
-    """The one block iterator: ``(features, labels, ids)`` of rows ``[start, stop)`` of a split group, ``step`` rows
-    at a time. Shared by the resume (committed rows into a fresh ``.tmp``) and the merge (shards into ``<out>``)."""
+Rows = tuple[np.ndarray, np.ndarray, list[str], dict[str, np.ndarray]]  # features, labels, ids, extra columns
+
+
+def _blocks(g: h5py.Group, *, start: int, stop: int, step: int, columns: tuple[str, ...] = ()) -> Iterator[Rows]:
+    """The one block iterator: ``(features, labels, ids, {column: rows})`` of rows ``[start, stop)`` of a split
+    group, ``step`` rows at a time, with the extra per-row ``columns`` (e.g. ``activations``). Shared by the resume
+    (committed rows into a fresh ``.tmp``) and the merge (shards into ``<out>``)."""
     a = start
     while a < stop:
         b = min(stop, a + step)
         try:
-            block = g["features"][a:b], g["labels"][a:b], list(g["ids"].asstr()[a:b])
+            extra = {c: g[c][a:b] for c in columns}
+            block = g["features"][a:b], g["labels"][a:b], list(g["ids"].asstr()[a:b]), extra
         except (OSError, KeyError, ValueError, TypeError) as e:
             first = str(e).splitlines()[0] if str(e) else ""
             raise FeatureReadError(
@@ -665,9 +676,14 @@ def _blocks(g: h5py.Group, *, start: int, stop: int, step: int) -> Iterator[tupl
 
 def _progress_of(g: h5py.Group) -> Progress:
     rows, seen = int(g.attrs["n_rows"]), int(g.attrs["n_seen"])
-    if any(g[key].shape[0] < rows for key in ("features", "labels", "ids")):
+    if any(g[key].shape[0] < rows for key in ("features", "labels", "ids", *_columns_in(g))):
         raise ValueError(f"/{g.name} is shorter than its committed {rows} rows")
     return Progress(rows, seen, tuple(json.loads(_decode_attr(g.attrs.get("skipped", "[]")))))
+
+
+def _columns_in(g: h5py.Group) -> list[str]:
+    """The extra per-row columns a split group holds (datasets beside features, labels and ids)."""
+    return [k for k, v in g.items() if isinstance(v, h5py.Dataset) and k not in ("features", "labels", "ids")]
 
 
 class StoredFile:
@@ -691,8 +707,8 @@ class StoredFile:
         except (OSError, KeyError, ValueError, TypeError) as e:
             raise FeatureReadError(f"cannot read /{split} of {self.path} ({type(e).__name__}: {e})") from None
 
-    def blocks(self, split: str, *, start: int = 0, step: int) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
-        return _blocks(self.f[split], start=start, stop=self.progress(split).rows, step=step)
+    def blocks(self, split: str, *, start: int = 0, step: int, columns: tuple[str, ...] = ()) -> Iterator[Rows]:
+        return _blocks(self.f[split], start=start, stop=self.progress(split).rows, step=step, columns=columns)
 
     def close(self) -> None:
         self.f.close()
@@ -811,15 +827,21 @@ def _is_disk_full(e: BaseException) -> bool:
     )
 
 
+def free_bytes(folder: Path) -> int | None:
+    """Bytes free to this user on the filesystem of ``folder`` (None: it cannot say)."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
 def _room_for(path: Path, need: int, *, size: int) -> bool:
     """Whether ``need`` more bytes fit: free space of the filesystem and this process's file-size limit
     (``ulimit -f``), for a file at ``path`` that holds ``size`` bytes now."""
-    try:
-        st = os.statvfs(path.parent)
-        if st.f_bavail * st.f_frsize < need:
-            return False
-    except OSError:
-        pass  # a filesystem that cannot say: the write itself will tell
+    free = free_bytes(path.parent)
+    if free is not None and free < need:  # a filesystem that cannot say: the write itself will tell
+        return False
     soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
     return soft == resource.RLIM_INFINITY or size + need <= soft
 
@@ -842,7 +864,9 @@ class FeatureWriter:
     """Writes one feature file under ``<out>.tmp``, resumable, and renames it to ``<out>`` when finished.
 
     ``meta``: the root attributes (a :class:`FeatureMeta`, or a dict of its fields); ``sizes``: source samples per
-    split; ``files``: per-file digests of the source (``/dataset_files``). Appended rows are held in memory and
+    split; ``files``: per-file digests of the source (``/dataset_files``); ``columns``: extra per-row datasets
+    beside the features, name -> (row shape, dtype), e.g. ``{"activations": ((256, 14, 14), "float16")}``: appended,
+    committed, resumed and merged with the rows they belong to. Appended rows are held in memory and
     written at each commit (every ``flush_every`` appends, or 64 MiB): space checked, rows written and flushed,
     then the counters written and flushed (see the module docstring). An existing ``.tmp`` is handled by the one
     policy of the module docstring; ``restart`` (``--force``) discards it first. ``start`` says where this run
@@ -861,6 +885,7 @@ class FeatureWriter:
         flush_every: int = 8,
         files: dict[str, str] | None = None,
         restart: bool = False,
+        columns: dict[str, tuple[tuple[int, ...], str]] | None = None,
     ):
         if dtype not in FEATURE_DTYPES:
             raise PipelineError(f"feature dtype must be one of {', '.join(FEATURE_DTYPES)}, not {dtype!r}")
@@ -870,10 +895,11 @@ class FeatureWriter:
         self.meta = meta if isinstance(meta, FeatureMeta) else FeatureMeta.from_dict(meta)
         self.classes, self.sizes, self.files = classes, sizes, files
         self.dim, self.dtype, self.flush_every = feature_dim, np.dtype(dtype), flush_every
+        self.columns = {k: (tuple(int(n) for n in shape), np.dtype(t)) for k, (shape, t) in (columns or {}).items()}
         self._writes, self._dead = 0, False
         self._progress = {s: Progress() for s in sizes}  # in memory: committed + pending
         self._committed = dict(self._progress)  # on disk
-        self._pending: dict[str, list[tuple[np.ndarray, np.ndarray, list[str]]]] = {s: [] for s in sizes}
+        self._pending: dict[str, list[Rows]] = {s: [] for s in sizes}
         if restart:
             self.tmp.unlink(missing_ok=True)
             _resume_path(self.tmp).unlink(missing_ok=True)
@@ -942,6 +968,13 @@ class FeatureWriter:
                 "finish it, or pass --force to discard it"
             )
         shapes = {s: f[s]["features"].shape[1:] if s in f else None for s in self.sizes}
+        wrong = [s for s in self.sizes if s in f and any(
+            c not in f[s] or f[s][c].shape[1:] != shape for c, (shape, _) in self.columns.items())]  # fmt: skip
+        if wrong:
+            raise PipelineError(
+                f"{self.tmp} has these settings but not their columns ({', '.join(self.columns)} expected in "
+                f"/{wrong[0]}); it was not written by this version of pipeline: pass --force to discard it"
+            )
         if any(shape != (self.dim,) for shape in shapes.values()):
             shown = ", ".join(f"{s} {shape[0] if shape else 'missing'}" for s, shape in shapes.items())
             raise PipelineError(
@@ -958,11 +991,15 @@ class FeatureWriter:
             self._create(f, created=_decode_attr(old.attrs.get("created", "")))
             for s, p in progress.items():
                 dst, a = f[s], 0
-                for key in ("features", "labels", "ids"):
+                for key in ("features", "labels", "ids", *self.columns):
                     dst[key].resize(p.rows, axis=0)
-                for feats, labels, ids in _blocks(old[s], start=0, stop=p.rows, step=self._copy_step):
+                columns = tuple(self.columns)
+                for feats, labels, ids, extra in _blocks(old[s], start=0, stop=p.rows, step=self._copy_step,
+                                                         columns=columns):  # fmt: skip
                     b = a + len(labels)
                     dst["features"][a:b], dst["labels"][a:b], dst["ids"][a:b] = feats, labels, ids
+                    for c in columns:
+                        dst[c][a:b] = extra[c]
                     a = b
                 dst.attrs.update(n_rows=p.rows, n_seen=p.seen, skipped=json.dumps(list(p.skipped)))
             f.flush()
@@ -980,7 +1017,12 @@ class FeatureWriter:
 
     @property
     def _copy_step(self) -> int:
-        return _COPY_CHUNKS * _chunk_rows(self.dim, self.dtype.itemsize)
+        """Rows per block copied (resume, merge): whole chunks of every column, the widest row deciding."""
+        return _COPY_CHUNKS * min([_chunk_rows(self.dim, self.dtype.itemsize), *self._column_chunk_rows.values()])
+
+    @property
+    def _column_chunk_rows(self) -> dict[str, int]:
+        return {c: _chunk_rows(int(np.prod(shape)), t.itemsize) for c, (shape, t) in self.columns.items()}
 
     def _create(self, f: h5py.File, *, created: str) -> None:
         meta = replace(self.meta, format=FORMAT, schema_version=SCHEMA_VERSION, complete=False, created=created)
@@ -1001,6 +1043,9 @@ class FeatureWriter:
             )
             g.create_dataset("labels", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(max(1, min(n, 65536)),))
             g.create_dataset("ids", shape=(0,), maxshape=(None,), dtype=_STR, chunks=(max(1, min(n, 65536)),))
+            for c, (shape, t) in self.columns.items():  # chunks of whole rows (~1 MiB), as the features
+                rows_c = max(1, min(self._column_chunk_rows[c], n))
+                g.create_dataset(c, shape=(0, *shape), maxshape=(None, *shape), dtype=t, chunks=(rows_c, *shape))
             g.attrs.update(n_total=n, n_seen=0, n_rows=0, skipped="[]")
         f.flush()
 
@@ -1028,14 +1073,20 @@ class FeatureWriter:
         *,
         seen: int,
         skipped: list[str] = (),
+        extra: dict[str, np.ndarray] | None = None,
     ) -> None:
-        """Append rows for ``seen`` consumed source samples (``skipped`` of them unreadable). The rows are copied:
-        they are held until the next commit, and callers reuse their buffers (the extraction's pinned ring)."""
+        """Append rows for ``seen`` consumed source samples (``skipped`` of them unreadable); ``extra``: the rows of
+        each extra column (``columns``). The rows are copied: they are held until the next commit, and callers
+        reuse their buffers (the extraction's pinned ring)."""
         if self._dead:
             raise PipelineError(f"{self.tmp} was closed after a failed write")
         p = self._progress[split]
         if len(labels):
-            self._pending[split].append((features.astype(self.dtype, copy=True), np.array(labels), list(ids)))
+            extra = extra or {}
+            if set(extra) != set(self.columns) or any(len(v) != len(labels) for v in extra.values()):
+                raise ValueError(f"append needs {len(labels)} rows of each column {sorted(self.columns)}")
+            held = {c: extra[c].astype(t, copy=True) for c, (_, t) in self.columns.items()}
+            self._pending[split].append((features.astype(self.dtype, copy=True), np.array(labels), list(ids), held))
         # One assignment, after the rows are held: an interrupt anywhere above leaves the old progress.
         self._progress[split] = Progress(p.rows + len(labels), p.seen + seen, (*p.skipped, *skipped))
         self._writes += 1
@@ -1044,9 +1095,9 @@ class FeatureWriter:
 
     def _pending_bytes(self) -> int:
         return sum(
-            feats.nbytes + labels.nbytes + sum(len(i) + 16 for i in ids)
+            feats.nbytes + labels.nbytes + sum(len(i) + 16 for i in ids) + sum(v.nbytes for v in extra.values())
             for blocks in self._pending.values()
-            for feats, labels, ids in blocks
+            for feats, labels, ids, extra in blocks
         )
 
     def _room_needed(self) -> int:
@@ -1055,8 +1106,8 @@ class FeatureWriter:
         need = self._pending_bytes() + (64 << 10)
         for s, blocks in self._pending.items():
             at = self._committed[s].rows
-            n = sum(len(labels) for _, labels, _ in blocks)
-            for key in ("features", "labels", "ids"):
+            n = sum(len(labels) for _, labels, _, _ in blocks)
+            for key in ("features", "labels", "ids", *self.columns):
                 d = self.f[s][key]
                 per_chunk = d.chunks[0]
                 new_chunks = -(-(at + n) // per_chunk) - -(-at // per_chunk)
@@ -1088,15 +1139,18 @@ class FeatureWriter:
         self._pending = {s: [] for s in self._pending}
 
     @staticmethod
-    def _write_rows(g: h5py.Group, at: int, blocks: list[tuple[np.ndarray, np.ndarray, list[str]]]) -> None:
+    def _write_rows(g: h5py.Group, at: int, blocks: list[Rows]) -> None:
         if not blocks:
             return
-        n = sum(len(labels) for _, labels, _ in blocks)
-        for key in ("features", "labels", "ids"):
+        n = sum(len(labels) for _, labels, _, _ in blocks)
+        columns = list(blocks[0][3])  # every block holds every column (append checks)
+        for key in ("features", "labels", "ids", *columns):
             g[key].resize(at + n, axis=0)  # once per commit: the rows' size is known before any is written
-        for feats, labels, ids in blocks:
+        for feats, labels, ids, extra in blocks:
             b = at + len(labels)
             g["features"][at:b], g["labels"][at:b], g["ids"][at:b] = feats, labels, ids
+            for c in columns:
+                g[c][at:b] = extra[c]
             at = b
 
     def _write_error(self, e: BaseException) -> PipelineError:
@@ -1115,10 +1169,10 @@ class FeatureWriter:
         cum_rows = cum_seen = 0
         for src in sources:
             p = src.progress(split)
-            for feats, labels, ids in src.blocks(
-                split, start=min(max(done - cum_rows, 0), p.rows), step=self._copy_step
+            for feats, labels, ids, extra in src.blocks(
+                split, start=min(max(done - cum_rows, 0), p.rows), step=self._copy_step, columns=tuple(self.columns)
             ):
-                self.append(split, feats, labels, ids, seen=len(labels))
+                self.append(split, feats, labels, ids, seen=len(labels), extra=extra)
             cum_rows, cum_seen = cum_rows + p.rows, cum_seen + p.seen
             mine = self._progress[split]
             have = set(mine.skipped)
@@ -1139,6 +1193,7 @@ class FeatureWriter:
             )
         self.commit()
         try:
+            self._layer_views()
             for key, value in (updates or {}).items():
                 self.f.attrs[key] = encode_attr(key, value)
             self.f.attrs["complete"] = True
@@ -1152,6 +1207,21 @@ class FeatureWriter:
         os.replace(self.tmp, self.path)
         fsync_path(self.path.parent)
         return self.path
+
+    def _layer_views(self) -> None:
+        """--layers: ``/<split>/layers/<name>``, a virtual dataset of the columns of ``/<split>/features`` that hold
+        that layer: no copy, and (source file ``.``, this file) it reads back wherever the file is moved."""
+        if not self.meta.layers:
+            return
+        for s, p in self._committed.items():
+            group, at = self.f[s].require_group("layers"), 0
+            for layer in self.meta.layers:
+                name, dim = str(layer["name"]), int(layer["dim"])
+                layout = h5py.VirtualLayout(shape=(p.rows, dim), dtype=self.dtype)
+                source = h5py.VirtualSource(".", f"/{s}/features", shape=(p.rows, self.dim), dtype=self.dtype)
+                layout[:, :] = source[:, at : at + dim]
+                group.create_virtual_dataset(name.replace("/", "|"), layout)  # "/" would nest groups
+                at += dim
 
     def close(self) -> None:
         """Commit and close without finishing (interrupt, error): the ``.tmp`` stays resumable."""

@@ -261,6 +261,9 @@ class Backbone:
     weights: str  # str(WeightsIdentity): torchvision name, "none(seed=S)" or "file:<sha256>"
     feature_dim: int
     classifier_path: str  # where the original classifier sat, e.g. "fc" or "classifier.1" (used by export)
+    # Set by with_outputs (--layers, --cache-at); None: the model returns the classifier's input only.
+    layers: list[dict[str, Any]] | None = None  # [{"name": node, "dim": D}, ...]: features = their pooled outputs
+    activations: dict[str, Any] | None = None  # {"node", "shape": [C, H, W], "dtype"}: the model's second output
 
 
 def available_backbones() -> list[str]:
@@ -412,3 +415,135 @@ def _probe_dim(model: nn.Module, size: int, name: str) -> int:
     except Exception as e:  # noqa: BLE001 - e.g. a ViT asked for another image size
         raise PipelineError(f"{name} cannot run at image size {size}: {str(e).splitlines()[0]}") from None
     return int(out.flatten(1).shape[1])
+
+
+# ------------------------------------------------------------------------------------------ named layers (issue 17)
+
+ACTIVATION_DTYPE = "float16"  # --cache-at maps: half the bytes of float32, and what the tail head trains on
+
+
+def _tracer(model: nn.Module) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """(create_feature_extractor, get_graph_node_names) for ``model``: timm's for timm models (its tracer knows
+    the functions and modules of timm that FX cannot trace), torchvision's for every other nn.Module."""
+    if type(model).__module__.startswith("timm."):
+        try:
+            from timm.models import _features_fx as timm_fx
+
+            return timm_fx.create_feature_extractor, timm_fx.get_graph_node_names
+        except ImportError:  # a timm model without timm importable cannot happen; fall back all the same
+            pass
+    from torchvision.models import feature_extraction as tv_fx
+
+    return tv_fx.create_feature_extractor, tv_fx.get_graph_node_names
+
+
+def graph_nodes(model: nn.Module) -> list[str]:
+    """The node names ``--layers`` and ``--cache-at`` accept (eval-mode graph, in execution order); a module's
+    name (e.g. ``layer3``) is accepted too and means its last node."""
+    _, names = _tracer(model)
+    try:
+        return list(names(model)[1])
+    except Exception as e:  # noqa: BLE001 - FX cannot trace every model (data-dependent control flow)
+        raise PipelineError(f"cannot trace {type(model).__name__} to list its nodes: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _unknown_node(model: nn.Module, name: str, nodes: list[str], *, backbone: str) -> PipelineError:
+    import difflib
+
+    modules = [n for n, _ in model.named_modules() if n]
+    near = difflib.get_close_matches(name, list(dict.fromkeys([*modules, *nodes])), n=5, cutoff=0.5)
+    top = [n for n, _ in model.named_children()]
+    shown = ", ".join(near or top[:12])
+    return PipelineError(
+        f"{backbone} has no node {name!r}; {'near it' if near else 'its top-level modules'}: {shown} "
+        "(`pipeline inspect --nodes BACKBONE` lists them all)"
+    )
+
+
+def pool(y: torch.Tensor) -> torch.Tensor:
+    """One node's output as a vector per image: NCHW -> mean over H, W; (B, N, C) tokens of a ViT -> mean over the
+    N tokens (the class token included: the mean of all tokens, one rule for every transformer, rather than a
+    per-model guess at which token is the class token); (B, D) as it is."""
+    if y.ndim == 4:
+        return y.mean(dim=(2, 3))
+    if y.ndim == 3:
+        return y.mean(dim=1)
+    return y.flatten(1)
+
+
+class _Outputs(nn.Module):
+    """The traced backbone returning ``features`` (the pooled ``layers``, concatenated in order; or the model's own
+    output) and, with ``cache_at``, the activation map there: a tuple ``(features, activations)``."""
+
+    def __init__(self, body: nn.Module, *, layers: list[str], output: str, cache_at: str | None):
+        super().__init__()
+        self.body, self.layers, self.output, self.cache_at = body, layers, output, cache_at
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        out = self.body(x)
+        pooled = [pool(out[n]) for n in self.layers]
+        feats = torch.cat(pooled, dim=1) if pooled else out[self.output].flatten(1)
+        return feats if self.cache_at is None else (feats, out[self.cache_at])
+
+
+def with_outputs(backbone: Backbone, *, layers: list[str] | None = None, cache_at: str | None = None) -> Backbone:
+    """``backbone`` whose model returns the pooled outputs of ``layers`` (nodes, concatenated in the order given)
+    instead of the classifier's input, and with ``cache_at`` also the raw activation map at that node (a tuple).
+    Records ``layers`` [{"name", "dim"}] and ``activations`` {"node", "shape", "dtype"}; ``feature_dim`` is the
+    concatenated dimension. Unchanged when neither is given."""
+    layers = list(dict.fromkeys(layers or []))  # a node named twice is stored once
+    if not layers and cache_at is None:
+        return backbone
+    create, _ = _tracer(backbone.model)
+    nodes = graph_nodes(backbone.model)
+    # the model's own output only when it is the features: asking for it would keep the blocks after the layers
+    wanted = list(dict.fromkeys([*layers, *([cache_at] if cache_at else []), *([] if layers else [nodes[-1]])]))
+    try:
+        body = create(backbone.model, return_nodes=wanted)
+    except ValueError as e:  # torchvision: "node: 'x' is not present in model. Hint: use get_graph_node_names ..."
+        bad = next((n for n in wanted if f"'{n}'" in str(e)), wanted[0])
+        raise _unknown_node(backbone.model, bad, nodes, backbone=backbone.name) from None
+    except Exception as e:  # noqa: BLE001 - tracing failed for another reason
+        raise PipelineError(f"cannot trace {backbone.name} for --layers/--cache-at: {_first_line(e)}") from None
+    body.eval().requires_grad_(False)
+    shapes = _probe_shapes(body, backbone.preprocess.crop_size, backbone.name)
+    for n in layers:
+        if shapes[n] is None or len(shapes[n]) not in (1, 2, 3):
+            raise PipelineError(f"node {n!r} of {backbone.name} gives {_shape_text(shapes[n])}, not a feature map")
+    if cache_at is not None and (shapes[cache_at] is None or len(shapes[cache_at]) != 3):
+        raise PipelineError(
+            f"--cache-at {cache_at}: that node gives {_shape_text(shapes[cache_at])}, not a C x H x W map"
+        )
+    dims = [{"name": n, "dim": shapes[n][-1] if len(shapes[n]) == 2 else shapes[n][0]} for n in layers]
+    model = _Outputs(body, layers=layers, output=nodes[-1], cache_at=cache_at).eval()
+    acts = {"node": cache_at, "shape": list(shapes[cache_at]), "dtype": ACTIVATION_DTYPE} if cache_at else None
+    dim = sum(d["dim"] for d in dims) if layers else backbone.feature_dim
+    return replace(backbone, model=model, feature_dim=dim, layers=dims or None, activations=acts)
+
+
+def _shape_text(shape: tuple[int, ...] | None) -> str:
+    return "no tensor" if shape is None else "a scalar per image" if not shape else f"shape {list(shape)} per image"
+
+
+@torch.inference_mode()
+def _probe_shapes(body: nn.Module, size: int, name: str) -> dict[str, tuple[int, ...] | None]:
+    """Per-image shape of each returned node at crop ``size`` (None for an output that is not a batch tensor).
+    The 3-D token output (B, N, C) of a ViT pools to C, so its dim is the last axis; NCHW pools to C."""
+    try:
+        out = body(torch.zeros(1, 3, size, size))
+    except Exception as e:  # noqa: BLE001 - e.g. a ViT asked for another image size
+        raise PipelineError(f"{name} cannot run at image size {size}: {_first_line(e)}") from None
+    return {k: tuple(v.shape[1:]) if isinstance(v, torch.Tensor) and v.ndim else None for k, v in out.items()}
+
+
+def node_shapes(backbone: Backbone) -> list[tuple[str, tuple[int, ...] | None]]:
+    """Every node of the backbone's graph with its per-image output shape at the crop size (``inspect --nodes``)."""
+    create, _ = _tracer(backbone.model)
+    nodes = graph_nodes(backbone.model)
+    body = create(backbone.model, return_nodes=nodes).eval()
+    shapes = _probe_shapes(body, backbone.preprocess.crop_size, backbone.name)
+    return [(n, shapes.get(n)) for n in nodes]

@@ -25,7 +25,15 @@ import numpy as np
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.stage1.extract import ExtractConfig, ExtractPlan, ExtractResult, extract, plan_extraction, reuse_existing
+from pipeline.stage1.extract import (
+    ExtractConfig,
+    ExtractPlan,
+    ExtractResult,
+    extract,
+    output_columns,
+    plan_extraction,
+    reuse_existing,
+)
 from pipeline.store import FeatureMeta, FeatureReadError, FeatureWriter, FileLock, StoredFile, read_meta
 
 log = logging.getLogger(__name__)
@@ -117,6 +125,7 @@ def merge_shards(cfg: ExtractConfig, *, plan: ExtractPlan, world: int) -> Extrac
                 dtype=cfg.dtype,
                 files=plan.source.files,
                 restart=cfg.force,
+                columns=output_columns(plan.backbone),  # --cache-at's activation maps, merged like the features
             )
             try:
                 for name in sizes:

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from pipeline.devices import DEVICES, resolve_device
 from pipeline.errors import PipelineError, raise_if_stopped
 from pipeline.options import option
-from pipeline.stage1.backbones import RESIZE_MODES, Backbone, Preprocessing, load_backbone
+from pipeline.stage1.backbones import RESIZE_MODES, Backbone, Preprocessing, load_backbone, with_outputs
 from pipeline.stage1.batches import (
     PREPROCESS_MODES,
     Batch,
@@ -41,6 +41,7 @@ from pipeline.store import (
     check_output_name,
     describe_change,
     fingerprint,
+    free_bytes,
     library_versions,
     read_dataset_files,
     read_meta,
@@ -144,6 +145,15 @@ class ExtractConfig(SourceOptions):
             raise PipelineError(f"--image-size must be between 16 and 1024, not {self.image_size}")
         if self.workers is not None and self.workers < 0:
             raise PipelineError(f"--workers must be 0 or more, not {self.workers}")
+        if self.layers is not None and not self.layer_list:
+            raise PipelineError("--layers needs one or more node names, comma-separated (e.g. layer3,layer4)")
+        if self.cache_at is not None and not self.cache_at.strip():
+            raise PipelineError("--cache-at needs a node name (e.g. layer3)")
+
+    @property
+    def layer_list(self) -> list[str]:
+        """``--layers`` as node names, in the order given (empty: the classifier's input)."""
+        return [n.strip() for n in (self.layers or "").split(",") if n.strip()]
 
 
 @dataclass
@@ -183,6 +193,12 @@ def feature_identity(
     used = set(sources.values())
     if used != {"loader"}:
         identity["preprocess_on"] = used.pop() if len(used) == 1 else dict(sources)
+    # What the file holds beyond the classifier's input; absent without --layers/--cache-at, so files written
+    # before these options keep their fingerprint. A file of other layers is stale.
+    if backbone.layers:
+        identity["layers"] = [layer["name"] for layer in backbone.layers]
+    if backbone.activations:
+        identity["cache_at"] = backbone.activations["node"]
     return identity
 
 
@@ -196,7 +212,52 @@ def default_out(cfg: ExtractConfig, source: Source, backbone: Backbone) -> Path:
         parts.append(f"n{cfg.limit}")
     if cfg.resize != "crop":
         parts.append(cfg.resize)  # a second recipe of the same images gets its own file, not a stale-file refusal
+    parts += _outputs_suffix(cfg)
     return Path("artifacts") / "features" / ("_".join(parts) + ".h5")
+
+
+def _outputs_suffix(cfg: ExtractConfig) -> list[str]:
+    """``L<layer>+<layer>`` and ``at<node>`` for --layers and --cache-at: other outputs, another default file.
+    A long list of nodes is named by a short hash instead (file names have a length limit)."""
+    parts = []
+    if cfg.layer_list:
+        names = "+".join(dict.fromkeys(cfg.layer_list))
+        parts.append("L" + (names if len(names) <= 48 else fingerprint({"layers": names})[:10]))
+    if cfg.cache_at:
+        parts.append("at" + cfg.cache_at.strip())
+    return [p.replace("/", "-") for p in parts]
+
+
+def output_columns(backbone: Backbone) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The per-row columns a file of this backbone holds beside the features (:class:`FeatureWriter`'s
+    ``columns``): the --cache-at activation map."""
+    acts = backbone.activations
+    return {"activations": (tuple(acts["shape"]), acts["dtype"])} if acts else {}
+
+
+def check_room(plan: ExtractPlan) -> None:
+    """--cache-at: refuse up front, with the estimate, when the output's disk cannot hold the activation maps
+    (and the features) of every image. Without --cache-at the commits' own checks suffice (features are small)."""
+    acts = plan.backbone.activations
+    if not acts:
+        return
+    per_image = int(np.prod(acts["shape"])) * np.dtype(acts["dtype"]).itemsize
+    images = sum(len(split) for split in plan.source.splits.values())
+    need = images * (per_image + plan.backbone.feature_dim * 4 + 64)  # + features (float32 at most), label, id
+    free = free_bytes(plan.out.parent)
+    if free is not None and free < need:
+        raise PipelineError(
+            f"--cache-at {acts['node']} stores {_size(per_image)} per image, {_size(need)} for {images:,} images; "
+            f"{plan.out.parent} has {_size(free)} free"
+        )
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit in ("bytes", "KB") else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
 
 
 # ------------------------------------------------------------------------------------------ the model
@@ -229,24 +290,30 @@ def embed_batch(
     device: torch.device,
     precision: Precision,
     geometry: bool = False,
-) -> torch.Tensor:
-    """uint8 NCHW batch -> float32 (N, D) features on ``device``; ``geometry`` resizes and crops it there first."""
+) -> dict[str, torch.Tensor]:
+    """uint8 NCHW batch -> ``{"features": float32 (N, D)}`` on ``device``, plus ``"activations"``: float16
+    (N, C, H, W) when the model returns them (--cache-at, see :func:`with_outputs`); ``geometry`` resizes and
+    crops the batch there first."""
     x = batch.to(device, non_blocking=True)
     if geometry:
         x = pre.geometry_batch(x)
     x = pre.normalize(x)  # channels_last
     with precision_context(precision, device):
         y = model(x)
-    return y.flatten(1).float()
+    if isinstance(y, tuple):  # (features, activation map): stored float16 in NCHW, converted here on the device
+        return {"features": y[0].flatten(1).float(), "activations": y[1].to(torch.float16).contiguous()}
+    return {"features": y.flatten(1).float()}
 
 
-def _embed(model: torch.nn.Module, images: torch.Tensor, *, plan: ExtractPlan, cfg: ExtractConfig, geometry: bool):
+def _embed(
+    model: torch.nn.Module, images: torch.Tensor, *, plan: ExtractPlan, cfg: ExtractConfig, geometry: bool
+) -> dict[str, torch.Tensor]:
     """The one call of :func:`embed_batch`. A short batch is padded to ``plan.pad_to`` rows and the padding dropped:
     one input shape for the whole run, so neither torch.compile nor cuDNN's autotuner meets a new one at the end."""
     n = len(images)
     if plan.pad_to and n < plan.pad_to:
         images = torch.cat([images, images.new_zeros((plan.pad_to - n, *images.shape[1:]))])
-    feats = embed_batch(
+    outputs = embed_batch(
         model,
         images,
         pre=plan.backbone.preprocess,
@@ -254,13 +321,13 @@ def _embed(model: torch.nn.Module, images: torch.Tensor, *, plan: ExtractPlan, c
         precision=plan.precision,
         geometry=geometry,
     )
-    return feats[:n]
+    return {k: v[:n] for k, v in outputs.items()}
 
 
 @dataclass
 class _Job:
     split: str
-    slot: int | None  # the pinned host buffer holding the features; None for a batch of unreadable samples only
+    slot: int | None  # the pinned host buffers holding the outputs; None for a batch of unreadable samples only
     rows: int
     event: Any  # CUDA event recorded after the copy to the host; None on the CPU
     labels: np.ndarray
@@ -270,9 +337,11 @@ class _Job:
 
 
 class FeatureSink:
-    """Features on their way from the device to the file, off the main thread.
+    """Features (and the other outputs: --cache-at's activation maps) on their way from the device to the file, off
+    the main thread.
 
-    ``put`` starts a non-blocking copy of a batch of features into one of a few pinned host buffers (a ring), on a
+    ``put`` starts a non-blocking copy of a batch of outputs into one of a few pinned host buffers (a ring: one
+    buffer per output column in each slot), on a
     side CUDA stream, and queues it; one writer thread waits for each copy (its event, not a device-wide
     synchronisation) and calls ``writer.append``. The main thread meanwhile queues the next batches on the GPU. Once
     started, only the writer thread touches the :class:`FeatureWriter` until :meth:`stop` has joined it. The ring
@@ -282,7 +351,12 @@ class FeatureSink:
     def __init__(self, writer: FeatureWriter, *, device: torch.device, rows: int, slots: int = 4):
         self.writer, self.device = writer, device
         cuda = device.type == "cuda"
-        self._bufs = [torch.empty(rows, writer.dim, pin_memory=cuda) for _ in range(slots)]
+        columns = {"features": ((writer.dim,), torch.float32)}
+        columns |= {c: (shape, getattr(torch, str(dtype))) for c, (shape, dtype) in writer.columns.items()}
+        self._bufs = [
+            {c: torch.empty((rows, *shape), dtype=dtype, pin_memory=cuda) for c, (shape, dtype) in columns.items()}
+            for _ in range(slots)
+        ]
         self._free: queue.Queue[int] = queue.Queue()
         for k in range(slots):
             self._free.put(k)
@@ -297,28 +371,32 @@ class FeatureSink:
     def put(
         self,
         split: str,
-        feats: torch.Tensor | None,
+        outputs: dict[str, torch.Tensor] | None,
         *,
         labels: np.ndarray,
         ids: list[str],
         seen: int,
         skipped: list[str],
     ) -> None:
+        """Queue a batch: ``outputs`` (from :func:`embed_batch`: features and any other column) or None."""
         self.raise_error()
         slot = event = None
-        rows = 0 if feats is None else len(feats)
+        rows = 0 if outputs is None else len(outputs["features"])
         if rows:
             slot = self._take_slot()
-            host = self._bufs[slot][:rows]
+            hosts = {c: buf[:rows] for c, buf in self._bufs[slot].items()}
             if self._stream is None:
-                host.copy_(feats)
+                for c, host in hosts.items():
+                    host.copy_(outputs[c])
             else:
-                self._stream.wait_stream(torch.cuda.current_stream(self.device))  # the forward that made feats
+                self._stream.wait_stream(torch.cuda.current_stream(self.device))  # the forward that made them
                 with torch.cuda.stream(self._stream):
-                    host.copy_(feats, non_blocking=True)
+                    for c, host in hosts.items():
+                        host.copy_(outputs[c], non_blocking=True)
                     event = torch.cuda.Event()
                     event.record(self._stream)
-                feats.record_stream(self._stream)
+                for c in hosts:
+                    outputs[c].record_stream(self._stream)
         self._jobs.put(_Job(split, slot, rows, event, labels, ids, seen, skipped))
 
     def _take_slot(self) -> int:
@@ -342,8 +420,12 @@ class FeatureSink:
     def _append(self, job: _Job) -> None:
         if job.event is not None:
             job.event.synchronize()
-        feats = self._bufs[job.slot][: job.rows].numpy() if job.slot is not None else np.zeros((0, self.writer.dim))
-        self.writer.append(job.split, feats, job.labels, job.ids, seen=job.seen, skipped=job.skipped)
+        if job.slot is None:
+            feats, extra = np.zeros((0, self.writer.dim), np.float32), None
+        else:
+            host = {c: buf[: job.rows].numpy() for c, buf in self._bufs[job.slot].items()}
+            feats, extra = host.pop("features"), host
+        self.writer.append(job.split, feats, job.labels, job.ids, seen=job.seen, skipped=job.skipped, extra=extra)
 
     def raise_error(self) -> None:
         """Re-raise, on the calling thread, what stopped the writer thread (one line; the traceback at -v)."""
@@ -399,13 +481,13 @@ def _run_split(
     try:
         for batch in batches:
             _check_bad(batch, split, skip_bad=cfg.skip_bad)
-            feats = None
+            outputs = None
             if batch.images is not None:
-                feats = _embed(model, batch.images, plan=plan, cfg=cfg, geometry=source.geometry_on_device)
+                outputs = _embed(model, batch.images, plan=plan, cfg=cfg, geometry=source.geometry_on_device)
             ok = batch.indices
             sink.put(
                 name,
-                feats,
+                outputs,
                 labels=split.labels[ok],
                 ids=[split.ids[i] for i in ok],
                 seen=batch.consumed,
@@ -497,6 +579,7 @@ def plan_extraction(cfg: ExtractConfig, *, source: Source | None = None) -> Extr
     backbone = load_backbone(
         cfg.backbone, weights=cfg.weights, image_size=cfg.image_size, seed=cfg.seed, resize=cfg.resize
     )
+    backbone = with_outputs(backbone, layers=cfg.layer_list, cache_at=cfg.cache_at and cfg.cache_at.strip())
     source = source or cfg.load()
     sources = {name: choose_source(cfg.preprocess, split, device) for name, split in source.splits.items()}
     precision = resolve_precision(cfg.precision, device)
@@ -563,6 +646,7 @@ def extract(cfg: ExtractConfig, *, plan: ExtractPlan | None = None) -> ExtractRe
 
 def _write(plan: ExtractPlan, *, cfg: ExtractConfig) -> ExtractResult:
     out, backbone, source, fp, device = plan.out, plan.backbone, plan.source, plan.fp, plan.device
+    check_room(plan)
     writer = FeatureWriter(
         out,
         meta=FeatureMeta.from_plan(plan, config=plan.recorded_config(cfg)),
@@ -572,6 +656,7 @@ def _write(plan: ExtractPlan, *, cfg: ExtractConfig) -> ExtractResult:
         dtype=cfg.dtype,
         files=source.files,
         restart=cfg.force,  # --force: the one place a partial .tmp is discarded
+        columns=output_columns(backbone),
     )
     starts = {name: writer.seen(name) for name in source.splits}  # read before the writer thread owns the writer
     model = prepare_model(backbone, device, compile=plan.compile)
