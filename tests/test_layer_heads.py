@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
@@ -45,13 +46,16 @@ def write_layered_file(
         "feature_dim": dim,
         "num_classes": CLASSES,
         "dataset": "synthetic",
-        "layers": meta_layers if meta_layers is not None else [{"name": k, "dim": d} for k, d in layers.items()],
+        "layers": [{"name": k, "dim": d} for k, d in layers.items()],
     }
     names = [f"class_{i}" for i in range(CLASSES)]
     w = FeatureWriter(path, meta=meta, classes=names, sizes={"train": n_train, "val": n_val}, feature_dim=dim)
     w.append("train", X[:n_train], y[:n_train], [str(i) for i in range(n_train)], seen=n_train)
     w.append("val", X[n_train:], y[n_train:], [str(i) for i in range(n_train, n)], seen=n_val)
     w.finish()
+    if meta_layers is not None:  # damaged after it was written: the writer itself only writes sound records
+        with h5py.File(path, "a") as f:
+            f.attrs["layers"] = json.dumps(meta_layers)
     return path
 
 
