@@ -151,6 +151,8 @@ def extract(**opts: Any) -> None:
             f"--force redoes them)"
         )
         _echo_skipped(_stored_skipped(result.path, fingerprint=result.fingerprint), reused=True)
+        for note in result.notes:
+            click.echo(note)
         click.echo(next_step)
         return
     counts = ", ".join(f"{k} {v}" for k, v in result.counts.items())
@@ -159,6 +161,8 @@ def extract(**opts: Any) -> None:
     if resumed:
         click.echo("resumed a partial extraction at " + ", ".join(f"{k} {v}" for k, v in resumed.items()))
     _echo_skipped(result.skipped)
+    for note in result.notes:
+        click.echo(note)
     click.echo(next_step)
 
 
