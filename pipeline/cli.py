@@ -219,7 +219,10 @@ def train_head_cmd(features: str, out: str | None, force: bool, **opts: Any) -> 
 
     metrics = train_head(Path(features), _config(HeadConfig, opts), out=out, force=force)
     click.echo(format_report(metrics, title=f"{opts['head']} head on {features}"))
-    pngs = ", confusion.png" + (", pr_roc.png" if metrics["curves"]["per_class"] else "")
+    if metrics.get("task") == "regress":
+        pngs = ", regression.png"
+    else:
+        pngs = ", confusion.png" + (", pr_roc.png" if metrics["curves"]["per_class"] else "")
     pngs += ", curves.png" if metrics.get("history") else ""
     click.echo(f"\nwrote {metrics['out']}/ (metrics.json, config.json, head.safetensors{pngs})")
 
@@ -250,9 +253,10 @@ def compare_cmd(
 ) -> None:
     """Train several head types on one feature file and print one comparison table."""
     from pipeline.stage2.heads import HeadConfig
+    from pipeline.stage2.regression import feature_task
     from pipeline.stage2.train import compare, compare_table, parse_heads
 
-    names = parse_heads(heads)
+    names = parse_heads(heads, task=feature_task(Path(features), opts["task"]))
     base = _config(HeadConfig, {"head": names[0], **opts})
     if shots:
         from pipeline.stage2.train import compare_shots, parse_shots, shots_table

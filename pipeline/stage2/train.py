@@ -24,6 +24,7 @@ from pipeline.fileio import write_json, write_text
 from pipeline.stage2 import plots, thresholds
 from pipeline.stage2.evaluate import HeadMetrics, classification_metrics, report_notes, summarize
 from pipeline.stage2.heads import HEADS, Head, HeadConfig, build_head, save_head, warn_if_tiny
+from pipeline.stage2.regression import fit_and_evaluate_regression, resolve_task, with_task
 from pipeline.store import (
     FeatureMeta,
     FeatureSet,
@@ -53,8 +54,10 @@ def default_compare_root(features: Path) -> Path:
 
 
 def used_settings(cfg: HeadConfig) -> dict[str, Any]:
-    """The HeadConfig fields ``cfg.head`` reads (the head class lists them), with the head's name."""
-    return {"head": cfg.head, **{name: getattr(cfg, name) for name in HEADS[cfg.head].settings}}
+    """The HeadConfig fields ``cfg.head`` reads (the head class lists them), with the head's name (and the task when
+    it regresses: absent for classification, as in heads saved before regression existed)."""
+    settings = {"head": cfg.head, **{name: getattr(cfg, name) for name in HEADS[cfg.head].settings}}
+    return settings | ({"task": "regress"} if cfg.task == "regress" else {})
 
 
 def run_settings(cfg: HeadConfig) -> dict[str, Any]:
@@ -192,7 +195,11 @@ def choose_threshold(
 
 def fit_and_evaluate(fs: FeatureSet, cfg: HeadConfig) -> tuple[Head, HeadMetrics, list[dict[str, float]]]:
     """Fit one head on ``fs.train`` (or its few-shot sample); metrics on that train and on val.
-    Val is never used to choose anything."""
+    Val is never used to choose anything. A file with regression targets is regressed (``--task``, see
+    :mod:`pipeline.stage2.regression`)."""
+    cfg = with_task(cfg, fs.meta)
+    if cfg.task == "regress":
+        return fit_and_evaluate_regression(fs, cfg)
     positive = thresholds.positive_index(cfg.positive, fs.classes) if cfg.positive else None
     train = few_shot(fs.train, shots=cfg.shots, seed=cfg.seed) if cfg.shots else fs.train
     X, y = train.features, train.labels
@@ -245,7 +252,8 @@ def train_head(
     A head there trained with other settings is replaced only with ``force``."""
     features = Path(features)
     out = Path(out) if out else default_head_root(features) / cfg.head
-    fingerprint = read_meta(features).fingerprint  # a missing or foreign file is refused before any folder is made
+    meta = read_meta(features)  # a missing or foreign file is refused before any folder is made
+    fingerprint, cfg = meta.fingerprint, with_task(cfg, meta)
     with writing(out):
         check_replace(out / "config.json", settings=run_settings(cfg), fingerprint=fingerprint, what="a head",
                       force=force)  # fmt: skip
@@ -286,7 +294,7 @@ def head_config(fs: FeatureSet, head: Head, *, settings: dict[str, Any]) -> dict
         "classifier_path": fs.meta.get("classifier_path"),
         "n_train": len(fs.train),
         "n_val": len(fs.val),
-    }
+    } | ({"targets": list(fs.meta.targets["names"])} if head.regress else {})
 
 
 def curves_note(cfg: HeadConfig) -> str:
@@ -300,9 +308,21 @@ def curves_note(cfg: HeadConfig) -> str:
 
 
 def _write_plots(
-    metrics: HeadMetrics, history: list[dict[str, float]], out: Path, *, fs: FeatureSet, cfg: HeadConfig
+    metrics: HeadMetrics, history: list[dict[str, float]], out: Path, *, fs: FeatureSet, head: Head
 ) -> None:
-    name, label = metrics["head"], features_label(fs)
+    name, label, cfg = metrics["head"], features_label(fs), head.cfg
+    if head.regress:
+        names = list(fs.meta.targets["names"])
+        plots.regression_png(
+            fs.val.targets, head.logits(fs.val.features), names, out / "regression.png",
+            title=f"{name} head: val predicted vs true, residuals ({label})",
+        )  # fmt: skip
+        if history:
+            plots.curves_png(
+                history, out / "curves.png", title=f"{name} head: loss (MSE of standardised targets) and R^2 per "
+                f"epoch ({label})", note=curves_note(cfg),
+            )  # fmt: skip
+        return
     plots.confusion_png(
         metrics["confusion_matrix"], fs.classes, out / "confusion.png", title=f"{name} head: val confusion\n{label}"
     )
@@ -325,14 +345,16 @@ def _train_one(fs: FeatureSet, cfg: HeadConfig, *, out: Path) -> HeadMetrics:
             config["decision"] = {k: metrics["threshold"][k] for k in ("positive", "threshold")}
         save_head(head, out, config=config)
         write_json(out / "metrics.json", metrics.to_json())
-        _write_plots(metrics, history, out, fs=fs, cfg=head.cfg)
+        _write_plots(metrics, history, out, fs=fs, head=head)
     except OSError as e:
         raise PipelineError(f"cannot write head to {out}: {e.strerror or e}") from None
     return replace(metrics, out=str(out))
 
 
-def parse_heads(spec: str | None) -> list[str]:
-    names = list(HEADS) if not spec or spec == "all" else [h.strip() for h in spec.split(",") if h.strip()]
+def parse_heads(spec: str | None, *, task: str = "classify") -> list[str]:
+    """Head names from ``--heads``; 'all' = every head meant for ``task`` (ridge only for regression)."""
+    everything = [name for name, cls in HEADS.items() if task in cls.in_all]
+    names = everything if not spec or spec == "all" else [h.strip() for h in spec.split(",") if h.strip()]
     unknown = [h for h in names if h not in HEADS]
     if unknown:
         raise PipelineError(f"unknown head {unknown[0]!r}; choose from: {', '.join(HEADS)}")
@@ -374,9 +396,25 @@ def _table(header: list[str], body: list[list[str]]) -> str:
     return "\n".join(["| " + " | ".join(header) + " |", sep, *("| " + " | ".join(row) + " |" for row in body)])
 
 
+REGRESS_COLUMNS = (
+    ("head", "head", "{}"),
+    ("val R^2", "val_r2", "{:.4f}"),
+    ("val RMSE", "val_rmse", "{:.4g}"),
+    ("val MAE", "val_mae", "{:.4g}"),
+    ("train R^2", "train_r2", "{:.4f}"),
+    ("R^2 gap", "train_val_gap", "{:+.4f}"),
+    ("fit s", "fit_seconds", "{:.2f}"),
+    ("total s", "total_seconds", "{:.2f}"),
+)
+
+
 def compare_table(rows: list[dict[str, Any]]) -> str:
     """Markdown table of compared heads (also what the CLI prints). When train's classes are imbalanced, balanced
-    accuracy and the worst class's recall lead: accuracy flatters a head that neglects the small classes."""
+    accuracy and the worst class's recall lead: accuracy flatters a head that neglects the small classes.
+    Regression rows show R^2, RMSE and MAE (averaged over the targets)."""
+    if rows and all(r.get("task") == "regress" for r in rows):
+        body = [[fmt.format(r[k]) if r.get(k) is not None else "-" for _, k, fmt in REGRESS_COLUMNS] for r in rows]
+        return _table([c for c, _, _ in REGRESS_COLUMNS], body)
     columns = list(COMPARE_COLUMNS)
     if any(r.get("imbalance") for r in rows):
         lead = [c for c in columns if c[1] in ("balanced_accuracy", "worst_class_recall")]
@@ -404,6 +442,12 @@ def _header(fs: FeatureSet) -> str:
 
 def _compare_row(metrics: HeadMetrics) -> dict[str, Any]:
     """One head's line of compare.json: the table's columns and what the CLI says below the table."""
+    if metrics.get("task") == "regress":
+        row = {k: metrics.get(k) for _, k, _ in REGRESS_COLUMNS} | {"task": "regress", "imbalance": None}
+        row |= {k: metrics[k] for k in ("val_mse", "overfitting", "n_train_used", "per_target")}
+        if "sweep" in metrics:
+            row["sweep"] = {k: v for k, v in metrics["sweep"].items() if k not in ("grid", "held_out_r2")}
+        return row | {"notes": report_notes(metrics)}
     row = {k: metrics.get(k) for _, k, _ in COMPARE_COLUMNS}  # total_seconds: set by compare
     row |= {k: metrics[k] for k in ("train_val_gap", "overfitting", "shots", "n_train_used")}
     if "sweep" in metrics:
@@ -434,7 +478,13 @@ def compare(
     root = Path(out) if out else default_compare_root(features)
     meta = read_meta(features)
     fingerprint = meta.fingerprint
+    task = resolve_task(base.task, meta)
+    for name in heads:  # a head that cannot do the task is refused before anything is trained
+        with_task(replace(base, head=name), meta)
+    base = replace(base, task="regress") if task == "regress" else base
     scratch = None  # read before any head is trained: a refused baseline costs nothing
+    if baseline is not None and task == "regress":
+        raise PipelineError("--baseline compares classifiers: not for regression targets (or --task classify)")
     if baseline is not None:
         from pipeline.stage2.baseline import baseline_row
 
@@ -449,7 +499,9 @@ def compare(
             log.info("training %s", name)
             rows.append(_compare_row(_train_one(fs, replace(base, head=name), out=root / name)))
         skew = rows[0]["imbalance"]  # train's classes, the same for every head
-        ranked_by = "balanced_accuracy" if skew else "val_accuracy"
+        ranked_by = "val_r2" if task == "regress" else "balanced_accuracy" if skew else "val_accuracy"
+        if task == "regress":  # sorted by val R^2, higher better
+            rows.sort(key=lambda r: -r["val_r2"])
         best = max(rows, key=lambda r: r[ranked_by])
         extract_seconds = fs.meta.get("extract_seconds")
         for row in rows:  # the two-stage cost of each head: the one extraction + its own fit
@@ -463,7 +515,8 @@ def compare(
         try:
             write_json(root / "compare.json", result)
             write_text(root / "compare.md", _header(fs) + compare_table(rows) + "\n")
-            plots.compare_png(rows, root / "compare.png", title=f"heads on val: {features_label(fs)}")
+            bars = plots.REGRESS_BARS if task == "regress" else plots.CLASSIFY_BARS
+            plots.compare_png(rows, root / "compare.png", title=f"heads on val: {features_label(fs)}", bars=bars)
         except OSError as e:
             raise PipelineError(f"cannot write comparison to {root}: {e.strerror or e}") from None
     result["out"] = str(root)
@@ -495,7 +548,10 @@ def compare_shots(
     root = Path(out) if out else default_compare_root(features)
     labels = [_shot_label(s) for s in shots]
     settings = {"heads": {name: run_settings(replace(base, head=name)) for name in heads}, "shots": labels}
-    fingerprint = read_meta(features).fingerprint
+    meta = read_meta(features)
+    if resolve_task(base.task, meta) == "regress":
+        raise PipelineError("--shots draws K examples per class: not for regression targets (or --task classify)")
+    fingerprint = meta.fingerprint
     with writing(root):
         what = "a few-shot comparison"
         check_replace(root / "shots.json", settings=settings, fingerprint=fingerprint, what=what, force=force)
