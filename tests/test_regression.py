@@ -328,3 +328,20 @@ def test_cli_regression_smoke(image_folder: Path, tmp_path: Path, capsys) -> Non
     code, _, err = run(["export", "--head", str(tmp_path / "ridge"), "--out", str(tmp_path / "m.pt2")], capsys)
     assert_one_line_error(code, err, "regression head (ink, size)")
     assert not (tmp_path / "m.pt2").exists()
+
+
+def test_shards_merged_keep_their_targets(image_folder: Path, tmp_path: Path) -> None:
+    """torchrun: each rank's shard and the merged file get the targets, aligned with the merged rows."""
+    from pipeline.stage1.distributed import extract_shard, merge_shards
+    from pipeline.stage1.extract import plan_extraction
+
+    values = targets_of(image_ids(image_folder))
+    csv = csv_for(tmp_path / "t.csv", values)
+    cfg = ExtractConfig(dataset=str(image_folder), out=str(tmp_path / "f.h5"), targets=str(csv), **TINY_EXTRACT)
+    plan = plan_extraction(cfg)
+    for rank in range(2):
+        extract_shard(cfg, plan=plan, rank=rank, world=2)
+    merge_shards(cfg, plan=plan, world=2)
+    fs = read_features(tmp_path / "f.h5")
+    for split in fs.splits.values():
+        np.testing.assert_array_equal(split.targets, np.array([values[i] for i in split.ids], np.float32))
