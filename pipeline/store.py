@@ -610,7 +610,10 @@ def write_targets(f: h5py.File, targets: TargetColumn | None) -> None:
         ids = list(g["ids"].asstr()[()])
         values = np.asarray(targets.lookup(split, ids), dtype=np.float32)
         if values.shape != (len(ids), len(targets.info["names"])) or not np.isfinite(values).all():
-            raise PipelineError(f"targets for /{split} are {values.shape}, not finite ({len(ids)}, T) rows")
+            raise PipelineError(
+                f"targets for /{split}: {values.shape} values, expected {len(ids)} rows of "
+                f"{len(targets.info['names'])} finite numbers"
+            )
         rows = max(1, min(len(ids), _chunk_rows(values.shape[1], 4)))
         g.create_dataset("targets", data=values, chunks=(rows, values.shape[1]) if len(ids) else None)
     if targets is None:

@@ -17,8 +17,8 @@ from pipeline.stage1.extract import ExtractConfig, extract
 from pipeline.stage1.targets import TargetTable, match_targets, read_targets_csv
 from pipeline.stage2.evaluate import regression_metrics
 from pipeline.stage2.heads import HEADS, HeadConfig, build_head, load_head
-from pipeline.stage2.regression import fit_and_evaluate_regression, sweep_regression, with_task
-from pipeline.stage2.train import compare, parse_heads, train_head
+from pipeline.stage2.regression import with_task
+from pipeline.stage2.train import compare, fit_and_evaluate_regression, parse_heads, sweep, train_head
 from pipeline.store import FeatureWriter, read_features, read_meta
 from tests.conftest import TINY_ARGS, TINY_EXTRACT, assert_one_line_error, run
 
@@ -68,7 +68,7 @@ def test_ridge_recovers_linear_targets() -> None:
 def test_ridge_sweep_chooses_alpha_on_held_out_train() -> None:
     X, Y, _ = linear_data(n=300)
     head = build_head(HeadConfig(head="ridge", task="regress", sweep=True, device="cpu"), num_classes=2, feature_dim=16)
-    cfg, record = sweep_regression(head, X, Y)
+    cfg, record = sweep(head, X, Y)
     assert record["metric"] == "R^2" and len(record["held_out_r2"]) == len(record["grid"])
     assert record["n_held_out"] == 60 and record["n_fit"] == 240
     assert cfg.alpha == record["chosen"]["alpha"] <= 1.0  # almost no noise: little shrinkage wins
@@ -317,6 +317,8 @@ def test_cli_regression_smoke(image_folder: Path, tmp_path: Path, capsys) -> Non
     code, _, _ = run(["extract", "--dataset", str(image_folder), "--out", str(out), "--targets", str(csv),
                       *TINY_ARGS], capsys)  # fmt: skip
     assert code == 0
+    code, stdout, _ = run(["inspect", str(out)], capsys)
+    assert code == 0 and "targets        ink, size (from t.csv, sha256 " in stdout
     code, stdout, _ = run(["train-head", "--features", str(out), "--head", "ridge", "--sweep", "--out",
                            str(tmp_path / "ridge")], capsys)  # fmt: skip
     assert code == 0 and "val   R^2" in stdout and "sweep: chose alpha" in stdout and "regression.png" in stdout

@@ -22,9 +22,17 @@ import numpy as np
 from pipeline.errors import PipelineError
 from pipeline.fileio import write_json, write_text
 from pipeline.stage2 import plots, thresholds
-from pipeline.stage2.evaluate import HeadMetrics, classification_metrics, report_notes, summarize
+from pipeline.stage2.evaluate import (
+    HeadMetrics,
+    RegressionMetrics,
+    classification_metrics,
+    regression_metrics,
+    report_notes,
+    summarize,
+    summarize_regression,
+)
 from pipeline.stage2.heads import HEADS, Head, HeadConfig, build_head, save_head, warn_if_tiny
-from pipeline.stage2.regression import fit_and_evaluate_regression, resolve_task, with_task
+from pipeline.stage2.regression import random_holdout, resolve_task, with_task
 from pipeline.store import (
     FeatureMeta,
     FeatureSet,
@@ -146,22 +154,30 @@ def stratified_holdout(y: np.ndarray, *, fraction: float, seed: int) -> tuple[np
 
 
 def sweep(head: Head, X: np.ndarray, y: np.ndarray) -> tuple[HeadConfig, dict[str, Any]]:
-    """Choose the head's hyper-parameter on a held-out part of ``(X, y)``; the config to refit with + a record."""
+    """Choose the head's hyper-parameter on a held-out part of ``(X, y)``; the config to refit with + a record.
+    Labels: a stratified part, scored by accuracy; regression targets: a random part, scored by R^2."""
     cfg = head.cfg
     grid = type(head).sweep_grid(cfg)
     if not grid:
         return cfg, {"grid": [], "note": f"{cfg.head} has no hyper-parameter to choose"}
-    fit, held = stratified_holdout(y, fraction=HELD_OUT_FRACTION, seed=cfg.seed)
-    if not len(held) or len(np.unique(y[fit])) < 2:
-        log.warning("--sweep skipped for %s: too few training examples per class to hold some out", cfg.head)
-        return cfg, {"grid": grid, "skipped": "too few training examples per class to hold some out"}
+    if head.regress:
+        fit, held = random_holdout(len(y), fraction=HELD_OUT_FRACTION, seed=cfg.seed)
+        too_few = not len(held)
+    else:
+        fit, held = stratified_holdout(y, fraction=HELD_OUT_FRACTION, seed=cfg.seed)
+        too_few = not len(held) or len(np.unique(y[fit])) < 2
+    if too_few:
+        why = "too few training rows" if head.regress else "too few training examples per class"
+        log.warning("--sweep skipped for %s: %s to hold some out", cfg.head, why)
+        return cfg, {"grid": grid, "skipped": f"{why} to hold some out"}
     t0 = time.perf_counter()
     scores = head.sweep_scores(X[fit], y[fit], (X[held], y[held]), grid=grid)
     best = int(np.argmax(scores))  # the first of equal scores, in grid order
     tied = [point for point, score in zip(grid, scores) if score == scores[best]]
+    metric = {"metric": "R^2", "held_out_r2": scores} if head.regress else {"held_out_accuracy": scores}
     record = {
         "grid": grid,
-        "held_out_accuracy": scores,
+        **metric,
         "chosen": grid[best],
         "chosen_score": scores[best],
         "tied": tied if len(tied) > 1 else [],  # grid points that scored as well as the chosen one
@@ -171,7 +187,8 @@ def sweep(head: Head, X: np.ndarray, y: np.ndarray) -> tuple[HeadConfig, dict[st
         "seconds": time.perf_counter() - t0,
         **head.sweep_info,
     }
-    log.info("sweep %s: chose %s (held-out accuracy %.4f)", cfg.head, grid[best], scores[best])
+    log.info("sweep %s: chose %s (held-out %s %.4f)", cfg.head, grid[best], metric.get("metric", "accuracy"),
+             scores[best])  # fmt: skip
     return replace(cfg, **grid[best]), record
 
 
@@ -243,6 +260,37 @@ def fit_and_evaluate(fs: FeatureSet, cfg: HeadConfig) -> tuple[Head, HeadMetrics
         extra["threshold"] = {"positive": cfg.positive, **cfg.threshold_target, **report}
     metrics = summarize(train=train_m, val=val_m, fit_seconds=fit_seconds, extra=extra)
     return head, metrics, fit.history
+
+
+def fit_and_evaluate_regression(
+    fs: FeatureSet, cfg: HeadConfig
+) -> tuple[Head, RegressionMetrics, list[dict[str, float]]]:
+    """Fit one head on train's regression targets; MSE, RMSE, MAE and R^2 on train and val (val never chooses)."""
+    names = list(fs.meta.targets["names"])
+    X, Y = fs.train.features, fs.train.targets
+    dims = {"num_classes": len(names), "feature_dim": fs.feature_dim}
+    t0 = time.perf_counter()
+    sweep_record = None
+    if cfg.sweep:
+        cfg, sweep_record = sweep(build_head(cfg, **dims), X, Y)
+    head = build_head(cfg, **dims)
+    if type(head).uses_standardize and not cfg.standardize:
+        warn_if_tiny(X, cfg)
+    fit = head.fit(X, Y, val=(fs.val.features, fs.val.targets))
+    fit_seconds = time.perf_counter() - t0
+    train_m = regression_metrics(Y, head.logits(X), names)
+    val_m = regression_metrics(fs.val.targets, head.logits(fs.val.features), names)
+    extra = {
+        "head": cfg.head,
+        "targets": names,
+        "targets_source": fs.meta.targets.get("source"),
+        "standardize": cfg.standardize if type(head).uses_standardize else "n/a",
+        "n_train_used": len(Y),
+        **fit.info,
+    }
+    if sweep_record is not None:
+        extra["sweep"] = sweep_record
+    return head, summarize_regression(train=train_m, val=val_m, fit_seconds=fit_seconds, extra=extra), fit.history
 
 
 def train_head(
