@@ -347,3 +347,19 @@ def test_shards_merged_keep_their_targets(image_folder: Path, tmp_path: Path) ->
     fs = read_features(tmp_path / "f.h5")
     for split in fs.splits.values():
         np.testing.assert_array_equal(split.targets, np.array([values[i] for i in split.ids], np.float32))
+
+
+def test_a_limit_sample_ignores_the_rows_of_other_images(image_folder: Path, tmp_path: Path) -> None:
+    values = targets_of(image_ids(image_folder))  # the whole dataset's CSV; --limit extracts a sample of it
+    csv = csv_for(tmp_path / "t.csv", values)
+    cfg = ExtractConfig(dataset=str(image_folder), out=str(tmp_path / "f.h5"), targets=str(csv), limit=4,
+                        **TINY_EXTRACT)  # fmt: skip
+    extract(cfg)
+    fs = read_features(tmp_path / "f.h5")
+    assert len(fs.train) == 4
+    np.testing.assert_array_equal(fs.train.targets, np.array([values[i] for i in fs.train.ids], np.float32))
+
+
+def test_task_regress_needs_targets(feature_file: Path, capsys) -> None:
+    code, _, err = run(["train-head", "--features", str(feature_file), "--task", "regress"], capsys)
+    assert_one_line_error(code, err, "--task regress: this feature file holds no targets")
