@@ -151,6 +151,8 @@ def extract(**opts: Any) -> None:
             f"--force redoes them)"
         )
         _echo_skipped(_stored_skipped(result.path, fingerprint=result.fingerprint), reused=True)
+        for note in result.notes:
+            click.echo(note)
         click.echo(next_step)
         return
     counts = ", ".join(f"{k} {v}" for k, v in result.counts.items())
@@ -159,6 +161,8 @@ def extract(**opts: Any) -> None:
     if resumed:
         click.echo("resumed a partial extraction at " + ", ".join(f"{k} {v}" for k, v in resumed.items()))
     _echo_skipped(result.skipped)
+    for note in result.notes:
+        click.echo(note)
     click.echo(next_step)
 
 
@@ -215,7 +219,10 @@ def train_head_cmd(features: str, out: str | None, force: bool, **opts: Any) -> 
 
     metrics = train_head(Path(features), _config(HeadConfig, opts), out=out, force=force)
     click.echo(format_report(metrics, title=f"{opts['head']} head on {features}"))
-    pngs = ", confusion.png" + (", pr_roc.png" if metrics["curves"]["per_class"] else "")
+    if metrics.get("task") == "regress":
+        pngs = ", regression.png"
+    else:
+        pngs = ", confusion.png" + (", pr_roc.png" if metrics["curves"]["per_class"] else "")
     pngs += ", curves.png" if metrics.get("history") else ""
     click.echo(f"\nwrote {metrics['out']}/ (metrics.json, config.json, head.safetensors{pngs})")
 
@@ -260,9 +267,10 @@ def compare_cmd(
 ) -> None:
     """Train several head types on one feature file and print one comparison table."""
     from pipeline.stage2.heads import HeadConfig
+    from pipeline.stage2.regression import feature_task
     from pipeline.stage2.train import compare, compare_table, parse_heads
 
-    names = parse_heads(heads)
+    names = parse_heads(heads, task=feature_task(Path(features), opts["task"]))
     base = _config(HeadConfig, {"head": names[0], **opts})
     if layers is not None:
         _compare_layers(features, layers=layers, names=names, base=base, out=out, force=force,

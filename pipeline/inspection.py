@@ -68,6 +68,7 @@ def summarize(path: Path) -> dict[str, Any]:
         "created": _get(meta, "created"),
         "extract_seconds": _get(meta, "extract_seconds"),
         "skipped": _skipped(meta),
+        "targets": _get(meta, "targets"),  # regression targets (extract --targets): names, source, sha256
         "versions": _get(meta, "versions"),
         "layers": _get(meta, "layers"),
         "activations": _get(meta, "activations"),
@@ -107,6 +108,10 @@ def _skipped_line(skipped: dict[str, list[str]] | None) -> str:
     return f"{total}: {shown}"
 
 
+def _targets_line(t: dict[str, Any]) -> str:
+    return f"{', '.join(t.get('names', []))} (from {t.get('source')}, sha256 {str(t.get('sha256'))[:8]})"
+
+
 def _counts_table(classes: list[str], counts: dict[str, dict[str, int]]) -> str:
     splits = list(counts)
     width = max([len("class"), len("total"), *(len(c) for c in classes)])
@@ -136,6 +141,7 @@ def format_summary(s: dict[str, Any]) -> str:
         ("created", f"{s['created']}{seconds}"),
         ("skipped", _skipped_line(s["skipped"])),
         *_outputs_rows(s),
+        *([("targets", _targets_line(s["targets"]))] if s.get("targets") else []),
         ("versions", ", ".join(f"{k} {v}" for k, v in versions.items()) or "not recorded"),
     ]
     lines = [f"{s['path']} ({size:.1f} MiB, {state})", ""]

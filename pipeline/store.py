@@ -60,7 +60,7 @@ from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import h5py
 import numpy as np
@@ -500,7 +500,8 @@ def _read_split(f: h5py.File, name: str, path: Path) -> SplitFeatures:
         raise PipelineError(
             f"{path}: /{name} arrays disagree in shape (features {feats.shape}, labels {labels.shape}, ids {ids.shape})"
         )
-    return SplitFeatures(features=feats, labels=labels.astype(np.int64, copy=False), ids=ids)
+    targets = g["targets"][()] if "targets" in g else None
+    return SplitFeatures(features=feats, labels=labels.astype(np.int64, copy=False), ids=ids, targets=targets)
 
 
 # --------------------------------------------------------------------------------------------- layers
@@ -588,10 +589,34 @@ def _validate(fs: FeatureSet) -> None:
         if not np.isfinite(split.features).all():
             bad = int((~np.isfinite(split.features)).any(axis=1).sum())
             raise PipelineError(f"{path}: /{name}/features holds NaN or Inf in {bad} rows")
+    _validate_targets(fs)
     if not n_classes:
         raise PipelineError(f"{path}: the class list is empty")
     if "train" in fs.splits and len(fs.train) == 0:
         raise PipelineError(f"{path}: the train split is empty")
+
+
+def _validate_targets(fs: FeatureSet) -> None:
+    """Regression targets, when the file has them: in every split, (N, T) for the T names recorded, finite."""
+    names = (fs.meta.targets or {}).get("names")
+    held = [name for name, split in fs.splits.items() if split.targets is not None]
+    if not names and not held:
+        return
+    if not names or len(held) != len(fs.splits):
+        raise PipelineError(
+            f"{fs.path}: regression targets are incomplete (names {names or 'missing'}, stored in "
+            f"{', '.join(held) or 'no split'}); rerun extract --targets"
+        )
+    for name, split in fs.splits.items():
+        t = split.targets
+        if t.dtype.kind != "f" or t.shape != (len(split), len(names)):
+            raise PipelineError(
+                f"{fs.path}: /{name}/targets is {t.dtype} {t.shape}, expected float ({len(split)}, {len(names)})"
+            )
+        if not np.isfinite(t).all():
+            bad = int((~np.isfinite(t)).any(axis=1).sum())
+            raise PipelineError(f"{fs.path}: /{name}/targets holds NaN or Inf in {bad} rows")
+        split.targets = t.astype(np.float32, copy=False)
 
 
 def read_features(path: Path | str, *, splits: tuple[str, ...] = SPLITS, layer: str | None = None) -> FeatureSet:
@@ -634,6 +659,69 @@ def read_activations(path: Path | str, split: str, *, rows: np.ndarray | slice |
             return data[()] if rows is None else data[rows]
         except (OSError, KeyError, ValueError, TypeError) as e:
             raise PipelineError(f"cannot read /{split}/activations of {path} ({type(e).__name__}: {e})") from None
+
+
+# --------------------------------------------------------------------------------------------- targets
+
+
+class TargetColumn(Protocol):
+    """Regression targets to store (:class:`pipeline.stage1.targets.TargetTable`): ``lookup(split, ids)`` gives
+    their (N, T) rows; ``info`` is ``FeatureMeta.targets`` ({"names", "source", "sha256"})."""
+
+    @property
+    def info(self) -> dict[str, Any]: ...
+
+    def lookup(self, split: str, ids: list[str]) -> np.ndarray: ...
+
+
+def write_targets(f: h5py.File, targets: TargetColumn | None) -> None:
+    """Write ``/<split>/targets`` for every stored row (from the stored ids, so they stay aligned whatever order or
+    subset the rows were extracted in) and the ``targets`` attribute; ``None`` removes them."""
+    for split in (s for s in SPLITS if s in f):
+        g = f[split]
+        if "targets" in g:
+            del g["targets"]
+        if targets is None:
+            continue
+        ids = list(g["ids"].asstr()[()])
+        values = np.asarray(targets.lookup(split, ids), dtype=np.float32)
+        if values.shape != (len(ids), len(targets.info["names"])) or not np.isfinite(values).all():
+            raise PipelineError(
+                f"targets for /{split}: {values.shape} values, expected {len(ids)} rows of "
+                f"{len(targets.info['names'])} finite numbers"
+            )
+        rows = max(1, min(len(ids), _chunk_rows(values.shape[1], 4)))
+        g.create_dataset("targets", data=values, chunks=(rows, values.shape[1]) if len(ids) else None)
+    if targets is None:
+        if "targets" in f.attrs:
+            del f.attrs["targets"]
+    else:
+        f.attrs["targets"] = encode_attr("targets", targets.info)
+
+
+def rewrite_targets(path: Path | str, targets: TargetColumn | None, *, updates: dict[str, Any] | None = None) -> None:
+    """Replace the regression targets of a complete feature file without touching its features: a copy with the new
+    targets (and root attributes ``updates``) is written beside it and renamed over it (:func:`atomic_path`), so a
+    crash leaves the old file or the new one. The caller holds the file's :class:`FileLock`."""
+    from pipeline.fileio import atomic_path
+
+    path = Path(path)
+    with _open_for_read(path) as src, atomic_path(path) as tmp, h5py.File(tmp, "w") as dst:
+        for key, value in src.attrs.items():
+            dst.attrs[key] = value
+        for name, obj in src.items():
+            if isinstance(obj, h5py.Group):  # a split: every member but the targets, whatever else it holds
+                g = dst.create_group(name)
+                for key, value in obj.attrs.items():
+                    g.attrs[key] = value
+                for key in obj:
+                    if key != "targets":
+                        obj.copy(obj[key], g, name=key)
+            else:
+                src.copy(obj, dst, name=name)
+        write_targets(dst, targets)
+        for key, value in (updates or {}).items():
+            dst.attrs[key] = encode_attr(key, value)
 
 
 # --------------------------------------------------------------------------------------------- blocks of rows
@@ -1181,8 +1269,9 @@ class FeatureWriter:
                 empty = np.zeros((0, self.dim), self.dtype)
                 self.append(split, empty, np.zeros(0, np.int64), [], seen=max(0, cum_seen - mine.seen), skipped=missing)
 
-    def finish(self, updates: dict[str, Any] | None = None) -> Path:
-        """Refuse an empty split, mark complete, close, sync to disk and atomically rename to the final name."""
+    def finish(self, updates: dict[str, Any] | None = None, *, targets: TargetColumn | None = None) -> Path:
+        """Refuse an empty split, mark complete, close, sync to disk and atomically rename to the final name.
+        ``targets``: regression targets, written whole from the stored ids (see :func:`write_targets`)."""
         empty = [s for s, n in self.sizes.items() if n and not self._progress[s].rows]
         if empty:
             self.close()
@@ -1194,6 +1283,8 @@ class FeatureWriter:
         self.commit()
         try:
             self._layer_views()
+            if targets is not None:
+                write_targets(self.f, targets)
             for key, value in (updates or {}).items():
                 self.f.attrs[key] = encode_attr(key, value)
             self.f.attrs["complete"] = True

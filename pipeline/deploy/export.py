@@ -370,6 +370,11 @@ def export_model(head_dir: Path | str, out: Path | str) -> ExportResult:
             f"{head_dir} was trained on pooled layers ({config.get('layer')} of an extract --layers file), which "
             "export does not build yet; export a head trained on features extracted without --layers"
         )
+    if head.regress:  # predict would read its outputs as class scores
+        raise PipelineError(
+            f"{head_dir} holds a regression head ({', '.join(config.get('targets', []))}): export and predict are for "
+            "classifiers so far; use the head's weights from head.safetensors"
+        )
     layer = head.as_module()  # first: a head that cannot be a layer (knn) is refused before the backbone is built
     bad = non_finite(layer.state_dict())
     if bad is not None:

@@ -32,6 +32,7 @@ from pipeline.stage1.extract import (
     extract,
     output_columns,
     plan_extraction,
+    refresh_targets,
     reuse_existing,
 )
 from pipeline.store import FeatureMeta, FeatureReadError, FeatureWriter, FileLock, StoredFile, read_meta
@@ -142,7 +143,8 @@ def merge_shards(cfg: ExtractConfig, *, plan: ExtractPlan, world: int) -> Extrac
                     "extract_seconds": round(max(shard_seconds), 3),
                     "merge": {"shards": world, "seconds": round(time.perf_counter() - t0, 3)},
                     "resumed_from": writer.start,  # rows a partial .tmp of these settings already held
-                }
+                },
+                targets=plan.targets,
             )
         finally:
             for f in shards:
@@ -244,6 +246,9 @@ def extract_distributed(cfg: ExtractConfig, *, rank: int, world: int, store: obj
             elif reused := reuse_existing(plan, force=cfg.force):  # every rank sees the same file: all reuse
                 if rank == 0:
                     remove_leftover_shards(plan.out, fp=plan.fp)
+                    if reused.targets_stale:  # a changed --targets CSV: attached without running the backbone
+                        with FileLock(plan.out):
+                            reused = refresh_targets(plan, reused, cfg=cfg)
                 result = reused
             else:
                 result = extract_shard(cfg, plan=plan, rank=rank, world=world)

@@ -31,6 +31,7 @@ from pipeline.stage1.batches import (
 )
 from pipeline.stage1.datasets import Source, SourceOptions, Split
 from pipeline.stage1.precision import PRECISIONS, Precision, check_precision, precision_context, resolve_precision
+from pipeline.stage1.targets import TargetTable, match_targets, read_targets_csv, skipped_line
 from pipeline.store import (
     FEATURE_DTYPES,
     SCHEMA_VERSION,
@@ -45,6 +46,7 @@ from pipeline.store import (
     library_versions,
     read_dataset_files,
     read_meta,
+    rewrite_targets,
 )
 
 __all__ = ["ExtractConfig", "ExtractPlan", "ExtractResult", "extract", "library_versions", "plan_extraction"]
@@ -123,9 +125,15 @@ class ExtractConfig(SourceOptions):
         "then one or more numeric columns; stored beside the features (train-head then regresses).",
         path="file",
     )
+    skip_missing_targets: bool = option(
+        False, "Leave out images that have no row in --targets (counted in the summary) instead of refusing.",
+        flag=True,
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.skip_missing_targets and not self.targets:
+            raise PipelineError("--skip-missing-targets needs --targets FILE.csv")
         check_precision(self.precision)
         if not 0 <= self.seed < 2**32:
             raise PipelineError(f"--seed must be between 0 and 2**32 - 1, not {self.seed}")
@@ -167,6 +175,8 @@ class ExtractResult:
     fingerprint: str = ""
     resumed_from: dict[str, int] = field(default_factory=dict)  # samples per split a partial .tmp already held
     compile_seconds: float = 0.0  # of ``seconds``, spent compiling the backbone (--compile)
+    notes: list[str] = field(default_factory=list)  # lines for the summary (targets left out or re-attached)
+    targets_stale: bool = False  # reused: features up to date, their stored targets not those of --targets
 
 
 class ExtractInterrupted(PipelineError):
@@ -532,7 +542,8 @@ def reuse_existing(plan: ExtractPlan, *, force: bool) -> ExtractResult | None:
         ) from None
     if meta.fingerprint == fp and meta.complete and not force:
         counts = {s: len(v) for s, v in plan.source.splits.items()}
-        return ExtractResult(path=out, reused=True, counts=counts, fingerprint=fp)
+        stale = _targets_key(meta.targets) != _targets_key(plan.targets.info if plan.targets else None)
+        return ExtractResult(path=out, reused=True, counts=counts, fingerprint=fp, targets_stale=stale)
     if not force:
         if meta.identity:
             change = describe_change(
@@ -545,6 +556,29 @@ def reuse_existing(plan: ExtractPlan, *, force: bool) -> ExtractResult | None:
             "another --out"
         )
     return None
+
+
+def _targets_key(info: dict[str, Any] | None) -> tuple | None:
+    """What makes two stored sets of targets the same: the CSV's bytes and its column names."""
+    return None if not info else (info.get("sha256"), tuple(info.get("names") or ()))
+
+
+def refresh_targets(plan: ExtractPlan, result: ExtractResult, *, cfg: ExtractConfig) -> ExtractResult:
+    """Give an up-to-date file (``result``, reused) the targets of ``plan`` without running the backbone: the
+    targets are not in the fingerprint (see :mod:`pipeline.stage1.targets`). The caller holds the file lock."""
+    if not result.targets_stale:
+        return result
+    config = {**(read_meta(plan.out).config or {}), "targets": cfg.targets}
+    rewrite_targets(plan.out, plan.targets, updates={"config": config})
+    if plan.targets is None:
+        result.notes.append(f"removed the regression targets from {plan.out} (extract without --targets)")
+    else:
+        result.notes.append(
+            f"attached the targets of {plan.targets.source} ({', '.join(plan.targets.names)}) to the up-to-date "
+            "features: the backbone did not run again"
+        )
+    result.targets_stale = False
+    return result
 
 
 @dataclass
@@ -562,6 +596,8 @@ class ExtractPlan:
     precision: Precision  # the backbone's arithmetic on this device (--precision resolved once)
     compile: bool = False  # torch.compile the backbone (cfg.compile, with None resolved by the run size)
     pad_to: int = 0  # pad every batch to this many rows (0: no padding): one shape for compile and cuDNN
+    targets: TargetTable | None = None  # --targets, checked against the images (stored at finish)
+    targets_skipped: dict[str, int] = field(default_factory=dict)  # images --skip-missing-targets left out
 
     def recorded_config(self, cfg: ExtractConfig) -> dict[str, Any]:
         """The file's ``config``: the options with every ``None`` (= by device) replaced by the value used."""
@@ -576,11 +612,15 @@ def plan_extraction(cfg: ExtractConfig, *, source: Source | None = None) -> Extr
     ``source`` replaces ``cfg.dataset`` with a ready-made one (e.g. in-memory arrays in tests and benchmarks).
     """
     device = resolve_device(cfg.device)
+    table = read_targets_csv(cfg.targets) if cfg.targets else None  # first: a bad CSV costs nothing
     backbone = load_backbone(
         cfg.backbone, weights=cfg.weights, image_size=cfg.image_size, seed=cfg.seed, resize=cfg.resize
     )
     backbone = with_outputs(backbone, layers=cfg.layer_list, cache_at=cfg.cache_at and cfg.cache_at.strip())
     source = source or cfg.load()
+    skipped: dict[str, int] = {}
+    if table is not None:  # before the fingerprint: --skip-missing-targets narrows the rows it covers
+        table, source, skipped = match_targets(table, source, skip_missing=cfg.skip_missing_targets)
     sources = {name: choose_source(cfg.preprocess, split, device) for name, split in source.splits.items()}
     precision = resolve_precision(cfg.precision, device)
     identity = feature_identity(backbone=backbone, source=source, cfg=cfg, precision=precision, sources=sources)
@@ -601,6 +641,8 @@ def plan_extraction(cfg: ExtractConfig, *, source: Source | None = None) -> Extr
         precision,
         compile=compile,
         pad_to=pad_to,
+        targets=table,
+        targets_skipped=skipped,
     )
 
 
@@ -633,15 +675,23 @@ def extract(cfg: ExtractConfig, *, plan: ExtractPlan | None = None) -> ExtractRe
     check_output_name(p.out)
     # Checked before taking the lock, so an up-to-date file in a read-only folder is reused, not refused.
     reused = reuse_existing(p, force=cfg.force)
-    if reused:
-        return reused
+    if reused and not reused.targets_stale:
+        return _with_notes(reused, p)
     try:
         p.out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise PipelineError(f"cannot create output folder {p.out.parent}: {e.strerror}") from None
     with FileLock(p.out):
         reused = reuse_existing(p, force=cfg.force)  # again: another process may have finished it meanwhile
-        return reused or _write(p, cfg=cfg)
+        if reused:
+            return _with_notes(refresh_targets(p, reused, cfg=cfg), p)
+        return _with_notes(_write(p, cfg=cfg), p)
+
+
+def _with_notes(result: ExtractResult, plan: ExtractPlan) -> ExtractResult:
+    if plan.targets_skipped and plan.targets is not None:
+        result.notes.insert(0, skipped_line(plan.targets_skipped, plan.targets.source))
+    return result
 
 
 def _write(plan: ExtractPlan, *, cfg: ExtractConfig) -> ExtractResult:
@@ -684,7 +734,7 @@ def _write(plan: ExtractPlan, *, cfg: ExtractConfig) -> ExtractResult:
         raise
     seconds = time.perf_counter() - t0
     skipped = {s: writer.skipped(s) for s in source.splits}
-    writer.finish({"extract_seconds": round(seconds, 3), "resumed_from": writer.start})
+    writer.finish({"extract_seconds": round(seconds, 3), "resumed_from": writer.start}, targets=plan.targets)
     counts = {s: len(v) - len(skipped[s]) for s, v in source.splits.items()}
     return ExtractResult(
         path=out,

@@ -1,4 +1,5 @@
-"""Metrics that tell whether features are good: accuracy, balanced accuracy, per-class P/R/F1, confusion."""
+"""Metrics that tell whether features are good: accuracy, balanced accuracy, per-class P/R/F1, confusion; for
+regression targets MSE, RMSE, MAE and R^2 per target and averaged."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
+from pipeline.stage2.heads.base import r2_scores
 from pipeline.stage2.thresholds import curves_line, imbalance_line, threshold_line
 
 OVERFIT_GAP = 0.10  # train accuracy this far above val accuracy is flagged as overfitting
@@ -48,8 +50,32 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, classes: list[
     }
 
 
+class _Record(Mapping[str, Any]):
+    """A frozen metrics dataclass read like the dict it is written as (``details`` flattened, ``out`` aside)."""
+
+    details: dict[str, Any]
+    out: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        """``metrics.json``: every field at the top level (``details`` flattened), as it has always been written."""
+        fixed = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("details", "out")}
+        return {**fixed, **self.details}
+
+    def _view(self) -> dict[str, Any]:
+        return {**self.to_json(), **({"out": self.out} if self.out is not None else {})}
+
+    def __getitem__(self, key: str) -> Any:
+        return self._view()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._view())
+
+    def __len__(self) -> int:
+        return len(self._view())
+
+
 @dataclass(frozen=True)
-class HeadMetrics(Mapping[str, Any]):
+class HeadMetrics(_Record):
     """One head's results, complete when made (``metrics.json`` is :meth:`to_json`): the fixed metrics as typed
     fields, and what depends on the head or the run (its settings, the fit's own figures, a sweep, the training
     history) in ``details``. Read like the dict it is written as: ``metrics["val_accuracy"]``."""
@@ -72,22 +98,89 @@ class HeadMetrics(Mapping[str, Any]):
     details: dict[str, Any] = field(default_factory=dict)
     out: str | None = None  # the folder it was written to: where, not what, so not in metrics.json
 
-    def to_json(self) -> dict[str, Any]:
-        """``metrics.json``: every field at the top level (``details`` flattened), as it has always been written."""
-        fixed = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("details", "out")}
-        return {**fixed, **self.details}
 
-    def _view(self) -> dict[str, Any]:
-        return {**self.to_json(), **({"out": self.out} if self.out is not None else {})}
+# ------------------------------------------------------------------------------------------ regression
 
-    def __getitem__(self, key: str) -> Any:
-        return self._view()[key]
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._view())
+def regression_metrics(y_true: np.ndarray, pred: np.ndarray, names: list[str]) -> dict[str, Any]:
+    """MSE, RMSE, MAE and R^2 of (N, T) predictions, per target and averaged over the targets (in their units)."""
+    y_true, pred = np.asarray(y_true, np.float64), np.asarray(pred, np.float64)
+    err = pred - y_true
+    mse, mae = (err**2).mean(0), np.abs(err).mean(0)
+    r2 = r2_scores(y_true, pred)
+    per = [
+        {"target": n, "mse": float(mse[t]), "rmse": float(np.sqrt(mse[t])), "mae": float(mae[t]), "r2": float(r2[t])}
+        for t, n in enumerate(names)
+    ]
+    return {k: float(np.mean([p[k] for p in per])) for k in ("mse", "rmse", "mae", "r2")} | {"per_target": per}
 
-    def __len__(self) -> int:
-        return len(self._view())
+
+@dataclass(frozen=True)
+class RegressionMetrics(_Record):
+    """A regression head's results (``metrics.json``): val and train MSE, RMSE, MAE and R^2 averaged over the
+    targets, the train - val R^2 gap, and per target in ``per_target`` (val) and ``train_per_target``."""
+
+    val_r2: float
+    val_rmse: float
+    val_mae: float
+    val_mse: float
+    train_r2: float
+    train_rmse: float
+    train_mae: float
+    train_mse: float
+    train_val_gap: float  # train R^2 - val R^2
+    overfitting: bool
+    fit_seconds: float
+    per_target: list[dict[str, Any]]
+    train_per_target: list[dict[str, Any]]
+    task: str = "regress"
+    details: dict[str, Any] = field(default_factory=dict)
+    out: str | None = None
+
+
+def summarize_regression(
+    *, train: dict[str, Any], val: dict[str, Any], fit_seconds: float, extra: dict[str, Any] | None = None
+) -> RegressionMetrics:
+    gap = train["r2"] - val["r2"]
+    return RegressionMetrics(
+        **{f"{split}_{k}": m[k] for split, m in (("val", val), ("train", train)) for k in ("r2", "rmse", "mae", "mse")},
+        train_val_gap=gap,
+        overfitting=bool(gap > OVERFIT_GAP),
+        fit_seconds=fit_seconds,
+        per_target=val["per_target"],
+        train_per_target=train["per_target"],
+        details=dict(extra or {}),
+    )
+
+
+MAX_TARGETS_SHOWN = 20
+
+
+def format_regression_report(metrics: Mapping[str, Any], *, title: str = "") -> str:
+    """What `train-head` prints for regression targets: averaged figures first, then one line per target."""
+    lines = [title] if title else []
+    n = len(metrics["per_target"])
+    over = f" (mean of {n} targets)" if n > 1 else ""
+    for split in ("val", "train"):
+        lines.append(
+            f"  {split:<5} R^2 {metrics[f'{split}_r2']:.4f}   RMSE {metrics[f'{split}_rmse']:.4g}   "
+            f"MAE {metrics[f'{split}_mae']:.4g}   MSE {metrics[f'{split}_mse']:.4g}{over}"
+        )
+    lines += [
+        f"  train - val R^2 gap {metrics['train_val_gap']:+.4f}",
+        f"  fit seconds         {metrics['fit_seconds']:.2f}",
+        "",
+    ]
+    width = max(6, *(len(p["target"]) for p in metrics["per_target"]))
+    lines.append(f"  {'target':<{width}}  val R^2   RMSE        MAE         train R^2")
+    for p, t in list(zip(metrics["per_target"], metrics["train_per_target"]))[:MAX_TARGETS_SHOWN]:
+        lines.append(f"  {p['target']:<{width}}  {p['r2']:.4f}    {p['rmse']:<10.4g}  {p['mae']:<10.4g}  {t['r2']:.4f}")
+    if n > MAX_TARGETS_SHOWN:
+        lines.append(f"  ... {n - MAX_TARGETS_SHOWN} more targets in metrics.json")
+    notes = report_notes(metrics)
+    if notes:
+        lines += ["", *(f"  {note}" for note in notes)]
+    return "\n".join(lines)
 
 
 def summarize(
@@ -118,6 +211,8 @@ def summarize(
 
 def format_report(metrics: Mapping[str, Any], *, title: str = "") -> str:
     """A readable table of one head's metrics (what `train-head` prints)."""
+    if metrics.get("task") == "regress":
+        return format_regression_report(metrics, title=title)
     lines = [title] if title else []
     accuracy = [
         f"  train accuracy    {metrics['train_accuracy']:.4f}   (loss {metrics['train_loss']:.4f})",
@@ -160,8 +255,9 @@ OVERFIT_ADVICE = {
     "logreg": "try a smaller --C (stronger L2)",
     "knn": "try a larger --k",
     "centroid": "a nearest class mean has nothing to tune; more training examples per class help",
+    "ridge": "try a larger --alpha",
 }
-SWEPT_BY = {"linear": "lr and weight decay", "mlp": "lr and weight decay", "logreg": "C", "knn": "k"}
+SWEPT_BY = {"linear": "lr and weight decay", "mlp": "lr and weight decay", "logreg": "C", "knn": "k", "ridge": "alpha"}
 
 
 def overfitting_warning(metrics: Mapping[str, Any]) -> str | None:
@@ -172,6 +268,11 @@ def overfitting_warning(metrics: Mapping[str, Any]) -> str | None:
     advice = OVERFIT_ADVICE.get(head, "try more regularisation")
     if head in SWEPT_BY and "sweep" not in metrics:
         advice += f", or --sweep to choose {SWEPT_BY[head]} on held-out train"
+    if metrics.get("task") == "regress":
+        return (
+            f"WARNING: {head}: train R^2 exceeds val R^2 by {metrics['train_val_gap']:.3f} (more than "
+            f"{OVERFIT_GAP:g}): the head is overfitting; {advice}"
+        )
     return (
         f"WARNING: {head}: train accuracy exceeds val accuracy by {100 * metrics['train_val_gap']:.1f} points "
         f"(more than {100 * OVERFIT_GAP:.0f}): the head is overfitting; {advice}"
@@ -187,7 +288,8 @@ def sweep_line(sweep: dict[str, Any]) -> str:
     if "chosen" not in sweep:
         return f"sweep: {sweep.get('skipped') or sweep.get('note') or 'nothing chosen'}"
     line = (
-        f"sweep: chose {_point(sweep['chosen'])} (held-out accuracy {sweep['chosen_score']:.4f} on "
+        f"sweep: chose {_point(sweep['chosen'])} (held-out {sweep.get('metric', 'accuracy')} "
+        f"{sweep['chosen_score']:.4f} on "
         f"{sweep['n_held_out']} held-out train rows)"
     )
     tied = sweep.get("tied") or []

@@ -1,4 +1,5 @@
-"""PNG figures written beside the JSON: confusion matrix, training curves, head comparison, accuracy vs shots.
+"""PNG figures written beside the JSON: confusion matrix, training curves, head comparison, accuracy vs shots,
+predicted-vs-true and residuals of regression targets.
 
 matplotlib is imported inside each function (with the non-interactive Agg backend), so importing this module
 costs nothing and no display is ever needed.
@@ -70,13 +71,15 @@ def confusion_png(cm: list[list[int]], classes: list[str], path: Path, *, title:
 
 
 def curves_figure(history: list[dict[str, float]], *, title: str = "", note: str = "") -> Any:
-    """Train and val loss (left) and accuracy (right) per epoch; ``note`` (how they were measured) below."""
+    """Train and val loss (left) and accuracy (right; R^2 for regression) per epoch; ``note`` (how they were
+    measured) below."""
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
     epochs = [row["epoch"] for row in history]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
-    for ax, metric in zip(axes, ("loss", "accuracy")):
+    second = "r2" if history and "train_r2" in history[0] else "accuracy"
+    for ax, metric in zip(axes, ("loss", second)):
         for split, style in (("train", "-"), ("val", "--")):
             key = f"{split}_{metric}"
             if all(key in row for row in history):
@@ -97,19 +100,26 @@ def curves_png(history: list[dict[str, float]], path: Path, *, title: str = "", 
     return _save(curves_figure(history, title=title, note=note), path)
 
 
-def compare_figure(rows: list[dict[str, Any]], *, title: str = "") -> Any:
-    """Grouped bars per head: val accuracy and balanced accuracy, values written on the bars. The axis starts at
-    0, so that 0.961 and 0.981 look as close as they are; the labels give the difference."""
+CLASSIFY_BARS = (("val_accuracy", "val accuracy"), ("balanced_accuracy", "balanced acc"))
+REGRESS_BARS = (("val_r2", "val R^2"), ("train_r2", "train R^2"))
+
+
+def compare_figure(rows: list[dict[str, Any]], *, title: str = "", bars: tuple = CLASSIFY_BARS) -> Any:
+    """Grouped bars per head: val accuracy and balanced accuracy (``REGRESS_BARS``: val and train R^2), values
+    written on the bars. The axis starts at 0 (or below, for a negative R^2), so that 0.961 and 0.981 look as close
+    as they are; the labels give the difference."""
     plt = _pyplot()
     names = [r["head"] for r in rows]
     x = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(names) + 2), 4))
-    for offset, key, label in ((-0.2, "val_accuracy", "val accuracy"), (0.2, "balanced_accuracy", "balanced acc")):
-        values = [r[key] for r in rows]
-        bars = ax.bar(x + offset, values, width=0.4, label=label)
-        ax.bar_label(bars, labels=[f"{v:.3f}" for v in values], fontsize=8)
+    lowest = 0.0
+    for offset, (key, label) in zip((-0.2, 0.2), bars):
+        values = [r[key] if r.get(key) is not None else np.nan for r in rows]
+        lowest = min(lowest, np.nanmin(values) if not np.isnan(values).all() else 0.0)
+        bar = ax.bar(x + offset, values, width=0.4, label=label)
+        ax.bar_label(bar, labels=[f"{v:.3f}" for v in values], fontsize=8)
     ax.set_xticks(x, names)
-    ax.set_ylim(0, 1.18)  # head-room for the legend above the bars
+    ax.set_ylim(max(lowest * 1.1, -1.0) if lowest < 0 else 0, 1.18)  # head-room for the legend above the bars
     ax.set_ylabel("score on val")
     ax.legend(loc="upper center", ncol=2)
     ax.set_title(title or "heads compared", fontsize=10)
@@ -117,8 +127,42 @@ def compare_figure(rows: list[dict[str, Any]], *, title: str = "") -> Any:
     return fig
 
 
-def compare_png(rows: list[dict[str, Any]], path: Path, *, title: str = "") -> Path:
-    return _save(compare_figure(rows, title=title), path)
+def compare_png(rows: list[dict[str, Any]], path: Path, *, title: str = "", bars: tuple = CLASSIFY_BARS) -> Path:
+    return _save(compare_figure(rows, title=title, bars=bars), path)
+
+
+MAX_TARGETS_PLOTTED = 4
+
+
+def regression_figure(y_true: np.ndarray, pred: np.ndarray, names: list[str], *, title: str = "") -> Any:
+    """Per target (the first few): predicted against true with the y = x line (left), and a histogram of the
+    residuals, predicted - true (right)."""
+    plt = _pyplot()
+    shown = min(len(names), MAX_TARGETS_PLOTTED)
+    fig, axes = plt.subplots(shown, 2, figsize=(10, 3.8 * shown), squeeze=False)
+    for t, (scatter, hist) in enumerate(axes):
+        y, p = y_true[:, t], pred[:, t]
+        scatter.scatter(y, p, s=8, alpha=0.5)
+        lo, hi = float(min(y.min(), p.min())), float(max(y.max(), p.max()))
+        scatter.plot([lo, hi], [lo, hi], "--", color="0.3", linewidth=1, label="y = x")
+        scatter.set_xlabel(f"true {names[t]}")
+        scatter.set_ylabel(f"predicted {names[t]}")
+        scatter.legend(loc="upper left", fontsize=8)
+        scatter.grid(alpha=0.3)
+        hist.hist(p - y, bins=40, color="tab:orange", alpha=0.8)
+        hist.axvline(0, color="0.3", linestyle="--", linewidth=1)
+        hist.set_xlabel(f"residual (predicted - true) {names[t]}")
+        hist.set_ylabel("val samples")
+        hist.grid(alpha=0.3)
+    if len(names) > shown:
+        fig.text(0.01, 0.005, f"first {shown} of {len(names)} targets", fontsize=8, color="0.3")
+    fig.suptitle(title or "predicted vs true (val)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def regression_png(y_true: np.ndarray, pred: np.ndarray, names: list[str], path: Path, *, title: str = "") -> Path:
+    return _save(regression_figure(y_true, pred, names, title=title), path)
 
 
 SHOTS_STYLES = ("-", "--", "-.", ":")

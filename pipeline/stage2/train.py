@@ -22,8 +22,17 @@ import numpy as np
 from pipeline.errors import PipelineError
 from pipeline.fileio import write_json, write_text
 from pipeline.stage2 import plots, thresholds
-from pipeline.stage2.evaluate import HeadMetrics, classification_metrics, report_notes, summarize
+from pipeline.stage2.evaluate import (
+    HeadMetrics,
+    RegressionMetrics,
+    classification_metrics,
+    regression_metrics,
+    report_notes,
+    summarize,
+    summarize_regression,
+)
 from pipeline.stage2.heads import HEADS, Head, HeadConfig, build_head, save_head, warn_if_tiny
+from pipeline.stage2.regression import random_holdout, resolve_task, with_task
 from pipeline.store import (
     ALL_LAYERS,
     FeatureMeta,
@@ -63,8 +72,10 @@ def with_layer(cfg: HeadConfig, meta: FeatureMeta, *, features: Path) -> HeadCon
 
 
 def used_settings(cfg: HeadConfig) -> dict[str, Any]:
-    """The HeadConfig fields ``cfg.head`` reads (the head class lists them), with the head's name."""
-    return {"head": cfg.head, **{name: getattr(cfg, name) for name in HEADS[cfg.head].settings}}
+    """The HeadConfig fields ``cfg.head`` reads (the head class lists them), with the head's name (and the task when
+    it regresses: absent for classification, as in heads saved before regression existed)."""
+    settings = {"head": cfg.head, **{name: getattr(cfg, name) for name in HEADS[cfg.head].settings}}
+    return settings | ({"task": "regress"} if cfg.task == "regress" else {})
 
 
 def run_settings(cfg: HeadConfig) -> dict[str, Any]:
@@ -155,22 +166,30 @@ def stratified_holdout(y: np.ndarray, *, fraction: float, seed: int) -> tuple[np
 
 
 def sweep(head: Head, X: np.ndarray, y: np.ndarray) -> tuple[HeadConfig, dict[str, Any]]:
-    """Choose the head's hyper-parameter on a held-out part of ``(X, y)``; the config to refit with + a record."""
+    """Choose the head's hyper-parameter on a held-out part of ``(X, y)``; the config to refit with + a record.
+    Labels: a stratified part, scored by accuracy; regression targets: a random part, scored by R^2."""
     cfg = head.cfg
     grid = type(head).sweep_grid(cfg)
     if not grid:
         return cfg, {"grid": [], "note": f"{cfg.head} has no hyper-parameter to choose"}
-    fit, held = stratified_holdout(y, fraction=HELD_OUT_FRACTION, seed=cfg.seed)
-    if not len(held) or len(np.unique(y[fit])) < 2:
-        log.warning("--sweep skipped for %s: too few training examples per class to hold some out", cfg.head)
-        return cfg, {"grid": grid, "skipped": "too few training examples per class to hold some out"}
+    if head.regress:
+        fit, held = random_holdout(len(y), fraction=HELD_OUT_FRACTION, seed=cfg.seed)
+        too_few = not len(held)
+    else:
+        fit, held = stratified_holdout(y, fraction=HELD_OUT_FRACTION, seed=cfg.seed)
+        too_few = not len(held) or len(np.unique(y[fit])) < 2
+    if too_few:
+        why = "too few training rows" if head.regress else "too few training examples per class"
+        log.warning("--sweep skipped for %s: %s to hold some out", cfg.head, why)
+        return cfg, {"grid": grid, "skipped": f"{why} to hold some out"}
     t0 = time.perf_counter()
     scores = head.sweep_scores(X[fit], y[fit], (X[held], y[held]), grid=grid)
     best = int(np.argmax(scores))  # the first of equal scores, in grid order
     tied = [point for point, score in zip(grid, scores) if score == scores[best]]
+    metric = {"metric": "R^2", "held_out_r2": scores} if head.regress else {"held_out_accuracy": scores}
     record = {
         "grid": grid,
-        "held_out_accuracy": scores,
+        **metric,
         "chosen": grid[best],
         "chosen_score": scores[best],
         "tied": tied if len(tied) > 1 else [],  # grid points that scored as well as the chosen one
@@ -180,7 +199,8 @@ def sweep(head: Head, X: np.ndarray, y: np.ndarray) -> tuple[HeadConfig, dict[st
         "seconds": time.perf_counter() - t0,
         **head.sweep_info,
     }
-    log.info("sweep %s: chose %s (held-out accuracy %.4f)", cfg.head, grid[best], scores[best])
+    log.info("sweep %s: chose %s (held-out %s %.4f)", cfg.head, grid[best], metric.get("metric", "accuracy"),
+             scores[best])  # fmt: skip
     return replace(cfg, **grid[best]), record
 
 
@@ -204,7 +224,11 @@ def choose_threshold(
 
 def fit_and_evaluate(fs: FeatureSet, cfg: HeadConfig) -> tuple[Head, HeadMetrics, list[dict[str, float]]]:
     """Fit one head on ``fs.train`` (or its few-shot sample); metrics on that train and on val.
-    Val is never used to choose anything."""
+    Val is never used to choose anything. A file with regression targets is regressed (``--task``, see
+    :mod:`pipeline.stage2.regression`)."""
+    cfg = with_task(cfg, fs.meta)
+    if cfg.task == "regress":
+        return fit_and_evaluate_regression(fs, cfg)
     positive = thresholds.positive_index(cfg.positive, fs.classes) if cfg.positive else None
     train = few_shot(fs.train, shots=cfg.shots, seed=cfg.seed) if cfg.shots else fs.train
     X, y = train.features, train.labels
@@ -250,6 +274,37 @@ def fit_and_evaluate(fs: FeatureSet, cfg: HeadConfig) -> tuple[Head, HeadMetrics
     return head, metrics, fit.history
 
 
+def fit_and_evaluate_regression(
+    fs: FeatureSet, cfg: HeadConfig
+) -> tuple[Head, RegressionMetrics, list[dict[str, float]]]:
+    """Fit one head on train's regression targets; MSE, RMSE, MAE and R^2 on train and val (val never chooses)."""
+    names = list(fs.meta.targets["names"])
+    X, Y = fs.train.features, fs.train.targets
+    dims = {"num_classes": len(names), "feature_dim": fs.feature_dim}
+    t0 = time.perf_counter()
+    sweep_record = None
+    if cfg.sweep:
+        cfg, sweep_record = sweep(build_head(cfg, **dims), X, Y)
+    head = build_head(cfg, **dims)
+    if type(head).uses_standardize and not cfg.standardize:
+        warn_if_tiny(X, cfg)
+    fit = head.fit(X, Y, val=(fs.val.features, fs.val.targets))
+    fit_seconds = time.perf_counter() - t0
+    train_m = regression_metrics(Y, head.logits(X), names)
+    val_m = regression_metrics(fs.val.targets, head.logits(fs.val.features), names)
+    extra = {
+        "head": cfg.head,
+        "targets": names,
+        "targets_source": fs.meta.targets.get("source"),
+        "standardize": cfg.standardize if type(head).uses_standardize else "n/a",
+        "n_train_used": len(Y),
+        **fit.info,
+    }
+    if sweep_record is not None:
+        extra["sweep"] = sweep_record
+    return head, summarize_regression(train=train_m, val=val_m, fit_seconds=fit_seconds, extra=extra), fit.history
+
+
 def train_head(
     features: Path | str, cfg: HeadConfig, *, out: Path | str | None = None, force: bool = False
 ) -> HeadMetrics:
@@ -257,7 +312,7 @@ def train_head(
     A head there trained with other settings is replaced only with ``force``."""
     features = Path(features)
     meta = read_meta(features)  # a missing or foreign file, or an unknown --layer, is refused before any folder
-    cfg = with_layer(cfg, meta, features=features)
+    cfg = with_task(with_layer(cfg, meta, features=features), meta)
     out = Path(out) if out else default_head_root(features, layer=cfg.layer) / cfg.head
     with writing(out):
         check_replace(out / "config.json", settings=run_settings(cfg), fingerprint=meta.fingerprint, what="a head",
@@ -301,7 +356,7 @@ def head_config(fs: FeatureSet, head: Head, *, settings: dict[str, Any]) -> dict
         "classifier_path": fs.meta.get("classifier_path"),
         "n_train": len(fs.train),
         "n_val": len(fs.val),
-    }
+    } | ({"targets": list(fs.meta.targets["names"])} if head.regress else {})
 
 
 def curves_note(cfg: HeadConfig) -> str:
@@ -315,9 +370,21 @@ def curves_note(cfg: HeadConfig) -> str:
 
 
 def _write_plots(
-    metrics: HeadMetrics, history: list[dict[str, float]], out: Path, *, fs: FeatureSet, cfg: HeadConfig
+    metrics: HeadMetrics, history: list[dict[str, float]], out: Path, *, fs: FeatureSet, head: Head
 ) -> None:
-    name, label = metrics["head"], features_label(fs)
+    name, label, cfg = metrics["head"], features_label(fs), head.cfg
+    if head.regress:
+        names = list(fs.meta.targets["names"])
+        plots.regression_png(
+            fs.val.targets, head.logits(fs.val.features), names, out / "regression.png",
+            title=f"{name} head: val predicted vs true, residuals ({label})",
+        )  # fmt: skip
+        if history:
+            plots.curves_png(
+                history, out / "curves.png", title=f"{name} head: loss (MSE of standardised targets) and R^2 per "
+                f"epoch ({label})", note=curves_note(cfg),
+            )  # fmt: skip
+        return
     plots.confusion_png(
         metrics["confusion_matrix"], fs.classes, out / "confusion.png", title=f"{name} head: val confusion\n{label}"
     )
@@ -340,14 +407,16 @@ def _train_one(fs: FeatureSet, cfg: HeadConfig, *, out: Path) -> HeadMetrics:
             config["decision"] = {k: metrics["threshold"][k] for k in ("positive", "threshold")}
         save_head(head, out, config=config)
         write_json(out / "metrics.json", metrics.to_json())
-        _write_plots(metrics, history, out, fs=fs, cfg=head.cfg)
+        _write_plots(metrics, history, out, fs=fs, head=head)
     except OSError as e:
         raise PipelineError(f"cannot write head to {out}: {e.strerror or e}") from None
     return replace(metrics, out=str(out))
 
 
-def parse_heads(spec: str | None) -> list[str]:
-    names = list(HEADS) if not spec or spec == "all" else [h.strip() for h in spec.split(",") if h.strip()]
+def parse_heads(spec: str | None, *, task: str = "classify") -> list[str]:
+    """Head names from ``--heads``; 'all' = every head meant for ``task`` (ridge only for regression)."""
+    everything = [name for name, cls in HEADS.items() if task in cls.in_all]
+    names = everything if not spec or spec == "all" else [h.strip() for h in spec.split(",") if h.strip()]
     unknown = [h for h in names if h not in HEADS]
     if unknown:
         raise PipelineError(f"unknown head {unknown[0]!r}; choose from: {', '.join(HEADS)}")
@@ -389,9 +458,25 @@ def _table(header: list[str], body: list[list[str]]) -> str:
     return "\n".join(["| " + " | ".join(header) + " |", sep, *("| " + " | ".join(row) + " |" for row in body)])
 
 
+REGRESS_COLUMNS = (
+    ("head", "head", "{}"),
+    ("val R^2", "val_r2", "{:.4f}"),
+    ("val RMSE", "val_rmse", "{:.4g}"),
+    ("val MAE", "val_mae", "{:.4g}"),
+    ("train R^2", "train_r2", "{:.4f}"),
+    ("R^2 gap", "train_val_gap", "{:+.4f}"),
+    ("fit s", "fit_seconds", "{:.2f}"),
+    ("total s", "total_seconds", "{:.2f}"),
+)
+
+
 def compare_table(rows: list[dict[str, Any]]) -> str:
     """Markdown table of compared heads (also what the CLI prints). When train's classes are imbalanced, balanced
-    accuracy and the worst class's recall lead: accuracy flatters a head that neglects the small classes."""
+    accuracy and the worst class's recall lead: accuracy flatters a head that neglects the small classes.
+    Regression rows show R^2, RMSE and MAE (averaged over the targets)."""
+    if rows and all(r.get("task") == "regress" for r in rows):
+        body = [[fmt.format(r[k]) if r.get(k) is not None else "-" for _, k, fmt in REGRESS_COLUMNS] for r in rows]
+        return _table([c for c, _, _ in REGRESS_COLUMNS], body)
     columns = list(COMPARE_COLUMNS)
     if any(r.get("imbalance") for r in rows):
         lead = [c for c in columns if c[1] in ("balanced_accuracy", "worst_class_recall")]
@@ -420,6 +505,12 @@ def _header(fs: FeatureSet) -> str:
 
 def _compare_row(metrics: HeadMetrics) -> dict[str, Any]:
     """One head's line of compare.json: the table's columns and what the CLI says below the table."""
+    if metrics.get("task") == "regress":
+        row = {k: metrics.get(k) for _, k, _ in REGRESS_COLUMNS} | {"task": "regress", "imbalance": None}
+        row |= {k: metrics[k] for k in ("val_mse", "overfitting", "n_train_used", "per_target")}
+        if "sweep" in metrics:
+            row["sweep"] = {k: v for k, v in metrics["sweep"].items() if k not in ("grid", "held_out_r2")}
+        return row | {"notes": report_notes(metrics)}
     row = {k: metrics.get(k) for _, k, _ in COMPARE_COLUMNS}  # total_seconds: set by compare
     row |= {k: metrics[k] for k in ("train_val_gap", "overfitting", "shots", "n_train_used")}
     if "sweep" in metrics:
@@ -459,7 +550,13 @@ def compare(
     base = with_layer(base, meta, features=features)
     root = Path(out) if out else default_compare_root(features, layer=base.layer)
     fingerprint = meta.fingerprint
+    task = resolve_task(base.task, meta)
+    for name in heads:  # a head that cannot do the task is refused before anything is trained
+        with_task(replace(base, head=name), meta)
+    base = replace(base, task="regress") if task == "regress" else base
     scratch = None  # read before any head is trained: a refused baseline costs nothing
+    if baseline is not None and task == "regress":
+        raise PipelineError("--baseline compares classifiers: not for regression targets (or --task classify)")
     if baseline is not None:
         from pipeline.stage2.baseline import baseline_row
 
@@ -472,7 +569,9 @@ def compare(
             log.info("training %s", name)
             rows.append(_compare_row(_train_one(fs, replace(base, head=name), out=root / name)))
         skew = rows[0]["imbalance"]  # train's classes, the same for every head
-        ranked_by = "balanced_accuracy" if skew else "val_accuracy"
+        ranked_by = "val_r2" if task == "regress" else "balanced_accuracy" if skew else "val_accuracy"
+        if task == "regress":  # sorted by val R^2, higher better
+            rows.sort(key=lambda r: -r["val_r2"])
         best = max(rows, key=lambda r: r[ranked_by])
         extract_seconds = fs.meta.get("extract_seconds")
         for row in rows:  # the two-stage cost of each head: the one extraction + its own fit
@@ -487,7 +586,8 @@ def compare(
         try:
             write_json(root / "compare.json", result)
             write_text(root / "compare.md", _header(fs) + compare_table(rows) + "\n")
-            plots.compare_png(rows, root / "compare.png", title=f"heads on val: {features_label(fs)}")
+            bars = plots.REGRESS_BARS if task == "regress" else plots.CLASSIFY_BARS
+            plots.compare_png(rows, root / "compare.png", title=f"heads on val: {features_label(fs)}", bars=bars)
         except OSError as e:
             raise PipelineError(f"cannot write comparison to {root}: {e.strerror or e}") from None
     result["out"] = str(root)
@@ -618,6 +718,8 @@ def compare_shots(
     root = Path(out) if out else default_compare_root(features, layer=base.layer)
     labels = [_shot_label(s) for s in shots]
     settings = {"heads": {name: run_settings(replace(base, head=name)) for name in heads}, "shots": labels}
+    if resolve_task(base.task, meta) == "regress":
+        raise PipelineError("--shots draws K examples per class: not for regression targets (or --task classify)")
     with writing(root):
         what = "a few-shot comparison"
         check_replace(root / "shots.json", settings=settings, fingerprint=meta.fingerprint, what=what, force=force)

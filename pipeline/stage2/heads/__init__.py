@@ -28,6 +28,7 @@ from pipeline.stage2.heads.knn import KNNHead
 from pipeline.stage2.heads.linear import LinearHead
 from pipeline.stage2.heads.logreg import LogRegHead
 from pipeline.stage2.heads.mlp import MLPHead
+from pipeline.stage2.heads.ridge import RidgeHead
 
 HEAD_FILE = "head.safetensors"
 
@@ -37,11 +38,12 @@ HEADS: dict[str, type[Head]] = {
     MLPHead.name: MLPHead,
     KNNHead.name: KNNHead,
     CentroidHead.name: CentroidHead,
+    RidgeHead.name: RidgeHead,
 }
 
 __all__ = [
     "HEADS", "HEAD_FILE", "FitResult", "Head", "HeadConfig", "balanced_weights", "build_head", "load_head",
-    "save_head", "warn_if_tiny", "CentroidHead", "KNNHead", "LinearHead", "LogRegHead", "MLPHead",
+    "save_head", "warn_if_tiny", "CentroidHead", "KNNHead", "LinearHead", "LogRegHead", "MLPHead", "RidgeHead",
 ]  # fmt: skip
 
 
@@ -65,7 +67,8 @@ def load_head(head_dir: Path) -> tuple[Head, dict[str, Any]]:
     try:
         config = json.loads(cfg_path.read_text())
         head_cfg = HeadConfig(**config["head_config"])
-        head = build_head(head_cfg, num_classes=len(config["classes"]), feature_dim=int(config["feature_dim"]))
+        outputs = len(config["targets"]) if head_cfg.task == "regress" else len(config["classes"])
+        head = build_head(head_cfg, num_classes=outputs, feature_dim=int(config["feature_dim"]))
         state = load_file(str(tensors))
     except (SafetensorError, ValueError, KeyError, TypeError, OSError) as e:
         raise PipelineError(f"cannot load head from {head_dir}: {type(e).__name__}: {e}") from None

@@ -30,10 +30,18 @@ class Head(ABC):
     uses_class_weight: ClassVar[bool] = False
     uses_standardize: ClassVar[bool] = False  # trained by gradient on the features as given, unless --standardize
     settings: ClassVar[tuple[str, ...]] = ()  # the HeadConfig fields it reads (config.json lists only these)
+    tasks: ClassVar[tuple[str, ...]] = ("classify",)  # what it can do: "classify" (labels), "regress" (targets)
+    in_all: ClassVar[tuple[str, ...]] = ("classify",)  # the tasks for which `compare --heads all` trains it
 
     def __init__(self, cfg: HeadConfig, *, num_classes: int, feature_dim: int):
+        # num_classes: the outputs, i.e. the number of targets of a regression head (cfg.task == "regress")
         self.cfg, self.num_classes, self.feature_dim = cfg, num_classes, feature_dim
         self.sweep_info: dict[str, Any] = {}  # what sweep_scores wants recorded beside the grid (e.g. iterations)
+
+    @property
+    def regress(self) -> bool:
+        """Whether this head predicts regression targets: ``fit`` takes (N, T) floats, ``logits`` are the values."""
+        return self.cfg.task == "regress"
 
     @abstractmethod
     def fit(self, X: np.ndarray, y: np.ndarray, *, val: tuple[np.ndarray, np.ndarray] | None = None) -> FitResult:
@@ -71,7 +79,11 @@ class Head(ABC):
         for point in grid:
             head = type(self)(replace(self.cfg, **point), num_classes=self.num_classes, feature_dim=self.feature_dim)
             head.fit(X, y)
-            scores.append(float((head.logits(held_out[0]).argmax(1) == held_out[1]).mean()))
+            pred = head.logits(held_out[0])
+            if self.regress:  # held-out R^2, averaged over the targets
+                scores.append(float(r2_scores(held_out[1], pred).mean()))
+            else:
+                scores.append(float((pred.argmax(1) == held_out[1]).mean()))
         return scores
 
     def as_module(self) -> nn.Module:
@@ -79,6 +91,28 @@ class Head(ABC):
         raise PipelineError(
             f"a {self.name} head cannot become a layer of the model; export linear, logreg, centroid or mlp"
         )
+
+
+def r2_scores(y: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """Coefficient of determination per column of (N, T) targets (0 for a constant column predicted exactly)."""
+    y, pred = np.asarray(y, np.float64), np.asarray(pred, np.float64)
+    sse = ((y - pred) ** 2).sum(0)
+    sst = ((y - y.mean(0)) ** 2).sum(0)
+    return np.where(sst > 0, 1 - sse / np.where(sst > 0, sst, 1), np.where(sse > 0, -np.inf, 0.0))
+
+
+def target_scaler(Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 (mean, std) of regression targets (N, T): linear and mlp regress standardised targets, so one
+    learning rate suits targets in any unit; :func:`unscale_outputs` folds them back into the last layer."""
+    return standardiser(np.asarray(Y, np.float32))
+
+
+def unscale_outputs(weight: torch.Tensor, bias: torch.Tensor, mean: np.ndarray, std: np.ndarray) -> None:
+    """In place: a last layer predicting ``(y - mean) / std`` predicts ``y`` (weight (..., T, H), bias (..., T))."""
+    s = torch.as_tensor(np.asarray(std), dtype=weight.dtype, device=weight.device)
+    m = torch.as_tensor(np.asarray(mean), dtype=weight.dtype, device=weight.device)
+    weight.mul_(s[:, None])
+    bias.mul_(s).add_(m)
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -154,6 +188,18 @@ def prepare_inputs(X: np.ndarray, val: Any, *, cfg: HeadConfig) -> tuple[np.ndar
     if val is not None:
         val = ((np.asarray(val[0], np.float32) - mean) / scale, val[1])
     return X, val, (mean, scale)
+
+
+def prepare_targets(y: np.ndarray, val: Any, *, cfg: HeadConfig) -> tuple[np.ndarray, Any, tuple | None]:
+    """Regression (``cfg.task == "regress"``): ``(y, val)`` standardised by train's target mean and std, and that
+    ``(mean, std)`` to fold back into the last layer (:func:`unscale_outputs`). Labels pass through unchanged."""
+    if cfg.task != "regress":
+        return y, val, None
+    mean, std = target_scaler(y)
+    y = (np.asarray(y, np.float32) - mean) / std
+    if val is not None:
+        val = (val[0], (np.asarray(val[1], np.float32) - mean) / std)
+    return y, val, (mean, std)
 
 
 def warn_if_tiny(X: np.ndarray, cfg: HeadConfig) -> None:

@@ -130,9 +130,16 @@ class TorchData:
         def t(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
             return torch.as_tensor(np.asarray(a), dtype=dtype, device=device)
 
+        if cfg.task == "regress":  # y: (N, T) float targets; squared error, no class weights
+            v = None if val is None or not len(val[1]) else (t(val[0], torch.float32), t(val[1], torch.float32))
+            return cls(t(X, torch.float32), t(y, torch.float32), v, None, num_classes)
         weight = t(balanced_weights(y, num_classes), torch.float32) if cfg.class_weight == "balanced" else None
         v = None if val is None or not len(val[1]) else (t(val[0], torch.float32), t(val[1], torch.long))
         return cls(t(X, torch.float32), t(y, torch.long), v, weight, num_classes)
+
+    @property
+    def regress(self) -> bool:
+        return self.y.is_floating_point()
 
 
 # A step: (x batch, each row's share of its batch loss, the one-hot targets times that share, out) -> the batch's
@@ -165,25 +172,32 @@ def train_epochs(
         perm = torch.randperm(n, generator=gen, device=dev)
         y, w = data.y[perm], row_weight[perm]
         share = w / torch.zeros(len(batch_size), device=dev).index_add_(0, batch_of, w)[batch_of]
-        target = nn.functional.one_hot(y, C).t().float().mul_(share).repeat(groups, 1)  # (G * C, n)
+        target = (y.t() if data.regress else nn.functional.one_hot(y, C).t().float()).mul(share).repeat(groups, 1)
         batches = zip(perm.split(B), share.split(B), target.split(B, 1), logits.split(B, 1))  # views, made at once
         for idx, share_b, target_b, out in batches:
             x = torch.index_select(data.X, 0, idx, out=xb[: len(idx)])  # faster than X[idx]
             step(x, share_b, target_b, out)
         logits3 = logits.view(groups, C, n)
-        nll = -torch.log_softmax(logits3, 1).gather(1, y[None, None].expand(groups, 1, n))[:, 0]  # (G, n)
-        stats = [
-            (nll * share * batch_size[batch_of]).sum(1) / n,  # mean over batches of each batch's loss
-            (logits3.transpose(1, 2).contiguous().argmax(2) == y).float().mean(1),  # 4x faster than argmax(1)
-        ]
-        if data.val is not None:
-            val_logits = evaluate(data.val[0])
-            stats += [
-                _grid_loss(val_logits, data.val[1], data.weight),
-                (val_logits.argmax(2) == data.val[1]).float().mean(1),
+        if data.regress:
+            stats = _regression_stats(logits3, y)
+            if data.val is not None:
+                stats += _regression_stats(evaluate(data.val[0]).transpose(1, 2), data.val[1])
+            keys: tuple[str, ...] = ("train_loss", "train_r2", "val_loss", "val_r2")
+        else:
+            nll = -torch.log_softmax(logits3, 1).gather(1, y[None, None].expand(groups, 1, n))[:, 0]  # (G, n)
+            stats = [
+                (nll * share * batch_size[batch_of]).sum(1) / n,  # mean over batches of each batch's loss
+                (logits3.transpose(1, 2).contiguous().argmax(2) == y).float().mean(1),  # 4x faster than argmax(1)
             ]
+            if data.val is not None:
+                val_logits = evaluate(data.val[0])
+                stats += [
+                    _grid_loss(val_logits, data.val[1], data.weight),
+                    (val_logits.argmax(2) == data.val[1]).float().mean(1),
+                ]
+            keys = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
         values = torch.stack(stats).tolist()  # the epoch's one wait on the device
-        keys = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")[: len(values)]
+        keys = keys[: len(values)]
         for g, history in enumerate(histories):
             history.append({"epoch": epoch, **{k: float(v[g]) for k, v in zip(keys, values)}})
         log.debug("epoch %d %s", epoch, histories[0][-1])
@@ -193,6 +207,25 @@ def train_epochs(
 def _softmax_grad(z: torch.Tensor, groups: int, share: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """d(batch loss)/dz for (G * C, B) logits z: (softmax(z) - onehot) * share."""
     return torch.softmax(z.view(groups, -1, z.shape[1]), 1).view(z.shape).mul_(share).sub_(target)
+
+
+def _squared_error_grad(z: torch.Tensor, groups: int, share: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """d(batch loss)/dz for (G * T, B) outputs z and the loss sum_t (z_t - y_t)^2 / 2 per row: (z - y) * share
+    (``target`` is y * share, as the one-hot is for the softmax)."""
+    return z.mul(share).sub_(target)
+
+
+def output_grad(data: TorchData) -> Callable[..., torch.Tensor]:
+    """The loss gradient of the task: squared error for regression targets, softmax cross-entropy for labels."""
+    return _squared_error_grad if data.regress else _softmax_grad
+
+
+def _regression_stats(pred: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    """Per member, for (G, T, n) predictions of (n, T) targets: mean squared error and R^2 (averaged over targets)."""
+    yt = y.t()[None]
+    se = (pred - yt).pow(2)
+    sst = (yt - yt.mean(2, keepdim=True)).pow(2).sum(2).clamp_min(1e-12)
+    return [se.mean((1, 2)), (1 - se.sum(2) / sst).mean(1)]
 
 
 def train_linear_grid(
@@ -212,10 +245,11 @@ def train_linear_grid(
         [{"params": [weight[r], bias[r]], "lr": lr[g], "weight_decay": weight_decay[g]} for g, r in enumerate(rows)]
     )
     grads = [t[r] for r in rows for t in (grad_weight, grad_bias)]
+    grad_of = output_grad(data)
 
     def step(x: torch.Tensor, share: torch.Tensor, target: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         z = torch.addmm(bias, weight, x.t(), out=out)
-        dz = _softmax_grad(z, G, share, target)
+        dz = grad_of(z, G, share, target)
         torch.mm(dz, x, out=grad_weight)
         torch.sum(dz, 1, keepdim=True, out=grad_bias)
         opt.step(grads)
@@ -240,6 +274,7 @@ def train_mlp(module: nn.Sequential, data: TorchData, *, cfg: HeadConfig) -> lis
     g_w1, g_b1, g_w2, g_b2 = (v.view_as(t) for v, t in zip(grad.split(sizes), params))
     b2_col = b2[:, None]
     opt = Adam([{"params": [flat], "lr": cfg.lr, "weight_decay": cfg.weight_decay}])
+    grad_of = output_grad(data)
 
     def step(x: torch.Tensor, share: torch.Tensor, target: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         a = torch.addmm(b1, x, w1.t())
@@ -249,7 +284,7 @@ def train_mlp(module: nn.Sequential, data: TorchData, *, cfg: HeadConfig) -> lis
         h = a.mul_(gate)
         z = torch.addmm(b2_col, w2, h.t())
         out.copy_(z)
-        dz = _softmax_grad(z, 1, share, target)
+        dz = grad_of(z, 1, share, target)
         torch.mm(dz, h, out=g_w2)
         torch.sum(dz, 1, out=g_b2)
         da = torch.mm(dz.t(), w2).mul_(gate)

@@ -8,7 +8,15 @@ import numpy as np
 import torch
 
 from pipeline.devices import resolve_device
-from pipeline.stage2.heads.base import AffineHead, FitResult, fold_standardiser, prepare_inputs
+from pipeline.stage2.heads.base import (
+    AffineHead,
+    FitResult,
+    fold_standardiser,
+    prepare_inputs,
+    prepare_targets,
+    r2_scores,
+    unscale_outputs,
+)
 from pipeline.stage2.heads.config import HeadConfig
 from pipeline.stage2.heads.fitting import (
     LinearGrid,
@@ -27,6 +35,8 @@ class LinearHead(AffineHead):
     settings = ("lr", "epochs", "batch_size", "weight_decay", "standardize", "class_weight", "seed", "device")
     uses_class_weight = True
     uses_standardize = True
+    tasks = ("classify", "regress")  # regress: squared error on standardised targets
+    in_all = ("classify", "regress")
 
     def _fit_grid(
         self, X: np.ndarray, y: np.ndarray, *, grid: list[dict[str, float]], val: Any = None
@@ -34,6 +44,7 @@ class LinearHead(AffineHead):
         device = resolve_device(self.cfg.device)
         cfg, lr_factor = scaled_for_device(self.cfg, n=len(y), device=device)
         X, val, shift = prepare_inputs(X, val, cfg=cfg)
+        y, val, y_scale = prepare_targets(y, val, cfg=cfg)
         data = TorchData.build(X, y, val=val, cfg=cfg, num_classes=self.num_classes, device=device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
@@ -42,9 +53,11 @@ class LinearHead(AffineHead):
         weight_decay = [p.get("weight_decay", cfg.weight_decay) for p in grid]
         with fitting_threads(device):
             histories = train_linear_grid(model, data, lr=lr, weight_decay=weight_decay, cfg=cfg)
-        if shift is not None:
-            with torch.no_grad():
+        with torch.no_grad():
+            if shift is not None:
                 fold_standardiser(model.weight, model.bias, *shift)
+            if y_scale is not None:  # outputs in the targets' own units
+                unscale_outputs(model.weight, model.bias, *y_scale)
         return model, histories
 
     def fit(self, X: np.ndarray, y: np.ndarray, *, val: tuple[np.ndarray, np.ndarray] | None = None) -> FitResult:
@@ -64,5 +77,7 @@ class LinearHead(AffineHead):
         model, _ = self._fit_grid(X, y, grid=grid)
         device = model.weight.device
         with torch.no_grad():
-            pred = model(torch.as_tensor(held_out[0], dtype=torch.float32, device=device)).argmax(2).cpu().numpy()
-        return [float(a) for a in (pred == held_out[1][None]).mean(1)]
+            out = model(torch.as_tensor(held_out[0], dtype=torch.float32, device=device)).cpu().numpy()
+        if self.regress:  # held-out R^2, averaged over the targets
+            return [float(r2_scores(held_out[1], pred).mean()) for pred in out]
+        return [float(a) for a in (out.argmax(2) == held_out[1][None]).mean(1)]

@@ -8,7 +8,14 @@ from torch import nn
 
 from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
-from pipeline.stage2.heads.base import FitResult, Head, fold_standardiser, prepare_inputs
+from pipeline.stage2.heads.base import (
+    FitResult,
+    Head,
+    fold_standardiser,
+    prepare_inputs,
+    prepare_targets,
+    unscale_outputs,
+)
 from pipeline.stage2.heads.config import HeadConfig
 from pipeline.stage2.heads.fitting import TorchData, fitting_threads, ran_with, scaled_for_device, train_mlp
 
@@ -21,6 +28,8 @@ class MLPHead(Head):
                 "seed", "device")  # fmt: skip
     uses_class_weight = True
     uses_standardize = True
+    tasks = ("classify", "regress")  # regress: squared error on standardised targets
+    in_all = ("classify", "regress")
 
     def _module(self) -> nn.Sequential:
         return nn.Sequential(
@@ -34,6 +43,7 @@ class MLPHead(Head):
         device = resolve_device(self.cfg.device)
         cfg, _ = scaled_for_device(self.cfg, n=len(y), device=device)
         X, val, shift = prepare_inputs(X, val, cfg=cfg)
+        y, val, y_scale = prepare_targets(y, val, cfg=cfg)
         data = TorchData.build(X, y, val=val, cfg=cfg, num_classes=self.num_classes, device=device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)  # init and dropout masks
@@ -41,9 +51,11 @@ class MLPHead(Head):
             with fitting_threads(device):
                 histories = train_mlp(self.module, data, cfg=cfg)
         self.module = self.module.cpu().eval()
-        if shift is not None:
-            with torch.no_grad():
+        with torch.no_grad():
+            if shift is not None:
                 fold_standardiser(self.module[0].weight, self.module[0].bias, *shift)
+            if y_scale is not None:  # outputs in the targets' own units
+                unscale_outputs(self.module[3].weight, self.module[3].bias, *y_scale)
         return FitResult(history=histories[0], info=ran_with(self.cfg, device=device, n=len(y)))
 
     @classmethod
