@@ -259,7 +259,7 @@ class Backbone:
     model: nn.Module
     preprocess: Preprocessing
     name: str
-    weights: str  # str(WeightsIdentity): torchvision name, "none(seed=S)" or "file:<sha256>"
+    weights: str  # str(WeightsIdentity): torchvision name, "none(seed=S)", "file:<sha256>" or "timm:ARCH.TAG"
     feature_dim: int
     classifier_path: str  # where the original classifier sat, e.g. "fc" or "classifier.1" (used by export)
 
