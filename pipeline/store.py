@@ -51,6 +51,7 @@ import logging
 import os
 import platform
 import resource
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
@@ -125,7 +126,13 @@ def library_versions() -> dict[str, str]:
         "h5py": h5py.__version__,
         "scikit-learn": _version("scikit-learn"),
         "python": platform.python_version(),
-    }
+    } | _timm_version()
+
+
+def _timm_version() -> dict[str, str]:
+    """timm's version when it is loaded (a ``timm:`` backbone made the features): its model code computes them."""
+    timm = sys.modules.get("timm")
+    return {"timm": str(getattr(timm, "__version__", "?"))} if timm is not None else {}
 
 
 def _version(dist: str) -> str:
