@@ -55,6 +55,7 @@ import logging
 import os
 import platform
 import resource
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
@@ -129,7 +130,13 @@ def library_versions() -> dict[str, str]:
         "h5py": h5py.__version__,
         "scikit-learn": _version("scikit-learn"),
         "python": platform.python_version(),
-    }
+    } | _timm_version()
+
+
+def _timm_version() -> dict[str, str]:
+    """timm's version when it is loaded (a ``timm:`` backbone made the features): its model code computes them."""
+    timm = sys.modules.get("timm")
+    return {"timm": str(getattr(timm, "__version__", "?"))} if timm is not None else {}
 
 
 def _version(dist: str) -> str:
@@ -143,14 +150,16 @@ def _version(dist: str) -> str:
 @dataclass(frozen=True)
 class WeightsIdentity:
     """What made a backbone's weights, as feature files record it (the ``weights`` attribute), written and parsed
-    here only: ``ResNet18_Weights.IMAGENET1K_V1`` (torchvision), ``none(seed=S)`` (random init), ``file:<sha256>``."""
+    here only: ``ResNet18_Weights.IMAGENET1K_V1`` (torchvision), ``none(seed=S)`` (random init), ``file:<sha256>``,
+    ``timm:ARCH.TAG`` (a timm model's pretrained weights, by their tag)."""
 
-    kind: str  # "torchvision" | "none" | "file"
-    value: str  # the weights enum's name, the seed, or the file's sha256
+    kind: str  # "torchvision" | "none" | "file" | "timm"
+    value: str  # the weights enum's name, the seed, the file's sha256, or timm's ARCH.TAG
 
     def __str__(self) -> str:
-        none = f"none(seed={self.value})" if self.value else "none"  # bare "none": hand-made files, no seed recorded
-        return {"torchvision": self.value, "none": none, "file": f"file:{self.value}"}[self.kind]
+        if self.kind == "none":
+            return f"none(seed={self.value})" if self.value else "none"  # bare "none": hand-made files, no seed
+        return {"torchvision": "", "file": "file:", "timm": "timm:"}[self.kind] + self.value
 
     @classmethod
     def parse(cls, text: str) -> WeightsIdentity:
@@ -161,7 +170,9 @@ class WeightsIdentity:
             return cls("none", text[10:-1])
         if text.startswith("file:") and len(text) > 5:
             return cls("file", text[5:])
-        if "." in text and not text.startswith(("none", "file:")):  # e.g. "ResNet18_Weights.IMAGENET1K_V1"
+        if text.startswith("timm:") and len(text) > 5:
+            return cls("timm", text[5:])
+        if "." in text and not text.startswith(("none", "file:", "timm:")):  # e.g. "ResNet18_Weights.IMAGENET1K_V1"
             return cls("torchvision", text)
         raise PipelineError(f"cannot tell which backbone weights made these features (weights {text!r})")
 
@@ -171,11 +182,14 @@ class WeightsIdentity:
 
     @property
     def argument(self) -> str | None:
-        """The ``--weights`` value that loads these weights again (None for a file: only its hash is recorded)."""
-        return {"torchvision": self.value.rsplit(".", 1)[-1], "none": "none", "file": None}[self.kind]
+        """The ``--weights`` value that loads these weights again (None for a file: only its hash is recorded;
+        ``pretrained`` for timm, whose tag travels in the backbone name or is timm's default)."""
+        torchvision = self.value.rsplit(".", 1)[-1]
+        return {"torchvision": torchvision, "none": "none", "file": None, "timm": "pretrained"}[self.kind]
 
     def label(self, source: str | None = None) -> str:
-        """For people: the torchvision name, 'random init (seed=S)', or the file's name (``source``) and hash."""
+        """For people: the torchvision name (or timm's ARCH.TAG), 'random init (seed=S)', or the file's name
+        (``source``) and hash."""
         if self.kind == "file":
             return f"{Path(source).name} (sha256 {self.value[:8]})" if source else f"file sha256 {self.value[:8]}"
         if self.kind == "none":

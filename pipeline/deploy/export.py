@@ -35,10 +35,11 @@ from torchvision.transforms import InterpolationMode
 from pipeline.errors import PipelineError
 from pipeline.fileio import atomic_write, write_json
 from pipeline.stage1.backbones import (
+    TIMM_PREFIX,
     Backbone,
     Preprocessing,
-    available_backbones,
     file_sha256,
+    is_known_backbone,
     load_backbone,
 )
 from pipeline.stage2.heads import Head, HeadConfig, build_head, load_head
@@ -202,7 +203,7 @@ class ExportMeta:
             raise PipelineError(f"classes must be a non-empty list of distinct names, not {list(classes)!r}")
         if len(classes) != self.head_layer.out_features:
             raise PipelineError(f"{len(classes)} class names for a head with {self.head_layer.out_features} outputs")
-        if self.backbone not in available_backbones():
+        if not isinstance(self.backbone, str) or not is_known_backbone(self.backbone):
             raise PipelineError(f"unknown backbone {self.backbone!r}")
         if not isinstance(self.classifier_path, str) or not self.classifier_path:
             raise PipelineError(f"classifier_path must be a module path such as 'fc', not {self.classifier_path!r}")
@@ -273,14 +274,34 @@ def _meta(config: dict[str, Any], head: Head, layer: nn.Module, backbone: Backbo
         "head": head.name,
         "head_config": config.get("head_config"),
         "features_fingerprint": config.get("features_fingerprint"),
-        "state_dict_loads_into": (
-            f"torchvision.models.get_model({backbone.name!r}, num_classes={len(meta.classes)})"
-            if linear
-            else f"torchvision.models.get_model({backbone.name!r}) with {backbone.classifier_path} replaced by the "
-            f"{head.name} head's nn.Sequential (head_layer)"
-        ),
-        "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__},
+        "state_dict_loads_into": _loads_into(backbone, head=head.name, classes=len(meta.classes), linear=linear),
+        "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__, **_timm_version(backbone)},
     }
+
+
+def _loads_into(backbone: Backbone, *, head: str, classes: int, linear: bool) -> str:
+    """MODEL.json's note on which plain model MODEL.safetensors loads into (for other tools)."""
+    if backbone.name.startswith(TIMM_PREFIX):
+        sized = hasattr(backbone.model, "set_input_size")  # a fixed input size (ViTs): built at the crop size
+        size = f", img_size={backbone.preprocess.crop_size}" if sized else ""
+        build = f"timm.create_model({backbone.name[len(TIMM_PREFIX) :]!r}{size}"
+        if linear:
+            return f"{build}, num_classes={classes})"
+        return f"{build}, num_classes=0) with {backbone.classifier_path} replaced by the {head} head's nn.Sequential"
+    if linear:
+        return f"torchvision.models.get_model({backbone.name!r}, num_classes={classes})"
+    return (
+        f"torchvision.models.get_model({backbone.name!r}) with {backbone.classifier_path} replaced by the "
+        f"{head} head's nn.Sequential (head_layer)"
+    )
+
+
+def _timm_version(backbone: Backbone) -> dict[str, str]:
+    if not backbone.name.startswith(TIMM_PREFIX):
+        return {}
+    import timm  # a timm backbone was just built: it is installed
+
+    return {"timm": timm.__version__}
 
 
 # ------------------------------------------------------------------------------------------ the model
@@ -306,7 +327,7 @@ def rebuild_backbone(config: dict[str, Any]) -> Backbone:
     """The frozen backbone a head was trained on, checked against what the feature file recorded."""
     name = config.get("backbone")
     pre = config.get("preprocessing") or {}
-    if name not in available_backbones() or "crop_size" not in pre:
+    if not isinstance(name, str) or not is_known_backbone(name) or "crop_size" not in pre:
         raise PipelineError("this head was not trained on features from `pipeline extract`; nothing to export")
     weights, seed = _weights_argument(config)
     backbone = load_backbone(
@@ -316,6 +337,9 @@ def rebuild_backbone(config: dict[str, Any]) -> Backbone:
         raise PipelineError(
             f"rebuilt {name} preprocessing {backbone.preprocess.as_dict()} differs from the features' {pre}"
         )
+    if backbone.weights != config.get("weights"):  # e.g. timm's default tag for a name has changed since
+        raise PipelineError(f"rebuilt {name} has weights {backbone.weights}; the features were made with "
+                            f"{config.get('weights')}")  # fmt: skip
     if backbone.feature_dim != int(config["feature_dim"]):
         raise PipelineError(
             f"rebuilt {name} gives {backbone.feature_dim}-d features; the head takes {config['feature_dim']}"

@@ -29,7 +29,7 @@ from pipeline.deploy.export import IDENTITY_KEY, Decision, ExportMeta, attach_he
 from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.fileio import atomic_path
-from pipeline.stage1.backbones import Preprocessing, strip_classifier
+from pipeline.stage1.backbones import TIMM_PREFIX, Preprocessing, strip_classifier
 from pipeline.stage1.datasets import IMG_EXTENSIONS, load_image
 
 log = logging.getLogger(__name__)
@@ -129,9 +129,7 @@ def _assemble(meta: ExportMeta, state: dict[str, torch.Tensor]) -> nn.Module:
     bad = non_finite(state)
     if bad is not None:
         raise PipelineError(f"tensor {bad} holds NaN or infinite values")
-    with torch.random.fork_rng(devices=[]):  # the random init is overwritten; leave the caller's RNG alone
-        model = torchvision.models.get_model(meta.backbone, weights=None)
-    where = strip_classifier(model)
+    model, where = _architecture(meta.backbone, meta.preprocessing.crop_size)
     if where != meta.classifier_path:
         raise PipelineError(f"{meta.backbone}'s classifier is {where!r}, not {meta.classifier_path!r}")
     prefix = where + "."
@@ -149,6 +147,18 @@ def _assemble(meta: ExportMeta, state: dict[str, torch.Tensor]) -> nn.Module:
             raise PipelineError(f"tensor {k} is {got}; {meta.backbone} needs {want}")
     model.load_state_dict(state)
     return model
+
+
+def _architecture(backbone: str, crop_size: int) -> tuple[nn.Module, str]:
+    """The bare backbone (random init, overwritten by the tensors; the caller's RNG untouched) and where its
+    classifier sat: torchvision's, or a timm model fitted to ``crop_size`` as extract built it."""
+    if backbone.startswith(TIMM_PREFIX):
+        from pipeline.stage1.timm_models import timm_architecture  # timm is optional: imported for timm models only
+
+        return timm_architecture(backbone, crop_size)
+    with torch.random.fork_rng(devices=[]):
+        model = torchvision.models.get_model(backbone, weights=None)
+    return model, strip_classifier(model)
 
 
 @torch.inference_mode()

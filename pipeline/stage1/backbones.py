@@ -32,6 +32,7 @@ CLASSIFIER_ATTRS = ("fc", "classifier", "heads", "head")
 
 
 RESIZE_MODES = ("crop", "full")
+TIMM_PREFIX = "timm:"  # --backbone timm:NAME: a timm model (pipeline.stage1.timm_models)
 
 
 @dataclass(frozen=True)
@@ -258,7 +259,7 @@ class Backbone:
     model: nn.Module
     preprocess: Preprocessing
     name: str
-    weights: str  # str(WeightsIdentity): torchvision name, "none(seed=S)" or "file:<sha256>"
+    weights: str  # str(WeightsIdentity): torchvision name, "none(seed=S)", "file:<sha256>" or "timm:ARCH.TAG"
     feature_dim: int
     classifier_path: str  # where the original classifier sat, e.g. "fc" or "classifier.1" (used by export)
     # Set by with_outputs (--layers, --cache-at); None: the model returns the classifier's input only.
@@ -273,7 +274,12 @@ def available_backbones() -> list[str]:
 def _check_name(name: str) -> None:
     names = available_backbones()
     if name not in names:
-        raise PipelineError(f"unknown backbone {name!r}; choose one of: {', '.join(names)}")
+        raise PipelineError(f"unknown backbone {name!r}; choose one of: {', '.join(names)}, or timm:NAME")
+
+
+def is_known_backbone(name: str) -> bool:
+    """A torchvision model name or a ``timm:NAME`` (checked against timm's registry when it is built)."""
+    return name.startswith(TIMM_PREFIX) or name in available_backbones()
 
 
 def strip_classifier(model: nn.Module) -> str:
@@ -302,9 +308,18 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _read_state_file(path: Path) -> Any:
+    """A ``.safetensors`` file (tensors only), else ``torch.load`` with ``weights_only=True``: never unpickled."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path, device="cpu")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def _load_state_file(model: nn.Module, path: Path, classifier_path: str) -> None:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = _read_state_file(path)
     except Exception as e:  # noqa: BLE001 - any unpickling/format problem is the user's file
         raise PipelineError(f"cannot load weights file {path}: {str(e).splitlines()[0]}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
@@ -365,10 +380,16 @@ def load_backbone(
     """Build a frozen feature extractor and its preprocessing.
 
     ``weights`` is a torchvision weights name (``IMAGENET1K_V1``, ``DEFAULT``, ...), ``none`` (random init
-    seeded with ``seed``, so two processes get the same model) or a path to a local state_dict. The final
+    seeded with ``seed``, so two processes get the same model) or a path to a local state_dict (``.safetensors`` or
+    a torch file read with ``weights_only=True``). The final
     classifier becomes ``nn.Identity``; the model is in ``eval()`` mode with gradients off. ``resize``: see
     :class:`Preprocessing` (``crop`` = the weights' recipe, ``full`` = the whole image to the crop size).
+    ``timm:NAME`` builds a timm model instead (:func:`pipeline.stage1.timm_models.load_timm`).
     """
+    if name.startswith(TIMM_PREFIX):
+        from pipeline.stage1.timm_models import load_timm  # timm is optional: imported only for timm names
+
+        return load_timm(name, weights=weights, image_size=image_size, seed=seed, resize=resize)
     _check_name(name)
     pre = Preprocessing()
     if weights.lower() == "none":

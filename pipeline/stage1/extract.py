@@ -64,7 +64,9 @@ class ExtractConfig(SourceOptions):
     )
     weights: str = option(
         "IMAGENET1K_V1",
-        "torchvision weights name (IMAGENET1K_V1, DEFAULT, ...), 'none' (random init), or a state_dict path.",
+        "torchvision weights name (IMAGENET1K_V1, DEFAULT, ...), 'none' (random init), or a state_dict path "
+        "(.safetensors, or a torch file read without unpickling). For timm:NAME: 'pretrained' (also the default and "
+        "DEFAULT: the tag in NAME.TAG or timm's default, from the Hugging Face cache), 'none', or a path.",
     )
     image_size: int | None = option(None, "Crop size in pixels, 16-1024 (default: the weights' own).")
     device: str = option("auto", "auto picks cuda, then mps, then cpu.", choices=DEVICES)
@@ -214,8 +216,8 @@ def feature_identity(
 
 def default_out(cfg: ExtractConfig, source: Source, backbone: Backbone) -> Path:
     kind = WeightsIdentity.parse(backbone.weights).kind
-    weights = {"none": "none", "file": Path(cfg.weights).stem}.get(kind, cfg.weights)
-    parts = [source.name, cfg.backbone, weights]
+    weights = {"none": "none", "file": Path(cfg.weights).stem, "timm": "pretrained"}.get(kind, cfg.weights)
+    parts = [source.name, cfg.backbone.replace(":", "-"), weights]  # timm:NAME: no colon in a file name
     if cfg.image_size:
         parts.append(f"img{cfg.image_size}")
     if cfg.limit:
