@@ -54,11 +54,13 @@ class HeadConfig:
     target_recall: float | None = option(None, "Recall of --positive the threshold must reach, in (0, 1].")
     target_precision: float | None = option(None, "Precision of --positive the threshold must reach, in (0, 1].")
     layer: str | None = option(
-        None, "Which stored layer to train on (files made with extract --layers): a layer name, or 'all' (default: "
-        "all, their concatenation)."
+        None,
+        "Which stored layer to train on (files made with extract --layers): a layer name, or 'all' (default: "
+        "all, their concatenation).",
     )
     task: str = option(
-        "auto", "classify (labels) or regress (the file's --targets); auto = regress when the file has targets.",
+        "auto",
+        "classify (labels) or regress (the file's --targets); auto = regress when the file has targets.",
         choices=TASKS,
     )
     alpha: float = option(1.0, "L2 strength of the ridge head (chosen on held-out train with --sweep).")
