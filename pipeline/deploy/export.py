@@ -41,6 +41,7 @@ from pipeline.stage1.backbones import (
     file_sha256,
     load_backbone,
 )
+from pipeline.stage1.tail import put_back
 from pipeline.stage2.heads import Head, HeadConfig, build_head, load_head
 from pipeline.store import WeightsIdentity
 
@@ -370,6 +371,8 @@ def export_model(head_dir: Path | str, out: Path | str) -> ExportResult:
     if bad is not None:
         raise PipelineError(f"the head in {head_dir} has NaN or infinite values (in {bad}); train it again")
     backbone = rebuild_backbone(config)
+    if head.inputs == "activations":  # the tail head: its trained blocks go back into the backbone, by name
+        put_back(backbone.model, head.backbone_state())
     meta = _meta(config, head, layer, backbone, out)
     model = attach_head(backbone.model, backbone.classifier_path, layer)
     bad = non_finite(model.state_dict())

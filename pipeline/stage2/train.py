@@ -24,6 +24,7 @@ from pipeline.fileio import write_json, write_text
 from pipeline.stage2 import plots, thresholds
 from pipeline.stage2.evaluate import HeadMetrics, classification_metrics, report_notes, summarize
 from pipeline.stage2.heads import HEADS, Head, HeadConfig, build_head, save_head, warn_if_tiny
+from pipeline.stage2.heads.tail import require_activations, with_activations
 from pipeline.store import (
     FeatureMeta,
     FeatureSet,
@@ -192,7 +193,9 @@ def choose_threshold(
 
 def fit_and_evaluate(fs: FeatureSet, cfg: HeadConfig) -> tuple[Head, HeadMetrics, list[dict[str, float]]]:
     """Fit one head on ``fs.train`` (or its few-shot sample); metrics on that train and on val.
-    Val is never used to choose anything."""
+    Val is never used to choose anything. A head that takes activation maps (tail) gets them in place of features."""
+    if HEADS[cfg.head].inputs == "activations":
+        fs = with_activations(fs)
     positive = thresholds.positive_index(cfg.positive, fs.classes) if cfg.positive else None
     train = few_shot(fs.train, shots=cfg.shots, seed=cfg.seed) if cfg.shots else fs.train
     X, y = train.features, train.labels
@@ -245,7 +248,10 @@ def train_head(
     A head there trained with other settings is replaced only with ``force``."""
     features = Path(features)
     out = Path(out) if out else default_head_root(features) / cfg.head
-    fingerprint = read_meta(features).fingerprint  # a missing or foreign file is refused before any folder is made
+    meta = read_meta(features)  # a missing or foreign file is refused before any folder is made
+    fingerprint = meta.fingerprint
+    if HEADS[cfg.head].inputs == "activations":
+        require_activations(meta, features)
     with writing(out):
         check_replace(out / "config.json", settings=run_settings(cfg), fingerprint=fingerprint, what="a head",
                       force=force)  # fmt: skip
@@ -284,6 +290,7 @@ def head_config(fs: FeatureSet, head: Head, *, settings: dict[str, Any]) -> dict
         "classes": fs.classes,
         "preprocessing": fs.meta.get("preprocessing"),
         "classifier_path": fs.meta.get("classifier_path"),
+        "activations": fs.meta.get("activations"),  # the --cache-at node a tail head starts after
         "n_train": len(fs.train),
         "n_val": len(fs.val),
     }
@@ -417,6 +424,20 @@ def _compare_row(metrics: HeadMetrics) -> dict[str, Any]:
     return row
 
 
+def usable_heads(heads: list[str], meta: FeatureMeta) -> list[str]:
+    """``heads`` less those that need activation maps when the file has none (said in the log); none left is an
+    error."""
+    if meta.activations:
+        return heads
+    usable = [h for h in heads if HEADS[h].inputs == "features"]
+    if len(usable) < len(heads):
+        log.info("skipped %s: the file holds no activation maps (extract --cache-at NODE)",
+                 ", ".join(h for h in heads if h not in usable))  # fmt: skip
+    if not usable:
+        require_activations(meta, "the feature file")
+    return usable
+
+
 def compare(
     features: Path | str,
     *,
@@ -434,6 +455,7 @@ def compare(
     root = Path(out) if out else default_compare_root(features)
     meta = read_meta(features)
     fingerprint = meta.fingerprint
+    heads = usable_heads(heads, meta)
     scratch = None  # read before any head is trained: a refused baseline costs nothing
     if baseline is not None:
         from pipeline.stage2.baseline import baseline_row
@@ -493,9 +515,11 @@ def compare_shots(
     The heads themselves are not saved: this is a curve, not a model."""
     features = Path(features)
     root = Path(out) if out else default_compare_root(features)
+    meta = read_meta(features)
+    fingerprint = meta.fingerprint
+    heads = usable_heads(heads, meta)
     labels = [_shot_label(s) for s in shots]
     settings = {"heads": {name: run_settings(replace(base, head=name)) for name in heads}, "shots": labels}
-    fingerprint = read_meta(features).fingerprint
     with writing(root):
         what = "a few-shot comparison"
         check_replace(root / "shots.json", settings=settings, fingerprint=fingerprint, what=what, force=force)

@@ -28,6 +28,7 @@ from pipeline.stage2.heads.knn import KNNHead
 from pipeline.stage2.heads.linear import LinearHead
 from pipeline.stage2.heads.logreg import LogRegHead
 from pipeline.stage2.heads.mlp import MLPHead
+from pipeline.stage2.heads.tail import TailHead
 
 HEAD_FILE = "head.safetensors"
 
@@ -37,11 +38,12 @@ HEADS: dict[str, type[Head]] = {
     MLPHead.name: MLPHead,
     KNNHead.name: KNNHead,
     CentroidHead.name: CentroidHead,
+    TailHead.name: TailHead,  # trains on activation maps (extract --cache-at), not on the feature vectors
 }
 
 __all__ = [
     "HEADS", "HEAD_FILE", "FitResult", "Head", "HeadConfig", "balanced_weights", "build_head", "load_head",
-    "save_head", "warn_if_tiny", "CentroidHead", "KNNHead", "LinearHead", "LogRegHead", "MLPHead",
+    "save_head", "warn_if_tiny", "CentroidHead", "KNNHead", "LinearHead", "LogRegHead", "MLPHead", "TailHead",
 ]  # fmt: skip
 
 

@@ -30,6 +30,7 @@ class Head(ABC):
     uses_class_weight: ClassVar[bool] = False
     uses_standardize: ClassVar[bool] = False  # trained by gradient on the features as given, unless --standardize
     settings: ClassVar[tuple[str, ...]] = ()  # the HeadConfig fields it reads (config.json lists only these)
+    inputs: ClassVar[str] = "features"  # what fit/logits take: "features" (N, D) or "activations" (the tail head)
 
     def __init__(self, cfg: HeadConfig, *, num_classes: int, feature_dim: int):
         self.cfg, self.num_classes, self.feature_dim = cfg, num_classes, feature_dim

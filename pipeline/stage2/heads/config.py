@@ -54,17 +54,25 @@ class HeadConfig:
     target_recall: float | None = option(None, "Recall of --positive the threshold must reach, in (0, 1].")
     target_precision: float | None = option(None, "Precision of --positive the threshold must reach, in (0, 1].")
     layer: str | None = option(
-        None, "Which stored layer to train on (files made with extract --layers): a layer name, or 'all' (default: "
-        "all, their concatenation)."
+        None,
+        "Which stored layer to train on (files made with extract --layers): a layer name, or 'all' (default: "
+        "all, their concatenation).",
     )
     task: str = option(
-        "auto", "classify (labels) or regress (the file's --targets); auto = regress when the file has targets.",
+        "auto",
+        "classify (labels) or regress (the file's --targets); auto = regress when the file has targets.",
         choices=TASKS,
     )
     alpha: float = option(1.0, "L2 strength of the ridge head (chosen on held-out train with --sweep).")
     shots: int | None = option(None, "Train on K examples per class (seeded sample).", cli=False)
     seed: int = option(0, "Seed of initialisation, batches and samples.")
     device: str = option("auto", "Where torch heads train.", choices=DEVICES)
+    train_bn: bool = option(
+        False,
+        "tail head: BatchNorm in train mode (its running statistics move with the new data); default: eval mode, "
+        "the backbone's statistics kept.",
+        flag=True,
+    )
 
     def __post_init__(self) -> None:
         from pipeline.stage2.heads import HEADS  # the registry imports the heads, which import this module
