@@ -7,13 +7,13 @@ import csv
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file
 from torchvision.models.feature_extraction import create_feature_extractor
 
+from pipeline.bench.tail import add_activations
 from pipeline.deploy.export import export_model
 from pipeline.deploy.predict import load_classifier, predict
 from pipeline.errors import PipelineError
@@ -25,28 +25,10 @@ from pipeline.stage2.heads import HEAD_FILE, HeadConfig, TailHead, load_head
 from pipeline.stage2.heads import tail as tail_module
 from pipeline.stage2.heads.tail import ActivationRows, build_tail, with_activations
 from pipeline.stage2.train import compare, fit_and_evaluate, train_head
-from pipeline.store import encode_attr, read_features, read_meta
+from pipeline.store import read_features
 from tests.conftest import TINY_EXTRACT, assert_one_line_error, run, write_image_folder
 
 NODE = "layer3"
-
-
-def add_activations(path: Path, images: Path, *, node: str) -> None:
-    """Store ``/<split>/activations`` (float16) and the ``activations`` attribute in an extracted file, per the
-    store's schema, computed with ``create_feature_extractor`` on the same images and preprocessing (what
-    ``extract --cache-at`` is to write)."""
-    meta = read_meta(path)
-    backbone = load_backbone(meta.backbone, weights="none", image_size=meta.preprocessing["crop_size"], seed=0)
-    front = create_feature_extractor(backbone.model, {node: "a"})
-    with h5py.File(path, "r+") as f:
-        for split in ("train", "val"):
-            ids = f[split]["ids"].asstr()[()]
-            batch = torch.stack([backbone.preprocess.geometry(load_image(images / i)) for i in ids])
-            with torch.inference_mode():
-                acts = front(backbone.preprocess.normalize(batch))["a"].numpy()
-            f[split].create_dataset("activations", data=acts.astype(np.float16))
-        f.attrs["activations"] = encode_attr("activations", {"node": node, "shape": list(acts.shape[1:]),
-                                                             "dtype": "float16"})  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +39,7 @@ def cached(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     images = write_image_folder(root / "images", per_class=8)
     feats = root / "resnet18.h5"
     extract(ExtractConfig(dataset=str(images), out=str(feats), **TINY_EXTRACT))
-    add_activations(feats, images, node=NODE)
+    add_activations(feats, images_root=images, node=NODE)  # what extract --cache-at writes
     head_dir = root / "heads" / "tail"
     train_head(feats, HeadConfig(head="tail", epochs=4, batch_size=8, lr=1e-3, device="cpu"), out=head_dir)
     return {"root": root, "images": images, "features": feats, "head": head_dir}
