@@ -205,3 +205,20 @@ def read_json(path: Path) -> Any:
     import json
 
     return json.loads(path.read_text())
+
+
+def test_the_benchmarks_recompute_loop_trains_like_the_cached_one(cached: dict[str, Path]) -> None:
+    """bench.tail's loop without a cache (the front run at every read) is the tail head's own loop: on the same
+    (float32) maps it ends with the same history."""
+    from pipeline.bench.tail import RecomputedActivations, _front, _images, run_front
+
+    fs = read_features(cached["features"])
+    front, pre = _front(fs.meta, NODE)
+    images = _images(fs.train.ids, root=cached["images"], pre=pre)
+    live = RecomputedActivations(images=images, front=front, pre=pre, meta=fs.meta, split="train")
+    stored = ActivationRows.in_memory(run_front(front, images, pre=pre), fs.meta)
+    histories = []
+    for rows in (ActivationRows(live, np.arange(len(images))), stored):
+        head = TailHead(HeadConfig(head="tail", epochs=2, batch_size=8), num_classes=3, feature_dim=512)
+        histories.append(head.fit(rows, fs.train.labels).history)
+    assert histories[0] == histories[1] and len(histories[0]) == 2

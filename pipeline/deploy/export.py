@@ -6,7 +6,8 @@
                        tools. ``torch.export.load`` unpickles parts of such an archive: load only ones you trust.
                        ``predict`` never opens it.
     MODEL.safetensors  the whole model's ``state_dict`` (backbone and head), tensors only; what ``predict`` loads.
-                       For a linear head (linear, logreg, centroid) it loads into the plain
+                       For a linear head (linear, logreg, centroid, and tail, whose trained blocks
+                       replace the backbone's by name) it loads into the plain
                        ``torchvision.models.get_model(backbone, num_classes=C)``.
     MODEL.json         class names, preprocessing, backbone, where the head sits and what it is (:class:`ExportMeta`)
 

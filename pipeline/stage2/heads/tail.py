@@ -156,10 +156,7 @@ def backbone_of(meta: FeatureMeta) -> Backbone:
     """The frozen backbone that made a feature file, rebuilt from its metadata as ``export`` rebuilds it (a weights
     file must still be where ``extract --weights`` found it, with the recorded sha256)."""
     from pipeline.deploy.export import rebuild_backbone  # the one rebuild of a backbone from its recorded identity
-    from pipeline.stage1.backbones import available_backbones
 
-    if meta.backbone not in available_backbones():
-        raise PipelineError(f"the tail head needs the backbone that made the activations; {meta.backbone!r} is not one")
     record = {"backbone": meta.backbone, "weights": meta.weights, "extract_config": meta.config,
               "preprocessing": meta.preprocessing, "feature_dim": meta.feature_dim}  # fmt: skip
     return rebuild_backbone(record)
@@ -201,7 +198,8 @@ def _batches(
 
 
 class TailHead(Head):
-    """The backbone's blocks after the cached node, then ``nn.Linear(D, C)``; trained with Adam on the activations."""
+    """The backbone's blocks after the --cache-at node plus a new nn.Linear(D, C), trained with Adam on the cached
+    activation maps (extract --cache-at NODE); export puts the blocks back into the backbone."""
 
     name = "tail"
     inputs = "activations"
