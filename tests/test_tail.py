@@ -222,3 +222,10 @@ def test_the_benchmarks_recompute_loop_trains_like_the_cached_one(cached: dict[s
         head = TailHead(HeadConfig(head="tail", epochs=2, batch_size=8), num_classes=3, feature_dim=512)
         histories.append(head.fit(rows, fs.train.labels).history)
     assert histories[0] == histories[1] and len(histories[0]) == 2
+
+
+def test_a_missing_weights_file_is_one_line(cached: dict[str, Path]) -> None:
+    meta = read_features(cached["features"]).meta
+    moved = type(meta).from_dict({**meta.as_dict(), "weights": "file:" + "0" * 64, "config": {"weights": "/gone.pt"}})
+    with pytest.raises(PipelineError, match=r"tail head starts from the backbone .* \(/gone.pt\); not found"):
+        build_tail(moved)

@@ -159,7 +159,10 @@ def backbone_of(meta: FeatureMeta) -> Backbone:
 
     record = {"backbone": meta.backbone, "weights": meta.weights, "extract_config": meta.config,
               "preprocessing": meta.preprocessing, "feature_dim": meta.feature_dim}  # fmt: skip
-    return rebuild_backbone(record)
+    try:
+        return rebuild_backbone(record)
+    except PipelineError as e:  # its messages speak of export; say who needed the backbone here
+        raise PipelineError(f"the tail head starts from the backbone that made the activations: {e}") from None
 
 
 def build_tail(meta: FeatureMeta) -> nn.Module:
