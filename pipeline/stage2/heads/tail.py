@@ -121,21 +121,22 @@ class ActivationRows:
         return self.source.meta
 
     def blocks(self, *, rng: np.random.Generator | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """``(positions, maps)`` covering every row once: in order, or with ``rng`` shuffled (blocks of consecutive
-        rows in random order, rows shuffled within each; one block when the split is held in memory)."""
-        n = len(self.rows)
-        held = self.source.array is not None or self.source.count * self.source.row_bytes <= IN_MEMORY_BYTES
-        step = n if held else max(1, BLOCK_BYTES // self.source.row_bytes)
-        starts = np.arange(0, n, max(step, 1))
-        if rng is not None:
-            starts = rng.permutation(starts)
-        for start in starts:
-            positions = np.arange(start, min(n, start + step))
-            maps = self.source.read(self.rows[positions])
-            if rng is not None:
-                shuffle = rng.permutation(len(positions))
-                positions, maps = positions[shuffle], maps[shuffle]
-            yield positions, maps
+        """``(positions, maps)`` covering every row once, at most ``BLOCK_BYTES`` of maps at a time: in order, or
+        shuffled with ``rng``: wholly when the split is held in memory; else blocks of consecutive rows (fast reads)
+        in random order, the rows shuffled within each."""
+        n, row_bytes = len(self.rows), self.source.row_bytes
+        step = max(1, BLOCK_BYTES // row_bytes) if row_bytes else max(n, 1)
+        held = self.source.array is not None or self.source.count * row_bytes <= IN_MEMORY_BYTES
+        if held:
+            order = rng.permutation(n) if rng is not None else np.arange(n)
+            chunks = [order[a : a + step] for a in range(0, n, step)]
+        else:
+            starts = np.arange(0, n, step)
+            starts = rng.permutation(starts) if rng is not None else starts
+            chunks = [np.arange(a, min(n, a + step)) for a in starts]
+            chunks = [rng.permutation(c) for c in chunks] if rng is not None else chunks
+        for positions in chunks:
+            yield positions, self.source.read(self.rows[positions])
 
 
 def with_activations(fs: FeatureSet) -> FeatureSet:
