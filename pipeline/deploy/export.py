@@ -6,7 +6,8 @@
                        tools. ``torch.export.load`` unpickles parts of such an archive: load only ones you trust.
                        ``predict`` never opens it.
     MODEL.safetensors  the whole model's ``state_dict`` (backbone and head), tensors only; what ``predict`` loads.
-                       For a linear head (linear, logreg, centroid) it loads into the plain
+                       For a linear head (linear, logreg, centroid, and tail, whose trained blocks
+                       replace the backbone's by name) it loads into the plain
                        ``torchvision.models.get_model(backbone, num_classes=C)``.
     MODEL.json         class names, preprocessing, backbone, where the head sits and what it is (:class:`ExportMeta`)
 
@@ -42,6 +43,7 @@ from pipeline.stage1.backbones import (
     is_known_backbone,
     load_backbone,
 )
+from pipeline.stage1.tail import put_back
 from pipeline.stage2.heads import Head, HeadConfig, build_head, load_head
 from pipeline.store import WeightsIdentity
 
@@ -404,6 +406,8 @@ def export_model(head_dir: Path | str, out: Path | str) -> ExportResult:
     if bad is not None:
         raise PipelineError(f"the head in {head_dir} has NaN or infinite values (in {bad}); train it again")
     backbone = rebuild_backbone(config)
+    if head.inputs == "activations":  # the tail head: its trained blocks go back into the backbone, by name
+        put_back(backbone.model, head.backbone_state())
     meta = _meta(config, head, layer, backbone, out)
     model = attach_head(backbone.model, backbone.classifier_path, layer)
     bad = non_finite(model.state_dict())

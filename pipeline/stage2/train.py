@@ -32,6 +32,7 @@ from pipeline.stage2.evaluate import (
     summarize_regression,
 )
 from pipeline.stage2.heads import HEADS, Head, HeadConfig, build_head, save_head, warn_if_tiny
+from pipeline.stage2.heads.tail import require_activations, with_activations
 from pipeline.stage2.regression import random_holdout, resolve_task, with_task
 from pipeline.store import (
     ALL_LAYERS,
@@ -225,10 +226,12 @@ def choose_threshold(
 def fit_and_evaluate(fs: FeatureSet, cfg: HeadConfig) -> tuple[Head, HeadMetrics, list[dict[str, float]]]:
     """Fit one head on ``fs.train`` (or its few-shot sample); metrics on that train and on val.
     Val is never used to choose anything. A file with regression targets is regressed (``--task``, see
-    :mod:`pipeline.stage2.regression`)."""
+    :mod:`pipeline.stage2.regression`). A head that takes activation maps (tail) gets them in place of features."""
     cfg = with_task(cfg, fs.meta)
     if cfg.task == "regress":
         return fit_and_evaluate_regression(fs, cfg)
+    if HEADS[cfg.head].inputs == "activations":
+        fs = with_activations(fs)
     positive = thresholds.positive_index(cfg.positive, fs.classes) if cfg.positive else None
     train = few_shot(fs.train, shots=cfg.shots, seed=cfg.seed) if cfg.shots else fs.train
     X, y = train.features, train.labels
@@ -314,6 +317,8 @@ def train_head(
     meta = read_meta(features)  # a missing or foreign file, or an unknown --layer, is refused before any folder
     cfg = with_task(with_layer(cfg, meta, features=features), meta)
     out = Path(out) if out else default_head_root(features, layer=cfg.layer) / cfg.head
+    if HEADS[cfg.head].inputs == "activations":
+        require_activations(meta, features)
     with writing(out):
         check_replace(out / "config.json", settings=run_settings(cfg), fingerprint=meta.fingerprint, what="a head",
                       force=force)  # fmt: skip
@@ -354,6 +359,7 @@ def head_config(fs: FeatureSet, head: Head, *, settings: dict[str, Any]) -> dict
         "classes": fs.classes,
         "preprocessing": fs.meta.get("preprocessing"),
         "classifier_path": fs.meta.get("classifier_path"),
+        "activations": fs.meta.get("activations"),  # the --cache-at node a tail head starts after
         "n_train": len(fs.train),
         "n_val": len(fs.val),
     } | ({"targets": list(fs.meta.targets["names"])} if head.regress else {})
@@ -532,6 +538,20 @@ def check_heads(root: Path, *, heads: list[str], base: HeadConfig, fingerprint: 
                       fingerprint=fingerprint, what=f"a {name} head", force=force)  # fmt: skip
 
 
+def usable_heads(heads: list[str], meta: FeatureMeta) -> list[str]:
+    """``heads`` less those that need activation maps when the file has none (said in the log); none left is an
+    error."""
+    if meta.activations:
+        return heads
+    usable = [h for h in heads if HEADS[h].inputs == "features"]
+    if len(usable) < len(heads):
+        log.info("skipped %s: the file holds no activation maps (extract --cache-at NODE)",
+                 ", ".join(h for h in heads if h not in usable))  # fmt: skip
+    if not usable:
+        require_activations(meta, "the feature file")
+    return usable
+
+
 def compare(
     features: Path | str,
     *,
@@ -550,6 +570,7 @@ def compare(
     base = with_layer(base, meta, features=features)
     root = Path(out) if out else default_compare_root(features, layer=base.layer)
     fingerprint = meta.fingerprint
+    heads = usable_heads(heads, meta)
     task = resolve_task(base.task, meta)
     for name in heads:  # a head that cannot do the task is refused before anything is trained
         with_task(replace(base, head=name), meta)
@@ -716,6 +737,7 @@ def compare_shots(
     meta = read_meta(features)
     base = with_layer(base, meta, features=features)
     root = Path(out) if out else default_compare_root(features, layer=base.layer)
+    heads = usable_heads(heads, meta)
     labels = [_shot_label(s) for s in shots]
     settings = {"heads": {name: run_settings(replace(base, head=name)) for name in heads}, "shots": labels}
     if resolve_task(base.task, meta) == "regress":

@@ -29,6 +29,7 @@ from pipeline.stage2.heads.linear import LinearHead
 from pipeline.stage2.heads.logreg import LogRegHead
 from pipeline.stage2.heads.mlp import MLPHead
 from pipeline.stage2.heads.ridge import RidgeHead
+from pipeline.stage2.heads.tail import TailHead
 
 HEAD_FILE = "head.safetensors"
 
@@ -39,11 +40,13 @@ HEADS: dict[str, type[Head]] = {
     KNNHead.name: KNNHead,
     CentroidHead.name: CentroidHead,
     RidgeHead.name: RidgeHead,
+    TailHead.name: TailHead,  # trains on activation maps (extract --cache-at), not on the feature vectors
 }
 
 __all__ = [
     "HEADS", "HEAD_FILE", "FitResult", "Head", "HeadConfig", "balanced_weights", "build_head", "load_head",
     "save_head", "warn_if_tiny", "CentroidHead", "KNNHead", "LinearHead", "LogRegHead", "MLPHead", "RidgeHead",
+    "TailHead",
 ]  # fmt: skip
 
 

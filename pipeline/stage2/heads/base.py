@@ -32,6 +32,7 @@ class Head(ABC):
     settings: ClassVar[tuple[str, ...]] = ()  # the HeadConfig fields it reads (config.json lists only these)
     tasks: ClassVar[tuple[str, ...]] = ("classify",)  # what it can do: "classify" (labels), "regress" (targets)
     in_all: ClassVar[tuple[str, ...]] = ("classify",)  # the tasks for which `compare --heads all` trains it
+    inputs: ClassVar[str] = "features"  # what fit/logits take: "features" (N, D) or "activations" (the tail head)
 
     def __init__(self, cfg: HeadConfig, *, num_classes: int, feature_dim: int):
         # num_classes: the outputs, i.e. the number of targets of a regression head (cfg.task == "regress")

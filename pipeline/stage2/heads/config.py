@@ -67,6 +67,12 @@ class HeadConfig:
     shots: int | None = option(None, "Train on K examples per class (seeded sample).", cli=False)
     seed: int = option(0, "Seed of initialisation, batches and samples.")
     device: str = option("auto", "Where torch heads train.", choices=DEVICES)
+    train_bn: bool = option(
+        False,
+        "tail head: BatchNorm in train mode (its running statistics move with the new data); default: eval mode, "
+        "the backbone's statistics kept.",
+        flag=True,
+    )
 
     def __post_init__(self) -> None:
         from pipeline.stage2.heads import HEADS  # the registry imports the heads, which import this module
