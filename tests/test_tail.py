@@ -13,7 +13,6 @@ import torch
 from safetensors.numpy import load_file
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from pipeline.bench.tail import add_activations
 from pipeline.deploy.export import export_model
 from pipeline.deploy.predict import load_classifier, predict
 from pipeline.errors import PipelineError
@@ -38,8 +37,7 @@ def cached(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tail")
     images = write_image_folder(root / "images", per_class=8)
     feats = root / "resnet18.h5"
-    extract(ExtractConfig(dataset=str(images), out=str(feats), **TINY_EXTRACT))
-    add_activations(feats, images_root=images, node=NODE)  # what extract --cache-at writes
+    extract(ExtractConfig(dataset=str(images), out=str(feats), cache_at=NODE, **TINY_EXTRACT))
     head_dir = root / "heads" / "tail"
     train_head(feats, HeadConfig(head="tail", epochs=4, batch_size=8, lr=1e-3, device="cpu"), out=head_dir)
     return {"root": root, "images": images, "features": feats, "head": head_dir}
