@@ -8,8 +8,11 @@
     MODEL.safetensors  the whole model's ``state_dict`` (backbone and head), tensors only; what ``predict`` loads.
                        For a linear head (linear, logreg, centroid, and tail, whose trained blocks
                        replace the backbone's by name) it loads into the plain
-                       ``torchvision.models.get_model(backbone, num_classes=C)``.
-    MODEL.json         class names, preprocessing, backbone, where the head sits and what it is (:class:`ExportMeta`)
+                       ``torchvision.models.get_model(backbone, num_classes=C)``. A head trained on pooled inner
+                       layers (``extract --layers``, ``train-head --layer``) sits after the traced backbone that
+                       computes them instead: ``backbone.*`` and ``head.*`` (:func:`classifier_model`).
+    MODEL.json         class names, preprocessing, backbone, where the head sits and what it is, and the pooled layers
+                       it takes, if any (:class:`ExportMeta`)
 
 ``predict`` rebuilds the model from MODEL.json (``torchvision.models.get_model(backbone, weights=None)``, the head's
 layer put where the classifier was) and loads the tensors: no pickle is read, so a crafted file cannot run code.
@@ -23,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,16 +46,18 @@ from pipeline.stage1.backbones import (
     file_sha256,
     is_known_backbone,
     load_backbone,
+    with_outputs,
 )
 from pipeline.stage1.tail import put_back
 from pipeline.stage2.heads import Head, HeadConfig, build_head, load_head
-from pipeline.store import WeightsIdentity
+from pipeline.store import ALL_LAYERS, WeightsIdentity
 
 log = logging.getLogger(__name__)
 PROGRAM_SUFFIX = ".pt2"
 EXPORT_FORMAT = "pipeline.exported-classifier"
 EXPORT_VERSION = 2  # 2: MODEL.safetensors + head_layer in MODEL.json (1 had MODEL.pth, read through the program)
 IDENTITY_KEY = "pipeline.deploy.export"  # the safetensors metadata entry that repeats what MODEL.json says the model is
+LAYERS_BODY, LAYERS_HEAD = "backbone", "head"  # a model on pooled layers: the traced backbone, then the head's layer
 
 
 @dataclass(frozen=True)
@@ -194,8 +200,11 @@ class ExportMeta:
     classifier_path: str
     head_layer: HeadLayer
     decision: Decision | None = None  # None: argmax
+    layers: tuple[str, ...] | None = None  # the pooled nodes the head takes, in order (extract --layers); None: the
+    # classifier's input, the head where the classifier was
 
     def __post_init__(self) -> None:
+        check_layers(self.layers)
         classes = self.classes
         if (
             not classes
@@ -219,7 +228,12 @@ class ExportMeta:
             "classifier_path": self.classifier_path,
             "preprocessing": self.preprocessing.as_dict(),
             "head_layer": self.head_layer.as_dict(),
-        }
+        } | ({"layers": list(self.layers)} if self.layers else {})  # absent without layers: models as before
+
+    @property
+    def head_path(self) -> str:
+        """Where the head's layer sits in the model (its tensors are named ``<head_path>.*``)."""
+        return LAYERS_HEAD if self.layers else self.classifier_path
 
     @classmethod
     def from_dict(cls, d: Any) -> ExportMeta:
@@ -242,7 +256,11 @@ class ExportMeta:
             raise PipelineError(f"head_layer: {e}") from None
         pre = read_preprocessing(d["preprocessing"])
         decision = Decision.from_dict(d.get("decision"))
-        return cls(tuple(d["classes"]), pre, d["backbone"], d["classifier_path"], layer, decision)
+        layers = d.get("layers")
+        if layers is not None and not isinstance(layers, list):
+            raise PipelineError(f"layers must be a list of node names, not {layers!r}")
+        layers = None if layers is None else tuple(layers)
+        return cls(tuple(d["classes"]), pre, d["backbone"], d["classifier_path"], layer, decision, layers)
 
 
 def read_meta(path: Path) -> ExportMeta:
@@ -261,8 +279,14 @@ def read_meta(path: Path) -> ExportMeta:
 def _meta(config: dict[str, Any], head: Head, layer: nn.Module, backbone: Backbone, out: Path) -> dict[str, Any]:
     """The one writer of MODEL.json: :class:`ExportMeta`'s fields plus what produced the model."""
     meta = ExportMeta(tuple(config["classes"]), backbone.preprocess, backbone.name, backbone.classifier_path,
-                      HeadLayer.of(head, layer), Decision.from_dict(config.get("decision")))  # fmt: skip
+                      HeadLayer.of(head, layer), Decision.from_dict(config.get("decision")),
+                      layers=tuple(e["name"] for e in backbone.layers) if backbone.layers else None)  # fmt: skip
     linear = meta.head_layer.type == "linear"
+    loads_into = (
+        _layers_loads_into(backbone, meta)
+        if meta.layers
+        else _loads_into(backbone, head=head.name, classes=len(meta.classes), linear=linear)
+    )
     return {
         "format": EXPORT_FORMAT,
         "format_version": EXPORT_VERSION,
@@ -276,7 +300,7 @@ def _meta(config: dict[str, Any], head: Head, layer: nn.Module, backbone: Backbo
         "head": head.name,
         "head_config": config.get("head_config"),
         "features_fingerprint": config.get("features_fingerprint"),
-        "state_dict_loads_into": _loads_into(backbone, head=head.name, classes=len(meta.classes), linear=linear),
+        "state_dict_loads_into": loads_into,
         "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__, **_timm_version(backbone)},
     }
 
@@ -298,6 +322,19 @@ def _loads_into(backbone: Backbone, *, head: str, classes: int, linear: bool) ->
     )
 
 
+def _layers_loads_into(backbone: Backbone, meta: ExportMeta) -> str:
+    """MODEL.json's note for a head on pooled layers: no plain model has that shape, so say how it is built."""
+    if backbone.name.startswith(TIMM_PREFIX):
+        build = f"timm.create_model({backbone.name[len(TIMM_PREFIX) :]!r}, num_classes=0) traced with timm's"
+    else:
+        build = f"torchvision.models.get_model({backbone.name!r}) traced with torchvision's"
+    return (
+        f"{build} create_feature_extractor(return_nodes={list(meta.layers)}) as {LAYERS_BODY}.body, each node's "
+        f"output averaged over its spatial positions (or tokens) and concatenated in that order, then the "
+        f"{meta.head_layer.type} head's layer as {LAYERS_HEAD} (pipeline.deploy.export.classifier_model)"
+    )
+
+
 def _timm_version(backbone: Backbone) -> dict[str, str]:
     if not backbone.name.startswith(TIMM_PREFIX):
         return {}
@@ -307,6 +344,44 @@ def _timm_version(backbone: Backbone) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------ the model
+
+
+def check_layers(layers: Any) -> None:
+    """``layers`` is None or a non-empty tuple of distinct node names (MODEL.json's ``layers``)."""
+    ok = layers is None or (
+        isinstance(layers, tuple)
+        and bool(layers)
+        and all(isinstance(n, str) and n.strip() == n and n for n in layers)
+        and len(set(layers)) == len(layers)
+    )
+    if not ok:
+        shown = list(layers) if isinstance(layers, tuple) else layers
+        raise PipelineError(f"layers must be a non-empty list of distinct node names, not {shown!r}")
+
+
+def layer_names(config: dict[str, Any]) -> list[str] | None:
+    """The pooled layers a head takes, in the order of its input, from its config.json: for ``train-head --layer
+    NAME`` that one, for ``all`` the file's layers in file order (``layers`` records them as the head saw them);
+    None for a head on the classifier's input (a file made without ``--layers``)."""
+    layers, layer = config.get("layers"), config.get("layer")
+    if not layers:
+        return None
+    names = [e.get("name") if isinstance(e, dict) else None for e in layers] if isinstance(layers, list) else [None]
+    if not all(isinstance(n, str) and n for n in names):
+        raise PipelineError(f"the head's config.json has a damaged 'layers' entry: {json.dumps(layers)[:120]}")
+    if layer not in (None, ALL_LAYERS) and names != [layer]:
+        raise PipelineError(f"the head's config.json says layer {layer!r} but layers {names}; train it again")
+    return names
+
+
+def classifier_model(backbone: Backbone, layer: nn.Module) -> nn.Module:
+    """The classifier export writes and predict rebuilds: ``layer`` (a head's ``as_module()``) where the backbone's
+    classifier sat; or, for a backbone on pooled layers (:func:`with_outputs`), the traced backbone as
+    ``backbone`` followed by ``layer`` as ``head``. In ``eval()`` mode with gradients off."""
+    if not backbone.layers:
+        return attach_head(backbone.model, backbone.classifier_path, layer)
+    model = nn.Sequential(OrderedDict([(LAYERS_BODY, backbone.model), (LAYERS_HEAD, layer)]))
+    return model.eval().requires_grad_(False)
 
 
 def _weights_argument(config: dict[str, Any]) -> tuple[str, int]:
@@ -325,8 +400,9 @@ def _weights_argument(config: dict[str, Any]) -> tuple[str, int]:
     return str(path), 0
 
 
-def rebuild_backbone(config: dict[str, Any]) -> Backbone:
-    """The frozen backbone a head was trained on, checked against what the feature file recorded."""
+def rebuild_backbone(config: dict[str, Any], *, layers: list[str] | None = None) -> Backbone:
+    """The frozen backbone a head was trained on, checked against what the feature file recorded; with ``layers``,
+    one that outputs those nodes pooled and concatenated (:func:`with_outputs`), each as wide as recorded."""
     name = config.get("backbone")
     pre = config.get("preprocessing") or {}
     if not isinstance(name, str) or not is_known_backbone(name) or "crop_size" not in pre:
@@ -342,6 +418,10 @@ def rebuild_backbone(config: dict[str, Any]) -> Backbone:
     if backbone.weights != config.get("weights"):  # e.g. timm's default tag for a name has changed since
         raise PipelineError(f"rebuilt {name} has weights {backbone.weights}; the features were made with "
                             f"{config.get('weights')}")  # fmt: skip
+    if layers:
+        backbone = with_outputs(backbone, layers=layers)
+        if backbone.layers != config.get("layers"):
+            raise PipelineError(f"rebuilt {name} gives the layers {backbone.layers}; the head took {config['layers']}")
     if backbone.feature_dim != int(config["feature_dim"]):
         raise PipelineError(
             f"rebuilt {name} gives {backbone.feature_dim}-d features; the head takes {config['feature_dim']}"
@@ -391,11 +471,7 @@ def export_model(head_dir: Path | str, out: Path | str) -> ExportResult:
             f"--out must end in {PROGRAM_SUFFIX} (the .safetensors and .json are written beside it), not {out}"
         )
     head, config = load_head(Path(head_dir))
-    if config.get("layers"):  # pooled inner layers (extract --layers): the backbone alone does not compute them
-        raise PipelineError(
-            f"{head_dir} was trained on pooled layers ({config.get('layer')} of an extract --layers file), which "
-            "export does not build yet; export a head trained on features extracted without --layers"
-        )
+    layers = layer_names(config)  # pooled inner layers (extract --layers): the backbone is traced to compute them
     if head.regress:  # predict would read its outputs as class scores
         raise PipelineError(
             f"{head_dir} holds a regression head ({', '.join(config.get('targets', []))}): export and predict are for "
@@ -405,11 +481,11 @@ def export_model(head_dir: Path | str, out: Path | str) -> ExportResult:
     bad = non_finite(layer.state_dict())
     if bad is not None:
         raise PipelineError(f"the head in {head_dir} has NaN or infinite values (in {bad}); train it again")
-    backbone = rebuild_backbone(config)
+    backbone = rebuild_backbone(config, layers=layers)
     if head.inputs == "activations":  # the tail head: its trained blocks go back into the backbone, by name
         put_back(backbone.model, head.backbone_state())
     meta = _meta(config, head, layer, backbone, out)
-    model = attach_head(backbone.model, backbone.classifier_path, layer)
+    model = classifier_model(backbone, layer)
     bad = non_finite(model.state_dict())
     if bad is not None:
         raise PipelineError(f"the backbone's weights have NaN or infinite values (in {bad}); nothing exported")

@@ -25,11 +25,19 @@ from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.deploy.export import IDENTITY_KEY, Decision, ExportMeta, attach_head, non_finite, read_meta, sidecar_paths
+from pipeline.deploy.export import (
+    IDENTITY_KEY,
+    Decision,
+    ExportMeta,
+    classifier_model,
+    non_finite,
+    read_meta,
+    sidecar_paths,
+)
 from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.fileio import atomic_path
-from pipeline.stage1.backbones import TIMM_PREFIX, Preprocessing, strip_classifier
+from pipeline.stage1.backbones import TIMM_PREFIX, Backbone, Preprocessing, strip_classifier, with_outputs
 from pipeline.stage1.datasets import IMG_EXTENSIONS, load_image
 
 log = logging.getLogger(__name__)
@@ -112,7 +120,8 @@ def _read_tensors(path: Path, meta: ExportMeta) -> dict[str, torch.Tensor]:
     except Exception as e:  # noqa: BLE001 - safetensors (Rust) raises its own types; no code runs either way
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         raise PipelineError(f"{path.name} is not a tensors file written by `pipeline export` ({reason})") from None
-    for key, value in meta.identity().items():
+    identity = meta.identity()
+    for key, value in identity.items():
         was = recorded.get(key)
         if was != value:
             if isinstance(was, dict) and isinstance(value, dict):  # name the entry that differs
@@ -120,21 +129,27 @@ def _read_tensors(path: Path, meta: ExportMeta) -> dict[str, torch.Tensor]:
                 key, value, was = next(diffs, (key, value, was))
             json_name = path.with_suffix(".json").name
             raise PipelineError(f"{json_name} says {key} {value!r}, but {path.name} was exported with {was!r}")
+    extra = next((k for k in recorded if k not in identity), None)  # e.g. `layers` deleted from MODEL.json
+    if extra is not None:
+        json_name = path.with_suffix(".json").name
+        raise PipelineError(f"{json_name} has no {extra} entry, but {path.name} was exported with {recorded[extra]!r}")
     return state
 
 
 def _assemble(meta: ExportMeta, state: dict[str, torch.Tensor]) -> nn.Module:
-    """torchvision's architecture, the head's layer where its classifier was, then every tensor checked (names,
-    shapes, dtypes, finite values) and loaded."""
+    """torchvision's architecture (traced to give the pooled layers MODEL.json names, if any), the head's layer
+    where its classifier was (or after those layers), then every tensor checked (names, shapes, dtypes, finite
+    values) and loaded."""
     bad = non_finite(state)
     if bad is not None:
         raise PipelineError(f"tensor {bad} holds NaN or infinite values")
     model, where = _architecture(meta.backbone, meta.preprocessing.crop_size)
     if where != meta.classifier_path:
         raise PipelineError(f"{meta.backbone}'s classifier is {where!r}, not {meta.classifier_path!r}")
-    prefix = where + "."
+    backbone = _on_layers(Backbone(model, meta.preprocessing, meta.backbone, "", 0, where), meta)
+    prefix = meta.head_path + "."
     layer = meta.head_layer.build({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
-    model = attach_head(model, where, layer)
+    model = classifier_model(backbone, layer)
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -147,6 +162,19 @@ def _assemble(meta: ExportMeta, state: dict[str, torch.Tensor]) -> nn.Module:
             raise PipelineError(f"tensor {k} is {got}; {meta.backbone} needs {want}")
     model.load_state_dict(state)
     return model
+
+
+def _on_layers(backbone: Backbone, meta: ExportMeta) -> Backbone:
+    """``backbone`` traced to output the pooled layers MODEL.json names (as export traced it: the same module
+    names), or as it is for a model without them. A node the architecture lacks is one line."""
+    if not meta.layers:
+        return backbone
+    backbone = with_outputs(backbone, layers=list(meta.layers))
+    if backbone.feature_dim != meta.head_layer.in_features:
+        dims = " + ".join(f"{e['name']} {e['dim']}" for e in backbone.layers or [])
+        raise PipelineError(f"the layers give {backbone.feature_dim} features ({dims}); the head takes "
+                            f"{meta.head_layer.in_features}")  # fmt: skip
+    return backbone
 
 
 def _architecture(backbone: str, crop_size: int) -> tuple[nn.Module, str]:
