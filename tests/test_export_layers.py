@@ -113,6 +113,21 @@ def test_a_model_without_layers_records_none(exported: dict[str, Any], tmp_path:
         assert {"fc.weight", "fc.bias", "layer4.0.conv1.weight"} <= set(f.keys())  # noqa: SIM118
 
 
+def test_a_tail_head_ignores_the_files_pooled_layers(exported: dict[str, Any], tmp_path: Path) -> None:
+    """The tail head takes the --cache-at maps and ends where the classifier sat: the layers the file also stores
+    (here layer4, as wide as the classifier's input, so the tail head trains on it) are not its input."""
+    feats = tmp_path / "tail.h5"
+    extract(ExtractConfig(dataset=str(exported["images"]), out=str(feats), **TINY_EXTRACT, layers="layer4",
+                          cache_at="layer3"))  # fmt: skip
+    train_head(feats, HeadConfig(head="tail", epochs=1, batch_size=8, device="cpu"), out=tmp_path / "head")
+    assert json.loads((tmp_path / "head" / "config.json").read_text())["layers"] == [{"name": "layer4", "dim": 512}]
+    result = export_model(tmp_path / "head", tmp_path / "tail.pt2")
+    assert result.max_abs_diff < 1e-4 and "layers" not in json.loads(result.meta.read_text())
+    assert "fc.weight" in load_file(result.state_dict)  # the new linear layer where the classifier sat
+    clf = load_classifier(result.program, device="cpu")
+    assert clf.module(torch.zeros(1, 3, 32, 32)).shape == (1, 3)
+
+
 # ------------------------------------------------------------------------------------------ damaged files
 
 

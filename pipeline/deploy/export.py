@@ -15,7 +15,8 @@
                        it takes, if any (:class:`ExportMeta`)
 
 ``predict`` rebuilds the model from MODEL.json (``torchvision.models.get_model(backbone, weights=None)``, the head's
-layer put where the classifier was) and loads the tensors: no pickle is read, so a crafted file cannot run code.
+layer put where the classifier was, or after the pooled layers traced as export traced them) and loads the tensors:
+no pickle is read, so a crafted file cannot run code.
 
 The backbone is rebuilt from the head's ``config.json`` exactly as ``extract`` built it (same weights identity,
 same crop size), so the exported logits on an image equal the head's logits on that image's cached features.
@@ -471,7 +472,6 @@ def export_model(head_dir: Path | str, out: Path | str) -> ExportResult:
             f"--out must end in {PROGRAM_SUFFIX} (the .safetensors and .json are written beside it), not {out}"
         )
     head, config = load_head(Path(head_dir))
-    layers = layer_names(config)  # pooled inner layers (extract --layers): the backbone is traced to compute them
     if head.regress:  # predict would read its outputs as class scores
         raise PipelineError(
             f"{head_dir} holds a regression head ({', '.join(config.get('targets', []))}): export and predict are for "
@@ -481,6 +481,9 @@ def export_model(head_dir: Path | str, out: Path | str) -> ExportResult:
     bad = non_finite(layer.state_dict())
     if bad is not None:
         raise PipelineError(f"the head in {head_dir} has NaN or infinite values (in {bad}); train it again")
+    # pooled inner layers (extract --layers): the backbone is traced to compute them. Not for the tail head, which
+    # takes the activations and ends where the classifier sat whatever else the file stored
+    layers = None if head.inputs == "activations" else layer_names(config)
     backbone = rebuild_backbone(config, layers=layers)
     if head.inputs == "activations":  # the tail head: its trained blocks go back into the backbone, by name
         put_back(backbone.model, head.backbone_state())
