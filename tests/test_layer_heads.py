@@ -179,17 +179,6 @@ def test_train_head_layer_cli(layered: Path, feature_file: Path, tmp_path: Path,
     assert code == 0
 
 
-def test_export_refuses_a_head_on_pooled_layers(layered: Path, tmp_path: Path) -> None:
-    from pipeline.deploy.export import export_model
-
-    for layer in (GOOD, "all"):
-        head_dir = tmp_path / f"head-{layer}"
-        train_head(layered, HeadConfig(head="centroid", layer=layer), out=head_dir)
-        with pytest.raises(PipelineError, match="extract --layers file.*export a head trained on features extracted"):
-            export_model(head_dir, tmp_path / "model.pt2")
-    assert not (tmp_path / "model.pt2").exists()
-
-
 # ------------------------------------------------------------------------------------------ compare --layers
 
 
