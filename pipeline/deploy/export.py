@@ -211,10 +211,6 @@ class ExportMeta:
             raise PipelineError(f"decision: positive class {self.decision.positive!r} is not one of the classes")
 
     @property
-    def task(self) -> str:
-        return "regress" if self.targets else "classify"
-
-    @property
     def outputs(self) -> tuple[str, ...]:
         """What the model's output columns are: the class names, or a regression model's target names."""
         return self.targets or self.classes

@@ -291,8 +291,6 @@ def predict_with(
         raise PipelineError("--batch-size and --top-k must be at least 1")
     if clf.targets:
         return predict_values(clf, paths, out=Path(out), batch_size=batch_size, progress=progress, truth=truth)
-    if truth is not None:
-        raise PipelineError("--targets scores a regression model; this one classifies (its folders score it)")
     top_k = min(top_k, len(clf.classes))
     out = Path(out)
     result = PredictResult(out=out, n_images=len(paths), classes=list(clf.classes))
