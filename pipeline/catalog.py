@@ -68,7 +68,10 @@ def weights(backbone: str = "resnet18", *, weights_dir: Path = DEFAULT_WEIGHTS_D
 
     from pipeline.errors import PipelineError
     from pipeline.stage1.backbones import available_backbones
+    from pipeline.stage1.timm_models import is_timm_name
 
+    if is_timm_name(backbone):
+        return _timm_weights(backbone, weights_dir=weights_dir)
     if backbone not in available_backbones():
         raise PipelineError(f"unknown backbone {backbone!r}; `python -m pipeline list backbones` shows the names")
     enum = torchvision.models.get_model_weights(backbone)
@@ -80,6 +83,21 @@ def weights(backbone: str = "resnet18", *, weights_dir: Path = DEFAULT_WEIGHTS_D
     for path in local_weight_files(weights_dir):
         if _fits(backbone, path):
             entries.append(Entry(str(path), f"local state_dict, {path.stat().st_size / 2**20:.0f} MiB"))
+    return entries
+
+
+def _timm_weights(backbone: str, *, weights_dir: Path) -> list[Entry]:
+    """``--weights`` values for a ``timm:`` backbone: its pretrained tags (as ``--backbone timm:ARCH.TAG
+    --weights pretrained``), ``none`` and local files that fit."""
+    from pipeline.stage1.timm_models import pretrained_tags
+
+    entries = [
+        Entry(f"pretrained (--backbone {tag})", "cached, works offline" if cached else "downloaded on first use")
+        for tag, cached in pretrained_tags(backbone)
+    ] or [Entry("pretrained", "timm has no pretrained weights for this model")]
+    entries.append(Entry("none", "random initialisation seeded by --seed (for tests and baselines)"))
+    entries += [Entry(str(p), f"local weights file, {p.stat().st_size / 2**20:.0f} MiB")
+                for p in local_weight_files(weights_dir) if _fits(backbone, p)]  # fmt: skip
     return entries
 
 

@@ -338,9 +338,12 @@ def export_cmd(head_dir: str, out: str) -> None:
     from pipeline.deploy.export import export_model
 
     result = export_model(Path(head_dir), Path(out))
+    names, what = "classes", f"{len(result.classes)} classes"
+    if result.targets:  # a regression head
+        names, what = "targets", f"regression of {', '.join(result.targets)}"
     click.echo(
         f"wrote {result.program} (torch.export), {result.state_dict.name} (state_dict) and {result.meta.name} "
-        f"(classes, preprocessing); {len(result.classes)} classes, exported vs eager max |diff| "
+        f"({names}, preprocessing); {what}, exported vs eager max |diff| "
         f"{result.max_abs_diff:.1e}"
     )
 
@@ -353,13 +356,23 @@ def export_cmd(head_dir: str, out: str) -> None:
 @click.option("--top-k", type=_positive_int, default=3, show_default=True, help="Ranked classes per image.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
 @click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option(
+    "--targets",
+    type=click.Path(dir_okay=False),
+    help="Regression models: score the predictions per target (MSE, MAE, R^2) against this CSV (extract's "
+    "--targets format; ids are paths relative to the folder given).",
+)
 def predict_cmd(model: str, images: tuple[str, ...], out: str, **opts: Any) -> None:
-    """Classify image files and folders (recursively) with an exported model; write a CSV."""
-    from pipeline.deploy.predict import predict
+    """Classify image files and folders (recursively) with an exported model; write a CSV. A regression model
+    writes one column per target (the predicted values)."""
+    from pipeline.deploy.predict import format_values, predict
 
     r = predict(Path(model), list(images), out=Path(out), **opts)
     rate = r.n_images / r.seconds if r.seconds > 0 else 0.0
-    click.echo(f"{r.n_images} images in {r.seconds:.1f} s ({rate:.0f} img/s); wrote {r.out}")
+    what = f" (path, then the predicted {', '.join(r.targets)})" if r.targets else ""
+    click.echo(f"{r.n_images} images in {r.seconds:.1f} s ({rate:.0f} img/s); wrote {r.out}{what}")
+    if r.targets:  # a regression model: the range of each target, and with --targets the scores
+        click.echo(format_values(r))
     for name, count in r.counts.most_common():
         click.echo(f"  {name:<20} {count}")
     if r.failed:

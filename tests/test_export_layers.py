@@ -128,6 +128,25 @@ def test_a_tail_head_ignores_the_files_pooled_layers(exported: dict[str, Any], t
     assert clf.module(torch.zeros(1, 3, 32, 32)).shape == (1, 3)
 
 
+def test_a_regression_head_on_one_layer(exported: dict[str, Any], tmp_path: Path) -> None:
+    """Layers and regression targets together: a ridge head on layer2 exports with both in MODEL.json and gives
+    the head's values on the cached features."""
+    images = exported["images"]
+    ids = sorted(p.relative_to(images).as_posix() for p in images.rglob("*.png"))
+    table = tmp_path / "t.csv"
+    table.write_text("id,ink\n" + "".join(f"{i},{k * 1.5}\n" for k, i in enumerate(ids)))
+    feats = tmp_path / "r.h5"
+    extract(ExtractConfig(dataset=str(images), out=str(feats), **TINY_EXTRACT, layers=STORED, targets=str(table)))
+    train_head(feats, HeadConfig(head="ridge", alpha=1.0, layer="layer2", device="cpu"), out=tmp_path / "head")
+    result = export_model(tmp_path / "head", tmp_path / "r.pt2")
+    meta = json.loads(result.meta.read_text())
+    assert meta["layers"] == ["layer2"] and meta["task"] == "regress" and meta["targets"] == ["ink"]
+    clf = load_classifier(result.program, device="cpu")
+    values, cached, _ = _exported_vs_cached(clf, tmp_path / "head", feats, images, layer="layer2")
+    assert values.shape == cached.shape == (15, 1)
+    np.testing.assert_allclose(values, cached, rtol=1e-4, atol=1e-4 * np.abs(cached).max())
+
+
 # ------------------------------------------------------------------------------------------ damaged files
 
 

@@ -209,6 +209,15 @@ def test_pretrained_weights_come_from_the_cache_without_network(offline_cache: P
     assert WeightsIdentity.parse(bb.weights).argument == "pretrained"
 
 
+def test_list_weights_shows_the_tags_and_whether_they_load_offline(offline_cache: Path, capsys) -> None:
+    code, out, _ = run(["list", "weights", "--backbone", VIT], capsys)
+    assert code == 0 and "--backbone timm:test_vit.r160_in1k" in out and "downloaded on first use" in out
+    state = {k: v for k, v in _saved_state(7).items() if not k.startswith("head.")}
+    _fake_hub_cache(offline_cache, "timm/test_vit.r160_in1k", state)
+    code, out, _ = run(["list", "weights", "--backbone", VIT], capsys)
+    assert code == 0 and "cached, works offline" in out and "none" in out
+
+
 def test_export_refuses_when_the_rebuilt_weights_differ(
     pipeline_run: dict[str, Any], offline_cache: Path, tmp_path: Path
 ) -> None:

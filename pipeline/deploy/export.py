@@ -14,6 +14,10 @@
     MODEL.json         class names, preprocessing, backbone, where the head sits and what it is, and the pooled layers
                        it takes, if any (:class:`ExportMeta`)
 
+A regression head (``extract --targets``) exports the same way: its outputs are the predicted targets in their own
+units (ridge, linear and mlp fold the standardisation of features and targets into their layers), and MODEL.json
+says ``"task": "regress"`` and the ``targets`` names in place of ``classes``.
+
 ``predict`` rebuilds the model from MODEL.json (``torchvision.models.get_model(backbone, weights=None)``, the head's
 layer put where the classifier was, or after the pooled layers traced as export traced them) and loads the tensors:
 no pickle is read, so a crafted file cannot run code.
@@ -28,7 +32,7 @@ import json
 import logging
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +70,9 @@ class ExportResult:
     program: Path
     state_dict: Path
     meta: Path
-    classes: list[str]
+    classes: list[str]  # empty for a regression model
     max_abs_diff: float  # exported program against the eager model on a random batch
+    targets: list[str] = field(default_factory=list)  # a regression model's outputs, in order
 
 
 def sidecar_paths(program: Path) -> tuple[Path, Path]:
@@ -201,35 +206,47 @@ class ExportMeta:
     classifier_path: str
     head_layer: HeadLayer
     decision: Decision | None = None  # None: argmax
+    targets: tuple[str, ...] = ()  # a regression model's outputs (MODEL.json's "task": "regress"); classes empty
     layers: tuple[str, ...] | None = None  # the pooled nodes the head takes, in order (extract --layers); None: the
     # classifier's input, the head where the classifier was
 
     def __post_init__(self) -> None:
         check_layers(self.layers)
-        classes = self.classes
-        if (
-            not classes
-            or not all(isinstance(c, str) and c and _utf8(c) for c in classes)
-            or len(set(classes)) != len(classes)
-        ):
-            raise PipelineError(f"classes must be a non-empty list of distinct names, not {list(classes)!r}")
-        if len(classes) != self.head_layer.out_features:
-            raise PipelineError(f"{len(classes)} class names for a head with {self.head_layer.out_features} outputs")
+        self._check_outputs()
         if not isinstance(self.backbone, str) or not is_known_backbone(self.backbone):
             raise PipelineError(f"unknown backbone {self.backbone!r}")
         if not isinstance(self.classifier_path, str) or not self.classifier_path:
             raise PipelineError(f"classifier_path must be a module path such as 'fc', not {self.classifier_path!r}")
-        if self.decision is not None and self.decision.positive not in classes:
+        if self.decision is not None and self.decision.positive not in self.classes:
             raise PipelineError(f"decision: positive class {self.decision.positive!r} is not one of the classes")
 
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """What the model's output columns are: the class names, or a regression model's target names."""
+        return self.targets or self.classes
+
+    def _check_outputs(self) -> None:
+        what, names = ("targets", self.targets) if self.targets else ("classes", self.classes)
+        if not names or not all(isinstance(c, str) and c and _utf8(c) for c in names) or len(set(names)) != len(names):
+            raise PipelineError(f"{what} must be a non-empty list of distinct names, not {list(names)!r}")
+        if len(names) != self.head_layer.out_features:
+            noun = "target" if self.targets else "class"
+            raise PipelineError(f"{len(names)} {noun} names for a head with {self.head_layer.out_features} outputs")
+        if self.targets and (self.classes or self.decision is not None):
+            raise PipelineError("a regression model (targets) has no classes and no decision threshold")
+
     def identity(self) -> dict[str, Any]:
-        """The facts that must agree between MODEL.json and the tensors file (class names may be edited)."""
-        return {
+        """The facts that must agree between MODEL.json and the tensors file (class names may be edited; a
+        regression model's task and target names may not: they say what each output is)."""
+        regress = {"task": "regress", "targets": list(self.targets)} if self.targets else {}
+        layers = {"layers": list(self.layers)} if self.layers else {}  # no layers: no entry, as before
+        plain = {
             "backbone": self.backbone,
             "classifier_path": self.classifier_path,
             "preprocessing": self.preprocessing.as_dict(),
             "head_layer": self.head_layer.as_dict(),
-        } | ({"layers": list(self.layers)} if self.layers else {})  # absent without layers: models as before
+        }
+        return plain | regress | layers
 
     @property
     def head_path(self) -> str:
@@ -246,11 +263,12 @@ class ExportMeta:
                 f"written by another version of `pipeline export` (format_version {d.get('format_version')!r}, "
                 f"this one reads {EXPORT_VERSION}); export the head again"
             )
-        missing = [k for k in ("classes", "preprocessing", "backbone", "classifier_path", "head_layer") if k not in d]
+        names = _output_names_key(d)
+        missing = [k for k in (names, "preprocessing", "backbone", "classifier_path", "head_layer") if k not in d]
         if missing:
             raise PipelineError(f"no {', '.join(missing)} entry")
-        if not isinstance(d["classes"], list) or not isinstance(d["head_layer"], dict):
-            raise PipelineError("classes must be a list and head_layer a mapping")
+        if not isinstance(d[names], list) or not isinstance(d["head_layer"], dict):
+            raise PipelineError(f"{names} must be a list and head_layer a mapping")
         try:
             layer = HeadLayer(**d["head_layer"])
         except TypeError as e:
@@ -261,7 +279,19 @@ class ExportMeta:
         if layers is not None and not isinstance(layers, list):
             raise PipelineError(f"layers must be a list of node names, not {layers!r}")
         layers = None if layers is None else tuple(layers)
-        return cls(tuple(d["classes"]), pre, d["backbone"], d["classifier_path"], layer, decision, layers)
+        if names == "targets":
+            classes = tuple(d.get("classes") or ())  # none: a file that also names classes is refused
+            return cls(classes, pre, d["backbone"], d["classifier_path"], layer, decision, tuple(d["targets"]),
+                       layers=layers)  # fmt: skip
+        return cls(tuple(d["classes"]), pre, d["backbone"], d["classifier_path"], layer, decision, layers=layers)
+
+
+def _output_names_key(d: dict[str, Any]) -> str:
+    """Which MODEL.json entry names the outputs: ``classes``, or ``targets`` where ``task`` is "regress"."""
+    task = d.get("task", "classify")  # classification MODEL.json files have no "task" entry
+    if task not in ("classify", "regress"):
+        raise PipelineError(f"task must be 'classify' or 'regress', not {task!r}")
+    return "targets" if task == "regress" else "classes"
 
 
 def read_meta(path: Path) -> ExportMeta:
@@ -279,16 +309,14 @@ def read_meta(path: Path) -> ExportMeta:
 
 def _meta(config: dict[str, Any], head: Head, layer: nn.Module, backbone: Backbone, out: Path) -> dict[str, Any]:
     """The one writer of MODEL.json: :class:`ExportMeta`'s fields plus what produced the model."""
-    meta = ExportMeta(tuple(config["classes"]), backbone.preprocess, backbone.name, backbone.classifier_path,
-                      HeadLayer.of(head, layer), Decision.from_dict(config.get("decision")),
-                      layers=tuple(e["name"] for e in backbone.layers) if backbone.layers else None)  # fmt: skip
+    meta = _export_meta(config, head, layer, backbone)
     linear = meta.head_layer.type == "linear"
     loads_into = (
         _layers_loads_into(backbone, meta)
         if meta.layers
-        else _loads_into(backbone, head=head.name, classes=len(meta.classes), linear=linear)
+        else _loads_into(backbone, head=head.name, classes=len(meta.outputs), linear=linear)
     )
-    return {
+    d = {
         "format": EXPORT_FORMAT,
         "format_version": EXPORT_VERSION,
         "program": out.name,
@@ -304,6 +332,28 @@ def _meta(config: dict[str, Any], head: Head, layer: nn.Module, backbone: Backbo
         "state_dict_loads_into": loads_into,
         "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__, **_timm_version(backbone)},
     }
+    return _regression_entries(d, meta) if meta.targets else d
+
+
+def _export_meta(config: dict[str, Any], head: Head, layer: nn.Module, backbone: Backbone) -> ExportMeta:
+    layers = tuple(e["name"] for e in backbone.layers) if backbone.layers else None  # the traced pooled layers
+    if not head.regress:
+        return ExportMeta(tuple(config["classes"]), backbone.preprocess, backbone.name, backbone.classifier_path,
+                          HeadLayer.of(head, layer), Decision.from_dict(config.get("decision")),
+                          layers=layers)  # fmt: skip
+    targets = config.get("targets")
+    if not isinstance(targets, list):
+        raise PipelineError("the regression head's config.json has no list of targets; train it again")
+    return ExportMeta((), backbone.preprocess, backbone.name, backbone.classifier_path, HeadLayer.of(head, layer),
+                      targets=tuple(targets), layers=layers)  # fmt: skip
+
+
+def _regression_entries(d: dict[str, Any], meta: ExportMeta) -> dict[str, Any]:
+    """A regression model's MODEL.json: no classes and no decision; its identity already says the task and the
+    target names, and "output" says what the numbers are."""
+    out = {k: v for k, v in d.items() if k not in ("classes", "decision")}
+    n = len(meta.targets)
+    return out | {"output": f"float32 (N, {n}): the predicted targets in their own units, in the order of targets"}
 
 
 def _loads_into(backbone: Backbone, *, head: str, classes: int, linear: bool) -> str:
@@ -472,11 +522,6 @@ def export_model(head_dir: Path | str, out: Path | str) -> ExportResult:
             f"--out must end in {PROGRAM_SUFFIX} (the .safetensors and .json are written beside it), not {out}"
         )
     head, config = load_head(Path(head_dir))
-    if head.regress:  # predict would read its outputs as class scores
-        raise PipelineError(
-            f"{head_dir} holds a regression head ({', '.join(config.get('targets', []))}): export and predict are for "
-            "classifiers so far; use the head's weights from head.safetensors"
-        )
     layer = head.as_module()  # first: a head that cannot be a layer (knn) is refused before the backbone is built
     bad = non_finite(layer.state_dict())
     if bad is not None:
@@ -500,4 +545,6 @@ def export_model(head_dir: Path | str, out: Path | str) -> ExportResult:
     atomic_write(out, lambda p: torch.export.save(program, p))
     atomic_write(tensors_path, lambda p: _save_tensors(model, p, identity))
     write_json(meta_path, meta)
+    if head.regress:
+        return ExportResult(out, tensors_path, meta_path, [], diff, targets=list(config["targets"]))
     return ExportResult(out, tensors_path, meta_path, list(config["classes"]), diff)

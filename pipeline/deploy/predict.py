@@ -5,6 +5,9 @@ The model is rebuilt from ``MODEL.json`` and ``MODEL.safetensors`` (tensors only
 
 Columns: ``path``, ``class``, ``probability``, then ``class_2``, ``probability_2`` ... up to ``--top-k``, then
 ``error`` (empty unless the image could not be read: such an image is reported and skipped, never fatal).
+A regression model (``MODEL.json``'s ``"task": "regress"``) writes ``path``, one column per target (the predicted
+values, in the targets' units), then ``error``; with ``--targets FILE.csv`` (extract's format) it is scored per
+target (MSE, RMSE, MAE, R^2) on the images whose id, their path relative to the folder given, has a row there.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torchvision
 from safetensors import safe_open
@@ -52,6 +56,7 @@ class Classifier:
     preprocess: Preprocessing
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     decision: Decision | None = None  # a threshold for one class (MODEL.json's "decision"); None: argmax
+    targets: list[str] = field(default_factory=list)  # a regression model's outputs (then ``classes`` is empty)
 
 
 @dataclass
@@ -64,6 +69,11 @@ class PredictResult:
     classes: list[str] = field(default_factory=list)  # the model's
     # (true, predicted) class indices of the images whose folder is named after one of the model's classes
     labelled: list[tuple[int, int]] = field(default_factory=list)
+    targets: list[str] = field(default_factory=list)  # a regression model's
+    values: list[np.ndarray] = field(default_factory=list)  # regression: (n, T) predicted values, batch by batch
+    truth_source: str | None = None  # regression with --targets: the CSV's name
+    truth: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # (true, predicted) (T,) per image
+    no_truth: list[str] = field(default_factory=list)  # readable images the --targets CSV has no row for
 
     @property
     def scored(self) -> bool:
@@ -78,6 +88,13 @@ class PredictResult:
         for t, p in self.labelled:
             cm[t][p] += 1
         return cm
+
+    def regression_scores(self) -> dict[str, Any]:
+        """MSE, RMSE, MAE and R^2 per target (and their means) on the images with a row in the --targets CSV."""
+        from pipeline.stage2.evaluate import regression_metrics
+
+        true, pred = (np.stack(column) for column in zip(*self.truth))
+        return regression_metrics(true, pred, self.targets)
 
 
 def shown(path: Path | str) -> str:
@@ -106,7 +123,7 @@ def load_classifier(path: Path | str, *, device: str = "auto") -> Classifier:
     except PipelineError as e:
         raise PipelineError(shown(f"cannot load model {path}: {e}")) from None
     model = model.to(dev, memory_format=torch.channels_last)  # the layout normalize() gives the batches
-    return Classifier(model, list(meta.classes), meta.preprocessing, dev, meta.decision)
+    return Classifier(model, list(meta.classes), meta.preprocessing, dev, meta.decision, list(meta.targets))
 
 
 def _read_tensors(path: Path, meta: ExportMeta) -> dict[str, torch.Tensor]:
@@ -191,14 +208,16 @@ def _architecture(backbone: str, crop_size: int) -> tuple[nn.Module, str]:
 
 @torch.inference_mode()
 def _probe(model: nn.Module, meta: ExportMeta) -> None:
-    """One blank image through the model: it must run at the recorded crop size and give one logit per class."""
+    """One blank image through the model: it must run at the recorded crop size and give one logit per class
+    (one value per target for a regression model)."""
     crop = meta.preprocessing.crop_size
     try:
         out = model(torch.zeros(1, 3, crop, crop))
     except Exception as e:  # noqa: BLE001 - e.g. a ViT given another image size
         raise PipelineError(f"the model does not run on a {crop} x {crop} image: {str(e).splitlines()[0]}") from None
-    if tuple(out.shape) != (1, len(meta.classes)):
-        raise PipelineError(f"the model gives {tuple(out.shape[1:])} outputs for {len(meta.classes)} classes")
+    if tuple(out.shape) != (1, len(meta.outputs)):
+        what = "targets" if meta.targets else "classes"
+        raise PipelineError(f"the model gives {tuple(out.shape[1:])} outputs for {len(meta.outputs)} {what}")
 
 
 def collect_images(inputs: list[Path | str]) -> list[Path]:
@@ -223,8 +242,15 @@ def read_image(path: Path, pre: Preprocessing) -> torch.Tensor:
 @torch.inference_mode()
 def predict_batch(clf: Classifier, images: list[torch.Tensor]) -> torch.Tensor:
     """uint8 CHW tensors (already resized and cropped) -> (N, C) probabilities."""
+    return torch.softmax(model_outputs(clf, images), dim=1)
+
+
+@torch.inference_mode()
+def model_outputs(clf: Classifier, images: list[torch.Tensor]) -> torch.Tensor:
+    """uint8 CHW tensors (already resized and cropped) -> (N, C) float32 outputs on the CPU: logits, or a regression
+    model's predicted values."""
     x = clf.preprocess.normalize(torch.stack(images).to(clf.device))
-    return torch.softmax(clf.module(x).float(), dim=1).cpu()
+    return clf.module(x).float().cpu()
 
 
 def _columns(top_k: int, *, decision: Decision | None = None) -> list[str]:
@@ -266,19 +292,33 @@ def predict(
     top_k: int = 3,
     progress: bool = True,
     device: str = "auto",
+    targets: Path | str | None = None,
 ) -> PredictResult:
     """Classify every image file in ``inputs`` (files and folders) with an exported model; write a CSV.
-    ``device`` (``auto|cpu|cuda|mps``) is where a model named by path runs."""
+    ``device`` (``auto|cpu|cuda|mps``) is where a model named by path runs. ``targets``: for a regression model, a
+    CSV in extract's ``--targets`` format to score the predictions against (checked before any image is read)."""
     clf = model if isinstance(model, Classifier) else load_classifier(model, device=device)
-    return predict_with(clf, collect_images(inputs), out=out, batch_size=batch_size, top_k=top_k, progress=progress)
+    paths = collect_images(inputs)
+    truth = None if targets is None else read_truth(Path(targets), clf=clf, inputs=inputs, paths=paths)
+    return predict_with(clf, paths, out=out, batch_size=batch_size, top_k=top_k, progress=progress, truth=truth)
 
 
 def predict_with(
-    clf: Classifier, paths: list[Path], *, out: Path | str, batch_size: int = 32, top_k: int = 3, progress: bool = True
+    clf: Classifier,
+    paths: list[Path],
+    *,
+    out: Path | str,
+    batch_size: int = 32,
+    top_k: int = 3,
+    progress: bool = True,
+    truth: Truth | None = None,
 ) -> PredictResult:
-    """Classify ``paths`` with a loaded classifier; write the CSV to ``out`` (temporary name, then renamed)."""
+    """Classify ``paths`` with a loaded classifier; write the CSV to ``out`` (temporary name, then renamed).
+    A regression model writes its predicted values instead (:func:`predict_values`)."""
     if batch_size < 1 or top_k < 1:
         raise PipelineError("--batch-size and --top-k must be at least 1")
+    if clf.targets:
+        return predict_values(clf, paths, out=Path(out), batch_size=batch_size, progress=progress, truth=truth)
     top_k = min(top_k, len(clf.classes))
     out = Path(out)
     result = PredictResult(out=out, n_images=len(paths), classes=list(clf.classes))
@@ -303,16 +343,8 @@ def _predict_all(
 ) -> None:
     blank = [""] * (2 * top_k + (2 if clf.decision else 0))
     for start in tqdm(range(0, len(paths), batch_size), desc="predict", unit="batch", disable=not progress):
-        ok_paths, images = [], []
-        for path in paths[start : start + batch_size]:
-            try:
-                images.append(read_image(path, clf.preprocess))
-                ok_paths.append(path)
-            except Exception as e:  # noqa: BLE001 - PIL raises many types for a corrupt file; report and go on
-                reason = shown(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")  # may name the file
-                log.warning("cannot read %s: %s", shown(path), reason)
-                result.failed[shown(path)] = reason
-                writer.writerow([shown(path), *blank, reason])
+        batch = paths[start : start + batch_size]
+        ok_paths, images = _read_batch(clf, batch, writer=writer, result=result, blank=blank)
         if images:
             proba = predict_batch(clf, images)
             rows = _rows(ok_paths, proba, clf.classes, top_k)
@@ -325,3 +357,127 @@ def _predict_all(
             for path, pred in zip(ok_paths, decided):
                 if path.parent.name in index:  # images sorted into class folders: the folder is the truth
                     result.labelled.append((index[path.parent.name], pred))
+
+
+def _read_batch(
+    clf: Classifier, paths: list[Path], *, writer: Any, result: PredictResult, blank: list[str]
+) -> tuple[list[Path], list[torch.Tensor]]:
+    """The images of ``paths`` that can be read, with their paths; each one that cannot is reported, counted in
+    ``result.failed`` and written as a row of ``blank`` cells with the reason in the error column."""
+    ok_paths, images = [], []
+    for path in paths:
+        try:
+            images.append(read_image(path, clf.preprocess))
+            ok_paths.append(path)
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for a corrupt file; report and go on
+            reason = shown(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")  # may name the file
+            log.warning("cannot read %s: %s", shown(path), reason)
+            result.failed[shown(path)] = reason
+            writer.writerow([shown(path), *blank, reason])
+    return ok_paths, images
+
+
+# ------------------------------------------------------------------------------------------ regression models
+
+
+@dataclass(frozen=True)
+class Truth:
+    """``predict --targets``: the true values of the images that have a row in the CSV, in the model's target order."""
+
+    source: str  # the CSV's file name
+    values: dict[Path, np.ndarray]  # image path (as collected) -> (T,) float64
+
+
+def image_ids(inputs: list[Path | str], paths: list[Path]) -> list[str]:
+    """Each image's id as ``extract`` stores it: its path relative to the folder given that holds it (``3/0042.png``);
+    an image named directly keeps its path as given."""
+    folders = [Path(item) for item in inputs if Path(item).is_dir()]
+    ids = []
+    for path in paths:
+        folder = next((f for f in folders if path.is_relative_to(f)), None)
+        ids.append((path.relative_to(folder) if folder else path).as_posix())
+    return ids
+
+
+def read_truth(csv_path: Path, *, clf: Classifier, inputs: list[Path | str], paths: list[Path]) -> Truth:
+    """The targets CSV (extract's ``--targets`` format) matched to ``paths`` by id; one-line errors for a classifier,
+    a CSV without the model's target columns, or one whose ids match none of the images."""
+    from pipeline.stage1.targets import read_targets_csv
+
+    if not clf.targets:
+        raise PipelineError("--targets scores a regression model; this one classifies (its folders score it)")
+    table = read_targets_csv(csv_path)
+    lacking = [t for t in clf.targets if t not in table.names]
+    if lacking:
+        raise PipelineError(f"{table.source} has no column {', '.join(lacking)} (it has {', '.join(table.names)}); "
+                            f"the model predicts {', '.join(clf.targets)}")  # fmt: skip
+    columns = [table.names.index(t) for t in clf.targets]
+    ids = image_ids(inputs, paths)
+    values = {p: table.values[i][columns] for p, i in zip(paths, ids) if i in table.values}
+    if not values:
+        example = next(iter(table.values), "")
+        raise PipelineError(f"no image matches an id of {table.source} (ids are paths relative to the folder given, "
+                            f"such as {shown(ids[0])!r}; the CSV has {example!r})")  # fmt: skip
+    return Truth(table.source, values)
+
+
+def predict_values(
+    clf: Classifier, paths: list[Path], *, out: Path, batch_size: int, progress: bool, truth: Truth | None = None
+) -> PredictResult:
+    """A regression model over ``paths``: the CSV gets ``path``, one column per target, ``error``; with ``truth``
+    each image that has a true value is scored (:meth:`PredictResult.regression_scores`)."""
+    result = PredictResult(out=out, n_images=len(paths), targets=list(clf.targets))
+    result.truth_source = truth.source if truth else None
+    blank = [""] * len(clf.targets)
+    t0 = time.perf_counter()
+    with atomic_path(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", *clf.targets, "error"])
+        for start in tqdm(range(0, len(paths), batch_size), desc="predict", unit="batch", disable=not progress):
+            batch = paths[start : start + batch_size]
+            ok_paths, images = _read_batch(clf, batch, writer=writer, result=result, blank=blank)
+            if not images:
+                continue
+            values = model_outputs(clf, images).numpy()
+            writer.writerows([shown(p), *(f"{v:.7g}" for v in row), ""] for p, row in zip(ok_paths, values))
+            result.values.append(values)
+            for path, row in zip(ok_paths, values):
+                if truth is None:
+                    continue
+                if path in truth.values:
+                    result.truth.append((truth.values[path], row))
+                else:
+                    result.no_truth.append(shown(path))
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def format_values(result: PredictResult) -> str:
+    """What `predict` prints for a regression model: the range of each predicted target, then with --targets the
+    scores per target (the figures train-head reports), and the images that had no true value."""
+    from pipeline.stage2.evaluate import MAX_TARGETS_SHOWN as SHOWN
+
+    width = max(6, *map(len, result.targets))
+    lines = []
+    if result.values:
+        values = np.concatenate(result.values)
+        lines.append(f"  {'target':<{width}}  {'mean':<10}  {'min':<10}  max")
+        for name, v in list(zip(result.targets, values.T))[:SHOWN]:
+            lines.append(f"  {name:<{width}}  {v.mean():<10.4g}  {v.min():<10.4g}  {v.max():.4g}")
+    if result.truth:
+        m = result.regression_scores()
+        over = f" (mean of {len(result.targets)} targets)" if len(result.targets) > 1 else ""
+        lines += [
+            f"\nR^2 {m['r2']:.4f}   RMSE {m['rmse']:.4g}   MAE {m['mae']:.4g}   MSE {m['mse']:.4g}{over} on "
+            f"{len(result.truth)} images (true values from {result.truth_source})",
+            f"  {'target':<{width}}  R^2       RMSE        MAE         MSE",
+        ]
+        for t in m["per_target"][:SHOWN]:
+            figures = f"{t['r2']:<8.4f}  {t['rmse']:<10.4g}  {t['mae']:<10.4g}  {t['mse']:.4g}"
+            lines.append(f"  {t['target']:<{width}}  {figures}")
+    if len(result.targets) > SHOWN:
+        lines.append(f"  ... {len(result.targets) - SHOWN} more targets (all in the CSV)")
+    if result.no_truth:
+        some = ", ".join(result.no_truth[:5]) + (", ..." if len(result.no_truth) > 5 else "")
+        lines.append(f"{len(result.no_truth)} images have no row in {result.truth_source}, not scored: {some}")
+    return "\n".join(lines)

@@ -170,6 +170,18 @@ def _cached_weights(cfg: dict[str, Any]) -> Path | None:
     return None
 
 
+def pretrained_tags(name: str) -> list[tuple[str, bool]]:
+    """``(timm:ARCH.TAG, cached)`` for every pretrained tag timm has for ``name``'s architecture, in timm's order
+    (the first is its default); ``cached``: a previous download left the file here, so it loads offline."""
+    timm = _import_timm()
+    arch, _ = timm.models.split_model_name_tag(_model_name(name))
+    tags = []
+    for model_name in timm.list_pretrained(f"{arch}.*"):
+        cfg = timm.models.get_pretrained_cfg(model_name).to_dict()
+        tags.append((TIMM_PREFIX + model_name, _cached_weights(cfg) is not None))
+    return tags
+
+
 def _offline() -> bool:
     """HF_HUB_OFFLINE as huggingface_hub reads it, also when set after it was imported (it reads it once)."""
     from huggingface_hub import constants

@@ -153,7 +153,7 @@ def key_digest(key: dict[str, Any]) -> str:
 
 
 def default_out(cfg: BaselineConfig, dataset_name: str, crop_size: int) -> Path:
-    name = f"{dataset_name}_{cfg.backbone}_img{crop_size}" + (f"_n{cfg.limit}" if cfg.limit else "")
+    name = f"{dataset_name}_{cfg.backbone.replace(':', '-')}_img{crop_size}" + (f"_n{cfg.limit}" if cfg.limit else "")
     return Path("artifacts") / "baselines" / name
 
 

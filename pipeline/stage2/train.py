@@ -31,7 +31,7 @@ from pipeline.stage2.evaluate import (
     summarize,
     summarize_regression,
 )
-from pipeline.stage2.heads import HEADS, Head, HeadConfig, build_head, save_head, warn_if_tiny
+from pipeline.stage2.heads import HEADS, FitResult, Head, HeadConfig, build_head, save_head, warn_if_tiny
 from pipeline.stage2.heads.tail import require_activations, with_activations
 from pipeline.stage2.regression import random_holdout, resolve_task, with_task
 from pipeline.store import (
@@ -223,6 +223,22 @@ def choose_threshold(
     return {**choice, "held_out_fraction": HELD_OUT_FRACTION, "n_held_out": len(held)}
 
 
+def _fit(
+    cfg: HeadConfig, X: Any, y: np.ndarray, *, val: tuple[Any, np.ndarray], dims: dict[str, int]
+) -> tuple[Head, FitResult, HeadConfig, dict[str, Any] | None, float]:
+    """The one fit of both tasks: the --sweep's choice (held-out train) if asked, then the head on all of ``X``.
+    Returns the head, its fit, the config it was fitted with, the sweep's record and the seconds all that took."""
+    t0 = time.perf_counter()
+    sweep_record = None
+    if cfg.sweep:
+        cfg, sweep_record = sweep(build_head(cfg, **dims), X, y)
+    head = build_head(cfg, **dims)
+    if type(head).uses_standardize and not cfg.standardize:
+        warn_if_tiny(X, cfg)
+    fit = head.fit(X, y, val=val)
+    return head, fit, cfg, sweep_record, time.perf_counter() - t0
+
+
 def fit_and_evaluate(fs: FeatureSet, cfg: HeadConfig) -> tuple[Head, HeadMetrics, list[dict[str, float]]]:
     """Fit one head on ``fs.train`` (or its few-shot sample); metrics on that train and on val.
     Val is never used to choose anything. A file with regression targets is regressed (``--task``, see
@@ -236,15 +252,7 @@ def fit_and_evaluate(fs: FeatureSet, cfg: HeadConfig) -> tuple[Head, HeadMetrics
     train = few_shot(fs.train, shots=cfg.shots, seed=cfg.seed) if cfg.shots else fs.train
     X, y = train.features, train.labels
     dims = {"num_classes": len(fs.classes), "feature_dim": fs.feature_dim}
-    t0 = time.perf_counter()
-    sweep_record = None
-    if cfg.sweep:
-        cfg, sweep_record = sweep(build_head(cfg, **dims), X, y)
-    head = build_head(cfg, **dims)
-    if type(head).uses_standardize and not cfg.standardize:
-        warn_if_tiny(X, cfg)
-    fit = head.fit(X, y, val=(fs.val.features, fs.val.labels))
-    fit_seconds = time.perf_counter() - t0
+    head, fit, cfg, sweep_record, fit_seconds = _fit(cfg, X, y, val=(fs.val.features, fs.val.labels), dims=dims)
     train_y, train_proba, train_note = head.train_predictions(X, y)
     train_m = classification_metrics(train_y, train_proba, fs.classes)
     val_proba = head.predict_proba(fs.val.features)
@@ -284,15 +292,7 @@ def fit_and_evaluate_regression(
     names = list(fs.meta.targets["names"])
     X, Y = fs.train.features, fs.train.targets
     dims = {"num_classes": len(names), "feature_dim": fs.feature_dim}
-    t0 = time.perf_counter()
-    sweep_record = None
-    if cfg.sweep:
-        cfg, sweep_record = sweep(build_head(cfg, **dims), X, Y)
-    head = build_head(cfg, **dims)
-    if type(head).uses_standardize and not cfg.standardize:
-        warn_if_tiny(X, cfg)
-    fit = head.fit(X, Y, val=(fs.val.features, fs.val.targets))
-    fit_seconds = time.perf_counter() - t0
+    head, fit, cfg, sweep_record, fit_seconds = _fit(cfg, X, Y, val=(fs.val.features, fs.val.targets), dims=dims)
     train_m = regression_metrics(Y, head.logits(X), names)
     val_m = regression_metrics(fs.val.targets, head.logits(fs.val.features), names)
     extra = {
