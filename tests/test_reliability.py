@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -154,6 +155,45 @@ def test_ctrl_c_says_how_far_and_resumes(big_folder: Path, reference, tmp_path: 
     )
     assert code == 0 and f"resumed a partial extraction at train {committed['train']}" in text
     _assert_same_features(out, reference)
+
+
+def test_ctrl_c_while_the_last_batches_are_written_does_not_finish_the_file(
+    image_folder: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """The loop has queued every batch and waits for the writer thread; a Ctrl-C there (seen under load: the
+    signal landed in the join) drops what is queued. The file must stay a resumable .tmp, not be finished short."""
+    import pipeline.stage1.extract as ex
+
+    real_init, real_append = ex.FeatureSink.__init__, FeatureWriter.append
+
+    def slow_append(self, *a, **kw):  # the writer thread lags far behind the loop, as on a loaded machine
+        time.sleep(0.05)
+        return real_append(self, *a, **kw)
+
+    def init(self, *a, **kw):
+        real_init(self, *a, **kw)
+        join, calls = self._thread.join, [0]
+
+        def interrupted_join(*ja, **jkw):
+            calls[0] += 1
+            if calls[0] == 1:
+                raise KeyboardInterrupt
+            return join(*ja, **jkw)
+
+        self._thread.join = interrupted_join
+
+    monkeypatch.setattr(FeatureWriter, "append", slow_append)
+    monkeypatch.setattr(ex.FeatureSink, "__init__", init)
+    out = tmp_path / "f.h5"
+    cfg = ExtractConfig(dataset=str(image_folder), out=str(out), **{**TINY_EXTRACT, "batch_size": 2})
+    with pytest.raises(ex.ExtractInterrupted, match="rerun the same command to resume"):
+        extract(cfg)
+    assert not out.exists() and tmp_path_for(out).exists()
+    monkeypatch.undo()
+    again = extract(cfg)
+    assert not again.reused and sum(again.counts.values()) == 18  # finished now, from what the .tmp kept
+    fresh = extract(replace(cfg, out=str(tmp_path / "g.h5")))
+    _assert_same_features(out, read_features(fresh.path))
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

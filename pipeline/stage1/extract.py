@@ -374,7 +374,8 @@ class FeatureSink:
             self._free.put(k)
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._stream = torch.cuda.Stream(device) if cuda else None
-        self._abandon = False  # set by a second interrupt: stop appending, just let the thread end
+        self._abandon = False  # set by an interrupt while stopping: stop appending, just let the thread end
+        self.interrupted = False  # an interrupt arrived while stop() waited (the Ctrl-C went there, not to the loop)
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="feature-writer", daemon=True)
         self._thread.start()
@@ -452,8 +453,9 @@ class FeatureSink:
         ) from None
 
     def stop(self) -> None:
-        """Append what is queued, then join the thread (every exit path calls this; it may be called twice). A second
-        Ctrl-C while it waits drops what is still queued: the file then holds fewer rows, all of them whole."""
+        """Append what is queued, then join the thread (every exit path calls this; it may be called twice). A Ctrl-C
+        while it waits drops what is still queued and sets ``interrupted``: the file then holds fewer rows, all of them
+        whole, and the run must end as interrupted (resumable), never finish it."""
         if not self._stopped:
             self._stopped = True
             self._jobs.put(None)
@@ -462,6 +464,7 @@ class FeatureSink:
                 self._thread.join()
             except KeyboardInterrupt:
                 self._abandon = True
+                self.interrupted = True  # the caller must not finish the file: queued rows were dropped
 
 
 def _run_split(
@@ -720,6 +723,9 @@ def _write(plan: ExtractPlan, *, cfg: ExtractConfig) -> ExtractResult:
         for name, split in source.splits.items():
             done += _run_split(name, split, start=starts[name], sink=sink, model=model, plan=plan, cfg=cfg)
         sink.stop()
+        if sink.interrupted:  # Ctrl-C while the last batches were written: they were dropped, so do not finish
+            raise KeyboardInterrupt
+        raise_if_stopped()  # a stop signal Python could not raise (see pipeline.errors.stop_signals)
         sink.raise_error()
     except KeyboardInterrupt:
         sink.stop()
