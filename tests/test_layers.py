@@ -218,6 +218,22 @@ def test_cache_at_is_refused_up_front_without_room(folder: Path, tmp_path: Path,
     extract(_cfg(folder, out))  # without --cache-at the features fit
 
 
+def test_activations_beyond_float16_are_refused_naming_the_image(folder: Path, tmp_path: Path, monkeypatch) -> None:
+    real = ex.embed_batch
+
+    def overflowing(*a, **kw):
+        outputs = real(*a, **kw)
+        acts = outputs["activations"].clone()
+        acts[0] = float("inf")  # what a value above 65504 becomes in float16
+        return {**outputs, "activations": acts}
+
+    monkeypatch.setattr(ex, "embed_batch", overflowing)
+    out = tmp_path / "inf.h5"
+    with pytest.raises(PipelineError, match=r"activations of image .+ are not finite in float16 .* in 1 of \d+"):
+        extract(_cfg(folder, out, cache_at="layer3"))
+    assert not out.exists()
+
+
 def test_any_module_with_token_outputs_works() -> None:
     """A module that is not torchvision's, with (B, N, C) token outputs as a ViT's blocks give: mean over tokens."""
 

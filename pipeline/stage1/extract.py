@@ -348,6 +348,18 @@ class _Job:
     skipped: list[str]
 
 
+def _check_finite(columns: dict[str, np.ndarray], *, ids: list[str]) -> None:
+    """Activation maps are stored in float16, whose range ends at 65504: a larger value (some ViTs' blocks) would
+    be stored as inf and train nothing. Refused with the first image, before the rows reach the file."""
+    for name, rows in columns.items():
+        bad = ~np.isfinite(rows.reshape(len(rows), -1)).all(axis=1)
+        if bad.any():
+            raise PipelineError(
+                f"the {name} of image {ids[int(np.argmax(bad))]} are not finite in float16 (beyond its range of "
+                f"+-65504, or NaN) in {int(bad.sum())} of {len(rows)} images of a batch; cache at another node"
+            )
+
+
 class FeatureSink:
     """Features (and the other outputs: --cache-at's activation maps) on their way from the device to the file, off
     the main thread.
@@ -438,6 +450,7 @@ class FeatureSink:
         else:
             host = {c: buf[: job.rows].numpy() for c, buf in self._bufs[job.slot].items()}
             feats, extra = host.pop("features"), host
+            _check_finite(extra, ids=job.ids)
         self.writer.append(job.split, feats, job.labels, job.ids, seen=job.seen, skipped=job.skipped, extra=extra)
 
     def raise_error(self) -> None:
