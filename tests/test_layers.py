@@ -260,6 +260,8 @@ def test_any_module_with_token_outputs_works() -> None:
     torch.testing.assert_close(feats, expected)
     torch.testing.assert_close(maps, emb)
     assert pool(torch.ones(2, 5, 3)).shape == (2, 3)
+    with pytest.raises(PipelineError, match="has no class token"):  # nothing says which token would be one
+        with_outputs(bb, layers=["block:cls"])
 
 
 def test_timm_models_are_traced_with_timms_tracer() -> None:
@@ -272,13 +274,23 @@ def test_timm_models_are_traced_with_timms_tracer() -> None:
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32).eval()
     assert _tracer(model)[0] is timm_fx.create_feature_extractor
     bb = Backbone(model, Preprocessing(resize_size=32, crop_size=32), "timm:vit_tiny", "none(seed=0)", 192, "head")
-    out = with_outputs(bb, layers=["blocks.10", "blocks.11"])
-    assert out.layers == [{"name": "blocks.10", "dim": 192}, {"name": "blocks.11", "dim": 192}]
+    out = with_outputs(bb, layers=["blocks.10:cls", "blocks.11", "blocks.11:cls+mean"])
+    assert out.layers == [{"name": "blocks.10:cls", "dim": 192}, {"name": "blocks.11", "dim": 192},
+                          {"name": "blocks.11:cls+mean", "dim": 384}]  # fmt: skip
     x = torch.randn(2, 3, 32, 32)
     with torch.inference_mode():
         feats = out.model(x)
-        tokens = model.blocks(model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x)))))
-    torch.testing.assert_close(feats[:, 192:], tokens.mean(1), rtol=1e-4, atol=1e-5)
+        t10 = model.blocks[:11](model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x)))))
+        t11 = model.blocks[11](t10)
+    assert model.num_prefix_tokens == 1  # the class token; the mean is of the patch tokens after it
+    close = {"rtol": 1e-4, "atol": 1e-5}
+    torch.testing.assert_close(feats[:, :192], t10[:, 0], **close)
+    torch.testing.assert_close(feats[:, 192:384], t11[:, 1:].mean(1), **close)
+    torch.testing.assert_close(feats[:, 384:], torch.cat([t11[:, 0], t11[:, 1:].mean(1)], 1), **close)
+    with pytest.raises(PipelineError, match="pools the tokens of a transformer block"):
+        with_outputs(load_backbone("resnet18", weights="none", image_size=32), layers=["layer3:cls"])
+    with pytest.raises(PipelineError, match="unknown pooling 'max'"):
+        with_outputs(bb, layers=["blocks.11:max"])
 
 
 def test_cli_extract_layers_and_inspect_nodes(folder: Path, tmp_path: Path, capsys) -> None:

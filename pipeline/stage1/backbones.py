@@ -485,14 +485,40 @@ def _unknown_node(model: nn.Module, name: str, nodes: list[str], *, backbone: st
     )
 
 
-def pool(y: torch.Tensor) -> torch.Tensor:
-    """One node's output as a vector per image: NCHW -> mean over H, W; (B, N, C) tokens of a ViT -> mean over the
-    N tokens (the class token included: the mean of all tokens, one rule for every transformer, rather than a
-    per-model guess at which token is the class token); (B, D) as it is."""
+TOKEN_POOLS = ("mean", "cls", "cls+mean")  # --layers NODE[:POOL] for token outputs (B, N, C)
+
+
+def split_layer(spec: str) -> tuple[str, str]:
+    """``NODE[:POOL]`` -> (node, pool); no suffix is ``mean``. The pooling is part of the layer's name, so the
+    feature file, the heads, export and predict all carry it without a separate record."""
+    node, _, how = spec.partition(":")
+    how = how or "mean"
+    if how not in TOKEN_POOLS:
+        choices = ", ".join(f"NODE:{p}" for p in TOKEN_POOLS)
+        raise PipelineError(f"--layers {spec}: unknown pooling {how!r}; choose NODE (the mean) or {choices}")
+    return node, how
+
+
+def prefix_tokens(model: nn.Module) -> int:
+    """How many tokens of a ViT's sequence precede the patch tokens (class and register tokens): timm's
+    ``num_prefix_tokens``, torchvision's one ``class_token``; 0 when the model does not say."""
+    n = getattr(model, "num_prefix_tokens", None)
+    if isinstance(n, int):
+        return n
+    return 1 if isinstance(getattr(model, "class_token", None), torch.Tensor) else 0
+
+
+def pool(y: torch.Tensor, how: str = "mean", *, prefix: int = 0) -> torch.Tensor:
+    """One node's output as a vector per image: NCHW -> mean over H, W; (B, N, C) tokens of a ViT -> ``mean``: the
+    mean of the patch tokens (the ``prefix`` class/register tokens left out), ``cls``: the class token (the first),
+    ``cls+mean``: both side by side, as dinov2's linear evaluation probes; (B, D) as it is."""
     if y.ndim == 4:
         return y.mean(dim=(2, 3))
     if y.ndim == 3:
-        return y.mean(dim=1)
+        patches = y[:, prefix:].mean(dim=1)
+        if how == "mean":
+            return patches
+        return y[:, 0] if how == "cls" else torch.cat([y[:, 0], patches], dim=1)
     return y.flatten(1)
 
 
@@ -500,15 +526,31 @@ class _Outputs(nn.Module):
     """The traced backbone returning ``features`` (the pooled ``layers``, concatenated in order; or the model's own
     output) and, with ``cache_at``, the activation map there: a tuple ``(features, activations)``."""
 
-    def __init__(self, body: nn.Module, *, layers: list[str], output: str, cache_at: str | None):
+    def __init__(self, body: nn.Module, *, layers: list[str], output: str, cache_at: str | None, prefix: int = 0):
         super().__init__()
-        self.body, self.layers, self.output, self.cache_at = body, layers, output, cache_at
+        self.body, self.output, self.cache_at, self.prefix = body, output, cache_at, prefix
+        self.layers = [split_layer(spec) for spec in layers]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         out = self.body(x)
-        pooled = [pool(out[n]) for n in self.layers]
+        pooled = [pool(out[node], how, prefix=self.prefix) for node, how in self.layers]
         feats = torch.cat(pooled, dim=1) if pooled else out[self.output].flatten(1)
         return feats if self.cache_at is None else (feats, out[self.cache_at])
+
+
+def _layer_dim(spec: str, shape: tuple[int, ...] | None, *, backbone: Backbone, prefix: int) -> int:
+    """The pooled width of ``spec`` (NODE[:POOL]) whose node gives ``shape`` per image; a pooling that does not fit
+    the node or the model is one line."""
+    node, how = split_layer(spec)
+    if shape is None or len(shape) not in (1, 2, 3):
+        raise PipelineError(f"node {node!r} of {backbone.name} gives {_shape_text(shape)}, not a feature map")
+    if how != "mean" and len(shape) != 2:
+        raise PipelineError(f"--layers {spec}: :{how} pools the tokens of a transformer block (N x C); {node} gives "
+                            f"{_shape_text(shape)}: use {node} alone")  # fmt: skip
+    if how != "mean" and prefix < 1:
+        raise PipelineError(f"--layers {spec}: {backbone.name} has no class token to take; use {node} (the mean)")
+    width = shape[-1] if len(shape) == 2 else shape[0]
+    return 2 * width if how == "cls+mean" else width
 
 
 def with_outputs(backbone: Backbone, *, layers: list[str] | None = None, cache_at: str | None = None) -> Backbone:
@@ -516,13 +558,14 @@ def with_outputs(backbone: Backbone, *, layers: list[str] | None = None, cache_a
     instead of the classifier's input, and with ``cache_at`` also the raw activation map at that node (a tuple).
     Records ``layers`` [{"name", "dim"}] and ``activations`` {"node", "shape", "dtype"}; ``feature_dim`` is the
     concatenated dimension. Unchanged when neither is given."""
-    layers = list(dict.fromkeys(layers or []))  # a node named twice is stored once
+    layers = list(dict.fromkeys(layers or []))  # a layer named twice is stored once
     if not layers and cache_at is None:
         return backbone
     create, _ = _tracer(backbone.model)
     nodes = graph_nodes(backbone.model)
+    layer_nodes = [split_layer(spec)[0] for spec in layers]
     # the model's own output only when it is the features: asking for it would keep the blocks after the layers
-    wanted = list(dict.fromkeys([*layers, *([cache_at] if cache_at else []), *([] if layers else [nodes[-1]])]))
+    wanted = list(dict.fromkeys([*layer_nodes, *([cache_at] if cache_at else []), *([] if layers else [nodes[-1]])]))
     try:
         body = create(backbone.model, return_nodes=wanted)
     except ValueError as e:  # torchvision: "node: 'x' is not present in model. Hint: use get_graph_node_names ..."
@@ -532,15 +575,16 @@ def with_outputs(backbone: Backbone, *, layers: list[str] | None = None, cache_a
         raise PipelineError(f"cannot trace {backbone.name} for --layers/--cache-at: {_first_line(e)}") from None
     body.eval().requires_grad_(False)
     shapes = _probe_shapes(body, backbone.preprocess.crop_size, backbone.name)
-    for n in layers:
-        if shapes[n] is None or len(shapes[n]) not in (1, 2, 3):
-            raise PipelineError(f"node {n!r} of {backbone.name} gives {_shape_text(shapes[n])}, not a feature map")
+    prefix = prefix_tokens(backbone.model)
+    dims = [
+        {"name": spec, "dim": _layer_dim(spec, shapes[split_layer(spec)[0]], backbone=backbone, prefix=prefix)}
+        for spec in layers
+    ]
     if cache_at is not None and (shapes[cache_at] is None or len(shapes[cache_at]) != 3):
         raise PipelineError(
             f"--cache-at {cache_at}: that node gives {_shape_text(shapes[cache_at])}, not a C x H x W map"
         )
-    dims = [{"name": n, "dim": shapes[n][-1] if len(shapes[n]) == 2 else shapes[n][0]} for n in layers]
-    model = _Outputs(body, layers=layers, output=nodes[-1], cache_at=cache_at).eval()
+    model = _Outputs(body, layers=layers, output=nodes[-1], cache_at=cache_at, prefix=prefix).eval()
     acts = {"node": cache_at, "shape": list(shapes[cache_at]), "dtype": ACTIVATION_DTYPE} if cache_at else None
     dim = sum(d["dim"] for d in dims) if layers else backbone.feature_dim
     return replace(backbone, model=model, feature_dim=dim, layers=dims or None, activations=acts)

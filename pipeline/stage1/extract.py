@@ -112,8 +112,9 @@ class ExtractConfig(SourceOptions):
     layers: str | None = option(
         None,
         "Comma-separated nodes whose outputs are stored, each globally average-pooled (e.g. layer3,layer4 for a "
-        "ResNet; `pipeline inspect --nodes BACKBONE` lists them); features = their concatenation, each also stored "
-        "apart (train-head --layer). Default: the input of the final classifier.",
+        "ResNet; `pipeline inspect --nodes BACKBONE` lists them; a ViT block's patch tokens are averaged, NODE:cls "
+        "takes its class token, NODE:cls+mean both); features = their concatenation, each also stored apart "
+        "(train-head --layer). Default: the input of the final classifier.",
     )
     cache_at: str | None = option(
         None,
@@ -237,7 +238,7 @@ def _outputs_suffix(cfg: ExtractConfig) -> list[str]:
         parts.append("L" + (names if len(names) <= 48 else fingerprint({"layers": names})[:10]))
     if cfg.cache_at:
         parts.append("at" + cfg.cache_at.strip())
-    return [p.replace("/", "-") for p in parts]
+    return [p.replace("/", "-").replace(":", "-") for p in parts]
 
 
 def output_columns(backbone: Backbone) -> dict[str, tuple[tuple[int, ...], str]]:
