@@ -293,6 +293,24 @@ def test_timm_models_are_traced_with_timms_tracer() -> None:
         with_outputs(bb, layers=["blocks.11:max"])
 
 
+def test_nhwc_maps_of_a_swin_are_pooled_over_h_and_w() -> None:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=0, embed_dim=16,
+                              depths=(1, 1), num_heads=(1, 2), img_size=32, window_size=4).eval()  # fmt: skip
+    assert model.output_fmt == "NHWC"
+    bb = Backbone(model, Preprocessing(resize_size=32, crop_size=32), "timm:swin", "none(seed=0)", 32, "head")
+    out = with_outputs(bb, layers=["layers.0", "layers.1"])
+    assert out.layers == [{"name": "layers.0", "dim": 16}, {"name": "layers.1", "dim": 32}]  # C, not W
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        feats = out.model(x)
+        maps0 = model.layers[0](model.patch_embed(x))  # (B, H, W, C)
+        maps1 = model.layers[1](maps0)
+    torch.testing.assert_close(feats[:, :16], maps0.mean((1, 2)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(feats[:, 16:], maps1.mean((1, 2)), rtol=1e-4, atol=1e-5)
+
+
 def test_cli_extract_layers_and_inspect_nodes(folder: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "f.h5"
     code, stdout, err = run(["extract", "--dataset", str(folder), *TINY_ARGS, "--out", str(out),

@@ -508,12 +508,18 @@ def prefix_tokens(model: nn.Module) -> int:
     return 1 if isinstance(getattr(model, "class_token", None), torch.Tensor) else 0
 
 
-def pool(y: torch.Tensor, how: str = "mean", *, prefix: int = 0) -> torch.Tensor:
-    """One node's output as a vector per image: NCHW -> mean over H, W; (B, N, C) tokens of a ViT -> ``mean``: the
-    mean of the patch tokens (the ``prefix`` class/register tokens left out), ``cls``: the class token (the first),
-    ``cls+mean``: both side by side, as dinov2's linear evaluation probes; (B, D) as it is."""
+def channels_last_maps(model: nn.Module) -> bool:
+    """Whether the model's feature maps are NHWC (timm's ``output_fmt``: Swin and its kin keep C last inside)."""
+    return str(getattr(model, "output_fmt", "NCHW")).upper().endswith("NHWC")
+
+
+def pool(y: torch.Tensor, how: str = "mean", *, prefix: int = 0, nhwc: bool = False) -> torch.Tensor:
+    """One node's output as a vector per image: a map -> mean over H, W (NCHW, or NHWC when ``nhwc``); (B, N, C)
+    tokens of a ViT -> ``mean``: the mean of the patch tokens (the ``prefix`` class/register tokens left out),
+    ``cls``: the class token (the first), ``cls+mean``: both side by side, as dinov2's linear evaluation probes;
+    (B, D) as it is."""
     if y.ndim == 4:
-        return y.mean(dim=(2, 3))
+        return y.mean(dim=(1, 2) if nhwc else (2, 3))
     if y.ndim == 3:
         patches = y[:, prefix:].mean(dim=1)
         if how == "mean":
@@ -526,19 +532,22 @@ class _Outputs(nn.Module):
     """The traced backbone returning ``features`` (the pooled ``layers``, concatenated in order; or the model's own
     output) and, with ``cache_at``, the activation map there: a tuple ``(features, activations)``."""
 
-    def __init__(self, body: nn.Module, *, layers: list[str], output: str, cache_at: str | None, prefix: int = 0):
+    def __init__(
+        self, body: nn.Module, *, layers: list[str], output: str, cache_at: str | None, prefix: int = 0,
+        nhwc: bool = False,
+    ):  # fmt: skip
         super().__init__()
-        self.body, self.output, self.cache_at, self.prefix = body, output, cache_at, prefix
+        self.body, self.output, self.cache_at, self.prefix, self.nhwc = body, output, cache_at, prefix, nhwc
         self.layers = [split_layer(spec) for spec in layers]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         out = self.body(x)
-        pooled = [pool(out[node], how, prefix=self.prefix) for node, how in self.layers]
+        pooled = [pool(out[node], how, prefix=self.prefix, nhwc=self.nhwc) for node, how in self.layers]
         feats = torch.cat(pooled, dim=1) if pooled else out[self.output].flatten(1)
         return feats if self.cache_at is None else (feats, out[self.cache_at])
 
 
-def _layer_dim(spec: str, shape: tuple[int, ...] | None, *, backbone: Backbone, prefix: int) -> int:
+def _layer_dim(spec: str, shape: tuple[int, ...] | None, *, backbone: Backbone, prefix: int, nhwc: bool) -> int:
     """The pooled width of ``spec`` (NODE[:POOL]) whose node gives ``shape`` per image; a pooling that does not fit
     the node or the model is one line."""
     node, how = split_layer(spec)
@@ -549,7 +558,7 @@ def _layer_dim(spec: str, shape: tuple[int, ...] | None, *, backbone: Backbone, 
                             f"{_shape_text(shape)}: use {node} alone")  # fmt: skip
     if how != "mean" and prefix < 1:
         raise PipelineError(f"--layers {spec}: {backbone.name} has no class token to take; use {node} (the mean)")
-    width = shape[-1] if len(shape) == 2 else shape[0]
+    width = shape[-1] if len(shape) == 2 or (len(shape) == 3 and nhwc) else shape[0]
     return 2 * width if how == "cls+mean" else width
 
 
@@ -575,16 +584,15 @@ def with_outputs(backbone: Backbone, *, layers: list[str] | None = None, cache_a
         raise PipelineError(f"cannot trace {backbone.name} for --layers/--cache-at: {_first_line(e)}") from None
     body.eval().requires_grad_(False)
     shapes = _probe_shapes(body, backbone.preprocess.crop_size, backbone.name)
-    prefix = prefix_tokens(backbone.model)
-    dims = [
-        {"name": spec, "dim": _layer_dim(spec, shapes[split_layer(spec)[0]], backbone=backbone, prefix=prefix)}
-        for spec in layers
-    ]
+    prefix, nhwc = prefix_tokens(backbone.model), channels_last_maps(backbone.model)
+    width = {spec: _layer_dim(spec, shapes[split_layer(spec)[0]], backbone=backbone, prefix=prefix, nhwc=nhwc)
+             for spec in layers}  # fmt: skip
+    dims = [{"name": spec, "dim": width[spec]} for spec in layers]
     if cache_at is not None and (shapes[cache_at] is None or len(shapes[cache_at]) != 3):
         raise PipelineError(
             f"--cache-at {cache_at}: that node gives {_shape_text(shapes[cache_at])}, not a C x H x W map"
         )
-    model = _Outputs(body, layers=layers, output=nodes[-1], cache_at=cache_at, prefix=prefix).eval()
+    model = _Outputs(body, layers=layers, output=nodes[-1], cache_at=cache_at, prefix=prefix, nhwc=nhwc).eval()
     acts = {"node": cache_at, "shape": list(shapes[cache_at]), "dtype": ACTIVATION_DTYPE} if cache_at else None
     dim = sum(d["dim"] for d in dims) if layers else backbone.feature_dim
     return replace(backbone, model=model, feature_dim=dim, layers=dims or None, activations=acts)
