@@ -80,12 +80,15 @@ class Head(ABC):
         for point in grid:
             head = type(self)(replace(self.cfg, **point), num_classes=self.num_classes, feature_dim=self.feature_dim)
             head.fit(X, y)
-            pred = head.logits(held_out[0])
-            if self.regress:  # held-out R^2, averaged over the targets
-                scores.append(float(r2_scores(held_out[1], pred).mean()))
-            else:
-                scores.append(float((pred.argmax(1) == held_out[1]).mean()))
+            scores.append(self.held_out_score(held_out[1], head.logits(held_out[0])))
         return scores
+
+    def held_out_score(self, y: np.ndarray, pred: np.ndarray) -> float:
+        """What ``--sweep`` maximises for one grid point's held-out predictions: R^2 averaged over the targets
+        (regression), else accuracy."""
+        if self.regress:
+            return float(r2_scores(y, pred).mean())
+        return float((pred.argmax(1) == y).mean())
 
     def as_module(self) -> nn.Module:
         """The head as a torch layer on features: logits = module(features)."""
@@ -201,6 +204,34 @@ def prepare_targets(y: np.ndarray, val: Any, *, cfg: HeadConfig) -> tuple[np.nda
     if val is not None:
         val = (val[0], (np.asarray(val[1], np.float32) - mean) / std)
     return y, val, (mean, std)
+
+
+@dataclass(frozen=True)
+class Scalings:
+    """The scalings a gradient-trained head (linear, mlp) trained under, folded back into its layers afterwards so
+    the saved head takes raw features and gives outputs in the targets' own units."""
+
+    inputs: tuple[np.ndarray, np.ndarray] | None = None  # (mean, scale) of --standardize
+    targets: tuple[np.ndarray, np.ndarray] | None = None  # (mean, std) of regression targets
+
+    @torch.no_grad()
+    def fold(self, first: Any, last: Any) -> None:
+        """Into the trained layers (anything with ``weight`` and ``bias``): the standardisation into ``first``, the
+        target scale into ``last`` (one and the same layer for the linear head)."""
+        if self.inputs is not None:
+            fold_standardiser(first.weight, first.bias, *self.inputs)
+        if self.targets is not None:
+            unscale_outputs(last.weight, last.bias, *self.targets)
+
+
+def prepare_scaled(
+    X: np.ndarray, y: np.ndarray, val: Any, *, cfg: HeadConfig
+) -> tuple[np.ndarray, np.ndarray, Any, Scalings]:
+    """What a gradient-trained head trains on (:func:`prepare_inputs`, :func:`prepare_targets`) and the
+    :class:`Scalings` to fold back afterwards."""
+    X, val, shift = prepare_inputs(X, val, cfg=cfg)
+    y, val, y_scale = prepare_targets(y, val, cfg=cfg)
+    return X, y, val, Scalings(shift, y_scale)
 
 
 def warn_if_tiny(X: np.ndarray, cfg: HeadConfig) -> None:

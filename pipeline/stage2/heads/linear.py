@@ -11,11 +11,7 @@ from pipeline.devices import resolve_device
 from pipeline.stage2.heads.base import (
     AffineHead,
     FitResult,
-    fold_standardiser,
-    prepare_inputs,
-    prepare_targets,
-    r2_scores,
-    unscale_outputs,
+    prepare_scaled,
 )
 from pipeline.stage2.heads.config import HeadConfig
 from pipeline.stage2.heads.fitting import (
@@ -43,8 +39,7 @@ class LinearHead(AffineHead):
     ) -> tuple[LinearGrid, list[list[dict[str, float]]]]:
         device = resolve_device(self.cfg.device)
         cfg, lr_factor = scaled_for_device(self.cfg, n=len(y), device=device)
-        X, val, shift = prepare_inputs(X, val, cfg=cfg)
-        y, val, y_scale = prepare_targets(y, val, cfg=cfg)
+        X, y, val, scalings = prepare_scaled(X, y, val, cfg=cfg)
         data = TorchData.build(X, y, val=val, cfg=cfg, num_classes=self.num_classes, device=device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
@@ -53,11 +48,7 @@ class LinearHead(AffineHead):
         weight_decay = [p.get("weight_decay", cfg.weight_decay) for p in grid]
         with fitting_threads(device):
             histories = train_linear_grid(model, data, lr=lr, weight_decay=weight_decay, cfg=cfg)
-        with torch.no_grad():
-            if shift is not None:
-                fold_standardiser(model.weight, model.bias, *shift)
-            if y_scale is not None:  # outputs in the targets' own units
-                unscale_outputs(model.weight, model.bias, *y_scale)
+        scalings.fold(model, model)
         return model, histories
 
     def fit(self, X: np.ndarray, y: np.ndarray, *, val: tuple[np.ndarray, np.ndarray] | None = None) -> FitResult:
@@ -78,6 +69,4 @@ class LinearHead(AffineHead):
         device = model.weight.device
         with torch.no_grad():
             out = model(torch.as_tensor(held_out[0], dtype=torch.float32, device=device)).cpu().numpy()
-        if self.regress:  # held-out R^2, averaged over the targets
-            return [float(r2_scores(held_out[1], pred).mean()) for pred in out]
-        return [float(a) for a in (out.argmax(2) == held_out[1][None]).mean(1)]
+        return [self.held_out_score(held_out[1], pred) for pred in out]

@@ -11,10 +11,7 @@ from pipeline.errors import PipelineError
 from pipeline.stage2.heads.base import (
     FitResult,
     Head,
-    fold_standardiser,
-    prepare_inputs,
-    prepare_targets,
-    unscale_outputs,
+    prepare_scaled,
 )
 from pipeline.stage2.heads.config import HeadConfig
 from pipeline.stage2.heads.fitting import TorchData, fitting_threads, ran_with, scaled_for_device, train_mlp
@@ -42,8 +39,7 @@ class MLPHead(Head):
     def fit(self, X: np.ndarray, y: np.ndarray, *, val: tuple[np.ndarray, np.ndarray] | None = None) -> FitResult:
         device = resolve_device(self.cfg.device)
         cfg, _ = scaled_for_device(self.cfg, n=len(y), device=device)
-        X, val, shift = prepare_inputs(X, val, cfg=cfg)
-        y, val, y_scale = prepare_targets(y, val, cfg=cfg)
+        X, y, val, scalings = prepare_scaled(X, y, val, cfg=cfg)
         data = TorchData.build(X, y, val=val, cfg=cfg, num_classes=self.num_classes, device=device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)  # init and dropout masks
@@ -51,11 +47,7 @@ class MLPHead(Head):
             with fitting_threads(device):
                 histories = train_mlp(self.module, data, cfg=cfg)
         self.module = self.module.cpu().eval()
-        with torch.no_grad():
-            if shift is not None:
-                fold_standardiser(self.module[0].weight, self.module[0].bias, *shift)
-            if y_scale is not None:  # outputs in the targets' own units
-                unscale_outputs(self.module[3].weight, self.module[3].bias, *y_scale)
+        scalings.fold(self.module[0], self.module[3])
         return FitResult(history=histories[0], info=ran_with(self.cfg, device=device, n=len(y)))
 
     @classmethod

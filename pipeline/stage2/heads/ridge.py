@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from pipeline.devices import resolve_device
-from pipeline.stage2.heads.base import AffineHead, FitResult, r2_scores
+from pipeline.stage2.heads.base import AffineHead, FitResult
 from pipeline.stage2.heads.config import HeadConfig
 from pipeline.stage2.heads.fitting import fitting_threads
 
@@ -83,8 +83,5 @@ class RidgeHead(AffineHead):
         for point in grid:
             weight, bias = solver.solve(point["alpha"])
             pred = np.asarray(held_out[0], np.float32) @ weight.T + bias
-            if self.regress:
-                scores.append(float(r2_scores(held_out[1], pred).mean()))
-            else:
-                scores.append(float((pred.argmax(1) == held_out[1]).mean()))
+            scores.append(self.held_out_score(held_out[1], pred))
         return scores
