@@ -266,11 +266,11 @@ def check_room(plan: ExtractPlan) -> None:
 
 
 def _size(n: float) -> str:
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit in ("bytes", "KB") else f"{n:.1f} {unit}"
+    for unit in ("bytes", "KB", "MB"):
+        if n < 1000:
+            return f"{n:.1f} {unit}" if unit == "MB" else f"{n:.0f} {unit}"
         n /= 1000
-    return f"{n:.1f} TB"
+    return f"{n:.1f} GB"
 
 
 # ------------------------------------------------------------------------------------------ the model
