@@ -454,11 +454,49 @@ def _open_for_read(path: Path) -> h5py.File:
     if not h5py.is_hdf5(path):
         raise PipelineError(f"{path} is not an HDF5 file (truncated, or not written by `pipeline extract`)")
     try:
-        return h5py.File(path, "r")
+        f = h5py.File(path, "r")
     except OSError as e:
         if _is_locked(e):
             raise PipelineError(f"{path} is being written by another process; wait for it to finish") from None
         raise PipelineError(f"cannot open {path}: damaged or truncated HDF5 file ({e})") from None
+    try:
+        refuse_outside_reads(f, path=path)
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def refuse_outside_reads(f: h5py.File, *, path: Path) -> None:
+    """A feature file reads nothing outside itself (issue 24): one line naming the first object that would (an
+    external link, a dangling soft link, external raw storage, a virtual dataset of another file). The per-layer
+    views ``/<split>/layers/<name>`` are virtual datasets of this same file (source ``.``) and stay allowed."""
+    try:
+        # The visit stops at the first object that returns a reason (h5py cannot raise through it).
+        found = f.visititems_links(functools.partial(_outside_read, f))
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        raise PipelineError(f"cannot open {path}: damaged HDF5 file ({e})") from None
+    if found:
+        raise PipelineError(f"{path}: {found}; a feature file may read nothing outside itself")
+
+
+def _outside_read(f: h5py.File, name: str, link: object) -> str | None:
+    """Why the object linked as ``name`` in ``f`` would read outside the file, or None."""
+    if isinstance(link, h5py.ExternalLink):
+        return f"/{name} is an external link to {link.filename}:{link.path}"
+    if isinstance(link, h5py.SoftLink):
+        # Its target is a link of this file, visited on its own; a missing one could be made to resolve elsewhere.
+        return None if f.get(name) is not None else f"/{name} is a soft link to {link.path}, which does not exist"
+    obj = f.get(name)
+    if not isinstance(obj, h5py.Dataset):
+        return None
+    if obj.external:
+        return f"/{name} stores its data in an external file ({obj.external[0][0]!s})"
+    if obj.is_virtual:
+        for source in obj.virtual_sources():
+            if source.file_name != ".":
+                return f"/{name} is a virtual dataset reading {source.file_name}:{source.dset_name}"
+    return None
 
 
 def _meta_from(f: h5py.File, path: Path) -> FeatureMeta:
@@ -486,11 +524,11 @@ def read_meta(path: Path | str) -> FeatureMeta:
 def read_dataset_files(path: Path | str) -> dict[str, str] | None:
     """The per-file digests a file recorded of its source (``/dataset_files``), or None if it has none."""
     try:
-        with h5py.File(path, "r") as f:
+        with _open_for_read(Path(path)) as f:
             if "dataset_files" not in f:
                 return None
             lines = f["dataset_files"].asstr()[()]
-    except (OSError, KeyError, ValueError, TypeError):
+    except (OSError, KeyError, ValueError, TypeError, PipelineError):  # outside reads refused too
         return None
     return {line[_DIGEST_LEN:]: line[:_DIGEST_LEN] for line in lines}
 
@@ -608,6 +646,28 @@ def _validate(fs: FeatureSet) -> None:
         raise PipelineError(f"{path}: the class list is empty")
     if "train" in fs.splits and len(fs.train) == 0:
         raise PipelineError(f"{path}: the train split is empty")
+    _validate_classes(fs)
+
+
+def _validate_classes(fs: FeatureSet) -> None:
+    """Class names are distinct, and each has training rows: a class with none (``--skip-bad`` may drop all of
+    its images) cannot be learnt, and its recall would read 1.0 of nothing. Refused rather than dropped: dropping
+    would renumber the labels the file and every head made from it share."""
+    seen: set[str] = set()
+    for name in fs.classes:
+        if name in seen:
+            raise PipelineError(f"{fs.path}: duplicate class name {name!r} in /classes; each class needs its own name")
+        seen.add(name)
+    if "train" not in fs.splits:
+        return
+    counts = np.bincount(fs.train.labels, minlength=len(fs.classes))
+    empty = [fs.classes[i] for i in np.flatnonzero(counts == 0)]
+    if empty:
+        raise PipelineError(
+            f"{fs.path}: class {empty[0]!r} has 0 training rows"
+            + (f" (and {len(empty) - 1} more)" if len(empty) > 1 else "")
+            + "; add readable images of it or remove its folder, then rerun extract"
+        )
 
 
 def _validate_targets(fs: FeatureSet) -> None:
@@ -1039,6 +1099,7 @@ class FeatureWriter:
                 raise PipelineError(f"{self.tmp} is being written by another process; wait for it to finish") from None
             return None  # killed before its first commit reached the disk: nothing to resume
         with old:
+            refuse_outside_reads(old, path=self.tmp)
             try:
                 progress = self._partial_progress(old)
             except (KeyError, ValueError, TypeError, OSError):

@@ -40,11 +40,13 @@ def feature_sets(draw: st.DrawFn) -> dict:
     classes = draw(st.lists(NAMES, min_size=1, max_size=6, unique=True))
     finite = st.floats(width=16 if dtype == "float16" else 32, allow_nan=False, allow_infinity=False)
     splits = {}
-    for name, lo in (("train", 1), ("val", 0)):
+    for name, lo in (("train", len(classes)), ("val", 0)):  # every class has training rows (else refused)
         n = draw(st.integers(lo, 40))
+        given = list(range(len(classes))) if name == "train" else []
+        rest = draw(st.lists(st.integers(0, len(classes) - 1), min_size=n - len(given), max_size=n - len(given)))
         splits[name] = {
             "features": draw(hnp.arrays(dtype, (n, dim), elements=finite)),
-            "labels": np.array(draw(st.lists(st.integers(0, len(classes) - 1), min_size=n, max_size=n)), np.int64),
+            "labels": np.array(given + rest, np.int64),
             "ids": draw(st.lists(NAMES, min_size=n, max_size=n)),
             # where the extraction hands rows over: any chunking must give the same file
             "cuts": sorted(draw(st.sets(st.integers(1, max(1, n - 1)), max_size=4)) if n > 1 else []),
@@ -534,7 +536,7 @@ def test_a_version_1_file_of_the_previous_writer_is_read(tmp_path: Path) -> None
         for s, n in (("train", 2), ("val", 1)):
             g = f.create_group(s)
             g["features"] = np.zeros((n, 4), np.float32)
-            g["labels"] = np.zeros(n, np.int64)
+            g["labels"] = np.arange(n, dtype=np.int64) % 2  # every class has training rows
             g["ids"] = np.array([str(i) for i in range(n)], dtype=object)
             g.attrs.update(n_total=n, n_seen=n, n_rows=n, skipped="[]")
     meta = read_features(path).meta
