@@ -61,16 +61,13 @@ from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import h5py
 import numpy as np
 
 from pipeline.errors import PipelineError
 from pipeline.fileio import fsync_path
-
-if TYPE_CHECKING:
-    from pipeline.stage1.extract import ExtractPlan
 
 log = logging.getLogger(__name__)
 FORMAT = "pipeline.cached-embeddings"
@@ -236,30 +233,6 @@ class FeatureMeta:
     resumed_from: dict[str, int] | None = None  # samples per split a resumed run found done
     merge: dict[str, Any] | None = None  # torchrun: {"shards": W, "seconds": s}
     extra: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_plan(cls, plan: ExtractPlan, *, config: dict[str, Any]) -> FeatureMeta:
-        """The record of a file an extraction plan writes: the same for a plain run, each shard and the merge."""
-        backbone, source = plan.backbone, plan.source
-        return cls(
-            fingerprint=plan.fp,
-            backbone=backbone.name,
-            weights=backbone.weights,
-            feature_dim=backbone.feature_dim,
-            num_classes=len(source.classes),
-            preprocessing=backbone.preprocess.as_dict(),
-            dataset=source.name,
-            dataset_identity=source.identity,
-            identity=plan.identity,
-            config=config,
-            classifier_path=backbone.classifier_path,
-            versions=library_versions(),
-            device=str(plan.device),
-            precision=str(plan.identity.get("precision", "")),
-            scan_skipped=list(getattr(source, "unreadable", None) or []) or None,
-            layers=backbone.layers,
-            activations=backbone.activations,
-        )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> FeatureMeta:

@@ -30,12 +30,13 @@ from pipeline.stage1.extract import (
     ExtractPlan,
     ExtractResult,
     extract,
+    meta_from_plan,
     output_columns,
     plan_extraction,
     refresh_targets,
     reuse_existing,
 )
-from pipeline.store import FeatureMeta, FeatureReadError, FeatureWriter, FileLock, StoredFile, read_meta
+from pipeline.store import FeatureReadError, FeatureWriter, FileLock, StoredFile, read_meta
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ def merge_shards(cfg: ExtractConfig, *, plan: ExtractPlan, world: int) -> Extrac
             shard_seconds = [s.meta.extract_seconds or 0.0 for s in shards]
             writer = FeatureWriter(
                 out,
-                meta=FeatureMeta.from_plan(plan, config=asdict(cfg)),
+                meta=meta_from_plan(plan, config=asdict(cfg)),
                 classes=plan.source.classes,
                 sizes=sizes,
                 feature_dim=plan.backbone.feature_dim,

@@ -625,6 +625,30 @@ class ExtractPlan:
         return {**asdict(resolved), **s.recorded(), "pad_to": self.pad_to}
 
 
+def meta_from_plan(plan: ExtractPlan, *, config: dict[str, Any]) -> FeatureMeta:
+    """The record of a file an extraction plan writes: the same for a plain run, each shard and the merge."""
+    backbone, source = plan.backbone, plan.source
+    return FeatureMeta(
+        fingerprint=plan.fp,
+        backbone=backbone.name,
+        weights=backbone.weights,
+        feature_dim=backbone.feature_dim,
+        num_classes=len(source.classes),
+        preprocessing=backbone.preprocess.as_dict(),
+        dataset=source.name,
+        dataset_identity=source.identity,
+        identity=plan.identity,
+        config=config,
+        classifier_path=backbone.classifier_path,
+        versions=library_versions(),
+        device=str(plan.device),
+        precision=str(plan.identity.get("precision", "")),
+        scan_skipped=list(getattr(source, "unreadable", None) or []) or None,
+        layers=backbone.layers,
+        activations=backbone.activations,
+    )
+
+
 def plan_extraction(cfg: ExtractConfig, *, source: Source | None = None) -> ExtractPlan:
     """Load the backbone and the dataset index and fix the output path and fingerprint.
 
@@ -718,7 +742,7 @@ def _write(plan: ExtractPlan, *, cfg: ExtractConfig) -> ExtractResult:
     check_room(plan)
     writer = FeatureWriter(
         out,
-        meta=FeatureMeta.from_plan(plan, config=plan.recorded_config(cfg)),
+        meta=meta_from_plan(plan, config=plan.recorded_config(cfg)),
         classes=source.classes,
         sizes={s: len(v) for s, v in source.splits.items()},
         feature_dim=backbone.feature_dim,
