@@ -382,7 +382,7 @@ def test_a_failure_mid_predict_leaves_no_tmp(extracted: dict[str, Any], tmp_path
     def fail(*_: Any) -> None:
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr("pipeline.deploy.predict.predict_batch", fail)
+    monkeypatch.setattr("pipeline.deploy.predict.embed_batch", fail)
     out = tmp_path / "p.csv"
     with pytest.raises(RuntimeError):
         predict(extracted["resnet18-clf"], [extracted["images"]], out=out, progress=False)
