@@ -379,7 +379,7 @@ def test_predict_with_a_file_name_that_is_not_utf8(extracted: dict[str, Any], tm
 
 
 def test_a_failure_mid_predict_leaves_no_tmp(extracted: dict[str, Any], tmp_path: Path, monkeypatch) -> None:
-    def fail(*_: Any) -> None:
+    def fail(*_: Any, **__: Any) -> None:
         raise RuntimeError("out of memory")
 
     monkeypatch.setattr("pipeline.deploy.predict.embed_batch", fail)
