@@ -92,6 +92,21 @@ def _options_from(name: str) -> Any:
     return decorate
 
 
+def _extract_options(*names: str) -> Any:
+    """Some of extract's options, as extract defines them (help, choices, defaults): predict reads images the same
+    way."""
+
+    def decorate(f: Any) -> Any:
+        from dataclasses import fields
+
+        by_name = {fld.name: fld for fld in fields(_config_class("ExtractConfig"))}
+        for name in reversed(names):
+            f = _field_option(by_name[name])(f)
+        return f
+
+    return decorate
+
+
 def _field_option(fld: Any) -> Any:
     meta, flag = fld.metadata, "--" + fld.name.replace("_", "-")
     kw: dict[str, Any] = {"default": fld.default, "help": meta.get("help"), "show_default": fld.default is not None}
@@ -352,7 +367,7 @@ def export_cmd(head_dir: str, out: str) -> None:
 @click.option("--model", required=True, type=click.Path(dir_okay=False), help="MODEL.pt2 from export.")
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("--out", default="preds.csv", show_default=True, type=click.Path(dir_okay=False))
-@click.option("--batch-size", type=_positive_int, default=32, show_default=True)
+@_extract_options("batch_size", "workers", "preprocess", "precision")
 @click.option("--top-k", type=_positive_int, default=3, show_default=True, help="Ranked classes per image.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
 @click.option("--progress/--no-progress", default=True, show_default=True)

@@ -379,10 +379,10 @@ def test_predict_with_a_file_name_that_is_not_utf8(extracted: dict[str, Any], tm
 
 
 def test_a_failure_mid_predict_leaves_no_tmp(extracted: dict[str, Any], tmp_path: Path, monkeypatch) -> None:
-    def fail(*_: Any) -> None:
+    def fail(*_: Any, **__: Any) -> None:
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr("pipeline.deploy.predict.predict_batch", fail)
+    monkeypatch.setattr("pipeline.deploy.predict.embed_batch", fail)
     out = tmp_path / "p.csv"
     with pytest.raises(RuntimeError):
         predict(extracted["resnet18-clf"], [extracted["images"]], out=out, progress=False)

@@ -18,7 +18,8 @@ import logging
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,17 @@ from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.fileio import atomic_path
 from pipeline.stage1.backbones import TIMM_PREFIX, Backbone, Preprocessing, strip_classifier, with_outputs
-from pipeline.stage1.datasets import IMG_EXTENSIONS, load_image
+from pipeline.stage1.batches import (
+    SourceSettings,
+    choose_source,
+    default_batch_size,
+    default_prefetch,
+    default_workers,
+    open_source,
+)
+from pipeline.stage1.datasets import IMG_EXTENSIONS, Split, load_image
+from pipeline.stage1.extract import embed_batch
+from pipeline.stage1.precision import Precision, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -288,11 +299,14 @@ def predict(
     inputs: list[Path | str],
     *,
     out: Path | str,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     top_k: int = 3,
     progress: bool = True,
     device: str = "auto",
     targets: Path | str | None = None,
+    workers: int | None = None,
+    preprocess: str = "auto",
+    precision: str = "auto",
 ) -> PredictResult:
     """Classify every image file in ``inputs`` (files and folders) with an exported model; write a CSV.
     ``device`` (``auto|cpu|cuda|mps``) is where a model named by path runs. ``targets``: for a regression model, a
@@ -300,7 +314,78 @@ def predict(
     clf = model if isinstance(model, Classifier) else load_classifier(model, device=device)
     paths = collect_images(inputs)
     truth = None if targets is None else read_truth(Path(targets), clf=clf, inputs=inputs, paths=paths)
-    return predict_with(clf, paths, out=out, batch_size=batch_size, top_k=top_k, progress=progress, truth=truth)
+    reading = Reading(batch_size=batch_size, workers=workers, preprocess=preprocess, precision=precision)
+    return predict_with(
+        clf, paths, out=out, batch_size=batch_size, top_k=top_k, progress=progress, truth=truth, reading=reading
+    )
+
+
+@dataclass(frozen=True)
+class Reading:
+    """How predict reads its images: extract's ``--batch-size``, ``--workers``, ``--preprocess`` and ``--precision``
+    (None: the device's default, as extract resolves it)."""
+
+    batch_size: int | None = None
+    workers: int | None = None
+    preprocess: str = "auto"
+    precision: str = "auto"
+
+
+def _image_split(paths: list[Path]) -> Split:
+    """The files to predict as a split, so extraction's batch sources read them (ids are the paths as shown)."""
+    return Split(
+        ids=[shown(p) for p in paths],
+        labels=np.zeros(len(paths), dtype=np.int64),
+        load=_Loader(paths),
+        path=paths.__getitem__,
+    )
+
+
+@dataclass
+class _Loader:
+    """``split.load``: picklable for loader workers."""
+
+    paths: list[Path]
+
+    def __call__(self, i: int) -> Any:
+        return load_image(self.paths[i])
+
+
+@torch.inference_mode()
+def _batched_outputs(
+    clf: Classifier, paths: list[Path], *, reading: Reading, progress: bool
+) -> Iterator[tuple[list[Path], torch.Tensor | None, list[tuple[Path, str]]]]:
+    """(readable paths, their (N, C) float32 outputs on the CPU, (unreadable path, why)) batch by batch, read
+    through extraction's batch sources (:mod:`pipeline.stage1.batches`) with extract's defaults."""
+    dev, pre = clf.device, clf.preprocess
+    split = _image_split(paths)
+    name = choose_source(reading.preprocess, split, dev)
+    settings = SourceSettings(
+        pre=pre,
+        device=dev,
+        batch_size=reading.batch_size or default_batch_size(dev, crop_size=pre.crop_size),
+        workers=default_workers(dev) if reading.workers is None else reading.workers,
+        pin_memory=dev.type == "cuda",  # page-locked batches: the copy to the device is asynchronous
+        prefetch=default_prefetch(dev),
+    )
+    precision: Precision = resolve_precision(reading.precision, dev)
+    source = open_source(name, split, settings)
+    batches = source.batches(0)
+    bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress)
+    try:
+        for batch in batches:
+            out = None
+            if batch.images is not None:
+                y = embed_batch(
+                    clf.module, batch.images, pre=pre, device=dev, precision=precision,
+                    geometry=source.geometry_on_device,
+                )  # fmt: skip
+                out = y["features"].float().cpu()
+            yield [paths[i] for i in batch.indices], out, [(paths[i], why) for i, why in batch.bad]
+            bar.update(batch.consumed)
+    finally:
+        batches.close()
+        bar.close()
 
 
 def predict_with(
@@ -312,13 +397,18 @@ def predict_with(
     top_k: int = 3,
     progress: bool = True,
     truth: Truth | None = None,
+    reading: Reading | None = None,
 ) -> PredictResult:
     """Classify ``paths`` with a loaded classifier; write the CSV to ``out`` (temporary name, then renamed).
     A regression model writes its predicted values instead (:func:`predict_values`)."""
-    if batch_size < 1 or top_k < 1:
+    if (batch_size is not None and batch_size < 1) or top_k < 1:
         raise PipelineError("--batch-size and --top-k must be at least 1")
+    if reading is None or reading.batch_size != batch_size:
+        reading = replace(reading or Reading(), batch_size=batch_size)
+    if reading.workers is not None and reading.workers < 0:
+        raise PipelineError(f"--workers must be 0 or more, not {reading.workers}")
     if clf.targets:
-        return predict_values(clf, paths, out=Path(out), batch_size=batch_size, progress=progress, truth=truth)
+        return predict_values(clf, paths, out=Path(out), reading=reading, progress=progress, truth=truth)
     top_k = min(top_k, len(clf.classes))
     out = Path(out)
     result = PredictResult(out=out, n_images=len(paths), classes=list(clf.classes))
@@ -326,7 +416,7 @@ def predict_with(
     with atomic_path(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(_columns(top_k, decision=clf.decision))
-        _predict_all(clf, paths, writer=writer, result=result, batch_size=batch_size, top_k=top_k, progress=progress)
+        _predict_all(clf, paths, writer=writer, result=result, reading=reading, top_k=top_k, progress=progress)
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -337,16 +427,15 @@ def _predict_all(
     *,
     writer: Any,
     result: PredictResult,
-    batch_size: int,
+    reading: Reading,
     top_k: int,
     progress: bool,
 ) -> None:
     blank = [""] * (2 * top_k + (2 if clf.decision else 0))
-    for start in tqdm(range(0, len(paths), batch_size), desc="predict", unit="batch", disable=not progress):
-        batch = paths[start : start + batch_size]
-        ok_paths, images = _read_batch(clf, batch, writer=writer, result=result, blank=blank)
-        if images:
-            proba = predict_batch(clf, images)
+    for ok_paths, logits, bad in _batched_outputs(clf, paths, reading=reading, progress=progress):
+        _report_bad(bad, writer=writer, result=result, blank=blank)
+        if logits is not None:
+            proba = torch.softmax(logits, dim=1)
             rows = _rows(ok_paths, proba, clf.classes, top_k)
             decided, how = decide(clf, proba)
             if clf.decision:
@@ -359,22 +448,14 @@ def _predict_all(
                     result.labelled.append((index[path.parent.name], pred))
 
 
-def _read_batch(
-    clf: Classifier, paths: list[Path], *, writer: Any, result: PredictResult, blank: list[str]
-) -> tuple[list[Path], list[torch.Tensor]]:
-    """The images of ``paths`` that can be read, with their paths; each one that cannot is reported, counted in
-    ``result.failed`` and written as a row of ``blank`` cells with the reason in the error column."""
-    ok_paths, images = [], []
-    for path in paths:
-        try:
-            images.append(read_image(path, clf.preprocess))
-            ok_paths.append(path)
-        except Exception as e:  # noqa: BLE001 - PIL raises many types for a corrupt file; report and go on
-            reason = shown(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")  # may name the file
-            log.warning("cannot read %s: %s", shown(path), reason)
-            result.failed[shown(path)] = reason
-            writer.writerow([shown(path), *blank, reason])
-    return ok_paths, images
+def _report_bad(bad: list[tuple[Path, str]], *, writer: Any, result: PredictResult, blank: list[str]) -> None:
+    """Each image that could not be read is reported, counted in ``result.failed`` and written as a row of
+    ``blank`` cells with the reason (``Type: first line``, as the batch sources give it) in the error column."""
+    for path, why in bad:
+        reason = shown(why)  # may name the file
+        log.warning("cannot read %s: %s", shown(path), reason)
+        result.failed[shown(path)] = reason
+        writer.writerow([shown(path), *blank, reason])
 
 
 # ------------------------------------------------------------------------------------------ regression models
@@ -422,7 +503,13 @@ def read_truth(csv_path: Path, *, clf: Classifier, inputs: list[Path | str], pat
 
 
 def predict_values(
-    clf: Classifier, paths: list[Path], *, out: Path, batch_size: int, progress: bool, truth: Truth | None = None
+    clf: Classifier,
+    paths: list[Path],
+    *,
+    out: Path,
+    reading: Reading,
+    progress: bool,
+    truth: Truth | None = None,
 ) -> PredictResult:
     """A regression model over ``paths``: the CSV gets ``path``, one column per target, ``error``; with ``truth``
     each image that has a true value is scored (:meth:`PredictResult.regression_scores`)."""
@@ -433,12 +520,11 @@ def predict_values(
     with atomic_path(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", *clf.targets, "error"])
-        for start in tqdm(range(0, len(paths), batch_size), desc="predict", unit="batch", disable=not progress):
-            batch = paths[start : start + batch_size]
-            ok_paths, images = _read_batch(clf, batch, writer=writer, result=result, blank=blank)
-            if not images:
+        for ok_paths, outputs, bad in _batched_outputs(clf, paths, reading=reading, progress=progress):
+            _report_bad(bad, writer=writer, result=result, blank=blank)
+            if outputs is None:
                 continue
-            values = model_outputs(clf, images).numpy()
+            values = outputs.numpy()
             writer.writerows([shown(p), *(f"{v:.7g}" for v in row), ""] for p, row in zip(ok_paths, values))
             result.values.append(values)
             for path, row in zip(ok_paths, values):
