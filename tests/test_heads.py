@@ -586,22 +586,36 @@ def test_centroid_temperature_is_the_best_of_its_grid() -> None:
 
 
 def test_cuda_takes_larger_steps_only_with_the_default_batch_and_enough_rows() -> None:
-    """On CUDA the default batch grows (lr x sqrt of the factor) while an epoch keeps MIN_STEPS steps; on the CPU,
-    with a chosen batch, or on small data, the configured batch runs as given (the same object: nothing changes)."""
+    """On CUDA the default batch (none given) grows (lr x sqrt of the factor) while an epoch keeps MIN_STEPS steps;
+    on the CPU, with a chosen batch, or on small data, the default or given batch runs as it is."""
     import torch
 
+    from pipeline.stage2.heads.config import DEFAULT_BATCH
     from pipeline.stage2.heads.fitting import CUDA_BATCH_FACTOR, MIN_STEPS, ran_with, scaled_for_device
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")  # a device object needs no GPU
     cfg = HeadConfig(head="linear")
+    assert cfg.batch_size is None and cfg.rows_per_step == DEFAULT_BATCH
     ran, factor = scaled_for_device(cfg, n=50_000, device=cuda)
-    assert ran.batch_size == CUDA_BATCH_FACTOR * cfg.batch_size and factor == pytest.approx(CUDA_BATCH_FACTOR**0.5)
+    assert ran.batch_size == CUDA_BATCH_FACTOR * DEFAULT_BATCH and factor == pytest.approx(CUDA_BATCH_FACTOR**0.5)
     assert ran.lr == pytest.approx(cfg.lr * factor) and 50_000 // ran.batch_size >= MIN_STEPS
     assert ran_with(cfg, n=50_000, device=cuda) == {"batch_size_run": ran.batch_size, "lr_factor_run": factor}
-    assert scaled_for_device(cfg, n=1_437, device=cuda) == (cfg, 1.0)  # the digits: keep the steps
-    assert scaled_for_device(cfg, n=50_000, device=cpu)[0] is cfg
+    assert scaled_for_device(cfg, n=1_437, device=cuda) == (replace(cfg, batch_size=DEFAULT_BATCH), 1.0)  # digits
+    assert scaled_for_device(cfg, n=50_000, device=cpu) == (replace(cfg, batch_size=DEFAULT_BATCH), 1.0)
     assert scaled_for_device(replace(cfg, batch_size=256), n=50_000, device=cuda)[0].batch_size == 256
     assert ran_with(cfg, n=50_000, device=cpu) == {}
+
+
+def test_an_explicit_batch_of_128_runs_128_on_cuda() -> None:
+    """The bug: 128 (the default's value) given on purpose was taken for "not set" and grew to 1,024 on CUDA."""
+    import torch
+
+    from pipeline.stage2.heads.fitting import ran_with, scaled_for_device
+
+    cfg = HeadConfig(head="mlp", batch_size=128, lr=1e-3)
+    ran, factor = scaled_for_device(cfg, n=50_000, device=torch.device("cuda"))
+    assert (ran.batch_size, ran.lr, factor) == (128, 1e-3, 1.0)
+    assert ran_with(cfg, n=50_000, device=torch.device("cuda")) == {}
 
 
 def test_shuffles_on_the_device_reproducibly_with_the_seed() -> None:

@@ -13,6 +13,7 @@ from pipeline.options import option
 CLASS_WEIGHTS = ("none", "balanced")
 SOLVERS = ("torch", "sklearn")
 TASKS = ("auto", "classify", "regress")
+DEFAULT_BATCH = 128  # rows a step when --batch-size is not given (the CUDA rule in fitting.py may grow it)
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,11 @@ class HeadConfig:
     head: str = option("linear", "Head type.", cli=False)  # the commands take --head / --heads themselves
     lr: float = option(1e-3, "Learning rate (linear, mlp).")
     epochs: int = option(15, "Passes over train (linear, mlp).")
-    batch_size: int = option(128, "Mini-batch size (linear, mlp).")
+    batch_size: int | None = option(
+        None,
+        f"Mini-batch size (linear, mlp, tail). Default: {DEFAULT_BATCH}, grown up to 8x on CUDA on large files "
+        "(lr times the square root); a given value always runs as given.",
+    )
     weight_decay: float = option(0.0, "L2 weight decay (linear, mlp).")
     C: float = option(1.0, "Inverse L2 strength (logreg): minimises mean log-loss + ||W||^2 / (2 C n), as sklearn.")
     max_iter: int = option(1000, "L-BFGS iterations at most (logreg).")
@@ -86,7 +91,7 @@ class HeadConfig:
         if self.weight_decay < 0 or not math.isfinite(self.weight_decay):
             raise PipelineError(f"--weight-decay must be 0 or more, not {self.weight_decay}")
         for name in ("epochs", "batch_size", "max_iter", "hidden", "k"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise PipelineError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
         if not 0 <= self.dropout < 1:
             raise PipelineError(f"--dropout must be in [0, 1), not {self.dropout}")
@@ -110,6 +115,11 @@ class HeadConfig:
         if targets and not self.positive:
             raise PipelineError(f"--{targets[0].replace('_', '-')} needs --positive CLASS: the class it is about")
         # --positive alone is allowed: its curves (two classes) are drawn, and no threshold is chosen
+
+    @property
+    def rows_per_step(self) -> int:
+        """The batch size as given, else the default (before any device rule: see ``fitting.scaled_for_device``)."""
+        return DEFAULT_BATCH if self.batch_size is None else self.batch_size
 
     @property
     def threshold_target(self) -> dict[str, float] | None:

@@ -8,7 +8,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -19,7 +19,6 @@ from pipeline.stage2.heads.base import balanced_weights
 from pipeline.stage2.heads.config import HeadConfig
 
 log = logging.getLogger(__name__)
-DEFAULT_BATCH = next(f.default for f in fields(HeadConfig) if f.name == "batch_size")
 
 
 class LinearGrid(nn.Module):
@@ -313,25 +312,26 @@ MIN_STEPS = 48
 
 
 def launch_scale(cfg: HeadConfig, *, n: int, device: torch.device) -> int:
-    """How many times the configured batch one step takes: 1 except on CUDA with the default batch size."""
-    if device.type != "cuda" or cfg.batch_size != DEFAULT_BATCH:
+    """How many times the default batch one step takes: 1 except on CUDA when no batch size was given (``None``;
+    an explicit value, 128 included, always runs as given)."""
+    if device.type != "cuda" or cfg.batch_size is not None:
         return 1
-    return max(1, min(CUDA_BATCH_FACTOR, n // (cfg.batch_size * MIN_STEPS)))
+    return max(1, min(CUDA_BATCH_FACTOR, n // (cfg.rows_per_step * MIN_STEPS)))
 
 
 def scaled_for_device(cfg: HeadConfig, *, n: int, device: torch.device) -> tuple[HeadConfig, float]:
-    """``(cfg with the batch the device runs, the factor its learning rates take)``; ``(cfg, 1.0)`` on the CPU."""
+    """``(cfg with the batch size that runs, never None, the factor its learning rates take)``."""
     f = launch_scale(cfg, n=n, device=device)
     if f == 1:
-        return cfg, 1.0
-    log.info("on %s: %d rows a step, lr x %.3g (the default batch, scaled)", device, f * cfg.batch_size, f**0.5)
-    return replace(cfg, batch_size=f * cfg.batch_size, lr=cfg.lr * f**0.5), f**0.5
+        return replace(cfg, batch_size=cfg.rows_per_step), 1.0
+    log.info("on %s: %d rows a step, lr x %.3g (the default batch, scaled)", device, f * cfg.rows_per_step, f**0.5)
+    return replace(cfg, batch_size=f * cfg.rows_per_step, lr=cfg.lr * f**0.5), f**0.5
 
 
 def ran_with(cfg: HeadConfig, *, n: int, device: torch.device) -> dict[str, Any]:
-    """What a fit's metrics record of a scaled batch (nothing when the configured one ran)."""
+    """What a fit's metrics record of a scaled batch (nothing when the given or default one ran)."""
     ran, factor = scaled_for_device(cfg, n=n, device=device)
-    return {} if ran is cfg else {"batch_size_run": ran.batch_size, "lr_factor_run": factor}
+    return {} if factor == 1.0 else {"batch_size_run": ran.batch_size, "lr_factor_run": factor}
 
 
 @contextmanager

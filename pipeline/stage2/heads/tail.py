@@ -252,7 +252,7 @@ class TailHead(Head):
         set_train_mode(model, train_bn=self.cfg.train_bn)
         loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
         batches = 0
-        for xb, yb in _batches(X, y, size=self.cfg.batch_size, device=device, rng=rng):
+        for xb, yb in _batches(X, y, size=self.cfg.rows_per_step, device=device, rng=rng):
             logits = model(xb)
             loss = nn.functional.cross_entropy(logits, yb, weight=weight)
             for p in model.parameters():
@@ -280,8 +280,8 @@ class TailHead(Head):
         out = np.empty((len(X), self.num_classes), np.float32)
         with torch.inference_mode():
             for positions, maps in X.blocks():
-                for start in range(0, len(positions), self.cfg.batch_size):
-                    xb = torch.from_numpy(np.ascontiguousarray(maps[start : start + self.cfg.batch_size]))
+                for start in range(0, len(positions), self.cfg.rows_per_step):
+                    xb = torch.from_numpy(np.ascontiguousarray(maps[start : start + self.cfg.rows_per_step]))
                     xb = xb.to(device=device, dtype=torch.float32)
                     out[positions[start : start + len(xb)]] = model(xb).float().cpu().numpy()
         return out
