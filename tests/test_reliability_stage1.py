@@ -26,3 +26,14 @@ def test_load_image_refuses_a_fifo_before_opening(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / "pipe.png")
     with pytest.raises(ValueError, match="not a regular file"):
         load_image(tmp_path / "pipe.png")
+
+
+def test_targets_field_over_csv_limit_is_one_line(tmp_path: Path) -> None:
+    """Issue 24 item 6: a field over 131,072 characters raised _csv.Error as a traceback."""
+    from pipeline.errors import PipelineError
+    from pipeline.stage1.targets import read_targets_csv
+
+    path = tmp_path / "t.csv"
+    path.write_text("id,y\n" + "a" * 200_000 + ",1\n")
+    with pytest.raises(PipelineError, match="not a readable CSV"):
+        read_targets_csv(path)
