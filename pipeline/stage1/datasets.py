@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import stat
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
@@ -133,6 +134,9 @@ def load_image(path: Path) -> Image.Image:
     Large photos are fine up to :data:`MAX_PIXELS` (PIL's own warning at ~89 megapixels, which a 100 MP camera
     exceeds, is silenced); a larger one is refused from its header, before any pixel is decoded.
     """
+    kind = _not_regular(Path(path))
+    if kind:
+        raise ValueError(kind)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with Image.open(path) as img:
@@ -168,6 +172,18 @@ def display_name(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+def _not_regular(path: Path) -> str | None:
+    """Why ``path`` is not an image file, from its ``stat`` (links followed), before anything opens it: only a
+    regular file is an image. Opening a FIFO blocks forever and a character device (``/dev/zero``) never ends."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "broken link" if os.path.islink(path) else "missing"
+    except OSError as e:
+        return e.strerror or "cannot be read"
+    return None if stat.S_ISREG(st.st_mode) else "not a regular file"
+
+
 def _walk_images(folder: Path, *, root: Path, problems: list[str]) -> list[Path]:
     """Image files under ``folder`` (links followed); broken links, link loops and folders that cannot be listed
     are added to ``problems`` instead of vanishing silently."""
@@ -191,9 +207,12 @@ def _walk_images(folder: Path, *, root: Path, problems: list[str]) -> list[Path]
             p = Path(dirpath) / name
             if name.startswith("."):
                 continue
-            if p.is_symlink() and not p.exists():
-                problems.append(f"{rel(p)} (broken link)")
-            elif p.suffix.lower() in IMG_EXTENSIONS:
+            if p.suffix.lower() not in IMG_EXTENSIONS:
+                continue
+            kind = _not_regular(p)
+            if kind:
+                problems.append(f"{rel(p)} ({kind})")
+            else:
                 found.append(p)
     return sorted(found)
 

@@ -75,7 +75,10 @@ def read_targets_csv(path: Path | str) -> TargetTable:
         text = data.decode("utf-8-sig")  # a spreadsheet's byte-order mark is not part of the first column name
     except UnicodeDecodeError:
         raise PipelineError(f"{path.name}: not UTF-8 text (save the CSV as UTF-8)") from None
-    rows = [row for row in csv.reader(text.splitlines()) if any(cell.strip() for cell in row)]
+    try:
+        rows = [row for row in csv.reader(text.splitlines()) if any(cell.strip() for cell in row)]
+    except csv.Error as e:  # e.g. a field over the csv module's 131,072-character limit
+        raise PipelineError(f"--targets {path}: not a readable CSV ({e})") from None
     if not rows:
         raise PipelineError(f"{path.name} is empty: expected a header row id,<target>,... and one row per image")
     header = [cell.strip() for cell in rows[0]]
