@@ -317,7 +317,7 @@ def _read_state_file(path: Path) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _load_state_file(model: nn.Module, path: Path, classifier_path: str) -> None:
+def load_state_file(model: nn.Module, path: Path, classifier_path: str) -> None:
     try:
         state = _read_state_file(path)
     except Exception as e:  # noqa: BLE001 - any unpickling/format problem is the user's file
@@ -365,7 +365,7 @@ def _download_message(name: str, w: Any, err: Exception) -> str:
     )
 
 
-def _looks_like_path(weights: str) -> bool:
+def looks_like_path(weights: str) -> bool:
     return os.sep in weights or weights.endswith((".pt", ".pth", ".bin", ".safetensors")) or Path(weights).exists()
 
 
@@ -397,7 +397,7 @@ def load_backbone(
             torch.manual_seed(seed)
             model = torchvision.models.get_model(name, weights=None)
         identity = WeightsIdentity("none", str(seed))
-    elif _looks_like_path(weights):
+    elif looks_like_path(weights):
         path = Path(weights)
         if not path.is_file():
             raise PipelineError(f"weights file not found: {path}")
@@ -420,17 +420,17 @@ def load_backbone(
         identity = WeightsIdentity("torchvision", str(w))  # DEFAULT resolves to a concrete version
     classifier_path = strip_classifier(model)
     if identity.kind == "file":
-        _load_state_file(model, Path(weights), classifier_path)
+        load_state_file(model, Path(weights), classifier_path)
     if image_size is not None:
         pre = pre.with_crop(image_size)
     pre = replace(pre, resize=resize)
     model.eval().requires_grad_(False)
-    feature_dim = _probe_dim(model, pre.crop_size, name)
+    feature_dim = probe_dim(model, pre.crop_size, name)
     return Backbone(model, pre, name, str(identity), feature_dim, classifier_path)
 
 
 @torch.inference_mode()
-def _probe_dim(model: nn.Module, size: int, name: str) -> int:
+def probe_dim(model: nn.Module, size: int, name: str) -> int:
     try:
         out = model(torch.zeros(1, 3, size, size))
     except Exception as e:  # noqa: BLE001 - e.g. a ViT asked for another image size

@@ -30,10 +30,10 @@ from pipeline.stage1.backbones import (
     TIMM_PREFIX,
     Backbone,
     Preprocessing,
-    _load_state_file,
-    _looks_like_path,
-    _probe_dim,
     file_sha256,
+    load_state_file,
+    looks_like_path,
+    probe_dim,
 )
 from pipeline.store import WeightsIdentity
 
@@ -238,13 +238,13 @@ def load_timm(name: str, *, weights: str, image_size: int | None, seed: int, res
             torch.manual_seed(seed)
             model = _create(model_name, pretrained=False)
         identity = WeightsIdentity("none", str(seed))
-    elif _looks_like_path(weights):
+    elif looks_like_path(weights):
         path = Path(weights)
         if not path.is_file():
             raise PipelineError(f"weights file not found: {path}")
         with torch.random.fork_rng(devices=[]):  # every tensor is then overwritten from the file
             model = _create(model_name, pretrained=False)
-        _load_state_file(model, path, _classifier_path(model, name))
+        load_state_file(model, path, _classifier_path(model, name))
         identity = WeightsIdentity("file", file_sha256(path))
     elif weights.lower() in PRETRAINED_WORDS:
         model, identity = _pretrained(name, model_name)
@@ -254,5 +254,5 @@ def load_timm(name: str, *, weights: str, image_size: int | None, seed: int, res
     pre = preprocessing_of(model, name, image_size=image_size, resize=resize)
     _fit_input_size(model, pre.crop_size)
     model.eval().requires_grad_(False)
-    feature_dim = _probe_dim(model, pre.crop_size, name)
+    feature_dim = probe_dim(model, pre.crop_size, name)
     return Backbone(model, pre, name, str(identity), feature_dim, classifier_path)
