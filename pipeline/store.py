@@ -631,15 +631,15 @@ def _validate_classes(fs: FeatureSet) -> None:
         if name in seen:
             raise PipelineError(f"{fs.path}: duplicate class name {name!r} in /classes; each class needs its own name")
         seen.add(name)
-    if "train" not in fs.splits:
-        return
+    if "train" not in fs.splits or fs.train.targets is not None:
+        return  # a regression file's classes are the folders it was read from, not what its heads learn
     counts = np.bincount(fs.train.labels, minlength=len(fs.classes))
     empty = [fs.classes[i] for i in np.flatnonzero(counts == 0)]
     if empty:
         raise PipelineError(
             f"{fs.path}: class {empty[0]!r} has 0 training rows"
             + (f" (and {len(empty) - 1} more)" if len(empty) > 1 else "")
-            + "; add readable images of it or remove its folder, then rerun extract"
+            + "; add readable images of it or remove its folder (or raise --limit), then rerun extract"
         )
 
 
