@@ -33,7 +33,7 @@ from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError, raise_if_stopped
 from pipeline.fileio import atomic_write, write_json
 from pipeline.stage1.backbones import Preprocessing, load_backbone
-from pipeline.stage1.datasets import Split
+from pipeline.stage1.datasets import SourceOptions, Split  # noqa: F401 (SourceOptions: for importers)
 from pipeline.stage2 import plots
 from pipeline.stage2.baseline_config import BaselineConfig
 from pipeline.stage2.evaluate import HeadMetrics, classification_metrics, summarize
