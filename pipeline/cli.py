@@ -21,8 +21,38 @@ _positive_int = click.IntRange(min=1)
 _positive_float = click.FloatRange(min=0, min_open=True)
 
 
+class _Deferred:
+    """A placeholder among a command's params for options built on first use (see :class:`_Command`): building
+    them imports their config class, which ``--help`` of the group and other commands should not pay for."""
+
+    def __init__(self, make: Any) -> None:
+        self.make = make  # () -> list[click.Parameter], in the order they are shown
+
+
+class _Command(click.Command):
+    """A command whose generated options (:class:`_Deferred`) are built when the command is parsed or its help is
+    shown; options without their own help get the shared one (:data:`_SHARED_HELP`) then."""
+
+    @property
+    def params(self) -> list[click.Parameter]:  # type: ignore[override]
+        if any(isinstance(p, _Deferred) for p in self._params):
+            built = [q for p in self._params for q in (p.make() if isinstance(p, _Deferred) else [p])]
+            for param in built:
+                if isinstance(param, click.Option) and not param.help:
+                    key = param.name or ""
+                    param.help = _SHARED_HELP.get((self.name or "", key), _SHARED_HELP.get(key))
+            self._params = built
+        return self._params
+
+    @params.setter
+    def params(self, value: list[click.Parameter]) -> None:
+        self._params = value
+
+
 class _Group(click.Group):
     """Lists each command with the whole first sentence of its docstring (click cuts it at ~45 characters)."""
+
+    command_class = _Command
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         rows = [(name, cmd.get_short_help_str(limit=1000)) for name, cmd in self._listed(ctx)]
@@ -51,7 +81,10 @@ _CLICK_TYPES = {"int": int, "float": float, "str": str}
 
 
 def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    """A device this machine lacks is a usage error (exit 2), caught before any file is read."""
+    """A device this machine lacks is a usage error (exit 2), caught before any file is read. ``auto`` and ``cpu``
+    are always there: checking them would import torch before a command needs it."""
+    if value in ("auto", "cpu"):
+        return value
     from pipeline.devices import resolve_device
 
     try:
@@ -62,13 +95,14 @@ def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str
 
 
 def _config_class(name: str) -> type:
-    """The config dataclasses, imported when a command runs (importing the heads costs a second at start-up)."""
+    """The config dataclasses, imported when a command's options are built (:class:`_Command`), from their torch-free
+    modules."""
     if name == "ExtractConfig":
-        from pipeline.stage1.extract import ExtractConfig
+        from pipeline.stage1.config import ExtractConfig
 
         return ExtractConfig
     if name == "BaselineConfig":
-        from pipeline.stage2.baseline import BaselineConfig
+        from pipeline.stage2.baseline_config import BaselineConfig
 
         return BaselineConfig
     from pipeline.stage2.heads import HeadConfig
@@ -81,12 +115,19 @@ def _options_from(name: str) -> Any:
     field (its metadata, see :func:`pipeline.options.option`), so they are written once. Range checks are the
     dataclass's own, turned into usage errors by :func:`_config`."""
 
-    def decorate(f: Any) -> Any:
+    def make() -> list[click.Parameter]:
         from dataclasses import fields
 
-        for fld in reversed(fields(_config_class(name))):
-            if fld.metadata.get("cli", True):
-                f = _field_option(fld)(f)
+        return [_field_param(fld) for fld in fields(_config_class(name)) if fld.metadata.get("cli", True)]
+
+    return _deferred(make)
+
+
+def _deferred(make: Any) -> Any:
+    """A decorator that puts the options ``make()`` builds at this place of the command, built on first use."""
+
+    def decorate(f: Any) -> Any:
+        f.__dict__.setdefault("__click_params__", []).append(_Deferred(make))
         return f
 
     return decorate
@@ -94,17 +135,21 @@ def _options_from(name: str) -> Any:
 
 def _extract_options(*names: str) -> Any:
     """Some of extract's options, as extract defines them (help, choices, defaults): predict reads images the same
-    way."""
+    way. Built on first use, like :func:`_options_from`."""
 
-    def decorate(f: Any) -> Any:
+    def make() -> list[click.Parameter]:
         from dataclasses import fields
 
         by_name = {fld.name: fld for fld in fields(_config_class("ExtractConfig"))}
-        for name in reversed(names):
-            f = _field_option(by_name[name])(f)
-        return f
+        return [_field_param(by_name[name]) for name in names]
 
-    return decorate
+    return _deferred(make)
+
+
+def _field_param(fld: Any) -> click.Parameter:
+    """The option :func:`_field_option` declares, as a parameter object."""
+    holder = _field_option(fld)(lambda: None)
+    return holder.__click_params__[0]
 
 
 def _field_option(fld: Any) -> Any:
@@ -203,10 +248,13 @@ def _echo_skipped(skipped: dict[str, list[str]], *, reused: bool = False) -> Non
 
 
 def _head_option(f: Any) -> Any:
-    from pipeline.stage2.heads import HEADS, HeadConfig
+    def make() -> list[click.Parameter]:
+        from pipeline.stage2.heads import HEADS, HeadConfig
 
-    help = f"Head type: {', '.join(HEADS)}."
-    return click.option("--head", default=HeadConfig.head, show_default=True, help=help)(f)
+        help = f"Head type: {', '.join(HEADS)}."
+        return [click.Option(["--head"], default=HeadConfig.head, show_default=True, help=help)]
+
+    return _deferred(make)(f)
 
 
 def _force_option(f: Any) -> Any:
@@ -560,13 +608,3 @@ _SHARED_HELP: dict[str | tuple[str, str], str] = {
     ("predict", "batch_size"): "Images per forward pass.",
     ("predict", "out"): "CSV of predictions, one row per image.",
 }
-
-
-def _fill_missing_help(group: click.Group) -> None:
-    for name, command in group.commands.items():
-        for param in command.params:
-            if isinstance(param, click.Option) and not param.help:
-                param.help = _SHARED_HELP.get((name, param.name or ""), _SHARED_HELP.get(param.name or ""))
-
-
-_fill_missing_help(cli)

@@ -6,20 +6,27 @@ device that is not there is the same one-line error everywhere.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from pipeline.errors import PipelineError
+
+if TYPE_CHECKING:
+    import torch
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 def mps_available() -> bool:
+    import torch  # here, not at the top: the CLI imports this module to print --help (torch costs seconds)
+
     backend = getattr(torch.backends, "mps", None)
     return bool(backend is not None and backend.is_available())
 
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks cuda, then mps, then cpu; an explicit device that is missing is a :class:`PipelineError`."""
+    import torch
+
     kind = name.split(":", 1)[0]
     if kind not in DEVICES or (kind != name and kind != "cuda"):
         raise PipelineError(f"unknown device {name!r}; choose one of: {', '.join(DEVICES)}")

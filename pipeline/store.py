@@ -68,12 +68,12 @@ import numpy as np
 
 from pipeline.errors import PipelineError
 from pipeline.fileio import fsync_path
+from pipeline.stage1.config import FEATURE_DTYPES
 
 log = logging.getLogger(__name__)
 FORMAT = "pipeline.cached-embeddings"
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val")
-FEATURE_DTYPES = ("float32", "float16")
 _STR = h5py.string_dtype("utf-8")
 _CHUNK_BYTES = 1 << 20  # ~1 MiB chunks of whole rows: fast full reads (tiny auto-chunks are 7x slower)
 _COPY_CHUNKS = 16  # chunks per block when copying rows (resume, merge): measured 2x faster than one

@@ -21,6 +21,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from pipeline.errors import PipelineError
+from pipeline.stage1.config import RESIZE_MODES
 from pipeline.store import WeightsIdentity
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CLASSIFIER_ATTRS = ("fc", "classifier", "heads", "head")
 
 
-RESIZE_MODES = ("crop", "full")
 TIMM_PREFIX = "timm:"  # --backbone timm:NAME: a timm model (pipeline.stage1.timm_models)
 
 

@@ -35,13 +35,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipeline.errors import PipelineError
 from pipeline.stage1.backbones import Preprocessing
+from pipeline.stage1.config import PREPROCESS_MODES
 from pipeline.stage1.datasets import Split
 
 log = logging.getLogger(__name__)
 
 # ``--preprocess`` values: ``auto`` or a source name. ``auto`` takes the first source in AUTO_ORDER that can run
 # the split on the device (see ``BatchSource.auto_for``).
-PREPROCESS_MODES = ("auto", "loader", "device", "gpu-decode")
 
 
 @dataclass

@@ -21,13 +21,11 @@ import torch
 from PIL import Image
 
 from pipeline.errors import PipelineError
-from pipeline.options import option
+from pipeline.stage1.config import VERIFY_MODES, SourceOptions  # noqa: F401 (their home is torch-free config)
 
 log = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
-# How image files are identified in the fingerprint: by path, size and modification time (fast), or by their bytes.
-VERIFY_MODES = ("stat", "content")
 # Images above this many pixels are refused from their header, before decoding: a 20 KB PNG can declare 13000 x 13000
 # 1-bit pixels and take 1.7 GB once decoded. 120 MP keeps 100 MP camera photos readable.
 MAX_PIXELS = 120_000_000
@@ -442,48 +440,3 @@ def _limited(source: Source, limit: int, *, seed: int) -> Source:
     if source.identity["kind"] != "torchvision":
         identity["limit_seed"] = seed  # the seeded sample is part of what the features are of
     return replace(source, splits=splits, identity=identity)
-
-
-@dataclass(frozen=True)
-class SourceOptions:
-    """Which images, and how they are split into train and val: the options ``extract`` and ``baseline`` share, so
-    that both see the same rows. Each field's help is their option help (see :mod:`pipeline.options`)."""
-
-    dataset: str = option(
-        "cifar10",
-        "torchvision dataset name (cifar10, cifar100, mnist, fashionmnist, kmnist, svhn, stl10) or a folder of "
-        "images: PATH/train/<class>/*, PATH/val/<class>/*, or PATH/<class>/*.",
-    )
-    data_root: str = option("data", "Where torchvision datasets live.", path="dir")
-    download: bool = option(True, "Download a torchvision dataset when it is missing.")
-    val_fraction: float = option(0.2, "Validation share of a PATH/<class>/* folder (stratified, seeded).")
-    split_seed: int = option(0, "Seed of the folder split and of the --limit sample.")
-    limit: int | None = option(None, "Only the first N samples of each split (a seeded sample for folders).")
-    verify: str = option(
-        "stat",
-        "How a folder's images are identified for reuse: 'stat' (path, size, modification time) or 'content' "
-        "(a hash of every file's bytes: slower, catches edits that keep size and time).",
-        choices=VERIFY_MODES,
-    )
-
-    def __post_init__(self) -> None:
-        if self.limit is not None and self.limit < 1:
-            raise PipelineError(f"--limit must be at least 1, not {self.limit}")
-        if not 0 < self.val_fraction < 1:
-            raise PipelineError(f"--val-fraction must be between 0 and 1, not {self.val_fraction}")
-        if not 0 <= self.split_seed < 2**32:
-            raise PipelineError(f"--split-seed must be between 0 and 2**32 - 1, not {self.split_seed}")
-        if self.verify not in VERIFY_MODES:
-            raise PipelineError(f"unknown --verify {self.verify!r}; choose one of: {', '.join(VERIFY_MODES)}")
-
-    def load(self) -> Source:
-        """The source these options pick (:func:`load_source`)."""
-        return load_source(
-            self.dataset,
-            data_root=Path(self.data_root),
-            download=self.download,
-            val_fraction=self.val_fraction,
-            split_seed=self.split_seed,
-            limit=self.limit,
-            verify=self.verify,
-        )

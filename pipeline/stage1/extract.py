@@ -14,12 +14,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.devices import DEVICES, resolve_device
+from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError, raise_if_stopped
-from pipeline.options import option
-from pipeline.stage1.backbones import RESIZE_MODES, Backbone, Preprocessing, load_backbone, with_outputs
+from pipeline.stage1.backbones import Backbone, Preprocessing, load_backbone, with_outputs
 from pipeline.stage1.batches import (
-    PREPROCESS_MODES,
     Batch,
     SourceSettings,
     choose_source,
@@ -29,11 +27,11 @@ from pipeline.stage1.batches import (
     error_line,
     open_source,
 )
-from pipeline.stage1.datasets import Source, SourceOptions, Split
-from pipeline.stage1.precision import PRECISIONS, Precision, check_precision, precision_context, resolve_precision
+from pipeline.stage1.config import ExtractConfig
+from pipeline.stage1.datasets import Source, Split
+from pipeline.stage1.precision import Precision, precision_context, resolve_precision
 from pipeline.stage1.targets import TargetTable, match_targets, read_targets_csv, skipped_line
 from pipeline.store import (
-    FEATURE_DTYPES,
     SCHEMA_VERSION,
     FeatureMeta,
     FeatureWriter,
@@ -52,119 +50,6 @@ from pipeline.store import (
 __all__ = ["ExtractConfig", "ExtractPlan", "ExtractResult", "extract", "library_versions", "plan_extraction"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ExtractConfig(SourceOptions):
-    """Everything ``extract`` takes; each field's help is the ``extract`` command's option help."""
-
-    backbone: str = option(
-        "resnet18",
-        "Any torchvision classification model, or timm:NAME for a timm model (needs pip install -e '.[timm]').",
-    )
-    weights: str = option(
-        "IMAGENET1K_V1",
-        "torchvision weights name (IMAGENET1K_V1, DEFAULT, ...), 'none' (random init), or a state_dict path "
-        "(.safetensors, or a torch file read without unpickling). For timm:NAME: 'pretrained' (also the default and "
-        "DEFAULT: the tag in NAME.TAG or timm's default, from the Hugging Face cache), 'none', or a path.",
-    )
-    image_size: int | None = option(None, "Crop size in pixels, 16-1024 (default: the weights' own).")
-    device: str = option("auto", "auto picks cuda, then mps, then cpu.", choices=DEVICES)
-    batch_size: int | None = option(None, "Images per batch (default: by device: 64 on CPU, 512 at 224 px on a GPU).")
-    workers: int | None = option(None, "Loader processes or reading threads (default: by device and CPU count).")
-    out: str | None = option(
-        None, "Output .h5 (default: artifacts/features/<dataset>_<backbone>_<weights>[_img<N>][_n<limit>].h5).",
-        path="file",
-    )  # fmt: skip
-    force: bool = option(
-        False,
-        "Redo the extraction even if --out is up to date; discard a whole or partial (.tmp) file of other settings.",
-        flag=True,
-    )
-    dtype: str = option("float32", "Stored feature dtype (float16 halves the file).", choices=FEATURE_DTYPES)
-    precision: str = option(
-        "auto",
-        "Backbone arithmetic: fp32 = TF32 off (the reference), tf32, bf16 or fp16 autocast; auto = bf16 on CUDA, "
-        "else fp32. Recorded in the fingerprint; features are stored in --dtype regardless.",
-        choices=PRECISIONS,
-    )
-    resize: str = option(
-        "crop",
-        "crop = the weights' recipe (shorter side to 256/224 x crop, centre crop); full = the whole image straight "
-        "to crop x crop (the usual recipe for CIFAR-sized images). Recorded in the fingerprint.",
-        choices=RESIZE_MODES,
-    )
-    skip_bad: bool = option(False, "Skip unreadable images (listed in the file and the summary).", flag=True)
-    seed: int = option(0, "Initialisation seed for --weights none.")
-    progress: bool = option(True, "Show a progress bar.")
-    preprocess: str = option(
-        "auto",
-        "Where to decode/resize/crop: 'device' moves uint8 batches of in-memory datasets (CIFAR, MNIST) to the GPU "
-        "first; 'gpu-decode' decodes the JPEGs of a folder on the GPU; 'loader' uses PIL in worker processes; "
-        "'auto' = device or gpu-decode on CUDA, loader on CPU. Recorded in the fingerprint.",
-        choices=PREPROCESS_MODES,
-    )
-    compile: bool | None = option(
-        None,
-        "torch.compile the backbone (default: only on CUDA runs of at least COMPILE_BREAK_EVEN_IMAGES images, "
-        "which earn the compile time back).",
-    )
-    layers: str | None = option(
-        None,
-        "Comma-separated nodes whose outputs are stored, each globally average-pooled (e.g. layer3,layer4 for a "
-        "ResNet; `pipeline inspect --nodes BACKBONE` lists them; a ViT block's patch tokens are averaged, NODE:cls "
-        "takes its class token, NODE:cls+mean both); features = their concatenation, each also stored apart "
-        "(train-head --layer). Default: the input of the final classifier.",
-    )
-    cache_at: str | None = option(
-        None,
-        "Also store the activation map at this node (e.g. layer3), float16, so `train-head --head tail` trains the "
-        "blocks after it without running the frozen part. Large: C*H*W*2 bytes per image (ResNet18 layer3 at "
-        "224 px: 98 KB, ~5.9 GB for CIFAR-10's 60,000 images); refused up front when the disk lacks room.",
-    )
-    targets: str | None = option(
-        None,
-        "CSV of regression targets: a column id (as stored: path relative to the image folder, or dataset index), "
-        "then one or more numeric columns; stored beside the features (train-head then regresses).",
-        path="file",
-    )
-    skip_missing_targets: bool = option(
-        False, "Leave out images that have no row in --targets (counted in the summary) instead of refusing.",
-        flag=True,
-    )  # fmt: skip
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.skip_missing_targets and not self.targets:
-            raise PipelineError("--skip-missing-targets needs --targets FILE.csv")
-        check_precision(self.precision)
-        if not 0 <= self.seed < 2**32:
-            raise PipelineError(f"--seed must be between 0 and 2**32 - 1, not {self.seed}")
-        if self.resize not in RESIZE_MODES:
-            raise PipelineError(f"unknown resize mode {self.resize!r}; choose one of: {', '.join(RESIZE_MODES)}")
-        if self.preprocess not in PREPROCESS_MODES:
-            raise PipelineError(
-                f"unknown preprocess mode {self.preprocess!r}; choose one of: {', '.join(PREPROCESS_MODES)}"
-            )
-        if self.device not in DEVICES:
-            raise PipelineError(f"unknown device {self.device!r}; choose one of: {', '.join(DEVICES)}")
-        if self.dtype not in FEATURE_DTYPES:
-            raise PipelineError(f"unknown dtype {self.dtype!r}; choose one of: {', '.join(FEATURE_DTYPES)}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise PipelineError(f"--batch-size must be at least 1, not {self.batch_size}")
-        if self.image_size is not None and not 16 <= self.image_size <= 1024:
-            raise PipelineError(f"--image-size must be between 16 and 1024, not {self.image_size}")
-        if self.workers is not None and self.workers < 0:
-            raise PipelineError(f"--workers must be 0 or more, not {self.workers}")
-        if self.layers is not None and not self.layer_list:
-            raise PipelineError("--layers needs one or more node names, comma-separated (e.g. layer3,layer4)")
-        if self.cache_at is not None and not self.cache_at.strip():
-            raise PipelineError("--cache-at needs a node name (e.g. layer3)")
-
-    @property
-    def layer_list(self) -> list[str]:
-        """``--layers`` as node names, in the order given (empty: the classifier's input)."""
-        return [n.strip() for n in (self.layers or "").split(",") if n.strip()]
 
 
 @dataclass

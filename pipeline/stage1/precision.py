@@ -18,10 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.errors import PipelineError
+from pipeline.stage1.config import PRECISIONS, check_precision  # noqa: F401 (PRECISIONS: for importers)
 
 log = logging.getLogger(__name__)
-
-PRECISIONS = ("auto", "bf16", "fp16", "tf32", "fp32")
 
 
 @dataclass(frozen=True)
@@ -30,11 +29,6 @@ class Precision:
     autocast: torch.dtype | None  # autocast dtype for the backbone, None: no autocast
     tf32: bool | None  # TF32 flags for the extraction on CUDA; None: left as they are
     label: str  # the value in the feature file's fingerprint ("precision")
-
-
-def check_precision(name: str) -> None:
-    if name not in PRECISIONS:
-        raise PipelineError(f"unknown precision {name!r}; choose one of: {', '.join(PRECISIONS)}")
 
 
 def from_amp_option(precision: str, amp: bool | None) -> str:
