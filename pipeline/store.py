@@ -623,16 +623,19 @@ def _validate(fs: FeatureSet) -> None:
 
 
 def _validate_classes(fs: FeatureSet) -> None:
-    """Class names are distinct, and each has training rows: a class with none (``--skip-bad`` may drop all of
-    its images) cannot be learnt, and its recall would read 1.0 of nothing. Refused rather than dropped: dropping
-    would renumber the labels the file and every head made from it share."""
+    """Class names are distinct: a head's outputs are named by them."""
     seen: set[str] = set()
     for name in fs.classes:
         if name in seen:
             raise PipelineError(f"{fs.path}: duplicate class name {name!r} in /classes; each class needs its own name")
         seen.add(name)
-    if "train" not in fs.splits or fs.train.targets is not None:
-        return  # a regression file's classes are the folders it was read from, not what its heads learn
+
+
+def check_classes_have_rows(fs: FeatureSet) -> None:
+    """Before a classifier trains: each class has training rows. A class with none (``--skip-bad`` may drop all of
+    its images, ``--limit`` may sample none) cannot be learnt, and its recall would read 1.0 of nothing. Refused
+    rather than dropped: dropping would renumber the labels the file and every head made from it share. Not a
+    read check: such a file's features are still sound (and a regression file's classes are only its folders)."""
     counts = np.bincount(fs.train.labels, minlength=len(fs.classes))
     empty = [fs.classes[i] for i in np.flatnonzero(counts == 0)]
     if empty:

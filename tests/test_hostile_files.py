@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.store import FeatureWriter, read_activations, read_features, read_meta
+from pipeline.store import FeatureWriter, check_classes_have_rows, read_activations, read_features, read_meta
 from tests.conftest import assert_one_line_error, run, write_feature_file
 
 
@@ -108,11 +108,13 @@ def test_duplicate_class_names_are_refused_on_read(tmp_path: Path) -> None:
 
 
 def test_a_class_without_training_rows_is_refused_naming_it(tmp_path: Path) -> None:
+    """Refused before a classifier trains (its recall would read 1.0 of nothing); the file itself still reads."""
     path = write_feature_file(tmp_path / "f.h5", n_train=40, n_val=20, dim=8, classes=3)
     with h5py.File(path, "a") as f:
         labels = f["train/labels"][()]
         labels[labels == 2] = 0  # as if --skip-bad had dropped every image of class_2
         f["train/labels"][...] = labels
+    fs = read_features(path)
     with pytest.raises(PipelineError) as e:
-        read_features(path)
+        check_classes_have_rows(fs)
     assert "class_2" in str(e.value) and "0 training rows" in str(e.value) and "\n" not in str(e.value)

@@ -28,7 +28,6 @@ import torch
 import torchvision
 from safetensors import safe_open
 from torch import nn
-from tqdm import tqdm
 
 from pipeline.deploy.export import (
     IDENTITY_KEY,
@@ -42,6 +41,7 @@ from pipeline.deploy.export import (
 from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.fileio import atomic_path
+from pipeline.progress import progress_bar
 from pipeline.stage1.backbones import TIMM_PREFIX, Backbone, Preprocessing, strip_classifier, with_outputs
 from pipeline.stage1.batches import (
     SourceSettings,
@@ -371,7 +371,7 @@ def _batched_outputs(
     precision: Precision = resolve_precision(reading.precision, dev)
     source = open_source(name, split, settings)
     batches = source.batches(0)
-    bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress)
+    bar = progress_bar(total=len(paths), desc="predict", enabled=progress)
     try:
         for batch in batches:
             out = None

@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError, raise_if_stopped
+from pipeline.progress import progress_bar
 from pipeline.stage1.backbones import Backbone, Preprocessing, load_backbone, with_outputs
 from pipeline.stage1.batches import (
     Batch,
@@ -380,15 +380,7 @@ def _run_split(
         return 0
     if start:
         log.info("resuming %s at sample %d of %d", name, start, len(split))
-    bar = tqdm(
-        total=len(split),
-        initial=start,
-        desc=f"extract {name}",
-        unit="img",
-        disable=not cfg.progress,
-        dynamic_ncols=True,
-        mininterval=0.5,
-    )
+    bar = progress_bar(total=len(split), initial=start, desc=f"extract {name}", enabled=cfg.progress)
     done = 0
     source = open_source(plan.sources[name], split, plan.settings)
     batches = source.batches(start)

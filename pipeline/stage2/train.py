@@ -41,6 +41,7 @@ from pipeline.store import (
     FileLock,
     SplitFeatures,
     WeightsIdentity,
+    check_classes_have_rows,
     layer_columns,
     read_features,
     read_meta,
@@ -246,6 +247,7 @@ def fit_and_evaluate(fs: FeatureSet, cfg: HeadConfig) -> tuple[Head, HeadMetrics
     cfg = with_task(cfg, fs.meta)
     if cfg.task == "regress":
         return fit_and_evaluate_regression(fs, cfg)
+    check_classes_have_rows(fs)
     if HEADS[cfg.head].inputs == "activations":
         fs = with_activations(fs)
     positive = thresholds.positive_index(cfg.positive, fs.classes) if cfg.positive else None
