@@ -462,7 +462,7 @@ def rebuild_backbone(config: dict[str, Any], *, layers: list[str] | None = None)
     backbone = load_backbone(
         name, weights=weights, image_size=int(pre["crop_size"]), seed=seed, resize=pre.get("resize", "crop")
     )
-    if backbone.preprocess.as_dict() != pre:
+    if backbone.preprocess != read_preprocessing(pre):  # typed: a recorded default ("resize": "crop") is no change
         raise PipelineError(
             f"rebuilt {name} preprocessing {backbone.preprocess.as_dict()} differs from the features' {pre}"
         )
