@@ -294,7 +294,7 @@ def _output_names_key(d: dict[str, Any]) -> str:
     return "targets" if task == "regress" else "classes"
 
 
-def read_meta(path: Path) -> ExportMeta:
+def read_export_meta(path: Path) -> ExportMeta:
     """The one reader of MODEL.json."""
     path = Path(path)
     try:

@@ -35,7 +35,7 @@ from pipeline.deploy.export import (
     ExportMeta,
     classifier_model,
     non_finite,
-    read_meta,
+    read_export_meta,
     sidecar_paths,
 )
 from pipeline.devices import resolve_device
@@ -126,7 +126,7 @@ def load_classifier(path: Path | str, *, device: str = "auto") -> Classifier:
     try:
         if not meta_path.is_file():
             raise PipelineError(f"{meta_path.name} (class names, preprocessing) is missing beside it")
-        meta = read_meta(meta_path)
+        meta = read_export_meta(meta_path)
         if not tensors_path.is_file():
             raise PipelineError(f"{tensors_path.name} (the weights) is missing beside it; export the head again")
         model = _assemble(meta, _read_tensors(tensors_path, meta))
