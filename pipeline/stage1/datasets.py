@@ -309,8 +309,7 @@ def load_folder(root: Path, *, val_fraction: float = 0.2, seed: int = 0, verify:
         "num_files": len(relpaths),
         "files_sha256": files_sha256,
     }
-    if verify != "stat":
-        identity["verify"] = verify  # absent for the default, which keeps older fingerprints valid
+    identity["verify"] = verify  # "stat", the default before it was recorded, hashes as absent (store DEFAULTS)
     return Source(name=root.name, classes=classes, splits=splits, identity=identity, files=digests, unreadable=problems)
 
 
