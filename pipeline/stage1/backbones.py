@@ -65,14 +65,13 @@ def family_of(name: str) -> BackboneFamily:
     """The family ``name`` (a ``--backbone`` value) belongs to; an unknown name is one line listing the choices."""
     family = next((f for f in _families() if f.owns(name)), None)
     if family is None:
-        names = [n for f in _families() for n in f.names()]
-        raise PipelineError(f"unknown backbone {name!r}; choose one of: {', '.join(names)}")
+        raise PipelineError(f"unknown backbone {name!r}; choose one of: {', '.join(available_backbones())}")
     return family
 
 
 def available_backbones() -> list[str]:
     """The names ``list backbones`` shows, every family's (a prefixed family shows its pattern, e.g. timm:NAME)."""
-    return [n for f in _families() for n in f.names()]
+    return [n for f in BACKBONE_FAMILIES.values() for n in f.names()]
 
 
 def is_known_backbone(name: str) -> bool:
