@@ -18,12 +18,14 @@ A regression head (``extract --targets``) exports the same way: its outputs are 
 units (ridge, linear and mlp fold the standardisation of features and targets into their layers), and MODEL.json
 says ``"task": "regress"`` and the ``targets`` names in place of ``classes``.
 
-``predict`` rebuilds the model from MODEL.json (``torchvision.models.get_model(backbone, weights=None)``, the head's
-layer put where the classifier was, or after the pooled layers traced as export traced them) and loads the tensors:
-no pickle is read, so a crafted file cannot run code.
+``predict`` rebuilds the model from MODEL.json (the backbone family's bare architecture, through
+:func:`~pipeline.stage1.backbones.rebuild_backbone` with :meth:`ExportMeta.backbone_record`; the head's layer put where
+the classifier was, or after the pooled layers traced as export traced them) and loads the tensors: no pickle is
+read, so a crafted file cannot run code.
 
-The backbone is rebuilt from the head's ``config.json`` exactly as ``extract`` built it (same weights identity,
-same crop size), so the exported logits on an image equal the head's logits on that image's cached features.
+The backbone is rebuilt from the head's ``config.json`` (its record of the feature file's backbone) exactly as
+``extract`` built it, through the same door (same weights identity, same crop size), so the exported logits on an
+image equal the head's logits on that image's cached features.
 """
 
 from __future__ import annotations
