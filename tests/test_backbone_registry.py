@@ -206,3 +206,20 @@ def test_one_preprocessing_decoder_checks_every_field() -> None:
     ]:
         with pytest.raises(PipelineError, match=fragment):
             Preprocessing.from_dict(bad)
+
+
+def test_only_the_timm_family_reads_the_timm_prefix() -> None:
+    """Naming is the registry's: no module outside the timm family branches on a ``timm:`` backbone name (store's
+    weights identity has its own ``timm:ARCH.TAG`` text, which is not a backbone name)."""
+    import pipeline
+
+    root = Path(pipeline.__file__).parent
+    allowed = {root / "stage1" / "timm_models.py", root / "store.py", root / "store"}
+    found = [
+        f"{path.relative_to(root)}:{n}"
+        for path in sorted(root.rglob("*.py"))
+        if path not in allowed and path.parent not in allowed
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if "TIMM_PREFIX" in line or 'startswith("timm:")' in line or "startswith('timm:')" in line
+    ]
+    assert not found, found

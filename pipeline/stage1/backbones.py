@@ -44,6 +44,7 @@ __all__ = [
     "BackboneRecord",
     "Preprocessing",
     "available_backbones",
+    "file_sha256",
     "family_of",
     "is_known_backbone",
     "load_backbone",
