@@ -54,7 +54,8 @@ from pipeline.stage1.backbones import (
     with_outputs,
 )
 from pipeline.stage1.tail import put_back
-from pipeline.stage2.heads import Head, HeadConfig, build_head, load_head
+from pipeline.stage2.heads import HEADS, head_class, load_head
+from pipeline.stage2.heads.base import Head
 from pipeline.store import ALL_LAYERS, WeightsIdentity
 
 log = logging.getLogger(__name__)
@@ -118,40 +119,57 @@ def read_preprocessing(d: Any) -> Preprocessing:
 
 @dataclass(frozen=True)
 class HeadLayer:
-    """The head's layer, enough to rebuild it: one ``nn.Linear`` or the ``mlp`` head's ``nn.Sequential``."""
+    """The head's layer, enough to rebuild it: one ``nn.Linear`` (``type`` "linear"), or a head type's own module
+    (``type`` its name, e.g. the ``mlp`` head's ``nn.Sequential``) shaped by the knobs the head records
+    (:meth:`~pipeline.stage2.heads.base.Head.layer_record`: the mlp's ``hidden`` and ``dropout``), written beside
+    ``type`` in MODEL.json."""
 
-    type: str  # "linear" | "mlp"
+    type: str  # "linear" | a head name
     in_features: int
     out_features: int
-    hidden: int | None = None  # mlp
-    dropout: float | None = None  # mlp (inactive in eval(); kept so the module is the head's own)
+    knobs: dict[str, Any] = field(default_factory=dict)  # what shapes a head type's own module (empty: linear)
 
     def __post_init__(self) -> None:
-        if self.type not in ("linear", "mlp"):
-            raise PipelineError(f"head_layer.type must be 'linear' or 'mlp', not {self.type!r}")
+        if self.type != "linear" and self.type not in HEADS:
+            raise PipelineError(f"head_layer.type must be 'linear' or a head name ({', '.join(HEADS)}), "
+                                f"not {self.type!r}")  # fmt: skip
         _int(self.in_features, "head_layer.in_features")
         _int(self.out_features, "head_layer.out_features")
-        if self.type == "mlp":
-            _int(self.hidden, "head_layer.hidden")
-            ok = isinstance(self.dropout, (int, float)) and not isinstance(self.dropout, bool)
-            if not ok or not 0 <= self.dropout < 1:
-                raise PipelineError(f"head_layer.dropout must be in [0, 1), not {self.dropout!r}")
+        if self.type != "linear":
+            self.head()  # the knobs are the head's own: its config checks them
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> HeadLayer:
+        d = dict(d)
+        try:
+            return cls(d.pop("type"), d.pop("in_features"), d.pop("out_features"), d)
+        except KeyError as e:
+            raise PipelineError(f"head_layer lacks {e}") from None
 
     @classmethod
     def of(cls, head: Head, layer: nn.Module) -> HeadLayer:
         if isinstance(layer, nn.Linear):
             return cls("linear", layer.in_features, layer.out_features)
-        if head.name == "mlp":  # the hidden size and dropout from the head's config, which built the layer
-            return cls("mlp", head.feature_dim, head.num_classes, head.cfg.hidden, head.cfg.dropout)
-        raise PipelineError(f"cannot describe a {head.name} head's layer ({type(layer).__name__}) for export")
+        knobs = head.layer_record()
+        if not knobs:
+            raise PipelineError(f"cannot describe a {head.name} head's layer ({type(layer).__name__}) for export")
+        return cls(head.name, head.feature_dim, head.num_classes, knobs)
+
+    def head(self) -> Head:
+        """A head of this type, shaped by the recorded knobs (its tensors not loaded yet)."""
+        return head_class(self.type).from_layer_record(
+            self.knobs, in_features=self.in_features, out_features=self.out_features
+        )
 
     def build(self, state: dict[str, torch.Tensor]) -> nn.Module:
         """The layer with ``state`` (its tensors, named as in the layer) loaded; names or shapes that do not fit
-        are a :class:`PipelineError`. The mlp's layout is the head's own (``MLPHead.load_state``)."""
-        if self.type == "mlp":
-            cfg = HeadConfig(head="mlp", hidden=self.hidden, dropout=self.dropout)
-            head = build_head(cfg, num_classes=self.out_features, feature_dim=self.in_features)
-            head.load_state({k: v.numpy() for k, v in state.items()})
+        are a :class:`PipelineError`. A head type's own module has the head's own layout (its ``load_state``)."""
+        if self.type != "linear":
+            head = self.head()
+            try:
+                head.load_state({k: v.numpy() for k, v in state.items()})
+            except KeyError as e:
+                raise PipelineError(f"the head's tensors lack {e} that a {self.type} layer needs") from None
             return head.as_module()
         layer = nn.Linear(self.in_features, self.out_features)
         wanted = {k: tuple(v.shape) for k, v in layer.state_dict().items()}
@@ -162,8 +180,7 @@ class HeadLayer:
         return layer
 
     def as_dict(self) -> dict[str, Any]:
-        d = {"type": self.type, "in_features": self.in_features, "out_features": self.out_features}
-        return d | ({"hidden": self.hidden, "dropout": self.dropout} if self.type == "mlp" else {})
+        return {"type": self.type, "in_features": self.in_features, "out_features": self.out_features, **self.knobs}
 
 
 def _utf8(text: str) -> bool:
@@ -270,7 +287,7 @@ class ExportMeta:
         if not isinstance(d[names], list) or not isinstance(d["head_layer"], dict):
             raise PipelineError(f"{names} must be a list and head_layer a mapping")
         try:
-            layer = HeadLayer(**d["head_layer"])
+            layer = HeadLayer.from_dict(d["head_layer"])
         except TypeError as e:
             raise PipelineError(f"head_layer: {e}") from None
         pre = read_preprocessing(d["preprocessing"])

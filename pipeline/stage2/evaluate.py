@@ -16,6 +16,7 @@ from sklearn.metrics import (
 )
 
 from pipeline.stage2.heads.base import r2_scores
+from pipeline.stage2.heads.registry import HEADS
 from pipeline.stage2.thresholds import curves_line, imbalance_line, threshold_line
 
 OVERFIT_GAP = 0.10  # train accuracy this far above val accuracy is flagged as overfitting
@@ -248,26 +249,15 @@ def format_report(metrics: Mapping[str, Any], *, title: str = "") -> str:
     return "\n".join(lines)
 
 
-# What reins in each head when it overfits: its own options (logreg has no epochs, knn no weights).
-OVERFIT_ADVICE = {
-    "linear": "try fewer --epochs or a --weight-decay",
-    "mlp": "try fewer --epochs, a --weight-decay or a higher --dropout",
-    "logreg": "try a smaller --C (stronger L2)",
-    "knn": "try a larger --k",
-    "centroid": "a nearest class mean has nothing to tune; more training examples per class help",
-    "ridge": "try a larger --alpha",
-}
-SWEPT_BY = {"linear": "lr and weight decay", "mlp": "lr and weight decay", "logreg": "C", "knn": "k", "ridge": "alpha"}
-
-
 def overfitting_warning(metrics: Mapping[str, Any]) -> str | None:
     """One line when train accuracy exceeds val accuracy by more than OVERFIT_GAP, with advice for that head."""
     if not metrics.get("overfitting"):
         return None
     head = metrics.get("head", "")
-    advice = OVERFIT_ADVICE.get(head, "try more regularisation")
-    if head in SWEPT_BY and "sweep" not in metrics:
-        advice += f", or --sweep to choose {SWEPT_BY[head]} on held-out train"
+    spec = HEADS.get(head)  # what reins it in and what --sweep chooses for it are its registry entry's
+    advice = spec.advice if spec else "try more regularisation"
+    if spec and spec.sweeps and "sweep" not in metrics:
+        advice += f", or --sweep to choose {spec.sweeps} on held-out train"
     if metrics.get("task") == "regress":
         return (
             f"WARNING: {head}: train R^2 exceeds val R^2 by {metrics['train_val_gap']:.3f} (more than "

@@ -234,7 +234,7 @@ def _fit(
     if cfg.sweep:
         cfg, sweep_record = sweep(build_head(cfg, **dims), X, y)
     head = build_head(cfg, **dims)
-    if type(head).uses_standardize and not cfg.standardize:
+    if head.spec.uses("standardize") and not cfg.standardize:
         warn_if_tiny(X, cfg)
     fit = head.fit(X, y, val=val)
     return head, fit, cfg, sweep_record, time.perf_counter() - t0
@@ -261,8 +261,8 @@ def fit_and_evaluate(fs: FeatureSet, cfg: HeadConfig) -> tuple[Head, HeadMetrics
     val_m = classification_metrics(fs.val.labels, val_proba, fs.classes)
     extra = {
         "head": cfg.head,
-        "class_weight": cfg.class_weight if type(head).uses_class_weight else "n/a",
-        "standardize": cfg.standardize if type(head).uses_standardize else "n/a",
+        "class_weight": cfg.class_weight if head.spec.uses("class_weight") else "n/a",
+        "standardize": cfg.standardize if head.spec.uses("standardize") else "n/a",
         "shots": cfg.shots,
         "n_train_used": len(y),
         **fit.info,
@@ -301,7 +301,7 @@ def fit_and_evaluate_regression(
         "head": cfg.head,
         "targets": names,
         "targets_source": fs.meta.targets.get("source"),
-        "standardize": cfg.standardize if type(head).uses_standardize else "n/a",
+        "standardize": cfg.standardize if head.spec.uses("standardize") else "n/a",
         "n_train_used": len(Y),
         **fit.info,
     }

@@ -14,6 +14,7 @@ from torch import nn
 
 from pipeline.errors import PipelineError
 from pipeline.stage2.heads.config import HeadConfig
+from pipeline.stage2.heads.registry import HeadSpec, spec
 
 log = logging.getLogger(__name__)
 ABSENT_LOGIT = -1e4  # logit of a class that train lacks: a very low score rather than a missing row
@@ -26,18 +27,24 @@ class FitResult:
 
 
 class Head(ABC):
+    """A head type. What can be known of it without importing it (its knobs, tasks, inputs, advice) is its
+    registry entry (:attr:`spec`, :mod:`pipeline.stage2.heads.registry`); the class holds what it does."""
+
     name: ClassVar[str]
-    uses_class_weight: ClassVar[bool] = False
-    uses_standardize: ClassVar[bool] = False  # trained by gradient on the features as given, unless --standardize
-    settings: ClassVar[tuple[str, ...]] = ()  # the HeadConfig fields it reads (config.json lists only these)
-    tasks: ClassVar[tuple[str, ...]] = ("classify",)  # what it can do: "classify" (labels), "regress" (targets)
-    in_all: ClassVar[tuple[str, ...]] = ("classify",)  # the tasks for which `compare --heads all` trains it
-    inputs: ClassVar[str] = "features"  # what fit/logits take: "features" (N, D) or "activations" (the tail head)
 
     def __init__(self, cfg: HeadConfig, *, num_classes: int, feature_dim: int):
         # num_classes: the outputs, i.e. the number of targets of a regression head (cfg.task == "regress")
         self.cfg, self.num_classes, self.feature_dim = cfg, num_classes, feature_dim
         self.sweep_info: dict[str, Any] = {}  # what sweep_scores wants recorded beside the grid (e.g. iterations)
+
+    @property
+    def spec(self) -> HeadSpec:
+        return spec(self.name)
+
+    @property
+    def inputs(self) -> str:
+        """What fit/logits take: "features" (N, D) or "activations" (the tail head)."""
+        return self.spec.inputs
 
     @property
     def regress(self) -> bool:
@@ -95,6 +102,20 @@ class Head(ABC):
         raise PipelineError(
             f"a {self.name} head cannot become a layer of the model; export linear, logreg, centroid or mlp"
         )
+
+    def layer_record(self) -> dict[str, Any]:
+        """What, beside its tensors, rebuilds :meth:`as_module` when it is not one ``nn.Linear``: the knobs that
+        shape it (export records them; :meth:`from_layer_record` takes them back). Empty for an affine head."""
+        return {}
+
+    @classmethod
+    def from_layer_record(cls, record: dict[str, Any], *, in_features: int, out_features: int) -> Head:
+        """A head of this type shaped as ``record`` says (its tensors loaded after, by ``load_state``)."""
+        try:
+            cfg = HeadConfig(head=cls.name, **record)
+        except TypeError as e:
+            raise PipelineError(f"head_layer of a {cls.name} head: {e}") from None
+        return cls(cfg, num_classes=out_features, feature_dim=in_features)
 
 
 def r2_scores(y: np.ndarray, pred: np.ndarray) -> np.ndarray:

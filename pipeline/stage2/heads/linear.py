@@ -28,11 +28,6 @@ class LinearHead(AffineHead):
     """The reference recipe: ``nn.Linear(D, C)``, cross-entropy, Adam, mini-batches over the in-memory matrix."""
 
     name = "linear"
-    settings = ("lr", "epochs", "batch_size", "weight_decay", "standardize", "class_weight", "seed", "device")
-    uses_class_weight = True
-    uses_standardize = True
-    tasks = ("classify", "regress")  # regress: squared error on standardised targets
-    in_all = ("classify", "regress")
 
     def _fit_grid(
         self, X: np.ndarray, y: np.ndarray, *, grid: list[dict[str, float]], val: Any = None

@@ -65,8 +65,6 @@ class LogRegHead(Head):
     """
 
     name = "logreg"
-    settings = ("C", "max_iter", "tol", "solver", "class_weight", "seed", "device")
-    uses_class_weight = True
     DTYPE = torch.float32  # float64 for the checks against scikit-learn (tests)
 
     def fit(self, X: np.ndarray, y: np.ndarray, *, val: tuple[np.ndarray, np.ndarray] | None = None) -> FitResult:

@@ -50,9 +50,6 @@ class RidgeHead(AffineHead):
     """Closed-form ridge regression on standardised features; ``alpha`` chosen with ``--sweep``."""
 
     name = "ridge"
-    settings = ("alpha", "device")
-    tasks = ("classify", "regress")
-    in_all = ("regress",)  # a classification `compare --heads all` keeps its five heads; --heads ridge adds it
 
     def _targets(self, y: np.ndarray) -> np.ndarray:
         if self.regress:
