@@ -23,6 +23,7 @@ from pipeline.stage2.heads import (
     load_head,
     save_head,
 )
+from pipeline.stage2.tasks import TASKS
 from pipeline.stage2.train import (
     compare_shots,
     few_shot,
@@ -186,7 +187,7 @@ def test_linear_sweep_scores_the_whole_grid_in_one_pass() -> None:
     X, y = separable_features(n=400, classes=4, spread=1.0)
     head = LinearHead(HeadConfig(epochs=3, device="cpu"), num_classes=4, feature_dim=32)
     grid = [{"lr": 1e-5, "weight_decay": 0.0}, {"lr": 1e-2, "weight_decay": 0.0}]
-    scores = head.sweep_scores(X[:300], y[:300], (X[300:], y[300:]), grid=grid)
+    scores = head.sweep_scores(X[:300], y[:300], (X[300:], y[300:]), grid=grid, score=TASKS["classify"].held_out_score)
     assert len(scores) == 2 and scores[1] > scores[0] and scores[1] > 0.9
 
 
@@ -221,7 +222,7 @@ def test_sweep_records_grid_in_metrics_json_and_refits(feature_file: Path, tmp_p
 def test_sweep_is_skipped_when_nothing_can_be_held_out() -> None:
     X, y = separable_features(n=4, classes=4)
     head = build_head(HeadConfig(head="logreg", sweep=True), num_classes=4, feature_dim=32)
-    cfg, record = sweep(head, X, y)
+    cfg, record = sweep(head, X, y, task=TASKS["classify"])
     assert cfg == head.cfg and "skipped" in record
 
 
@@ -461,7 +462,9 @@ def test_logreg_path_warm_starts_cost_few_fits() -> None:
     X, y = X[order], y[order]
     head = LogRegHead(HeadConfig(head="logreg", device="cpu"), num_classes=10, feature_dim=64)
     grid = LogRegHead.sweep_grid(head.cfg)
-    scores = head.sweep_scores(X[:1400], y[:1400], (X[1400:], y[1400:]), grid=grid)
+    scores = head.sweep_scores(
+        X[:1400], y[:1400], (X[1400:], y[1400:]), grid=grid, score=TASKS["classify"].held_out_score
+    )
     best = grid[int(np.argmax(scores))]
     one = LogRegHead(replace(head.cfg, **best), num_classes=10, feature_dim=64).fit(X, y).info
     assert len(scores) == 45 and max(scores) > 0.9

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -17,6 +18,7 @@ from pipeline.stage2.heads.config import HeadConfig
 from pipeline.stage2.heads.registry import HeadSpec, spec
 
 log = logging.getLogger(__name__)
+Score = Callable[[np.ndarray, np.ndarray], float]  # (truth, the head's outputs) -> higher is better
 ABSENT_LOGIT = -1e4  # logit of a class that train lacks: a very low score rather than a missing row
 
 
@@ -80,22 +82,22 @@ class Head(ABC):
         return []
 
     def sweep_scores(
-        self, X: np.ndarray, y: np.ndarray, held_out: tuple[np.ndarray, np.ndarray], *, grid: list[dict[str, float]]
+        self,
+        X: np.ndarray,
+        y: np.ndarray,
+        held_out: tuple[np.ndarray, np.ndarray],
+        *,
+        grid: list[dict[str, float]],
+        score: Score,
     ) -> list[float]:
-        """Held-out accuracy of each grid point fitted on ``(X, y)``. Heads that can, do it in one batch."""
+        """``score`` (the task's held-out score: accuracy, R^2, ...) of each grid point fitted on ``(X, y)``, on
+        ``held_out``. Heads that can, do it in one batch."""
         scores = []
         for point in grid:
             head = type(self)(replace(self.cfg, **point), num_classes=self.num_classes, feature_dim=self.feature_dim)
             head.fit(X, y)
-            scores.append(self.held_out_score(held_out[1], head.logits(held_out[0])))
+            scores.append(score(held_out[1], head.logits(held_out[0])))
         return scores
-
-    def held_out_score(self, y: np.ndarray, pred: np.ndarray) -> float:
-        """What ``--sweep`` maximises for one grid point's held-out predictions: R^2 averaged over the targets
-        (regression), else accuracy."""
-        if self.regress:
-            return float(r2_scores(y, pred).mean())
-        return float((pred.argmax(1) == y).mean())
 
     def as_module(self) -> nn.Module:
         """The head as a torch layer on features: logits = module(features)."""
@@ -116,14 +118,6 @@ class Head(ABC):
         except TypeError as e:
             raise PipelineError(f"head_layer of a {cls.name} head: {e}") from None
         return cls(cfg, num_classes=out_features, feature_dim=in_features)
-
-
-def r2_scores(y: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    """Coefficient of determination per column of (N, T) targets (0 for a constant column predicted exactly)."""
-    y, pred = np.asarray(y, np.float64), np.asarray(pred, np.float64)
-    sse = ((y - pred) ** 2).sum(0)
-    sst = ((y - y.mean(0)) ** 2).sum(0)
-    return np.where(sst > 0, 1 - sse / np.where(sst > 0, sst, 1), np.where(sse > 0, -np.inf, 0.0))
 
 
 def target_scaler(Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING
 
 from pipeline.errors import PipelineError
 from pipeline.stage2.heads.knobs import (
@@ -26,9 +25,6 @@ from pipeline.stage2.heads.knobs import (
     StandardizeKnobs,
     TailKnobs,
 )
-
-if TYPE_CHECKING:
-    from pipeline.stage2.heads.base import Head
 
 PROTOCOL_SETTINGS = ("seed", "device")  # HeadConfig's run fields a head may read as well as its knobs
 
@@ -56,8 +52,8 @@ class HeadSpec:
     def uses(self, name: str) -> bool:
         return name in self.settings
 
-    def load(self) -> type[Head]:
-        """The head class (imports its module, and torch with it)."""
+    def load(self) -> type:
+        """The head class, a :class:`~pipeline.stage2.heads.base.Head` (imports its module, and torch with it)."""
         module, _, attr = self.target.partition(":")
         return getattr(importlib.import_module(module), attr)
 
@@ -121,7 +117,7 @@ def spec(name: str) -> HeadSpec:
         raise PipelineError(f"unknown head {name!r}; choose one of: {', '.join(HEADS)}") from None
 
 
-def head_class(name: str) -> type[Head]:
+def head_class(name: str) -> type:
     return spec(name).load()
 
 
