@@ -353,16 +353,15 @@ def _meta(config: dict[str, Any], head: Head, layer: nn.Module, backbone: Backbo
 
 
 def _export_meta(config: dict[str, Any], head: Head, layer: nn.Module, backbone: Backbone) -> ExportMeta:
+    """MODEL.json's record from the head's config.json: its task's entries (a classifier's classes and decision,
+    a regression head's targets: what the task's ``config_record`` wrote) and the layer."""
     layers = tuple(e["name"] for e in backbone.layers) if backbone.layers else None  # the traced pooled layers
-    if not head.regress:
-        return ExportMeta(tuple(config["classes"]), backbone.preprocess, backbone.name, backbone.classifier_path,
-                          HeadLayer.of(head, layer), Decision.from_dict(config.get("decision")),
-                          layers=layers)  # fmt: skip
-    targets = config.get("targets")
-    if not isinstance(targets, list):
+    targets = config.get("targets", []) if head.regress else []
+    if not isinstance(targets, list) or (head.regress and not targets):
         raise PipelineError("the regression head's config.json has no list of targets; train it again")
-    return ExportMeta((), backbone.preprocess, backbone.name, backbone.classifier_path, HeadLayer.of(head, layer),
-                      targets=tuple(targets), layers=layers)  # fmt: skip
+    classes = () if targets else tuple(config["classes"])
+    return ExportMeta(classes, backbone.preprocess, backbone.name, backbone.classifier_path, HeadLayer.of(head, layer),
+                      Decision.from_dict(config.get("decision")), targets=tuple(targets), layers=layers)  # fmt: skip
 
 
 def _regression_entries(d: dict[str, Any], meta: ExportMeta) -> dict[str, Any]:
@@ -562,6 +561,5 @@ def export_model(head_dir: Path | str, out: Path | str) -> ExportResult:
     atomic_write(out, lambda p: torch.export.save(program, p))
     atomic_write(tensors_path, lambda p: _save_tensors(model, p, identity))
     write_json(meta_path, meta)
-    if head.regress:
-        return ExportResult(out, tensors_path, meta_path, [], diff, targets=list(config["targets"]))
-    return ExportResult(out, tensors_path, meta_path, list(config["classes"]), diff)
+    targets = meta.get("targets", [])
+    return ExportResult(out, tensors_path, meta_path, [] if targets else list(config["classes"]), diff, targets=targets)
