@@ -112,7 +112,7 @@ def compare(
             rows.append(task.compare_row(train_one(fs, cfg, out=root / name)))
         ranked_by = task.rank(rows)
         best = max(rows, key=lambda r: r[ranked_by])
-        extract_seconds = fs.meta.get("extract_seconds")
+        extract_seconds = fs.meta.extract_seconds
         for row in rows:  # the two-stage cost of each head: the one extraction + its own fit
             row["total_seconds"] = None if extract_seconds is None else extract_seconds + row["fit_seconds"]
         if scratch is not None:

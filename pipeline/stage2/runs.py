@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import PipelineError
+from pipeline.locks import FileLock
 from pipeline.stage2.heads import HEADS, HeadConfig
-from pipeline.store import FeatureMeta, FeatureSet, FileLock, WeightsIdentity, resolve_layer
+from pipeline.store import FeatureMeta, FeatureSet, WeightsIdentity, resolve_layer
 
 
 def default_head_root(features: Path, *, layer: str | None = None) -> Path:
@@ -116,25 +117,25 @@ def writing(*folders: Path) -> Iterator[None]:
 def weights_label(meta: FeatureMeta) -> str:
     """The weights by name: a torchvision name, 'random init (seed=S)', or a file's name and a short hash."""
     try:
-        identity = WeightsIdentity.parse(str(meta.get("weights") or ""))
+        identity = WeightsIdentity.parse(meta.weights)
     except PipelineError:
-        return str(meta.get("weights") or "?")  # not from `extract` (a hand-made file): shown as it is
-    return identity.label((meta.get("config") or {}).get("weights"))
+        return meta.weights or "?"  # not from `extract` (a hand-made file): shown as it is
+    return identity.label(meta.config.get("weights"))
 
 
 def features_label(fs: FeatureSet) -> str:
     """What a figure or table is about, by name: dataset, backbone, weights."""
-    return f"{fs.meta.get('dataset') or fs.path.stem}, {fs.meta.get('backbone')}, {weights_label(fs.meta)}"
+    return f"{fs.meta.dataset or fs.path.stem}, {fs.meta.backbone}, {weights_label(fs.meta)}"
 
 
 def describe(fs: FeatureSet) -> dict[str, Any]:
     """What a comparison's JSON says about the features it read."""
     return {
         "features": str(fs.path),
-        "features_fingerprint": fs.meta.get("fingerprint"),
-        "dataset": fs.meta.get("dataset"),
-        "backbone": fs.meta.get("backbone"),
-        "weights": fs.meta.get("weights"),
+        "features_fingerprint": fs.meta.fingerprint,
+        "dataset": fs.meta.dataset,
+        "backbone": fs.meta.backbone,
+        "weights": fs.meta.weights,
         "label": features_label(fs),
         "n_train": len(fs.train),
         "n_val": len(fs.val),

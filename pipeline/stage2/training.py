@@ -73,19 +73,19 @@ def head_config(fs: FeatureSet, head: Head, *, settings: dict[str, Any], task: T
         "head_config": used_settings(head.cfg),
         "settings": settings,
         "features": str(fs.path),
-        "features_fingerprint": fs.meta.get("fingerprint"),
-        "dataset": fs.meta.get("dataset"),
-        "backbone": fs.meta.get("backbone"),
-        "weights": fs.meta.get("weights"),
+        "features_fingerprint": fs.meta.fingerprint,
+        "dataset": fs.meta.dataset,
+        "backbone": fs.meta.backbone,
+        "weights": fs.meta.weights,
         "weights_label": weights_label(fs.meta),
-        "extract_config": fs.meta.get("config"),
+        "extract_config": fs.meta.config,
         "feature_dim": fs.feature_dim,
         "layer": fs.layer or ALL_LAYERS,  # what the head takes: one stored layer, or the whole row
         "layers": fs.meta.layers,  # the pooled layers in that input (extract --layers); None: the classifier's input
         "classes": fs.classes,
-        "preprocessing": fs.meta.get("preprocessing"),
-        "classifier_path": fs.meta.get("classifier_path"),
-        "activations": fs.meta.get("activations"),  # the --cache-at node a tail head starts after
+        "preprocessing": fs.meta.preprocessing,
+        "classifier_path": fs.meta.classifier_path,
+        "activations": fs.meta.activations,  # the --cache-at node a tail head starts after
         "n_train": len(fs.train),
         "n_val": len(fs.val),
     } | task.config_record(fs, metrics)
