@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -276,3 +277,52 @@ def test_shard_errors_are_one_line(tmp_path: Path, capsys) -> None:
     for args, fragments in cases:
         code, _, err = run(["extract", *args, *TINY_ARGS, "--out", str(tmp_path / "o.h5")], capsys)
         assert_one_line_error(code, err, *fragments)
+
+
+def test_tsv_jsonl_and_parquet_tables_read_as_the_csv(layouts, tmp_path: Path) -> None:
+    rows = list(csv.DictReader(Path(layouts["csv_split"]).read_text().splitlines()))
+    (tmp_path / "t.tsv").write_text("path\tlabel\tsplit\n" + "".join(f"{r['path']}\t{r['label']}\t{r['split']}\n"
+                                                                      for r in rows))  # fmt: skip
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({**r, "label": int(r["label"])}) + "\n" for r in rows))
+    tables = [tmp_path / "t.tsv", tmp_path / "t.jsonl"]
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet")
+        tables.append(tmp_path / "t.parquet")
+    except ImportError:  # an optional extra: without it, the one-line error that names it
+        with pytest.raises(PipelineError, match=r"needs pyarrow: pip install -e '.\[parquet\]'"):
+            (tmp_path / "t.parquet").write_bytes(b"PAR1")
+            load_dataset(str(tmp_path / "t.parquet"), images=layouts["flat"])
+    ref = load_dataset(layouts["csv_split"])
+    for table in tables:
+        got = load_dataset(str(table), images=layouts["flat"])
+        assert got.classes == ref.classes, table
+        for name in ("train", "val"):
+            assert got.splits[name].ids == ref.splits[name].ids, table
+            np.testing.assert_array_equal(got.splits[name].labels, ref.splits[name].labels)
+        assert got.identity["files_sha256"] == ref.identity["files_sha256"]
+
+
+def test_the_readme_commands_for_tables_and_shards_run(tmp_path: Path, capsys, monkeypatch) -> None:
+    """The "Using your own images" commands, as written, on the committed digits and the real MobileNetV2."""
+    section = (REPO / "README.md").read_text().split("## Using your own images")[1].split("\n## ")[0]
+    extracts = [ln for ln in section.splitlines() if ln.startswith("python -m pipeline extract")]
+    lines = [ln for ln in extracts if "my_images/labels.csv" in ln or "my_shards/" in ln]
+    assert len(lines) == 2, lines
+    images = digits(per_class=6, classes=4)
+    made = write_layouts(tmp_path / "made", images, per_shard=4)
+    (tmp_path / "my_images").symlink_to(Path(made["flat"]))
+    (tmp_path / "my_shards").symlink_to(Path(made["shards"]).parent)
+    (tmp_path / "artifacts").mkdir()
+    (tmp_path / "artifacts" / "weights").symlink_to(REPO / "artifacts" / "weights")
+    monkeypatch.chdir(tmp_path)
+    for line in lines:
+        code, out, err = run([*shlex.split(line)[3:], "--no-progress", "--device", "cpu"], capsys)
+        assert code == 0, err
+        assert "train 20, val 4" in out, out  # bare ids split 1 in 5 per class; the shards: 5 train, 1 val
+    written = sorted((tmp_path / "artifacts" / "features").glob("*.h5"))
+    assert len(written) == 2
+    for path in written:
+        assert read_features(path).meta["backbone"] == "mobilenet_v2"
