@@ -326,3 +326,72 @@ def test_the_readme_commands_for_tables_and_shards_run(tmp_path: Path, capsys, m
     assert len(written) == 2
     for path in written:
         assert read_features(path).meta["backbone"] == "mobilenet_v2"
+
+
+# ------------------------------------------------------------------------------------------ several labels per image
+
+
+def _multi_table(tmp_path: Path) -> tuple[Path, list[list[str]]]:
+    """Real digit images, each labelled with 1-3 of the digits 0-3 (the last row with none)."""
+    root = tmp_path / "multi"
+    root.mkdir()
+    wanted = [["0"], ["1", "3"], ["2"], ["0", "1", "2"], ["3"], ["1"], ["2", "3"], ["0"], ["1"], []]
+    for k, im in enumerate(digits(per_class=10, classes=1)):
+        (root / f"{k}.png").write_bytes(im.src.read_bytes())
+    return root, wanted
+
+
+def test_a_delimited_label_column_reads_as_a_multi_hot_matrix(tmp_path: Path) -> None:
+    root, wanted = _multi_table(tmp_path)
+    (root / "t.csv").write_text("path,labels\n" + "".join(f"{k}.png,{';'.join(ls)}\n" for k, ls in enumerate(wanted)))
+    source = load_dataset(str(root / "t.csv"), val_fraction=0.3)
+    assert source.classes == ["0", "1", "2", "3"] and source.identity["multi_label"] == "delimiter:;"
+    expected = np.array([[str(c) in ls for c in range(4)] for ls in wanted], dtype=np.uint8)
+    seen = {}
+    for split in source.splits.values():
+        assert (split.labels == -1).all() and split.multi_hot.dtype == np.uint8
+        for i, row in zip(split.ids, split.multi_hot):
+            seen[int(Path(i).stem)] = row
+    assert len(seen) == 10
+    np.testing.assert_array_equal(np.stack([seen[k] for k in range(10)]), expected)
+    (root / "p.csv").write_text("path,labels\n" + "".join(f"{k}.png,{'|'.join(ls)}\n" for k, ls in enumerate(wanted)))
+    piped = load_dataset(str(root / "p.csv"), label_delimiter="|", val_fraction=0.3, limit=4)
+    for split in piped.splits.values():  # --limit narrows the matrix with the rows
+        assert len(split.multi_hot) == len(split.ids) <= 4
+        for i, row in zip(split.ids, split.multi_hot):
+            np.testing.assert_array_equal(row, expected[int(Path(i).stem)])
+
+
+def test_label_columns_and_shard_json_lists_read_as_multi_hot(tmp_path: Path) -> None:
+    root, wanted = _multi_table(tmp_path)
+    lines = [f"{k}.png," + ",".join("1" if str(c) in ls else "0" for c in range(4)) for k, ls in enumerate(wanted)]
+    (root / "c.csv").write_text("file,zero,one,two,three\n" + "\n".join(lines) + "\n")
+    by_columns = load_dataset(str(root / "c.csv"), label_columns="three,zero,one,two", val_fraction=0.3)
+    assert by_columns.classes == ["three", "zero", "one", "two"]  # the order given
+    shard = tmp_path / "m-0.tar"
+    with tarfile.open(shard, "w") as tf:
+        for k, ls in enumerate(wanted):
+            tf.add(root / f"{k}.png", arcname=f"{k}.png")
+            meta = json.dumps({"label": [int(x) for x in ls]}).encode()
+            info = tarfile.TarInfo(f"{k}.json")
+            info.size = len(meta)
+            tf.addfile(info, io.BytesIO(meta))
+    shards = load_dataset(str(shard), val_fraction=0.3)
+    assert shards.classes == ["0", "1", "2", "3"] and shards.identity["multi_label"] == "json list"
+    for source, order in ((by_columns, [3, 0, 1, 2]), (shards, [0, 1, 2, 3])):
+        for split in source.splits.values():
+            for i, row in zip(split.ids, split.multi_hot):
+                ls = wanted[int(Path(i).stem)]
+                assert [str(c) for c, on in zip(order, row) if on] == [str(c) for c in order if str(c) in ls]
+    with pytest.raises(PipelineError, match=r"1 rows have a --label-columns value that is not 0 or 1"):
+        (root / "bad.csv").write_text("file,a,b\n0.png,1,0\n1.png,2,1\n")
+        load_dataset(str(root / "bad.csv"), label_columns="a,b")
+
+
+def test_extract_refuses_multi_label_until_the_task_exists(tmp_path: Path, capsys) -> None:
+    root, wanted = _multi_table(tmp_path)
+    (root / "t.csv").write_text("path,labels\n" + "".join(f"{k}.png,{';'.join(ls)}\n" for k, ls in enumerate(wanted)))
+    code, _, err = run(["extract", "--dataset", str(root / "t.csv"), *TINY_ARGS, "--out", str(tmp_path / "o.h5")],
+                       capsys)  # fmt: skip
+    assert_one_line_error(code, err, "several labels per image", "multi-label task")
+    assert not (tmp_path / "o.h5").exists()

@@ -58,6 +58,12 @@ class SourceOptions:
     label_column: str | None = option(
         None, "A labels table's label column (default: the first of label, labels, class, target)."
     )
+    label_delimiter: str | None = option(
+        None, "Several labels per image in a table's label column, separated by this (default: ';' where any has one)."
+    )
+    label_columns: str | None = option(
+        None, "Comma-separated 0/1 columns of a labels table, one per label: several labels per image."
+    )
     val_dataset: str | None = option(
         None, "WebDataset shards of the val split (same patterns as --dataset); default: --val-fraction by key."
     )
@@ -85,7 +91,7 @@ class SourceOptions:
         """The source these options pick (:func:`~pipeline.stage1.sources.load_dataset`)."""
         from pipeline.stage1.sources import load_dataset  # here: the readers import torch
 
-        return load_dataset(
+        source = load_dataset(
             self.dataset,
             data_root=Path(self.data_root),
             download=self.download,
@@ -98,7 +104,16 @@ class SourceOptions:
             label_column=self.label_column,
             val_dataset=self.val_dataset,
             label_key=self.label_key,
+            label_columns=self.label_columns,
+            label_delimiter=self.label_delimiter,
         )
+        if any(split.multi_hot is not None for split in source.splits.values()):
+            # Reading is done (Split.multi_hot); the feature file and the heads have no multi-label task yet.
+            raise PipelineError(
+                f"{self.dataset} has several labels per image (multi-label): reading them works, but storing and "
+                "training them needs the multi-label task, not in this version; give one label per image"
+            )
+        return source
 
 
 @dataclass(frozen=True)

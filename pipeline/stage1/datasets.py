@@ -77,6 +77,9 @@ class Split:
     # The unit of work each sample belongs to (its shard's number), non-decreasing: torchrun ranks split a split
     # at unit boundaries, so each rank reads its own shards (see :func:`rank_rows`). None: any row boundary.
     units: np.ndarray | None = None
+    # Several labels per sample: (N, classes) uint8 0/1 (``labels`` is then -1). Read from a labels table or shards
+    # (see :mod:`pipeline.stage1.tables`); storing and training it needs the multi-label task.
+    multi_hot: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.ids)

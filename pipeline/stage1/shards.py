@@ -25,7 +25,7 @@ import re
 import tarfile
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -193,11 +193,13 @@ class _ShardImage:
 class _Sample:
     key: str
     image: tuple[str, int, int] | None = None  # (ext, offset, size)
-    label: str | None = None
+    label: str | list[str] | None = None  # a list: several labels (a .json list)
     label_from: str | None = None
 
 
-def _member_label(tf: tarfile.TarFile, m: tarfile.TarInfo, ext: str, label_key: str, where: str) -> str | None:
+def _member_label(
+    tf: tarfile.TarFile, m: tarfile.TarInfo, ext: str, label_key: str, where: str
+) -> str | list[str] | None:
     fh = tf.extractfile(m)
     raw = fh.read(1 << 20) if fh else b""
     text = raw.decode("utf-8", "replace").strip()
@@ -208,8 +210,14 @@ def _member_label(tf: tarfile.TarFile, m: tarfile.TarInfo, ext: str, label_key: 
     except json.JSONDecodeError:
         raise PipelineError(f"{where}: {m.name} is not JSON") from None
     value = obj.get(label_key) if isinstance(obj, dict) else None
-    if value is None or isinstance(value, (dict, list)):
+    if isinstance(value, list):  # several labels: a multi-label sample
+        return [_json_text(v) for v in value if v is not None and not isinstance(v, (dict, list))]
+    if value is None or isinstance(value, dict):
         return None
+    return _json_text(value)
+
+
+def _json_text(value: object) -> str:
     return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value).strip()
 
 
@@ -265,6 +273,18 @@ def _label_classes(labels: list[str]) -> tuple[list[str], np.ndarray]:
     return classes, np.array([index[k] for k in keys], dtype=np.int64)
 
 
+def _multi_hot(names: list[list[str]]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(label names, -1 per sample, the (samples, labels) uint8 multi-hot matrix) of .json label lists."""
+    found = sorted({n for ns in names for n in ns})
+    ints = [re.fullmatch(r"[-+]?\d+", n) is not None for n in found]
+    classes = sorted(found, key=int) if found and all(ints) else found
+    index = {c: i for i, c in enumerate(classes)}
+    matrix = np.zeros((len(names), len(classes)), dtype=np.uint8)
+    for k, ns in enumerate(names):
+        matrix[k, [index[n] for n in ns]] = 1
+    return classes, np.full(len(names), -1, dtype=np.int64), matrix
+
+
 def _indexed(names: list[str], *, label_key: str | None) -> tuple[list[_Sample], np.ndarray]:
     samples, shard = [], []
     for s, name in enumerate(names):
@@ -279,7 +299,7 @@ def _indexed(names: list[str], *, label_key: str | None) -> tuple[list[_Sample],
             f"{len(no_image)} samples have no {'/'.join(IMAGE_EXTS)} image: {', '.join(no_image[:SHOWN])}"
             + (" ..." if len(no_image) > SHOWN else "")
         )
-    no_label = [x.key for x in samples if not x.label]
+    no_label = [x.key for x in samples if x.label is None or x.label == ""]
     if no_label:
         where = f".json field {label_key!r}" if label_key else ".cls, .txt or .json 'label'"
         raise PipelineError(
@@ -368,10 +388,16 @@ def load_shards(
         raise PipelineError(f"{overlap[0]} is both a train and a --val-dataset shard")
     names = train_names + val_names
     samples, shard = _indexed(names, label_key=label_key)
-    classes, labels = _label_classes([x.label or "" for x in samples])
+    multi = any(isinstance(x.label, list) for x in samples)
+    if multi:
+        classes, labels, matrix = _multi_hot([x.label if isinstance(x.label, list) else [x.label] for x in samples])
+    else:
+        classes, labels = _label_classes([x.label for x in samples])
     if len(classes) < 2:
         raise PipelineError(f"the shards hold only one class ({classes[0]}); a classifier needs at least two")
     whole = _shard_split(names, samples, shard, labels)
+    if multi:
+        whole = replace(whole, multi_hot=matrix)
     if val_names:
         in_val = shard >= len(train_names)
         how = "val shards"
@@ -387,6 +413,7 @@ def load_shards(
         "shards": [n if is_url(n) else str(Path(n).resolve()) for n in names],
         "split": how,
         "label": f"json:{label_key}" if label_key else "cls|txt|json:label",
+        **({"multi_label": "json list"} if multi else {}),
         "num_samples": len(samples),
         "files_sha256": files_sha256,
     }

@@ -34,12 +34,18 @@ def load_dataset(
     label_column: str | None = None,
     val_dataset: str | None = None,
     label_key: str | None = None,
+    label_columns: str | None = None,
+    label_delimiter: str | None = None,
 ) -> Source:
     """The Source ``dataset`` names (see the module docstring), ``limit`` applied to each split."""
     kind = dataset_kind(dataset)
     _check_options(kind, images=images, val_dataset=val_dataset, label_key=label_key,
-                   columns=image_column or label_column)  # fmt: skip
-    columns = {"image_column": image_column, "label_column": label_column}
+                   columns=image_column or label_column or label_columns or label_delimiter)  # fmt: skip
+    names = [c.strip() for c in (label_columns or "").split(",") if c.strip()]
+    if label_columns is not None and len(names) < 2:
+        raise PipelineError("--label-columns needs two or more column names, comma-separated (e.g. cat,dog,bird)")
+    columns = {"image_column": image_column, "label_column": label_column, "label_columns": names or None,
+               "label_delimiter": label_delimiter}  # fmt: skip
     split = {"val_fraction": val_fraction, "seed": split_seed, "verify": verify}
     if kind == "table":
         source = load_table(Path(dataset), images=Path(images) if images else None, **columns, **split)
@@ -75,4 +81,7 @@ def _check_options(kind: str, *, images: str | None, val_dataset: str | None, la
         flag = "--val-dataset" if val_dataset else "--label-key"
         raise PipelineError(f"{flag} is for WebDataset shards (--dataset 'shards/train-{{000..009}}.tar')")
     if columns and kind not in ("table", "imagefolder"):
-        raise PipelineError("--image-column and --label-column are for a labels table or a Hugging Face imagefolder")
+        raise PipelineError(
+            "--image-column, --label-column, --label-columns and --label-delimiter are for a labels table or a "
+            "Hugging Face imagefolder"
+        )

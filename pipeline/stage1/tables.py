@@ -5,6 +5,11 @@ Both end as the same :class:`~pipeline.stage1.datasets.Source` a class folder gi
 every batch source, split by a ``split`` column, split folders, or ``--val-fraction`` (stratified, as folders).
 Rows with no label are refused (one line naming them): a feature file is for training; to get predictions for
 unlabelled images, run ``pipeline predict`` on them.
+
+Several labels per image (multi-label) are read too: a label column holding ``;``-separated labels (or
+``--label-delimiter``), or one 0/1 column per label (``--label-columns a,b,c``). The split then carries a multi-hot
+matrix (:attr:`Split.multi_hot`, classes in column order or sorted) and ``labels`` of -1; a row with no label is
+an image with none of them. Storing and training such a split needs the multi-label task (not yet here).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import logging
 import os
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +49,8 @@ SPLIT_WORDS = {
     "test": "val", "testing": "val", "eval": "val", "evaluation": "val",
 }  # fmt: skip
 SHOWN = 3  # offending rows named in an error
+DEFAULT_DELIMITER = ";"  # a label column holding it in any row is multi-label
+TRUE, FALSE = ("1", "true", "yes"), ("0", "false", "no", "")  # a --label-columns value
 
 
 @dataclass
@@ -55,6 +62,7 @@ class Row:
     label: str
     split: str | None
     folder: Path  # what ``image`` is relative to
+    labels: list[str] | None = None  # with --label-columns: the columns that are 1
 
 
 def _first_rows(rows: Iterable[Row], what: str, *, total: int | None = None) -> str:
@@ -148,19 +156,49 @@ def _pick_column(columns: list[str], *, given: str | None, candidates: tuple[str
 
 
 def table_rows(
-    path: Path, *, folder: Path, image_column: str | None, label_column: str | None, split: str | None = None
+    path: Path,
+    *,
+    folder: Path,
+    image_column: str | None,
+    label_column: str | None,
+    label_columns: list[str] | None = None,
+    split: str | None = None,
 ) -> list[Row]:
-    """The rows of one table; ``split``: the split every row is in (a Hugging Face split folder's metadata)."""
+    """The rows of one table; ``split``: the split every row is in (a Hugging Face split folder's metadata);
+    ``label_columns``: 0/1 columns, one per label (multi-label), instead of one label column."""
     columns, records = read_records(path)
     if not records:
         raise PipelineError(f"{path} has no rows")
     image = _pick_column(columns, given=image_column, candidates=IMAGE_COLUMNS, what="image", path=path)
-    label = _pick_column(columns, given=label_column, candidates=LABEL_COLUMNS, what="label", path=path)
+    if label_columns:
+        for c in label_columns:
+            _pick_column(columns, given=c, candidates=(), what="label", path=path)
+        label = None
+    else:
+        label = _pick_column(columns, given=label_column, candidates=LABEL_COLUMNS, what="label", path=path)
     has_split = split is None and "split" in columns
-    return [
-        Row(where, r.get(image, ""), r.get(label, ""), split or (r.get("split", "") if has_split else None), folder)
+    rows = [
+        Row(
+            where,
+            r.get(image, ""),
+            r.get(label, "") if label else "",
+            split or (r.get("split", "") if has_split else None),
+            folder,
+        )  # fmt: skip
         for where, r in records
     ]
+    if label_columns:
+        bad = []
+        for row, (_, r) in zip(rows, records):
+            values = {c: r.get(c, "").lower() for c in label_columns}
+            if any(v not in TRUE + FALSE for v in values.values()):
+                bad.append(row)
+            row.labels = [c for c, v in values.items() if v in TRUE]
+        if bad:
+            raise PipelineError(
+                _first_rows(bad, f"rows have a --label-columns value that is not 0 or 1 ({', '.join(label_columns)})")
+            )
+    return rows
 
 
 # ------------------------------------------------------------------------------------------ rows -> a Source
@@ -215,6 +253,30 @@ def _resolve(rows: list[Row], root: Path) -> list[str]:
             )  # fmt: skip
         )
     return rel
+
+
+def _multi_hot(
+    rows: list[Row], *, delimiter: str, label_columns: list[str] | None
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(label names, -1 per row, the (rows, labels) uint8 multi-hot matrix) of a multi-label table."""
+    names = [r.labels if r.labels is not None else [x.strip() for x in r.label.split(delimiter) if x.strip()]
+             for r in rows]  # fmt: skip
+    if label_columns:
+        classes = list(label_columns)
+    else:
+        found = sorted({n for ns in names for n in ns})
+        numeric = [_looks_numeric(n) for n in found]
+        if any(numeric) and not all(numeric):
+            raise PipelineError(
+                f"labels are numbers ({found[numeric.index(True)]!r}) and text ({found[numeric.index(False)]!r}) "
+                "in one multi-label column; make them all one kind"
+            )
+        classes = sorted(found, key=float) if found and all(numeric) else found
+    index = {c: i for i, c in enumerate(classes)}
+    matrix = np.zeros((len(rows), len(classes)), dtype=np.uint8)
+    for k, ns in enumerate(names):
+        matrix[k, [index[n] for n in ns]] = 1
+    return classes, np.full(len(rows), -1, dtype=np.int64), matrix
 
 
 def _class_names(rows: list[Row]) -> tuple[list[str], np.ndarray]:
@@ -282,9 +344,12 @@ def rows_source(
     val_fraction: float,
     seed: int,
     verify: str,
+    label_delimiter: str | None = None,
+    label_columns: list[str] | None = None,
 ) -> Source:
     """Image files named by ``rows`` (checked, resolved under ``root``) as a Source with the folder source's split
-    rules and an identity covering the tables' bytes and the image files (``verify``)."""
+    rules and an identity covering the tables' bytes and the image files (``verify``). Multi-label when
+    ``label_columns`` or ``label_delimiter`` is given, or a label holds :data:`DEFAULT_DELIMITER`."""
     rel = _resolve(rows, root)
     seen: dict[str, Row] = {}
     dupes = []
@@ -296,10 +361,17 @@ def rows_source(
         raise PipelineError(
             _first_rows(dupes, "rows name an image an earlier row already names") + "; each image may appear once"
         )
-    classes, labels = _class_names(rows)
+    delimiter = label_delimiter or DEFAULT_DELIMITER
+    multi = bool(label_columns or label_delimiter or any(delimiter in r.label for r in rows))
+    if multi:
+        classes, labels, matrix = _multi_hot(rows, delimiter=delimiter, label_columns=label_columns)
+    else:
+        classes, labels = _class_names(rows)
     if len(classes) < 2:
         raise PipelineError(f"{tables[0]} has only one class ({classes[0]}); a classifier needs at least two")
     whole = file_split(root, rel, labels)
+    if multi:  # -1 labels: the seeded split below is a plain random one, not stratified by a single label
+        whole = replace(whole, multi_hot=matrix)
     row_split = _row_splits(rows)
     if row_split is None:
         splits = stratified_split(whole, val_fraction=val_fraction, seed=seed, root=tables[0])
@@ -320,6 +392,8 @@ def rows_source(
         "num_files": len(rel),
         "files_sha256": files_sha256,
     }
+    if multi:
+        identity["multi_label"] = f"columns:{','.join(label_columns)}" if label_columns else f"delimiter:{delimiter}"
     if verify != "stat":
         identity["verify"] = verify
     return Source(name=name, classes=classes, splits=splits, identity=identity, files=digests)
@@ -342,6 +416,8 @@ def load_table(
     images: Path | None = None,
     image_column: str | None = None,
     label_column: str | None = None,
+    label_columns: list[str] | None = None,
+    label_delimiter: str | None = None,
     val_fraction: float = 0.2,
     seed: int = 0,
     verify: str = "stat",
@@ -351,10 +427,11 @@ def load_table(
     root = Path(images) if images is not None else path.parent
     if not root.is_dir():
         raise PipelineError(f"image folder not found: {root} (--images)")
-    rows = table_rows(path, folder=root, image_column=image_column, label_column=label_column)
+    rows = table_rows(path, folder=root, image_column=image_column, label_column=label_column,
+                      label_columns=label_columns)  # fmt: skip
     return rows_source(
         rows, root=root, tables=[path], name=path.stem, kind="table", val_fraction=val_fraction, seed=seed,
-        verify=verify,
+        verify=verify, label_delimiter=label_delimiter, label_columns=label_columns,
     )  # fmt: skip
 
 
@@ -377,6 +454,8 @@ def load_imagefolder(
     *,
     image_column: str | None = None,
     label_column: str | None = None,
+    label_columns: list[str] | None = None,
+    label_delimiter: str | None = None,
     val_fraction: float = 0.2,
     seed: int = 0,
     verify: str = "stat",
@@ -390,7 +469,7 @@ def load_imagefolder(
     rows: list[Row] = []
     for meta, split_dir in metas:
         for r in table_rows(meta, folder=meta.parent, image_column=image_column, label_column=label_column,
-                            split=split_dir):  # fmt: skip
+                            label_columns=label_columns, split=split_dir):  # fmt: skip
             if r.split is None:  # a root table: the split folder its path starts with, if any
                 first = Path(r.image).parts[0] if Path(r.image).parts else ""
                 if first.lower() in SPLIT_WORDS and (root / first).is_dir():
@@ -406,5 +485,6 @@ def load_imagefolder(
         raise PipelineError(_first_rows(loose, "rows are in no split folder while others are"))
     return rows_source(
         rows, root=root, tables=[m for m, _ in metas], name=root.name, kind="imagefolder",
-        val_fraction=val_fraction, seed=seed, verify=verify,
+        val_fraction=val_fraction, seed=seed, verify=verify, label_delimiter=label_delimiter,
+        label_columns=label_columns,
     )  # fmt: skip
