@@ -408,17 +408,17 @@ def test_one_lock_for_every_user_each_naming_its_refusal(tmp_path: Path) -> None
     """pipeline.locks.FileLock is the one lock: the feature file's (store.FileLock) and a head folder's
     (stage two) are it with their own one-line refusal."""
     from pipeline import locks
-    from pipeline.stage2 import train
+    from pipeline.stage2 import runs
 
     folder = tmp_path / "head"
-    assert issubclass(store.FileLock, locks.FileLock) and issubclass(train._FolderLock, locks.FileLock)
+    assert issubclass(store.FileLock, locks.FileLock) and issubclass(runs.FolderLock, locks.FileLock)
     with locks.FileLock(folder):
         with pytest.raises(PipelineError, match=r"^another process is writing .*head; wait for it"):
             locks.FileLock(folder).acquire()
         with pytest.raises(PipelineError, match="another extract is already writing"):
             store.FileLock(folder).acquire()
         with pytest.raises(PipelineError, match="another train-head or compare is writing"):
-            train._FolderLock(folder).acquire()
+            runs.FolderLock(folder).acquire()
     assert not folder.with_name("head.lock").exists()
 
 
