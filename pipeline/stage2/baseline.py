@@ -37,6 +37,7 @@ from pipeline.stage1.datasets import SourceOptions, Split  # noqa: F401 (SourceO
 from pipeline.stage2 import plots
 from pipeline.stage2.baseline_config import BaselineConfig
 from pipeline.stage2.evaluate import HeadMetrics, classification_metrics, summarize
+from pipeline.store.record import complete
 
 log = logging.getLogger(__name__)
 
@@ -356,6 +357,12 @@ def _write_outputs(out: Path, metrics: HeadMetrics, history: list[dict[str, floa
 # ------------------------------------------------------------------------------------------ compare
 
 
+def _completed(identity: Any) -> Any:
+    """A dataset identity with the defaults a feature file's reader fills in (``verify`` of a folder): a baseline
+    records the identity as the source gives it, a feature file as its versioned reader completes it."""
+    return complete({"dataset_identity": identity})["dataset_identity"] if isinstance(identity, dict) else identity
+
+
 def baseline_row(folder: Path | str, *, dataset_identity: dict[str, Any] | None = None) -> dict[str, Any]:
     """A baseline folder as a row of ``compare``'s table. ``dataset_identity``: the feature file's; a baseline
     trained on other images is refused (the rows would not be comparable)."""
@@ -367,7 +374,7 @@ def baseline_row(folder: Path | str, *, dataset_identity: dict[str, Any] | None 
         raise PipelineError(f"--baseline {folder}: no readable metrics.json/config.json ({e})") from None
     if config.get("kind") != "baseline":
         raise PipelineError(f"--baseline {folder} is not a baseline folder (made by `python -m pipeline baseline`)")
-    if dataset_identity and config.get("dataset_identity") != dataset_identity:
+    if dataset_identity and _completed(config.get("dataset_identity")) != _completed(dataset_identity):
         raise PipelineError(
             f"--baseline {folder} was trained on other images than the feature file's (dataset, split or limit "
             "differ); train it with extract's dataset options"
