@@ -429,8 +429,9 @@ def load_table(
         raise PipelineError(f"image folder not found: {root} (--images)")
     rows = table_rows(path, folder=root, image_column=image_column, label_column=label_column,
                       label_columns=label_columns)  # fmt: skip
+    name = f"{path.resolve().parent.name}-{path.stem}"  # my_images/labels.csv -> my_images-labels
     return rows_source(
-        rows, root=root, tables=[path], name=path.stem, kind="table", val_fraction=val_fraction, seed=seed,
+        rows, root=root, tables=[path], name=name, kind="table", val_fraction=val_fraction, seed=seed,
         verify=verify, label_delimiter=label_delimiter, label_columns=label_columns,
     )  # fmt: skip
 
