@@ -394,8 +394,7 @@ def rows_source(
     }
     if multi:
         identity["multi_label"] = f"columns:{','.join(label_columns)}" if label_columns else f"delimiter:{delimiter}"
-    if verify != "stat":
-        identity["verify"] = verify
+    identity["verify"] = verify  # always: a new kind has no older fingerprints to keep valid
     return Source(name=name, classes=classes, splits=splits, identity=identity, files=digests)
 
 
