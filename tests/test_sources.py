@@ -100,6 +100,34 @@ def test_shards_through_gpu_decode_bytes_equal_the_folders(layouts, tmp_path: Pa
     assert GpuDecodeSource.auto_for(split, torch.device("cuda")) and not LoaderSource.supports(split)
 
 
+def test_jpeg_shards_reach_the_batched_decoder_as_a_folder_does(tmp_path: Path, monkeypatch) -> None:
+    """JPEG members go to ``decode_jpeg`` in batches (nvJPEG on CUDA; libjpeg-turbo here), as a folder's JPEGs do."""
+    from PIL import Image
+
+    import pipeline.stage1.batches as batches
+
+    jpegs = []
+    for im in digits(per_class=4, classes=3):
+        path = tmp_path / "jpg" / im.label / f"{im.src.stem}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.open(im.src).convert("RGB").resize((64, 64)).save(path, quality=90)
+        jpegs.append(type(im)(im.label, path, im.split))
+    layouts = write_layouts(tmp_path / "l", jpegs, per_shard=3)
+    decoded, real = [], batches.decode_jpegs
+
+    def counting(data: list, *, device: object) -> list:
+        decoded.append(len(data))
+        return real(data, device=device)
+
+    monkeypatch.setattr(batches, "decode_jpegs", counting)
+    folder = _extract(tmp_path, "f", layouts["folder"], preprocess="gpu-decode")
+    from_folder, decoded[:] = list(decoded), []
+    shards = _extract(tmp_path, "s", layouts["shards"], val_dataset=layouts["val_shards"], preprocess="gpu-decode")
+    assert sum(decoded) == sum(from_folder) == 12  # every image through the batched decoder, both ways
+    _assert_identical(folder, shards)
+    assert read_features(shards).meta.fingerprint != read_features(folder).meta.fingerprint
+
+
 def test_limit_and_skip_bad_work_on_a_table(layouts, tmp_path: Path) -> None:
     root = Path(layouts["flat"])
     (root / "broken.png").write_bytes(b"not a png")

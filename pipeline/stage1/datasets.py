@@ -437,7 +437,8 @@ def load_source(
         source = load_folder(Path(dataset), val_fraction=val_fraction, seed=split_seed, verify=verify)
     else:
         raise PipelineError(
-            f"unknown dataset {dataset!r}; choose one of: {', '.join(available_datasets())}, or a folder path"
+            f"unknown dataset {dataset!r}; choose one of: {', '.join(available_datasets())}, or a folder path, a "
+            "labels table (.csv, .tsv, .jsonl, .parquet) or WebDataset shards (.tar)"
         )
     if limit is not None:
         source = limited(source, limit, seed=split_seed)
