@@ -51,7 +51,7 @@ from pipeline.stage1.batches import (
     default_workers,
     open_source,
 )
-from pipeline.stage1.datasets import IMG_EXTENSIONS, Split, load_image
+from pipeline.stage1.datasets import Split, list_images, load_image
 from pipeline.stage1.extract import embed_batch
 from pipeline.stage1.precision import Precision, resolve_precision
 
@@ -232,11 +232,15 @@ def _probe(model: nn.Module, meta: ExportMeta) -> None:
 
 
 def collect_images(inputs: list[Path | str]) -> list[Path]:
-    """Image files named directly, plus every image under named folders (recursively, sorted)."""
+    """Image files named directly, plus every image under named folders, listed as extract lists its folders
+    (:func:`~pipeline.stage1.datasets.list_images`: hidden folders skipped, regular files only, sorted)."""
     files: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            files += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+            problems: list[str] = []
+            files += list_images(item, problems)
+            for why in problems:
+                log.warning("skipped %s", shown(item / why))
         elif item.is_file():
             files.append(item)
         else:

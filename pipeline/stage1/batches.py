@@ -18,6 +18,8 @@ On CUDA, ``auto`` takes ``device`` for arrays and ``gpu-decode`` for folders; on
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import logging
 import math
 import os
@@ -37,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from pipeline.errors import PipelineError
 from pipeline.stage1.backbones import Preprocessing
 from pipeline.stage1.config import PREPROCESS_MODES
-from pipeline.stage1.datasets import Split
+from pipeline.stage1.datasets import Split, check_pixels
 
 log = logging.getLogger(__name__)
 
@@ -504,12 +506,17 @@ class GpuDecodeSource(BatchSource):
         raw = _Read(lo, hi)
         for i in range(lo, hi):
             try:
-                data = self.split.path(i).read_bytes()
+                data = read_regular_file(self.split.path(i))
             except OSError as e:
                 raw.bad[i] = error_line(e)
                 continue
             # A JPEG without its end marker is truncated: PIL reports it (nvJPEG may decode it with a grey tail).
             if data.startswith(JPEG_MAGIC) and data.rstrip(b"\0").endswith(b"\xff\xd9"):
+                try:
+                    check_pixels(*_jpeg_size(data))  # the pixel limit PIL's path applies, before decoding
+                except Exception as e:  # noqa: BLE001 - reported per file by the main process
+                    raw.bad[i] = error_line(e)
+                    continue
                 raw.jpegs.append((i, torch.frombuffer(bytearray(data), dtype=torch.uint8)))
             else:
                 self._pil(raw, i)
@@ -544,6 +551,31 @@ class GpuDecodeSource(BatchSource):
             indices=order,
             bad=sorted(raw.bad.items()),
         )
+
+
+def read_regular_file(path: Any) -> bytes:
+    """The bytes of a regular file; anything else (a FIFO or device swapped in after the scan) is refused from the
+    open descriptor's ``fstat``. Opened non-blocking, so a FIFO cannot block the reading thread (a thread, unlike a
+    worker process, cannot be killed at exit)."""
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from a JPEG's header, nothing decoded."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        return img.size
 
 
 def decode_jpegs(data: list[torch.Tensor], *, device: torch.device) -> list[torch.Tensor | None]:
