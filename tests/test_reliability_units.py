@@ -3,9 +3,10 @@ each one unit under a kill; tracebacks turned into one line; silent failures mad
 
 from __future__ import annotations
 
-import csv
 import io
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,163 @@ def test_one_pixel_policy_for_every_reader(clf: Classifier, tmp_path: Path, monk
     result = predict(clf, [folder], out=out, progress=False, device="cpu", preprocess=preprocess, workers=0)
     assert list(result.failed) == [str(folder / "big.jpg")]
     assert "40x40 pixels is over the 0-megapixel limit" in result.failed[str(folder / "big.jpg")]
+
+
+# ------------------------------------------------------------------------------------------ item 4: one unit
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from pipeline.stage1.extract import ExtractConfig, extract
+    from tests.conftest import TINY_EXTRACT
+
+    root = tmp_path_factory.mktemp("unit")
+    out = root / "f.h5"
+    extract(ExtractConfig(dataset=str(write_image_folder(root / "img", per_class=6)), out=str(out), **TINY_EXTRACT))
+    return out
+
+
+def _in_subprocess(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["timeout", "-s", "KILL", "120", sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True
+    )
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+# Where a SIGKILL lands in `train-head --force`: after the weights, after metrics.json, after the plots (every file
+# written), and just before the new folder takes the old one's place.
+HEAD_KILLS = {
+    "after head.safetensors": "import pipeline.stage2.train as t\nt.write_json = lambda *a, **k: os._exit(9)",
+    "after metrics.json": "import pipeline.stage2.train as t\nt._write_plots = lambda *a, **k: os._exit(9)",
+    "before the swap": "import pipeline.fileio as f\nf._exchange = lambda *a, **k: os._exit(9)",
+}
+
+
+@pytest.mark.parametrize("where", list(HEAD_KILLS))
+def test_a_killed_train_head_force_leaves_the_old_head_folder(features: Path, tmp_path: Path, where: str) -> None:
+    """Issue 24 item 4: "A SIGKILL after any file of `train-head --force` must leave the old unit or the new one,
+    never a mix that loads; a rerun after a kill resumes". It left new weights beside the old config.json."""
+    from pipeline.stage2.heads import HeadConfig, load_head
+    from pipeline.stage2.train import train_head
+
+    head = tmp_path / "head"
+    train_head(features, HeadConfig(head="linear", epochs=2, device="cpu"), out=head)
+    before = _snapshot(head)
+    code = (
+        f"import os\n{HEAD_KILLS[where]}\n"
+        "from pipeline.stage2.heads import HeadConfig\nfrom pipeline.stage2.train import train_head\n"
+        f"train_head({str(features)!r}, HeadConfig(head='linear', epochs=5, lr=0.05, device='cpu'), "
+        f"out={str(head)!r}, force=True)\n"
+    )
+    proc = _in_subprocess(code)
+    assert proc.returncode == 9, proc.stderr[-2000:]
+    assert _snapshot(head) == before  # the old unit, byte for byte
+    load_head(head)
+    again = train_head(features, HeadConfig(head="linear", epochs=5, lr=0.05, device="cpu"), out=head, force=True)
+    assert again.out == str(head)
+    _, config = load_head(head)
+    assert config["head_config"]["epochs"] == 5 and config["head_config"]["lr"] == 0.05
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["head"]  # no temporary folder left behind
+
+
+def test_a_head_folder_of_other_files_is_not_replaced(features: Path, tmp_path: Path) -> None:
+    """The unit replaces a folder only if it is empty or holds a head: a user's folder is never swapped away."""
+    from pipeline.errors import PipelineError
+    from pipeline.stage2.heads import HeadConfig
+    from pipeline.stage2.train import train_head
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(PipelineError, match="not a folder this command wrote"):
+        train_head(features, HeadConfig(head="linear", epochs=1, device="cpu"), out=mine)
+    assert (mine / "notes.txt").read_text() == "keep me"
+
+
+EXPORT_KILLS = {
+    "after the program": "import pipeline.deploy.export as e\ne._save_tensors = lambda *a, **k: os._exit(9)",
+    "after the tensors": "import pipeline.deploy.export as e\ne.write_json = lambda *a, **k: os._exit(9)",
+}
+
+
+@pytest.mark.parametrize("where", list(EXPORT_KILLS))
+def test_a_killed_export_never_loads_as_a_mix(features: Path, tmp_path: Path, where: str) -> None:
+    """Issue 24 item 4: "`export` killed after `MODEL.safetensors` (or after `MODEL.pt2`) leaves a program, tensors
+    and MODEL.json of two different heads, which `predict` loads". MODEL.json, written last, records the sha256 of
+    the other two: predict loads the old model whole, or refuses in one line; rerunning export gives the new one."""
+    from pipeline.deploy.export import export_model
+    from pipeline.deploy.predict import load_classifier
+    from pipeline.errors import PipelineError
+    from pipeline.stage2.heads import HeadConfig
+    from pipeline.stage2.train import train_head
+
+    a, b, model = tmp_path / "a", tmp_path / "b", tmp_path / "m.pt2"
+    train_head(features, HeadConfig(head="linear", epochs=2, device="cpu"), out=a)
+    train_head(features, HeadConfig(head="linear", epochs=6, lr=0.1, device="cpu"), out=b)
+    export_model(a, model)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.inference_mode():
+        old = load_classifier(model, device="cpu").module(x)
+    code = f"import os\n{EXPORT_KILLS[where]}\nfrom pipeline.deploy.export import export_model\n"
+    code += f"export_model({str(b)!r}, {str(model)!r})\n"
+    proc = _in_subprocess(code)
+    assert proc.returncode == 9, proc.stderr[-2000:]
+    if where == "after the program":  # the old tensors and MODEL.json: the old model, whole
+        with torch.inference_mode():
+            assert torch.equal(load_classifier(model, device="cpu").module(x), old)
+    else:
+        with pytest.raises(PipelineError, match="m.safetensors is not the file written with m.json") as e:
+            load_classifier(model, device="cpu")
+        assert "export the model again" in str(e.value) and "\n" not in str(e.value)
+    export_model(b, model)
+    with torch.inference_mode():
+        assert not torch.equal(load_classifier(model, device="cpu").module(x), old)
+
+
+# ------------------------------------------------------------------------------------------ item 6: tracebacks
+
+
+def test_export_into_a_read_only_filesystem_is_one_line(features: Path, tmp_path: Path, monkeypatch) -> None:
+    """Issue 24 item 6: "export into a read-only filesystem (`torch.export.save` raises `RuntimeError`, which
+    `atomic_path` lets through)" is one line naming the file, and leaves nothing behind."""
+    from pipeline.deploy.export import export_model
+    from pipeline.errors import PipelineError
+    from pipeline.stage2.heads import HeadConfig
+    from pipeline.stage2.train import train_head
+
+    head = tmp_path / "h"
+    train_head(features, HeadConfig(head="linear", epochs=1, device="cpu"), out=head)
+
+    def read_only(program, f, *a, **k):  # what torch.export.save does on a read-only filesystem
+        raise RuntimeError(f"File {f} cannot be opened.\nException raised from ...")
+
+    monkeypatch.setattr(torch.export, "save", read_only)
+    with pytest.raises(PipelineError, match=r"cannot write .*m\.pt2: File .* cannot be opened\.$"):
+        export_model(head, tmp_path / "out" / "m.pt2")
+    assert not list((tmp_path / "out").iterdir())
+
+
+def test_model_json_nested_200000_deep_is_one_line(features: Path, tmp_path: Path) -> None:
+    """Issue 24 item 6: "a MODEL.json nested 200,000 levels deep (`RecursionError`)" is one line."""
+    from pipeline.deploy.export import export_model
+    from pipeline.deploy.predict import load_classifier
+    from pipeline.errors import PipelineError
+    from pipeline.stage2.heads import HeadConfig, load_head
+    from pipeline.stage2.train import train_head
+
+    head = tmp_path / "h"
+    train_head(features, HeadConfig(head="linear", epochs=1, device="cpu"), out=head)
+    model = tmp_path / "m.pt2"
+    export_model(head, model)
+    model.with_suffix(".json").write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(PipelineError, match="RecursionError"):
+        load_classifier(model, device="cpu")
+    (head / "config.json").write_text('{"a": ' * 200_000 + "1" + "}" * 200_000)
+    with pytest.raises(PipelineError, match="cannot load head .*RecursionError"):
+        load_head(head)

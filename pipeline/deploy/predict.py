@@ -40,7 +40,7 @@ from pipeline.deploy.export import (
 )
 from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
-from pipeline.fileio import atomic_path
+from pipeline.fileio import atomic_path, check_digests
 from pipeline.progress import progress_bar
 from pipeline.stage1.backbones import TIMM_PREFIX, Backbone, Preprocessing, strip_classifier, with_outputs
 from pipeline.stage1.batches import (
@@ -130,6 +130,13 @@ def load_classifier(path: Path | str, *, device: str = "auto") -> Classifier:
         if not tensors_path.is_file():
             raise PipelineError(f"{tensors_path.name} (the weights) is missing beside it; export the head again")
         model = _assemble(meta, _read_tensors(tensors_path, meta))
+        # the tensors must be the ones written with MODEL.json (a kill between export's writes left two models'
+        # files); the program is never opened here, so one of another export is said, not refused
+        check_digests({"tensors": tensors_path}, meta.files, unit=meta_path.name, remedy="export the model again")
+        try:
+            check_digests({"program": path}, meta.files, unit=meta_path.name, remedy="export the model again")
+        except PipelineError as e:
+            log.warning("%s (predict does not run it)", e)
         _probe(model, meta)
     except PipelineError as e:
         raise PipelineError(shown(f"cannot load model {path}: {e}")) from None

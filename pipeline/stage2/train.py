@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.fileio import write_json, write_text
+from pipeline.fileio import atomic_directory, write_json, write_text
 from pipeline.stage2 import plots, thresholds
 from pipeline.stage2.evaluate import (
     HeadMetrics,
@@ -413,9 +413,10 @@ def _train_one(fs: FeatureSet, cfg: HeadConfig, *, out: Path) -> HeadMetrics:
         config = head_config(fs, head, settings=run_settings(cfg))
         if "threshold" in metrics:  # what `export` records and `predict` applies
             config["decision"] = {k: metrics["threshold"][k] for k in ("positive", "threshold")}
-        save_head(head, out, config=config)
-        write_json(out / "metrics.json", metrics.to_json())
-        _write_plots(metrics, history, out, fs=fs, head=head)
+        with atomic_directory(out, owned_by="config.json") as unit:  # one unit: old head or new, never a mix
+            save_head(head, unit, config=config)
+            write_json(unit / "metrics.json", metrics.to_json())
+            _write_plots(metrics, history, unit, fs=fs, head=head)
     except OSError as e:
         raise PipelineError(f"cannot write head to {out}: {e.strerror or e}") from None
     return replace(metrics, out=str(out))
