@@ -230,3 +230,59 @@ def test_model_json_nested_200000_deep_is_one_line(features: Path, tmp_path: Pat
     (head / "config.json").write_text('{"a": ' * 200_000 + "1" + "}" * 200_000)
     with pytest.raises(PipelineError, match="cannot load head .*RecursionError"):
         load_head(head)
+
+
+def _tamper_nan(s: dict) -> None:
+    s["model"]["fc.bias"][0] = float("nan")
+
+
+def _tamper_fc(s: dict) -> None:
+    s["model"]["fc.weight"] = torch.zeros(7, 512)
+
+
+def _tamper_missing(s: dict) -> None:
+    del s["model"]["layer1.0.conv1.weight"]
+
+
+def _tamper_rng(s: dict) -> None:
+    s["rng"]["generator"] = torch.zeros(3, dtype=torch.uint8)
+
+
+def _tamper_seconds(s: dict) -> None:
+    del s["history"][0]["seconds"]
+
+
+def _tamper_scheduler(s: dict) -> None:
+    del s["scheduler"]
+
+
+CHECKPOINT_TAMPERING = {
+    "wrong fc shape": (_tamper_fc, "fc.weight has shape"),
+    "missing keys": (_tamper_missing, "not this model's"),
+    "bad RNG state": (_tamper_rng, "generator RNG state"),
+    "a history without seconds": (_tamper_seconds, "lacks one of"),
+    "no scheduler": (_tamper_scheduler, "no scheduler"),
+    "NaN weights": (_tamper_nan, "fc.bias holds NaN"),
+}
+
+
+@pytest.mark.parametrize("case", list(CHECKPOINT_TAMPERING))
+def test_a_tampered_baseline_checkpoint_with_its_key_kept_is_one_line(tmp_path: Path, capsys, case: str) -> None:
+    """Issue 24 item 6: "a tampered baseline `checkpoint.pt` with its key kept (wrong fc shape, missing keys, bad RNG
+    state, a history without `seconds`, no scheduler, NaN weights)" is one line each, not a traceback; --force
+    starts afresh."""
+    from tests.conftest import assert_one_line_error, run
+
+    images = write_image_folder(tmp_path / "images", per_class=4, size=(20, 24))
+    out = tmp_path / "bl"
+    argv = ["baseline", "--dataset", str(images), "--image-size", "32", "--epochs", "1", "--batch-size", "4",
+            "--device", "cpu", "--out", str(out)]  # fmt: skip
+    assert run(argv, capsys)[0] == 0
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    tamper, said = CHECKPOINT_TAMPERING[case]
+    tamper(state)
+    torch.save(state, out / "checkpoint.pt")
+    code, _, err = run([*argv[:-4], "--epochs", "2", "--device", "cpu", "--out", str(out)], capsys)
+    assert_one_line_error(code, err, "checkpoint.pt is damaged", said, "--force")
+    code, _, err = run([*argv[:-4], "--epochs", "2", "--device", "cpu", "--out", str(out), "--force"], capsys)
+    assert code == 0, err
