@@ -3,6 +3,7 @@ each one unit under a kill; tracebacks turned into one line; silent failures mad
 
 from __future__ import annotations
 
+import csv
 import io
 import os
 import subprocess
@@ -286,3 +287,44 @@ def test_a_tampered_baseline_checkpoint_with_its_key_kept_is_one_line(tmp_path: 
     assert_one_line_error(code, err, "checkpoint.pt is damaged", said, "--force")
     code, _, err = run([*argv[:-4], "--epochs", "2", "--device", "cpu", "--out", str(out), "--force"], capsys)
     assert code == 0, err
+
+
+# ------------------------------------------------------------------------------------------ item 7: silent failures
+
+
+def test_weights_holding_nan_stop_at_the_first_batch(tmp_path: Path, capsys) -> None:
+    """Issue 24 item 7: "weights holding NaN give an all-NaN feature file with rc 0": the first batch's features
+    are checked, and the run stops in one line naming the weights."""
+    import torchvision
+
+    from tests.conftest import TINY_ARGS, assert_one_line_error, run
+
+    state = torchvision.models.resnet18().state_dict()
+    state["conv1.weight"][0, 0, 0, 0] = float("nan")
+    weights = tmp_path / "nan.pt"
+    torch.save(state, weights)
+    images = write_image_folder(tmp_path / "img", per_class=4)
+    args = [a if a != "none" else str(weights) for a in TINY_ARGS]
+    out = tmp_path / "f.h5"
+    code, _, err = run(["extract", "--dataset", str(images), "--out", str(out), *args], capsys)
+    assert_one_line_error(code, err, "NaN or infinite", str(weights))
+    assert not out.exists()
+
+
+def test_class_names_that_look_like_formulas_are_escaped_in_the_csv(tmp_path: Path) -> None:
+    """Issue 24 item 7: "class names beginning with `=`, `+`, `-` or `@` go unescaped into predictions CSVs, which
+    spreadsheets run as formulas (escape them, as OWASP advises)": a leading ' makes them text."""
+    bb = load_backbone("resnet18", weights="none", image_size=32, seed=0)
+    bb.model.fc = torch.nn.Linear(512, 4)
+    names = ['=HYPERLINK("http://x")', "+1+1", "-2+3", "@SUM(A1)"]
+    model = Classifier(bb.model.eval(), names, bb.preprocess)
+    folder = write_image_folder(tmp_path / "img", per_class=2)
+    (folder / "cat" / "=cmd.png").write_bytes((folder / "cat" / "000.png").read_bytes())
+    out = tmp_path / "p.csv"
+    predict(model, [folder], out=out, progress=False, device="cpu", workers=0, top_k=4)
+    rows = list(csv.reader(out.open(encoding="utf-8")))
+    cells = [c for row in rows[1:] for c in row]
+    assert not any(c.startswith(("=", "+", "@")) or (c.startswith("-") and not c[1:2].isdigit()) for c in cells)
+    assert {c for row in rows[1:] for c in row[1:8:2]} == {"'" + n for n in names}
+    assert any(row[0].endswith("=cmd.png") for row in rows[1:])  # a path starting with = would be escaped too
+    assert all(float(p) >= 0 for row in rows[1:] for p in row[2:9:2])  # numbers stay numbers

@@ -305,6 +305,36 @@ def _rows(paths: list[Path], proba: torch.Tensor, classes: list[str], top_k: int
     return rows
 
 
+# A cell a spreadsheet would run as a formula: OWASP's "CSV injection" list (=, +, -, @, tab, carriage return).
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """A text cell as a spreadsheet shows it, never runs it: one starting like a formula gets a leading ``'``
+    (OWASP's advice). Class names, paths and error messages come from the user's files; numbers stay numbers."""
+    if not isinstance(value, str) or not value.startswith(FORMULA_START):
+        return value
+    try:
+        float(value)  # a negative value ("-0.250000") is a number, not a formula
+    except ValueError:
+        return f"'{value}"
+    return value
+
+
+class SafeCsvWriter:
+    """``csv.writer`` whose every text cell goes through :func:`csv_cell`: the one writer of predictions CSVs."""
+
+    def __init__(self, fh: Any):
+        self._w = csv.writer(fh)
+
+    def writerow(self, row: list[Any]) -> None:
+        self._w.writerow([csv_cell(c) for c in row])
+
+    def writerows(self, rows: list[list[Any]]) -> None:
+        for row in rows:
+            self.writerow(row)
+
+
 def predict(
     model: Path | str | Classifier,
     inputs: list[Path | str],
@@ -425,7 +455,7 @@ def predict_with(
     result = PredictResult(out=out, n_images=len(paths), classes=list(clf.classes))
     t0 = time.perf_counter()
     with atomic_path(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
+        writer = SafeCsvWriter(fh)
         writer.writerow(_columns(top_k, decision=clf.decision))
         _predict_all(clf, paths, writer=writer, result=result, reading=reading, top_k=top_k, progress=progress)
     result.seconds = time.perf_counter() - t0
@@ -529,7 +559,7 @@ def predict_values(
     blank = [""] * len(clf.targets)
     t0 = time.perf_counter()
     with atomic_path(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
+        writer = SafeCsvWriter(fh)
         writer.writerow(["path", *clf.targets, "error"])
         for ok_paths, outputs, bad in _batched_outputs(clf, paths, reading=reading, progress=progress):
             _report_bad(bad, writer=writer, result=result, blank=blank)
