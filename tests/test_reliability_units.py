@@ -17,7 +17,6 @@ from PIL import Image
 from pipeline.deploy.predict import Classifier, collect_images, predict
 from pipeline.stage1 import datasets
 from pipeline.stage1.backbones import load_backbone
-from pipeline.stage1.datasets import list_images, load_folder
 from tests.conftest import write_image_folder
 
 
@@ -34,6 +33,8 @@ def clf() -> Classifier:
 
 def test_predict_lists_a_folder_as_extract_does(tmp_path: Path) -> None:
     """Issue 24 item 3: "predict recurses into hidden folders that extract skips": one listing for both."""
+    from pipeline.stage1.datasets import list_images, load_folder
+
     root = write_image_folder(tmp_path / "img", per_class=2)
     hidden = root / "cat" / ".thumbnails"
     hidden.mkdir()
