@@ -336,7 +336,7 @@ def _worker_failure(it: Any, e: RuntimeError, *, batch_bytes: int) -> str | None
     text = str(e)
     if EXIT_NO_SHARED_MEMORY in codes or "shared memory" in text:
         what = "a loader worker ran out of shared memory"
-    elif codes or "DataLoader worker" in text:
+    elif codes or "exited unexpectedly" in text or "killed by signal" in text:
         died = next((c for c in codes), None)
         how = f"was killed by signal {-died}" if died is not None and died < 0 else "died"
         what = f"a loader worker {how} (out of memory or shared memory?)"
@@ -345,8 +345,8 @@ def _worker_failure(it: Any, e: RuntimeError, *, batch_bytes: int) -> str | None
     free = shared_memory_free()
     room = f"{SHM} has {_mb(free)} free, " if free is not None else ""
     return (
-        f"{what}: {room}a batch takes {_mb(batch_bytes)}; rows already written are kept: rerun with --workers 0 or a "
-        "smaller --batch-size, or give shared memory more room (docker run --shm-size=2g)"
+        f"{what}: {room}a batch takes {_mb(batch_bytes)}; rerun with --workers 0 or a smaller --batch-size (extract "
+        "resumes from its last commit), or give shared memory more room (docker run --shm-size=2g)"
     )
 
 
