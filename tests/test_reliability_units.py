@@ -104,8 +104,8 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 # Where a SIGKILL lands in `train-head --force`: after the weights, after metrics.json, after the plots (every file
 # written), and just before the new folder takes the old one's place.
 HEAD_KILLS = {
-    "after head.safetensors": "import pipeline.stage2.train as t\nt.write_json = lambda *a, **k: os._exit(9)",
-    "after metrics.json": "import pipeline.stage2.train as t\nt._write_plots = lambda *a, **k: os._exit(9)",
+    "after head.safetensors": "import pipeline.stage2.training as t\nt.write_json = lambda *a, **k: os._exit(9)",
+    "after metrics.json": "import pipeline.stage2.plots as p\np.confusion_png = lambda *a, **k: os._exit(9)",
     "before the swap": "import pipeline.fileio as f\nf._exchange = lambda *a, **k: os._exit(9)",
 }
 
