@@ -462,8 +462,13 @@ class MultiLabel(Task):
             **fitted.fit.info,
             "sweep": fitted.sweep,
         }
+        train_y, train_proba, note = head.train_predictions(X, Y)  # a note: the head scored train its own way (knn)
+        if note is None:
+            train_y, train_proba = Y, sigmoid(head.logits(X))
+        else:
+            extra["train_metrics_note"] = note
         return summarize_multilabel(
-            train=multilabel_metrics(Y, sigmoid(head.logits(X)), labels, thresholds=chosen),
+            train=multilabel_metrics(train_y, train_proba, labels, thresholds=chosen),
             val=multilabel_metrics(self.truth(fs.val), sigmoid(head.logits(fs.val.features)), labels,
                                    thresholds=chosen),
             thresholds=chosen,

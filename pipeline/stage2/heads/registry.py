@@ -89,6 +89,7 @@ HEADS: dict[str, HeadSpec] = {
             "k nearest neighbours by cosine similarity on L2-normalised features; votes weighted by exp(sim / 0.07) "
             "(dinov2's k-NN evaluation), and by inverse class frequency with --class-weight balanced",
             knobs=(KNNKnobs, ClassWeightKnobs), reads=PROTOCOL_SETTINGS, advice="try a larger --k", sweeps="k",
+            tasks=("classify", "multilabel"), in_all=("classify", "multilabel"),
         ),
         HeadSpec(
             "centroid", "pipeline.stage2.heads.centroid:CentroidHead", "Nearest class mean (Euclidean)",
