@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, average_precision_score, f1_score, hamming_loss
 
+from pipeline.bench.mosaics import write_mosaics
 from pipeline.errors import PipelineError
 from pipeline.stage2.multilabel import (
     average_precision,
@@ -26,7 +27,6 @@ from tests.conftest import assert_one_line_error, run
 
 ROOT = Path(__file__).resolve().parent.parent
 WEIGHTS = ROOT / "artifacts/weights/mobilenet_v2_imagenet.pt"
-DIGITS = ROOT / "data/digits"
 
 
 # ------------------------------------------------------------------------------------------ metrics (no torch)
@@ -115,25 +115,6 @@ def test_a_multi_label_file_without_its_matrix_is_refused_in_one_line(tmp_path: 
 
 
 # ------------------------------------------------------------------------------------------ end to end, real images
-
-
-def write_mosaics(root: Path, *, n: int, seed: int = 0) -> dict[str, set[str]]:
-    """``n`` 2x2 mosaics of the committed digit images, each labelled with the set of digits it shows, as PNGs and
-    ``labels.csv`` (``file,labels``, ``;``-separated)."""
-    from PIL import Image
-
-    files = {d: sorted((DIGITS / str(d)).glob("*.png")) for d in range(10)}
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True)
-    truth, lines = {}, ["file,labels"]
-    for k in range(n):
-        ds = rng.integers(0, 10, 4)
-        tiles = [np.asarray(Image.open(files[d][rng.integers(len(files[d]))]).convert("L")) for d in ds]
-        Image.fromarray(np.block([[tiles[0], tiles[1]], [tiles[2], tiles[3]]])).save(root / f"m{k:04d}.png")
-        truth[f"m{k:04d}.png"] = {str(d) for d in ds}
-        lines.append(f"m{k:04d}.png,{';'.join(sorted(truth[f'm{k:04d}.png']))}")
-    (root / "labels.csv").write_text("\n".join(lines) + "\n")
-    return truth
 
 
 @pytest.fixture(scope="module")
