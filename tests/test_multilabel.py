@@ -143,6 +143,18 @@ def test_mosaics_extract_as_a_multi_label_file(mosaic_features) -> None:
             assert {fs.classes[j] for j in np.flatnonzero(row)} == truth[Path(i).name]
 
 
+def test_inspect_counts_images_per_label(mosaic_features, capsys) -> None:
+    from pipeline.inspection import summarize
+    from pipeline.store import read_features
+
+    _, path, _ = mosaic_features
+    fs = read_features(path)
+    counts = summarize(path)["counts"]
+    assert list(counts["train"].values()) == fs.train.multi_hot.sum(0).tolist()
+    code, _, err = run(["inspect", str(path)], capsys)
+    assert code == 0, err
+
+
 def test_every_multi_label_head_trains_exports_and_predicts_its_decisions(mosaic_features, capsys) -> None:
     from pipeline.stage2.heads import HEADS, load_head
     from pipeline.stage2.multilabel import sigmoid
