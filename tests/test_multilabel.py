@@ -219,6 +219,9 @@ def test_compare_ranks_multi_label_heads_by_val_map(mosaic_features, capsys) -> 
 
 def test_multi_label_refusals_are_one_line(mosaic_features, capsys) -> None:
     tmp, path, _ = mosaic_features
+    csv_path = tmp / "mos/labels.csv"
+    code, _, err = run(["baseline", "--dataset", str(csv_path), "--out", str(tmp / "b")], capsys)
+    assert_one_line_error(code, err, "several labels per image", "baseline")
     code, _, err = run(["train-head", "--features", str(path), "--head", "centroid", "--out", str(tmp / "c")], capsys)
     assert_one_line_error(code, err, "does not learn several labels per image", "linear")
     code, _, err = run(["train-head", "--features", str(path), "--task", "classify", "--out", str(tmp / "x")], capsys)

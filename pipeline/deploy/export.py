@@ -307,7 +307,7 @@ def _output_names_key(d: dict[str, Any]) -> str:
     where it is "multilabel"."""
     task = d.get("task", "classify")  # classification MODEL.json files have no "task" entry
     if task not in ("classify", "regress", "multilabel"):
-        raise PipelineError(f"task must be 'classify', 'regress' or 'multilabel', not {task!r}")
+        raise PipelineError(f"task must be 'classify' or 'regress' (or 'multilabel'), not {task!r}")
     return {"regress": "targets", "multilabel": "labels"}.get(task, "classes")
 
 
