@@ -72,8 +72,7 @@ def summarize(path: Path) -> dict[str, Any]:
         summary["classes"] = list(fs.classes)
         summary["dtype"] = str(fs.train.features.dtype)
         summary["counts"] = {
-            name: dict(zip(fs.classes, _per_class(split, len(fs.classes))))
-            for name, split in fs.splits.items()
+            name: dict(zip(fs.classes, _per_class(split, len(fs.classes)))) for name, split in fs.splits.items()
         }
     return summary
 
