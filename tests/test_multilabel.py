@@ -103,6 +103,32 @@ def test_the_multi_hot_matrix_is_stored_by_id_and_read_back(tmp_path: Path) -> N
         assert split.features[:, 0].tolist() == order
 
 
+def test_the_matrix_follows_the_rows_of_a_resumed_file(tmp_path: Path) -> None:
+    """Rows committed by a run that stopped, then the rest by the rerun that resumed it: the matrix written at
+    finish is aligned with every stored row."""
+    from pipeline.store import FeatureWriter, MultiHot, read_features
+
+    ids = [f"i{k}" for k in range(8)]
+    matrix = (np.arange(8)[:, None] >> np.arange(3)[None] & 1).astype(np.uint8)  # row k: the bits of k
+    kw = dict(meta={"fingerprint": "x", "feature_dim": 1, "num_classes": 3, "label_kind": "multi"},
+              classes=["a", "b", "c"], sizes={"train": 8, "val": 2}, feature_dim=1)  # fmt: skip
+
+    def rows(split: str, a: int, b: int, w: FeatureWriter) -> None:
+        w.append(split, np.arange(a, b, dtype=np.float32)[:, None], np.full(b - a, -1), ids[a:b], seen=b - a)
+
+    first = FeatureWriter(tmp_path / "r.h5", **kw)
+    rows("train", 0, 5, first)
+    first.close()  # stopped: committed rows stay in the .tmp
+    again = FeatureWriter(tmp_path / "r.h5", **kw)
+    assert again.start["train"] == 5
+    rows("train", 5, 8, again)
+    rows("val", 0, 2, again)
+    again.finish(multi_hot=MultiHot({"train": (ids, matrix), "val": (ids[:2], matrix[:2])}))
+    fs = read_features(tmp_path / "r.h5")
+    assert fs.train.features[:, 0].tolist() == list(range(8))
+    assert fs.train.multi_hot.tolist() == matrix.tolist() and fs.val.multi_hot.tolist() == matrix[:2].tolist()
+
+
 def test_a_multi_label_file_without_its_matrix_is_refused_in_one_line(tmp_path: Path) -> None:
     from pipeline.store import read_features
 
