@@ -27,7 +27,16 @@ from pipeline.stage2.evaluate import (
     summarize,
     summarize_regression,
 )
-from pipeline.stage2.heads import HEADS, HeadConfig
+from pipeline.stage2.heads import HEADS, HeadConfig, build_head
+from pipeline.stage2.multilabel import (
+    DEFAULT_THRESHOLD,
+    MultiLabelMetrics,
+    choose_thresholds,
+    mean_average_precision,
+    multilabel_metrics,
+    sigmoid,
+    summarize_multilabel,
+)
 from pipeline.stage2.protocol import (
     Fitted,
     choose_threshold,
@@ -60,9 +69,9 @@ class Task(ABC):
     - ``config_record(fs, metrics)``: what ``config.json`` adds (export reads it: e.g. the target names, or per-label
       thresholds), and ``refuse(option)`` for compare's options that do not apply.
 
-    Multi-label (issue 26) is one more subclass: a multi-hot ``truth``, a per-label random holdout scored by mAP,
-    its record (mAP, micro/macro F1, per-label P/R/F1, subset accuracy, Hamming loss), per-label thresholds in
-    ``config_record``, and an entry in ``TASKS``; heads list it in their registry entry's ``tasks``.
+    :class:`MultiLabel` (issue 26) shows what a third task takes: a multi-hot ``truth``, a random holdout scored by
+    mAP, its record (:mod:`pipeline.stage2.multilabel`), per-label thresholds in ``config_record``, and an entry in
+    ``TASKS``; heads list it in their registry entry's ``tasks``.
     """
 
     name: ClassVar[str]
@@ -392,11 +401,7 @@ class MultiLabel(Task):
         "baseline": "--baseline compares single-label classifiers",
     }
 
-    @property
-    def record(self) -> type:  # type: ignore[override]
-        from pipeline.stage2.multilabel import MultiLabelMetrics
-
-        return MultiLabelMetrics
+    record = MultiLabelMetrics
 
     def check(self, cfg: HeadConfig) -> HeadConfig:
         super().check(cfg)
@@ -426,19 +431,14 @@ class MultiLabel(Task):
         return fit, held, None if len(held) else "too few training rows"
 
     def held_out_score(self, y: np.ndarray, pred: np.ndarray) -> float:
-        from pipeline.stage2.multilabel import mean_average_precision
-
         return mean_average_precision(y, pred)  # the ranking of logits is that of probabilities
 
     def sweep_scores_record(self, scores: list[float]) -> dict[str, Any]:
         return {"metric": "mAP", "held_out_map": scores}
 
-    def thresholds(self, fitted: Fitted) -> tuple[np.ndarray, str]:
+    def label_thresholds(self, fitted: Fitted) -> tuple[np.ndarray, str]:
         """Each label's threshold: maximum F1 on a held-out part of train (a head refitted on the rest), or 0.5
         each when too few rows can be held out."""
-        from pipeline.stage2.heads import build_head
-        from pipeline.stage2.multilabel import DEFAULT_THRESHOLD, choose_thresholds, sigmoid
-
         X, y = fitted.X, fitted.y
         fit, held, too_few = self.holdout(y, fraction=THRESHOLD_FRACTION, seed=fitted.cfg.seed)
         if too_few or len(held) < MIN_THRESHOLD_ROWS:
@@ -448,12 +448,10 @@ class MultiLabel(Task):
         chosen = choose_thresholds(y[held], sigmoid(head.logits(X[held])))
         return chosen, f"max F1 per label on {len(held)} held-out train rows"
 
-    def evaluate(self, fitted: Fitted, fs: FeatureSet) -> Any:
-        from pipeline.stage2.multilabel import multilabel_metrics, sigmoid, summarize_multilabel
-
+    def evaluate(self, fitted: Fitted, fs: FeatureSet) -> MultiLabelMetrics:
         head, cfg, X, Y = fitted.head, fitted.cfg, fitted.X, fitted.y
         labels = self.outputs(fs)
-        chosen, source = self.thresholds(fitted)
+        chosen, source = self.label_thresholds(fitted)
         extra = {
             "head": cfg.head,
             "standardize": cfg.standardize if head.spec.uses("standardize") else "n/a",
