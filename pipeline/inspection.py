@@ -72,10 +72,16 @@ def summarize(path: Path) -> dict[str, Any]:
         summary["classes"] = list(fs.classes)
         summary["dtype"] = str(fs.train.features.dtype)
         summary["counts"] = {
-            name: dict(zip(fs.classes, np.bincount(split.labels, minlength=len(fs.classes)).tolist()))
-            for name, split in fs.splits.items()
+            name: dict(zip(fs.classes, _per_class(split, len(fs.classes)))) for name, split in fs.splits.items()
         }
     return summary
+
+
+def _per_class(split: Any, n: int) -> list[int]:
+    """Images per class; with several labels per image, images per label (a row counts once for each label)."""
+    if split.multi_hot is not None:
+        return split.multi_hot.sum(0, dtype=np.int64).tolist()
+    return np.bincount(split.labels, minlength=n).tolist()
 
 
 def _preprocessing_line(pre: Any) -> str:

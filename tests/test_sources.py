@@ -414,12 +414,3 @@ def test_label_columns_and_shard_json_lists_read_as_multi_hot(tmp_path: Path) ->
     with pytest.raises(PipelineError, match=r"1 rows have a --label-columns value that is not 0 or 1"):
         (root / "bad.csv").write_text("file,a,b\n0.png,1,0\n1.png,2,1\n")
         load_dataset(str(root / "bad.csv"), label_columns="a,b")
-
-
-def test_extract_refuses_multi_label_until_the_task_exists(tmp_path: Path, capsys) -> None:
-    root, wanted = _multi_table(tmp_path)
-    (root / "t.csv").write_text("path,labels\n" + "".join(f"{k}.png,{';'.join(ls)}\n" for k, ls in enumerate(wanted)))
-    code, _, err = run(["extract", "--dataset", str(root / "t.csv"), *TINY_ARGS, "--out", str(tmp_path / "o.h5")],
-                       capsys)  # fmt: skip
-    assert_one_line_error(code, err, "several labels per image", "multi-label task")
-    assert not (tmp_path / "o.h5").exists()

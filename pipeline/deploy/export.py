@@ -200,6 +200,9 @@ class ExportMeta:
     layers: tuple[str, ...] | None = None  # the pooled nodes the head takes, in order (extract --layers); None: the
     # classifier's input, the head where the classifier was
     files: dict[str, str] | None = None  # {file name: sha256} of the program and tensors (by role) written with it
+    # Several labels per image (MODEL.json's "task": "multilabel"): each label's threshold on its sigmoid
+    # probability, in the order of ``classes`` (MODEL.json's "labels"); empty for the other tasks.
+    thresholds: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         check_layers(self.layers)
@@ -225,11 +228,23 @@ class ExportMeta:
             raise PipelineError(f"{len(names)} {noun} names for a head with {self.head_layer.out_features} outputs")
         if self.targets and (self.classes or self.decision is not None):
             raise PipelineError("a regression model (targets) has no classes and no decision threshold")
+        valid = all(isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t <= 1 for t in self.thresholds)
+        if self.thresholds and (len(self.thresholds) != len(self.classes) or self.decision is not None or not valid):
+            raise PipelineError(
+                f"a multi-label model needs one threshold in [0, 1] per label ({len(self.classes)}) and no "
+                f"decision, not {list(self.thresholds)!r}"
+            )
+
+    @property
+    def multilabel(self) -> bool:
+        return bool(self.thresholds)
 
     def identity(self) -> dict[str, Any]:
         """The facts that must agree between MODEL.json and the tensors file (class names may be edited; a
         regression model's task and target names may not: they say what each output is)."""
         regress = {"task": "regress", "targets": list(self.targets)} if self.targets else {}
+        if self.thresholds:
+            regress = {"task": "multilabel", "labels": list(self.classes)}
         layers = {"layers": list(self.layers)} if self.layers else {}  # no layers: no entry, as before
         plain = {
             "backbone": self.backbone,
@@ -277,6 +292,12 @@ class ExportMeta:
             raise PipelineError(f"layers must be a list of node names, not {layers!r}")
         layers = None if layers is None else tuple(layers)
         files = d.get("files")
+        if names == "labels":
+            thresholds = d.get("thresholds")
+            if not isinstance(thresholds, list) or not thresholds:
+                raise PipelineError("a multi-label model needs a list of thresholds, one per label")
+            return cls(tuple(d["labels"]), pre, d["backbone"], d["classifier_path"], layer, decision,
+                       layers=layers, files=files, thresholds=tuple(thresholds))  # fmt: skip
         if names == "targets":
             classes = tuple(d.get("classes") or ())  # none: a file that also names classes is refused
             return cls(classes, pre, d["backbone"], d["classifier_path"], layer, decision, tuple(d["targets"]),
@@ -286,11 +307,12 @@ class ExportMeta:
 
 
 def _output_names_key(d: dict[str, Any]) -> str:
-    """Which MODEL.json entry names the outputs: ``classes``, or ``targets`` where ``task`` is "regress"."""
+    """Which MODEL.json entry names the outputs: ``classes``, ``targets`` where ``task`` is "regress", ``labels``
+    where it is "multilabel"."""
     task = d.get("task", "classify")  # classification MODEL.json files have no "task" entry
-    if task not in ("classify", "regress"):
-        raise PipelineError(f"task must be 'classify' or 'regress', not {task!r}")
-    return "targets" if task == "regress" else "classes"
+    if task not in ("classify", "regress", "multilabel"):
+        raise PipelineError(f"task must be 'classify' or 'regress' (or 'multilabel'), not {task!r}")
+    return {"regress": "targets", "multilabel": "labels"}.get(task, "classes")
 
 
 def read_export_meta(path: Path) -> ExportMeta:
@@ -332,6 +354,8 @@ def _meta(config: dict[str, Any], head: Head, layer: nn.Module, backbone: Backbo
         "state_dict_loads_into": loads_into,
         "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__, **family.versions()},
     }
+    if meta.multilabel:
+        return _multilabel_entries(d, meta)
     return _regression_entries(d, meta) if meta.targets else d
 
 
@@ -343,8 +367,24 @@ def _export_meta(config: dict[str, Any], head: Head, layer: nn.Module, backbone:
     if not isinstance(targets, list) or (head.regress and not targets):
         raise PipelineError("the regression head's config.json has no list of targets; train it again")
     classes = () if targets else tuple(config["classes"])
+    thresholds = tuple(config.get("thresholds") or ()) if head.cfg.task == "multilabel" else ()
+    if head.cfg.task == "multilabel" and not thresholds:
+        raise PipelineError("the multi-label head's config.json has no thresholds; train it again")
     return ExportMeta(classes, backbone.preprocess, backbone.name, backbone.classifier_path, HeadLayer.of(head, layer),
-                      Decision.from_dict(config.get("decision")), targets=tuple(targets), layers=layers)  # fmt: skip
+                      Decision.from_dict(config.get("decision")), targets=tuple(targets), layers=layers,
+                      thresholds=thresholds)  # fmt: skip
+
+
+def _multilabel_entries(d: dict[str, Any], meta: ExportMeta) -> dict[str, Any]:
+    """A multi-label model's MODEL.json: ``labels`` (in its identity) and their ``thresholds`` in place of classes
+    and a decision."""
+    out = {k: v for k, v in d.items() if k not in ("classes", "decision")}
+    n = len(meta.classes)
+    return out | {
+        "thresholds": list(meta.thresholds),
+        "output": f"float32 (N, {n}): one logit per label; sigmoid gives its probability, the label is decided where "
+        "that probability is at least its threshold",
+    }
 
 
 def _regression_entries(d: dict[str, Any], meta: ExportMeta) -> dict[str, Any]:

@@ -67,6 +67,7 @@ class Classifier:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     decision: Decision | None = None  # a threshold for one class (MODEL.json's "decision"); None: argmax
     targets: list[str] = field(default_factory=list)  # a regression model's outputs (then ``classes`` is empty)
+    thresholds: list[float] = field(default_factory=list)  # a multi-label model's, one per label (``classes``)
 
 
 @dataclass
@@ -140,7 +141,8 @@ def load_classifier(path: Path | str, *, device: str = "auto") -> Classifier:
     except PipelineError as e:
         raise PipelineError(shown(f"cannot load model {path}: {e}")) from None
     model = model.to(dev, memory_format=torch.channels_last)  # the layout normalize() gives the batches
-    return Classifier(model, list(meta.classes), meta.preprocessing, dev, meta.decision, list(meta.targets))
+    return Classifier(model, list(meta.classes), meta.preprocessing, dev, meta.decision, list(meta.targets),
+                      list(meta.thresholds))  # fmt: skip
 
 
 def _read_tensors(path: Path, meta: ExportMeta) -> dict[str, torch.Tensor]:
@@ -496,9 +498,40 @@ class ValueOutputs:
         return [[shown(p), *(f"{v:.7g}" for v in row), ""] for p, row in zip(paths, values)]
 
 
-def outputs_for(clf: Classifier, *, top_k: int, truth: Truth | None) -> LabelOutputs | ValueOutputs:
-    """What predict writes for the model's task (MODEL.json's ``task``): a regression model's values, else
-    classes. A third task (many labels per image) adds its writer here."""
+class LabelSetOutputs:
+    """A multi-label model's CSV: ``path``, ``labels`` (the labels decided, ``;``-separated: each whose sigmoid
+    probability reaches its threshold), one column per label holding its probability, ``error``. The result counts
+    the images each label was decided for."""
+
+    def __init__(self, clf: Classifier) -> None:
+        self.clf = clf
+
+    def result(self, *, out: Path, n_images: int) -> PredictResult:
+        return PredictResult(out=out, n_images=n_images, classes=list(self.clf.classes))
+
+    def columns(self) -> list[str]:
+        return ["path", "labels", *self.clf.classes, "error"]
+
+    def blank(self) -> list[str]:
+        return [""] * (1 + len(self.clf.classes))
+
+    def rows(self, paths: list[Path], logits: torch.Tensor, *, result: PredictResult) -> list[list[Any]]:
+        proba = torch.sigmoid(logits.double()).numpy()
+        on = proba >= np.asarray(self.clf.thresholds, np.float64)[None]
+        names = self.clf.classes
+        rows = []
+        for path, p, decided in zip(paths, proba, on):
+            chosen = [names[j] for j in np.flatnonzero(decided)]
+            result.counts.update(chosen)
+            rows.append([shown(path), ";".join(chosen), *(f"{v:.6f}" for v in p), ""])
+        return rows
+
+
+def outputs_for(clf: Classifier, *, top_k: int, truth: Truth | None) -> LabelOutputs | ValueOutputs | LabelSetOutputs:
+    """What predict writes for the model's task (MODEL.json's ``task``): a regression model's values, a multi-label
+    model's label sets, else classes."""
+    if clf.thresholds:
+        return LabelSetOutputs(clf)
     return ValueOutputs(clf, truth=truth) if clf.targets else LabelOutputs(clf, top_k=top_k)
 
 

@@ -107,12 +107,6 @@ class SourceOptions:
             label_columns=self.label_columns,
             label_delimiter=self.label_delimiter,
         )
-        if any(split.multi_hot is not None for split in source.splits.values()):
-            # Reading is done (Split.multi_hot); the feature file and the heads have no multi-label task yet.
-            raise PipelineError(
-                f"{self.dataset} has several labels per image (multi-label): reading them works, but storing and "
-                "training them needs the multi-label task, not in this version; give one label per image"
-            )
         return source
 
 

@@ -78,7 +78,7 @@ class Split:
     # at unit boundaries, so each rank reads its own shards (see :func:`rank_rows`). None: any row boundary.
     units: np.ndarray | None = None
     # Several labels per sample: (N, classes) uint8 0/1 (``labels`` is then -1). Read from a labels table or shards
-    # (see :mod:`pipeline.stage1.tables`); storing and training it needs the multi-label task.
+    # (see :mod:`pipeline.stage1.tables`); extract stores it as ``/<split>/multi_hot``.
     multi_hot: np.ndarray | None = None
 
     def __len__(self) -> int:

@@ -32,6 +32,7 @@ from pipeline.stage1.extract import (
     ExtractResult,
     extract,
     meta_from_plan,
+    multi_hot_of,
     output_columns,
     plan_extraction,
     refresh_targets,
@@ -147,6 +148,7 @@ def merge_shards(cfg: ExtractConfig, *, plan: ExtractPlan, world: int) -> Extrac
                     "resumed_from": writer.start,  # rows a partial .tmp of these settings already held
                 },
                 targets=plan.targets,
+                multi_hot=multi_hot_of(plan.source),
             )
         finally:
             for f in shards:

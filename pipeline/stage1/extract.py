@@ -36,6 +36,7 @@ from pipeline.store import (
     FeatureMeta,
     FeatureWriter,
     FileLock,
+    MultiHot,
     WeightsIdentity,
     check_output_name,
     describe_change,
@@ -130,6 +131,14 @@ def output_columns(backbone: Backbone) -> dict[str, tuple[tuple[int, ...], str]]
     ``columns``): the --cache-at activation map."""
     acts = backbone.activations
     return {"activations": (tuple(acts["shape"]), acts["dtype"])} if acts else {}
+
+
+def multi_hot_of(source: Source) -> MultiHot | None:
+    """Several labels per image (a labels table or shards read them: ``Split.multi_hot``), to store by id at
+    finish; None for one label per image."""
+    if not any(split.multi_hot is not None for split in source.splits.values()):
+        return None
+    return MultiHot({name: (split.ids, split.multi_hot) for name, split in source.splits.items()})
 
 
 def check_room(plan: ExtractPlan) -> None:
@@ -534,6 +543,7 @@ def meta_from_plan(plan: ExtractPlan, *, config: dict[str, Any]) -> FeatureMeta:
         scan_skipped=list(getattr(source, "unreadable", None) or []) or None,
         layers=backbone.layers,
         activations=backbone.activations,
+        label_kind="multi" if multi_hot_of(source) is not None else "single",
     )
 
 
@@ -668,7 +678,8 @@ def _write(plan: ExtractPlan, *, cfg: ExtractConfig) -> ExtractResult:
         raise
     seconds = time.perf_counter() - t0
     skipped = {s: writer.skipped(s) for s in source.splits}
-    writer.finish({"extract_seconds": round(seconds, 3), "resumed_from": writer.start}, targets=plan.targets)
+    writer.finish({"extract_seconds": round(seconds, 3), "resumed_from": writer.start}, targets=plan.targets,
+                  multi_hot=multi_hot_of(source))  # fmt: skip
     counts = {s: len(v) - len(skipped[s]) for s, v in source.splits.items()}
     return ExtractResult(
         path=out,

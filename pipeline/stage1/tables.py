@@ -9,7 +9,8 @@ unlabelled images, run ``pipeline predict`` on them.
 Several labels per image (multi-label) are read too: a label column holding ``;``-separated labels (or
 ``--label-delimiter``), or one 0/1 column per label (``--label-columns a,b,c``). The split then carries a multi-hot
 matrix (:attr:`Split.multi_hot`, classes in column order or sorted) and ``labels`` of -1; a row with no label is
-an image with none of them. Storing and training such a split needs the multi-label task (not yet here).
+an image with none of them. ``extract`` stores the matrix as ``/<split>/multi_hot`` (docs/schema.md) and stage two
+trains it as the ``multilabel`` task.
 """
 
 from __future__ import annotations

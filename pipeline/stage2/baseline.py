@@ -327,6 +327,9 @@ def train_baseline(cfg: BaselineConfig) -> BaselineResult:
     """Train ``cfg.backbone`` from scratch; write checkpoint.pt per epoch, then metrics.json, config.json and
     curves.png to the output folder."""
     source = cfg.load()
+    if any(split.multi_hot is not None for split in source.splits.values()):
+        raise PipelineError(f"{cfg.dataset} has several labels per image: the from-scratch baseline trains one "
+                            "label per image (train-head and compare train the multilabel task)")  # fmt: skip
     device = resolve_device(cfg.device)
     model, pre = build_model(cfg, len(source.classes))
     out = Path(cfg.out) if cfg.out else default_out(cfg, source.name, pre.crop_size)

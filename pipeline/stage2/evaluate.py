@@ -87,6 +87,9 @@ class _Record(Mapping[str, Any]):
         raise NotImplementedError
 
 
+MetricsRecord = _Record  # the base of every task's metrics record (the multilabel task's is in its own module)
+
+
 @dataclass(frozen=True)
 class HeadMetrics(_Record):
     """One classification head's results: the fixed metrics as typed fields, what the run asked for (a sweep, a

@@ -27,7 +27,16 @@ from pipeline.stage2.evaluate import (
     summarize,
     summarize_regression,
 )
-from pipeline.stage2.heads import HEADS, HeadConfig
+from pipeline.stage2.heads import HEADS, HeadConfig, build_head
+from pipeline.stage2.multilabel import (
+    DEFAULT_THRESHOLD,
+    MultiLabelMetrics,
+    choose_thresholds,
+    mean_average_precision,
+    multilabel_metrics,
+    sigmoid,
+    summarize_multilabel,
+)
 from pipeline.stage2.protocol import (
     Fitted,
     choose_threshold,
@@ -60,9 +69,9 @@ class Task(ABC):
     - ``config_record(fs, metrics)``: what ``config.json`` adds (export reads it: e.g. the target names, or per-label
       thresholds), and ``refuse(option)`` for compare's options that do not apply.
 
-    Multi-label (issue 26) is one more subclass: a multi-hot ``truth``, a per-label random holdout scored by mAP,
-    its record (mAP, micro/macro F1, per-label P/R/F1, subset accuracy, Hamming loss), per-label thresholds in
-    ``config_record``, and an entry in ``TASKS``; heads list it in their registry entry's ``tasks``.
+    :class:`MultiLabel` (issue 26) shows what a third task takes: a multi-hot ``truth``, a random holdout scored by
+    mAP, its record (:mod:`pipeline.stage2.multilabel`), per-label thresholds in ``config_record``, and an entry in
+    ``TASKS``; heads list it in their registry entry's ``tasks``.
     """
 
     name: ClassVar[str]
@@ -365,14 +374,147 @@ class Regress(Task):
         return {"targets": self.outputs(fs)}
 
 
-TASKS: dict[str, Task] = {"classify": Classify(), "regress": Regress()}
+class MultiLabel(Task):
+    """Several labels per image (``label_kind`` "multi"): a multi-hot truth, per-label sigmoid + binary
+    cross-entropy (linear, mlp), a random held-out part of train scored by mAP, each label's threshold chosen on it
+    (maximum F1) and recorded for export and predict."""
+
+    name = "multilabel"
+    score = "val_map"
+    score_name = "mAP"
+    columns = (
+        ("head", "head", "{}"),
+        ("val mAP", "val_map", "{:.4f}"),
+        ("micro F1", "val_micro_f1", "{:.4f}"),
+        ("macro F1", "val_macro_f1", "{:.4f}"),
+        ("subset acc", "val_subset_accuracy", "{:.4f}"),
+        ("Hamming", "val_hamming_loss", "{:.4f}"),
+        ("train mAP", "train_map", "{:.4f}"),
+        ("mAP gap", "train_val_gap", "{:+.4f}"),
+        FIT_SECONDS,
+        TOTAL_SECONDS,
+    )
+    bars = (("val_map", "val mAP"), ("train_map", "train mAP"))
+    REFUSED = {
+        "shots": "--shots draws K examples per class",
+        "positive": "--positive chooses one class's threshold (each label's is chosen on held-out train)",
+        "baseline": "--baseline compares single-label classifiers",
+    }
+
+    record = MultiLabelMetrics
+
+    def check(self, cfg: HeadConfig) -> HeadConfig:
+        super().check(cfg)
+        if cfg.shots:
+            self.refuse("shots")
+        if cfg.positive:
+            self.refuse("positive")
+        return replace(cfg, task=self.name)
+
+    def wrong_head(self, head: str) -> str:
+        able = [name for name, spec in HEADS.items() if self.name in spec.tasks]
+        return f"the {head} head does not learn several labels per image; use {', '.join(able)}"
+
+    def refuse(self, option: str) -> None:
+        raise PipelineError(f"{self.REFUSED[option]}: not for several labels per image")
+
+    def truth(self, split: SplitFeatures) -> np.ndarray:
+        return split.multi_hot.astype(np.float32)
+
+    def outputs(self, fs: FeatureSet) -> list[str]:
+        return fs.classes
+
+    def holdout(self, y: np.ndarray, *, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, str | None]:
+        # Random, not iteratively stratified: a rare label may have no held-out positive (its AP is then left
+        # out of the held-out mAP, and its threshold stays 0.5).
+        fit, held = random_holdout(len(y), fraction=fraction, seed=seed)
+        return fit, held, None if len(held) else "too few training rows"
+
+    def held_out_score(self, y: np.ndarray, pred: np.ndarray) -> float:
+        return mean_average_precision(y, pred)  # the ranking of logits is that of probabilities
+
+    def sweep_scores_record(self, scores: list[float]) -> dict[str, Any]:
+        return {"metric": "mAP", "held_out_map": scores}
+
+    def label_thresholds(self, fitted: Fitted) -> tuple[np.ndarray, str]:
+        """Each label's threshold: maximum F1 on a held-out part of train (a head refitted on the rest), or 0.5
+        each when too few rows can be held out."""
+        X, y = fitted.X, fitted.y
+        fit, held, too_few = self.holdout(y, fraction=THRESHOLD_FRACTION, seed=fitted.cfg.seed)
+        if too_few or len(held) < MIN_THRESHOLD_ROWS:
+            return np.full(y.shape[1], DEFAULT_THRESHOLD), f"default {DEFAULT_THRESHOLD} (too few train rows)"
+        head = build_head(fitted.cfg, **fitted.dims)
+        head.fit(X[fit], y[fit])
+        chosen = choose_thresholds(y[held], sigmoid(head.logits(X[held])))
+        return chosen, f"max F1 per label on {len(held)} held-out train rows"
+
+    def evaluate(self, fitted: Fitted, fs: FeatureSet) -> MultiLabelMetrics:
+        head, cfg, X, Y = fitted.head, fitted.cfg, fitted.X, fitted.y
+        labels = self.outputs(fs)
+        chosen, source = self.label_thresholds(fitted)
+        extra = {
+            "head": cfg.head,
+            "standardize": cfg.standardize if head.spec.uses("standardize") else "n/a",
+            "n_train_used": len(Y),
+            "holdout": "random",
+            **fitted.fit.info,
+            "sweep": fitted.sweep,
+        }
+        train_y, train_proba, note = head.train_predictions(X, Y)  # a note: the head scored train its own way (knn)
+        if note is None:
+            train_y, train_proba = Y, sigmoid(head.logits(X))
+        else:
+            extra["train_metrics_note"] = note
+        return summarize_multilabel(
+            train=multilabel_metrics(train_y, train_proba, labels, thresholds=chosen),
+            val=multilabel_metrics(self.truth(fs.val), sigmoid(head.logits(fs.val.features)), labels,
+                                   thresholds=chosen),
+            thresholds=chosen,
+            threshold_source=source,
+            fit_seconds=fitted.seconds,
+            extra=extra,
+        )  # fmt: skip
+
+    def compare_row(self, metrics: Any) -> dict[str, Any]:
+        row = super().compare_row(metrics) | {"imbalance": None, "per_label": metrics.per_label}
+        return row | {"notes": report_notes(metrics)}
+
+    def rank(self, rows: list[dict[str, Any]]) -> str:
+        rows.sort(key=lambda r: -r[self.score])  # higher mAP first
+        return self.score
+
+    def write_plots(self, metrics: Any, out: Path, *, fs: FeatureSet, head: Any, label: str,
+                    note: str) -> None:  # fmt: skip
+        if metrics.history:
+            plots.curves_png(
+                metrics.history, out / "curves.png", title=f"{metrics.head} head: loss (binary cross-entropy summed "
+                f"over labels) and label accuracy per epoch ({label})", note=note,
+            )  # fmt: skip
+
+    def config_record(self, fs: FeatureSet, metrics: Any) -> dict[str, Any]:
+        """What export and predict apply: the labels and each label's threshold on its sigmoid probability."""
+        return {"labels": self.outputs(fs), "thresholds": list(metrics.thresholds)}
+
+
+THRESHOLD_FRACTION = 0.2  # of train, held out to choose each label's threshold
+MIN_THRESHOLD_ROWS = 20
+
+
+TASKS: dict[str, Task] = {"classify": Classify(), "regress": Regress(), "multilabel": MultiLabel()}
 
 
 def resolve_task(asked: str, meta: FeatureMeta) -> str:
-    """``--task`` as run: auto = regress when the file holds targets, else classify."""
-    has = bool(meta.targets)
+    """``--task`` as run: auto = regress when the file holds targets, multilabel when it holds several labels per
+    image, else classify."""
+    has, multi = bool(meta.targets), meta.label_kind == "multi"
+    if asked == "multilabel" and not multi:
+        raise PipelineError("--task multilabel: this feature file holds one label per image; extract a dataset "
+                            "with several (a ';'-separated label column, --label-columns)")  # fmt: skip
+    if multi and asked == "classify":
+        raise PipelineError("--task classify: this feature file holds several labels per image; use --task "
+                            "multilabel (or auto)")  # fmt: skip
     if asked == "auto":
-        return "regress" if has else "classify"
+        return "regress" if has else "multilabel" if multi else "classify"
     if asked == "regress" and not has:
         raise PipelineError("--task regress: this feature file holds no targets; extract it with --targets FILE.csv")
     return asked

@@ -50,12 +50,14 @@ from pipeline.store.write import (
     DiskFull,
     FeatureFileLock,
     FeatureWriter,
+    MultiHot,
     TargetColumn,
     check_output_name,
     free_bytes,
     rewrite_targets,
     storable_name,
     tmp_path_for,
+    write_multi_hot,
     write_targets,
 )
 
@@ -84,6 +86,7 @@ __all__ = [
     "Rows",
     "SplitFeatures",
     "StoredFile",
+    "MultiHot",
     "TargetColumn",
     "WeightsIdentity",
     "check_classes_have_rows",
@@ -105,5 +108,6 @@ __all__ = [
     "select_layer",
     "storable_name",
     "tmp_path_for",
+    "write_multi_hot",
     "write_targets",
 ]

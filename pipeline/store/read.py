@@ -25,6 +25,8 @@ class SplitFeatures:
     # sample's bytes (str), and a 64-bit perceptual hash of its decoded image (uint64).
     digests: np.ndarray | None = None
     phash: np.ndarray | None = None
+    # Several labels per image (``label_kind`` "multi", schema 3): (N, classes) uint8 0/1; ``labels`` is then -1.
+    multi_hot: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -172,6 +174,7 @@ def _read_split(f: h5py.File, name: str, path: Path) -> SplitFeatures:
         targets=targets,
         digests=_audit_column(g, "digests", len(labels), path=path),
         phash=_audit_column(g, "phash", len(labels), path=path),
+        multi_hot=g["multi_hot"][()] if "multi_hot" in g else None,
     )
 
 
@@ -269,7 +272,9 @@ def _validate(fs: FeatureSet) -> None:
             raise PipelineError(
                 f"{path}: /{name}/features has dimension {split.features.shape[1]}, the file says {dim}"
             )
-        if len(split) and (split.labels.min() < 0 or split.labels.max() >= n_classes):
+        if fs.meta.label_kind == "multi":
+            _validate_multi_hot(fs, name, split)
+        elif len(split) and (split.labels.min() < 0 or split.labels.max() >= n_classes):
             raise PipelineError(
                 f"{path}: /{name}/labels fall outside the {n_classes} classes "
                 f"(range {split.labels.min()}..{split.labels.max()})"
@@ -307,6 +312,18 @@ def check_classes_have_rows(fs: FeatureSet) -> None:
             + (f" (and {len(empty) - 1} more)" if len(empty) > 1 else "")
             + "; add readable images of it or remove its folder (or raise --limit), then rerun extract"
         )
+
+
+def _validate_multi_hot(fs: FeatureSet, name: str, split: SplitFeatures) -> None:
+    """Several labels per image: ``/<split>/multi_hot`` is (N, classes) of 0 and 1."""
+    m = split.multi_hot
+    if m is None or m.shape != (len(split), len(fs.classes)) or m.dtype.kind not in "iub" or (m.size and m.max() > 1):
+        shown = "missing" if m is None else f"{m.dtype} {m.shape}"
+        raise PipelineError(
+            f"{fs.path}: /{name}/multi_hot is {shown}, expected ({len(split)}, {len(fs.classes)}) 0/1 for a "
+            "multi-label file; rerun extract"
+        )
+    split.multi_hot = m.astype(np.uint8, copy=False)
 
 
 def _validate_targets(fs: FeatureSet) -> None:

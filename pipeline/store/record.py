@@ -21,9 +21,11 @@ from pipeline.errors import PipelineError
 
 FORMAT = "pipeline.cached-embeddings"
 # The file's layout and record. 2: every record complete (no key left out for holding its default), optional
-# per-row ``digests`` and ``phash``. Version 1 files are upgraded on read (:data:`DEFAULTS`), not refused.
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# per-row ``digests`` and ``phash``. 3: ``label_kind`` ("single", or "multi": several labels per image, held in
+# ``/<split>/multi_hot``, ``labels`` -1). Older files are upgraded on read (:data:`DEFAULTS`; a file without
+# ``label_kind`` holds one label per image), not refused.
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 # The identity's own ``schema_version``: what the fingerprint's keys mean. Unchanged by schema version 2 (whose
 # reader reads version 1 files): a file written before it keeps its fingerprint and is reused, not re-extracted.
 IDENTITY_VERSION = 1
@@ -195,6 +197,9 @@ class FeatureMeta:
     layers: list[dict[str, Any]] | None = None  # --layers: [{"name": node, "dim": D}, ...] in /<split>/features order
     activations: dict[str, Any] | None = None  # --cache-at: {"node", "shape": [C, H, W], "dtype"}; /<split>/activations
     targets: dict[str, Any] | None = None  # --targets: {"names", "source": file name, "sha256"}; /<split>/targets
+    # "single": one label per image (/<split>/labels); "multi": several (schema 3), /<split>/multi_hot (N, classes)
+    # uint8 0/1 and /<split>/labels -1. Files before schema 3 hold one label per image.
+    label_kind: str = "single"
     # Written by the writer:
     format: str = FORMAT
     schema_version: int = SCHEMA_VERSION

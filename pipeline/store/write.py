@@ -225,6 +225,40 @@ def rewrite_targets(path: Path | str, targets: TargetColumn | None, *, updates: 
             dst.attrs[key] = encode_attr(key, value)
 
 
+class MultiHot:
+    """Several labels per image (``label_kind`` "multi"), to store as ``/<split>/multi_hot``: each split's sample
+    ids and their (N, labels) 0/1 rows, looked up by id (:meth:`lookup`), so the stored rows follow the stored ids
+    whatever order, subset (``--skip-bad``), resume or torchrun merge wrote them in."""
+
+    def __init__(self, splits: dict[str, tuple[list[str], np.ndarray]]):
+        self.rows = {s: ({i: k for k, i in enumerate(ids)}, np.asarray(m, np.uint8)) for s, (ids, m) in splits.items()}
+
+    def lookup(self, split: str, ids: list[str]) -> np.ndarray:
+        index, matrix = self.rows[split]
+        missing = [i for i in ids if i not in index]
+        if missing:
+            first = missing[0]
+            raise PipelineError(f"no labels for {len(missing)} stored {split} ids (first: {first!r}); rerun extract")
+        return matrix[[index[i] for i in ids]] if ids else matrix[:0]
+
+
+def write_multi_hot(f: h5py.File, multi_hot: MultiHot) -> None:
+    """Write ``/<split>/multi_hot`` (N, classes) uint8 for every stored row, from the stored ids."""
+    classes = len(f["classes"])
+    for split in (s for s in SPLITS if s in f):
+        g = f[split]
+        if "multi_hot" in g:
+            del g["multi_hot"]
+        ids = list(g["ids"].asstr()[()])
+        values = multi_hot.lookup(split, ids)
+        if values.shape != (len(ids), classes) or values.max(initial=0) > 1:
+            raise PipelineError(
+                f"labels for /{split}: {values.shape} values, expected {len(ids)} rows of {classes} values 0 or 1"
+            )
+        rows = max(1, min(len(ids), chunk_rows(classes, 1)))
+        g.create_dataset("multi_hot", data=values, chunks=(rows, classes) if len(ids) else None)
+
+
 # --------------------------------------------------------------------------------------------- the writer
 
 
@@ -557,9 +591,16 @@ class FeatureWriter:
                 empty = np.zeros((0, self.dim), self.dtype)
                 self.append(split, empty, np.zeros(0, np.int64), [], seen=max(0, cum_seen - mine.seen), skipped=missing)
 
-    def finish(self, updates: dict[str, Any] | None = None, *, targets: TargetColumn | None = None) -> Path:
+    def finish(
+        self,
+        updates: dict[str, Any] | None = None,
+        *,
+        targets: TargetColumn | None = None,
+        multi_hot: MultiHot | None = None,
+    ) -> Path:
         """Refuse an empty split, mark complete, close, sync to disk and atomically rename to the final name.
-        ``targets``: regression targets, written whole from the stored ids (see :func:`write_targets`)."""
+        ``targets``: regression targets, written whole from the stored ids (see :func:`write_targets`); likewise
+        ``multi_hot``, several labels per image (:func:`write_multi_hot`; the record's ``label_kind`` "multi")."""
         empty = [s for s, n in self.sizes.items() if n and not self._progress[s].rows]
         if empty:
             self.close()
@@ -573,6 +614,8 @@ class FeatureWriter:
             self._layer_views()
             if targets is not None:
                 write_targets(self.f, targets)
+            if multi_hot is not None:
+                write_multi_hot(self.f, multi_hot)
             for key, value in (updates or {}).items():
                 self.f.attrs[key] = encode_attr(key, value)
             self.f.attrs["complete"] = True

@@ -13,7 +13,7 @@ from pipeline.options import option
 from pipeline.stage2.heads.knobs import CLASS_WEIGHTS, DEFAULT_BATCH, SOLVERS, one_of
 from pipeline.stage2.heads.registry import HEADS, knob_groups
 
-TASKS = ("auto", "classify", "regress")
+TASKS = ("auto", "classify", "regress", "multilabel")
 __all__ = ["CLASS_WEIGHTS", "DEFAULT_BATCH", "SOLVERS", "TASKS", "HeadConfig", "RunOptions"]
 
 
@@ -42,7 +42,8 @@ class RunOptions:
     )
     task: str = option(
         "auto",
-        "classify (labels) or regress (the file's --targets); auto = regress when the file has targets.",
+        "classify (labels), regress (the file's --targets) or multilabel (several labels per image); auto = regress "
+        "when the file has targets, multilabel when it has several labels per image.",
         choices=TASKS,
     )
     shots: int | None = option(None, "Train on K examples per class (seeded sample).", cli=False)

@@ -120,6 +120,7 @@ class TorchData:
     val: tuple[torch.Tensor, torch.Tensor] | None
     weight: torch.Tensor | None
     classes: int
+    multilabel: bool = False  # y (N, L) 0/1: per-label sigmoid + binary cross-entropy
 
     @classmethod
     def build(
@@ -129,6 +130,9 @@ class TorchData:
         def t(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
             return torch.as_tensor(np.asarray(a), dtype=dtype, device=device)
 
+        if cfg.task == "multilabel":  # y: (N, L) 0/1; no class weights
+            v = None if val is None or not len(val[1]) else (t(val[0], torch.float32), t(val[1], torch.float32))
+            return cls(t(X, torch.float32), t(y, torch.float32), v, None, num_classes, multilabel=True)
         if cfg.task == "regress":  # y: (N, T) float targets; squared error, no class weights
             v = None if val is None or not len(val[1]) else (t(val[0], torch.float32), t(val[1], torch.float32))
             return cls(t(X, torch.float32), t(y, torch.float32), v, None, num_classes)
@@ -138,7 +142,7 @@ class TorchData:
 
     @property
     def regress(self) -> bool:
-        return self.y.is_floating_point()
+        return self.y.is_floating_point() and not self.multilabel
 
 
 # A step: (x batch, each row's share of its batch loss, the one-hot targets times that share, out) -> the batch's
@@ -171,17 +175,23 @@ def train_epochs(
         perm = torch.randperm(n, generator=gen, device=dev)
         y, w = data.y[perm], row_weight[perm]
         share = w / torch.zeros(len(batch_size), device=dev).index_add_(0, batch_of, w)[batch_of]
-        target = (y.t() if data.regress else nn.functional.one_hot(y, C).t().float()).mul(share).repeat(groups, 1)
+        floats = data.y.is_floating_point()  # regression targets or several labels per image: y as it is
+        target = (y.t() if floats else nn.functional.one_hot(y, C).t().float()).mul(share).repeat(groups, 1)
         batches = zip(perm.split(B), share.split(B), target.split(B, 1), logits.split(B, 1))  # views, made at once
         for idx, share_b, target_b, out in batches:
             x = torch.index_select(data.X, 0, idx, out=xb[: len(idx)])  # faster than X[idx]
             step(x, share_b, target_b, out)
         logits3 = logits.view(groups, C, n)
-        if data.regress:
+        if data.multilabel:
+            stats = _multilabel_stats(logits3, y)
+            if data.val is not None:
+                stats += _multilabel_stats(evaluate(data.val[0]).transpose(1, 2), data.val[1])
+            keys: tuple[str, ...] = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
+        elif data.regress:
             stats = _regression_stats(logits3, y)
             if data.val is not None:
                 stats += _regression_stats(evaluate(data.val[0]).transpose(1, 2), data.val[1])
-            keys: tuple[str, ...] = ("train_loss", "train_r2", "val_loss", "val_r2")
+            keys = ("train_loss", "train_r2", "val_loss", "val_r2")
         else:
             nll = -torch.log_softmax(logits3, 1).gather(1, y[None, None].expand(groups, 1, n))[:, 0]  # (G, n)
             stats = [
@@ -214,8 +224,25 @@ def _squared_error_grad(z: torch.Tensor, groups: int, share: torch.Tensor, targe
     return z.mul(share).sub_(target)
 
 
+def _sigmoid_grad(z: torch.Tensor, groups: int, share: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """d(batch loss)/dz for (G * L, B) logits z and the loss sum_l BCE(sigmoid(z_l), y_l) per row (several labels
+    per image): (sigmoid(z) - y) * share."""
+    return torch.sigmoid(z).mul_(share).sub_(target)
+
+
+def _multilabel_stats(z: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    """Per member, for (G, L, n) logits of (n, L) 0/1 labels: the loss (binary cross-entropy summed over the labels,
+    averaged over rows) and the label accuracy at 0.5 (1 - Hamming loss)."""
+    yt = y.t()[None]
+    bce = nn.functional.binary_cross_entropy_with_logits(z, yt.expand_as(z), reduction="none")
+    return [bce.sum(1).mean(1), ((z > 0).float() == yt).float().mean((1, 2))]
+
+
 def output_grad(data: TorchData) -> Callable[..., torch.Tensor]:
-    """The loss gradient of the task: squared error for regression targets, softmax cross-entropy for labels."""
+    """The loss gradient of the task: squared error for regression targets, softmax cross-entropy for labels,
+    per-label sigmoid cross-entropy for several labels per image."""
+    if data.multilabel:
+        return _sigmoid_grad
     return _squared_error_grad if data.regress else _softmax_grad
 
 

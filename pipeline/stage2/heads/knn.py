@@ -41,7 +41,8 @@ class KNNHead(Head):
         if n < 2:
             return y, self.predict_proba(X), None
         rows = np.sort(np.random.default_rng(self.cfg.seed).permutation(n)[: self.TRAIN_METRIC_ROWS])
-        proba = softmax(self._log_votes(np.asarray(X)[rows], exclude=rows))
+        votes = self._log_votes(np.asarray(X)[rows], exclude=rows)
+        proba = 1 / (1 + np.exp(-votes)) if self.cfg.task == "multilabel" else softmax(votes)
         note = f"leave-one-out on {len(rows)} of {n} train rows (seeded sample; a row is not its own neighbour)"
         return np.asarray(y)[rows], proba, note
 
@@ -53,7 +54,7 @@ class KNNHead(Head):
         train = torch.as_tensor(self.train_features, device=dev)
         labels = torch.as_tensor(self.train_labels, device=dev)
         class_w = torch.ones(self.num_classes, device=dev)
-        if self.cfg.class_weight == "balanced":
+        if self.cfg.class_weight == "balanced" and labels.ndim == 1:
             class_w = torch.as_tensor(balanced_weights(self.train_labels, self.num_classes), device=dev)
         k = min(self.cfg.k, len(labels) - (exclude is not None))
         coarse = train.bfloat16() if _fast_bf16(dev) else None
@@ -63,6 +64,12 @@ class KNNHead(Head):
             q = torch.as_tensor(_l2_normalise(X[start : start + chunk]), device=dev)
             ex = None if exclude is None else torch.as_tensor(exclude[start : start + chunk], device=dev)
             sim, idx = nearest(q, train, k=k, exclude=ex, coarse=coarse)
+            if labels.ndim == 2:  # several labels per image: each label's share of the weighted votes, as a logit
+                weights = (sim / self.TEMPERATURE).exp()
+                share = (weights[:, :, None] * labels[idx].float()).sum(1) / weights.sum(1, keepdim=True)
+                share = share.clamp(1e-6, 1 - 1e-6)
+                out.append(torch.log(share) - torch.log1p(-share))
+                continue
             nb = labels[idx]
             weights = (sim / self.TEMPERATURE).exp() * class_w[nb]
             votes = torch.zeros(len(q), self.num_classes, device=dev).scatter_add_(1, nb, weights)

@@ -38,7 +38,7 @@ class HeadSpec:
     description: str  # one line, for `list heads` and --head's help
     knobs: tuple[type, ...] = ()  # the knob groups whose fields it reads
     reads: tuple[str, ...] = ()  # of PROTOCOL_SETTINGS, those it reads (seed: its draws; device: where it runs)
-    tasks: tuple[str, ...] = ("classify",)  # what it can do: "classify" (labels), "regress" (targets)
+    tasks: tuple[str, ...] = ("classify",)  # what it can do: "classify" (labels), "regress" (targets), "multilabel"
     in_all: tuple[str, ...] = ("classify",)  # the tasks for which `compare --heads all` trains it
     inputs: str = "features"  # what fit/logits take: "features" (N, D) or "activations" (the tail head)
     advice: str = "try more regularisation"  # what reins it in when it overfits: its own options
@@ -66,7 +66,8 @@ HEADS: dict[str, HeadSpec] = {
         HeadSpec(
             "linear", "pipeline.stage2.heads.linear:LinearHead",
             "The reference recipe: nn.Linear(D, C), cross-entropy, Adam, mini-batches over the in-memory matrix",
-            knobs=GRADIENT, reads=PROTOCOL_SETTINGS, tasks=("classify", "regress"), in_all=("classify", "regress"),
+            knobs=GRADIENT, reads=PROTOCOL_SETTINGS, tasks=("classify", "regress", "multilabel"),
+            in_all=("classify", "regress", "multilabel"),
             advice="try fewer --epochs or a --weight-decay", sweeps="lr and weight decay",
         ),
         HeadSpec(
@@ -78,8 +79,9 @@ HEADS: dict[str, HeadSpec] = {
         HeadSpec(
             "mlp", "pipeline.stage2.heads.mlp:MLPHead",
             "One hidden layer: Linear(D, hidden) -> ReLU -> Dropout -> Linear(hidden, C), trained like linear",
-            knobs=(*GRADIENT, MLPKnobs), reads=PROTOCOL_SETTINGS, tasks=("classify", "regress"),
-            in_all=("classify", "regress"), advice="try fewer --epochs, a --weight-decay or a higher --dropout",
+            knobs=(*GRADIENT, MLPKnobs), reads=PROTOCOL_SETTINGS, tasks=("classify", "regress", "multilabel"),
+            in_all=("classify", "regress", "multilabel"),
+            advice="try fewer --epochs, a --weight-decay or a higher --dropout",
             sweeps="lr and weight decay",
         ),
         HeadSpec(
@@ -87,6 +89,7 @@ HEADS: dict[str, HeadSpec] = {
             "k nearest neighbours by cosine similarity on L2-normalised features; votes weighted by exp(sim / 0.07) "
             "(dinov2's k-NN evaluation), and by inverse class frequency with --class-weight balanced",
             knobs=(KNNKnobs, ClassWeightKnobs), reads=PROTOCOL_SETTINGS, advice="try a larger --k", sweeps="k",
+            tasks=("classify", "multilabel"), in_all=("classify", "multilabel"),
         ),
         HeadSpec(
             "centroid", "pipeline.stage2.heads.centroid:CentroidHead", "Nearest class mean (Euclidean)",

@@ -1,0 +1,181 @@
+"""Metrics of several labels per image (the ``multilabel`` task): per-label average precision and its macro mean
+(mAP, the held-out score and the compare ranking), micro and macro F1 at each label's threshold, per-label
+precision / recall / F1 / support, subset accuracy and Hamming loss. numpy only (no torch); tested against
+scikit-learn's ``average_precision_score`` and ``f1_score``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipeline.stage2.evaluate import OVERFIT_GAP, MetricsRecord, report_notes
+
+DEFAULT_THRESHOLD = 0.5
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    """Each label's probability from its logit (the heads train per-label sigmoid + binary cross-entropy)."""
+    z = np.asarray(z, np.float64)
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
+
+
+def average_precision(y: np.ndarray, score: np.ndarray) -> float:
+    """Average precision of one label (scikit-learn's definition: sum over score thresholds of the recall gained
+    times the precision there; tied scores form one threshold). NaN when ``y`` has no positive."""
+    y = np.asarray(y).astype(bool)
+    positives = int(y.sum())
+    if not positives:
+        return float("nan")
+    order = np.argsort(-np.asarray(score, np.float64), kind="mergesort")
+    s, hit = np.asarray(score, np.float64)[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # the last row of each run of equal scores
+    tp = np.cumsum(hit)[last]
+    precision, recall = tp / (last + 1), tp / positives
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def mean_average_precision(y: np.ndarray, proba: np.ndarray) -> float:
+    """mAP: the mean of the per-label AP over the labels with at least one positive row (0 when none has)."""
+    aps = [average_precision(y[:, j], proba[:, j]) for j in range(y.shape[1])]
+    present = [a for a in aps if not np.isnan(a)]
+    return float(np.mean(present)) if present else 0.0
+
+
+def decide(proba: np.ndarray, thresholds: np.ndarray | list[float]) -> np.ndarray:
+    """The labels decided: (N, L) 0/1, label j on where its probability is at least its threshold."""
+    return (np.asarray(proba) >= np.asarray(thresholds, np.float64)[None]).astype(np.uint8)
+
+
+def _f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
+    den = 2 * tp + fp + fn
+    return np.where(den > 0, 2 * tp / np.where(den > 0, den, 1), 0.0)
+
+
+def multilabel_metrics(
+    y: np.ndarray, proba: np.ndarray, labels: list[str], *, thresholds: np.ndarray | list[float]
+) -> dict[str, Any]:
+    """Every figure of (N, L) probabilities against (N, L) 0/1 truth, the decisions at ``thresholds``."""
+    y = np.asarray(y).astype(bool)
+    pred = decide(proba, thresholds).astype(bool)
+    tp, fp, fn = (pred & y).sum(0), (pred & ~y).sum(0), (~pred & y).sum(0)
+    precision = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), 0.0)
+    recall = np.where(tp + fn > 0, tp / np.maximum(tp + fn, 1), 0.0)
+    f1 = _f1(tp, fp, fn)
+    aps = [average_precision(y[:, j], proba[:, j]) for j in range(y.shape[1])]
+    per_label = [
+        {"label": name, "ap": None if np.isnan(aps[j]) else aps[j], "precision": float(precision[j]),
+         "recall": float(recall[j]), "f1": float(f1[j]), "support": int(y[:, j].sum()),
+         "threshold": float(np.asarray(thresholds)[j])}
+        for j, name in enumerate(labels)
+    ]  # fmt: skip
+    return {
+        "map": mean_average_precision(y, proba),
+        "micro_f1": float(_f1(tp.sum(), fp.sum(), fn.sum())),
+        "macro_f1": float(f1.mean()) if len(f1) else 0.0,
+        "subset_accuracy": float((pred == y).all(1).mean()) if len(y) else 0.0,
+        "hamming_loss": float((pred != y).mean()) if y.size else 0.0,
+        "per_label": per_label,
+    }
+
+
+def choose_thresholds(y: np.ndarray, proba: np.ndarray) -> np.ndarray:
+    """Per label, the threshold among held-out probabilities that maximises that label's F1 (ties: the highest
+    threshold); :data:`DEFAULT_THRESHOLD` for a label with no positive held out."""
+    y = np.asarray(y).astype(bool)
+    out = np.full(y.shape[1], DEFAULT_THRESHOLD)
+    for j in range(y.shape[1]):
+        if not y[:, j].any():
+            continue
+        candidates = np.unique(proba[:, j])
+        pred = proba[:, j][None] >= candidates[:, None]
+        tp, fp = (pred & y[:, j]).sum(1), (pred & ~y[:, j]).sum(1)
+        fn = y[:, j].sum() - tp
+        f1 = _f1(tp, fp, fn)
+        out[j] = float(candidates[np.flatnonzero(f1 == f1.max())[-1]])
+    return out
+
+
+@dataclass(frozen=True)
+class MultiLabelMetrics(MetricsRecord):
+    """A multi-label head's results (``metrics.json``): val mAP (the score), micro/macro F1, subset accuracy and
+    Hamming loss at each label's threshold, train mAP and the train - val mAP gap, and per label in ``per_label``."""
+
+    val_map: float
+    val_micro_f1: float
+    val_macro_f1: float
+    val_subset_accuracy: float
+    val_hamming_loss: float
+    train_map: float
+    train_micro_f1: float
+    train_val_gap: float  # train mAP - val mAP
+    overfitting: bool
+    fit_seconds: float
+    per_label: list[dict[str, Any]]
+    thresholds: list[float]
+    threshold_source: str  # "default 0.5" or "max F1 on held-out train"
+    task: str = "multilabel"
+    head: str = ""
+    n_train_used: int | None = None
+    sweep: dict[str, Any] | None = None
+    history: list[dict[str, float]] | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    out: str | None = None
+
+    def overfit_words(self) -> str:
+        return f"train mAP exceeds val mAP by {self.train_val_gap:.3f} (more than {OVERFIT_GAP:g})"
+
+    def report(self, *, title: str = "") -> str:
+        m = self
+        lines = [title] if title else []
+        lines += [
+            f"  val   mAP {m.val_map:.4f}   micro F1 {m.val_micro_f1:.4f}   macro F1 {m.val_macro_f1:.4f}   "
+            f"subset acc {m.val_subset_accuracy:.4f}   Hamming loss {m.val_hamming_loss:.4f}",
+            f"  train mAP {m.train_map:.4f}   micro F1 {m.train_micro_f1:.4f}   train - val mAP gap "
+            f"{m.train_val_gap:+.4f}",
+            f"  thresholds: {m.threshold_source}",
+            "",
+        ]
+        width = max(5, *(len(str(p["label"])) for p in m.per_label)) if m.per_label else 5
+        lines.append(f"  {'label':<{width}}  AP      precision  recall  f1      support  threshold")
+        for p in m.per_label[:MAX_LABELS_SHOWN]:
+            ap = "  n/a " if p["ap"] is None else f"{p['ap']:.4f}"
+            lines.append(
+                f"  {p['label']:<{width}}  {ap}  {p['precision']:.4f}     {p['recall']:.4f}  {p['f1']:.4f}  "
+                f"{p['support']:<7}  {p['threshold']:.3f}"
+            )
+        if len(m.per_label) > MAX_LABELS_SHOWN:
+            lines.append(f"  ... {len(m.per_label) - MAX_LABELS_SHOWN} more labels in metrics.json")
+        notes = report_notes(m)
+        if notes:
+            lines += ["", *(f"  {note}" for note in notes)]
+        return "\n".join(lines)
+
+
+MAX_LABELS_SHOWN = 30
+
+
+def summarize_multilabel(
+    *, train: dict[str, Any], val: dict[str, Any], thresholds: np.ndarray, threshold_source: str,
+    fit_seconds: float, extra: dict[str, Any],
+) -> MultiLabelMetrics:  # fmt: skip
+    gap = train["map"] - val["map"]
+    typed = {k: extra.pop(k) for k in ("head", "n_train_used", "sweep", "history") if k in extra}
+    return MultiLabelMetrics(
+        val_map=val["map"],
+        val_micro_f1=val["micro_f1"],
+        val_macro_f1=val["macro_f1"],
+        val_subset_accuracy=val["subset_accuracy"],
+        val_hamming_loss=val["hamming_loss"],
+        train_map=train["map"],
+        train_micro_f1=train["micro_f1"],
+        train_val_gap=gap,
+        overfitting=bool(gap > OVERFIT_GAP),
+        fit_seconds=fit_seconds,
+        per_label=val["per_label"],
+        thresholds=[float(t) for t in thresholds],
+        threshold_source=threshold_source,
+        **typed,
+        details=extra,
+    )
