@@ -122,8 +122,12 @@ def _autograd_reference(module, data, *, cfg: HeadConfig) -> list[dict[str, floa
     import torch
 
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    from pipeline.stage2.heads.fitting import cosine
+
     opt = torch.optim.Adam(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n, history = len(data.X), []
+    total = cfg.epochs * -(-n // cfg.batch_size)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: cosine(t, total))
 
     def loss_of(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         per = torch.nn.functional.cross_entropy(logits, y, weight=data.weight, reduction="none")
@@ -131,7 +135,7 @@ def _autograd_reference(module, data, *, cfg: HeadConfig) -> list[dict[str, floa
 
     for epoch in range(1, cfg.epochs + 1):
         module.train()
-        perm, total, correct = torch.randperm(n, generator=gen), 0.0, 0.0
+        perm, seen, correct = torch.randperm(n, generator=gen), 0.0, 0.0
         for start in range(0, n, cfg.batch_size):
             idx = perm[start : start + cfg.batch_size]
             logits = module(data.X[idx])
@@ -139,7 +143,8 @@ def _autograd_reference(module, data, *, cfg: HeadConfig) -> list[dict[str, floa
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss.detach()) * len(idx)
+            schedule.step()
+            seen += float(loss.detach()) * len(idx)
             correct += float((logits.argmax(1) == data.y[idx]).sum())
         module.eval()
         with torch.no_grad():
@@ -147,7 +152,7 @@ def _autograd_reference(module, data, *, cfg: HeadConfig) -> list[dict[str, floa
             val_loss = float(loss_of(val_logits, data.val[1]))
             val_acc = float((val_logits.argmax(1) == data.val[1]).float().mean())
         history.append(
-            {"epoch": epoch, "train_loss": total / n, "train_accuracy": correct / n, "val_loss": val_loss,
+            {"epoch": epoch, "train_loss": seen / n, "train_accuracy": correct / n, "val_loss": val_loss,
              "val_accuracy": val_acc}
         )  # fmt: skip
     return history
