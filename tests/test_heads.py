@@ -4,10 +4,9 @@ protocol pieces (batched linear grid, --sweep on held-out train, --shots, --clas
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
-
-import math
 
 import numpy as np
 import pytest

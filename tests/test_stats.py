@@ -28,7 +28,7 @@ def test_bootstrap_interval_of_balanced_accuracy_covers_its_true_value() -> None
         right = rng.random(400) < np.where(y == 0, 0.9, 0.7)
         pred = np.where(right, y, 1 - y)
         lo, hi = stats.bootstrap_interval(
-            lambda r: stats.balanced_accuracy(y[r], pred[r], 2), len(y), resamples=300, seed=t
+            lambda r, y=y, pred=pred: stats.balanced_accuracy(y[r], pred[r], 2), len(y), resamples=300, seed=t
         )
         hits += lo <= 0.8 <= hi
     assert 0.89 <= hits / trials <= 0.99, hits / trials
