@@ -121,12 +121,12 @@ def _autograd_reference(module, data, *, cfg: HeadConfig) -> list[dict[str, floa
     import torch
 
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    from pipeline.stage2.heads.fitting import cosine
+    from pipeline.stage2.heads.fitting import lr_factor
 
     opt = torch.optim.Adam(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n, history = len(data.X), []
     total = cfg.epochs * -(-n // cfg.batch_size)
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: cosine(t, total))
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, total))
 
     def loss_of(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         per = torch.nn.functional.cross_entropy(logits, y, weight=data.weight, reduction="none")
