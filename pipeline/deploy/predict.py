@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torchvision
 from safetensors import safe_open
 from torch import nn
 
@@ -42,7 +41,7 @@ from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.fileio import atomic_path
 from pipeline.progress import progress_bar
-from pipeline.stage1.backbones import TIMM_PREFIX, Backbone, Preprocessing, strip_classifier, with_outputs
+from pipeline.stage1.backbones import Preprocessing, rebuild_backbone
 from pipeline.stage1.batches import (
     SourceSettings,
     choose_source,
@@ -165,16 +164,13 @@ def _read_tensors(path: Path, meta: ExportMeta) -> dict[str, torch.Tensor]:
 
 
 def _assemble(meta: ExportMeta, state: dict[str, torch.Tensor]) -> nn.Module:
-    """torchvision's architecture (traced to give the pooled layers MODEL.json names, if any), the head's layer
+    """The backbone's architecture (traced to give the pooled layers MODEL.json names, if any), the head's layer
     where its classifier was (or after those layers), then every tensor checked (names, shapes, dtypes, finite
     values) and loaded."""
     bad = non_finite(state)
     if bad is not None:
         raise PipelineError(f"tensor {bad} holds NaN or infinite values")
-    model, where = _architecture(meta.backbone, meta.preprocessing.crop_size)
-    if where != meta.classifier_path:
-        raise PipelineError(f"{meta.backbone}'s classifier is {where!r}, not {meta.classifier_path!r}")
-    backbone = _on_layers(Backbone(model, meta.preprocessing, meta.backbone, "", 0, where), meta)
+    backbone = rebuild_backbone(meta.backbone_record())  # the architecture, traced to MODEL.json's layers if any
     prefix = meta.head_path + "."
     layer = meta.head_layer.build({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
     model = classifier_model(backbone, layer)
@@ -190,31 +186,6 @@ def _assemble(meta: ExportMeta, state: dict[str, torch.Tensor]) -> nn.Module:
             raise PipelineError(f"tensor {k} is {got}; {meta.backbone} needs {want}")
     model.load_state_dict(state)
     return model
-
-
-def _on_layers(backbone: Backbone, meta: ExportMeta) -> Backbone:
-    """``backbone`` traced to output the pooled layers MODEL.json names (as export traced it: the same module
-    names), or as it is for a model without them. A node the architecture lacks is one line."""
-    if not meta.layers:
-        return backbone
-    backbone = with_outputs(backbone, layers=list(meta.layers))
-    if backbone.feature_dim != meta.head_layer.in_features:
-        dims = " + ".join(f"{e['name']} {e['dim']}" for e in backbone.layers or [])
-        raise PipelineError(f"the layers give {backbone.feature_dim} features ({dims}); the head takes "
-                            f"{meta.head_layer.in_features}")  # fmt: skip
-    return backbone
-
-
-def _architecture(backbone: str, crop_size: int) -> tuple[nn.Module, str]:
-    """The bare backbone (random init, overwritten by the tensors; the caller's RNG untouched) and where its
-    classifier sat: torchvision's, or a timm model fitted to ``crop_size`` as extract built it."""
-    if backbone.startswith(TIMM_PREFIX):
-        from pipeline.stage1.timm_models import timm_architecture  # timm is optional: imported for timm models only
-
-        return timm_architecture(backbone, crop_size)
-    with torch.random.fork_rng(devices=[]):
-        model = torchvision.models.get_model(backbone, weights=None)
-    return model, strip_classifier(model)
 
 
 @torch.inference_mode()

@@ -330,15 +330,15 @@ def train_head(
 def weights_label(meta: FeatureMeta) -> str:
     """The weights by name: a torchvision name, 'random init (seed=S)', or a file's name and a short hash."""
     try:
-        identity = WeightsIdentity.parse(str(meta.get("weights") or ""))
+        identity = WeightsIdentity.parse(meta.weights)
     except PipelineError:
-        return str(meta.get("weights") or "?")  # not from `extract` (a hand-made file): shown as it is
-    return identity.label((meta.get("config") or {}).get("weights"))
+        return meta.weights or "?"  # not from `extract` (a hand-made file): shown as it is
+    return identity.label(meta.config.get("weights"))
 
 
 def features_label(fs: FeatureSet) -> str:
     """What a figure or table is about, by name: dataset, backbone, weights."""
-    return f"{fs.meta.get('dataset') or fs.path.stem}, {fs.meta.get('backbone')}, {weights_label(fs.meta)}"
+    return f"{fs.meta.dataset or fs.path.stem}, {fs.meta.backbone}, {weights_label(fs.meta)}"
 
 
 def head_config(fs: FeatureSet, head: Head, *, settings: dict[str, Any]) -> dict[str, Any]:
@@ -349,19 +349,19 @@ def head_config(fs: FeatureSet, head: Head, *, settings: dict[str, Any]) -> dict
         "head_config": used_settings(head.cfg),
         "settings": settings,
         "features": str(fs.path),
-        "features_fingerprint": fs.meta.get("fingerprint"),
-        "dataset": fs.meta.get("dataset"),
-        "backbone": fs.meta.get("backbone"),
-        "weights": fs.meta.get("weights"),
+        "features_fingerprint": fs.meta.fingerprint,
+        "dataset": fs.meta.dataset,
+        "backbone": fs.meta.backbone,
+        "weights": fs.meta.weights,
         "weights_label": weights_label(fs.meta),
-        "extract_config": fs.meta.get("config"),
+        "extract_config": fs.meta.config,
         "feature_dim": fs.feature_dim,
         "layer": fs.layer or ALL_LAYERS,  # what the head takes: one stored layer, or the whole row
         "layers": fs.meta.layers,  # the pooled layers in that input (extract --layers); None: the classifier's input
         "classes": fs.classes,
-        "preprocessing": fs.meta.get("preprocessing"),
-        "classifier_path": fs.meta.get("classifier_path"),
-        "activations": fs.meta.get("activations"),  # the --cache-at node a tail head starts after
+        "preprocessing": fs.meta.preprocessing,
+        "classifier_path": fs.meta.classifier_path,
+        "activations": fs.meta.activations,  # the --cache-at node a tail head starts after
         "n_train": len(fs.train),
         "n_val": len(fs.val),
     } | ({"targets": list(fs.meta.targets["names"])} if head.regress else {})
@@ -496,10 +496,10 @@ def compare_table(rows: list[dict[str, Any]]) -> str:
 def _describe(fs: FeatureSet) -> dict[str, Any]:
     return {
         "features": str(fs.path),
-        "features_fingerprint": fs.meta.get("fingerprint"),
-        "dataset": fs.meta.get("dataset"),
-        "backbone": fs.meta.get("backbone"),
-        "weights": fs.meta.get("weights"),
+        "features_fingerprint": fs.meta.fingerprint,
+        "dataset": fs.meta.dataset,
+        "backbone": fs.meta.backbone,
+        "weights": fs.meta.weights,
         "label": features_label(fs),
         "n_train": len(fs.train),
         "n_val": len(fs.val),
@@ -596,7 +596,7 @@ def compare(
         if task == "regress":  # sorted by val R^2, higher better
             rows.sort(key=lambda r: -r["val_r2"])
         best = max(rows, key=lambda r: r[ranked_by])
-        extract_seconds = fs.meta.get("extract_seconds")
+        extract_seconds = fs.meta.extract_seconds
         for row in rows:  # the two-stage cost of each head: the one extraction + its own fit
             row["total_seconds"] = None if extract_seconds is None else extract_seconds + row["fit_seconds"]
         if scratch is not None:
