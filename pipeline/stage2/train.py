@@ -21,7 +21,7 @@ import numpy as np
 
 from pipeline.errors import PipelineError
 from pipeline.fileio import write_json, write_text
-from pipeline.stage2 import plots, thresholds
+from pipeline.stage2 import choice, plots, thresholds
 from pipeline.stage2.evaluate import (
     HeadMetrics,
     RegressionMetrics,
@@ -185,8 +185,9 @@ def sweep(head: Head, X: np.ndarray, y: np.ndarray) -> tuple[HeadConfig, dict[st
         log.warning("--sweep skipped for %s: %s to hold some out", cfg.head, why)
         return cfg, {"grid": grid, "skipped": f"{why} to hold some out"}
     t0 = time.perf_counter()
+    grid, own = choice.with_own_point(head, grid)
     scores = head.sweep_scores(X[fit], y[fit], (X[held], y[held]), grid=grid)
-    best = int(np.argmax(scores))  # the first of equal scores, in grid order
+    best, guarded = choice.guard(head, X, y, held=held, grid=grid, scores=scores, own=own)
     tied = [point for point, score in zip(grid, scores) if score == scores[best]]
     metric = {"metric": "R^2", "held_out_r2": scores} if head.regress else {"held_out_accuracy": scores}
     record = {
@@ -200,6 +201,7 @@ def sweep(head: Head, X: np.ndarray, y: np.ndarray) -> tuple[HeadConfig, dict[st
         "n_held_out": len(held),
         "seconds": time.perf_counter() - t0,
         **head.sweep_info,
+        **guarded,
     }
     log.info("sweep %s: chose %s (held-out %s %.4f)", cfg.head, grid[best], metric.get("metric", "accuracy"),
              scores[best])  # fmt: skip
