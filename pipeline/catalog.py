@@ -89,15 +89,10 @@ def datasets(*, data_root: Path = Path("data")) -> list[Entry]:
 
 
 def heads() -> list[Entry]:
-    """``--head`` names, each with the first sentence of its class's docstring."""
-    from pipeline.stage2.heads import HEADS
+    """``--head`` names, each with its registry entry's one-line description (no head module is imported)."""
+    from pipeline.stage2.heads.registry import HEADS
 
-    entries = []
-    for name, cls in HEADS.items():
-        doc = " ".join((cls.__doc__ or "").replace("``", "").split())
-        first = doc.split(". ")[0].rstrip(".")
-        entries.append(Entry(name, first))
-    return entries
+    return [Entry(name, spec.description) for name, spec in HEADS.items()]
 
 
 LISTS: dict[str, Callable[..., list[Entry]]] = {

@@ -53,7 +53,8 @@ from pipeline.stage1.backbones import (
     rebuild_backbone,
 )
 from pipeline.stage1.tail import put_back
-from pipeline.stage2.heads import Head, HeadConfig, build_head, load_head
+from pipeline.stage2.heads import HEADS, head_class, load_head
+from pipeline.stage2.heads.base import Head
 from pipeline.store import ALL_LAYERS
 
 log = logging.getLogger(__name__)
@@ -90,40 +91,57 @@ def _int(value: Any, what: str, *, low: int = 1) -> int:
 
 @dataclass(frozen=True)
 class HeadLayer:
-    """The head's layer, enough to rebuild it: one ``nn.Linear`` or the ``mlp`` head's ``nn.Sequential``."""
+    """The head's layer, enough to rebuild it: one ``nn.Linear`` (``type`` "linear"), or a head type's own module
+    (``type`` its name, e.g. the ``mlp`` head's ``nn.Sequential``) shaped by the knobs the head records
+    (:meth:`~pipeline.stage2.heads.base.Head.layer_record`: the mlp's ``hidden`` and ``dropout``), written beside
+    ``type`` in MODEL.json."""
 
-    type: str  # "linear" | "mlp"
+    type: str  # "linear" | a head name
     in_features: int
     out_features: int
-    hidden: int | None = None  # mlp
-    dropout: float | None = None  # mlp (inactive in eval(); kept so the module is the head's own)
+    knobs: dict[str, Any] = field(default_factory=dict)  # what shapes a head type's own module (empty: linear)
 
     def __post_init__(self) -> None:
-        if self.type not in ("linear", "mlp"):
-            raise PipelineError(f"head_layer.type must be 'linear' or 'mlp', not {self.type!r}")
+        if self.type != "linear" and self.type not in HEADS:
+            raise PipelineError(f"head_layer.type must be 'linear' or a head name ({', '.join(HEADS)}), "
+                                f"not {self.type!r}")  # fmt: skip
         _int(self.in_features, "head_layer.in_features")
         _int(self.out_features, "head_layer.out_features")
-        if self.type == "mlp":
-            _int(self.hidden, "head_layer.hidden")
-            ok = isinstance(self.dropout, (int, float)) and not isinstance(self.dropout, bool)
-            if not ok or not 0 <= self.dropout < 1:
-                raise PipelineError(f"head_layer.dropout must be in [0, 1), not {self.dropout!r}")
+        if self.type != "linear":
+            self.head()  # the knobs are the head's own: its config checks them
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> HeadLayer:
+        d = dict(d)
+        try:
+            return cls(d.pop("type"), d.pop("in_features"), d.pop("out_features"), d)
+        except KeyError as e:
+            raise PipelineError(f"head_layer lacks {e}") from None
 
     @classmethod
     def of(cls, head: Head, layer: nn.Module) -> HeadLayer:
         if isinstance(layer, nn.Linear):
             return cls("linear", layer.in_features, layer.out_features)
-        if head.name == "mlp":  # the hidden size and dropout from the head's config, which built the layer
-            return cls("mlp", head.feature_dim, head.num_classes, head.cfg.hidden, head.cfg.dropout)
-        raise PipelineError(f"cannot describe a {head.name} head's layer ({type(layer).__name__}) for export")
+        knobs = head.layer_record()
+        if not knobs:
+            raise PipelineError(f"cannot describe a {head.name} head's layer ({type(layer).__name__}) for export")
+        return cls(head.name, head.feature_dim, head.num_classes, knobs)
+
+    def head(self) -> Head:
+        """A head of this type, shaped by the recorded knobs (its tensors not loaded yet)."""
+        return head_class(self.type).from_layer_record(
+            self.knobs, in_features=self.in_features, out_features=self.out_features
+        )
 
     def build(self, state: dict[str, torch.Tensor]) -> nn.Module:
         """The layer with ``state`` (its tensors, named as in the layer) loaded; names or shapes that do not fit
-        are a :class:`PipelineError`. The mlp's layout is the head's own (``MLPHead.load_state``)."""
-        if self.type == "mlp":
-            cfg = HeadConfig(head="mlp", hidden=self.hidden, dropout=self.dropout)
-            head = build_head(cfg, num_classes=self.out_features, feature_dim=self.in_features)
-            head.load_state({k: v.numpy() for k, v in state.items()})
+        are a :class:`PipelineError`. A head type's own module has the head's own layout (its ``load_state``)."""
+        if self.type != "linear":
+            head = self.head()
+            try:
+                head.load_state({k: v.numpy() for k, v in state.items()})
+            except KeyError as e:
+                raise PipelineError(f"the head's tensors lack {e} that a {self.type} layer needs") from None
             return head.as_module()
         layer = nn.Linear(self.in_features, self.out_features)
         wanted = {k: tuple(v.shape) for k, v in layer.state_dict().items()}
@@ -134,8 +152,7 @@ class HeadLayer:
         return layer
 
     def as_dict(self) -> dict[str, Any]:
-        d = {"type": self.type, "in_features": self.in_features, "out_features": self.out_features}
-        return d | ({"hidden": self.hidden, "dropout": self.dropout} if self.type == "mlp" else {})
+        return {"type": self.type, "in_features": self.in_features, "out_features": self.out_features, **self.knobs}
 
 
 def _utf8(text: str) -> bool:
@@ -248,7 +265,7 @@ class ExportMeta:
         if not isinstance(d[names], list) or not isinstance(d["head_layer"], dict):
             raise PipelineError(f"{names} must be a list and head_layer a mapping")
         try:
-            layer = HeadLayer(**d["head_layer"])
+            layer = HeadLayer.from_dict(d["head_layer"])
         except TypeError as e:
             raise PipelineError(f"head_layer: {e}") from None
         pre = Preprocessing.from_dict(d["preprocessing"])
@@ -315,16 +332,15 @@ def _meta(config: dict[str, Any], head: Head, layer: nn.Module, backbone: Backbo
 
 
 def _export_meta(config: dict[str, Any], head: Head, layer: nn.Module, backbone: Backbone) -> ExportMeta:
+    """MODEL.json's record from the head's config.json: its task's entries (a classifier's classes and decision,
+    a regression head's targets: what the task's ``config_record`` wrote) and the layer."""
     layers = tuple(e["name"] for e in backbone.layers) if backbone.layers else None  # the traced pooled layers
-    if not head.regress:
-        return ExportMeta(tuple(config["classes"]), backbone.preprocess, backbone.name, backbone.classifier_path,
-                          HeadLayer.of(head, layer), Decision.from_dict(config.get("decision")),
-                          layers=layers)  # fmt: skip
-    targets = config.get("targets")
-    if not isinstance(targets, list):
+    targets = config.get("targets", []) if head.regress else []
+    if not isinstance(targets, list) or (head.regress and not targets):
         raise PipelineError("the regression head's config.json has no list of targets; train it again")
-    return ExportMeta((), backbone.preprocess, backbone.name, backbone.classifier_path, HeadLayer.of(head, layer),
-                      targets=tuple(targets), layers=layers)  # fmt: skip
+    classes = () if targets else tuple(config["classes"])
+    return ExportMeta(classes, backbone.preprocess, backbone.name, backbone.classifier_path, HeadLayer.of(head, layer),
+                      Decision.from_dict(config.get("decision")), targets=tuple(targets), layers=layers)  # fmt: skip
 
 
 def _regression_entries(d: dict[str, Any], meta: ExportMeta) -> dict[str, Any]:
@@ -482,6 +498,5 @@ def export_model(head_dir: Path | str, out: Path | str) -> ExportResult:
     atomic_write(out, lambda p: torch.export.save(program, p))
     atomic_write(tensors_path, lambda p: _save_tensors(model, p, identity))
     write_json(meta_path, meta)
-    if head.regress:
-        return ExportResult(out, tensors_path, meta_path, [], diff, targets=list(config["targets"]))
-    return ExportResult(out, tensors_path, meta_path, list(config["classes"]), diff)
+    targets = meta.get("targets", [])
+    return ExportResult(out, tensors_path, meta_path, [] if targets else list(config["classes"]), diff, targets=targets)

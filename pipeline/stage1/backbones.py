@@ -155,15 +155,15 @@ def _check_width(backbone: Backbone, record: BackboneRecord) -> None:
     """The rebuilt features as wide as recorded: each pooled layer (when the record knows their widths), the sum."""
     dims = [e["dim"] for e in backbone.layers or []]
     if record.layers and record.layer_dims is not None and tuple(dims) != record.layer_dims:
-        raise PipelineError(f"rebuilt {record.name} gives the layers {backbone.layers}; {record.taker} took "
+        raise PipelineError(f"rebuilt {record.name} gives the layers {backbone.layers}; {record.expects} "
                             f"{list(zip(record.layers, record.layer_dims))}")  # fmt: skip
     if record.feature_dim is None or backbone.feature_dim == record.feature_dim:
         return
     if record.layers:
         parts = " + ".join(f"{e['name']} {e['dim']}" for e in backbone.layers or [])
-        raise PipelineError(f"the layers give {backbone.feature_dim} features ({parts}); {record.taker} takes "
+        raise PipelineError(f"the layers give {backbone.feature_dim} features ({parts}); {record.expects} "
                             f"{record.feature_dim}")  # fmt: skip
-    raise PipelineError(f"rebuilt {record.name} gives {backbone.feature_dim}-d features; {record.taker} takes "
+    raise PipelineError(f"rebuilt {record.name} gives {backbone.feature_dim}-d features; {record.expects} "
                         f"{record.feature_dim}")  # fmt: skip
 
 

@@ -331,7 +331,7 @@ class GpuDecodeSource(BatchSource):
 
     @classmethod
     def supports(cls, split: Split) -> str | None:
-        if split.path is None:
+        if split.path is None and split.read_bytes is None:
             return (
                 "--preprocess gpu-decode needs a folder of image files; this dataset is held in memory as arrays: "
                 "use --preprocess device, loader or auto"
@@ -340,7 +340,7 @@ class GpuDecodeSource(BatchSource):
 
     @classmethod
     def auto_for(cls, split: Split, device: torch.device) -> bool:
-        return device.type == "cuda" and split.path is not None and split.arrays is None
+        return device.type == "cuda" and (split.path or split.read_bytes) is not None and split.arrays is None
 
     def batches(self, start: int) -> Iterator[Batch]:
         s, n = self.settings, len(self.split)
@@ -368,7 +368,7 @@ class GpuDecodeSource(BatchSource):
         raw = _Read(lo, hi)
         for i in range(lo, hi):
             try:
-                data = self.split.path(i).read_bytes()
+                data = sample_bytes(self.split, i)
             except OSError as e:
                 raw.bad[i] = error_line(e)
                 continue
@@ -408,6 +408,11 @@ class GpuDecodeSource(BatchSource):
             indices=order,
             bad=sorted(raw.bad.items()),
         )
+
+
+def sample_bytes(split: Split, i: int) -> bytes:
+    """The encoded image of sample ``i``: its file's bytes, or its WebDataset member's (``split.read_bytes``)."""
+    return split.read_bytes(i) if split.read_bytes is not None else split.path(i).read_bytes()
 
 
 def decode_jpegs(data: list[torch.Tensor], *, device: torch.device) -> list[torch.Tensor | None]:

@@ -54,7 +54,7 @@ class BackboneRecord:
     layers: tuple[str, ...] | None = None  # pooled nodes (extract --layers), in order; None: the classifier's input
     layer_dims: tuple[int, ...] | None = None  # their widths as recorded (None: only their sum is checked)
     classifier_path: str | None = None  # where the classifier sat, as recorded (None: not checked)
-    taker: str = "the head"  # who takes the features, in messages: "the head", "the file"
+    expects: str = "the head takes"  # who set the widths, in messages: "the head takes", "the file records"
 
     @classmethod
     def of_features(cls, meta: FeatureMeta) -> BackboneRecord:
@@ -69,7 +69,7 @@ class BackboneRecord:
             layers=tuple(str(e.get("name")) for e in layers) or None,
             layer_dims=tuple(int(e.get("dim", 0)) for e in layers) or None,
             classifier_path=meta.classifier_path,
-            taker="the file",
+            expects="the file records",
         )
 
     def plain(self) -> BackboneRecord:

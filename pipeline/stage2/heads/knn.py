@@ -21,8 +21,6 @@ class KNNHead(Head):
     (dinov2's k-NN evaluation), and by inverse class frequency with ``--class-weight balanced``."""
 
     name = "knn"
-    settings = ("k", "class_weight", "seed", "device")
-    uses_class_weight = True
     TEMPERATURE = 0.07
     # Similarity entries per block of queries (128 MB of bfloat16, 256 MB of float32 at most), whatever the size of
     # train: below ~1,000 queries a block, a bfloat16 matmul ran at half its speed on this project's CPU.

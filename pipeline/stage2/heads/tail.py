@@ -204,9 +204,6 @@ class TailHead(Head):
     activation maps (extract --cache-at NODE); export puts the blocks back into the backbone."""
 
     name = "tail"
-    inputs = "activations"
-    settings = ("lr", "epochs", "batch_size", "weight_decay", "class_weight", "train_bn", "seed", "device")
-    uses_class_weight = True
 
     def __init__(self, cfg: HeadConfig, *, num_classes: int, feature_dim: int):
         super().__init__(cfg, num_classes=num_classes, feature_dim=feature_dim)
