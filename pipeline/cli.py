@@ -360,9 +360,16 @@ def compare_cmd(
     for head, note in notes:
         click.echo(note if note.startswith("WARNING") else f"{head}: {note}")
     click.echo(
-        f"\nbest on val: {result['best']}; wrote {result['out']}/ (compare.json, compare.md, compare.png and a "
-        "folder per head)"
+        f"\nbest on val: {result['best']}{_tied_words(result)}; wrote {result['out']}/ (compare.json, compare.md, "
+        "compare.png and a folder per head, each with predictions.csv and errors.png); "
+        f"{result['compare_seconds']:.1f} s in all"
     )
+
+
+def _tied_words(result: dict) -> str:
+    """`` (tied with linear, mlp: not significantly different on val)`` when other heads tie with the best."""
+    tied = result.get("best_tied_with") or []
+    return f" (tied with {', '.join(tied)}: not significantly different on val, p >= 0.05)" if tied else ""
 
 
 def _compare_layers(

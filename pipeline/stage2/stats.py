@@ -17,8 +17,8 @@ import numpy as np
 
 LEVEL = 0.95  # every interval here
 ALPHA = 0.05  # a difference with a p-value below this is "significant"; otherwise the heads are tied
-BOOTSTRAP = 1000  # resamples of a bootstrap interval (its ends move by ~0.002 of accuracy between seeds at n=1,000)
-BOOTSTRAP_MAP = 200  # mAP sorts every class per resample: fewer resamples, ends as stable to ~0.005
+BOOTSTRAP = 500  # resamples of a bootstrap interval (its ends move by ~0.003 of accuracy between seeds at n=1,000)
+BOOTSTRAP_MAP = 100  # mAP costs a cumulative sum per class and resample: fewer resamples (ends to ~0.005)
 
 
 def wilson(correct: int, n: int, *, level: float = LEVEL) -> tuple[float, float]:
@@ -96,19 +96,46 @@ def r2(y: np.ndarray, pred: np.ndarray) -> float:
 
 def classification_intervals(y: np.ndarray, proba: np.ndarray, *, seed: int = 0) -> dict[str, list[float]]:
     """95% intervals of a classifier's val scores: ``val_accuracy_interval`` (Wilson), and bootstrap ones for
-    ``balanced_accuracy_interval``, ``macro_f1_interval`` and ``map_interval``."""
-    y, proba = np.asarray(y, np.int64), np.asarray(proba)
+    ``balanced_accuracy_interval``, ``macro_f1_interval`` and ``map_interval``. A resample is a count per row
+    (how often it was drawn), so each metric is a weighted sum over rows sorted once: no re-sorting per resample
+    (on 10,000 val rows, 10 classes, the three intervals take ~0.3 s)."""
+    y, proba = np.asarray(y, np.int64), np.asarray(proba, np.float64)
     pred, classes, n = proba.argmax(1), proba.shape[1], len(y)
-    return {
-        "val_accuracy_interval": list(wilson(int((pred == y).sum()), n)),
-        "balanced_accuracy_interval": list(
-            bootstrap_interval(lambda r: balanced_accuracy(y[r], pred[r], classes), n, seed=seed)
-        ),
-        "macro_f1_interval": list(bootstrap_interval(lambda r: macro_f1(y[r], pred[r], classes), n, seed=seed)),
-        "map_interval": list(
-            bootstrap_interval(lambda r: mean_average_precision(y[r], proba[r]), n, resamples=BOOTSTRAP_MAP, seed=seed)
-        ),
-    }
+    out = {"val_accuracy_interval": list(wilson(int((pred == y).sum()), n))}
+    if n == 0:
+        return out | {
+            k: [math.nan, math.nan] for k in ("balanced_accuracy_interval", "macro_f1_interval", "map_interval")
+        }
+    rng = np.random.default_rng(seed)
+    cell = y * classes + pred
+    present = np.unique(y)
+    orders = {c: np.argsort(-proba[:, c], kind="stable") for c in present}
+    hits = {c: (y[orders[c]] == c) for c in present}
+    values: dict[str, list[float]] = {"balanced_accuracy_interval": [], "macro_f1_interval": [], "map_interval": []}
+    for b in range(BOOTSTRAP):
+        w = np.bincount(rng.integers(0, n, n), minlength=n).astype(np.float64)
+        cm = np.bincount(cell, weights=w, minlength=classes * classes).reshape(classes, classes)
+        tp, support, predicted = np.diag(cm), cm.sum(1), cm.sum(0)
+        seen = support > 0
+        values["balanced_accuracy_interval"].append(float((tp[seen] / support[seen]).mean()))
+        denom = support + predicted
+        f1 = np.where(denom > 0, 2 * tp / np.where(denom > 0, denom, 1), 0.0)
+        values["macro_f1_interval"].append(float(f1[seen].mean()))
+        if b < BOOTSTRAP_MAP:
+            aps = []
+            for c in present:
+                wc = w[orders[c]]
+                hit_w = wc * hits[c]
+                total = hit_w.sum()
+                if total > 0:
+                    precision = np.cumsum(hit_w) / np.maximum(np.cumsum(wc), 1e-12)
+                    aps.append(float((precision * hit_w).sum() / total))
+            values["map_interval"].append(float(np.mean(aps)) if aps else math.nan)
+    for key, vals in values.items():
+        v = np.asarray(vals)
+        v = v[np.isfinite(v)]
+        out[key] = [float(x) for x in np.quantile(v, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])] if len(v) else [math.nan] * 2
+    return out
 
 
 def regression_intervals(y: np.ndarray, pred: np.ndarray, *, seed: int = 0) -> dict[str, list[float]]:
