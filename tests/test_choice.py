@@ -57,3 +57,28 @@ def test_on_data_where_a_high_rate_ends_badly_the_sweep_keeps_a_head_as_good_as_
     tiny = build_head(HeadConfig(head="linear", epochs=6, lr=1e-6, device="cpu"), num_classes=4, feature_dim=32)
     index, record = choice.guard(tiny, X, y, held=held, grid=grid, scores=[0.9, 0.1, 0.3], own=2)
     assert index == 0 and not record["kept_defaults"] and record["p_value_vs_defaults"] < 0.05
+
+
+def test_standardize_hint_when_linear_trails_logreg_on_raw_features() -> None:
+    from pipeline.stage2.comparing import standardize_hint
+
+    rows = [{"head": "linear", "val_accuracy": 0.62}, {"head": "logreg", "val_accuracy": 0.85},
+            {"head": "mlp", "val_accuracy": 0.83}]  # fmt: skip
+    hint = standardize_hint(rows, base=HeadConfig(head="linear"))
+    assert hint and "linear 0.620" in hint and "mlp" not in hint and "--standardize" in hint
+    assert standardize_hint(rows, base=HeadConfig(head="linear", standardize=True)) is None
+    rows[0]["val_accuracy"] = 0.82
+    assert standardize_hint(rows, base=HeadConfig(head="linear")) is None
+
+
+def test_overfitting_advice_after_a_sweep_knows_what_was_swept() -> None:
+    from types import SimpleNamespace
+
+    from pipeline.stage2.evaluate import overfitting_warning
+
+    m = SimpleNamespace(overfitting=True, head="logreg", overfit_words=lambda: "train exceeds val",
+                        sweep={"chosen": {"C": 0.5}, "kept_defaults": False})  # fmt: skip
+    line = overfitting_warning(m)
+    assert "already chose" in line and "C 0.5" in line and "smaller --C" not in line
+    m.sweep = None
+    assert "--sweep to choose" in overfitting_warning(m)
