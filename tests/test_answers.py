@@ -38,3 +38,17 @@ def test_errors_png_draws_the_worst_and_names_the_unreadable(tmp_path: Path) -> 
     note = answers.write_errors_png(tmp_path / "errors.png", rows, identity={"kind": "folder", "root": str(root)})
     assert note is not None and "1 of 4" in note and "c/3.png" in note
     assert Image.open(tmp_path / "errors.png").size[0] > 100
+
+
+def test_small_images_hint_at_extract() -> None:
+    from pipeline.stage1.datasets import Source, array_split
+    from pipeline.stage1.extract import small_images_hint
+
+    def source(px: int) -> Source:
+        arrays = np.zeros((10, px, px), np.uint8)
+        return Source(name="s", classes=["a"], splits={"train": array_split(arrays, np.zeros(10, np.int64))})
+
+    hint = small_images_hint(source(28), crop=224, resize="crop")
+    assert hint and "28 px" in hint and "--resize full" in hint
+    assert small_images_hint(source(28), crop=224, resize="full") is None
+    assert small_images_hint(source(200), crop=224, resize="crop") is None

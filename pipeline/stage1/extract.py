@@ -610,7 +610,40 @@ def extract(cfg: ExtractConfig, *, plan: ExtractPlan | None = None) -> ExtractRe
 def _with_notes(result: ExtractResult, plan: ExtractPlan) -> ExtractResult:
     if plan.targets_skipped and plan.targets is not None:
         result.notes.insert(0, skipped_line(plan.targets_skipped, plan.targets.source))
+    pre = plan.backbone.preprocess
+    hint = small_images_hint(plan.source, crop=pre.crop_size, resize=pre.resize)
+    if hint:
+        result.notes.append(hint)
     return result
+
+
+SMALL_IMAGE = 64  # px: below this (shorter side) the crop recipe mostly magnifies the image
+
+
+def small_images_hint(source: Any, *, crop: int, resize: str, sample: int = 32) -> str | None:
+    """A hint when most images (a sample of each split) are smaller than SMALL_IMAGE px and the crop recipe blows
+    them up to ``crop`` px: on 28 px photos ``--resize full`` at 112 px scored 0.871 in 165 s against 0.878 in 466 s
+    at 224 px crop (issue 25)."""
+    if resize != "crop":
+        return None
+    sides = []
+    for split in source.splits.values():
+        n = len(split)
+        for i in np.unique(np.linspace(0, n - 1, min(sample, n)).astype(int)) if n else []:
+            try:
+                if split.arrays is not None:
+                    sides.append(min(split.arrays.shape[1:3]))
+                else:
+                    sides.append(min(split.load(int(i)).size))
+            except (OSError, ValueError):
+                continue
+    if not sides or np.median(sides) >= SMALL_IMAGE or np.median(sides) * 2 > crop:
+        return None
+    m = int(np.median(sides))
+    return (
+        f"most images are about {m} px and the crop recipe upsamples them to {crop} px: --resize full with a "
+        f"smaller --image-size (e.g. {max(32, 4 * m)}) costs a fraction of the time and often scores the same"
+    )
 
 
 def _write(plan: ExtractPlan, *, cfg: ExtractConfig) -> ExtractResult:
