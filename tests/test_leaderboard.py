@@ -49,3 +49,17 @@ def test_leaderboard_refuses_files_of_another_dataset_or_split(tmp_path: Path, c
     code, _, err = run(["compare", "--features", str(a), "--features", str(c), "--heads", "centroid",
                         "--out", str(tmp_path / "cli")], capsys)  # fmt: skip
     assert code == 1 and "another dataset or split" in err and len(err.strip().splitlines()) == 1
+
+
+def test_layers_files_get_readable_default_names() -> None:
+    from types import SimpleNamespace
+
+    from pipeline.stage1.extract import _outputs_suffix, short_layer_name
+
+    assert short_layer_name("features.14.conv.2") == "f14c2"
+    five = [f"features.{i}" for i in (3, 7, 10, 14, 17)]
+    (name,) = _outputs_suffix(SimpleNamespace(layer_list=five, cache_at=None))
+    assert name.startswith("Lf3+f7+f10+f14+f17_")  # readable, plus a short hash of the full names
+    many = [f"features.{i}.conv.1.0" for i in range(1, 18)]
+    (name,) = _outputs_suffix(SimpleNamespace(layer_list=many, cache_at=None))
+    assert name.startswith("Lf1c10..f17c10_17_") and len(name) < 40

@@ -118,11 +118,31 @@ def _outputs_suffix(cfg: ExtractConfig) -> list[str]:
     A long list of nodes is named by a short hash instead (file names have a length limit)."""
     parts = []
     if cfg.layer_list:
-        names = "+".join(dict.fromkeys(cfg.layer_list))
-        parts.append("L" + (names if len(names) <= 48 else fingerprint({"layers": names})[:10]))
+        layers = list(dict.fromkeys(cfg.layer_list))
+        names = "+".join(layers)
+        if len(names) > 48:  # readable still: each name shortened (features.14.conv.2 -> f14c2), a hash if long
+            short = "+".join(short_layer_name(n) for n in layers)
+            tag = fingerprint({"layers": names})[:6]
+            names = (
+                f"{short}_{tag}"
+                if len(short) <= 48
+                else f"{short_layer_name(layers[0])}..{short_layer_name(layers[-1])}_{len(layers)}_{tag}"
+            )
+        parts.append("L" + names)
     if cfg.cache_at:
         parts.append("at" + cfg.cache_at.strip())
     return [p.replace("/", "-").replace(":", "-") for p in parts]
+
+
+def short_layer_name(name: str) -> str:
+    """A layer's name in a few characters: each dotted word's first letter and its digits (``features.14.conv.2``
+    -> ``f14c2``, ``layer3.1.conv2`` -> ``l31c2``)."""
+    out = []
+    for part in name.replace("/", ".").replace(":", ".").split("."):
+        digits = "".join(ch for ch in part if ch.isdigit())
+        letter = next((ch for ch in part if ch.isalpha()), "")
+        out.append(letter + digits)
+    return "".join(out) or name
 
 
 def output_columns(backbone: Backbone) -> dict[str, tuple[tuple[int, ...], str]]:
