@@ -52,3 +52,16 @@ def test_small_images_hint_at_extract() -> None:
     assert hint and "28 px" in hint and "--resize full" in hint
     assert small_images_hint(source(28), crop=224, resize="full") is None
     assert small_images_hint(source(200), crop=224, resize="crop") is None
+
+
+def test_positive_curves_are_of_that_class_with_the_threshold_and_its_confusion(tmp_path: Path) -> None:
+    from pipeline.stage2.heads import HeadConfig
+    from pipeline.stage2.training import train_head
+    from tests.conftest import write_feature_file
+
+    features = write_feature_file(tmp_path / "f.h5", classes=4)
+    cfg = HeadConfig(head="logreg", positive="class_2", target_recall=0.9, device="cpu")
+    metrics = train_head(features, cfg, out=tmp_path / "h")
+    assert list(metrics.curves.per_class) == ["class_2"]  # not all 4 classes
+    for name in ("pr_roc.png", "confusion_threshold.png", "confusion.png", "predictions.csv"):
+        assert (tmp_path / "h" / name).is_file(), name

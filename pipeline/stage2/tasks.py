@@ -251,7 +251,14 @@ class Classify(Task):
             metrics.confusion_matrix, fs.classes, out / "confusion.png", title=f"{name} head: val confusion\n{label}"
         )
         if metrics.curves and metrics.curves.per_class:
-            plots.pr_roc_png(metrics.curves, out / "pr_roc.png", title=f"{name} head: val PR and ROC ({label})")
+            plots.pr_roc_png(metrics.curves, out / "pr_roc.png", title=f"{name} head: val PR and ROC ({label})",
+                             mark=metrics.threshold)  # fmt: skip
+        if metrics.threshold and metrics.threshold.get("confusion_matrix"):  # beside the argmax one
+            plots.confusion_png(
+                metrics.threshold["confusion_matrix"], fs.classes, out / "confusion_threshold.png",
+                title=f"{name} head: val confusion at threshold {metrics.threshold['threshold']:.3f} for "
+                f"{metrics.threshold['positive']!r}\n{label}",
+            )  # fmt: skip
         if metrics.history:
             plots.curves_png(
                 metrics.history, out / "curves.png", title=f"{name} head: loss and accuracy per epoch ({label})",
@@ -265,7 +272,8 @@ class Classify(Task):
 
     def figures(self, metrics: HeadMetrics) -> list[str]:
         pr_roc = ["pr_roc.png"] if metrics.curves and metrics.curves.per_class else []
-        return ["confusion.png", *pr_roc, *super().figures(metrics)]
+        at = ["confusion_threshold.png"] if metrics.threshold and metrics.threshold.get("confusion_matrix") else []
+        return ["confusion.png", *at, *pr_roc, *super().figures(metrics)]
 
 
 class Regress(Task):
