@@ -66,7 +66,7 @@ def test_a_csv_with_a_split_column_equals_the_split_folders(layouts, folder_file
     rows = csv.DictReader(Path(layouts["csv_split"]).read_text().splitlines())
     val_rows = [r["path"] for r in rows if r["split"] == "val"]
     assert list(f.splits["val"].ids) == val_rows  # ids: the paths as the table names them, relative to --images
-    assert f.meta["dataset_identity"]["kind"] == "table" and f.meta["dataset_identity"]["split"] == "split column"
+    assert f.meta.dataset_identity["kind"] == "table" and f.meta.dataset_identity["split"] == "split column"
 
 
 def test_a_csv_of_bare_ids_without_split_equals_the_class_folder(layouts, folder_files, tmp_path: Path) -> None:
@@ -83,7 +83,7 @@ def test_a_hugging_face_imagefolder_equals_the_split_folders(layouts, folder_fil
 def test_webdataset_shards_equal_the_split_folders(layouts, folder_files, tmp_path: Path) -> None:
     out = _extract(tmp_path, "wds", layouts["shards"], val_dataset=layouts["val_shards"])
     _assert_identical(folder_files["split"], out)
-    ident = read_features(out).meta["dataset_identity"]
+    ident = read_features(out).meta.dataset_identity
     assert ident["kind"] == "webdataset" and len(ident["shards"]) == 6
 
 
@@ -100,6 +100,34 @@ def test_shards_through_gpu_decode_bytes_equal_the_folders(layouts, tmp_path: Pa
     assert GpuDecodeSource.auto_for(split, torch.device("cuda")) and not LoaderSource.supports(split)
 
 
+def test_jpeg_shards_reach_the_batched_decoder_as_a_folder_does(tmp_path: Path, monkeypatch) -> None:
+    """JPEG members go to ``decode_jpeg`` in batches (nvJPEG on CUDA; libjpeg-turbo here), as a folder's JPEGs do."""
+    from PIL import Image
+
+    import pipeline.stage1.batches as batches
+
+    jpegs = []
+    for im in digits(per_class=4, classes=3):
+        path = tmp_path / "jpg" / im.label / f"{im.src.stem}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.open(im.src).convert("RGB").resize((64, 64)).save(path, quality=90)
+        jpegs.append(type(im)(im.label, path, im.split))
+    layouts = write_layouts(tmp_path / "l", jpegs, per_shard=3)
+    decoded, real = [], batches.decode_jpegs
+
+    def counting(data: list, *, device: object) -> list:
+        decoded.append(len(data))
+        return real(data, device=device)
+
+    monkeypatch.setattr(batches, "decode_jpegs", counting)
+    folder = _extract(tmp_path, "f", layouts["folder"], preprocess="gpu-decode")
+    from_folder, decoded[:] = list(decoded), []
+    shards = _extract(tmp_path, "s", layouts["shards"], val_dataset=layouts["val_shards"], preprocess="gpu-decode")
+    assert sum(decoded) == sum(from_folder) == 12  # every image through the batched decoder, both ways
+    _assert_identical(folder, shards)
+    assert read_features(shards).meta.fingerprint != read_features(folder).meta.fingerprint
+
+
 def test_limit_and_skip_bad_work_on_a_table(layouts, tmp_path: Path) -> None:
     root = Path(layouts["flat"])
     (root / "broken.png").write_bytes(b"not a png")
@@ -109,7 +137,7 @@ def test_limit_and_skip_bad_work_on_a_table(layouts, tmp_path: Path) -> None:
     with pytest.raises(PipelineError, match="cannot read image .*broken.png.*--skip-bad"):
         _extract(tmp_path, "bad", str(table), images=str(root))
     f = read_features(_extract(tmp_path, "skip", str(table), images=str(root), skip_bad=True))
-    assert len(f.splits["train"].labels) == 20 and f.meta["dataset_identity"]["num_files"] == 25
+    assert len(f.splits["train"].labels) == 20 and f.meta.dataset_identity["num_files"] == 25
     limited = read_features(_extract(tmp_path, "lim", str(table), images=str(root), limit=5, skip_bad=True))
     assert len(limited.splits["train"].ids) <= 5 and len(limited.splits["val"].ids) == 4
 
@@ -139,7 +167,7 @@ def test_torchrun_two_ranks_over_shards_equal_one_process(layouts, tmp_path: Pat
                           timeout=180)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     a, b = read_features(single), read_features(merged)
-    assert a.meta["fingerprint"] == b.meta["fingerprint"] and read_meta(merged)["merge"]["shards"] == 2
+    assert a.meta.fingerprint == b.meta.fingerprint and read_meta(merged).merge["shards"] == 2
     for name in ("train", "val"):
         assert list(a.splits[name].ids) == list(b.splits[name].ids)  # row for row, in one process's order
         np.testing.assert_array_equal(a.splits[name].labels, b.splits[name].labels)
@@ -325,7 +353,7 @@ def test_the_readme_commands_for_tables_and_shards_run(tmp_path: Path, capsys, m
     written = sorted((tmp_path / "artifacts" / "features").glob("*.h5"))
     assert len(written) == 2
     for path in written:
-        assert read_features(path).meta["backbone"] == "mobilenet_v2"
+        assert read_features(path).meta.backbone == "mobilenet_v2"
 
 
 # ------------------------------------------------------------------------------------------ several labels per image

@@ -153,13 +153,17 @@ def decode_image(src: Path | io.BytesIO) -> Image.Image:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with Image.open(src) as img:
-            w, h = img.size
-            if w * h > MAX_PIXELS:
-                raise ValueError(
-                    f"{w}x{h} pixels is over the {MAX_PIXELS // 1_000_000}-megapixel limit (a decompression bomb?)"
-                )
+            check_pixels(*img.size)
             img.load()
             return to_rgb(img)
+
+
+def check_pixels(w: int, h: int) -> None:
+    """The one pixel policy of every reader (PIL here, the JPEG decoder of ``gpu-decode``): a header declaring more
+    than :data:`MAX_PIXELS` is refused before any pixel is decoded."""
+    if w * h > MAX_PIXELS:
+        cap = MAX_PIXELS // 1_000_000
+        raise ValueError(f"{w}x{h} pixels is over the {cap}-megapixel limit (a decompression bomb?)")
 
 
 @dataclass
@@ -228,6 +232,12 @@ def _walk_images(folder: Path, *, root: Path, problems: list[str]) -> list[Path]
             else:
                 found.append(p)
     return sorted(found)
+
+
+def list_images(folder: Path, problems: list[str]) -> list[Path]:
+    """The image files under ``folder`` as extract sees them (hidden files and folders skipped, links followed,
+    regular files only), sorted; what was passed over goes to ``problems``. Predict lists its folders with it too."""
+    return _walk_images(Path(folder), root=Path(folder), problems=problems)
 
 
 def _holds_only_outputs(folder: Path) -> bool:
@@ -329,8 +339,7 @@ def load_folder(root: Path, *, val_fraction: float = 0.2, seed: int = 0, verify:
         "num_files": len(relpaths),
         "files_sha256": files_sha256,
     }
-    if verify != "stat":
-        identity["verify"] = verify  # absent for the default, which keeps older fingerprints valid
+    identity["verify"] = verify  # "stat", the default before it was recorded, hashes as absent (store DEFAULTS)
     return Source(name=root.name, classes=classes, splits=splits, identity=identity, files=digests, unreadable=problems)
 
 
@@ -438,7 +447,8 @@ def load_source(
         source = load_folder(Path(dataset), val_fraction=val_fraction, seed=split_seed, verify=verify)
     else:
         raise PipelineError(
-            f"unknown dataset {dataset!r}; choose one of: {', '.join(available_datasets())}, or a folder path"
+            f"unknown dataset {dataset!r}; choose one of: {', '.join(available_datasets())}, or a folder path, a "
+            "labels table (.csv, .tsv, .jsonl, .parquet) or WebDataset shards (.tar)"
         )
     if limit is not None:
         source = limited(source, limit, seed=split_seed)

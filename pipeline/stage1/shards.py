@@ -417,8 +417,7 @@ def load_shards(
         "num_samples": len(samples),
         "files_sha256": files_sha256,
     }
-    if verify != "stat":
-        identity["verify"] = verify
+    identity["verify"] = verify  # always: a new kind has no older fingerprints to keep valid
     first = names[0]
     name = Path(first.split("://", 1)[-1]).parent.name or Path(first).stem
     return Source(name=name, classes=classes, splits=splits, identity=identity, files=digests)

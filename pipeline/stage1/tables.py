@@ -394,8 +394,7 @@ def rows_source(
     }
     if multi:
         identity["multi_label"] = f"columns:{','.join(label_columns)}" if label_columns else f"delimiter:{delimiter}"
-    if verify != "stat":
-        identity["verify"] = verify
+    identity["verify"] = verify  # always: a new kind has no older fingerprints to keep valid
     return Source(name=name, classes=classes, splits=splits, identity=identity, files=digests)
 
 
@@ -429,8 +428,9 @@ def load_table(
         raise PipelineError(f"image folder not found: {root} (--images)")
     rows = table_rows(path, folder=root, image_column=image_column, label_column=label_column,
                       label_columns=label_columns)  # fmt: skip
+    name = f"{path.resolve().parent.name}-{path.stem}"  # my_images/labels.csv -> my_images-labels
     return rows_source(
-        rows, root=root, tables=[path], name=path.stem, kind="table", val_fraction=val_fraction, seed=seed,
+        rows, root=root, tables=[path], name=name, kind="table", val_fraction=val_fraction, seed=seed,
         verify=verify, label_delimiter=label_delimiter, label_columns=label_columns,
     )  # fmt: skip
 
