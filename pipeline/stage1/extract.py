@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError, raise_if_stopped
@@ -665,8 +666,10 @@ def small_images_hint(source: Any, *, crop: int, resize: str, sample: int = 32) 
             try:
                 if split.arrays is not None:
                     sides.append(min(split.arrays.shape[1:3]))
-                else:
-                    sides.append(min(split.load(int(i)).size))
+                elif split.path is not None:  # an image file: its header only, no decode
+                    with Image.open(split.path(int(i))) as img:
+                        sides.append(min(img.size))
+                # other sources (shards) are not read again for a hint
             except (OSError, ValueError):
                 continue
     if not sides or np.median(sides) >= SMALL_IMAGE or np.median(sides) * 2 > crop:
