@@ -288,7 +288,16 @@ def train_head_cmd(features: str, out: str | None, force: bool, **opts: Any) -> 
 
 
 @cli.command("compare")
-@_head_options
+@_options_from("HeadConfig")
+@click.option(
+    "--features",
+    "features",
+    multiple=True,
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Feature file from extract; give it more than once for one leaderboard across files (same dataset and "
+    "split; with --layers, every stored layer of each).",
+)
 @click.option(
     "--heads", default="all", show_default=True, help="Comma-separated heads to train, or 'all' (every head)."
 )
@@ -316,7 +325,7 @@ def train_head_cmd(features: str, out: str | None, force: bool, **opts: Any) -> 
     "concatenation; one table of the best head per layer (default folder: artifacts/heads/<features>/compare-layers/).",
 )
 def compare_cmd(
-    features: str,
+    features: tuple[str, ...],
     heads: str,
     out: str | None,
     shots: str | None,
@@ -325,13 +334,19 @@ def compare_cmd(
     layers: str | None,
     **opts: Any,
 ) -> None:
-    """Train several head types on one feature file and print one comparison table."""
+    """Train several head types on one feature file and print one comparison table (several files: one
+    leaderboard)."""
     from pipeline.stage2.comparing import compare, compare_table, parse_heads
     from pipeline.stage2.heads import HeadConfig
     from pipeline.stage2.tasks import feature_task
 
-    names = parse_heads(heads, task=feature_task(Path(features), opts["task"]))
+    names = parse_heads(heads, task=feature_task(Path(features[0]), opts["task"]))
     base = _config(HeadConfig, {"head": names[0], **opts})
+    if len(features) > 1:
+        _leaderboard(list(features), names=names, base=base, out=out, force=force, layers=layers,
+                     others={"--shots": shots, "--baseline": baseline})  # fmt: skip
+        return
+    features = features[0]
     if layers is not None:
         _compare_layers(features, layers=layers, names=names, base=base, out=out, force=force,
                         others={"--shots": shots, "--baseline": baseline, "--layer": opts["layer"]})  # fmt: skip
@@ -360,9 +375,31 @@ def compare_cmd(
     for head, note in notes:
         click.echo(note if note.startswith("WARNING") else f"{head}: {note}")
     click.echo(
-        f"\nbest on val: {result['best']}; wrote {result['out']}/ (compare.json, compare.md, compare.png and a "
-        "folder per head)"
+        f"\nbest on val: {result['best']}{_tied_words(result)}; wrote {result['out']}/ (compare.json, compare.md, "
+        "compare.png and a folder per head, each with predictions.csv and errors.png); "
+        f"{result['compare_seconds']:.1f} s in all"
     )
+
+
+def _leaderboard(features: list[str], *, names: list[str], base: Any, out: str | None, force: bool,
+                 layers: str | None, others: dict[str, Any]) -> None:  # fmt: skip
+    """``compare --features A --features B ...``: one table of every head on every file, best first."""
+    from pipeline.errors import PipelineError
+    from pipeline.stage2.leaderboard import leaderboard, leaderboard_table
+
+    given = [name for name, value in others.items() if value]
+    if given:
+        raise PipelineError(f"{given[0]} compares heads on one file: give one --features, or drop {given[0]}")
+    result = leaderboard([Path(f) for f in features], heads=names, base=base, out=out, force=force, layers=layers)
+    click.echo(f"leaderboard of {len(features)} feature files by {result['score'].replace('_', ' ')}\n")
+    click.echo(leaderboard_table(result["rows"]))
+    click.echo(f"\nwrote {result['out']}/ (leaderboard.json, .md, .png and a folder per file)")
+
+
+def _tied_words(result: dict) -> str:
+    """`` (tied with linear, mlp: not significantly different on val)`` when other heads tie with the best."""
+    tied = result.get("best_tied_with") or []
+    return f" (tied with {', '.join(tied)}: not significantly different on val, p >= 0.05)" if tied else ""
 
 
 def _compare_layers(

@@ -405,3 +405,22 @@ def test_predict_device_option(extracted: dict[str, Any], tmp_path: Path, capsys
         code, _, err = run(["predict", "--model", model, images, "--out", str(tmp_path / "g.csv"), "--device", "cuda"],
                            capsys)  # fmt: skip
         assert_one_line_error(code, err, "no CUDA GPU")
+
+
+def test_predictions_csv_rows_equal_predict_through_the_exported_model(
+    extracted: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """train-head's predictions.csv (from the cached val features, no backbone run) says what ``predict`` says for
+    the same images through the exported model: the same class, the same probability to float32 rounding."""
+    from pipeline.stage2.answers import read_predictions
+
+    head_dir, images = extracted["resnet18-head"], extracted["images"]
+    cached = read_predictions(head_dir / "predictions.csv")
+    assert cached and set(cached[0]) >= {"id", "true", "predicted", "probability", "top_k"}
+    live = {Path(r["path"]).resolve(): r for r in _predict_rows(extracted["resnet18-model"], images, tmp_path / "p.csv",
+                                                                capsys)}  # fmt: skip
+    for row in cached:
+        got = live[(images / row["id"]).resolve()]
+        assert got["class"] == row["predicted"] and row["true"] == Path(row["id"]).parent.name
+        assert float(got["probability"]) == pytest.approx(float(row["probability"]), abs=2e-3)
+    assert (head_dir / "errors.png").is_file()

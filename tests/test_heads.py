@@ -4,6 +4,7 @@ protocol pieces (batched linear grid, --sweep on held-out train, --shots, --clas
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -121,8 +122,12 @@ def _autograd_reference(module, data, *, cfg: HeadConfig) -> list[dict[str, floa
     import torch
 
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    from pipeline.stage2.heads.fitting import lr_factor
+
     opt = torch.optim.Adam(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n, history = len(data.X), []
+    total = cfg.epochs * -(-n // cfg.batch_size)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, total))
 
     def loss_of(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         per = torch.nn.functional.cross_entropy(logits, y, weight=data.weight, reduction="none")
@@ -130,7 +135,7 @@ def _autograd_reference(module, data, *, cfg: HeadConfig) -> list[dict[str, floa
 
     for epoch in range(1, cfg.epochs + 1):
         module.train()
-        perm, total, correct = torch.randperm(n, generator=gen), 0.0, 0.0
+        perm, seen, correct = torch.randperm(n, generator=gen), 0.0, 0.0
         for start in range(0, n, cfg.batch_size):
             idx = perm[start : start + cfg.batch_size]
             logits = module(data.X[idx])
@@ -138,7 +143,8 @@ def _autograd_reference(module, data, *, cfg: HeadConfig) -> list[dict[str, floa
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss.detach()) * len(idx)
+            schedule.step()
+            seen += float(loss.detach()) * len(idx)
             correct += float((logits.argmax(1) == data.y[idx]).sum())
         module.eval()
         with torch.no_grad():
@@ -146,7 +152,7 @@ def _autograd_reference(module, data, *, cfg: HeadConfig) -> list[dict[str, floa
             val_loss = float(loss_of(val_logits, data.val[1]))
             val_acc = float((val_logits.argmax(1) == data.val[1]).float().mean())
         history.append(
-            {"epoch": epoch, "train_loss": total / n, "train_accuracy": correct / n, "val_loss": val_loss,
+            {"epoch": epoch, "train_loss": seen / n, "train_accuracy": correct / n, "val_loss": val_loss,
              "val_accuracy": val_acc}
         )  # fmt: skip
     return history
@@ -499,7 +505,8 @@ def test_knn_coarse_bf16_pass_finds_the_float32_neighbours(use_exclude: bool) ->
     a plain bfloat16 top-k would not, with and without a row excluded per query (leave-one-out)."""
     import torch
 
-    from pipeline.stage2.heads.knn import _exact_topk, coarse_error, nearest
+    from pipeline.stage2.heads.knn import coarse_error, nearest
+    from pipeline.stage2.heads.knn import exact_topk as _exact_topk
 
     train = _clustered_unit_rows(3000)
     q = _clustered_unit_rows(200, seed=1)
@@ -507,7 +514,9 @@ def test_knn_coarse_bf16_pass_finds_the_float32_neighbours(use_exclude: bool) ->
     if use_exclude:  # the excluded row is the query's true nearest: the case where excluding matters
         exclude = (q @ train.T).argmax(1)
     want_sim, want_idx = _exact_topk(q, train, k=10, exclude=exclude)
-    sim, idx = nearest(q, train, k=10, exclude=exclude, coarse=train.bfloat16())
+    found = nearest(q, train, k=10, exclude=exclude, coarse=train.bfloat16(), limit=math.inf)
+    assert found is not None  # the rescoring path, however many rows it rescores
+    sim, idx = found
     np.testing.assert_allclose(sim.numpy(), want_sim.numpy(), rtol=0, atol=1e-6)
     exact = q @ train.T
     for i in np.flatnonzero((np.sort(idx.numpy(), 1) != np.sort(want_idx.numpy(), 1)).any(1)):
@@ -540,6 +549,45 @@ def test_knn_head_gives_the_same_votes_with_and_without_the_coarse_pass(monkeypa
     q = torch.as_tensor(X[1000:])
     plain = (q.bfloat16() @ torch.as_tensor(X[:1000]).bfloat16().T).float().topk(7, dim=1).indices
     assert (plain.sort(1).values != (q @ torch.as_tensor(X[:1000]).T).topk(7, dim=1).indices.sort(1).values).any()
+
+
+def test_knn_on_nearly_parallel_features_is_exact_float32_and_never_rescores_row_by_row(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Features that all point nearly the same way (a random-init backbone): the bfloat16 pass would leave every
+    row within its bound of the k-th, and rescoring them one by one ran for minutes. The search falls back to the
+    exact blocked float32 top-k (blocks smaller than train here) and gives the brute-force float32 neighbours."""
+    import torch
+
+    from pipeline.stage2.heads import knn
+
+    g = np.random.default_rng(0)
+    base = g.random(48).astype(np.float32) + 0.5
+    X = (base + 0.01 * g.standard_normal((1500, 48))).astype(np.float32)  # cosine ~0.9999 between any two rows
+    y = g.integers(0, 3, 1500)
+    monkeypatch.setattr(knn, "_fast_bf16", lambda device: True)
+    monkeypatch.setattr(knn, "EXACT_BLOCK_ROWS", 300)  # several train blocks: the merge of block top-k's
+    calls = []
+    monkeypatch.setattr(knn, "_rescore", lambda *a, **kw: calls.append(1) or (_ for _ in ()).throw(AssertionError))
+    head = build_head(HeadConfig(head="knn", k=5, device="cpu"), num_classes=3, feature_dim=48)
+    head.fit(X[:1200], y[:1200])
+    votes = head.logits(X[1200:])
+    assert not calls
+    train, q = torch.as_tensor(knn._l2_normalise(X[:1200])), torch.as_tensor(knn._l2_normalise(X[1200:]))
+    sim, idx = knn.exact_topk(q, train, k=5)
+    truth = q.double() @ train.double().T  # brute force in float64: float32's own rounding is ~1e-7
+    kth = truth.topk(5, dim=1).values[:, -1:]
+    spread = (truth.max(1).values - truth.min(1).values).min()
+    assert spread < 1e-3  # nearly parallel: far inside bfloat16's error bound (~1e-2)
+    assert (truth.gather(1, idx) >= kth - 1e-6).all()  # the true top 5, up to float32 ties
+    np.testing.assert_allclose(sim.numpy(), truth.gather(1, idx).numpy(), rtol=0, atol=1e-6)
+    assert (truth.gather(1, idx) - kth).min() > -1e-6 and spread > 1e-5  # the neighbours are not all ties
+    w = torch.exp(sim / knn.KNNHead.TEMPERATURE)
+    want = torch.zeros(300, 3).scatter_add_(1, torch.as_tensor(y[:1200])[idx], w)
+    want = torch.log(want / want.sum(1, keepdim=True) + 1e-6)
+    np.testing.assert_allclose(votes, want.numpy(), rtol=1e-5, atol=1e-5)
+    # the coarse pass on these features would rescore nearly every row (so it is not taken)
+    assert knn.nearest(q, train, k=5, coarse=train.bfloat16(), limit=0.9 * len(train)) is None
 
 
 def test_correlation_preconditioner_is_the_ridged_inverse_and_cuts_iterations() -> None:

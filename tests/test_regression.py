@@ -149,7 +149,8 @@ def test_compare_on_a_regression_file_sorts_by_val_r2(tmp_path: Path) -> None:
     assert sorted(row["head"] for row in result["rows"]) == ["linear", "mlp", "ridge"]
     assert r2 == sorted(r2, reverse=True) and result["best"] == result["rows"][0]["head"]
     assert result["best_by"] == "val_r2"
-    assert "| val R^2 | val RMSE | val MAE |" in (tmp_path / "cmp" / "compare.md").read_text()
+    assert "| val R^2 | 95% interval | tied | val RMSE | val MAE |" in (tmp_path / "cmp" / "compare.md").read_text()
+    assert all(len(row["val_r2_interval"]) == 2 for row in result["rows"])  # the bootstrap interval of each
     with pytest.raises(PipelineError, match="knn head classifies"):
         compare(path, heads=["ridge", "knn"], base=base, out=tmp_path / "cmp2")
     assert not (tmp_path / "cmp2").exists()  # refused before anything was trained or written

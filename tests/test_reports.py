@@ -118,7 +118,8 @@ def test_compare_prints_overfitting_and_sweep_choices(tmp_path: Path, capsys: py
     assert code == 0, err
     assert "logreg: sweep: chose C " in out and "knn: sweep: chose k " in out
     warning = next(line for line in out.splitlines() if line.startswith("WARNING: logreg"))
-    assert "points" in warning and "%" not in warning and "--C" in warning and "epochs" not in warning
+    assert "points" in warning and "%" not in warning and "epochs" not in warning
+    assert "already chose C" in warning and "smaller --C" not in warning  # the sweep chose C: advice knows
     row = json.loads((tmp_path / "c" / "compare.json").read_text())["rows"][0]
     assert row["overfitting"] and row["notes"][-1] == warning
 

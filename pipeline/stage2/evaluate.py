@@ -322,6 +322,13 @@ def overfitting_warning(metrics: HeadMetrics | RegressionMetrics) -> str | None:
     advice = spec.advice if spec else "try more regularisation"
     if spec and spec.sweeps and metrics.sweep is None:
         advice += f", or --sweep to choose {spec.sweeps} on held-out train"
+    elif metrics.sweep and "chosen" in metrics.sweep:  # the advice knows what was swept, and what it chose
+        ran = metrics.sweep.get("defaults") if metrics.sweep.get("kept_defaults") else metrics.sweep["chosen"]
+        advice = (
+            f"--sweep already chose {spec.sweeps if spec else 'its settings'} on held-out train ({_point(ran)}), "
+            "so this is the gap the held-out score preferred: more training rows, or settings outside the sweep's "
+            "grid, would narrow it"
+        )
     return f"WARNING: {metrics.head}: {metrics.overfit_words()}: the head is overfitting; {advice}"
 
 

@@ -203,7 +203,7 @@ def shots_png(table: dict[str, dict[str, float]], shots: list[str], path: Path, 
 MAX_CURVES_LABELLED = 12  # above this the legend hides the curves
 
 
-def pr_roc_figure(curves: Curves, *, title: str = "") -> Any:
+def pr_roc_figure(curves: Curves, *, title: str = "", mark: dict[str, Any] | None = None) -> Any:
     """Precision-recall (left, with average precision) and ROC (right, with AUC) of each class that
     ``curves.per_class`` holds (one-vs-rest; the positive class alone for two classes)."""
     plt = _pyplot()
@@ -213,6 +213,9 @@ def pr_roc_figure(curves: Curves, *, title: str = "") -> Any:
         pr.plot(c["pr"]["recall"], c["pr"]["precision"], label=f"{name} (AP {c['average_precision']:.3f})")
         roc.plot(c["roc"]["fpr"], c["roc"]["tpr"], label=f"{name} (AUC {c['roc_auc']:.3f})")
     roc.plot([0, 1], [0, 1], ":", color="0.5")
+    if mark:  # --positive's chosen threshold: its val recall and precision
+        t = mark["at_threshold"]
+        pr.plot([t["recall"]], [t["precision"]], "o", color="black", label=f"threshold {mark['threshold']:.3f}")
     for ax, (x, y) in ((pr, ("recall", "precision")), (roc, ("false positive rate", "true positive rate"))):
         ax.set_xlabel(x)
         ax.set_ylabel(y)
@@ -226,5 +229,5 @@ def pr_roc_figure(curves: Curves, *, title: str = "") -> Any:
     return fig
 
 
-def pr_roc_png(curves: Curves, path: Path, *, title: str = "") -> Path:
-    return _save(pr_roc_figure(curves, title=title), path)
+def pr_roc_png(curves: Curves, path: Path, *, title: str = "", mark: dict[str, Any] | None = None) -> Path:
+    return _save(pr_roc_figure(curves, title=title, mark=mark), path)

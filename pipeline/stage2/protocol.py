@@ -18,6 +18,7 @@ import numpy as np
 
 from pipeline.errors import PipelineError
 from pipeline.stage2 import thresholds
+from pipeline.stage2.choice import guard, with_own_point
 from pipeline.stage2.heads import HeadConfig, build_head
 from pipeline.stage2.heads.base import warn_if_tiny
 from pipeline.store import FeatureSet, SplitFeatures
@@ -110,8 +111,10 @@ def sweep(head: Head, X: np.ndarray, y: np.ndarray, *, task: Task) -> tuple[Head
         log.warning("--sweep skipped for %s: %s to hold some out", cfg.head, too_few)
         return cfg, {"grid": grid, "skipped": f"{too_few} to hold some out"}
     t0 = time.perf_counter()
+    grid, own = with_own_point(head, grid)  # the defaults are a point of every grid
     scores = head.sweep_scores(X[fit], y[fit], (X[held], y[held]), grid=grid, score=task.held_out_score)
-    best = int(np.argmax(scores))  # the first of equal scores, in grid order
+    # the highest score replaces the defaults only when it beats them beyond noise on the same held-out rows
+    best, guarded = guard(head, X, y, held=held, grid=grid, scores=scores, own=own)
     tied = [point for point, score in zip(grid, scores) if score == scores[best]]
     record = {
         "grid": grid,
@@ -124,6 +127,7 @@ def sweep(head: Head, X: np.ndarray, y: np.ndarray, *, task: Task) -> tuple[Head
         "n_held_out": len(held),
         "seconds": time.perf_counter() - t0,
         **head.sweep_info,
+        **guarded,
     }
     log.info("sweep %s: chose %s (held-out %s %.4f)", cfg.head, grid[best], task.score_name, scores[best])
     return replace(cfg, **grid[best]), record

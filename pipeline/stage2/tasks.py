@@ -8,6 +8,7 @@ so what ``export`` writes) and which options make no sense for the task.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import replace
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.stage2 import plots, thresholds
+from pipeline.stage2 import plots, stats, thresholds
 from pipeline.stage2.evaluate import (
     HeadMetrics,
     RegressionMetrics,
@@ -50,6 +51,9 @@ from pipeline.store import FeatureMeta, FeatureSet, SplitFeatures, check_classes
 Column = tuple[str, str, str]  # (header, row key, format)
 FIT_SECONDS: Column = ("fit s", "fit_seconds", "{:.2f}")
 TOTAL_SECONDS: Column = ("total s", "total_seconds", "{:.2f}")  # extraction + fit; a baseline's training time
+EVAL_SECONDS: Column = ("eval s", "eval_seconds", "{:.2f}")  # predictions and metrics on train and val
+HEAD_SECONDS: Column = ("head s", "head_seconds", "{:.2f}")  # what the user waits per head: fit, eval, writing
+INTERVAL = "[{0[0]:.3f}, {0[1]:.3f}]"  # a 95% interval (pipeline.stage2.stats)
 
 
 class Task(ABC):
@@ -119,7 +123,8 @@ class Task(ABC):
 
     def compare_row(self, metrics: Any) -> dict[str, Any]:
         """One head's line of compare.json: the table's columns and what the CLI says below the table."""
-        row = {k: getattr(metrics, k, None) for _, k, _ in self.columns} | {"task": self.name}
+        # a column is a field of the record or one of its details (intervals, eval seconds)
+        row = {k: getattr(metrics, k, metrics.details.get(k)) for _, k, _ in self.columns} | {"task": self.name}
         row |= {"train_val_gap": metrics.train_val_gap, "overfitting": metrics.overfitting}
         row["n_train_used"] = metrics.n_train_used
         if metrics.sweep is not None:
@@ -155,11 +160,15 @@ class Classify(Task):
         ("head", "head", "{}"),
         ("train acc", "train_accuracy", "{:.4f}"),
         ("val acc", "val_accuracy", "{:.4f}"),
+        ("95% interval", "val_accuracy_interval", INTERVAL),
+        ("tied", "tied_with_best", "{}"),
         ("balanced acc", "balanced_accuracy", "{:.4f}"),
         ("worst recall", "worst_class_recall", "{:.4f}"),
         ("macro F1", "macro_f1", "{:.4f}"),
         ("val loss", "val_loss", "{:.4f}"),
         FIT_SECONDS,
+        EVAL_SECONDS,
+        HEAD_SECONDS,
         TOTAL_SECONDS,
     )
     bars = plots.CLASSIFY_BARS
@@ -189,9 +198,11 @@ class Classify(Task):
 
     def evaluate(self, fitted: Fitted, fs: FeatureSet) -> HeadMetrics:
         head, cfg, X, y = fitted.head, fitted.cfg, fitted.X, fitted.y
+        t0 = time.perf_counter()
         positive = thresholds.positive_index(cfg.positive, fs.classes) if cfg.positive else None
         train_y, train_proba, train_note = head.train_predictions(X, y)
         val_proba = head.predict_proba(fs.val.features)
+        head.val_outputs = val_proba  # kept for predictions.csv (training.train_one): never predicted twice
         spec = head.spec
         extra: dict[str, Any] = {
             "head": cfg.head,
@@ -214,12 +225,11 @@ class Classify(Task):
                 fs.val.labels, val_proba, positive=positive, choice=choice, num_classes=len(fs.classes)
             )
             extra["threshold"] = {"positive": cfg.positive, **cfg.threshold_target, **report}
-        return summarize(
-            train=classification_metrics(train_y, train_proba, fs.classes),
-            val=classification_metrics(fs.val.labels, val_proba, fs.classes),
-            fit_seconds=fitted.seconds,
-            extra=extra,
-        )
+        extra |= stats.classification_intervals(fs.val.labels, val_proba, seed=cfg.seed)
+        train_m = classification_metrics(train_y, train_proba, fs.classes)
+        val_m = classification_metrics(fs.val.labels, val_proba, fs.classes)
+        extra["eval_seconds"] = time.perf_counter() - t0
+        return summarize(train=train_m, val=val_m, fit_seconds=fitted.seconds, extra=extra)
 
     def compare_row(self, metrics: HeadMetrics) -> dict[str, Any]:
         row = super().compare_row(metrics) | {"shots": metrics.shots}
@@ -250,7 +260,14 @@ class Classify(Task):
             metrics.confusion_matrix, fs.classes, out / "confusion.png", title=f"{name} head: val confusion\n{label}"
         )
         if metrics.curves and metrics.curves.per_class:
-            plots.pr_roc_png(metrics.curves, out / "pr_roc.png", title=f"{name} head: val PR and ROC ({label})")
+            plots.pr_roc_png(metrics.curves, out / "pr_roc.png", title=f"{name} head: val PR and ROC ({label})",
+                             mark=metrics.threshold)  # fmt: skip
+        if metrics.threshold and metrics.threshold.get("confusion_matrix"):  # beside the argmax one
+            plots.confusion_png(
+                metrics.threshold["confusion_matrix"], fs.classes, out / "confusion_threshold.png",
+                title=f"{name} head: val confusion at threshold {metrics.threshold['threshold']:.3f} for "
+                f"{metrics.threshold['positive']!r}\n{label}",
+            )  # fmt: skip
         if metrics.history:
             plots.curves_png(
                 metrics.history, out / "curves.png", title=f"{name} head: loss and accuracy per epoch ({label})",
@@ -264,7 +281,8 @@ class Classify(Task):
 
     def figures(self, metrics: HeadMetrics) -> list[str]:
         pr_roc = ["pr_roc.png"] if metrics.curves and metrics.curves.per_class else []
-        return ["confusion.png", *pr_roc, *super().figures(metrics)]
+        at = ["confusion_threshold.png"] if metrics.threshold and metrics.threshold.get("confusion_matrix") else []
+        return ["confusion.png", *at, *pr_roc, *super().figures(metrics)]
 
 
 class Regress(Task):
@@ -276,11 +294,15 @@ class Regress(Task):
     columns = (
         ("head", "head", "{}"),
         ("val R^2", "val_r2", "{:.4f}"),
+        ("95% interval", "val_r2_interval", INTERVAL),
+        ("tied", "tied_with_best", "{}"),
         ("val RMSE", "val_rmse", "{:.4g}"),
         ("val MAE", "val_mae", "{:.4g}"),
         ("train R^2", "train_r2", "{:.4f}"),
         ("R^2 gap", "train_val_gap", "{:+.4f}"),
         FIT_SECONDS,
+        EVAL_SECONDS,
+        HEAD_SECONDS,
         TOTAL_SECONDS,
     )
     bars = plots.REGRESS_BARS
@@ -328,6 +350,7 @@ class Regress(Task):
 
     def evaluate(self, fitted: Fitted, fs: FeatureSet) -> RegressionMetrics:
         head, cfg, X, Y = fitted.head, fitted.cfg, fitted.X, fitted.y
+        t0 = time.perf_counter()
         names = self.outputs(fs)
         extra = {
             "head": cfg.head,
@@ -338,12 +361,15 @@ class Regress(Task):
             **fitted.fit.info,
             "sweep": fitted.sweep,
         }
-        return summarize_regression(
-            train=regression_metrics(Y, head.logits(X), names),
-            val=regression_metrics(fs.val.targets, head.logits(fs.val.features), names),
-            fit_seconds=fitted.seconds,
-            extra=extra,
+        val_pred = head.logits(fs.val.features)
+        head.val_outputs = val_pred  # kept for predictions.csv (training.train_one)
+        train_m, val_m = (
+            regression_metrics(Y, head.logits(X), names),
+            regression_metrics(fs.val.targets, val_pred, names),
         )
+        extra |= stats.regression_intervals(fs.val.targets, val_pred, seed=cfg.seed)
+        extra["eval_seconds"] = time.perf_counter() - t0
+        return summarize_regression(train=train_m, val=val_m, fit_seconds=fitted.seconds, extra=extra)
 
     def compare_row(self, metrics: RegressionMetrics) -> dict[str, Any]:
         row = super().compare_row(metrics) | {"imbalance": None}

@@ -149,6 +149,8 @@ def curves(y: np.ndarray, proba: np.ndarray, classes: list[str], *, positive: in
     points; AP and AUC are sklearn's, on the full curves."""
     if len(classes) == 2:
         which = [1 if positive is None else positive]
+    elif positive is not None:  # --positive: the curves are of that class (as --help says)
+        which = [positive]
     else:
         which = [c for c in range(len(classes)) if 0 < (y == c).sum() < len(y)]
     per_class = {}

@@ -6,6 +6,7 @@ One code path for every task: what differs (the rows a head learns from, the met
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ from pipeline.stage2.runs import (
 )
 from pipeline.stage2.tasks import Task, task_of, with_task
 from pipeline.store import ALL_LAYERS, FeatureSet, read_features, read_meta
+
+log = logging.getLogger(__name__)
 
 
 def fit_and_evaluate(fs: FeatureSet, cfg: HeadConfig) -> tuple[Head, Any, list[dict[str, float]]]:
@@ -114,6 +117,26 @@ def train_one(fs: FeatureSet, cfg: HeadConfig, *, out: Path) -> Any:
             save_head(head, unit, config=config)
             write_json(unit / "metrics.json", metrics.to_json())
             task.write_plots(metrics, unit, fs=fs, head=head, label=features_label(fs), note=curves_note(head.cfg))
+            write_answers(fs, head, out=unit, names=task.outputs(fs), regress=task.name == "regress")
     except OSError as e:
         raise PipelineError(f"cannot write head to {out}: {e.strerror or e}") from None
     return replace(metrics, out=str(out))
+
+
+def write_answers(fs: FeatureSet, head: Any, *, out: Path, names: list[str], regress: bool) -> None:
+    """``predictions.csv`` (every val image) and ``errors.png`` (the worst-predicted ones, read back from the
+    source images) from the val outputs the evaluation already computed: no backbone run, no second prediction."""
+    from pipeline.stage2 import answers
+
+    outputs = getattr(head, "val_outputs", None)
+    if outputs is None:
+        return
+    if regress:
+        rows = answers.regression_rows(fs.val.ids, fs.val.targets, outputs, names)
+    else:
+        rows = answers.classification_rows(fs.val.ids, fs.val.labels, outputs, names)
+    answers.write_predictions(out / "predictions.csv", rows)
+    if not regress:
+        note = answers.write_errors_png(out / "errors.png", rows, identity=dict(fs.meta.dataset_identity or {}))
+        if note:
+            log.warning("%s", note)

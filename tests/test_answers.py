@@ -1,0 +1,67 @@
+"""Per-image answers: predictions.csv and errors.png from stored val predictions, no backbone run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline.stage2 import answers
+
+
+def test_classification_rows_hold_the_prediction_its_probability_and_the_top_k(tmp_path: Path) -> None:
+    proba = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]])
+    rows = answers.classification_rows(["a.png", "b.png"], np.array([0, 1]), proba, ["cat", "dog", "fox"])
+    assert rows[0]["predicted"] == "cat" and rows[0]["probability"] == 0.7
+    assert rows[1]["top_k"].split() == ["fox:0.6000", "dog:0.3000", "cat:0.1000"]
+    assert rows[1]["loss"] > rows[0]["loss"]  # b's true class got 0.3
+    answers.write_predictions(tmp_path / "p.csv", rows)
+    back = answers.read_predictions(tmp_path / "p.csv")
+    assert [r["id"] for r in back] == ["a.png", "b.png"] and back[1]["predicted"] == "fox"
+
+
+def test_regression_rows_hold_true_and_predicted_values() -> None:
+    rows = answers.regression_rows(["x"], np.array([[1.0, 2.0]]), np.array([[1.5, 2.0]]), ["h", "w"])
+    assert rows[0] == {"id": "x", "true_h": 1.0, "predicted_h": 1.5, "true_w": 2.0, "predicted_w": 2.0, "loss": 0.25}
+
+
+def test_errors_png_draws_the_worst_and_names_the_unreadable(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    for i in range(4):
+        (root / "c").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(root / "c" / f"{i}.png")
+    (root / "c" / "3.png").unlink()  # gone since extraction
+    y = np.zeros(4, np.int64)
+    proba = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.1, 0.9]])
+    rows = answers.classification_rows([f"c/{i}.png" for i in range(4)], y, proba, ["c", "d"])
+    note = answers.write_errors_png(tmp_path / "errors.png", rows, identity={"kind": "folder", "root": str(root)})
+    assert note is not None and "1 of 4" in note and "c/3.png" in note
+    assert Image.open(tmp_path / "errors.png").size[0] > 100
+
+
+def test_small_images_hint_at_extract() -> None:
+    from pipeline.stage1.datasets import Source, array_split
+    from pipeline.stage1.extract import small_images_hint
+
+    def source(px: int) -> Source:
+        arrays = np.zeros((10, px, px), np.uint8)
+        return Source(name="s", classes=["a"], splits={"train": array_split(arrays, np.zeros(10, np.int64))})
+
+    hint = small_images_hint(source(28), crop=224, resize="crop")
+    assert hint and "28 px" in hint and "--resize full" in hint
+    assert small_images_hint(source(28), crop=224, resize="full") is None
+    assert small_images_hint(source(200), crop=224, resize="crop") is None
+
+
+def test_positive_curves_are_of_that_class_with_the_threshold_and_its_confusion(tmp_path: Path) -> None:
+    from pipeline.stage2.heads import HeadConfig
+    from pipeline.stage2.training import train_head
+    from tests.conftest import write_feature_file
+
+    features = write_feature_file(tmp_path / "f.h5", classes=4)
+    cfg = HeadConfig(head="logreg", positive="class_2", target_recall=0.9, device="cpu")
+    metrics = train_head(features, cfg, out=tmp_path / "h")
+    assert list(metrics.curves.per_class) == ["class_2"]  # not all 4 classes
+    for name in ("pr_roc.png", "confusion_threshold.png", "confusion.png", "predictions.csv"):
+        assert (tmp_path / "h" / name).is_file(), name

@@ -1,0 +1,84 @@
+"""--sweep cannot lose: the defaults are in every grid and are replaced only by a choice that beats them beyond
+noise on the held-out rows."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.stage2 import choice
+from pipeline.stage2.heads import HeadConfig, build_head
+from tests.conftest import separable_features
+
+
+def _held(n: int) -> np.ndarray:
+    return np.arange(0, n, 5)  # every fifth row: 20%
+
+
+def test_the_heads_own_settings_join_the_grid() -> None:
+    head = build_head(HeadConfig(head="linear", lr=7e-4), num_classes=3, feature_dim=4)
+    grid, own = choice.with_own_point(head, [{"lr": 1e-3, "weight_decay": 0.0}])
+    assert own == 1 and grid[own] == {"lr": 7e-4, "weight_decay": 0.0}
+    head = build_head(HeadConfig(head="linear"), num_classes=3, feature_dim=4)
+    grid, own = choice.with_own_point(head, type(head).sweep_grid(head.cfg))
+    assert grid[own] == {"lr": head.cfg.lr, "weight_decay": head.cfg.weight_decay} and len(grid) == 15
+
+
+def test_a_choice_within_noise_keeps_the_defaults_and_says_so() -> None:
+    X, y = separable_features(n=600, classes=3, spread=1.0)
+    cfg = HeadConfig(head="linear", epochs=5, device="cpu")
+    head = build_head(cfg, num_classes=3, feature_dim=32)
+    grid = [{"lr": 1e-3, "weight_decay": 0.0}, {"lr": 1e-3, "weight_decay": 1e-7}]  # the same head, nearly
+    # the second point "scored" higher by a hair (as the highest of many noisy scores does)
+    index, record = choice.guard(head, X, y, held=_held(600), grid=grid, scores=[0.80, 0.81], own=0)
+    assert index == 0 and record["kept_defaults"] and "not beyond noise" in record["note"]
+    assert record["p_value_vs_defaults"] > 0.05
+
+
+def test_on_data_where_a_high_rate_ends_badly_the_sweep_keeps_a_head_as_good_as_the_defaults() -> None:
+    """A learning rate so high the last epoch bounces (noisy labels): whatever the held-out scores, the head the
+    sweep hands back is at least as good as the defaults on the held-out rows, and a clearly better one is taken."""
+    rng = np.random.default_rng(0)
+    X, y = separable_features(n=1500, classes=4, spread=0.6)
+    y = np.where(rng.random(1500) < 0.2, rng.integers(0, 4, 1500), y)  # 20% label noise
+    cfg = HeadConfig(head="linear", epochs=6, device="cpu")
+    head = build_head(cfg, num_classes=4, feature_dim=32)
+    held = _held(1500)
+    fit = np.setdiff1d(np.arange(1500), held)
+    grid = [{"lr": 1e-3, "weight_decay": 0.0}, {"lr": 3.0, "weight_decay": 0.0}, {"lr": 1e-6, "weight_decay": 0.0}]
+    accuracy = lambda t, p: float((p.argmax(1) == t).mean())  # noqa: E731
+    scores = head.sweep_scores(X[fit], y[fit], (X[held], y[held]), grid=grid, score=accuracy)
+    # even were the bouncing rate's held-out score the highest, it must beat the defaults beyond noise
+    for claimed in (scores, [scores[0], max(scores) + 0.01, scores[2]]):
+        index, record = choice.guard(head, X, y, held=held, grid=grid, scores=claimed, own=0)
+        got = choice.held_out_predictions(head, grid[index], X, y, held).argmax(1)
+        defaults = choice.held_out_predictions(head, grid[0], X, y, held).argmax(1)
+        assert (got == y[held]).mean() >= (defaults == y[held]).mean()
+    # the defaults against a rate too small to learn: the defaults win; seen from the tiny rate, they beat it
+    tiny = build_head(HeadConfig(head="linear", epochs=6, lr=1e-6, device="cpu"), num_classes=4, feature_dim=32)
+    index, record = choice.guard(tiny, X, y, held=held, grid=grid, scores=[0.9, 0.1, 0.3], own=2)
+    assert index == 0 and not record["kept_defaults"] and record["p_value_vs_defaults"] < 0.05
+
+
+def test_standardize_hint_when_linear_trails_logreg_on_raw_features() -> None:
+    from pipeline.stage2.comparing import standardize_hint
+
+    rows = [{"head": "linear", "val_accuracy": 0.62}, {"head": "logreg", "val_accuracy": 0.85},
+            {"head": "mlp", "val_accuracy": 0.83}]  # fmt: skip
+    hint = standardize_hint(rows, base=HeadConfig(head="linear"))
+    assert hint and "linear 0.620" in hint and "mlp" not in hint and "--standardize" in hint
+    assert standardize_hint(rows, base=HeadConfig(head="linear", standardize=True)) is None
+    rows[0]["val_accuracy"] = 0.82
+    assert standardize_hint(rows, base=HeadConfig(head="linear")) is None
+
+
+def test_overfitting_advice_after_a_sweep_knows_what_was_swept() -> None:
+    from types import SimpleNamespace
+
+    from pipeline.stage2.evaluate import overfitting_warning
+
+    m = SimpleNamespace(overfitting=True, head="logreg", overfit_words=lambda: "train exceeds val",
+                        sweep={"chosen": {"C": 0.5}, "kept_defaults": False})  # fmt: skip
+    line = overfitting_warning(m)
+    assert "already chose" in line and "C 0.5" in line and "smaller --C" not in line
+    m.sweep = None
+    assert "--sweep to choose" in overfitting_warning(m)
