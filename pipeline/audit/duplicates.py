@@ -28,7 +28,7 @@ from pipeline.audit.neighbours import Neighbours
 log = logging.getLogger(__name__)
 
 SAME_FEATURES = 0.9995
-PHASH_BITS = 6  # of 64: a one-pixel shift and a JPEG re-encoding moved the 64-bit DCT hash by a few bits
+PHASH_BITS = 4  # of 64: a one-pixel shift and a JPEG re-encoding move a 64-bit DCT hash by a few bits
 THRESHOLD_Z = 2.5  # measured on planted copies in the digits: see docs/audit.md
 
 
@@ -124,24 +124,24 @@ def exact_pairs(rows: Rows) -> list[tuple[int, int]]:
 
 
 def phash_pairs(rows: Rows, *, bits: int = PHASH_BITS) -> list[tuple[int, int]]:
-    """Pairs of rows whose perceptual hashes differ in at most ``bits`` bits: exact buckets on the hash's four
-    16-bit quarters (pigeonhole: two hashes within 3 bits share a quarter), checked on all 64 bits."""
+    """Pairs of rows whose perceptual hashes differ in at most ``bits`` bits. Candidates come from exact buckets on
+    ``bits + 1`` slices of the 64 bits (pigeonhole: two hashes within ``bits`` bits agree on at least one slice),
+    then checked on all 64 bits: no all-pairs comparison."""
     if rows.phash is None:
         return []
     h = rows.phash.astype(np.uint64)
+    width = -(-64 // (bits + 1))
     found: set[tuple[int, int]] = set()
-    for q in range(4):
-        key = (h >> np.uint64(16 * q)) & np.uint64(0xFFFF)
+    for lo in range(0, 64, width):
+        key = (h >> np.uint64(lo)) & np.uint64((1 << min(width, 64 - lo)) - 1)
         order = np.argsort(key, kind="stable")
-        bounds = np.flatnonzero(np.diff(key[order])) + 1
-        for group in np.split(order, bounds):
-            if len(group) < 2 or len(group) > 512:  # a flat image's hash: too common to mean a copy
+        for group in np.split(order, np.flatnonzero(np.diff(key[order])) + 1):
+            if len(group) < 2 or len(group) > 2048:  # a blank image's slice: too common to mean anything
                 continue
             a, b = np.triu_indices(len(group), 1)
             close = hamming(h[group[a]], h[group[b]]) <= bits
-            found.update(
-                zip(np.minimum(group[a], group[b])[close].tolist(), np.maximum(group[a], group[b])[close].tolist())
-            )
+            i, j = group[a][close], group[b][close]
+            found.update(zip(np.minimum(i, j).tolist(), np.maximum(i, j).tolist()))
     return sorted(found)
 
 

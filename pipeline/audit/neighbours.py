@@ -36,11 +36,12 @@ def normalise(X: torch.Tensor) -> torch.Tensor:
 def project(X: torch.Tensor, *, dim: int, seed: int = 0) -> torch.Tensor:
     """``X`` (unit rows) on its first ``dim`` principal directions, rows re-normalised; ``X`` itself when it has no
     more than ``dim`` columns. Near-parallel rows stay near-parallel: they differ little in every direction."""
-    if dim <= 0 or X.shape[1] <= dim:
+    if dim <= 0 or min(X.shape) <= dim:
         return X
-    torch.manual_seed(seed)
     mean = X.mean(0, keepdim=True)
-    _, _, V = torch.pca_lowrank(X - mean, q=dim, center=False, niter=2)
+    with torch.random.fork_rng(devices=[X.device] if X.device.type == "cuda" else []):  # seeded, the caller's RNG kept
+        torch.manual_seed(seed)
+        _, _, V = torch.pca_lowrank(X - mean, q=dim, center=False, niter=2)
     return normalise((X - mean) @ V)
 
 
