@@ -20,7 +20,7 @@ class AuditConfig:
     )
     k: int = option(10, "Neighbours kept per image (near-duplicates, outliers).")
     search_dim: int = option(
-        128, "Search neighbours on the features projected to this many principal directions (0: all columns); the "
+        64, "Search neighbours on the features projected to this many principal directions (0: all columns); the "
         "candidates are then re-scored exactly on all columns.",
     )  # fmt: skip
     folds: int = option(5, "K of the K-fold out-of-sample probabilities (fewer when a class has fewer images).")
