@@ -1,12 +1,11 @@
 """The names a user can pass to the commands, for ``pipeline list``: backbones, weights, datasets and heads.
 
-Each list is read from the registry that checks the name (torchvision's model and weights registries, the
-dataset table, ``HEADS``), so a name shown here is a name the command accepts.
+Each list is read from the registry that checks the name (``BACKBONE_FAMILIES``, the dataset table,
+``HEADS``), so a name shown here is a name the command accepts.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,35 +23,11 @@ class Entry:
 
 
 def backbones() -> list[Entry]:
-    """Every torchvision classification model, with its pretrained weights names."""
-    import torchvision
+    """Every family's backbones (``BACKBONE_FAMILIES``): torchvision's models with their pretrained weights names,
+    and the pattern of a prefixed family (``timm:NAME``)."""
+    from pipeline.stage1.backbones import BACKBONE_FAMILIES
 
-    from pipeline.stage1.backbones import available_backbones
-
-    entries = []
-    for name in available_backbones():
-        members = [k for k in torchvision.models.get_model_weights(name).__members__ if k != "DEFAULT"]
-        entries.append(Entry(name, ", ".join(members) if members else "no pretrained weights"))
-    return entries
-
-
-def _cached_file(url: str) -> Path:
-    # Where torch.hub keeps a downloaded checkpoint (the place backbones' offline message names).
-    import torch
-
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
-
-
-def _weights_note(w: object) -> str:
-    meta = getattr(w, "meta", {})
-    crop = w.transforms().crop_size[0]  # type: ignore[attr-defined]
-    top1 = next((m["acc@1"] for m in meta.get("_metrics", {}).values() if "acc@1" in m), None)
-    parts = [f"{crop} px"]
-    if top1 is not None:
-        parts.append(f"ImageNet top-1 {top1:.1f}")
-    cached = _cached_file(w.url).is_file()  # type: ignore[attr-defined]
-    parts.append("cached, works offline" if cached else "downloaded on first use")
-    return ", ".join(parts)
+    return [Entry(name, note) for family in BACKBONE_FAMILIES.values() for name, note in family.listing()]
 
 
 def local_weight_files(weights_dir: Path = DEFAULT_WEIGHTS_DIR) -> list[Path]:
@@ -63,38 +38,14 @@ def local_weight_files(weights_dir: Path = DEFAULT_WEIGHTS_DIR) -> list[Path]:
 
 
 def weights(backbone: str = "resnet18", *, weights_dir: Path = DEFAULT_WEIGHTS_DIR) -> list[Entry]:
-    """``--weights`` values for ``backbone``: torchvision names, ``none`` and local state_dict files."""
-    import torchvision
-
+    """``--weights`` values for ``backbone``: its family's (torchvision's weights names; timm's pretrained tags),
+    ``none`` and the local state_dict files under ``weights_dir`` that load into it."""
     from pipeline.errors import PipelineError
-    from pipeline.stage1.backbones import available_backbones
-    from pipeline.stage1.timm_models import is_timm_name
+    from pipeline.stage1.backbones import family_of, is_known_backbone
 
-    if is_timm_name(backbone):
-        return _timm_weights(backbone, weights_dir=weights_dir)
-    if backbone not in available_backbones():
+    if not is_known_backbone(backbone):
         raise PipelineError(f"unknown backbone {backbone!r}; `python -m pipeline list backbones` shows the names")
-    enum = torchvision.models.get_model_weights(backbone)
-    entries = []
-    for key, w in enum.__members__.items():
-        note = f"= {w.name}" if key == "DEFAULT" else _weights_note(w)
-        entries.append(Entry(key, note))
-    entries.append(Entry("none", "random initialisation seeded by --seed (for tests and baselines)"))
-    for path in local_weight_files(weights_dir):
-        if _fits(backbone, path):
-            entries.append(Entry(str(path), f"local state_dict, {path.stat().st_size / 2**20:.0f} MiB"))
-    return entries
-
-
-def _timm_weights(backbone: str, *, weights_dir: Path) -> list[Entry]:
-    """``--weights`` values for a ``timm:`` backbone: its pretrained tags (as ``--backbone timm:ARCH.TAG
-    --weights pretrained``), ``none`` and local files that fit."""
-    from pipeline.stage1.timm_models import pretrained_tags
-
-    entries = [
-        Entry(f"pretrained (--backbone {tag})", "cached, works offline" if cached else "downloaded on first use")
-        for tag, cached in pretrained_tags(backbone)
-    ] or [Entry("pretrained", "timm has no pretrained weights for this model")]
+    entries = [Entry(value, note) for value, note in family_of(backbone).weights_choices(backbone)]
     entries.append(Entry("none", "random initialisation seeded by --seed (for tests and baselines)"))
     entries += [Entry(str(p), f"local weights file, {p.stat().st_size / 2**20:.0f} MiB")
                 for p in local_weight_files(weights_dir) if _fits(backbone, p)]  # fmt: skip
@@ -138,15 +89,10 @@ def datasets(*, data_root: Path = Path("data")) -> list[Entry]:
 
 
 def heads() -> list[Entry]:
-    """``--head`` names, each with the first sentence of its class's docstring."""
-    from pipeline.stage2.heads import HEADS
+    """``--head`` names, each with its registry entry's one-line description (no head module is imported)."""
+    from pipeline.stage2.heads.registry import HEADS
 
-    entries = []
-    for name, cls in HEADS.items():
-        doc = " ".join((cls.__doc__ or "").replace("``", "").split())
-        first = doc.split(". ")[0].rstrip(".")
-        entries.append(Entry(name, first))
-    return entries
+    return [Entry(name, spec.description) for name, spec in HEADS.items()]
 
 
 LISTS: dict[str, Callable[..., list[Entry]]] = {

@@ -282,16 +282,13 @@ def train_head_cmd(features: str, out: str | None, force: bool, **opts: Any) -> 
     """Stage two: train one head on cached features and report its metrics."""
     from pipeline.stage2.evaluate import format_report
     from pipeline.stage2.heads import HeadConfig
-    from pipeline.stage2.train import train_head
+    from pipeline.stage2.tasks import TASKS
+    from pipeline.stage2.training import train_head
 
     metrics = train_head(Path(features), _config(HeadConfig, opts), out=out, force=force)
     click.echo(format_report(metrics, title=f"{opts['head']} head on {features}"))
-    if metrics.get("task") == "regress":
-        pngs = ", regression.png"
-    else:
-        pngs = ", confusion.png" + (", pr_roc.png" if metrics["curves"]["per_class"] else "")
-    pngs += ", curves.png" if metrics.get("history") else ""
-    click.echo(f"\nwrote {metrics['out']}/ (metrics.json, config.json, head.safetensors{pngs})")
+    pngs = "".join(f", {name}" for name in TASKS[metrics.task].figures(metrics))
+    click.echo(f"\nwrote {metrics.out}/ (metrics.json, config.json, head.safetensors{pngs})")
 
 
 @cli.command("compare")
@@ -333,9 +330,9 @@ def compare_cmd(
     **opts: Any,
 ) -> None:
     """Train several head types on one feature file and print one comparison table."""
+    from pipeline.stage2.comparing import compare, compare_table, parse_heads
     from pipeline.stage2.heads import HeadConfig
-    from pipeline.stage2.regression import feature_task
-    from pipeline.stage2.train import compare, compare_table, parse_heads
+    from pipeline.stage2.tasks import feature_task
 
     names = parse_heads(heads, task=feature_task(Path(features), opts["task"]))
     base = _config(HeadConfig, {"head": names[0], **opts})
@@ -344,7 +341,8 @@ def compare_cmd(
                         others={"--shots": shots, "--baseline": baseline, "--layer": opts["layer"]})  # fmt: skip
         return
     if shots:
-        from pipeline.stage2.train import compare_shots, parse_shots, shots_table
+        from pipeline.stage2.comparing import compare_shots, shots_table
+        from pipeline.stage2.protocol import parse_shots
 
         result = compare_shots(Path(features), heads=names, base=base, shots=parse_shots(shots), out=out, force=force)
         click.echo(f"{result['label']}: {result['n_train']} train / {result['n_val']} val")
@@ -375,7 +373,7 @@ def _compare_layers(
     features: str, *, layers: str, names: list[str], base: Any, out: str | None, force: bool, others: dict[str, Any]
 ) -> None:
     """``compare --layers``: the best head per layer, then each layer's table of heads."""
-    from pipeline.stage2.train import compare_layers, layers_report
+    from pipeline.stage2.comparing import compare_layers, layers_report
 
     given = [flag for flag, value in others.items() if value is not None]
     if given:

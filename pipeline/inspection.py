@@ -13,33 +13,25 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.store import WeightsIdentity, read_features, read_meta
+from pipeline.store import FeatureMeta, WeightsIdentity, read_features, read_meta
 
 
-def _get(meta: Any, key: str) -> Any:
-    """``meta[key]``, or None for a key this file does not carry (older files lack some)."""
-    try:
-        return meta[key]
-    except (KeyError, AttributeError, TypeError):
-        return None
-
-
-def _skipped(meta: Any) -> dict[str, list[str]] | None:
+def _skipped(meta: FeatureMeta) -> dict[str, list[str]] | None:
     """Unreadable images per split; None when the metadata does not say."""
-    recorded = _get(meta, "skipped")
+    recorded = meta.extra.get("skipped")
     if isinstance(recorded, dict):
         return {str(k): list(v) for k, v in recorded.items()}
-    config = _get(meta, "config") or {}
+    config = meta.config or {}
     if isinstance(config, dict) and config.get("skip_bad") is False:
         return {}  # without --skip-bad, extract stops at the first unreadable image: none were skipped
     return None
 
 
-def _weights_source(meta: Any) -> str | None:
+def _weights_source(meta: FeatureMeta) -> str | None:
     """The --weights path a file's features came from (the fingerprint holds only its sha256)."""
-    config = _get(meta, "config") or {}
+    config = meta.config or {}
     try:
-        is_file = WeightsIdentity.parse(str(_get(meta, "weights") or "")).kind == "file"
+        is_file = WeightsIdentity.parse(str(meta.weights or "")).kind == "file"
     except PipelineError:
         return None
     return config.get("weights") if is_file and isinstance(config, dict) else None
@@ -49,29 +41,29 @@ def summarize(path: Path) -> dict[str, Any]:
     """A JSON-ready summary of one feature file (a ``.tmp`` of an unfinished extraction too, without counts)."""
     path = Path(path)
     meta = read_meta(path)
-    complete = bool(_get(meta, "complete"))
+    complete = bool(meta.complete)
     summary: dict[str, Any] = {
         "path": str(path),
         "bytes": path.stat().st_size,
         "complete": complete,
-        "dataset": _get(meta, "dataset"),
-        "dataset_identity": _get(meta, "dataset_identity"),
-        "backbone": _get(meta, "backbone"),
-        "weights": _get(meta, "weights"),
+        "dataset": meta.dataset,
+        "dataset_identity": meta.dataset_identity,
+        "backbone": meta.backbone,
+        "weights": meta.weights,
         "weights_source": _weights_source(meta),
-        "feature_dim": _get(meta, "feature_dim"),
-        "dtype": (_get(meta, "config") or {}).get("dtype"),
-        "preprocessing": _get(meta, "preprocessing"),
-        "precision": _get(meta, "precision"),
-        "device": _get(meta, "device"),
-        "fingerprint": _get(meta, "fingerprint"),
-        "created": _get(meta, "created"),
-        "extract_seconds": _get(meta, "extract_seconds"),
+        "feature_dim": meta.feature_dim,
+        "dtype": (meta.config or {}).get("dtype"),
+        "preprocessing": meta.preprocessing,
+        "precision": meta.precision,
+        "device": meta.device,
+        "fingerprint": meta.fingerprint,
+        "created": meta.created,
+        "extract_seconds": meta.extract_seconds,
         "skipped": _skipped(meta),
-        "targets": _get(meta, "targets"),  # regression targets (extract --targets): names, source, sha256
-        "versions": _get(meta, "versions"),
-        "layers": _get(meta, "layers"),
-        "activations": _get(meta, "activations"),
+        "targets": meta.targets,  # regression targets (extract --targets): names, source, sha256
+        "versions": meta.versions,
+        "layers": meta.layers,
+        "activations": meta.activations,
         "classes": None,
         "counts": None,
     }

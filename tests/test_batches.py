@@ -136,7 +136,7 @@ def test_gpu_decode_features_agree_with_the_loader(jpeg_folder: Path, tmp_path: 
     (r_dec, f_dec), (r_pil, f_pil) = results["gpu-decode"], results["loader"]
     assert r_dec.skipped == r_pil.skipped and set().union(*r_dec.skipped.values()) == BAD
     assert r_dec.fingerprint != r_pil.fingerprint  # the source is part of what made the features
-    identity = f_dec.meta["identity"]  # a JSON string, or a dict once every attribute decodes to its written type
+    identity = f_dec.meta.identity  # a JSON string, or a dict once every attribute decodes to its written type
     assert (json.loads(identity) if isinstance(identity, str) else identity)["preprocess_on"] == "gpu-decode"
     for a, b in ((f_dec.train, f_pil.train), (f_dec.val, f_pil.val)):
         assert list(a.ids) == list(b.ids)

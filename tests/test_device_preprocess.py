@@ -117,7 +117,7 @@ def test_device_path_gives_pil_features_on_real_digits(
     kw = {"backbone": backbone, "weights": weights}
     loader = read_features(_extract(tmp_path, source, preprocess="loader", **kw))
     device = read_features(_extract(tmp_path, source, preprocess="device", **kw))
-    assert loader.meta["fingerprint"] != device.meta["fingerprint"]  # the batch source is part of the identity
+    assert loader.meta.fingerprint != device.meta.fingerprint  # the batch source is part of the identity
     for split in ("train", "val"):
         assert np.array_equal(loader.splits[split].labels, device.splits[split].labels)
     agree = agreement(loader, device)

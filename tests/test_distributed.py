@@ -48,7 +48,7 @@ def assert_same_features(a: Path, b: Path) -> None:
     fa, fb = read_features(a), read_features(b)
     assert fa.classes == fb.classes
     for key in ("fingerprint", "backbone", "weights", "feature_dim", "preprocessing", "dataset_identity"):
-        assert fa.meta[key] == fb.meta[key], key
+        assert getattr(fa.meta, key) == getattr(fb.meta, key), key
     for name in ("train", "val"):
         sa, sb = fa.splits[name], fb.splits[name]
         assert list(sa.ids) == list(sb.ids) and np.array_equal(sa.labels, sb.labels)
@@ -88,7 +88,7 @@ def test_torchrun_two_ranks_equal_single_process(odd_folder: Path, tmp_path: Pat
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"wrote {merged}: train 18, val 3" in done.stdout
     assert_same_features(single, merged)
-    assert read_meta(merged)["merge"]["shards"] == 2  # provenance: merged from 2 shards (a dict, as written)
+    assert read_meta(merged).merge["shards"] == 2  # provenance: merged from 2 shards (a dict, as written)
     assert not list(tmp_path.glob("merged.h5.shard-*"))  # merged, so the shards are gone
 
 
@@ -236,7 +236,7 @@ def test_the_merge_follows_the_one_partial_file_policy(odd_folder: Path, tmp_pat
     for rank in (0, 1):
         extract_shard(cfg, plan=plan, rank=rank, world=2)
     merge_shards(cfg, plan=plan, world=2)
-    assert read_meta(out)["resumed_from"] == {"train": 4, "val": 0}
+    assert read_meta(out).resumed_from == {"train": 4, "val": 0}
     assert_same_features(single, out)
 
     unreadable = single.read_bytes()[:600]  # an HDF5 signature, then nothing usable

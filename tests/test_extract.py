@@ -103,7 +103,7 @@ def test_other_settings_are_refused_without_force(image_folder: Path, tmp_path: 
     first = _run(image_folder, out)
     with pytest.raises(PipelineError, match="other settings.*--force"):
         _run(image_folder, out, **change)
-    assert read_meta(out)["fingerprint"] == first.fingerprint  # nothing lost
+    assert read_meta(out).fingerprint == first.fingerprint  # nothing lost
     redone = _run(image_folder, out, force=True, **change)
     assert redone.fingerprint != first.fingerprint
 
@@ -141,7 +141,7 @@ def test_random_weights_are_reproducible(image_folder: Path, tmp_path: Path) -> 
 def test_resolved_defaults_are_recorded(image_folder: Path, tmp_path: Path) -> None:
     """batch_size/workers/compile None mean "by device": the file records the values that ran, not None."""
     res = _run(image_folder, tmp_path / "f.h5", batch_size=None, workers=None, compile=None)
-    config = read_features(res.path).meta["config"]
+    config = read_features(res.path).meta.config
     config = json.loads(config) if isinstance(config, str) else config
     assert config["batch_size"] == 64 and config["workers"] == 2 and config["compile"] is False
     assert config["pin_memory"] is False and config["prefetch"] == 2 and config["pad_to"] == 0

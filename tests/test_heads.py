@@ -23,6 +23,7 @@ from pipeline.stage2.heads import (
     load_head,
     save_head,
 )
+from pipeline.stage2.tasks import TASKS
 from pipeline.stage2.train import (
     compare_shots,
     few_shot,
@@ -39,7 +40,7 @@ FAST = {"epochs": 20, "lr": 1e-2, "hidden": 32, "k": 5, "device": "cpu"}
 
 
 @pytest.mark.parametrize(
-    "name", [name for name, cls in HEADS.items() if cls.inputs == "features"]
+    "name", [name for name, spec in HEADS.items() if spec.inputs == "features"]
 )  # tail: test_tail.py
 def test_every_head_learns_and_round_trips(name: str, tmp_path: Path) -> None:
     X, y = separable_features(n=600, classes=4, spread=1.0)
@@ -168,7 +169,6 @@ def test_fitting_threads_is_one_on_cpu_and_restored() -> None:
 
 def test_knn_train_metrics_leave_one_out_on_a_sample(make_feature_file, monkeypatch: pytest.MonkeyPatch) -> None:
     """A point is never its own neighbour in knn's train metrics, and at most TRAIN_METRIC_ROWS rows are scored."""
-    from pipeline.stage2.heads import KNNHead
 
     monkeypatch.setattr(KNNHead, "TRAIN_METRIC_ROWS", 500)
     X, y = _imbalanced()  # overlapping classes: with itself as a neighbour, k=1 would score 1.0
@@ -187,7 +187,7 @@ def test_linear_sweep_scores_the_whole_grid_in_one_pass() -> None:
     X, y = separable_features(n=400, classes=4, spread=1.0)
     head = LinearHead(HeadConfig(epochs=3, device="cpu"), num_classes=4, feature_dim=32)
     grid = [{"lr": 1e-5, "weight_decay": 0.0}, {"lr": 1e-2, "weight_decay": 0.0}]
-    scores = head.sweep_scores(X[:300], y[:300], (X[300:], y[300:]), grid=grid)
+    scores = head.sweep_scores(X[:300], y[:300], (X[300:], y[300:]), grid=grid, score=TASKS["classify"].held_out_score)
     assert len(scores) == 2 and scores[1] > scores[0] and scores[1] > 0.9
 
 
@@ -222,7 +222,7 @@ def test_sweep_records_grid_in_metrics_json_and_refits(feature_file: Path, tmp_p
 def test_sweep_is_skipped_when_nothing_can_be_held_out() -> None:
     X, y = separable_features(n=4, classes=4)
     head = build_head(HeadConfig(head="logreg", sweep=True), num_classes=4, feature_dim=32)
-    cfg, record = sweep(head, X, y)
+    cfg, record = sweep(head, X, y, task=TASKS["classify"])
     assert cfg == head.cfg and "skipped" in record
 
 
@@ -386,7 +386,7 @@ def test_a_cli_run_uses_the_head_config_defaults(feature_file: Path, tmp_path: P
     assert code == 0, err
     saved = json.loads((tmp_path / "c" / "config.json").read_text())["head_config"]
     defaults = asdict(HeadConfig(head="knn"))
-    assert saved == {k: defaults[k] for k in ("head", *KNNHead.settings)}
+    assert saved == {k: defaults[k] for k in ("head", *HEADS["knn"].settings)}
 
 
 def test_train_head_on_a_missing_gpu_is_a_usage_error(feature_file: Path, capsys, monkeypatch) -> None:
@@ -462,7 +462,9 @@ def test_logreg_path_warm_starts_cost_few_fits() -> None:
     X, y = X[order], y[order]
     head = LogRegHead(HeadConfig(head="logreg", device="cpu"), num_classes=10, feature_dim=64)
     grid = LogRegHead.sweep_grid(head.cfg)
-    scores = head.sweep_scores(X[:1400], y[:1400], (X[1400:], y[1400:]), grid=grid)
+    scores = head.sweep_scores(
+        X[:1400], y[:1400], (X[1400:], y[1400:]), grid=grid, score=TASKS["classify"].held_out_score
+    )
     best = grid[int(np.argmax(scores))]
     one = LogRegHead(replace(head.cfg, **best), num_classes=10, feature_dim=64).fit(X, y).info
     assert len(scores) == 45 and max(scores) > 0.9
@@ -471,7 +473,6 @@ def test_logreg_path_warm_starts_cost_few_fits() -> None:
 
 def test_knn_scores_the_same_in_small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     """With a block of 5 queries' worth of similarities, the answer is the same as in one block."""
-    from pipeline.stage2.heads import KNNHead
 
     X, y = separable_features(n=300, classes=4, spread=2.0)
     head = build_head(HeadConfig(head="knn", k=5, device="cpu"), num_classes=4, feature_dim=32)

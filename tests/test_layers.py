@@ -21,7 +21,7 @@ from pipeline.errors import PipelineError
 from pipeline.stage1.backbones import Backbone, Preprocessing, load_backbone, pool, with_outputs
 from pipeline.stage1.distributed import extract_distributed
 from pipeline.stage1.extract import ExtractConfig, ExtractInterrupted, default_out, extract, plan_extraction
-from pipeline.store import FeatureWriter, read_activations, read_features, read_meta, tmp_path_for
+from pipeline.store import FeatureWriter, fingerprint, read_activations, read_features, read_meta, tmp_path_for
 from tests.conftest import TINY_ARGS, TINY_EXTRACT, assert_one_line_error, run, write_image_folder
 from tests.test_reliability import one_thread  # noqa: F401 - autouse: one torch thread in this module
 
@@ -78,7 +78,11 @@ def test_a_plain_run_is_unchanged(folder: Path, tmp_path: Path) -> None:
     cfg = _cfg(folder, tmp_path / "plain.h5")
     plan = plan_extraction(cfg)
     assert set(plan.identity) == {"schema_version", "backbone", "weights", "preprocessing", "dataset", "dtype",
-                                  "precision"}  # fmt: skip
+                                  "precision", "preprocess_on"}  # fmt: skip
+    # the keys a plain run records at their defaults hash as absent: the fingerprint of a file written before them
+    legacy = {k: v for k, v in plan.identity.items() if k != "preprocess_on"}
+    legacy["preprocessing"] = {k: v for k, v in legacy["preprocessing"].items() if k != "resize"}
+    assert plan.identity["preprocess_on"] == "loader" and plan.fp == fingerprint(legacy)
     assert plan.backbone.layers is None and plan.backbone.activations is None
     extract(cfg)
     meta = read_meta(tmp_path / "plain.h5")

@@ -97,7 +97,7 @@ def test_confusion_cells_show_counts_beside_shares() -> None:
 
 def test_curves_say_how_they_were_measured() -> None:
     from pipeline.stage2.heads import HeadConfig
-    from pipeline.stage2.train import curves_note
+    from pipeline.stage2.training import curves_note
 
     note = curves_note(HeadConfig(head="mlp", dropout=0.5))
     assert "dropout 0.5 on" in note and "dropout off" in note

@@ -76,5 +76,5 @@ def test_cli_precision_resize_and_amp_alias(tmp_path: Path, image_folder: Path, 
     assert code == 0, err
 
     meta = read_meta(out)
-    assert meta["precision"] == "fp32" and meta["preprocessing"]["resize"] == "full"
-    assert meta["config"]["precision"] == "fp32"
+    assert meta.precision == "fp32" and meta.preprocessing["resize"] == "full"
+    assert meta.config["precision"] == "fp32"

@@ -17,8 +17,8 @@ from pipeline.stage1.extract import ExtractConfig, extract
 from pipeline.stage1.targets import TargetTable, match_targets, read_targets_csv
 from pipeline.stage2.evaluate import regression_metrics
 from pipeline.stage2.heads import HEADS, HeadConfig, build_head, load_head
-from pipeline.stage2.regression import with_task
-from pipeline.stage2.train import compare, fit_and_evaluate_regression, parse_heads, sweep, train_head
+from pipeline.stage2.tasks import TASKS, with_task
+from pipeline.stage2.train import compare, fit_and_evaluate, parse_heads, sweep, train_head
 from pipeline.store import FeatureWriter, read_features, read_meta
 from tests.conftest import TINY_ARGS, TINY_EXTRACT, assert_one_line_error, run
 
@@ -68,7 +68,7 @@ def test_ridge_recovers_linear_targets() -> None:
 def test_ridge_sweep_chooses_alpha_on_held_out_train() -> None:
     X, Y, _ = linear_data(n=300)
     head = build_head(HeadConfig(head="ridge", task="regress", sweep=True, device="cpu"), num_classes=2, feature_dim=16)
-    cfg, record = sweep(head, X, Y)
+    cfg, record = sweep(head, X, Y, task=TASKS["regress"])
     assert record["metric"] == "R^2" and len(record["held_out_r2"]) == len(record["grid"])
     assert record["n_held_out"] == 60 and record["n_fit"] == 240
     assert cfg.alpha == record["chosen"]["alpha"] <= 1.0  # almost no noise: little shrinkage wins
@@ -157,11 +157,10 @@ def test_compare_on_a_regression_file_sorts_by_val_r2(tmp_path: Path) -> None:
 
 def test_task_classify_ignores_the_targets(tmp_path: Path) -> None:
     fs = read_features(write_regression_file(tmp_path / "r.h5"))
-    from pipeline.stage2.train import fit_and_evaluate
 
     _, metrics, _ = fit_and_evaluate(fs, HeadConfig(head="centroid", task="classify"))
     assert "val_accuracy" in metrics and "val_r2" not in metrics
-    _, metrics, _ = fit_and_evaluate_regression(fs, replace(HeadConfig(head="ridge", device="cpu"), task="regress"))
+    _, metrics, _ = fit_and_evaluate(fs, replace(HeadConfig(head="ridge", device="cpu"), task="regress"))
     assert metrics["val_r2"] > 0.99
 
 

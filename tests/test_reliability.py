@@ -54,7 +54,7 @@ def reference(big_folder: Path, tmp_path_factory: pytest.TempPathFactory):
 
 def _assert_same_features(path: Path, ref) -> None:
     got = read_features(path)
-    assert got.classes == ref.classes and got.meta["fingerprint"] == ref.meta["fingerprint"]
+    assert got.classes == ref.classes and got.meta.fingerprint == ref.meta.fingerprint
     for name in ("train", "val"):
         assert np.array_equal(got.splits[name].features, ref.splits[name].features), name  # bit-identical
         assert np.array_equal(got.splits[name].labels, ref.splits[name].labels)
@@ -271,12 +271,12 @@ def test_force_discards_a_partial_file_and_nothing_else_does(image_folder: Path,
     assert tmp.read_bytes() == partial and not out.exists()  # nothing lost
 
     forced = extract(ExtractConfig(**{**cfg, "image_size": 48, "force": True}))
-    assert forced.resumed_from == {"train": 0, "val": 0} and read_features(out).meta["preprocessing"]["crop_size"] == 48
+    assert forced.resumed_from == {"train": 0, "val": 0} and read_features(out).meta.preprocessing["crop_size"] == 48
     with pytest.raises(PipelineError, match="other settings.*--force"):
         extract(ExtractConfig(**cfg))  # a complete file with other settings: refused, kept
-    assert read_features(out).meta["preprocessing"]["crop_size"] == 48
+    assert read_features(out).meta.preprocessing["crop_size"] == 48
     redone = extract(ExtractConfig(**{**cfg, "force": True}))
-    assert not redone.reused and read_features(out).meta["preprocessing"]["crop_size"] == 32
+    assert not redone.reused and read_features(out).meta.preprocessing["crop_size"] == 32
 
 
 # ------------------------------------------------------------------------------------------ the fingerprint
@@ -376,7 +376,7 @@ def test_random_weights_are_seeded_in_the_fingerprint(image_folder: Path, tmp_pa
     assert a.fingerprint == b.fingerprint != c.fingerprint
     fa, fb, fc = (read_features(r.path).train.features for r in (a, b, c))
     assert np.array_equal(fa, fb) and not np.array_equal(fa, fc)
-    assert read_features(a.path).meta["weights"] == "none(seed=0)"
+    assert read_features(a.path).meta.weights == "none(seed=0)"
 
 
 # ------------------------------------------------------------------------------------------ full disk (issue 12)

@@ -17,7 +17,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from pipeline.fileio import atomic_write
-from pipeline.stage2.evaluate import overfitting_warning
+from pipeline.stage2.evaluate import HeadMetrics, overfitting_warning, summarize
 from pipeline.stage2.heads import HeadConfig
 from pipeline.stage2.train import compare, features_label, fit_and_evaluate, train_head, weights_label
 from pipeline.store import FeatureMeta, FileLock, read_features
@@ -135,11 +135,17 @@ def test_a_tie_in_the_sweep_is_said(feature_file: Path, tmp_path: Path) -> None:
     [("logreg", "--C", "--epochs"), ("linear", "--epochs", "--C"), ("mlp", "--dropout", "--k"), ("knn", "--k", "--C")],
 )
 def test_overfitting_advice_fits_the_head(head: str, says: str, not_says: str) -> None:
-    text = overfitting_warning({"head": head, "overfitting": True, "train_val_gap": 0.234})
+    def metrics(gap: float, **typed: object) -> HeadMetrics:
+        train = {"accuracy": 0.5 + gap, "loss": 0.1}
+        val = {"accuracy": 0.5, "loss": 0.2, "balanced_accuracy": 0.5, "macro_precision": 0.5, "macro_recall": 0.5,
+               "macro_f1": 0.5, "per_class": [], "confusion_matrix": []}  # fmt: skip
+        return summarize(train=train, val=val, fit_seconds=0.0, extra={"head": head, **typed})
+
+    text = overfitting_warning(metrics(0.234))
     assert text is not None and "23.4 points" in text and says in text and not_says not in text
     assert "--sweep" in text  # and once swept, it is not advised again
-    assert "--sweep" not in overfitting_warning({"head": head, "overfitting": True, "train_val_gap": 0.2, "sweep": {}})
-    assert overfitting_warning({"head": head, "overfitting": False, "train_val_gap": 0.05}) is None
+    assert "--sweep" not in overfitting_warning(metrics(0.2, sweep={}))
+    assert overfitting_warning(metrics(0.05)) is None
 
 
 def test_shots_beyond_a_class_size_are_said(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

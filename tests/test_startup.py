@@ -31,7 +31,6 @@ def test_light_commands_import_no_torch(argv: tuple[str, ...]) -> None:
     assert _heavy(*argv) == []
 
 
-@pytest.mark.xfail(strict=False, reason="torch-free after the stage2 branch makes pipeline.stage2.heads lazy")
-@pytest.mark.parametrize("argv", [("train-head", "--help"), ("list", "heads")], ids=" ".join)
+@pytest.mark.parametrize("argv", [("train-head", "--help"), ("compare", "--help"), ("list", "heads")], ids=" ".join)
 def test_head_commands_import_no_torch(argv: tuple[str, ...]) -> None:
     assert _heavy(*argv) == []

@@ -187,7 +187,7 @@ def test_partial_file_with_other_settings_is_kept(tmp_path: Path) -> None:
         raise OSError(28, "No space left on device")
 
     with pytest.MonkeyPatch.context() as mp:  # copying the committed rows fails: the partial file stays, said so
-        mp.setattr(store, "_blocks", disk_full)
+        mp.setattr(store.write, "row_blocks", disk_full)
         with pytest.raises(PipelineError, match=r"^disk full: 2 rows kept in .*f\.h5\.tmp; free space and rerun$"):
             _writer(path, data)
     assert tmp_path_for(path).read_bytes() == before
@@ -449,8 +449,8 @@ def test_lock_deleted_on_release_still_admits_one_holder_at_a_time(tmp_path: Pat
 
 def test_read_meta_of_a_written_file(feature_file: Path) -> None:
     meta = read_meta(feature_file)
-    assert meta["complete"] and meta["feature_dim"] == 32 and meta["schema_version"] == 1
-    assert json.loads(json.dumps(meta["dataset_identity"])) == {}
+    assert meta.complete and meta.feature_dim == 32 and meta.schema_version == store.SCHEMA_VERSION
+    assert json.loads(json.dumps(meta.dataset_identity)) == {}
 
 
 def test_default_fixture_still_writes_valid_files(tmp_path: Path) -> None:
@@ -496,11 +496,16 @@ def test_every_attribute_reads_back_as_the_type_it_was_written_as(tmp_path: Path
     for name in (f.name for f in dataclasses.fields(store.FeatureMeta)):
         if name in ("created", "complete", "extract_seconds", "resumed_from"):
             continue
-        assert getattr(got, name) == getattr(meta, name), name
-        assert type(getattr(got, name)) is type(getattr(meta, name)), name
+        want = getattr(meta.completed(), name)  # written complete: the keys of store.DEFAULTS filled in
+        assert getattr(got, name) == want, name
+        assert type(getattr(got, name)) is type(want), name
+    assert got.preprocessing == {**meta.preprocessing, "resize": "crop"}  # completed
     assert got.complete is True and got.extract_seconds == 1.5 and got.resumed_from == {"train": 2, "val": 0}
-    assert got["identity"] == meta.identity and isinstance(got["resumed_from"], dict)  # were JSON text
-    assert read_features(path).meta["preprocessing"]["crop_size"] == 32  # stage two indexes it like a dict
+    assert got.identity == meta.completed().identity and isinstance(got.resumed_from, dict)  # were JSON text
+    assert read_features(path).meta.preprocessing["crop_size"] == 32
+    with pytest.raises(TypeError):  # a typed record, read one way: by attribute
+        got["identity"]  # noqa: B018
+    assert not hasattr(got, "get")
     with h5py.File(path) as f:  # every attribute the file holds is a field of the record
         assert set(f.attrs) <= {f.name for f in dataclasses.fields(store.FeatureMeta)}
 
@@ -540,8 +545,10 @@ def test_a_version_1_file_of_the_previous_writer_is_read(tmp_path: Path) -> None
             g["ids"] = np.array([str(i) for i in range(n)], dtype=object)
             g.attrs.update(n_total=n, n_seen=n, n_rows=n, skipped="[]")
     meta = read_features(path).meta
-    assert meta.identity == {"backbone": "resnet18"} and meta.resumed_from == {"train": 0, "val": 0}
-    assert meta.merge == {"shards": 2, "seconds": 0.1} and meta["preprocessing"] == {"crop_size": 32}
+    assert meta.identity == {"backbone": "resnet18", "preprocess_on": "loader"}  # upgraded, as preprocessing
+    assert meta.resumed_from == {"train": 0, "val": 0}
+    assert meta.merge == {"shards": 2, "seconds": 0.1}
+    assert meta.preprocessing == {"crop_size": 32, "resize": "crop"}  # upgraded: the default it left out
     assert meta.feature_dim == 4 and type(meta.feature_dim) is int and meta.complete is True
 
 
@@ -596,7 +603,7 @@ def _commits(path: Path, n: int, **kw: object) -> FeatureWriter:
 def test_no_room_for_a_commit_keeps_the_last_one(tmp_path: Path, monkeypatch) -> None:
     path = tmp_path / "f.h5"
     w = _commits(path, 3)
-    monkeypatch.setattr(store, "_room_for", lambda *a, **kw: False)
+    monkeypatch.setattr(store.write, "room_for", lambda *a, **kw: False)
     with pytest.raises(store.DiskFull, match=r"^disk full: 3 rows kept in .*f\.h5\.tmp; free space and rerun$"):
         w.append("train", np.ones((1, 4), np.float32), np.array([0]), ["r3"], seen=1)
     w.close()  # after a failed commit: nothing more is written, no error

@@ -109,14 +109,14 @@ def test_curves_ap_and_auc_are_sklearns(n_classes: int) -> None:
     classes = [f"c{i}" for i in range(n_classes)]
     result = thresholds.curves(y, proba, classes)
     which = [1] if n_classes == 2 else range(n_classes)
-    assert list(result["per_class"]) == [classes[c] for c in which]
+    assert list(result.per_class) == [classes[c] for c in which]
     for c in which:
-        got = result["per_class"][classes[c]]
+        got = result.per_class[classes[c]]
         assert got["average_precision"] == pytest.approx(average_precision_score(y == c, proba[:, c]))
         assert got["roc_auc"] == pytest.approx(roc_auc_score(y == c, proba[:, c]))
         assert len(got["pr"]["recall"]) <= thresholds.CURVE_POINTS
     if n_classes > 2:
-        assert result["macro_roc_auc"] == pytest.approx(roc_auc_score(y, proba, multi_class="ovr"))
+        assert result.macro_roc_auc == pytest.approx(roc_auc_score(y, proba, multi_class="ovr"))
 
 
 def test_train_head_writes_the_curves_and_the_threshold(binary_file: Path, tmp_path: Path) -> None:

@@ -57,10 +57,10 @@ def test_extract_records_the_timm_model_and_its_data_config(pipeline_run: dict[s
     model = timm.create_model(name[5:], num_classes=0)
     cfg = timm.data.resolve_model_data_config(model)
     meta = read_meta(pipeline_run[name]["features"])
-    assert meta["backbone"] == name and meta["weights"] == "none(seed=0)"
-    assert meta["versions"]["timm"] == timm.__version__  # its model code computed the features
-    assert meta["feature_dim"] == model.num_features == 64
-    pre = meta["preprocessing"]
+    assert meta.backbone == name and meta.weights == "none(seed=0)"
+    assert meta.versions["timm"] == timm.__version__  # its model code computed the features
+    assert meta.feature_dim == model.num_features == 64
+    pre = meta.preprocessing
     # timm's eval recipe at a 32 px crop: shorter side to floor(32 / crop_pct), its interpolation, mean and std
     assert pre["crop_size"] == 32 and pre["resize_size"] == math.floor(32 / cfg["crop_pct"]) == 33
     assert pre["interpolation"] == cfg["interpolation"] == "bicubic"

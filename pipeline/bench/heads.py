@@ -188,7 +188,7 @@ def pca_file(path: Path, *, dim: int = 512) -> Path:
     splits = {
         s: (((fs.splits[s].features - mean) @ basis).astype(np.float32), fs.splits[s].labels) for s in ("train", "val")
     }
-    meta = {k: fs.meta[k] for k in ("backbone", "weights", "dataset") if k in fs.meta}
+    meta = {"backbone": fs.meta.backbone, "weights": fs.meta.weights, "dataset": fs.meta.dataset}
     _write(out, splits, classes=fs.classes, meta={**meta, "reduced": f"PCA to {dim} (fitted on train)"})
     return out
 

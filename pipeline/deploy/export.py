@@ -18,19 +18,20 @@ A regression head (``extract --targets``) exports the same way: its outputs are 
 units (ridge, linear and mlp fold the standardisation of features and targets into their layers), and MODEL.json
 says ``"task": "regress"`` and the ``targets`` names in place of ``classes``.
 
-``predict`` rebuilds the model from MODEL.json (``torchvision.models.get_model(backbone, weights=None)``, the head's
-layer put where the classifier was, or after the pooled layers traced as export traced them) and loads the tensors:
-no pickle is read, so a crafted file cannot run code.
+``predict`` rebuilds the model from MODEL.json (the backbone family's bare architecture, through
+:func:`~pipeline.stage1.backbones.rebuild_backbone` with :meth:`ExportMeta.backbone_record`; the head's layer put where
+the classifier was, or after the pooled layers traced as export traced them) and loads the tensors: no pickle is
+read, so a crafted file cannot run code.
 
-The backbone is rebuilt from the head's ``config.json`` exactly as ``extract`` built it (same weights identity,
-same crop size), so the exported logits on an image equal the head's logits on that image's cached features.
+The backbone is rebuilt from the head's ``config.json`` (its record of the feature file's backbone) exactly as
+``extract`` built it, through the same door (same weights identity, same crop size), so the exported logits on an
+image equal the head's logits on that image's cached features.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,22 +41,21 @@ import torch
 import torchvision
 from safetensors.torch import save
 from torch import nn
-from torchvision.transforms import InterpolationMode
 
 from pipeline.errors import PipelineError
 from pipeline.fileio import atomic_write, write_json
 from pipeline.stage1.backbones import (
-    TIMM_PREFIX,
     Backbone,
+    BackboneRecord,
     Preprocessing,
-    file_sha256,
+    family_of,
     is_known_backbone,
-    load_backbone,
-    with_outputs,
+    rebuild_backbone,
 )
 from pipeline.stage1.tail import put_back
-from pipeline.stage2.heads import Head, HeadConfig, build_head, load_head
-from pipeline.store import ALL_LAYERS, WeightsIdentity
+from pipeline.stage2.heads import HEADS, head_class, load_head
+from pipeline.stage2.heads.base import Head
+from pipeline.store import ALL_LAYERS
 
 log = logging.getLogger(__name__)
 PROGRAM_SUFFIX = ".pt2"
@@ -89,69 +89,59 @@ def _int(value: Any, what: str, *, low: int = 1) -> int:
     return value
 
 
-def _numbers(value: Any, what: str, *, positive: bool = False) -> tuple[float, ...]:
-    ok = isinstance(value, list) and len(value) == 3
-    ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
-    if not ok or (positive and min(value) <= 0):
-        kind = "positive" if positive else "finite"
-        raise PipelineError(f"{what} must be 3 {kind} numbers (one per RGB channel), not {value!r}")
-    return tuple(float(v) for v in value)
-
-
-def read_preprocessing(d: Any) -> Preprocessing:
-    """MODEL.json's ``preprocessing``, every field checked (a std of 0 or a 2-value mean gives wrong answers)."""
-    required = set(Preprocessing().as_dict())  # plus "resize" when it is not the default "crop"
-    if not isinstance(d, dict) or not required <= set(d) <= required | {"resize"}:
-        raise PipelineError(f"preprocessing must have the keys {sorted(required)} (and optionally 'resize')")
-    interpolations = [m.value for m in InterpolationMode]
-    if d["interpolation"] not in interpolations:
-        raise PipelineError(f"preprocessing.interpolation must be one of {interpolations}, not {d['interpolation']!r}")
-    return Preprocessing(
-        resize_size=_int(d["resize_size"], "preprocessing.resize_size"),
-        crop_size=_int(d["crop_size"], "preprocessing.crop_size"),
-        mean=_numbers(d["mean"], "preprocessing.mean"),
-        std=_numbers(d["std"], "preprocessing.std", positive=True),
-        interpolation=d["interpolation"],
-        resize=d.get("resize", "crop"),
-    )
-
-
 @dataclass(frozen=True)
 class HeadLayer:
-    """The head's layer, enough to rebuild it: one ``nn.Linear`` or the ``mlp`` head's ``nn.Sequential``."""
+    """The head's layer, enough to rebuild it: one ``nn.Linear`` (``type`` "linear"), or a head type's own module
+    (``type`` its name, e.g. the ``mlp`` head's ``nn.Sequential``) shaped by the knobs the head records
+    (:meth:`~pipeline.stage2.heads.base.Head.layer_record`: the mlp's ``hidden`` and ``dropout``), written beside
+    ``type`` in MODEL.json."""
 
-    type: str  # "linear" | "mlp"
+    type: str  # "linear" | a head name
     in_features: int
     out_features: int
-    hidden: int | None = None  # mlp
-    dropout: float | None = None  # mlp (inactive in eval(); kept so the module is the head's own)
+    knobs: dict[str, Any] = field(default_factory=dict)  # what shapes a head type's own module (empty: linear)
 
     def __post_init__(self) -> None:
-        if self.type not in ("linear", "mlp"):
-            raise PipelineError(f"head_layer.type must be 'linear' or 'mlp', not {self.type!r}")
+        if self.type != "linear" and self.type not in HEADS:
+            raise PipelineError(f"head_layer.type must be 'linear' or a head name ({', '.join(HEADS)}), "
+                                f"not {self.type!r}")  # fmt: skip
         _int(self.in_features, "head_layer.in_features")
         _int(self.out_features, "head_layer.out_features")
-        if self.type == "mlp":
-            _int(self.hidden, "head_layer.hidden")
-            ok = isinstance(self.dropout, (int, float)) and not isinstance(self.dropout, bool)
-            if not ok or not 0 <= self.dropout < 1:
-                raise PipelineError(f"head_layer.dropout must be in [0, 1), not {self.dropout!r}")
+        if self.type != "linear":
+            self.head()  # the knobs are the head's own: its config checks them
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> HeadLayer:
+        d = dict(d)
+        try:
+            return cls(d.pop("type"), d.pop("in_features"), d.pop("out_features"), d)
+        except KeyError as e:
+            raise PipelineError(f"head_layer lacks {e}") from None
 
     @classmethod
     def of(cls, head: Head, layer: nn.Module) -> HeadLayer:
         if isinstance(layer, nn.Linear):
             return cls("linear", layer.in_features, layer.out_features)
-        if head.name == "mlp":  # the hidden size and dropout from the head's config, which built the layer
-            return cls("mlp", head.feature_dim, head.num_classes, head.cfg.hidden, head.cfg.dropout)
-        raise PipelineError(f"cannot describe a {head.name} head's layer ({type(layer).__name__}) for export")
+        knobs = head.layer_record()
+        if not knobs:
+            raise PipelineError(f"cannot describe a {head.name} head's layer ({type(layer).__name__}) for export")
+        return cls(head.name, head.feature_dim, head.num_classes, knobs)
+
+    def head(self) -> Head:
+        """A head of this type, shaped by the recorded knobs (its tensors not loaded yet)."""
+        return head_class(self.type).from_layer_record(
+            self.knobs, in_features=self.in_features, out_features=self.out_features
+        )
 
     def build(self, state: dict[str, torch.Tensor]) -> nn.Module:
         """The layer with ``state`` (its tensors, named as in the layer) loaded; names or shapes that do not fit
-        are a :class:`PipelineError`. The mlp's layout is the head's own (``MLPHead.load_state``)."""
-        if self.type == "mlp":
-            cfg = HeadConfig(head="mlp", hidden=self.hidden, dropout=self.dropout)
-            head = build_head(cfg, num_classes=self.out_features, feature_dim=self.in_features)
-            head.load_state({k: v.numpy() for k, v in state.items()})
+        are a :class:`PipelineError`. A head type's own module has the head's own layout (its ``load_state``)."""
+        if self.type != "linear":
+            head = self.head()
+            try:
+                head.load_state({k: v.numpy() for k, v in state.items()})
+            except KeyError as e:
+                raise PipelineError(f"the head's tensors lack {e} that a {self.type} layer needs") from None
             return head.as_module()
         layer = nn.Linear(self.in_features, self.out_features)
         wanted = {k: tuple(v.shape) for k, v in layer.state_dict().items()}
@@ -162,8 +152,7 @@ class HeadLayer:
         return layer
 
     def as_dict(self) -> dict[str, Any]:
-        d = {"type": self.type, "in_features": self.in_features, "out_features": self.out_features}
-        return d | ({"hidden": self.hidden, "dropout": self.dropout} if self.type == "mlp" else {})
+        return {"type": self.type, "in_features": self.in_features, "out_features": self.out_features, **self.knobs}
 
 
 def _utf8(text: str) -> bool:
@@ -248,6 +237,12 @@ class ExportMeta:
         }
         return plain | regress | layers
 
+    def backbone_record(self) -> BackboneRecord:
+        """The backbone this model is built on, as :func:`rebuild_backbone` takes it: the bare architecture (the
+        tensors are loaded into it), at the recorded crop, traced to the recorded layers, as wide as the head."""
+        return BackboneRecord(self.backbone, self.preprocessing, feature_dim=self.head_layer.in_features,
+                              layers=self.layers, classifier_path=self.classifier_path)  # fmt: skip
+
     @property
     def head_path(self) -> str:
         """Where the head's layer sits in the model (its tensors are named ``<head_path>.*``)."""
@@ -270,10 +265,10 @@ class ExportMeta:
         if not isinstance(d[names], list) or not isinstance(d["head_layer"], dict):
             raise PipelineError(f"{names} must be a list and head_layer a mapping")
         try:
-            layer = HeadLayer(**d["head_layer"])
+            layer = HeadLayer.from_dict(d["head_layer"])
         except TypeError as e:
             raise PipelineError(f"head_layer: {e}") from None
-        pre = read_preprocessing(d["preprocessing"])
+        pre = Preprocessing.from_dict(d["preprocessing"])
         decision = Decision.from_dict(d.get("decision"))
         layers = d.get("layers")
         if layers is not None and not isinstance(layers, list):
@@ -310,6 +305,7 @@ def read_meta(path: Path) -> ExportMeta:
 def _meta(config: dict[str, Any], head: Head, layer: nn.Module, backbone: Backbone, out: Path) -> dict[str, Any]:
     """The one writer of MODEL.json: :class:`ExportMeta`'s fields plus what produced the model."""
     meta = _export_meta(config, head, layer, backbone)
+    family = family_of(backbone.name)
     linear = meta.head_layer.type == "linear"
     loads_into = (
         _layers_loads_into(backbone, meta)
@@ -330,22 +326,21 @@ def _meta(config: dict[str, Any], head: Head, layer: nn.Module, backbone: Backbo
         "head_config": config.get("head_config"),
         "features_fingerprint": config.get("features_fingerprint"),
         "state_dict_loads_into": loads_into,
-        "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__, **_timm_version(backbone)},
+        "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__, **family.versions()},
     }
     return _regression_entries(d, meta) if meta.targets else d
 
 
 def _export_meta(config: dict[str, Any], head: Head, layer: nn.Module, backbone: Backbone) -> ExportMeta:
+    """MODEL.json's record from the head's config.json: its task's entries (a classifier's classes and decision,
+    a regression head's targets: what the task's ``config_record`` wrote) and the layer."""
     layers = tuple(e["name"] for e in backbone.layers) if backbone.layers else None  # the traced pooled layers
-    if not head.regress:
-        return ExportMeta(tuple(config["classes"]), backbone.preprocess, backbone.name, backbone.classifier_path,
-                          HeadLayer.of(head, layer), Decision.from_dict(config.get("decision")),
-                          layers=layers)  # fmt: skip
-    targets = config.get("targets")
-    if not isinstance(targets, list):
+    targets = config.get("targets", []) if head.regress else []
+    if not isinstance(targets, list) or (head.regress and not targets):
         raise PipelineError("the regression head's config.json has no list of targets; train it again")
-    return ExportMeta((), backbone.preprocess, backbone.name, backbone.classifier_path, HeadLayer.of(head, layer),
-                      targets=tuple(targets), layers=layers)  # fmt: skip
+    classes = () if targets else tuple(config["classes"])
+    return ExportMeta(classes, backbone.preprocess, backbone.name, backbone.classifier_path, HeadLayer.of(head, layer),
+                      Decision.from_dict(config.get("decision")), targets=tuple(targets), layers=layers)  # fmt: skip
 
 
 def _regression_entries(d: dict[str, Any], meta: ExportMeta) -> dict[str, Any]:
@@ -358,40 +353,24 @@ def _regression_entries(d: dict[str, Any], meta: ExportMeta) -> dict[str, Any]:
 
 def _loads_into(backbone: Backbone, *, head: str, classes: int, linear: bool) -> str:
     """MODEL.json's note on which plain model MODEL.safetensors loads into (for other tools)."""
-    if backbone.name.startswith(TIMM_PREFIX):
-        sized = hasattr(backbone.model, "set_input_size")  # a fixed input size (ViTs): built at the crop size
-        size = f", img_size={backbone.preprocess.crop_size}" if sized else ""
-        build = f"timm.create_model({backbone.name[len(TIMM_PREFIX) :]!r}{size}"
-        if linear:
-            return f"{build}, num_classes={classes})"
-        return f"{build}, num_classes=0) with {backbone.classifier_path} replaced by the {head} head's nn.Sequential"
+    family = family_of(backbone.name)
     if linear:
-        return f"torchvision.models.get_model({backbone.name!r}, num_classes={classes})"
+        return family.constructor(backbone, num_classes=classes)
     return (
-        f"torchvision.models.get_model({backbone.name!r}) with {backbone.classifier_path} replaced by the "
+        f"{family.constructor(backbone, num_classes=None)} with {backbone.classifier_path} replaced by the "
         f"{head} head's nn.Sequential (head_layer)"
     )
 
 
 def _layers_loads_into(backbone: Backbone, meta: ExportMeta) -> str:
     """MODEL.json's note for a head on pooled layers: no plain model has that shape, so say how it is built."""
-    if backbone.name.startswith(TIMM_PREFIX):
-        build = f"timm.create_model({backbone.name[len(TIMM_PREFIX) :]!r}, num_classes=0) traced with timm's"
-    else:
-        build = f"torchvision.models.get_model({backbone.name!r}) traced with torchvision's"
+    family = family_of(backbone.name)
     return (
-        f"{build} create_feature_extractor(return_nodes={list(meta.layers)}) as {LAYERS_BODY}.body, each node's "
+        f"{family.constructor(backbone, num_classes=None)} traced with {family.tracer} "
+        f"create_feature_extractor(return_nodes={list(meta.layers)}) as {LAYERS_BODY}.body, each node's "
         f"output averaged over its spatial positions (or tokens) and concatenated in that order, then the "
         f"{meta.head_layer.type} head's layer as {LAYERS_HEAD} (pipeline.deploy.export.classifier_model)"
     )
-
-
-def _timm_version(backbone: Backbone) -> dict[str, str]:
-    if not backbone.name.startswith(TIMM_PREFIX):
-        return {}
-    import timm  # a timm backbone was just built: it is installed
-
-    return {"timm": timm.__version__}
 
 
 # ------------------------------------------------------------------------------------------ the model
@@ -435,49 +414,23 @@ def classifier_model(backbone: Backbone, layer: nn.Module) -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def _weights_argument(config: dict[str, Any]) -> tuple[str, int]:
-    """(the ``--weights`` value, seed) that rebuild the backbone whose weights identity the head records."""
-    identity = WeightsIdentity.parse(str(config.get("weights") or ""))
-    if identity.kind != "file":
-        return identity.argument, identity.seed
-    source = (config.get("extract_config") or {}).get("weights")
-    if not source:
-        raise PipelineError("the head's config.json does not say which weights file made the features; retrain it")
-    path = Path(str(source))
-    if not path.is_file():
-        raise PipelineError(f"export needs the backbone weights file the features were made with ({path}); not found")
-    if file_sha256(path) != identity.value:
-        raise PipelineError(f"{path} has changed since the features were extracted (sha256 differs)")
-    return str(path), 0
-
-
-def rebuild_backbone(config: dict[str, Any], *, layers: list[str] | None = None) -> Backbone:
-    """The frozen backbone a head was trained on, checked against what the feature file recorded; with ``layers``,
-    one that outputs those nodes pooled and concatenated (:func:`with_outputs`), each as wide as recorded."""
+def _head_record(config: dict[str, Any], *, layers: list[str] | None) -> BackboneRecord:
+    """The backbone a head was trained on, from its config.json (which repeats the feature file's record); with
+    ``layers``, the pooled nodes it took, as wide as recorded."""
     name = config.get("backbone")
     pre = config.get("preprocessing") or {}
     if not isinstance(name, str) or not is_known_backbone(name) or "crop_size" not in pre:
         raise PipelineError("this head was not trained on features from `pipeline extract`; nothing to export")
-    weights, seed = _weights_argument(config)
-    backbone = load_backbone(
-        name, weights=weights, image_size=int(pre["crop_size"]), seed=seed, resize=pre.get("resize", "crop")
+    dims = tuple(int(e.get("dim", 0)) for e in config["layers"]) if layers else None
+    return BackboneRecord(
+        name,
+        Preprocessing.from_dict(pre),
+        weights=str(config.get("weights") or ""),
+        weights_source=(config.get("extract_config") or {}).get("weights"),
+        feature_dim=int(config["feature_dim"]),
+        layers=tuple(layers) if layers else None,
+        layer_dims=dims,
     )
-    if backbone.preprocess.as_dict() != pre:
-        raise PipelineError(
-            f"rebuilt {name} preprocessing {backbone.preprocess.as_dict()} differs from the features' {pre}"
-        )
-    if backbone.weights != config.get("weights"):  # e.g. timm's default tag for a name has changed since
-        raise PipelineError(f"rebuilt {name} has weights {backbone.weights}; the features were made with "
-                            f"{config.get('weights')}")  # fmt: skip
-    if layers:
-        backbone = with_outputs(backbone, layers=layers)
-        if backbone.layers != config.get("layers"):
-            raise PipelineError(f"rebuilt {name} gives the layers {backbone.layers}; the head took {config['layers']}")
-    if backbone.feature_dim != int(config["feature_dim"]):
-        raise PipelineError(
-            f"rebuilt {name} gives {backbone.feature_dim}-d features; the head takes {config['feature_dim']}"
-        )
-    return backbone
 
 
 def attach_head(model: nn.Module, classifier_path: str, layer: nn.Module) -> nn.Module:
@@ -529,7 +482,7 @@ def export_model(head_dir: Path | str, out: Path | str) -> ExportResult:
     # pooled inner layers (extract --layers): the backbone is traced to compute them. Not for the tail head, which
     # takes the activations and ends where the classifier sat whatever else the file stored
     layers = None if head.inputs == "activations" else layer_names(config)
-    backbone = rebuild_backbone(config, layers=layers)
+    backbone = rebuild_backbone(_head_record(config, layers=layers))
     if head.inputs == "activations":  # the tail head: its trained blocks go back into the backbone, by name
         put_back(backbone.model, head.backbone_state())
     meta = _meta(config, head, layer, backbone, out)
@@ -545,6 +498,5 @@ def export_model(head_dir: Path | str, out: Path | str) -> ExportResult:
     atomic_write(out, lambda p: torch.export.save(program, p))
     atomic_write(tensors_path, lambda p: _save_tensors(model, p, identity))
     write_json(meta_path, meta)
-    if head.regress:
-        return ExportResult(out, tensors_path, meta_path, [], diff, targets=list(config["targets"]))
-    return ExportResult(out, tensors_path, meta_path, list(config["classes"]), diff)
+    targets = meta.get("targets", [])
+    return ExportResult(out, tensors_path, meta_path, [] if targets else list(config["classes"]), diff, targets=targets)

@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torchvision
 from safetensors import safe_open
 from torch import nn
 
@@ -42,7 +41,7 @@ from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.fileio import atomic_path
 from pipeline.progress import progress_bar
-from pipeline.stage1.backbones import TIMM_PREFIX, Backbone, Preprocessing, strip_classifier, with_outputs
+from pipeline.stage1.backbones import Preprocessing, rebuild_backbone
 from pipeline.stage1.batches import (
     SourceSettings,
     choose_source,
@@ -165,16 +164,13 @@ def _read_tensors(path: Path, meta: ExportMeta) -> dict[str, torch.Tensor]:
 
 
 def _assemble(meta: ExportMeta, state: dict[str, torch.Tensor]) -> nn.Module:
-    """torchvision's architecture (traced to give the pooled layers MODEL.json names, if any), the head's layer
+    """The backbone's architecture (traced to give the pooled layers MODEL.json names, if any), the head's layer
     where its classifier was (or after those layers), then every tensor checked (names, shapes, dtypes, finite
     values) and loaded."""
     bad = non_finite(state)
     if bad is not None:
         raise PipelineError(f"tensor {bad} holds NaN or infinite values")
-    model, where = _architecture(meta.backbone, meta.preprocessing.crop_size)
-    if where != meta.classifier_path:
-        raise PipelineError(f"{meta.backbone}'s classifier is {where!r}, not {meta.classifier_path!r}")
-    backbone = _on_layers(Backbone(model, meta.preprocessing, meta.backbone, "", 0, where), meta)
+    backbone = rebuild_backbone(meta.backbone_record())  # the architecture, traced to MODEL.json's layers if any
     prefix = meta.head_path + "."
     layer = meta.head_layer.build({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
     model = classifier_model(backbone, layer)
@@ -190,31 +186,6 @@ def _assemble(meta: ExportMeta, state: dict[str, torch.Tensor]) -> nn.Module:
             raise PipelineError(f"tensor {k} is {got}; {meta.backbone} needs {want}")
     model.load_state_dict(state)
     return model
-
-
-def _on_layers(backbone: Backbone, meta: ExportMeta) -> Backbone:
-    """``backbone`` traced to output the pooled layers MODEL.json names (as export traced it: the same module
-    names), or as it is for a model without them. A node the architecture lacks is one line."""
-    if not meta.layers:
-        return backbone
-    backbone = with_outputs(backbone, layers=list(meta.layers))
-    if backbone.feature_dim != meta.head_layer.in_features:
-        dims = " + ".join(f"{e['name']} {e['dim']}" for e in backbone.layers or [])
-        raise PipelineError(f"the layers give {backbone.feature_dim} features ({dims}); the head takes "
-                            f"{meta.head_layer.in_features}")  # fmt: skip
-    return backbone
-
-
-def _architecture(backbone: str, crop_size: int) -> tuple[nn.Module, str]:
-    """The bare backbone (random init, overwritten by the tensors; the caller's RNG untouched) and where its
-    classifier sat: torchvision's, or a timm model fitted to ``crop_size`` as extract built it."""
-    if backbone.startswith(TIMM_PREFIX):
-        from pipeline.stage1.timm_models import timm_architecture  # timm is optional: imported for timm models only
-
-        return timm_architecture(backbone, crop_size)
-    with torch.random.fork_rng(devices=[]):
-        model = torchvision.models.get_model(backbone, weights=None)
-    return model, strip_classifier(model)
 
 
 @torch.inference_mode()
@@ -399,53 +370,95 @@ def predict_with(
     truth: Truth | None = None,
     reading: Reading | None = None,
 ) -> PredictResult:
-    """Classify ``paths`` with a loaded classifier; write the CSV to ``out`` (temporary name, then renamed).
-    A regression model writes its predicted values instead (:func:`predict_values`)."""
+    """Run a loaded model over ``paths``; write the CSV to ``out`` (temporary name, then renamed). What each row
+    holds is the model's task's (:func:`outputs_for`): a classifier's top-k classes, a regression model's values."""
     if (batch_size is not None and batch_size < 1) or top_k < 1:
         raise PipelineError("--batch-size and --top-k must be at least 1")
     if reading is None or reading.batch_size != batch_size:
         reading = replace(reading or Reading(), batch_size=batch_size)
     if reading.workers is not None and reading.workers < 0:
         raise PipelineError(f"--workers must be 0 or more, not {reading.workers}")
-    if clf.targets:
-        return predict_values(clf, paths, out=Path(out), reading=reading, progress=progress, truth=truth)
-    top_k = min(top_k, len(clf.classes))
     out = Path(out)
-    result = PredictResult(out=out, n_images=len(paths), classes=list(clf.classes))
+    outputs = outputs_for(clf, top_k=top_k, truth=truth)
+    result = outputs.result(out=out, n_images=len(paths))
     t0 = time.perf_counter()
     with atomic_path(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow(_columns(top_k, decision=clf.decision))
-        _predict_all(clf, paths, writer=writer, result=result, reading=reading, top_k=top_k, progress=progress)
+        writer.writerow(outputs.columns())
+        for ok_paths, batch, bad in _batched_outputs(clf, paths, reading=reading, progress=progress):
+            _report_bad(bad, writer=writer, result=result, blank=outputs.blank())
+            if batch is not None:
+                writer.writerows(outputs.rows(ok_paths, batch, result=result))
     result.seconds = time.perf_counter() - t0
     return result
 
 
-def _predict_all(
-    clf: Classifier,
-    paths: list[Path],
-    *,
-    writer: Any,
-    result: PredictResult,
-    reading: Reading,
-    top_k: int,
-    progress: bool,
-) -> None:
-    blank = [""] * (2 * top_k + (2 if clf.decision else 0))
-    for ok_paths, logits, bad in _batched_outputs(clf, paths, reading=reading, progress=progress):
-        _report_bad(bad, writer=writer, result=result, blank=blank)
-        if logits is not None:
-            proba = torch.softmax(logits, dim=1)
-            rows = _rows(ok_paths, proba, clf.classes, top_k)
-            decided, how = decide(clf, proba)
-            if clf.decision:
-                rows = [[*row[:-1], clf.classes[k], by, row[-1]] for row, k, by in zip(rows, decided, how)]
-            writer.writerows(rows)
-            result.counts.update(clf.classes[k] for k in decided)
-            index = {c: i for i, c in enumerate(clf.classes)}
-            for path, pred in zip(ok_paths, decided):
-                if path.parent.name in index:  # images sorted into class folders: the folder is the truth
-                    result.labelled.append((index[path.parent.name], pred))
+class LabelOutputs:
+    """A classifier's CSV: per image the top-k classes with their probabilities; with MODEL.json's threshold also
+    the class it decided and how. The result counts the decided classes, and scores the images that sit in a
+    folder named after a class."""
+
+    def __init__(self, clf: Classifier, *, top_k: int) -> None:
+        self.clf, self.top_k = clf, min(top_k, len(clf.classes))
+
+    def result(self, *, out: Path, n_images: int) -> PredictResult:
+        return PredictResult(out=out, n_images=n_images, classes=list(self.clf.classes))
+
+    def columns(self) -> list[str]:
+        return _columns(self.top_k, decision=self.clf.decision)
+
+    def blank(self) -> list[str]:
+        return [""] * (2 * self.top_k + (2 if self.clf.decision else 0))
+
+    def rows(self, paths: list[Path], logits: torch.Tensor, *, result: PredictResult) -> list[list[Any]]:
+        clf = self.clf
+        proba = torch.softmax(logits, dim=1)
+        rows = _rows(paths, proba, clf.classes, self.top_k)
+        decided, how = decide(clf, proba)
+        if clf.decision:
+            rows = [[*row[:-1], clf.classes[k], by, row[-1]] for row, k, by in zip(rows, decided, how)]
+        result.counts.update(clf.classes[k] for k in decided)
+        index = {c: i for i, c in enumerate(clf.classes)}
+        for path, pred in zip(paths, decided):
+            if path.parent.name in index:  # images sorted into class folders: the folder is the truth
+                result.labelled.append((index[path.parent.name], pred))
+        return rows
+
+
+class ValueOutputs:
+    """A regression model's CSV: ``path``, one column per target (the predicted values, in their units),
+    ``error``; with ``truth`` each image that has a true value is scored (:meth:`PredictResult.regression_scores`)."""
+
+    def __init__(self, clf: Classifier, *, truth: Truth | None) -> None:
+        self.clf, self.truth = clf, truth
+
+    def result(self, *, out: Path, n_images: int) -> PredictResult:
+        result = PredictResult(out=out, n_images=n_images, targets=list(self.clf.targets))
+        result.truth_source = self.truth.source if self.truth else None
+        return result
+
+    def columns(self) -> list[str]:
+        return ["path", *self.clf.targets, "error"]
+
+    def blank(self) -> list[str]:
+        return [""] * len(self.clf.targets)
+
+    def rows(self, paths: list[Path], outputs: torch.Tensor, *, result: PredictResult) -> list[list[Any]]:
+        values = outputs.numpy()
+        result.values.append(values)
+        if self.truth is not None:
+            for path, row in zip(paths, values):
+                if path in self.truth.values:
+                    result.truth.append((self.truth.values[path], row))
+                else:
+                    result.no_truth.append(shown(path))
+        return [[shown(p), *(f"{v:.7g}" for v in row), ""] for p, row in zip(paths, values)]
+
+
+def outputs_for(clf: Classifier, *, top_k: int, truth: Truth | None) -> LabelOutputs | ValueOutputs:
+    """What predict writes for the model's task (MODEL.json's ``task``): a regression model's values, else
+    classes. A third task (many labels per image) adds its writer here."""
+    return ValueOutputs(clf, truth=truth) if clf.targets else LabelOutputs(clf, top_k=top_k)
 
 
 def _report_bad(bad: list[tuple[Path, str]], *, writer: Any, result: PredictResult, blank: list[str]) -> None:
@@ -500,42 +513,6 @@ def read_truth(csv_path: Path, *, clf: Classifier, inputs: list[Path | str], pat
         raise PipelineError(f"no image matches an id of {table.source} (ids are paths relative to the folder given, "
                             f"such as {shown(ids[0])!r}; the CSV has {example!r})")  # fmt: skip
     return Truth(table.source, values)
-
-
-def predict_values(
-    clf: Classifier,
-    paths: list[Path],
-    *,
-    out: Path,
-    reading: Reading,
-    progress: bool,
-    truth: Truth | None = None,
-) -> PredictResult:
-    """A regression model over ``paths``: the CSV gets ``path``, one column per target, ``error``; with ``truth``
-    each image that has a true value is scored (:meth:`PredictResult.regression_scores`)."""
-    result = PredictResult(out=out, n_images=len(paths), targets=list(clf.targets))
-    result.truth_source = truth.source if truth else None
-    blank = [""] * len(clf.targets)
-    t0 = time.perf_counter()
-    with atomic_path(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["path", *clf.targets, "error"])
-        for ok_paths, outputs, bad in _batched_outputs(clf, paths, reading=reading, progress=progress):
-            _report_bad(bad, writer=writer, result=result, blank=blank)
-            if outputs is None:
-                continue
-            values = outputs.numpy()
-            writer.writerows([shown(p), *(f"{v:.7g}" for v in row), ""] for p, row in zip(ok_paths, values))
-            result.values.append(values)
-            for path, row in zip(ok_paths, values):
-                if truth is None:
-                    continue
-                if path in truth.values:
-                    result.truth.append((truth.values[path], row))
-                else:
-                    result.no_truth.append(shown(path))
-    result.seconds = time.perf_counter() - t0
-    return result
 
 
 def format_values(result: PredictResult) -> str:

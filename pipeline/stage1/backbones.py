@@ -1,372 +1,83 @@
-"""Frozen torchvision backbones: ``load_backbone`` returns the model and its preprocessing together."""
+"""The one door to a backbone: the registry of backbone families (:data:`BACKBONE_FAMILIES`, as
+``BATCH_SOURCES`` is for batch sources), :func:`load_backbone` (the model and its preprocessing together, for
+``extract``), :func:`rebuild_backbone` (the backbone a feature file, a head or an export records, for the tail head,
+``export`` and ``predict``), and the named layers a backbone can output instead of its classifier's input
+(``--layers``, ``--cache-at``).
+
+A name belongs to the first family that owns it: a prefixed family by its prefix (``timm:NAME``), else the family
+that lists the name (torchvision's). What a family is: :mod:`pipeline.stage1.families`.
+"""
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import logging
-import math
-import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import PIL
 import torch
-import torchvision
 from torch import nn
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as TF
 
 from pipeline.errors import PipelineError
-from pipeline.stage1.config import RESIZE_MODES
+from pipeline.stage1.families import (
+    Backbone,
+    BackboneFamily,
+    BackboneRecord,
+    file_sha256,
+    probe_dim,
+)
+from pipeline.stage1.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, pil_resample_matrix
+from pipeline.stage1.timm_models import TimmFamily
+from pipeline.stage1.torchvision_models import TorchvisionFamily
 from pipeline.store import WeightsIdentity
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# torchvision names the final classifier differently per family; the first attribute found is replaced.
-CLASSIFIER_ATTRS = ("fc", "classifier", "heads", "head")
+# Re-exported: the names stage one's callers have always imported from here.
+__all__ = [
+    "BACKBONE_FAMILIES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Backbone",
+    "BackboneFamily",
+    "BackboneRecord",
+    "Preprocessing",
+    "available_backbones",
+    "file_sha256",
+    "family_of",
+    "is_known_backbone",
+    "load_backbone",
+    "pil_resample_matrix",
+    "rebuild_backbone",
+    "with_outputs",
+]
+
+# Every family of backbones, by key. Prefixed families are asked first; adding a family is one entry here.
+BACKBONE_FAMILIES: dict[str, BackboneFamily] = {"torchvision": TorchvisionFamily(), "timm": TimmFamily()}
 
 
-TIMM_PREFIX = "timm:"  # --backbone timm:NAME: a timm model (pipeline.stage1.timm_models)
+def _families() -> list[BackboneFamily]:
+    families = list(BACKBONE_FAMILIES.values())
+    return [f for f in families if f.prefix] + [f for f in families if not f.prefix]
 
 
-@dataclass(frozen=True)
-class Preprocessing:
-    """Resize -> centre crop -> scale to [0, 1] -> normalise. Recorded in every feature file.
-
-    ``resize="crop"`` is the weights' recipe: the shorter side to ``resize_size``, then the centre ``crop_size``
-    square. ``resize="full"`` resizes the whole image straight to ``crop_size`` x ``crop_size`` and crops nothing
-    (``resize_size`` is unused): what reference recipes for low-resolution data do (CIFAR's ``Resize((224, 224))``),
-    where a crop would cut 12% of each side of an image that was never larger than its object.
-    """
-
-    resize_size: int = 256
-    crop_size: int = 224
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
-    interpolation: str = "bilinear"
-    resize: str = "crop"
-
-    def __post_init__(self) -> None:
-        if self.crop_size < 1 or self.resize_size < self.crop_size:
-            raise PipelineError(f"bad preprocessing sizes: resize {self.resize_size}, crop {self.crop_size}")
-        if self.resize not in RESIZE_MODES:
-            raise PipelineError(f"unknown resize mode {self.resize!r}; choose one of: {', '.join(RESIZE_MODES)}")
-
-    def as_dict(self) -> dict[str, Any]:
-        d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-        if self.resize == "crop":  # absent = the recipe every file had before the option: their fingerprints hold
-            del d["resize"]
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
-        return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
-
-    def with_crop(self, crop_size: int) -> Preprocessing:
-        """Same recipe at another crop size, keeping the resize/crop ratio (256/224 for ImageNet)."""
-        return replace(self, resize_size=round(crop_size * self.resize_size / self.crop_size), crop_size=crop_size)
-
-    def resized_size(self, height: int, width: int) -> tuple[int, int]:
-        """(height, width) of an image after the resize, before the crop. ``crop``: torchvision's
-        ``Resize(resize_size)`` rule (shorter side to ``resize_size``, the longer one scaled and truncated)."""
-        if self.resize == "full":
-            return self.crop_size, self.crop_size
-        short, long = sorted((height, width))
-        new_long = int(self.resize_size * long / short)
-        return (self.resize_size, new_long) if height <= width else (new_long, self.resize_size)
-
-    def geometry(self, img: Any) -> torch.Tensor:
-        """PIL image (or uint8 CHW tensor) -> uint8 CHW tensor, resized and cropped. Runs in loader workers."""
-        _, height, width = TF.get_dimensions(img)
-        interp = InterpolationMode(self.interpolation)
-        img = TF.resize(img, list(self.resized_size(height, width)), interpolation=interp, antialias=True)
-        img = TF.center_crop(img, [self.crop_size, self.crop_size])
-        return img if isinstance(img, torch.Tensor) else TF.pil_to_tensor(img)
-
-    def geometry_batch(self, batch: torch.Tensor) -> torch.Tensor:
-        """uint8 NCHW (or NHW greyscale) batch -> uint8 NCHW, resized and cropped where it sits (CPU or GPU).
-
-        The device-side twin of :meth:`geometry` for datasets held in memory as arrays, equal to it pixel for
-        pixel: PIL's resize as two matrix products (see :func:`pil_resample_matrix`), the crop folded into the
-        matrices. Greyscale is resized once and repeated to RGB, as PIL's ``convert("RGB")`` gives three equal
-        channels that it resizes alike.
-        """
-        x = batch.unsqueeze(1) if batch.ndim == 3 else batch
-        channels, height, width = x.shape[1:]
-        out_h, out_w = self.resized_size(height, width)
-        top, left = _crop_offset(out_h, self.crop_size), _crop_offset(out_w, self.crop_size)
-        if self.interpolation not in PIL_FILTERS:  # nearest: no PIL twin here; torch's resize, to rounding
-            interp = InterpolationMode(self.interpolation)
-            y = TF.resize(x.float(), [out_h, out_w], interpolation=interp, antialias=True)
-            y = TF.center_crop(y, [self.crop_size, self.crop_size]).round_().clamp_(0, 255).to(torch.uint8)
-        else:
-            rows = _resample_matrix(height, out_h, top, self.crop_size, self.interpolation, x.device)
-            cols = _resample_matrix(width, out_w, left, self.crop_size, self.interpolation, x.device)
-            y = x.to(rows.dtype)
-            if _vertical_first(height, width, out_h, out_w):  # Pillow's order: it sets the rounding between passes
-                y = _pil_pass(_pil_pass(y.transpose(-1, -2), rows).transpose(-1, -2), cols)
-            else:
-                y = _pil_pass(_pil_pass(y, cols).transpose(-1, -2), rows).transpose(-1, -2)
-            y = y.to(torch.uint8)
-        return y.expand(-1, 3, -1, -1) if channels == 1 else y
-
-    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
-        """uint8 NCHW batch -> float normalised batch in ``channels_last`` (the layout the backbones run in).
-        Runs on the device, after the (4x smaller) uint8 copy. One conversion into the new layout and two in-place
-        ops: the same values as ``(x.float() - mean) / std`` then ``.contiguous(channels_last)``, 40% faster on CPU
-        (6.6 against 10.7 ms for 64 x 3 x 96 x 96)."""
-        mean, std = _scaled_mean_std(self.mean, self.std, batch.device)
-        x = batch.to(torch.float32, memory_format=torch.channels_last, copy=True)  # a copy even if already float
-        return x.sub_(mean).div_(std)
-
-
-@functools.lru_cache(maxsize=16)
-def _scaled_mean_std(
-    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """mean*255 and std*255 as (1, C, 1, 1) tensors on ``device``, made once: building them per batch is a blocking
-    host-to-device copy, which on CUDA makes the CPU wait for every queued batch (one synchronisation per batch)."""
-    to = functools.partial(torch.tensor, device=device, dtype=torch.float32)
-    return to(mean).view(1, -1, 1, 1) * 255, to(std).view(1, -1, 1, 1) * 255
-
-
-# ------------------------------------------------------------------------------------------ PIL's resize on tensors
-# Pillow's libImaging/Resample.c, what torchvision's PIL path runs: a separable filter whose support widens with the
-# downscale factor (the antialiasing), coefficients normalised per output pixel and rounded to 22-bit fixed point,
-# then a horizontal pass and a vertical one, each rounded half up to an integer level and clipped to 0..255.
-PRECISION_BITS = 32 - 8 - 2
-_ONE = float(1 << PRECISION_BITS)
-_F32_054, _F32_046 = (float(np.float32(v)) for v in (0.54, 0.46))  # Resample.c writes them as 0.54f, 0.46f
-# Pillow 13 (python-pillow/Pillow#9549) runs the vertical pass first when the height shrinks by more than twice
-# what the width does; earlier versions always start with the horizontal one. The order changes the rounding.
-_PILLOW_VERTICAL_FIRST = int(PIL.__version__.split(".")[0]) >= 13
-
-
-def _box(x: float) -> float:
-    return 1.0 if -0.5 < x <= 0.5 else 0.0
-
-
-def _bilinear(x: float) -> float:
-    x = abs(x)
-    return 1.0 - x if x < 1.0 else 0.0
-
-
-def _hamming(x: float) -> float:
-    x = abs(x)
-    if x == 0.0:
-        return 1.0
-    if x >= 1.0:
-        return 0.0
-    x *= math.pi
-    return math.sin(x) / x * (_F32_054 + _F32_046 * math.cos(x))
-
-
-def _bicubic(x: float, a: float = -0.5) -> float:
-    x = abs(x)
-    if x < 1.0:
-        return ((a + 2.0) * x - (a + 3.0)) * x * x + 1
-    if x < 2.0:
-        return (((x - 5) * x + 8) * x - 4) * a
-    return 0.0
-
-
-def _sinc(x: float) -> float:
-    if x == 0.0:
-        return 1.0
-    x *= math.pi
-    return math.sin(x) / x
-
-
-def _lanczos(x: float) -> float:
-    return _sinc(x) * _sinc(x / 3) if -3.0 <= x < 3.0 else 0.0
-
-
-# interpolation name (torchvision's InterpolationMode value) -> (support, kernel), as in Resample.c
-PIL_FILTERS: dict[str, tuple[float, Callable[[float], float]]] = {
-    "box": (0.5, _box),
-    "bilinear": (1.0, _bilinear),
-    "hamming": (1.0, _hamming),
-    "bicubic": (2.0, _bicubic),
-    "lanczos": (3.0, _lanczos),
-}
-
-
-def pil_resample_matrix(in_size: int, out_size: int, interpolation: str = "bilinear") -> np.ndarray:
-    """Pillow's fixed-point coefficients for resizing one axis, as an ``(out_size, in_size)`` integer matrix:
-    output ``i`` of a pass is ``(sum_j m[i, j] * x[j] + 2**21) >> 22`` clipped to 0..255.
-
-    Follows ``precompute_coeffs`` and ``normalize_coeffs_8bpc`` operation for operation (same double arithmetic,
-    C's truncating casts), so the integers are Pillow's own.
-    """
-    support, kernel = PIL_FILTERS[interpolation]
-    scale = in_size / out_size
-    filterscale = max(scale, 1.0)
-    support *= filterscale
-    ss = 1.0 / filterscale
-    m = np.zeros((out_size, in_size), np.int64)
-    for i in range(out_size):
-        center = (i + 0.5) * scale
-        lo = max(int(center - support + 0.5), 0)
-        hi = min(int(center + support + 0.5), in_size)
-        w = [kernel((j - center + 0.5) * ss) for j in range(lo, hi)]
-        total = 0.0
-        for v in w:  # summed in Pillow's order: the normalisation must round alike
-            total += v
-        for j, v in zip(range(lo, hi), w, strict=True):
-            k = v / total if total != 0.0 else v
-            m[i, j] = int(k * _ONE - 0.5) if k < 0 else int(k * _ONE + 0.5)
-    return m
-
-
-@functools.lru_cache(maxsize=64)
-def _resample_matrix(
-    in_size: int, out_size: int, start: int, count: int, interpolation: str, device: torch.device
-) -> torch.Tensor:
-    """Rows ``start:start+count`` of :func:`pil_resample_matrix` (the crop folded in), on ``device``, cached.
-
-    float64 holds every product and sum of uint8 levels and 22-bit coefficients exactly (< 2**31), whatever the
-    summation order or TF32 setting, so the passes are exact on CPU and CUDA. MPS has no float64: float32 there,
-    which may move a level by one where a sum falls within ~1e-5 of a rounding boundary.
-    """
-    m = pil_resample_matrix(in_size, out_size, interpolation)[start : start + count]
-    dtype = torch.float32 if device.type == "mps" else torch.float64
-    return torch.from_numpy(m).to(device=device, dtype=dtype)
-
-
-def _pil_pass(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """Resample the last axis of ``x`` with coefficient rows ``m``: fixed-point sums, rounded half up, clipped."""
-    return torch.matmul(x, m.T).add_(_ONE / 2).div_(_ONE).floor_().clamp_(0, 255)
-
-
-def _vertical_first(height: int, width: int, out_h: int, out_w: int) -> bool:
-    """Whether Pillow resizes ``height x width`` to ``out_h x out_w`` with the vertical pass first."""
-    shrink_h = height - out_h
-    return _PILLOW_VERTICAL_FIRST and shrink_h > 0 and shrink_h > 2 * (width - out_w)
-
-
-def _crop_offset(size: int, crop: int) -> int:
-    return int(round((size - crop) / 2.0))  # torchvision's center_crop rounding
-
-
-@dataclass
-class Backbone:
-    model: nn.Module
-    preprocess: Preprocessing
-    name: str
-    weights: str  # str(WeightsIdentity): torchvision name, "none(seed=S)", "file:<sha256>" or "timm:ARCH.TAG"
-    feature_dim: int
-    classifier_path: str  # where the original classifier sat, e.g. "fc" or "classifier.1" (used by export)
-    # Set by with_outputs (--layers, --cache-at); None: the model returns the classifier's input only.
-    layers: list[dict[str, Any]] | None = None  # [{"name": node, "dim": D}, ...]: features = their pooled outputs
-    activations: dict[str, Any] | None = None  # {"node", "shape": [C, H, W], "dtype"}: the model's second output
+def family_of(name: str) -> BackboneFamily:
+    """The family ``name`` (a ``--backbone`` value) belongs to; an unknown name is one line listing the choices."""
+    family = next((f for f in _families() if f.owns(name)), None)
+    if family is None:
+        raise PipelineError(f"unknown backbone {name!r}; choose one of: {', '.join(available_backbones())}")
+    return family
 
 
 def available_backbones() -> list[str]:
-    return torchvision.models.list_models(module=torchvision.models)
-
-
-def _check_name(name: str) -> None:
-    names = available_backbones()
-    if name not in names:
-        raise PipelineError(f"unknown backbone {name!r}; choose one of: {', '.join(names)}, or timm:NAME")
+    """The names ``list backbones`` shows, every family's (a prefixed family shows its pattern, e.g. timm:NAME)."""
+    return [n for f in BACKBONE_FAMILIES.values() for n in f.names()]
 
 
 def is_known_backbone(name: str) -> bool:
-    """A torchvision model name or a ``timm:NAME`` (checked against timm's registry when it is built)."""
-    return name.startswith(TIMM_PREFIX) or name in available_backbones()
-
-
-def strip_classifier(model: nn.Module) -> str:
-    """Replace the final linear classifier with ``nn.Identity`` and return its dotted path."""
-    for attr in CLASSIFIER_ATTRS:
-        module = getattr(model, attr, None)
-        if module is None:
-            continue
-        if isinstance(module, nn.Linear):
-            setattr(model, attr, nn.Identity())
-            return attr
-        if isinstance(module, nn.Sequential):
-            # keep what precedes the last Linear (e.g. ConvNeXt's LayerNorm + Flatten, VGG's fc6/fc7)
-            for idx in reversed(range(len(module))):
-                if isinstance(module[idx], nn.Linear):
-                    module[idx] = nn.Identity()
-                    return f"{attr}.{idx}"
-    raise PipelineError(f"{type(model).__name__} has no final linear classifier to replace")
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _read_state_file(path: Path) -> Any:
-    """A ``.safetensors`` file (tensors only), else ``torch.load`` with ``weights_only=True``: never unpickled."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(path, device="cpu")
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def load_state_file(model: nn.Module, path: Path, classifier_path: str) -> None:
-    try:
-        state = _read_state_file(path)
-    except Exception as e:  # noqa: BLE001 - any unpickling/format problem is the user's file
-        raise PipelineError(f"cannot load weights file {path}: {str(e).splitlines()[0]}") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise PipelineError(f"{path} is not a state_dict (a mapping of names to tensors)")
-    # The classifier was already replaced: its keys in the file are expected and ignored.
-    prefix = classifier_path + "."
-    state = {k: v for k, v in state.items() if not k.startswith(prefix)}
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        raise PipelineError(
-            f"{path} does not fit {type(model).__name__}: {len(missing)} missing keys "
-            f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})"
-        )
-    bad = [k for k, v in state.items() if v.shape != expected[k].shape]
-    if bad:
-        k = bad[0]
-        raise PipelineError(
-            f"{path} does not fit: {k} has shape {tuple(state[k].shape)}, model expects {tuple(expected[k].shape)}"
-        )
-    model.load_state_dict(state, strict=False)
-
-
-def _resolve_torchvision_weights(name: str, weights: str) -> Any:
-    enum = torchvision.models.get_model_weights(name)
-    choices = list(enum.__members__)
-    key = weights.upper()
-    if key not in choices:
-        raise PipelineError(
-            f"unknown weights {weights!r} for {name}; choose one of: {', '.join(choices)}, none, or a file path"
-        )
-    return enum[key]
-
-
-def _download_message(name: str, w: Any, err: Exception) -> str:
-    target = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(w.url)
-    return (
-        f"cannot download {name} weights {w} ({type(err).__name__}); offline? Put {w.url} at {target}, "
-        f"or pass --weights PATH to a local state_dict file"
-    )
-
-
-def looks_like_path(weights: str) -> bool:
-    return os.sep in weights or weights.endswith((".pt", ".pth", ".bin", ".safetensors")) or Path(weights).exists()
+    """Whether a family owns ``name`` (a prefixed name is checked against its family's models when it is built)."""
+    return any(f.owns(name) for f in _families())
 
 
 def load_backbone(
@@ -377,65 +88,83 @@ def load_backbone(
     seed: int = 0,
     resize: str = "crop",
 ) -> Backbone:
-    """Build a frozen feature extractor and its preprocessing.
+    """Build a frozen feature extractor and its preprocessing, by the family that owns ``name``.
 
-    ``weights`` is a torchvision weights name (``IMAGENET1K_V1``, ``DEFAULT``, ...), ``none`` (random init
-    seeded with ``seed``, so two processes get the same model) or a path to a local state_dict (``.safetensors`` or
-    a torch file read with ``weights_only=True``). The final
-    classifier becomes ``nn.Identity``; the model is in ``eval()`` mode with gradients off. ``resize``: see
-    :class:`Preprocessing` (``crop`` = the weights' recipe, ``full`` = the whole image to the crop size).
-    ``timm:NAME`` builds a timm model instead (:func:`pipeline.stage1.timm_models.load_timm`).
+    ``weights`` is a torchvision weights name (``IMAGENET1K_V1``, ``DEFAULT``, ...; ``pretrained`` for timm),
+    ``none`` (random init seeded with ``seed``, so two processes get the same model) or a path to a local state_dict
+    (``.safetensors`` or a torch file read with ``weights_only=True``). The final classifier becomes
+    ``nn.Identity``; the model is in ``eval()`` mode with gradients off. ``image_size`` replaces the crop size;
+    ``resize``: see :class:`Preprocessing` (``crop`` = the weights' recipe, ``full`` = the whole image to the crop).
     """
-    if name.startswith(TIMM_PREFIX):
-        from pipeline.stage1.timm_models import load_timm  # timm is optional: imported only for timm names
+    return family_of(name).build(name, weights=weights, image_size=image_size, seed=seed, resize=resize)
 
-        return load_timm(name, weights=weights, image_size=image_size, seed=seed, resize=resize)
-    _check_name(name)
-    pre = Preprocessing()
-    if weights.lower() == "none":
-        with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
-            torch.manual_seed(seed)
-            model = torchvision.models.get_model(name, weights=None)
-        identity = WeightsIdentity("none", str(seed))
-    elif looks_like_path(weights):
-        path = Path(weights)
-        if not path.is_file():
-            raise PipelineError(f"weights file not found: {path}")
-        model = torchvision.models.get_model(name, weights=None)
-        identity = WeightsIdentity("file", file_sha256(path))
+
+# ------------------------------------------------------------------------------------------ rebuilding
+
+
+def weights_argument(record: BackboneRecord) -> tuple[str, int]:
+    """(the ``--weights`` value, seed) that build the weights ``record`` names again; a weights file must still be
+    where ``extract --weights`` found it, with the recorded sha256."""
+    identity = WeightsIdentity.parse(str(record.weights or ""))
+    if identity.kind != "file":
+        return str(family_of(record.name).weights_argument(identity)), identity.seed
+    if not record.weights_source:
+        raise PipelineError("the record does not say which weights file made the features; extract them again")
+    path = Path(str(record.weights_source))
+    if not path.is_file():
+        raise PipelineError(f"rebuilding {record.name} needs the weights file the features were made with ({path}); "
+                            "not found")  # fmt: skip
+    if file_sha256(path) != identity.value:
+        raise PipelineError(f"{path} has changed since the features were extracted (sha256 differs)")
+    return str(path), 0
+
+
+def rebuild_backbone(record: BackboneRecord) -> Backbone:
+    """The backbone ``record`` describes (a feature file's :meth:`BackboneRecord.of_features`, a head's or an
+    export's), checked against it: its weights (or, with ``record.weights`` None, the bare architecture, for
+    tensors loaded afterwards), the recorded preprocessing and crop, classifier place, pooled layers and widths."""
+    family = family_of(record.name)
+    pre = record.preprocessing
+    if record.weights is None:
+        model, where = family.architecture(record.name, crop_size=pre.crop_size)
+        model.eval().requires_grad_(False)
+        backbone = Backbone(model, pre, record.name, "", probe_dim(model, pre.crop_size, record.name), where)
     else:
-        w = _resolve_torchvision_weights(name, weights)
-        try:
-            model = torchvision.models.get_model(name, weights=w)
-        except (OSError, RuntimeError) as e:  # URLError is an OSError; a truncated download a RuntimeError
-            raise PipelineError(_download_message(name, w, e)) from None
-        t = w.transforms()
-        pre = Preprocessing(
-            resize_size=int(t.resize_size[0]),
-            crop_size=int(t.crop_size[0]),
-            mean=tuple(t.mean),
-            std=tuple(t.std),
-            interpolation=t.interpolation.value,
-        )
-        identity = WeightsIdentity("torchvision", str(w))  # DEFAULT resolves to a concrete version
-    classifier_path = strip_classifier(model)
-    if identity.kind == "file":
-        load_state_file(model, Path(weights), classifier_path)
-    if image_size is not None:
-        pre = pre.with_crop(image_size)
-    pre = replace(pre, resize=resize)
-    model.eval().requires_grad_(False)
-    feature_dim = probe_dim(model, pre.crop_size, name)
-    return Backbone(model, pre, name, str(identity), feature_dim, classifier_path)
+        weights, seed = weights_argument(record)
+        backbone = family.build(record.name, weights=weights, image_size=pre.crop_size, seed=seed, resize=pre.resize)
+        _check_weights(backbone, record)
+    if record.classifier_path is not None and backbone.classifier_path != record.classifier_path:
+        raise PipelineError(f"{record.name}'s classifier is {backbone.classifier_path!r}, not "
+                            f"{record.classifier_path!r}")  # fmt: skip
+    if record.layers:
+        backbone = with_outputs(backbone, layers=list(record.layers))
+    _check_width(backbone, record)
+    return backbone
 
 
-@torch.inference_mode()
-def probe_dim(model: nn.Module, size: int, name: str) -> int:
-    try:
-        out = model(torch.zeros(1, 3, size, size))
-    except Exception as e:  # noqa: BLE001 - e.g. a ViT asked for another image size
-        raise PipelineError(f"{name} cannot run at image size {size}: {str(e).splitlines()[0]}") from None
-    return int(out.flatten(1).shape[1])
+def _check_weights(backbone: Backbone, record: BackboneRecord) -> None:
+    if backbone.preprocess != record.preprocessing:
+        raise PipelineError(f"rebuilt {record.name} preprocessing {backbone.preprocess.as_dict()} differs from the "
+                            f"features' {record.preprocessing.as_dict()}")  # fmt: skip
+    if backbone.weights != record.weights:  # e.g. timm's default tag for a name has changed since
+        raise PipelineError(f"rebuilt {record.name} has weights {backbone.weights}; the features were made with "
+                            f"{record.weights}")  # fmt: skip
+
+
+def _check_width(backbone: Backbone, record: BackboneRecord) -> None:
+    """The rebuilt features as wide as recorded: each pooled layer (when the record knows their widths), the sum."""
+    dims = [e["dim"] for e in backbone.layers or []]
+    if record.layers and record.layer_dims is not None and tuple(dims) != record.layer_dims:
+        raise PipelineError(f"rebuilt {record.name} gives the layers {backbone.layers}; {record.expects} "
+                            f"{list(zip(record.layers, record.layer_dims))}")  # fmt: skip
+    if record.feature_dim is None or backbone.feature_dim == record.feature_dim:
+        return
+    if record.layers:
+        parts = " + ".join(f"{e['name']} {e['dim']}" for e in backbone.layers or [])
+        raise PipelineError(f"the layers give {backbone.feature_dim} features ({parts}); {record.expects} "
+                            f"{record.feature_dim}")  # fmt: skip
+    raise PipelineError(f"rebuilt {record.name} gives {backbone.feature_dim}-d features; {record.expects} "
+                        f"{record.feature_dim}")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ named layers (issue 17)

@@ -32,7 +32,7 @@ from pipeline.stage1.datasets import Source, Split
 from pipeline.stage1.precision import Precision, precision_context, resolve_precision
 from pipeline.stage1.targets import TargetTable, match_targets, read_targets_csv, skipped_line
 from pipeline.store import (
-    SCHEMA_VERSION,
+    IDENTITY_VERSION,
     FeatureMeta,
     FeatureWriter,
     FileLock,
@@ -77,7 +77,7 @@ def feature_identity(
     """Everything that determines the features; its hash is the file's fingerprint. ``sources``: the batch source
     of each split (see :mod:`pipeline.stage1.batches`)."""
     identity = {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": IDENTITY_VERSION,
         "backbone": backbone.name,
         "weights": backbone.weights,
         "preprocessing": backbone.preprocess.as_dict(),
@@ -85,12 +85,11 @@ def feature_identity(
         "dtype": cfg.dtype,
         "precision": precision.label,
     }
-    # Batch sources agree to rounding, not bit for bit, so what ran is part of the fingerprint. The key is absent
-    # when every split ran on the PIL loader, which keeps files written before it existed valid; one name when all
-    # splits share a source, else one per split.
+    # Batch sources agree to rounding, not bit for bit, so what ran is part of the fingerprint: one name when all
+    # splits share a source, else one per split. ("loader", the default before it was recorded, is hashed as
+    # absent: see pipeline.store.record.DEFAULTS.)
     used = set(sources.values())
-    if used != {"loader"}:
-        identity["preprocess_on"] = used.pop() if len(used) == 1 else dict(sources)
+    identity["preprocess_on"] = used.pop() if len(used) == 1 else dict(sources)
     # What the file holds beyond the classifier's input; absent without --layers/--cache-at, so files written
     # before these options keep their fingerprint. A file of other layers is stale.
     if backbone.layers:

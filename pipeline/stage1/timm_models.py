@@ -1,5 +1,6 @@
 """timm backbones (``--backbone timm:NAME``): the model built with ``num_classes=0`` (features = its pooled
-pre-logits) and the preprocessing of its own data config, as a :class:`~pipeline.stage1.backbones.Backbone`.
+pre-logits) and the preprocessing of its own data config, as a :class:`~pipeline.stage1.families.Backbone`;
+:class:`TimmFamily` is its entry in :data:`pipeline.stage1.backbones.BACKBONE_FAMILIES`.
 
 timm is optional (``pip install -e '.[timm]'``) and imported only here, inside the functions that need it.
 
@@ -26,27 +27,27 @@ import torch
 from torch import nn
 
 from pipeline.errors import PipelineError
-from pipeline.stage1.backbones import (
-    TIMM_PREFIX,
+from pipeline.stage1.families import (
     Backbone,
-    Preprocessing,
+    BackboneFamily,
     file_sha256,
+    frozen,
     load_state_file,
     looks_like_path,
-    probe_dim,
+    seeded,
+    weights_file,
 )
+from pipeline.stage1.preprocessing import Preprocessing
 from pipeline.store import WeightsIdentity
 
 log = logging.getLogger(__name__)
+
+TIMM_PREFIX = "timm:"  # --backbone timm:NAME
 
 # --weights values that mean "the model's pretrained weights" for a timm name (the torchvision default included, so
 # `--backbone timm:NAME` alone loads what timm would)
 PRETRAINED_WORDS = ("pretrained", "default", "imagenet1k_v1")
 INSTALL_HINT = "pip install -e '.[timm]'"
-
-
-def is_timm_name(name: str) -> bool:
-    return name.startswith(TIMM_PREFIX)
 
 
 def _import_timm() -> Any:
@@ -60,7 +61,7 @@ def _import_timm() -> Any:
 def _model_name(name: str) -> str:
     """``timm:ARCH[.TAG]`` -> ``ARCH[.TAG]``, checked against timm's registry (close names suggested)."""
     timm = _import_timm()
-    arch_tag = name[len(TIMM_PREFIX) :] if is_timm_name(name) else name
+    arch_tag = name.removeprefix(TIMM_PREFIX)
     arch, tag = timm.models.split_model_name_tag(arch_tag)
     if not arch or not timm.is_model(arch):
         close = timm.list_models(f"*{arch}*")[:6] or difflib.get_close_matches(arch, timm.list_models(), n=6)
@@ -134,17 +135,6 @@ def preprocessing_of(model: nn.Module, name: str, *, image_size: int | None, res
         interpolation=str(cfg["interpolation"]),
         resize=resize,
     )
-
-
-def timm_architecture(name: str, crop_size: int, *, seed: int = 0) -> tuple[nn.Module, str]:
-    """The bare architecture of ``timm:NAME`` at ``crop_size``, randomly initialised with ``seed`` (the caller's RNG
-    untouched), and where its classifier sat. ``predict`` loads an exported model's tensors into it."""
-    model_name = _model_name(name)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = _create(model_name, pretrained=False)
-        _fit_input_size(model, crop_size)
-    return model, _classifier_path(model, name)
 
 
 # ------------------------------------------------------------------------------------------ pretrained weights
@@ -224,35 +214,65 @@ def _pretrained(name: str, model_name: str) -> tuple[nn.Module, WeightsIdentity]
     return model, WeightsIdentity("timm", tag)
 
 
-# ------------------------------------------------------------------------------------------ the backbone
+# ------------------------------------------------------------------------------------------ the family
 
 
-def load_timm(name: str, *, weights: str, image_size: int | None, seed: int, resize: str) -> Backbone:
-    """``timm:NAME`` as a frozen :class:`Backbone` (``load_backbone`` calls this for ``timm:`` names).
+class TimmFamily(BackboneFamily):
+    """timm models, named ``timm:ARCH[.TAG]``: built with ``num_classes=0`` (features = the pooled pre-logits), the
+    preprocessing from the model's own data config; timm imported only when one is built."""
 
-    ``weights``: ``pretrained`` (also ``DEFAULT`` and the default ``IMAGENET1K_V1``), ``none`` or a file path; see
-    the module docstring. Weights are loaded at the model's own input size, then the model is fitted to the crop."""
-    model_name = _model_name(name)
-    if weights.lower() == "none":
-        with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
-            torch.manual_seed(seed)
+    key = "timm"
+    prefix = TIMM_PREFIX
+    tracer = "timm's"
+
+    def names(self) -> list[str]:
+        return [TIMM_PREFIX + "NAME"]
+
+    def listing(self) -> list[tuple[str, str]]:
+        return [(TIMM_PREFIX + "NAME", f"any timm model, e.g. timm:convnext_atto.d2_in1k (needs {INSTALL_HINT})")]
+
+    def weights_choices(self, name: str) -> list[tuple[str, str]]:
+        rows = [(f"pretrained (--backbone {tag})", "cached, works offline" if cached else "downloaded on first use")
+                for tag, cached in pretrained_tags(name)]  # fmt: skip
+        return rows or [("pretrained", "timm has no pretrained weights for this model")]
+
+    def build(self, name: str, *, weights: str, image_size: int | None, seed: int, resize: str) -> Backbone:
+        """``weights``: ``pretrained`` (also ``DEFAULT`` and the default ``IMAGENET1K_V1``), ``none`` or a file
+        path; see the module docstring. Weights are loaded at the model's own input size, then the model is fitted
+        to the crop."""
+        model_name = _model_name(name)
+        if weights.lower() == "none":
+            with seeded(seed):
+                model = _create(model_name, pretrained=False)
+            identity = WeightsIdentity("none", str(seed))
+        elif looks_like_path(weights):
+            path = weights_file(weights)
+            with torch.random.fork_rng(devices=[]):  # every tensor is then overwritten from the file
+                model = _create(model_name, pretrained=False)
+            load_state_file(model, path, _classifier_path(model, name))
+            identity = WeightsIdentity("file", file_sha256(path))
+        elif weights.lower() in PRETRAINED_WORDS:
+            model, identity = _pretrained(name, model_name)
+        else:
+            raise PipelineError(
+                f"unknown weights {weights!r} for {name}; choose one of: pretrained, none, or a file path"
+            )
+        classifier_path = _classifier_path(model, name)
+        pre = preprocessing_of(model, name, image_size=image_size, resize=resize)
+        _fit_input_size(model, pre.crop_size)
+        return frozen(model, preprocess=pre, name=name, weights=str(identity), classifier_path=classifier_path)
+
+    def architecture(self, name: str, *, crop_size: int, seed: int = 0) -> tuple[nn.Module, str]:
+        model_name = _model_name(name)
+        with seeded(seed):
             model = _create(model_name, pretrained=False)
-        identity = WeightsIdentity("none", str(seed))
-    elif looks_like_path(weights):
-        path = Path(weights)
-        if not path.is_file():
-            raise PipelineError(f"weights file not found: {path}")
-        with torch.random.fork_rng(devices=[]):  # every tensor is then overwritten from the file
-            model = _create(model_name, pretrained=False)
-        load_state_file(model, path, _classifier_path(model, name))
-        identity = WeightsIdentity("file", file_sha256(path))
-    elif weights.lower() in PRETRAINED_WORDS:
-        model, identity = _pretrained(name, model_name)
-    else:
-        raise PipelineError(f"unknown weights {weights!r} for {name}; choose one of: pretrained, none, or a file path")
-    classifier_path = _classifier_path(model, name)
-    pre = preprocessing_of(model, name, image_size=image_size, resize=resize)
-    _fit_input_size(model, pre.crop_size)
-    model.eval().requires_grad_(False)
-    feature_dim = probe_dim(model, pre.crop_size, name)
-    return Backbone(model, pre, name, str(identity), feature_dim, classifier_path)
+            _fit_input_size(model, crop_size)
+        return model, _classifier_path(model, name)
+
+    def constructor(self, backbone: Backbone, *, num_classes: int | None) -> str:
+        sized = hasattr(backbone.model, "set_input_size")  # a fixed input size (ViTs): built at the crop size
+        size = f", img_size={backbone.preprocess.crop_size}" if sized else ""
+        return f"timm.create_model({backbone.name.removeprefix(TIMM_PREFIX)!r}{size}, num_classes={num_classes or 0})"
+
+    def versions(self) -> dict[str, str]:
+        return {"timm": _import_timm().__version__}

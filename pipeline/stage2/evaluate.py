@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from sklearn.metrics import (
@@ -15,8 +15,8 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
-from pipeline.stage2.heads.base import r2_scores
-from pipeline.stage2.thresholds import curves_line, imbalance_line, threshold_line
+from pipeline.stage2.heads.registry import HEADS
+from pipeline.stage2.thresholds import Curves, curves_line, imbalance_line, threshold_line
 
 OVERFIT_GAP = 0.10  # train accuracy this far above val accuracy is flagged as overfitting
 
@@ -51,14 +51,23 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, classes: list[
 
 
 class _Record(Mapping[str, Any]):
-    """A frozen metrics dataclass read like the dict it is written as (``details`` flattened, ``out`` aside)."""
+    """A frozen metrics dataclass, complete when made: ``metrics.json`` is :meth:`to_json` (every field at the top
+    level, ``details`` flattened, an optional field that is None left out, as it has always been written). Library
+    code reads the typed fields; the mapping view (``metrics["val_accuracy"]``) is for scripts and older callers."""
 
     details: dict[str, Any]
     out: str | None
+    OPTIONAL: ClassVar[tuple[str, ...]] = (
+        "sweep", "history", "threshold", "imbalance", "shots_short", "n_train_used", "curves",
+    )  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
-        """``metrics.json``: every field at the top level (``details`` flattened), as it has always been written."""
-        fixed = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("details", "out")}
+        fixed = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("details", "out") or (f.name in self.OPTIONAL and value is None):
+                continue
+            fixed[f.name] = value.to_json() if hasattr(value, "to_json") else value
         return {**fixed, **self.details}
 
     def _view(self) -> dict[str, Any]:
@@ -73,12 +82,16 @@ class _Record(Mapping[str, Any]):
     def __len__(self) -> int:
         return len(self._view())
 
+    def overfit_words(self) -> str:
+        """How the train - val gap reads, for the overfitting warning."""
+        raise NotImplementedError
+
 
 @dataclass(frozen=True)
 class HeadMetrics(_Record):
-    """One head's results, complete when made (``metrics.json`` is :meth:`to_json`): the fixed metrics as typed
-    fields, and what depends on the head or the run (its settings, the fit's own figures, a sweep, the training
-    history) in ``details``. Read like the dict it is written as: ``metrics["val_accuracy"]``."""
+    """One classification head's results: the fixed metrics as typed fields, what the run asked for (a sweep, a
+    threshold, few-shot) as typed optional fields, and what depends on the head (its settings, the fit's own
+    figures) in ``details``."""
 
     train_accuracy: float
     train_loss: float
@@ -95,11 +108,38 @@ class HeadMetrics(_Record):
     fit_seconds: float
     per_class: list[dict[str, Any]]
     confusion_matrix: list[list[int]]
+    head: str = ""
+    n_train_used: int | None = None  # train rows the head was fitted on (few-shot: the sample)
+    shots: int | None = None
+    curves: Curves | None = None  # val PR and ROC (absent from a from-scratch baseline's)
+    threshold: dict[str, Any] | None = None  # --positive with a target: the threshold and val at it
+    imbalance: dict[str, Any] | None = None  # train's class counts when imbalanced
+    sweep: dict[str, Any] | None = None  # what --sweep chose, and on what
+    shots_short: dict[str, int] | None = None  # --shots K: the classes that had fewer
+    history: list[dict[str, float]] | None = None  # per-epoch curves of iterative heads
     details: dict[str, Any] = field(default_factory=dict)
     out: str | None = None  # the folder it was written to: where, not what, so not in metrics.json
+    task: ClassVar[str] = "classify"
+
+    def overfit_words(self) -> str:
+        return (
+            f"train accuracy exceeds val accuracy by {100 * self.train_val_gap:.1f} points (more than "
+            f"{100 * OVERFIT_GAP:.0f})"
+        )
+
+    def report(self, *, title: str = "") -> str:
+        return format_classification_report(self, title=title)
 
 
 # ------------------------------------------------------------------------------------------ regression
+
+
+def r2_scores(y: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """Coefficient of determination per column of (N, T) targets (0 for a constant column predicted exactly)."""
+    y, pred = np.asarray(y, np.float64), np.asarray(pred, np.float64)
+    sse = ((y - pred) ** 2).sum(0)
+    sst = ((y - y.mean(0)) ** 2).sum(0)
+    return np.where(sst > 0, 1 - sse / np.where(sst > 0, sst, 1), np.where(sse > 0, -np.inf, 0.0))
 
 
 def regression_metrics(y_true: np.ndarray, pred: np.ndarray, names: list[str]) -> dict[str, Any]:
@@ -134,14 +174,32 @@ class RegressionMetrics(_Record):
     per_target: list[dict[str, Any]]
     train_per_target: list[dict[str, Any]]
     task: str = "regress"
+    head: str = ""
+    n_train_used: int | None = None
+    sweep: dict[str, Any] | None = None
+    history: list[dict[str, float]] | None = None
     details: dict[str, Any] = field(default_factory=dict)
     out: str | None = None
+
+    def overfit_words(self) -> str:
+        return f"train R^2 exceeds val R^2 by {self.train_val_gap:.3f} (more than {OVERFIT_GAP:g})"
+
+    def report(self, *, title: str = "") -> str:
+        return format_regression_report(self, title=title)
+
+
+def _typed(extra: dict[str, Any] | None, record: type) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``extra`` split into the record's typed fields and the rest (``details``)."""
+    names = {f.name for f in fields(record)} - {"details", "out"}
+    extra = dict(extra or {})
+    return {k: extra.pop(k) for k in list(extra) if k in names}, extra
 
 
 def summarize_regression(
     *, train: dict[str, Any], val: dict[str, Any], fit_seconds: float, extra: dict[str, Any] | None = None
 ) -> RegressionMetrics:
     gap = train["r2"] - val["r2"]
+    typed, details = _typed(extra, RegressionMetrics)
     return RegressionMetrics(
         **{f"{split}_{k}": m[k] for split, m in (("val", val), ("train", train)) for k in ("r2", "rmse", "mae", "mse")},
         train_val_gap=gap,
@@ -149,35 +207,35 @@ def summarize_regression(
         fit_seconds=fit_seconds,
         per_target=val["per_target"],
         train_per_target=train["per_target"],
-        details=dict(extra or {}),
+        **typed,
+        details=details,
     )
 
 
 MAX_TARGETS_SHOWN = 20
 
 
-def format_regression_report(metrics: Mapping[str, Any], *, title: str = "") -> str:
+def format_regression_report(metrics: RegressionMetrics, *, title: str = "") -> str:
     """What `train-head` prints for regression targets: averaged figures first, then one line per target."""
+    m = metrics
     lines = [title] if title else []
-    n = len(metrics["per_target"])
+    n = len(m.per_target)
     over = f" (mean of {n} targets)" if n > 1 else ""
     for split in ("val", "train"):
-        lines.append(
-            f"  {split:<5} R^2 {metrics[f'{split}_r2']:.4f}   RMSE {metrics[f'{split}_rmse']:.4g}   "
-            f"MAE {metrics[f'{split}_mae']:.4g}   MSE {metrics[f'{split}_mse']:.4g}{over}"
-        )
+        r2, rmse, mae, mse = (getattr(m, f"{split}_{k}") for k in ("r2", "rmse", "mae", "mse"))
+        lines.append(f"  {split:<5} R^2 {r2:.4f}   RMSE {rmse:.4g}   MAE {mae:.4g}   MSE {mse:.4g}{over}")
     lines += [
-        f"  train - val R^2 gap {metrics['train_val_gap']:+.4f}",
-        f"  fit seconds         {metrics['fit_seconds']:.2f}",
+        f"  train - val R^2 gap {m.train_val_gap:+.4f}",
+        f"  fit seconds         {m.fit_seconds:.2f}",
         "",
     ]
-    width = max(6, *(len(p["target"]) for p in metrics["per_target"]))
+    width = max(6, *(len(p["target"]) for p in m.per_target))
     lines.append(f"  {'target':<{width}}  val R^2   RMSE        MAE         train R^2")
-    for p, t in list(zip(metrics["per_target"], metrics["train_per_target"]))[:MAX_TARGETS_SHOWN]:
+    for p, t in list(zip(m.per_target, m.train_per_target))[:MAX_TARGETS_SHOWN]:
         lines.append(f"  {p['target']:<{width}}  {p['r2']:.4f}    {p['rmse']:<10.4g}  {p['mae']:<10.4g}  {t['r2']:.4f}")
     if n > MAX_TARGETS_SHOWN:
         lines.append(f"  ... {n - MAX_TARGETS_SHOWN} more targets in metrics.json")
-    notes = report_notes(metrics)
+    notes = report_notes(m)
     if notes:
         lines += ["", *(f"  {note}" for note in notes)]
     return "\n".join(lines)
@@ -188,6 +246,7 @@ def summarize(
 ) -> HeadMetrics:
     """The metrics of one head: val metrics at the top level, train accuracy/loss and the gap."""
     gap = train["accuracy"] - val["accuracy"]
+    typed, details = _typed(extra, HeadMetrics)
     worst = min((pc for pc in val["per_class"] if pc["support"]), key=lambda pc: pc["recall"], default=None)
     return HeadMetrics(
         train_accuracy=train["accuracy"],
@@ -205,78 +264,62 @@ def summarize(
         fit_seconds=fit_seconds,
         per_class=val["per_class"],
         confusion_matrix=val["confusion_matrix"],
-        details=dict(extra or {}),
+        **typed,
+        details=details,
     )
 
 
-def format_report(metrics: Mapping[str, Any], *, title: str = "") -> str:
-    """A readable table of one head's metrics (what `train-head` prints)."""
-    if metrics.get("task") == "regress":
-        return format_regression_report(metrics, title=title)
+def format_report(metrics: HeadMetrics | RegressionMetrics, *, title: str = "") -> str:
+    """A readable table of one head's metrics (what `train-head` prints): the record's task says how."""
+    return metrics.report(title=title)
+
+
+def format_classification_report(metrics: HeadMetrics, *, title: str = "") -> str:
+    """A classifier's figures, per-class table, confusion matrix and notes."""
+    m = metrics
     lines = [title] if title else []
     accuracy = [
-        f"  train accuracy    {metrics['train_accuracy']:.4f}   (loss {metrics['train_loss']:.4f})",
-        f"  val accuracy      {metrics['val_accuracy']:.4f}   (loss {metrics['val_loss']:.4f})",
+        f"  train accuracy    {m.train_accuracy:.4f}   (loss {m.train_loss:.4f})",
+        f"  val accuracy      {m.val_accuracy:.4f}   (loss {m.val_loss:.4f})",
     ]
     recall = [
-        f"  balanced accuracy {metrics['balanced_accuracy']:.4f}   (mean per-class recall)",
-        f"  worst recall      {metrics['worst_class_recall']:.4f}   ({metrics['worst_class']})",
+        f"  balanced accuracy {m.balanced_accuracy:.4f}   (mean per-class recall)",
+        f"  worst recall      {m.worst_class_recall:.4f}   ({m.worst_class})",
     ]
-    if metrics.get("imbalance"):  # accuracy flatters a head that neglects the small classes: recall leads
-        lines += [f"  {imbalance_line(metrics['imbalance'])}", *recall, *accuracy]
+    if m.imbalance:  # accuracy flatters a head that neglects the small classes: recall leads
+        lines += [f"  {imbalance_line(m.imbalance)}", *recall, *accuracy]
     else:
         lines += [*accuracy, *recall]
     lines += [
-        f"  macro P / R / F1  {metrics['macro_precision']:.4f} / {metrics['macro_recall']:.4f} / "
-        f"{metrics['macro_f1']:.4f}",
-        f"  train - val gap   {metrics['train_val_gap']:+.4f}",
-        f"  fit seconds       {metrics['fit_seconds']:.2f}",
+        f"  macro P / R / F1  {m.macro_precision:.4f} / {m.macro_recall:.4f} / {m.macro_f1:.4f}",
+        f"  train - val gap   {m.train_val_gap:+.4f}",
+        f"  fit seconds       {m.fit_seconds:.2f}",
         "",
     ]
-    width = max(5, *(len(pc["class"]) for pc in metrics["per_class"]))
+    width = max(5, *(len(pc["class"]) for pc in m.per_class))
     lines.append(f"  {'class':<{width}}  precision  recall  f1      support")
-    for pc in metrics["per_class"]:
+    for pc in m.per_class:
         lines.append(
             f"  {pc['class']:<{width}}  {pc['precision']:.4f}     {pc['recall']:.4f}  {pc['f1']:.4f}  {pc['support']}"
         )
-    lines += ["", format_confusion(metrics["confusion_matrix"], [pc["class"] for pc in metrics["per_class"]])]
-    notes = report_notes(metrics)
-    if metrics.get("curves", {}).get("per_class") and not metrics["curves"].get("positive"):
-        notes.insert(0, curves_line(metrics["curves"]))
+    lines += ["", format_confusion(m.confusion_matrix, [pc["class"] for pc in m.per_class])]
+    notes = report_notes(m)
+    if m.curves and m.curves.per_class and not m.curves.positive:
+        notes.insert(0, curves_line(m.curves))
     if notes:
         lines += ["", *(f"  {note}" for note in notes)]
     return "\n".join(lines)
 
 
-# What reins in each head when it overfits: its own options (logreg has no epochs, knn no weights).
-OVERFIT_ADVICE = {
-    "linear": "try fewer --epochs or a --weight-decay",
-    "mlp": "try fewer --epochs, a --weight-decay or a higher --dropout",
-    "logreg": "try a smaller --C (stronger L2)",
-    "knn": "try a larger --k",
-    "centroid": "a nearest class mean has nothing to tune; more training examples per class help",
-    "ridge": "try a larger --alpha",
-}
-SWEPT_BY = {"linear": "lr and weight decay", "mlp": "lr and weight decay", "logreg": "C", "knn": "k", "ridge": "alpha"}
-
-
-def overfitting_warning(metrics: Mapping[str, Any]) -> str | None:
-    """One line when train accuracy exceeds val accuracy by more than OVERFIT_GAP, with advice for that head."""
-    if not metrics.get("overfitting"):
+def overfitting_warning(metrics: HeadMetrics | RegressionMetrics) -> str | None:
+    """One line when train's score exceeds val's by more than OVERFIT_GAP, with advice for that head."""
+    if not metrics.overfitting:
         return None
-    head = metrics.get("head", "")
-    advice = OVERFIT_ADVICE.get(head, "try more regularisation")
-    if head in SWEPT_BY and "sweep" not in metrics:
-        advice += f", or --sweep to choose {SWEPT_BY[head]} on held-out train"
-    if metrics.get("task") == "regress":
-        return (
-            f"WARNING: {head}: train R^2 exceeds val R^2 by {metrics['train_val_gap']:.3f} (more than "
-            f"{OVERFIT_GAP:g}): the head is overfitting; {advice}"
-        )
-    return (
-        f"WARNING: {head}: train accuracy exceeds val accuracy by {100 * metrics['train_val_gap']:.1f} points "
-        f"(more than {100 * OVERFIT_GAP:.0f}): the head is overfitting; {advice}"
-    )
+    spec = HEADS.get(metrics.head)  # what reins it in and what --sweep chooses for it are its registry entry's
+    advice = spec.advice if spec else "try more regularisation"
+    if spec and spec.sweeps and metrics.sweep is None:
+        advice += f", or --sweep to choose {spec.sweeps} on held-out train"
+    return f"WARNING: {metrics.head}: {metrics.overfit_words()}: the head is overfitting; {advice}"
 
 
 def _point(point: dict[str, Any]) -> str:
@@ -305,18 +348,21 @@ def shots_line(shots: int, short: dict[str, int]) -> str:
     return f"--shots {shots}: {len(short)} classes had fewer training images and used all they had ({shown})"
 
 
-def report_notes(metrics: Mapping[str, Any]) -> list[str]:
+def report_notes(metrics: HeadMetrics | RegressionMetrics) -> list[str]:
     """The lines said under a head's figures, by train-head and compare alike: the sweep's choice, a --shots that
     asked for more images than a class had, AP and AUC, a --positive threshold, an overfitting warning."""
     notes = []
-    if "sweep" in metrics:
-        notes.append(sweep_line(metrics["sweep"]))
-    if metrics.get("shots_short"):
-        notes.append(shots_line(metrics["shots"], metrics["shots_short"]))
-    if metrics.get("curves", {}).get("positive"):  # asked about one class: its AP and AUC beside its threshold
-        notes.append(curves_line(metrics["curves"]))
-    if "threshold" in metrics:
-        notes.append(threshold_line(metrics["threshold"]))
+    if metrics.sweep is not None:
+        notes.append(sweep_line(metrics.sweep))
+    short = getattr(metrics, "shots_short", None)
+    if short:
+        notes.append(shots_line(metrics.shots, short))
+    curves = getattr(metrics, "curves", None)
+    if curves and curves.positive:  # asked about one class: its AP and AUC beside its threshold
+        notes.append(curves_line(curves))
+    threshold = getattr(metrics, "threshold", None)
+    if threshold:
+        notes.append(threshold_line(threshold))
     warning = overfitting_warning(metrics)
     if warning:
         notes.append(warning)

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pipeline.fileio import atomic_write
+
+if TYPE_CHECKING:
+    from pipeline.stage2.thresholds import Curves
 
 MAX_ANNOTATED_CLASSES = 20  # above this the cells are too small for numbers
 
@@ -200,12 +203,12 @@ def shots_png(table: dict[str, dict[str, float]], shots: list[str], path: Path, 
 MAX_CURVES_LABELLED = 12  # above this the legend hides the curves
 
 
-def pr_roc_figure(curves: dict[str, Any], *, title: str = "") -> Any:
+def pr_roc_figure(curves: Curves, *, title: str = "") -> Any:
     """Precision-recall (left, with average precision) and ROC (right, with AUC) of each class that
-    ``curves["per_class"]`` holds (one-vs-rest; the positive class alone for two classes)."""
+    ``curves.per_class`` holds (one-vs-rest; the positive class alone for two classes)."""
     plt = _pyplot()
     fig, (pr, roc) = plt.subplots(1, 2, figsize=(10, 4.6))
-    per_class = curves["per_class"]
+    per_class = curves.per_class
     for name, c in per_class.items():
         pr.plot(c["pr"]["recall"], c["pr"]["precision"], label=f"{name} (AP {c['average_precision']:.3f})")
         roc.plot(c["roc"]["fpr"], c["roc"]["tpr"], label=f"{name} (AUC {c['roc_auc']:.3f})")
@@ -223,5 +226,5 @@ def pr_roc_figure(curves: dict[str, Any], *, title: str = "") -> Any:
     return fig
 
 
-def pr_roc_png(curves: dict[str, Any], path: Path, *, title: str = "") -> Path:
+def pr_roc_png(curves: Curves, path: Path, *, title: str = "") -> Path:
     return _save(pr_roc_figure(curves, title=title), path)

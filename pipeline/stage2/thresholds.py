@@ -9,6 +9,7 @@ applies that threshold. Val is only reported: it never moves the threshold.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -122,7 +123,26 @@ def _thin(*arrays: np.ndarray) -> list[list[float]]:
     return [[round(float(v), 6) for v in a[idx]] for a in arrays]
 
 
-def curves(y: np.ndarray, proba: np.ndarray, classes: list[str], *, positive: int | None = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Curves:
+    """Val precision-recall and ROC curves: ``per_class`` maps a class to its ``average_precision``, ``roc_auc``,
+    ``pr`` (recall, precision) and ``roc`` (fpr, tpr) points; ``positive`` is ``--positive`` when given."""
+
+    per_class: dict[str, dict[str, Any]]
+    positive: str | None = None
+    mean_average_precision: float | None = None
+    macro_roc_auc: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"per_class": self.per_class}
+        if self.positive is not None:
+            d["positive"] = self.positive
+        if self.per_class:
+            d |= {"mean_average_precision": self.mean_average_precision, "macro_roc_auc": self.macro_roc_auc}
+        return d
+
+
+def curves(y: np.ndarray, proba: np.ndarray, classes: list[str], *, positive: int | None = None) -> Curves:
     """Precision-recall (with average precision) and ROC (with AUC) curves on ``(y, proba)``: of the positive
     class for two classes (``positive`` or the second class), else one-vs-rest of each class that the split holds
     with negatives beside it (``positive`` among them; it is recorded). The curves are thinned to CURVE_POINTS
@@ -146,31 +166,29 @@ def curves(y: np.ndarray, proba: np.ndarray, classes: list[str], *, positive: in
             "pr": {"recall": pr_recall, "precision": pr_precision},
             "roc": {"fpr": roc_fpr, "tpr": roc_tpr},
         }
-    result: dict[str, Any] = {"per_class": per_class}
-    if positive is not None:
-        result["positive"] = classes[positive]
+    means = {}
     if per_class:
-        result["mean_average_precision"] = float(np.mean([v["average_precision"] for v in per_class.values()]))
-        result["macro_roc_auc"] = float(np.mean([v["roc_auc"] for v in per_class.values()]))
-    return result
+        means["mean_average_precision"] = float(np.mean([v["average_precision"] for v in per_class.values()]))
+        means["macro_roc_auc"] = float(np.mean([v["roc_auc"] for v in per_class.values()]))
+    return Curves(per_class, None if positive is None else classes[positive], **means)
 
 
-def curves_line(record: dict[str, Any]) -> str:
+def curves_line(record: Curves) -> str:
     """AP and ROC AUC on val: of ``--positive`` when given, and their means over the classes when there are more
     than two."""
-    per_class = record["per_class"]
+    per_class = record.per_class
     if len(per_class) == 1:
         ((name, c),) = per_class.items()
         return f"val {name!r} vs rest: average precision {c['average_precision']:.4f}, ROC AUC {c['roc_auc']:.4f}"
     overall = (
-        f"one-vs-rest over {len(per_class)} classes: mean average precision {record['mean_average_precision']:.4f}, "
-        f"macro ROC AUC {record['macro_roc_auc']:.4f}"
+        f"one-vs-rest over {len(per_class)} classes: mean average precision {record.mean_average_precision:.4f}, "
+        f"macro ROC AUC {record.macro_roc_auc:.4f}"
     )
-    c = per_class.get(record.get("positive") or "")
+    c = per_class.get(record.positive or "")
     if c is None:
         return f"val {overall}"
     return (
-        f"val {record['positive']!r} vs rest: average precision {c['average_precision']:.4f}, ROC AUC "
+        f"val {record.positive!r} vs rest: average precision {c['average_precision']:.4f}, ROC AUC "
         f"{c['roc_auc']:.4f}; {overall}"
     )
 

@@ -1,61 +1,61 @@
-"""Stage-two heads trained on cached features. Adding a head type is one module plus one entry in ``HEADS``.
+"""Stage-two heads trained on cached features. Adding a head type is one module plus one entry in ``HEADS``
+(:mod:`pipeline.stage2.heads.registry`, which says how).
 
 A head is fitted on ``(X, y)`` arrays, gives class logits and probabilities, and round-trips through a dict of
 plain arrays (saved as safetensors: loading a head never unpickles, so it never runs code). Heads that are a
 function of the features a torch layer can compute (``linear``, ``logreg``, ``centroid``, ``mlp``) also turn
 into an ``nn.Module`` (``as_module``), which is what ``export`` puts on top of the backbone.
 
-Layout: ``config`` (HeadConfig), ``base`` (the Head interface, standardisation), ``fitting`` (optimiser, data on the
-device, mini-batch loops), ``lbfgs`` (full-batch logistic regression in torch), and one module per head type.
+Layout: ``registry`` (HEADS: names -> "module:Class", descriptions, knobs; torch-free), ``knobs`` (the knob
+groups), ``config`` (HeadConfig), ``base`` (the Head interface, standardisation), ``fitting`` (optimiser, data on
+the device, mini-batch loops), ``lbfgs`` (full-batch logistic regression in torch), one module per head type.
+Importing this package imports neither torch nor any head: a head's module loads when it is first built.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import PipelineError
 from pipeline.fileio import atomic_write, write_json
-from pipeline.stage2.heads.base import FitResult, Head, balanced_weights, warn_if_tiny
-from pipeline.stage2.heads.centroid import CentroidHead
 from pipeline.stage2.heads.config import HeadConfig
-from pipeline.stage2.heads.knn import KNNHead
-from pipeline.stage2.heads.linear import LinearHead
-from pipeline.stage2.heads.logreg import LogRegHead
-from pipeline.stage2.heads.mlp import MLPHead
-from pipeline.stage2.heads.ridge import RidgeHead
-from pipeline.stage2.heads.tail import TailHead
+from pipeline.stage2.heads.registry import HEADS, HeadSpec, head_class
+
+if TYPE_CHECKING:
+    from pipeline.stage2.heads.base import Head
 
 HEAD_FILE = "head.safetensors"
 
-HEADS: dict[str, type[Head]] = {
-    LinearHead.name: LinearHead,
-    LogRegHead.name: LogRegHead,
-    MLPHead.name: MLPHead,
-    KNNHead.name: KNNHead,
-    CentroidHead.name: CentroidHead,
-    RidgeHead.name: RidgeHead,
-    TailHead.name: TailHead,  # trains on activation maps (extract --cache-at), not on the feature vectors
-}
+__all__ = ["HEADS", "HEAD_FILE", "HeadConfig", "HeadSpec", "build_head", "head_class", "load_head", "save_head"]
 
-__all__ = [
-    "HEADS", "HEAD_FILE", "FitResult", "Head", "HeadConfig", "balanced_weights", "build_head", "load_head",
-    "save_head", "warn_if_tiny", "CentroidHead", "KNNHead", "LinearHead", "LogRegHead", "MLPHead", "RidgeHead",
-    "TailHead",
-]  # fmt: skip
+# Names this package re-exported when it imported every head; resolved on first use (PEP 562), so that importing
+# the package stays torch-free.
+_LAZY = {
+    "FitResult": "base", "Head": "base", "balanced_weights": "base", "warn_if_tiny": "base",
+    "CentroidHead": "centroid", "KNNHead": "knn", "LinearHead": "linear", "LogRegHead": "logreg",
+    "MLPHead": "mlp", "RidgeHead": "ridge", "TailHead": "tail",
+}  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
 
 
 def build_head(cfg: HeadConfig, *, num_classes: int, feature_dim: int) -> Head:
-    return HEADS[cfg.head](cfg, num_classes=num_classes, feature_dim=feature_dim)
+    return head_class(cfg.head)(cfg, num_classes=num_classes, feature_dim=feature_dim)
 
 
 def save_head(head: Head, out_dir: Path, *, config: dict[str, Any]) -> None:
     """``head.safetensors`` (arrays only) + ``config.json`` (what produced it)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
     state = {k: np.ascontiguousarray(v) for k, v in head.state().items()}
     atomic_write(out_dir / HEAD_FILE, lambda p: save_file(state, str(p)))
     write_json(out_dir / "config.json", config)
@@ -63,6 +63,9 @@ def save_head(head: Head, out_dir: Path, *, config: dict[str, Any]) -> None:
 
 def load_head(head_dir: Path) -> tuple[Head, dict[str, Any]]:
     """Load a saved head and its config; refuses anything that is not plain arrays in safetensors."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
     head_dir = Path(head_dir)
     cfg_path, tensors = head_dir / "config.json", head_dir / HEAD_FILE
     if not cfg_path.is_file() or not tensors.is_file():

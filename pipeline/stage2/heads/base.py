@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -14,8 +15,10 @@ from torch import nn
 
 from pipeline.errors import PipelineError
 from pipeline.stage2.heads.config import HeadConfig
+from pipeline.stage2.heads.registry import HeadSpec, spec
 
 log = logging.getLogger(__name__)
+Score = Callable[[np.ndarray, np.ndarray], float]  # (truth, the head's outputs) -> higher is better
 ABSENT_LOGIT = -1e4  # logit of a class that train lacks: a very low score rather than a missing row
 
 
@@ -26,18 +29,24 @@ class FitResult:
 
 
 class Head(ABC):
+    """A head type. What can be known of it without importing it (its knobs, tasks, inputs, advice) is its
+    registry entry (:attr:`spec`, :mod:`pipeline.stage2.heads.registry`); the class holds what it does."""
+
     name: ClassVar[str]
-    uses_class_weight: ClassVar[bool] = False
-    uses_standardize: ClassVar[bool] = False  # trained by gradient on the features as given, unless --standardize
-    settings: ClassVar[tuple[str, ...]] = ()  # the HeadConfig fields it reads (config.json lists only these)
-    tasks: ClassVar[tuple[str, ...]] = ("classify",)  # what it can do: "classify" (labels), "regress" (targets)
-    in_all: ClassVar[tuple[str, ...]] = ("classify",)  # the tasks for which `compare --heads all` trains it
-    inputs: ClassVar[str] = "features"  # what fit/logits take: "features" (N, D) or "activations" (the tail head)
 
     def __init__(self, cfg: HeadConfig, *, num_classes: int, feature_dim: int):
         # num_classes: the outputs, i.e. the number of targets of a regression head (cfg.task == "regress")
         self.cfg, self.num_classes, self.feature_dim = cfg, num_classes, feature_dim
         self.sweep_info: dict[str, Any] = {}  # what sweep_scores wants recorded beside the grid (e.g. iterations)
+
+    @property
+    def spec(self) -> HeadSpec:
+        return spec(self.name)
+
+    @property
+    def inputs(self) -> str:
+        """What fit/logits take: "features" (N, D) or "activations" (the tail head)."""
+        return self.spec.inputs
 
     @property
     def regress(self) -> bool:
@@ -73,22 +82,22 @@ class Head(ABC):
         return []
 
     def sweep_scores(
-        self, X: np.ndarray, y: np.ndarray, held_out: tuple[np.ndarray, np.ndarray], *, grid: list[dict[str, float]]
+        self,
+        X: np.ndarray,
+        y: np.ndarray,
+        held_out: tuple[np.ndarray, np.ndarray],
+        *,
+        grid: list[dict[str, float]],
+        score: Score,
     ) -> list[float]:
-        """Held-out accuracy of each grid point fitted on ``(X, y)``. Heads that can, do it in one batch."""
+        """``score`` (the task's held-out score: accuracy, R^2, ...) of each grid point fitted on ``(X, y)``, on
+        ``held_out``. Heads that can, do it in one batch."""
         scores = []
         for point in grid:
             head = type(self)(replace(self.cfg, **point), num_classes=self.num_classes, feature_dim=self.feature_dim)
             head.fit(X, y)
-            scores.append(self.held_out_score(held_out[1], head.logits(held_out[0])))
+            scores.append(score(held_out[1], head.logits(held_out[0])))
         return scores
-
-    def held_out_score(self, y: np.ndarray, pred: np.ndarray) -> float:
-        """What ``--sweep`` maximises for one grid point's held-out predictions: R^2 averaged over the targets
-        (regression), else accuracy."""
-        if self.regress:
-            return float(r2_scores(y, pred).mean())
-        return float((pred.argmax(1) == y).mean())
 
     def as_module(self) -> nn.Module:
         """The head as a torch layer on features: logits = module(features)."""
@@ -96,13 +105,19 @@ class Head(ABC):
             f"a {self.name} head cannot become a layer of the model; export linear, logreg, centroid or mlp"
         )
 
+    def layer_record(self) -> dict[str, Any]:
+        """What, beside its tensors, rebuilds :meth:`as_module` when it is not one ``nn.Linear``: the knobs that
+        shape it (export records them; :meth:`from_layer_record` takes them back). Empty for an affine head."""
+        return {}
 
-def r2_scores(y: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    """Coefficient of determination per column of (N, T) targets (0 for a constant column predicted exactly)."""
-    y, pred = np.asarray(y, np.float64), np.asarray(pred, np.float64)
-    sse = ((y - pred) ** 2).sum(0)
-    sst = ((y - y.mean(0)) ** 2).sum(0)
-    return np.where(sst > 0, 1 - sse / np.where(sst > 0, sst, 1), np.where(sse > 0, -np.inf, 0.0))
+    @classmethod
+    def from_layer_record(cls, record: dict[str, Any], *, in_features: int, out_features: int) -> Head:
+        """A head of this type shaped as ``record`` says (its tensors loaded after, by ``load_state``)."""
+        try:
+            cfg = HeadConfig(head=cls.name, **record)
+        except TypeError as e:
+            raise PipelineError(f"head_layer of a {cls.name} head: {e}") from None
+        return cls(cfg, num_classes=out_features, feature_dim=in_features)
 
 
 def target_scaler(Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

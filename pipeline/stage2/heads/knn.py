@@ -18,8 +18,6 @@ class KNNHead(Head):
     (dinov2's k-NN evaluation), and by inverse class frequency with ``--class-weight balanced``."""
 
     name = "knn"
-    settings = ("k", "class_weight", "seed", "device")
-    uses_class_weight = True
     TEMPERATURE = 0.07
     CHUNK_ELEMENTS = 1 << 24  # similarity entries per block (64 MB of float32), whatever the size of train
     TRAIN_METRIC_ROWS = 2000  # train rows scored (leave-one-out) for the train metrics: +-1% on accuracy

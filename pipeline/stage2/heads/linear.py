@@ -11,6 +11,7 @@ from pipeline.devices import resolve_device
 from pipeline.stage2.heads.base import (
     AffineHead,
     FitResult,
+    Score,
     prepare_scaled,
 )
 from pipeline.stage2.heads.config import HeadConfig
@@ -28,11 +29,6 @@ class LinearHead(AffineHead):
     """The reference recipe: ``nn.Linear(D, C)``, cross-entropy, Adam, mini-batches over the in-memory matrix."""
 
     name = "linear"
-    settings = ("lr", "epochs", "batch_size", "weight_decay", "standardize", "class_weight", "seed", "device")
-    uses_class_weight = True
-    uses_standardize = True
-    tasks = ("classify", "regress")  # regress: squared error on standardised targets
-    in_all = ("classify", "regress")
 
     def _fit_grid(
         self, X: np.ndarray, y: np.ndarray, *, grid: list[dict[str, float]], val: Any = None
@@ -62,11 +58,17 @@ class LinearHead(AffineHead):
         return [{"lr": lr, "weight_decay": wd} for lr in (1e-4, 3e-4, 1e-3, 3e-3, 1e-2) for wd in (0.0, 1e-4, 1e-3)]
 
     def sweep_scores(
-        self, X: np.ndarray, y: np.ndarray, held_out: tuple[np.ndarray, np.ndarray], *, grid: list[dict[str, float]]
+        self,
+        X: np.ndarray,
+        y: np.ndarray,
+        held_out: tuple[np.ndarray, np.ndarray],
+        *,
+        grid: list[dict[str, float]],
+        score: Score,
     ) -> list[float]:
         """The whole grid in one pass over the features: one (G, C, D) weight stack, one param group each."""
         model, _ = self._fit_grid(X, y, grid=grid)
         device = model.weight.device
         with torch.no_grad():
             out = model(torch.as_tensor(held_out[0], dtype=torch.float32, device=device)).cpu().numpy()
-        return [self.held_out_score(held_out[1], pred) for pred in out]
+        return [score(held_out[1], pred) for pred in out]

@@ -13,7 +13,15 @@ from torch import nn
 
 from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
-from pipeline.stage2.heads.base import ABSENT_LOGIT, FitResult, Head, balanced_weights, fold_standardiser, linear_module
+from pipeline.stage2.heads.base import (
+    ABSENT_LOGIT,
+    FitResult,
+    Head,
+    Score,
+    balanced_weights,
+    fold_standardiser,
+    linear_module,
+)
 from pipeline.stage2.heads.config import HeadConfig
 from pipeline.stage2.heads.fitting import fitting_threads
 from pipeline.stage2.heads.lbfgs import Problem, fit_path
@@ -65,8 +73,6 @@ class LogRegHead(Head):
     """
 
     name = "logreg"
-    settings = ("C", "max_iter", "tol", "solver", "class_weight", "seed", "device")
-    uses_class_weight = True
     DTYPE = torch.float32  # float64 for the checks against scikit-learn (tests)
 
     def fit(self, X: np.ndarray, y: np.ndarray, *, val: tuple[np.ndarray, np.ndarray] | None = None) -> FitResult:
@@ -130,11 +136,18 @@ class LogRegHead(Head):
         return [{"C": float(1.0 / s)} for s in SWEEP_STRENGTHS]
 
     def sweep_scores(
-        self, X: np.ndarray, y: np.ndarray, held_out: tuple[np.ndarray, np.ndarray], *, grid: list[dict[str, float]]
+        self,
+        X: np.ndarray,
+        y: np.ndarray,
+        held_out: tuple[np.ndarray, np.ndarray],
+        *,
+        grid: list[dict[str, float]],
+        score: Score,
     ) -> list[float]:
-        """The whole grid along one regularisation path (strong to weak), each fit warm-started from the last."""
+        """The whole grid along one regularisation path (strong to weak), each fit warm-started from the last.
+        logreg classifies only: the torch path scores held-out accuracy (the classify task's score) on the device."""
         if self.cfg.solver == "sklearn":
-            return super().sweep_scores(X, y, held_out, grid=grid)
+            return super().sweep_scores(X, y, held_out, grid=grid, score=score)
         device = resolve_device(self.cfg.device)
         Xd = torch.as_tensor(np.asarray(X), device=device).to(self.DTYPE)
         with fitting_threads(device):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from torch import nn
@@ -21,12 +23,6 @@ class MLPHead(Head):
     """One hidden layer: Linear(D, hidden) -> ReLU -> Dropout -> Linear(hidden, C), trained like ``linear``."""
 
     name = "mlp"
-    settings = ("lr", "epochs", "batch_size", "weight_decay", "hidden", "dropout", "standardize", "class_weight",
-                "seed", "device")  # fmt: skip
-    uses_class_weight = True
-    uses_standardize = True
-    tasks = ("classify", "regress")  # regress: squared error on standardised targets
-    in_all = ("classify", "regress")
 
     def _module(self) -> nn.Sequential:
         return nn.Sequential(
@@ -60,6 +56,9 @@ class MLPHead(Head):
 
     def as_module(self) -> nn.Module:
         return self.module
+
+    def layer_record(self) -> dict[str, Any]:
+        return {"hidden": self.cfg.hidden, "dropout": self.cfg.dropout}
 
     def state(self) -> dict[str, np.ndarray]:
         return {k: v.detach().cpu().numpy() for k, v in self.module.state_dict().items()}

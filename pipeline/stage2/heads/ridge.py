@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from pipeline.devices import resolve_device
-from pipeline.stage2.heads.base import AffineHead, FitResult
+from pipeline.stage2.heads.base import AffineHead, FitResult, Score
 from pipeline.stage2.heads.config import HeadConfig
 from pipeline.stage2.heads.fitting import fitting_threads
 
@@ -50,9 +50,6 @@ class RidgeHead(AffineHead):
     """Closed-form ridge regression on standardised features; ``alpha`` chosen with ``--sweep``."""
 
     name = "ridge"
-    settings = ("alpha", "device")
-    tasks = ("classify", "regress")
-    in_all = ("regress",)  # a classification `compare --heads all` keeps its five heads; --heads ridge adds it
 
     def _targets(self, y: np.ndarray) -> np.ndarray:
         if self.regress:
@@ -75,7 +72,13 @@ class RidgeHead(AffineHead):
         return [{"alpha": a} for a in ALPHAS]
 
     def sweep_scores(
-        self, X: np.ndarray, y: np.ndarray, held_out: tuple[np.ndarray, np.ndarray], *, grid: list[dict[str, float]]
+        self,
+        X: np.ndarray,
+        y: np.ndarray,
+        held_out: tuple[np.ndarray, np.ndarray],
+        *,
+        grid: list[dict[str, float]],
+        score: Score,
     ) -> list[float]:
         """Every alpha from one eigendecomposition: held-out R^2 (averaged over targets), or accuracy for labels."""
         solver = self._solver(X, y)
@@ -83,5 +86,5 @@ class RidgeHead(AffineHead):
         for point in grid:
             weight, bias = solver.solve(point["alpha"])
             pred = np.asarray(held_out[0], np.float32) @ weight.T + bias
-            scores.append(self.held_out_score(held_out[1], pred))
+            scores.append(score(held_out[1], pred))
         return scores

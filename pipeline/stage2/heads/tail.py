@@ -156,12 +156,10 @@ def with_activations(fs: FeatureSet) -> FeatureSet:
 def backbone_of(meta: FeatureMeta) -> Backbone:
     """The frozen backbone that made a feature file, rebuilt from its metadata as ``export`` rebuilds it (a weights
     file must still be where ``extract --weights`` found it, with the recorded sha256)."""
-    from pipeline.deploy.export import rebuild_backbone  # the one rebuild of a backbone from its recorded identity
+    from pipeline.stage1.backbones import BackboneRecord, rebuild_backbone
 
-    record = {"backbone": meta.backbone, "weights": meta.weights, "extract_config": meta.config,
-              "preprocessing": meta.preprocessing, "feature_dim": meta.feature_dim}  # fmt: skip
     try:
-        return rebuild_backbone(record)
+        return rebuild_backbone(BackboneRecord.of_features(meta).plain())
     except PipelineError as e:  # its messages speak of export; say who needed the backbone here
         raise PipelineError(f"the tail head starts from the backbone that made the activations: {e}") from None
 
@@ -206,9 +204,6 @@ class TailHead(Head):
     activation maps (extract --cache-at NODE); export puts the blocks back into the backbone."""
 
     name = "tail"
-    inputs = "activations"
-    settings = ("lr", "epochs", "batch_size", "weight_decay", "class_weight", "train_bn", "seed", "device")
-    uses_class_weight = True
 
     def __init__(self, cfg: HeadConfig, *, num_classes: int, feature_dim: int):
         super().__init__(cfg, num_classes=num_classes, feature_dim=feature_dim)

@@ -1,0 +1,285 @@
+"""Comparing heads: ``compare`` (several heads on one feature file, one table), ``compare --layers`` (the best head
+per stored layer) and ``compare --shots`` (val accuracy against examples per class), with their tables. The rows,
+their columns and how they rank are the run's task's (:mod:`pipeline.stage2.tasks`)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import PipelineError
+from pipeline.fileio import write_json, write_text
+from pipeline.stage2 import plots, thresholds
+from pipeline.stage2.evaluate import report_notes
+from pipeline.stage2.heads import HEADS, HeadConfig
+from pipeline.stage2.heads.tail import require_activations
+from pipeline.stage2.runs import (
+    check_heads,
+    check_replace,
+    default_compare_root,
+    default_head_root,
+    describe,
+    features_label,
+    header,
+    run_settings,
+    with_layer,
+    writing,
+)
+from pipeline.stage2.tasks import TASKS, Column, resolve_task, task_of_rows, with_task
+from pipeline.stage2.training import fit_and_evaluate, train_one
+from pipeline.store import ALL_LAYERS, FeatureMeta, layer_columns, read_features, read_meta, resolve_layer
+
+log = logging.getLogger(__name__)
+
+
+def parse_heads(spec: str | None, *, task: str = "classify") -> list[str]:
+    """Head names from ``--heads``; 'all' = every head meant for ``task`` (ridge only for regression)."""
+    everything = [name for name, entry in HEADS.items() if task in entry.in_all]
+    names = everything if not spec or spec == "all" else [h.strip() for h in spec.split(",") if h.strip()]
+    unknown = [h for h in names if h not in HEADS]
+    if unknown:
+        raise PipelineError(f"unknown head {unknown[0]!r}; choose from: {', '.join(HEADS)}")
+    if not names:
+        raise PipelineError("--heads names no head")
+    return names
+
+
+def usable_heads(heads: list[str], meta: FeatureMeta) -> list[str]:
+    """``heads`` less those that need activation maps when the file has none (said in the log); none left is an
+    error."""
+    if meta.activations:
+        return heads
+    usable = [h for h in heads if HEADS[h].inputs == "features"]
+    if len(usable) < len(heads):
+        log.info("skipped %s: the file holds no activation maps (extract --cache-at NODE)",
+                 ", ".join(h for h in heads if h not in usable))  # fmt: skip
+    if not usable:
+        require_activations(meta, "the feature file")
+    return usable
+
+
+def table(header_row: list[str], body: list[list[str]]) -> str:
+    """A markdown table, the first column left-aligned and the rest right-aligned."""
+    sep = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header_row))) + "|"
+    return "\n".join(["| " + " | ".join(header_row) + " |", sep, *("| " + " | ".join(row) + " |" for row in body)])
+
+
+def _rows_table(columns: tuple[Column, ...], rows: list[dict[str, Any]]) -> str:
+    body = [[fmt.format(r[k]) if r.get(k) is not None else "-" for _, k, fmt in columns] for r in rows]
+    return table([c for c, _, _ in columns], body)
+
+
+def compare_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table of compared heads (also what the CLI prints), in the columns of their task."""
+    return _rows_table(task_of_rows(rows).table_columns(rows), rows)
+
+
+def compare(
+    features: Path | str,
+    *,
+    heads: list[str],
+    base: HeadConfig,
+    out: Path | str | None = None,
+    force: bool = False,
+    baseline: Path | str | None = None,
+) -> dict[str, Any]:
+    """Train every head in ``heads`` on one feature file (read once); write each head to ``<out>/<head>/`` and
+    compare.json/.md/.png to ``out`` (default: its own folder, see :func:`default_compare_root`). The folders are
+    locked while the run writes them, and a head there trained with other settings is replaced only with ``force``.
+    ``baseline``: a folder from ``python -m pipeline baseline`` on the same images, added as the last row."""
+    features = Path(features)
+    meta = read_meta(features)
+    base = with_layer(base, meta, features=features)
+    root = Path(out) if out else default_compare_root(features, layer=base.layer)
+    heads = usable_heads(heads, meta)
+    task = TASKS[resolve_task(base.task, meta)]
+    configs = {name: with_task(replace(base, head=name), meta) for name in heads}  # refused before any training
+    base = next(iter(configs.values()))
+    scratch = None  # read before any head is trained: a refused baseline costs nothing
+    if baseline is not None:
+        from pipeline.stage2.baseline import baseline_row
+
+        task.refuse("baseline")
+        scratch = baseline_row(baseline, dataset_identity=meta.dataset_identity)
+    with writing(root, *(root / name for name in heads)):
+        check_heads(root, heads=heads, base=base, fingerprint=meta.fingerprint, force=force)
+        fs = read_features(features, layer=base.layer)
+        rows = []
+        for name, cfg in configs.items():
+            log.info("training %s", name)
+            rows.append(task.compare_row(train_one(fs, cfg, out=root / name)))
+        ranked_by = task.rank(rows)
+        best = max(rows, key=lambda r: r[ranked_by])
+        extract_seconds = fs.meta.extract_seconds
+        for row in rows:  # the two-stage cost of each head: the one extraction + its own fit
+            row["total_seconds"] = None if extract_seconds is None else extract_seconds + row["fit_seconds"]
+        if scratch is not None:
+            rows.append(scratch)
+        result = {**describe(fs), "extract_seconds": extract_seconds, "rows": rows, "best": best["head"]}
+        result |= {"layer": fs.layer or ALL_LAYERS, "feature_dim": fs.feature_dim, "best_by": ranked_by}
+        skew = rows[0].get("imbalance")  # train's classes, the same for every head
+        if skew:
+            result["imbalance"] = skew | {"line": thresholds.imbalance_line(skew)}
+        try:
+            write_json(root / "compare.json", result)
+            write_text(root / "compare.md", header(fs) + compare_table(rows) + "\n")
+            plots.compare_png(rows, root / "compare.png", title=f"heads on val: {features_label(fs)}", bars=task.bars)
+        except OSError as e:
+            raise PipelineError(f"cannot write comparison to {root}: {e.strerror or e}") from None
+    result["out"] = str(root)
+    return result
+
+
+# ------------------------------------------------------------------------------------------ compare --layers
+
+LAYER_COLUMNS = (
+    ("layer", "shown", "{}"),
+    ("dim", "feature_dim", "{}"),
+    ("best head", "best", "{}"),
+    ("val acc", "val_accuracy", "{:.4f}"),
+    ("balanced acc", "balanced_accuracy", "{:.4f}"),
+    ("gap", "train_val_gap", "{:+.4f}"),
+    ("fit s", "fit_seconds", "{:.2f}"),  # the best head's
+    ("all heads s", "heads_seconds", "{:.2f}"),
+)
+
+
+def parse_layers(spec: str, meta: FeatureMeta, *, features: Path) -> list[str]:
+    """``compare --layers``: ``all``, every stored layer, or comma-separated names (each checked), in the file's
+    order; then ``all`` (their concatenation, the whole stored row) when the file holds more than one layer."""
+    columns = layer_columns(meta, path=features)
+    asked = [n.strip() for n in spec.split(",") if n.strip()]
+    if not asked:
+        raise PipelineError("--layers names no layer; give 'all' or comma-separated layer names")
+    for name in asked:
+        resolve_layer(meta, name, path=features)  # an unknown name: one line listing the file's layers
+    names = list(columns) if ALL_LAYERS in asked else [n for n in columns if n in asked]
+    return names + ([ALL_LAYERS] if len(columns) > 1 else [])
+
+
+def _layer_row(name: str, run: dict[str, Any], *, stored: list[str]) -> dict[str, Any]:
+    """One line of the layer table: the best head of ``run`` (a :func:`compare` result on layer ``name``)."""
+    best = next(r for r in run["rows"] if r["head"] == run["best"])
+    joined = "+".join(stored)
+    keep = ("val_accuracy", "balanced_accuracy", "train_val_gap", "fit_seconds")
+    return {
+        "layer": name,
+        "shown": name if name != ALL_LAYERS else f"all ({joined if len(joined) <= 40 else f'{len(stored)} layers'})",
+        "feature_dim": run["feature_dim"],
+        "best": run["best"],
+        **{k: best.get(k) for k in keep},
+        "heads_seconds": sum(r["fit_seconds"] for r in run["rows"] if r.get("fit_seconds") is not None),
+        "out": run["out"],
+    }
+
+
+def layers_report(result: dict[str, Any]) -> str:
+    """Markdown: the best head per layer, then each layer's table of heads (what the CLI prints, and layers.md)."""
+    rows = result["layers"]
+    parts = [_rows_table(LAYER_COLUMNS, rows)]
+    for row in rows:
+        heads = compare_table(result["runs"][row["layer"]]["rows"])
+        parts.append(f"{row['shown']}, {row['feature_dim']}-d, per head:\n\n{heads}")
+    return "\n\n".join(parts)
+
+
+def compare_layers(
+    features: Path | str,
+    *,
+    layers: str,
+    heads: list[str],
+    base: HeadConfig,
+    out: Path | str | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """``compare --layers``: :func:`compare` the ``heads`` on each stored layer apart (``layers``: ``all`` or names,
+    see :func:`parse_layers`) and on their concatenation, each run in ``<out>/<layer>/``; then the best head per
+    layer in one table, written as layers.json and layers.md to ``out`` (default: ``compare-layers/`` beside
+    ``compare/``). Every head folder is checked before any head is trained."""
+    features = Path(features)
+    meta = read_meta(features)
+    names = parse_layers(layers, meta, features=features)
+    root = Path(out) if out else default_head_root(features) / "compare-layers"
+    with writing(root):
+        for name in names:
+            on_layer = with_layer(replace(base, layer=name), meta, features=features)
+            check_heads(root / name, heads=heads, base=on_layer, fingerprint=meta.fingerprint, force=force)
+        runs = {}
+        for name in names:
+            log.info("layer %s", name)
+            runs[name] = compare(features, heads=heads, base=replace(base, layer=name), out=root / name, force=force)
+        stored = list(layer_columns(meta, path=features))
+        rows = [_layer_row(name, run, stored=stored) for name, run in runs.items()]
+        ranked_by = runs[names[0]]["best_by"]  # train's classes, the same for every layer
+        best = max(rows, key=lambda r: r[ranked_by])
+        first = runs[names[0]]
+        result = {k: first[k] for k in ("features", "features_fingerprint", "dataset", "backbone", "weights", "label")}
+        result |= {"n_train": first["n_train"], "n_val": first["n_val"], "heads": heads, "layers": rows}
+        result |= {"best_layer": best["layer"], "best_head": best["best"], "best_by": ranked_by, "runs": runs}
+        head_line = f"Features: `{features}`: {first['label']}; {first['n_train']} train / {first['n_val']} val\n\n"
+        try:
+            write_json(root / "layers.json", {k: v for k, v in result.items() if k != "runs"})
+            write_text(root / "layers.md", head_line + layers_report(result) + "\n")
+        except OSError as e:
+            raise PipelineError(f"cannot write the layer comparison to {root}: {e.strerror or e}") from None
+    result["out"] = str(root)
+    return result
+
+
+# ------------------------------------------------------------------------------------------ compare --shots
+
+
+def _shot_label(shots: int | None) -> str:
+    return "all" if shots is None else str(shots)
+
+
+def shots_table(scores: dict[str, dict[str, float]], labels: list[str]) -> str:
+    """Markdown: one row per head, val accuracy per number of shots."""
+    body = [[head] + [f"{by_shots[s]:.4f}" for s in labels] for head, by_shots in scores.items()]
+    return table(["head \\ shots", *labels], body)
+
+
+def compare_shots(
+    features: Path | str,
+    *,
+    heads: list[str],
+    base: HeadConfig,
+    shots: list[int | None],
+    out: Path | str | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Val accuracy of every head at every number of shots per class; writes shots.json/.md/.png.
+    The heads themselves are not saved: this is a curve, not a model."""
+    features = Path(features)
+    meta = read_meta(features)
+    base = with_layer(base, meta, features=features)
+    root = Path(out) if out else default_compare_root(features, layer=base.layer)
+    heads = usable_heads(heads, meta)
+    labels = [_shot_label(s) for s in shots]
+    settings = {"heads": {name: run_settings(replace(base, head=name)) for name in heads}, "shots": labels}
+    TASKS[resolve_task(base.task, meta)].refuse("shots")
+    with writing(root):
+        what = "a few-shot comparison"
+        check_replace(root / "shots.json", settings=settings, fingerprint=meta.fingerprint, what=what, force=force)
+        fs = read_features(features, layer=base.layer)
+        scores: dict[str, dict[str, float]] = {name: {} for name in heads}
+        runs = []
+        for name in heads:
+            for k, label in zip(shots, labels):
+                _, metrics, _ = fit_and_evaluate(fs, replace(base, head=name, shots=k))
+                scores[name][label] = metrics.val_accuracy
+                keep = ("val_accuracy", "balanced_accuracy", "worst_class_recall", "n_train_used", "fit_seconds")
+                runs.append({"head": name, "shots": label, **{key: getattr(metrics, key) for key in keep}})
+                runs[-1] |= {"shots_short": metrics.shots_short or {}, "notes": report_notes(metrics)}
+        result = {**describe(fs), "settings": settings, "seed": base.seed, "shots": labels, "val_accuracy": scores}
+        result["runs"] = runs
+        try:
+            write_json(root / "shots.json", result)
+            write_text(root / "shots.md", header(fs) + shots_table(scores, labels) + "\n")
+            plots.shots_png(scores, labels, root / "shots.png", title=f"few-shot: {features_label(fs)}")
+        except OSError as e:
+            raise PipelineError(f"cannot write the shots comparison to {root}: {e.strerror or e}") from None
+    result["out"] = str(root)
+    return result

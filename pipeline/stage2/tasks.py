@@ -1,0 +1,400 @@
+"""What differs between tasks, in one object per task: ``TASKS = {"classify": Classify(), "regress": Regress()}``.
+
+Everything else in stage two (the protocol, training one head, comparing, writing the artefacts) is one code path
+that asks the run's :class:`Task`: which part of train is held out and how it is scored, which metrics record the
+head gets, the compare table's columns, its rows and how they rank, the figures, what ``config.json`` records (and
+so what ``export`` writes) and which options make no sense for the task.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+from pipeline.stage2 import plots, thresholds
+from pipeline.stage2.evaluate import (
+    HeadMetrics,
+    RegressionMetrics,
+    classification_metrics,
+    r2_scores,
+    regression_metrics,
+    report_notes,
+    summarize,
+    summarize_regression,
+)
+from pipeline.stage2.heads import HEADS, HeadConfig
+from pipeline.stage2.protocol import (
+    Fitted,
+    choose_threshold,
+    few_shot,
+    random_holdout,
+    shots_short,
+    stratified_holdout,
+)
+from pipeline.store import FeatureMeta, FeatureSet, SplitFeatures, check_classes_have_rows, read_meta
+
+Column = tuple[str, str, str]  # (header, row key, format)
+FIT_SECONDS: Column = ("fit s", "fit_seconds", "{:.2f}")
+TOTAL_SECONDS: Column = ("total s", "total_seconds", "{:.2f}")  # extraction + fit; a baseline's training time
+
+
+class Task(ABC):
+    """One kind of answer a head gives. A task implements:
+
+    - ``check(cfg)``: the options and heads that make no sense for it refused in one line (a head can do the tasks
+      its registry entry lists in ``tasks``); returns ``cfg`` as it is recorded;
+    - ``truth(split)``: what a head learns from a split (labels, targets, a multi-hot matrix) and ``outputs(fs)``,
+      the names of the head's outputs (classes, targets, labels);
+    - ``train_rows(fs, cfg)``: the train rows a head is fitted on (few-shot sampling where it means something);
+    - ``holdout`` and ``held_out_score``: the held-out part of train ``--sweep`` chooses on, and what it maximises;
+    - ``evaluate(fitted, fs)``: the metrics record (a frozen dataclass with ``to_json()`` for metrics.json and a
+      ``report()`` for the printed text);
+    - ``columns``, ``compare_row``, ``rank``: the compare table, its row for one head, how rows rank and the key
+      "best" is chosen by; ``bars``: compare.png's bars;
+    - ``write_plots`` and ``figures``: the PNGs beside a head;
+    - ``config_record(fs, metrics)``: what ``config.json`` adds (export reads it: e.g. the target names, or per-label
+      thresholds), and ``refuse(option)`` for compare's options that do not apply.
+
+    Multi-label (issue 26) is one more subclass: a multi-hot ``truth``, a per-label random holdout scored by mAP,
+    its record (mAP, micro/macro F1, per-label P/R/F1, subset accuracy, Hamming loss), per-label thresholds in
+    ``config_record``, and an entry in ``TASKS``; heads list it in their registry entry's ``tasks``.
+    """
+
+    name: ClassVar[str]
+    score: ClassVar[str]  # the record's field (and compare row's key) that ranks heads by default
+    score_name: ClassVar[str]  # the held-out score in words, for the sweep's record and log
+    columns: ClassVar[tuple[Column, ...]]
+    bars: ClassVar[tuple[tuple[str, str], ...]]  # compare.png: (row key, label) pairs
+    record: ClassVar[type]  # its metrics record
+
+    def check(self, cfg: HeadConfig) -> HeadConfig:
+        if self.name not in HEADS[cfg.head].tasks:
+            raise PipelineError(self.wrong_head(cfg.head))
+        return cfg
+
+    def wrong_head(self, head: str) -> str:
+        able = [name for name, spec in HEADS.items() if self.name in spec.tasks]
+        return f"the {head} head does not {self.name}; use {', '.join(able)}"
+
+    def refuse(self, option: str) -> None:
+        """Compare's options that do not apply to this task (``--baseline``, ``--shots``): one line. Every option
+        applies unless the task says otherwise."""
+        return None
+
+    @abstractmethod
+    def truth(self, split: SplitFeatures) -> np.ndarray: ...
+
+    @abstractmethod
+    def outputs(self, fs: FeatureSet) -> list[str]: ...
+
+    def train_rows(self, fs: FeatureSet, cfg: HeadConfig) -> tuple[Any, np.ndarray]:
+        return fs.train.features, self.truth(fs.train)
+
+    @abstractmethod
+    def holdout(self, y: np.ndarray, *, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, str | None]:
+        """(fit rows, held-out rows, why none can be held out or None)."""
+
+    @abstractmethod
+    def held_out_score(self, y: np.ndarray, pred: np.ndarray) -> float: ...
+
+    def sweep_scores_record(self, scores: list[float]) -> dict[str, Any]:
+        return {"metric": self.score_name, f"held_out_{self.score_name}": scores}
+
+    @abstractmethod
+    def evaluate(self, fitted: Fitted, fs: FeatureSet) -> Any: ...
+
+    def compare_row(self, metrics: Any) -> dict[str, Any]:
+        """One head's line of compare.json: the table's columns and what the CLI says below the table."""
+        row = {k: getattr(metrics, k, None) for _, k, _ in self.columns} | {"task": self.name}
+        row |= {"train_val_gap": metrics.train_val_gap, "overfitting": metrics.overfitting}
+        row["n_train_used"] = metrics.n_train_used
+        if metrics.sweep is not None:
+            row["sweep"] = {k: v for k, v in metrics.sweep.items() if k != "grid" and not k.startswith("held_out_")
+                            or k == "held_out_fraction"}  # fmt: skip
+        return row
+
+    def rank(self, rows: list[dict[str, Any]]) -> str:
+        """Sorts ``rows`` in place as the table shows them; returns the key "best" is chosen by."""
+        return self.score
+
+    def table_columns(self, rows: list[dict[str, Any]]) -> tuple[Column, ...]:
+        return self.columns
+
+    @abstractmethod
+    def write_plots(self, metrics: Any, out: Path, *, fs: FeatureSet, head: Any, label: str, note: str) -> None: ...
+
+    def figures(self, metrics: Any) -> list[str]:
+        """The PNGs ``write_plots`` wrote, by name."""
+        return ["curves.png"] if metrics.history else []
+
+    def config_record(self, fs: FeatureSet, metrics: Any) -> dict[str, Any]:
+        return {}
+
+
+class Classify(Task):
+    """Labels: softmax over the classes; accuracy, per-class P/R/F1, confusion, PR/ROC, thresholds, imbalance."""
+
+    name = "classify"
+    score = "val_accuracy"
+    score_name = "accuracy"
+    columns = (
+        ("head", "head", "{}"),
+        ("train acc", "train_accuracy", "{:.4f}"),
+        ("val acc", "val_accuracy", "{:.4f}"),
+        ("balanced acc", "balanced_accuracy", "{:.4f}"),
+        ("worst recall", "worst_class_recall", "{:.4f}"),
+        ("macro F1", "macro_f1", "{:.4f}"),
+        ("val loss", "val_loss", "{:.4f}"),
+        FIT_SECONDS,
+        TOTAL_SECONDS,
+    )
+    bars = plots.CLASSIFY_BARS
+    record = HeadMetrics
+
+    def truth(self, split: SplitFeatures) -> np.ndarray:
+        return split.labels
+
+    def outputs(self, fs: FeatureSet) -> list[str]:
+        return fs.classes
+
+    def train_rows(self, fs: FeatureSet, cfg: HeadConfig) -> tuple[Any, np.ndarray]:
+        check_classes_have_rows(fs)
+        train = few_shot(fs.train, shots=cfg.shots, seed=cfg.seed) if cfg.shots else fs.train
+        return train.features, train.labels
+
+    def holdout(self, y: np.ndarray, *, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, str | None]:
+        fit, held = stratified_holdout(y, fraction=fraction, seed=seed)
+        too_few = not len(held) or len(np.unique(y[fit])) < 2
+        return fit, held, "too few training examples per class" if too_few else None
+
+    def held_out_score(self, y: np.ndarray, pred: np.ndarray) -> float:
+        return float((pred.argmax(1) == y).mean())
+
+    def sweep_scores_record(self, scores: list[float]) -> dict[str, Any]:
+        return {"held_out_accuracy": scores}  # as metrics.json has always said it
+
+    def evaluate(self, fitted: Fitted, fs: FeatureSet) -> HeadMetrics:
+        head, cfg, X, y = fitted.head, fitted.cfg, fitted.X, fitted.y
+        positive = thresholds.positive_index(cfg.positive, fs.classes) if cfg.positive else None
+        train_y, train_proba, train_note = head.train_predictions(X, y)
+        val_proba = head.predict_proba(fs.val.features)
+        spec = head.spec
+        extra: dict[str, Any] = {
+            "head": cfg.head,
+            "class_weight": cfg.class_weight if spec.uses("class_weight") else "n/a",
+            "standardize": cfg.standardize if spec.uses("standardize") else "n/a",
+            "shots": cfg.shots,
+            "n_train_used": len(y),
+            **fitted.fit.info,
+            "sweep": fitted.sweep,
+            "curves": thresholds.curves(fs.val.labels, val_proba, fs.classes, positive=positive),
+            "imbalance": thresholds.imbalance(y, fs.classes),
+        }
+        if cfg.shots:
+            extra["shots_short"] = shots_short(fs, shots=cfg.shots)
+        if train_note is not None:
+            extra["train_metrics_note"] = train_note
+        if cfg.threshold_target:
+            choice = choose_threshold(X, y, cfg=cfg, dims=fitted.dims, positive=positive)
+            report = thresholds.threshold_report(
+                fs.val.labels, val_proba, positive=positive, choice=choice, num_classes=len(fs.classes)
+            )
+            extra["threshold"] = {"positive": cfg.positive, **cfg.threshold_target, **report}
+        return summarize(
+            train=classification_metrics(train_y, train_proba, fs.classes),
+            val=classification_metrics(fs.val.labels, val_proba, fs.classes),
+            fit_seconds=fitted.seconds,
+            extra=extra,
+        )
+
+    def compare_row(self, metrics: HeadMetrics) -> dict[str, Any]:
+        row = super().compare_row(metrics) | {"shots": metrics.shots}
+        if metrics.shots_short:
+            row["shots_short"] = metrics.shots_short
+        row["imbalance"] = metrics.imbalance
+        if metrics.threshold:
+            row["threshold"] = {k: v for k, v in metrics.threshold.items() if k != "confusion_matrix"}
+        return row | {"notes": report_notes(metrics)}
+
+    def rank(self, rows: list[dict[str, Any]]) -> str:
+        # train's classes are the same for every head: when imbalanced, balanced accuracy ranks
+        return "balanced_accuracy" if rows and rows[0].get("imbalance") else self.score
+
+    def table_columns(self, rows: list[dict[str, Any]]) -> tuple[Column, ...]:
+        """When train's classes are imbalanced, balanced accuracy and the worst class's recall lead: accuracy
+        flatters a head that neglects the small classes."""
+        columns = list(self.columns)
+        if any(r.get("imbalance") for r in rows):
+            lead = [c for c in columns if c[1] in ("balanced_accuracy", "worst_class_recall")]
+            columns = [columns[0], *lead, *(c for c in columns[1:] if c not in lead)]
+        return tuple(columns)
+
+    def write_plots(self, metrics: HeadMetrics, out: Path, *, fs: FeatureSet, head: Any, label: str,
+                    note: str) -> None:  # fmt: skip
+        name = metrics.head
+        plots.confusion_png(
+            metrics.confusion_matrix, fs.classes, out / "confusion.png", title=f"{name} head: val confusion\n{label}"
+        )
+        if metrics.curves and metrics.curves.per_class:
+            plots.pr_roc_png(metrics.curves, out / "pr_roc.png", title=f"{name} head: val PR and ROC ({label})")
+        if metrics.history:
+            plots.curves_png(
+                metrics.history, out / "curves.png", title=f"{name} head: loss and accuracy per epoch ({label})",
+                note=note,
+            )  # fmt: skip
+
+    def config_record(self, fs: FeatureSet, metrics: HeadMetrics) -> dict[str, Any]:
+        if not metrics.threshold:
+            return {}
+        return {"decision": {k: metrics.threshold[k] for k in ("positive", "threshold")}}  # what predict applies
+
+    def figures(self, metrics: HeadMetrics) -> list[str]:
+        pr_roc = ["pr_roc.png"] if metrics.curves and metrics.curves.per_class else []
+        return ["confusion.png", *pr_roc, *super().figures(metrics)]
+
+
+class Regress(Task):
+    """Regression targets (``extract --targets``): the head's outputs are the values; MSE, RMSE, MAE and R^2."""
+
+    name = "regress"
+    score = "val_r2"
+    score_name = "R^2"
+    columns = (
+        ("head", "head", "{}"),
+        ("val R^2", "val_r2", "{:.4f}"),
+        ("val RMSE", "val_rmse", "{:.4g}"),
+        ("val MAE", "val_mae", "{:.4g}"),
+        ("train R^2", "train_r2", "{:.4f}"),
+        ("R^2 gap", "train_val_gap", "{:+.4f}"),
+        FIT_SECONDS,
+        TOTAL_SECONDS,
+    )
+    bars = plots.REGRESS_BARS
+    record = RegressionMetrics
+    REFUSED = {
+        "shots": "--shots draws K examples per class",
+        "positive": "--positive chooses a class threshold",
+        "baseline": "--baseline compares classifiers",
+    }
+
+    def check(self, cfg: HeadConfig) -> HeadConfig:
+        super().check(cfg)
+        if cfg.shots:
+            self.refuse("shots")
+        if cfg.positive:
+            self.refuse("positive")
+        return replace(cfg, task=self.name)
+
+    def wrong_head(self, head: str) -> str:
+        able = [name for name, spec in HEADS.items() if self.name in spec.tasks]
+        return (
+            f"the {head} head classifies labels only; for the regression targets of this file use "
+            f"{', '.join(able)} (or --task classify to predict the labels)"
+        )
+
+    def refuse(self, option: str) -> None:
+        raise PipelineError(f"{self.REFUSED[option]}: not for regression targets (or --task classify)")
+
+    def truth(self, split: SplitFeatures) -> np.ndarray:
+        return split.targets
+
+    def outputs(self, fs: FeatureSet) -> list[str]:
+        return list(fs.meta.targets["names"])
+
+    def holdout(self, y: np.ndarray, *, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, str | None]:
+        fit, held = random_holdout(len(y), fraction=fraction, seed=seed)
+        return fit, held, None if len(held) else "too few training rows"
+
+    def held_out_score(self, y: np.ndarray, pred: np.ndarray) -> float:
+        """R^2 averaged over the targets."""
+        return float(r2_scores(y, pred).mean())
+
+    def sweep_scores_record(self, scores: list[float]) -> dict[str, Any]:
+        return {"metric": "R^2", "held_out_r2": scores}
+
+    def evaluate(self, fitted: Fitted, fs: FeatureSet) -> RegressionMetrics:
+        head, cfg, X, Y = fitted.head, fitted.cfg, fitted.X, fitted.y
+        names = self.outputs(fs)
+        extra = {
+            "head": cfg.head,
+            "targets": names,
+            "targets_source": fs.meta.targets.get("source"),
+            "standardize": cfg.standardize if head.spec.uses("standardize") else "n/a",
+            "n_train_used": len(Y),
+            **fitted.fit.info,
+            "sweep": fitted.sweep,
+        }
+        return summarize_regression(
+            train=regression_metrics(Y, head.logits(X), names),
+            val=regression_metrics(fs.val.targets, head.logits(fs.val.features), names),
+            fit_seconds=fitted.seconds,
+            extra=extra,
+        )
+
+    def compare_row(self, metrics: RegressionMetrics) -> dict[str, Any]:
+        row = super().compare_row(metrics) | {"imbalance": None}
+        row |= {"val_mse": metrics.val_mse, "per_target": metrics.per_target}
+        return row | {"notes": report_notes(metrics)}
+
+    def rank(self, rows: list[dict[str, Any]]) -> str:
+        rows.sort(key=lambda r: -r[self.score])  # higher R^2 first
+        return self.score
+
+    def write_plots(self, metrics: RegressionMetrics, out: Path, *, fs: FeatureSet, head: Any, label: str,
+                    note: str) -> None:  # fmt: skip
+        name = metrics.head
+        plots.regression_png(
+            fs.val.targets, head.logits(fs.val.features), self.outputs(fs), out / "regression.png",
+            title=f"{name} head: val predicted vs true, residuals ({label})",
+        )  # fmt: skip
+        if metrics.history:
+            plots.curves_png(
+                metrics.history, out / "curves.png", title=f"{name} head: loss (MSE of standardised targets) and "
+                f"R^2 per epoch ({label})", note=note,
+            )  # fmt: skip
+
+    def figures(self, metrics: RegressionMetrics) -> list[str]:
+        return ["regression.png", *super().figures(metrics)]
+
+    def config_record(self, fs: FeatureSet, metrics: Any) -> dict[str, Any]:
+        return {"targets": self.outputs(fs)}
+
+
+TASKS: dict[str, Task] = {"classify": Classify(), "regress": Regress()}
+
+
+def resolve_task(asked: str, meta: FeatureMeta) -> str:
+    """``--task`` as run: auto = regress when the file holds targets, else classify."""
+    has = bool(meta.targets)
+    if asked == "auto":
+        return "regress" if has else "classify"
+    if asked == "regress" and not has:
+        raise PipelineError("--task regress: this feature file holds no targets; extract it with --targets FILE.csv")
+    return asked
+
+
+def feature_task(path: Path, asked: str) -> str:
+    """The task a run on the feature file ``path`` does (reads only its metadata)."""
+    return resolve_task(asked, read_meta(path))
+
+
+def with_task(cfg: HeadConfig, meta: FeatureMeta) -> HeadConfig:
+    """``cfg`` with its task resolved for this file and checked by the task (recorded as "regress" only;
+    classification configs stay as they were, so heads saved before regression existed compare equal)."""
+    return TASKS[resolve_task(cfg.task, meta)].check(cfg)
+
+
+def task_of(cfg: HeadConfig) -> Task:
+    """The task of a config :func:`with_task` resolved ("auto" and "classify" both classify)."""
+    return TASKS.get(cfg.task, TASKS["classify"])
+
+
+def task_of_rows(rows: list[dict[str, Any]]) -> Task:
+    """The task of compare rows (a from-scratch baseline's row classifies)."""
+    names = {r.get("task", "classify") for r in rows}
+    return TASKS[names.pop() if len(names) == 1 else "classify"]

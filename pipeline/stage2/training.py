@@ -1,0 +1,118 @@
+"""Training one head: fit it by the protocol on a feature file's train split, evaluate it on train and val as its
+task says, and write its folder (``head.safetensors``, ``config.json``, ``metrics.json``, the task's PNGs).
+
+One code path for every task: what differs (the rows a head learns from, the metrics, the figures, what
+``config.json`` adds) is asked of the run's :class:`~pipeline.stage2.tasks.Task`."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import PipelineError
+from pipeline.fileio import write_json
+from pipeline.stage2.heads import HEADS, HeadConfig, save_head
+from pipeline.stage2.heads.base import Head
+from pipeline.stage2.heads.tail import require_activations, with_activations
+from pipeline.stage2.protocol import fit
+from pipeline.stage2.runs import (
+    check_replace,
+    default_head_root,
+    features_label,
+    run_settings,
+    used_settings,
+    weights_label,
+    with_layer,
+    writing,
+)
+from pipeline.stage2.tasks import Task, task_of, with_task
+from pipeline.store import ALL_LAYERS, FeatureSet, read_features, read_meta
+
+
+def fit_and_evaluate(fs: FeatureSet, cfg: HeadConfig) -> tuple[Head, Any, list[dict[str, float]]]:
+    """Fit one head on ``fs.train`` (or its few-shot sample); metrics on that train and on val, as the file's task
+    (``--task``) says. Val is never used to choose anything. A head that takes activation maps (tail) gets them in
+    place of features. Returns the head, its metrics record and its per-epoch history."""
+    return evaluate_resolved(fs, with_task(cfg, fs.meta))
+
+
+def evaluate_resolved(fs: FeatureSet, cfg: HeadConfig) -> tuple[Head, Any, list[dict[str, float]]]:
+    """:func:`fit_and_evaluate` of a config whose task :func:`~pipeline.stage2.tasks.with_task` resolved."""
+    task = task_of(cfg)
+    if HEADS[cfg.head].inputs == "activations":
+        fs = with_activations(fs)
+    X, y = task.train_rows(fs, cfg)
+    dims = {"num_classes": len(task.outputs(fs)), "feature_dim": fs.feature_dim}
+    fitted = fit(cfg, X, y, val=(fs.val.features, task.truth(fs.val)), dims=dims, task=task)
+    history = fitted.fit.history
+    return fitted.head, task.evaluate(fitted, fs), history
+
+
+def train_head(features: Path | str, cfg: HeadConfig, *, out: Path | str | None = None, force: bool = False) -> Any:
+    """Train ``cfg.head`` on a feature file; write metrics.json, config.json, PNGs and the head to ``out``.
+    A head there trained with other settings is replaced only with ``force``."""
+    features = Path(features)
+    meta = read_meta(features)  # a missing or foreign file, or an unknown --layer, is refused before any folder
+    cfg = with_task(with_layer(cfg, meta, features=features), meta)
+    out = Path(out) if out else default_head_root(features, layer=cfg.layer) / cfg.head
+    if HEADS[cfg.head].inputs == "activations":
+        require_activations(meta, features)
+    with writing(out):
+        check_replace(out / "config.json", settings=run_settings(cfg), fingerprint=meta.fingerprint, what="a head",
+                      force=force)  # fmt: skip
+        return train_one(read_features(features, layer=cfg.layer), cfg, out=out)
+
+
+def head_config(fs: FeatureSet, head: Head, *, settings: dict[str, Any], task: Task, metrics: Any) -> dict[str, Any]:
+    """``config.json`` of a head: the settings it uses (after any sweep: what export rebuilds it from), the run's
+    settings as asked (what a later run into this folder is checked against), what produced its features, and
+    what its task adds (what ``export`` records: a regression head's target names, a classifier's threshold)."""
+    return {
+        "head": head.cfg.head,
+        "head_config": used_settings(head.cfg),
+        "settings": settings,
+        "features": str(fs.path),
+        "features_fingerprint": fs.meta.fingerprint,
+        "dataset": fs.meta.dataset,
+        "backbone": fs.meta.backbone,
+        "weights": fs.meta.weights,
+        "weights_label": weights_label(fs.meta),
+        "extract_config": fs.meta.config,
+        "feature_dim": fs.feature_dim,
+        "layer": fs.layer or ALL_LAYERS,  # what the head takes: one stored layer, or the whole row
+        "layers": fs.meta.layers,  # the pooled layers in that input (extract --layers); None: the classifier's input
+        "classes": fs.classes,
+        "preprocessing": fs.meta.preprocessing,
+        "classifier_path": fs.meta.classifier_path,
+        "activations": fs.meta.activations,  # the --cache-at node a tail head starts after
+        "n_train": len(fs.train),
+        "n_val": len(fs.val),
+    } | task.config_record(fs, metrics)
+
+
+def curves_note(cfg: HeadConfig) -> str:
+    """How the curves were measured, under their title: train during each epoch (the table's train accuracy is the
+    finished head's), and with dropout on where the head has dropout."""
+    dropout = HEADS[cfg.head].uses("dropout") and cfg.dropout > 0
+    train = "train: mean over each epoch's batches while training" + (
+        f", dropout {cfg.dropout:g} on" if dropout else ""
+    )
+    return f"{train}; val: after each epoch{', dropout off' if dropout else ''}"
+
+
+def train_one(fs: FeatureSet, cfg: HeadConfig, *, out: Path) -> Any:
+    """Fit and evaluate one head (``cfg`` resolved by :func:`~pipeline.stage2.tasks.with_task`) and write its
+    folder; the metrics record, with the folder it went to."""
+    task = task_of(cfg)
+    head, metrics, history = evaluate_resolved(fs, cfg)
+    on = {"layer": fs.layer or ALL_LAYERS, "feature_dim": fs.feature_dim}  # what the head was trained on
+    metrics = replace(metrics, details={**metrics.details, **on}, history=history or None)
+    try:
+        config = head_config(fs, head, settings=run_settings(cfg), task=task, metrics=metrics)
+        save_head(head, out, config=config)
+        write_json(out / "metrics.json", metrics.to_json())
+        task.write_plots(metrics, out, fs=fs, head=head, label=features_label(fs), note=curves_note(head.cfg))
+    except OSError as e:
+        raise PipelineError(f"cannot write head to {out}: {e.strerror or e}") from None
+    return replace(metrics, out=str(out))
