@@ -12,45 +12,33 @@ import time
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 
 from pipeline.audit.config import AuditConfig
 from pipeline.audit.duplicates import Rows, find_pairs
 from pipeline.errors import PipelineError
 from pipeline.fileio import atomic_write, write_json, write_text
-from pipeline.store import SPLITS, FeatureSet, read_features
+from pipeline.store import FeatureSet, read_features
 
 log = logging.getLogger(__name__)
 
 AUDIT_ROOT = Path("artifacts/audits")
-ROW_COLUMNS = ("digests", "phash")  # optional per-row columns written by extraction (newer files)
 
 
 def default_audit_dir(features: Path) -> Path:
     return AUDIT_ROOT / Path(features).stem
 
 
-def row_columns(path: Path, splits: tuple[str, ...] = SPLITS) -> dict[str, np.ndarray]:
-    """The optional per-row columns (``digests``, ``phash``) of every split, concatenated; a column is returned
-    only when every split has it (files written before extraction recorded them have none)."""
-    out: dict[str, np.ndarray] = {}
-    with h5py.File(path, "r") as f:
-        for name in ROW_COLUMNS:
-            if not all(name in f[s] for s in splits):
-                continue
-            parts = [f[s][name].asstr()[()] if f[s][name].dtype.kind == "O" else f[s][name][()] for s in splits]
-            out[name] = np.concatenate(parts)
-    return out
-
-
 def file_rows(fs: FeatureSet) -> Rows:
-    columns = row_columns(fs.path, tuple(fs.splits))
+    """Every row's id and split, with the content digests and perceptual hashes when every split has them."""
+    parts = list(fs.splits.values())
+    digests = np.concatenate([s.digests for s in parts]) if all(s.digests is not None for s in parts) else None
+    phash = np.concatenate([s.phash for s in parts]) if all(s.phash is not None for s in parts) else None
     return Rows(
-        ids=np.concatenate([s.ids for s in fs.splits.values()]).astype(str),
+        ids=np.concatenate([s.ids for s in parts]).astype(str),
         split=np.concatenate([np.full(len(s), name) for name, s in fs.splits.items()]),
-        digests=columns.get("digests"),
-        phash=columns.get("phash"),
+        digests=digests,
+        phash=phash,
     )
 
 
