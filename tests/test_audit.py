@@ -251,3 +251,21 @@ def test_cli_writes_the_folder_and_refuses_bad_input(tmp_path: Path, capsys: pyt
     assert capsys.readouterr().err.count("\n") == 1
     with pytest.raises(PipelineError, match="--folds"):
         AuditConfig(folds=1)
+
+
+def test_phash_counts_only_with_the_features() -> None:
+    """Two images with the same hash are a pair only when each is among the other's nearest neighbours."""
+    from pipeline.audit.duplicates import find_pairs
+
+    rng = np.random.default_rng(0)
+    X = normalise(torch.as_tensor(rng.normal(size=(40, 16)), dtype=torch.float32)).numpy()
+    hashes = rng.integers(0, 2**63, 40).astype(np.uint64)
+    hashes[1] = hashes[0]  # same hash, unrelated features
+    rows = Rows(ids=np.array([str(i) for i in range(40)]), split=np.array(["train"] * 30 + ["val"] * 10), phash=hashes)
+    nb = nearest(X, k=3, device=torch.device("cpu"), search_dim=0)
+    near = 1 in nb.index[0] or 0 in nb.index[1]
+    leaks, dups, _ = find_pairs(nb, rows, unit=X, threshold=10.0)  # the features alone flag nothing
+    assert any(set(p["rows"]) == {0, 1} for p in dups) == near
+    nb.index[0, 0] = 1  # now the features agree
+    leaks, dups, _ = find_pairs(nb, rows, unit=X, threshold=10.0)
+    assert any(set(p["rows"]) == {0, 1} and "phash" in p["evidence"] for p in dups)
