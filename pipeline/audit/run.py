@@ -51,6 +51,8 @@ def _timed(seconds: dict[str, float], name: str, t0: float) -> float:
 def audit(features: Path, cfg: AuditConfig, *, out: Path | None = None) -> dict[str, Any]:
     """Run every pass on ``features`` and write audit.json, audit.md, report.html and the out-of-fold
     probabilities under ``out`` (default :func:`default_audit_dir`). Returns the report."""
+    import torch
+
     from pipeline.audit.labels import confident_issues, out_of_fold
     from pipeline.audit.neighbours import nearest, normalise
     from pipeline.audit.outliers import outlier_scores, ranked_outliers
@@ -73,7 +75,7 @@ def audit(features: Path, cfg: AuditConfig, *, out: Path | None = None) -> dict[
     t = _timed(seconds, "read", t)
     nb = nearest(X, k=cfg.k, device=device, search_dim=cfg.search_dim, seed=cfg.seed)
     t = _timed(seconds, "neighbours", t)
-    unit = normalise(__import__("torch").as_tensor(X).float()).numpy()
+    unit = normalise(torch.as_tensor(X).float()).numpy()
     leaks, dups, dup_info = find_pairs(nb, rows, unit=unit, threshold=cfg.threshold)
     t = _timed(seconds, "duplicates", t)
     oof = out_of_fold([s.features for s in fs.splits.values()], [s.labels for s in fs.splits.values()],
@@ -117,7 +119,7 @@ def summary(fs: FeatureSet, *, leaks: list, dups: list, issues: int, info: dict,
     oof_acc = float((oof.proba.argmax(1) == y).mean())
     how = "--threshold" if info["threshold_given"] else "chosen from this file"
     sizes = ", ".join(f"{name} {len(s)}" for name, s in fs.splits.items())
-    exact = "digests" if info["digests"] else "none recorded in this file (written before extraction kept digests)"
+    exact = "digests" if info["digests"] else "none in this file: the near-duplicate pass alone"
     return {
         "images": sizes,
         "leaks (val images with a copy in train)": len({p["id"] for p in leaks}),
