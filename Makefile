@@ -164,6 +164,7 @@ bench: $(STAMP)
 	$(PY) -m pipeline.bench.heads
 	$(PY) -m pipeline.bench.fidelity
 	$(PY) -m pipeline.bench.predict
+	$(PY) -m pipeline.bench.sources
 	$(PY) -m pipeline.bench.audit
 
 # On a GPU machine without this venv: PYTHONPATH=. python -m pipeline.bench.gpu --out <path>.json

@@ -93,3 +93,99 @@ def write_text(path: Path | str, text: str) -> Path:
 
 def write_json(path: Path | str, obj: Any) -> Path:
     return write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def sha256_file(path: Path | str) -> str:
+    """The hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def digests(files: dict[str, Path]) -> dict[str, str]:
+    """``{role: sha256}`` of the files one unit writes (roles, not names: a unit whose files are renamed together
+    stays whole), for the file written last to record."""
+    return {role: sha256_file(p) for role, p in files.items()}
+
+
+def check_digests(files: dict[str, Path], recorded: Any, *, unit: str, remedy: str) -> None:
+    """Refuse, in one line, a file of ``files`` (role -> path) whose sha256 is not the one ``recorded`` by the file
+    written last: a write killed half-way left files of two units. ``recorded`` None: written before digests were
+    kept. A file that is absent is not checked (its reader says it is missing, if it needs it)."""
+    if recorded is None:
+        return
+    if not isinstance(recorded, dict):
+        raise PipelineError(f"{unit}: its list of file digests is damaged; {remedy}")
+    for role, path in files.items():
+        want = recorded.get(role)
+        if want is not None and Path(path).is_file() and sha256_file(path) != want:
+            raise PipelineError(
+                f"{Path(path).name} is not the file written with {unit} (a write was interrupted?); {remedy}"
+            )
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where that is not available."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: this filesystem or kernel cannot
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+@contextlib.contextmanager
+def atomic_directory(path: Path | str, *, owned_by: str) -> Iterator[Path]:
+    """Yield an empty sibling folder to write a whole unit into (a head: its weights, config, metrics, plots); on
+    success every file is fsynced and the folder takes ``path``'s place in one step, so a reader (or a kill at any
+    moment) sees the old unit or the new one, never a mix. The old unit is then removed.
+
+    ``path`` is replaced only if it is absent, empty, or holds ``owned_by`` (the unit's own record, e.g.
+    ``config.json``): a folder of other files is refused, never deleted. Where the filesystem cannot swap two names
+    in one step, the old folder is renamed aside first and put back by the next write if a kill came in between.
+    """
+    import shutil
+
+    path = Path(path)
+    tmp, aside = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists() and aside.is_dir():
+            os.replace(aside, path)  # a kill between the two renames of the fallback: the old unit comes back
+        if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / owned_by).is_file())):
+            raise PipelineError(f"{path} exists and is not a folder this command wrote (no {owned_by}): choose another")
+        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a killed write
+        tmp.mkdir()
+        yield tmp
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                fsync_path(p)
+        fsync_path(tmp)
+        if not path.exists():
+            os.replace(tmp, path)
+        elif not _exchange(tmp, path):
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(path, aside)
+            os.replace(tmp, path)
+            tmp = aside
+        fsync_path(path.parent)
+        shutil.rmtree(tmp, ignore_errors=True)  # the old unit
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise PipelineError(f"cannot write {path}: {_why(e)}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from pipeline import catalog, inspection
-from pipeline.deploy.export import export_model, read_meta, sidecar_paths
+from pipeline.deploy.export import export_model, read_export_meta, sidecar_paths
 from pipeline.deploy.predict import predict
 from pipeline.errors import PipelineError
 from pipeline.stage1.backbones import (
@@ -112,7 +112,7 @@ def test_a_toy_family_runs_extract_train_export_predict(toy: ToyFamily, image_fo
     model = tmp_path / "toy.pt2"
     result = export_model(head_dir, model)
     assert result.max_abs_diff < 1e-4
-    assert read_meta(sidecar_paths(model)[1]).backbone == TOY
+    assert read_export_meta(sidecar_paths(model)[1]).backbone == TOY
 
     out = tmp_path / "preds.csv"
     predict(model, [image_folder], out=out, progress=False, device="cpu", workers=0)
@@ -163,7 +163,7 @@ def test_rebuilt_from_an_exports_record_computes_what_was_exported(
     train_head(feats, HeadConfig(head="linear", epochs=2, device="cpu", layer=layer), out=head_dir)
     model = tmp_path / "m.pt2"
     export_model(head_dir, model)
-    meta = read_meta(sidecar_paths(model)[1])
+    meta = read_export_meta(sidecar_paths(model)[1])
     rebuilt = rebuild_backbone(meta.backbone_record())
     state = load_file(sidecar_paths(model)[0])
     head_prefix, body_prefix = meta.head_path + ".", "backbone." if meta.layers else ""

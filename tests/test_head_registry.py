@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.deploy.export import export_model, read_meta
+from pipeline.deploy.export import export_model, read_export_meta
 from pipeline.deploy.predict import load_classifier, read_image
 from pipeline.stage1.extract import ExtractConfig, extract
 from pipeline.stage2.heads import HeadConfig, load_head, registry
@@ -103,7 +103,7 @@ def test_toy_head_exports_its_own_layer(toy: None, tmp_path: Path) -> None:
     train_head(feats, HeadConfig(head="toy", hidden=2), out=tmp_path / "h")
     result = export_model(tmp_path / "h", tmp_path / "m.pt2")
     assert result.max_abs_diff < 1e-4
-    meta = read_meta(result.meta)
+    meta = read_export_meta(result.meta)
     assert meta.head_layer.type == "toy" and meta.head_layer.knobs == {"hidden": 2}
     clf = load_classifier(tmp_path / "m.pt2", device="cpu")  # rebuilt from MODEL.json + the tensors
     head, _ = load_head(tmp_path / "h")

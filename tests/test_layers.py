@@ -4,6 +4,8 @@ run is unchanged."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -82,7 +84,10 @@ def test_a_plain_run_is_unchanged(folder: Path, tmp_path: Path) -> None:
     # the keys a plain run records at their defaults hash as absent: the fingerprint of a file written before them
     legacy = {k: v for k, v in plan.identity.items() if k != "preprocess_on"}
     legacy["preprocessing"] = {k: v for k, v in legacy["preprocessing"].items() if k != "resize"}
-    assert plan.identity["preprocess_on"] == "loader" and plan.fp == fingerprint(legacy)
+    legacy["dataset"] = {k: v for k, v in legacy["dataset"].items() if k != "verify"}
+    as_before = hashlib.sha256(json.dumps(legacy, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    assert plan.identity["preprocess_on"] == "loader" and plan.identity["dataset"]["verify"] == "stat"
+    assert plan.fp == fingerprint(legacy) == as_before
     assert plan.backbone.layers is None and plan.backbone.activations is None
     extract(cfg)
     meta = read_meta(tmp_path / "plain.h5")

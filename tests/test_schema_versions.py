@@ -242,3 +242,12 @@ def test_writer_refuses_a_record_it_cannot_write_without_promising_a_resume(tmp_
         FeatureWriter(tmp_path / "f.h5", meta=meta, classes=["a"], sizes={"train": 1}, feature_dim=2)
     assert str(e.value).startswith("cannot create") and "resume" not in str(e.value)
     assert not (tmp_path / "f.h5.tmp").exists()  # nothing half made is left to "resume"
+
+
+def test_storable_name_escapes_only_what_utf8_cannot_hold() -> None:
+    for text in ("café", "a\\xe9", "猫/dog", "=SUM(A1)"):
+        assert store.storable_name(text) == text  # valid text, backslashes included, is unchanged
+    assert store.storable_name(os.fsdecode(b"caf\xe9")) == "caf\\xe9"  # a file name's undecodable byte
+    assert store.storable_name("a\ud800") == "a\\ud800"  # a surrogate no file name decodes to
+    for name in (os.fsdecode(b"caf\xe9"), "a\ud800"):
+        store.storable_name(name).encode("utf-8")  # what HDF5 stores

@@ -404,6 +404,24 @@ def test_lock_refuses_a_second_writer_and_dies_with_its_process(tmp_path: Path) 
         os.killpg(proc.pid, signal.SIGKILL)  # the orphaned child, same session as the process started here
 
 
+def test_one_lock_for_every_user_each_naming_its_refusal(tmp_path: Path) -> None:
+    """pipeline.locks.FileLock is the one lock: the feature file's (store.FileLock) and a head folder's
+    (stage two) are it with their own one-line refusal."""
+    from pipeline import locks
+    from pipeline.stage2 import runs
+
+    folder = tmp_path / "head"
+    assert issubclass(store.FileLock, locks.FileLock) and issubclass(runs.FolderLock, locks.FileLock)
+    with locks.FileLock(folder):
+        with pytest.raises(PipelineError, match=r"^another process is writing .*head; wait for it"):
+            locks.FileLock(folder).acquire()
+        with pytest.raises(PipelineError, match="another extract is already writing"):
+            store.FileLock(folder).acquire()
+        with pytest.raises(PipelineError, match="another train-head or compare is writing"):
+            runs.FolderLock(folder).acquire()
+    assert not folder.with_name("head.lock").exists()
+
+
 _CONTENDER = """
 import os, sys, time
 from pathlib import Path

@@ -30,6 +30,7 @@ image equal the head's logits on that image's cached features.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 from collections import OrderedDict
@@ -43,7 +44,7 @@ from safetensors.torch import save
 from torch import nn
 
 from pipeline.errors import PipelineError
-from pipeline.fileio import atomic_write, write_json
+from pipeline.fileio import atomic_write, digests, write_json
 from pipeline.stage1.backbones import (
     Backbone,
     BackboneRecord,
@@ -198,6 +199,7 @@ class ExportMeta:
     targets: tuple[str, ...] = ()  # a regression model's outputs (MODEL.json's "task": "regress"); classes empty
     layers: tuple[str, ...] | None = None  # the pooled nodes the head takes, in order (extract --layers); None: the
     # classifier's input, the head where the classifier was
+    files: dict[str, str] | None = None  # {file name: sha256} of the program and tensors (by role) written with it
 
     def __post_init__(self) -> None:
         check_layers(self.layers)
@@ -274,11 +276,13 @@ class ExportMeta:
         if layers is not None and not isinstance(layers, list):
             raise PipelineError(f"layers must be a list of node names, not {layers!r}")
         layers = None if layers is None else tuple(layers)
+        files = d.get("files")
         if names == "targets":
             classes = tuple(d.get("classes") or ())  # none: a file that also names classes is refused
             return cls(classes, pre, d["backbone"], d["classifier_path"], layer, decision, tuple(d["targets"]),
-                       layers=layers)  # fmt: skip
-        return cls(tuple(d["classes"]), pre, d["backbone"], d["classifier_path"], layer, decision, layers=layers)
+                       layers=layers, files=files)  # fmt: skip
+        return cls(tuple(d["classes"]), pre, d["backbone"], d["classifier_path"], layer, decision, layers=layers,
+                   files=files)  # fmt: skip
 
 
 def _output_names_key(d: dict[str, Any]) -> str:
@@ -289,12 +293,12 @@ def _output_names_key(d: dict[str, Any]) -> str:
     return "targets" if task == "regress" else "classes"
 
 
-def read_meta(path: Path) -> ExportMeta:
+def read_export_meta(path: Path) -> ExportMeta:
     """The one reader of MODEL.json."""
     path = Path(path)
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested beyond Python's stack
         raise PipelineError(f"cannot read {path.name}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     try:
         return ExportMeta.from_dict(d)
@@ -467,6 +471,15 @@ def _save_tensors(model: nn.Module, path: Path, identity: dict[str, Any]) -> Non
     path.write_bytes(save(state, metadata={IDENTITY_KEY: json.dumps(identity, sort_keys=True)}))
 
 
+def _save_program(program: Any, path: Path) -> None:
+    """``torch.export.save``, whose failures to write (a read-only or full filesystem) are RuntimeErrors: made
+    OSErrors, so ``atomic_write`` reports them in one line naming the file."""
+    try:
+        torch.export.save(program, path)
+    except RuntimeError as e:
+        raise OSError(errno.EIO, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
+
+
 def export_model(head_dir: Path | str, out: Path | str) -> ExportResult:
     """Write ``out`` (a ``.pt2`` program) with its ``.safetensors`` tensors and ``.json`` metadata beside it."""
     out = Path(out)
@@ -495,8 +508,10 @@ def export_model(head_dir: Path | str, out: Path | str) -> ExportResult:
     diff = _check_program(program, model, crop)
     tensors_path, meta_path = sidecar_paths(out)
     identity = ExportMeta.from_dict(meta).identity()
-    atomic_write(out, lambda p: torch.export.save(program, p))
+    # One unit in three files: MODEL.json goes last and records the sha256 of the other two, so after a kill between
+    # them the files of two exports are refused on load (predict), never run together.
+    atomic_write(out, lambda p: _save_program(program, p))
     atomic_write(tensors_path, lambda p: _save_tensors(model, p, identity))
-    write_json(meta_path, meta)
+    write_json(meta_path, {**meta, "files": digests({"program": out, "tensors": tensors_path})})
     targets = meta.get("targets", [])
     return ExportResult(out, tensors_path, meta_path, [] if targets else list(config["classes"]), diff, targets=targets)

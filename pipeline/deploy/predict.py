@@ -34,12 +34,12 @@ from pipeline.deploy.export import (
     ExportMeta,
     classifier_model,
     non_finite,
-    read_meta,
+    read_export_meta,
     sidecar_paths,
 )
 from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
-from pipeline.fileio import atomic_path
+from pipeline.fileio import atomic_path, check_digests
 from pipeline.progress import progress_bar
 from pipeline.stage1.backbones import Preprocessing, rebuild_backbone
 from pipeline.stage1.batches import (
@@ -50,7 +50,7 @@ from pipeline.stage1.batches import (
     default_workers,
     open_source,
 )
-from pipeline.stage1.datasets import IMG_EXTENSIONS, Split, load_image
+from pipeline.stage1.datasets import Split, list_images, load_image
 from pipeline.stage1.extract import embed_batch
 from pipeline.stage1.precision import Precision, resolve_precision
 
@@ -125,10 +125,17 @@ def load_classifier(path: Path | str, *, device: str = "auto") -> Classifier:
     try:
         if not meta_path.is_file():
             raise PipelineError(f"{meta_path.name} (class names, preprocessing) is missing beside it")
-        meta = read_meta(meta_path)
+        meta = read_export_meta(meta_path)
         if not tensors_path.is_file():
             raise PipelineError(f"{tensors_path.name} (the weights) is missing beside it; export the head again")
         model = _assemble(meta, _read_tensors(tensors_path, meta))
+        # the tensors must be the ones written with MODEL.json (a kill between export's writes left two models'
+        # files); the program is never opened here, so one of another export is said, not refused
+        check_digests({"tensors": tensors_path}, meta.files, unit=meta_path.name, remedy="export the model again")
+        try:
+            check_digests({"program": path}, meta.files, unit=meta_path.name, remedy="export the model again")
+        except PipelineError as e:
+            log.warning("%s (predict does not run it)", e)
         _probe(model, meta)
     except PipelineError as e:
         raise PipelineError(shown(f"cannot load model {path}: {e}")) from None
@@ -203,11 +210,15 @@ def _probe(model: nn.Module, meta: ExportMeta) -> None:
 
 
 def collect_images(inputs: list[Path | str]) -> list[Path]:
-    """Image files named directly, plus every image under named folders (recursively, sorted)."""
+    """Image files named directly, plus every image under named folders, listed as extract lists its folders
+    (:func:`~pipeline.stage1.datasets.list_images`: hidden folders skipped, regular files only, sorted)."""
     files: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            files += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+            problems: list[str] = []
+            files += list_images(item, problems)
+            for why in problems:
+                log.warning("skipped %s", shown(item / why))
         elif item.is_file():
             files.append(item)
         else:
@@ -263,6 +274,36 @@ def _rows(paths: list[Path], proba: torch.Tensor, classes: list[str], top_k: int
             cells += [classes[k], f"{prob:.6f}"]
         rows.append([*cells, ""])
     return rows
+
+
+# A cell a spreadsheet would run as a formula: OWASP's "CSV injection" list (=, +, -, @, tab, carriage return).
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """A text cell as a spreadsheet shows it, never runs it: one starting like a formula gets a leading ``'``
+    (OWASP's advice). Class names, paths and error messages come from the user's files; numbers stay numbers."""
+    if not isinstance(value, str) or not value.startswith(FORMULA_START):
+        return value
+    try:
+        float(value)  # a negative value ("-0.250000") is a number, not a formula
+    except ValueError:
+        return f"'{value}"
+    return value
+
+
+class SafeCsvWriter:
+    """``csv.writer`` whose every text cell goes through :func:`csv_cell`: the one writer of predictions CSVs."""
+
+    def __init__(self, fh: Any):
+        self._w = csv.writer(fh)
+
+    def writerow(self, row: list[Any]) -> None:
+        self._w.writerow([csv_cell(c) for c in row])
+
+    def writerows(self, rows: list[list[Any]]) -> None:
+        for row in rows:
+            self.writerow(row)
 
 
 def predict(
@@ -383,7 +424,7 @@ def predict_with(
     result = outputs.result(out=out, n_images=len(paths))
     t0 = time.perf_counter()
     with atomic_path(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
+        writer = SafeCsvWriter(fh)
         writer.writerow(outputs.columns())
         for ok_paths, batch, bad in _batched_outputs(clf, paths, reading=reading, progress=progress):
             _report_bad(bad, writer=writer, result=result, blank=outputs.blank())

@@ -17,6 +17,9 @@ On CUDA, ``auto`` takes ``device`` for arrays and ``gpu-decode`` for folders; on
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
 import logging
 import math
 import os
@@ -36,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from pipeline.errors import PipelineError
 from pipeline.stage1.backbones import Preprocessing
 from pipeline.stage1.config import PREPROCESS_MODES
-from pipeline.stage1.datasets import Split
+from pipeline.stage1.datasets import Split, check_pixels
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +188,20 @@ def _quiet_worker(_worker_id: int) -> None:
             default_hook(exc_type, exc, tb)
 
     sys.excepthook = hook
+    # A batch that cannot be put in shared memory (/dev/shm full, `ulimit -f`) fails in the queue's feeder thread,
+    # which only printed a traceback and dropped the batch: the main process then waited for it forever. The worker
+    # exits instead, with a code the main process recognises (see ``LoaderSource``).
+    import multiprocessing.queues
+
+    multiprocessing.queues.Queue._on_queue_feeder_error = staticmethod(_feeder_failed)
+
+
+# The exit code of a loader worker that could not hand a batch over (its shared memory could not be allocated).
+EXIT_NO_SHARED_MEMORY = 86
+
+
+def _feeder_failed(e: BaseException, obj: object) -> None:
+    os._exit(EXIT_NO_SHARED_MEMORY)
 
 
 def _start_workers(batches: Any) -> Iterator:
@@ -206,26 +223,147 @@ class LoaderSource(BatchSource):
 
     def batches(self, start: int) -> Iterator[Batch]:
         s = self.settings
+        batch_bytes = s.batch_size * 3 * s.pre.crop_size**2  # one uint8 CHW batch, as a worker hands it over
+        prefetch = s.prefetch if s.batch_size < 256 else 2  # at 512 x 224 px a batch is 77 MB
+        workers, prefetch = fit_shared_memory(workers=s.workers, prefetch=prefetch, batch_bytes=batch_bytes)
         loader = DataLoader(
             _Images(self.split, s.pre, start),
             batch_size=s.batch_size,
             shuffle=False,
-            num_workers=s.workers,
+            num_workers=workers,
             collate_fn=_collate,
             pin_memory=s.pin_memory,
-            # Each worker keeps prefetch_factor batches in shared memory: at 512 x 224 px that is 77 MB a batch.
-            prefetch_factor=(s.prefetch if s.batch_size < 256 else 2) if s.workers else None,
+            prefetch_factor=prefetch if workers else None,  # each worker's batches wait in shared memory
             persistent_workers=False,
-            worker_init_fn=_quiet_worker if s.workers else None,
+            worker_init_fn=_quiet_worker if workers else None,
         )
         it = _start_workers(loader)
-        try:
-            yield from it
-        finally:
-            # Every exit (end, error, interrupt) stops the workers now, not at interpreter exit.
-            shutdown = getattr(it, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
+        finished = False
+        with _workers_reported_here():
+            try:
+                yield from it
+                finished = True
+            except RuntimeError as e:
+                why = _worker_failure(it, e, batch_bytes=batch_bytes)
+                if why is None:
+                    raise
+                raise PipelineError(why) from None
+            finally:
+                # Every exit (end, error, interrupt) stops the workers now, not at interpreter exit. A worker blocked
+                # in a system call (a path that became a FIFO after the scan) ignores the polite stop and SIGTERM
+                # alike, and multiprocessing would wait for it at exit: on an early exit the workers are killed.
+                workers_now = list(getattr(it, "_workers", []))
+                if not finished:
+                    for w in workers_now:
+                        with contextlib.suppress(OSError, ValueError):
+                            if w.is_alive():
+                                os.kill(w.pid, signal.SIGKILL)
+                shutdown = getattr(it, "_shutdown_workers", None)
+                if shutdown is not None:
+                    shutdown()
+
+
+SHM = "/dev/shm"  # where torch puts the batches workers hand over (shm_open)
+
+
+def shared_memory_free() -> int | None:
+    """Bytes free in /dev/shm, or None where there is none (not Linux) or it cannot be read."""
+    try:
+        st = os.statvfs(SHM)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _file_size_limit() -> int | None:
+    """The process's file-size limit (``ulimit -f``) in bytes: one batch is one shared-memory file, bound by it."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    except (ImportError, OSError, ValueError):
+        return None
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+_said: set[str] = set()
+
+
+def _say_once(line: str) -> None:
+    """A warning given once per process, not once per split."""
+    if line not in _said:
+        _said.add(line)
+        log.warning("%s", line)
+
+
+def fit_shared_memory(*, workers: int, prefetch: int, batch_bytes: int) -> tuple[int, int]:
+    """(workers, prefetch) that fit /dev/shm: each worker keeps ``prefetch`` batches there, and the main process
+    holds about two more. Fewer prefetched batches when that is enough, else decoding in the main process (no
+    shared memory at all), each said in one line. Docker's default /dev/shm (64 MB) is below one default GPU batch."""
+    if not workers:
+        return workers, prefetch
+    free, limit = shared_memory_free(), _file_size_limit()
+    if limit is not None and batch_bytes > limit:
+        _say_once(
+            f"a batch ({_mb(batch_bytes)}) is over this process's file-size limit (ulimit -f, {_mb(limit)}), which "
+            "bounds its shared memory: decoding in the main process (--workers 0); a smaller --batch-size keeps workers"
+        )
+        return 0, prefetch
+    if free is None or free >= (workers * prefetch + 2) * batch_bytes:
+        return workers, prefetch
+    fits, need = (free // batch_bytes - 2) // workers, (workers * prefetch + 2) * batch_bytes
+    if fits >= 1:
+        _say_once(
+            f"{SHM} has {_mb(free)} free, under the {_mb(need)} that {workers} loader workers"
+            f" prefetching {prefetch} batches of {_mb(batch_bytes)} need: each prefetches {fits} "
+            "(docker run --shm-size gives more room)"
+        )
+        return workers, int(fits)
+    _say_once(
+        f"{SHM} has {_mb(free)} free, too little for loader workers to hand over batches of {_mb(batch_bytes)}: "
+        "decoding in the main process (--workers 0); a smaller --batch-size or docker run --shm-size keeps workers"
+    )
+    return 0, prefetch
+
+
+def _worker_failure(it: Any, e: RuntimeError, *, batch_bytes: int) -> str | None:
+    """The one line for a loader worker that died or could not allocate shared memory, or None for another error."""
+    codes = [w.exitcode for w in getattr(it, "_workers", []) if w.exitcode not in (None, 0)]
+    text = str(e)
+    if EXIT_NO_SHARED_MEMORY in codes or "shared memory" in text:
+        what = "a loader worker ran out of shared memory"
+    elif codes or "exited unexpectedly" in text or "killed by signal" in text:
+        died = next((c for c in codes), None)
+        how = f"was killed by signal {-died}" if died is not None and died < 0 else "died"
+        what = f"a loader worker {how} (out of memory or shared memory?)"
+    else:
+        return None
+    free = shared_memory_free()
+    room = f"{SHM} has {_mb(free)} free, " if free is not None else ""
+    return (
+        f"{what}: {room}a batch takes {_mb(batch_bytes)}; rerun with --workers 0 or a smaller --batch-size (extract "
+        "resumes from its last commit), or give shared memory more room (docker run --shm-size=2g)"
+    )
+
+
+@contextlib.contextmanager
+def _workers_reported_here() -> Iterator[None]:
+    """While batches are read, a worker that dies is reported by the loop reading them (within the loader's 5 s
+    status check), not by torch's SIGCHLD handler, which raised its error wherever the main process happened to
+    be (mid-commit, say) and bypassed the one-line report."""
+    try:
+        before = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    except (ValueError, AttributeError):  # not the main thread, or no SIGCHLD (Windows)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGCHLD, before)
 
 
 # ------------------------------------------------------------------------------------------ in-memory arrays
@@ -331,7 +469,7 @@ class GpuDecodeSource(BatchSource):
 
     @classmethod
     def supports(cls, split: Split) -> str | None:
-        if split.path is None:
+        if split.path is None and split.read_bytes is None:
             return (
                 "--preprocess gpu-decode needs a folder of image files; this dataset is held in memory as arrays: "
                 "use --preprocess device, loader or auto"
@@ -340,7 +478,7 @@ class GpuDecodeSource(BatchSource):
 
     @classmethod
     def auto_for(cls, split: Split, device: torch.device) -> bool:
-        return device.type == "cuda" and split.path is not None and split.arrays is None
+        return device.type == "cuda" and (split.path or split.read_bytes) is not None and split.arrays is None
 
     def batches(self, start: int) -> Iterator[Batch]:
         s, n = self.settings, len(self.split)
@@ -368,12 +506,17 @@ class GpuDecodeSource(BatchSource):
         raw = _Read(lo, hi)
         for i in range(lo, hi):
             try:
-                data = self.split.path(i).read_bytes()
+                data = sample_bytes(self.split, i)
             except OSError as e:
                 raw.bad[i] = error_line(e)
                 continue
             # A JPEG without its end marker is truncated: PIL reports it (nvJPEG may decode it with a grey tail).
             if data.startswith(JPEG_MAGIC) and data.rstrip(b"\0").endswith(b"\xff\xd9"):
+                try:
+                    check_pixels(*_jpeg_size(data))  # the pixel limit PIL's path applies, before decoding
+                except Exception as e:  # noqa: BLE001 - reported per file by the main process
+                    raw.bad[i] = error_line(e)
+                    continue
                 raw.jpegs.append((i, torch.frombuffer(bytearray(data), dtype=torch.uint8)))
             else:
                 self._pil(raw, i)
@@ -408,6 +551,37 @@ class GpuDecodeSource(BatchSource):
             indices=order,
             bad=sorted(raw.bad.items()),
         )
+
+
+def sample_bytes(split: Split, i: int) -> bytes:
+    """The encoded image of sample ``i``: its file's bytes (a regular file only), or its WebDataset member's
+    (``split.read_bytes``)."""
+    return split.read_bytes(i) if split.read_bytes is not None else read_regular_file(split.path(i))
+
+
+def read_regular_file(path: Any) -> bytes:
+    """The bytes of a regular file; anything else (a FIFO or device swapped in after the scan) is refused from the
+    open descriptor's ``fstat``. Opened non-blocking, so a FIFO cannot block the reading thread (a thread, unlike a
+    worker process, cannot be killed at exit)."""
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from a JPEG's header, nothing decoded."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        return img.size
 
 
 def decode_jpegs(data: list[torch.Tensor], *, device: torch.device) -> list[torch.Tensor | None]:

@@ -39,14 +39,37 @@ class SourceOptions:
 
     dataset: str = option(
         "cifar10",
-        "torchvision dataset name (cifar10, cifar100, mnist, fashionmnist, kmnist, svhn, stl10) or a folder of "
-        "images: PATH/train/<class>/*, PATH/val/<class>/*, or PATH/<class>/*.",
+        "torchvision dataset name (cifar10, cifar100, mnist, fashionmnist, kmnist, svhn, stl10); a folder of "
+        "images: PATH/train/<class>/*, PATH/val/<class>/*, or PATH/<class>/*, or a Hugging Face imagefolder "
+        "(PATH/metadata.csv or .jsonl); a labels table (labels.csv, .tsv, .jsonl, .parquet); or WebDataset shards "
+        "('shards/train-{00000..00041}.tar', a glob, or a .txt list of shards).",
     )
     data_root: str = option("data", "Where torchvision datasets live.", path="dir")
     download: bool = option(True, "Download a torchvision dataset when it is missing.")
     val_fraction: float = option(0.2, "Validation share of a PATH/<class>/* folder (stratified, seeded).")
     split_seed: int = option(0, "Seed of the folder split and of the --limit sample.")
     limit: int | None = option(None, "Only the first N samples of each split (a seeded sample for folders).")
+    images: str | None = option(
+        None, "Folder a labels table's image paths are relative to (default: the table's folder).", path="dir"
+    )
+    image_column: str | None = option(
+        None, "A labels table's image column (default: the first of path, file_name, filename, file, image, id)."
+    )
+    label_column: str | None = option(
+        None, "A labels table's label column (default: the first of label, labels, class, target)."
+    )
+    label_delimiter: str | None = option(
+        None, "Several labels per image in a table's label column, separated by this (default: ';' where any has one)."
+    )
+    label_columns: str | None = option(
+        None, "Comma-separated 0/1 columns of a labels table, one per label: several labels per image."
+    )
+    val_dataset: str | None = option(
+        None, "WebDataset shards of the val split (same patterns as --dataset); default: --val-fraction by key."
+    )
+    label_key: str | None = option(
+        None, "The field of each WebDataset sample's .json that is its label (default: .cls, .txt, then 'label')."
+    )
     verify: str = option(
         "stat",
         "How a folder's images are identified for reuse: 'stat' (path, size, modification time) or 'content' "
@@ -65,10 +88,10 @@ class SourceOptions:
             raise PipelineError(f"unknown --verify {self.verify!r}; choose one of: {', '.join(VERIFY_MODES)}")
 
     def load(self) -> Source:
-        """The source these options pick (:func:`load_source`)."""
-        from pipeline.stage1.datasets import load_source  # here: datasets imports torch
+        """The source these options pick (:func:`~pipeline.stage1.sources.load_dataset`)."""
+        from pipeline.stage1.sources import load_dataset  # here: the readers import torch
 
-        return load_source(
+        source = load_dataset(
             self.dataset,
             data_root=Path(self.data_root),
             download=self.download,
@@ -76,7 +99,21 @@ class SourceOptions:
             split_seed=self.split_seed,
             limit=self.limit,
             verify=self.verify,
+            images=self.images,
+            image_column=self.image_column,
+            label_column=self.label_column,
+            val_dataset=self.val_dataset,
+            label_key=self.label_key,
+            label_columns=self.label_columns,
+            label_delimiter=self.label_delimiter,
         )
+        if any(split.multi_hot is not None for split in source.splits.values()):
+            # Reading is done (Split.multi_hot); the feature file and the heads have no multi-label task yet.
+            raise PipelineError(
+                f"{self.dataset} has several labels per image (multi-label): reading them works, but storing and "
+                "training them needs the multi-label task, not in this version; give one label per image"
+            )
+        return source
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ Every source yields, per split, a deterministic sequence of samples with an id a
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import stat
@@ -70,6 +71,15 @@ class Split:
     load: Callable[[int], Image.Image]
     arrays: np.ndarray | None = None  # uint8 NHWC (or NHW) when the whole split sits in memory
     path: Callable[[int], Path] | None = None  # the file of sample i, when samples are files (raw-byte sources)
+    # The encoded bytes of sample i, when samples are not files of their own (WebDataset shards): what gpu-decode
+    # reads instead of ``path``.
+    read_bytes: Callable[[int], bytes] | None = None
+    # The unit of work each sample belongs to (its shard's number), non-decreasing: torchrun ranks split a split
+    # at unit boundaries, so each rank reads its own shards (see :func:`rank_rows`). None: any row boundary.
+    units: np.ndarray | None = None
+    # Several labels per sample: (N, classes) uint8 0/1 (``labels`` is then -1). Read from a labels table or shards
+    # (see :mod:`pipeline.stage1.tables`); storing and training it needs the multi-label task.
+    multi_hot: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -135,16 +145,25 @@ def load_image(path: Path) -> Image.Image:
     kind = _not_regular(Path(path))
     if kind:
         raise ValueError(kind)
+    return decode_image(path)
+
+
+def decode_image(src: Path | io.BytesIO) -> Image.Image:
+    """:func:`load_image` for a file or the bytes of one (a WebDataset member): the same checks, the same pixels."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with Image.open(path) as img:
-            w, h = img.size
-            if w * h > MAX_PIXELS:
-                raise ValueError(
-                    f"{w}x{h} pixels is over the {MAX_PIXELS // 1_000_000}-megapixel limit (a decompression bomb?)"
-                )
+        with Image.open(src) as img:
+            check_pixels(*img.size)
             img.load()
             return to_rgb(img)
+
+
+def check_pixels(w: int, h: int) -> None:
+    """The one pixel policy of every reader (PIL here, the JPEG decoder of ``gpu-decode``): a header declaring more
+    than :data:`MAX_PIXELS` is refused before any pixel is decoded."""
+    if w * h > MAX_PIXELS:
+        cap = MAX_PIXELS // 1_000_000
+        raise ValueError(f"{w}x{h} pixels is over the {cap}-megapixel limit (a decompression bomb?)")
 
 
 @dataclass
@@ -215,6 +234,12 @@ def _walk_images(folder: Path, *, root: Path, problems: list[str]) -> list[Path]
     return sorted(found)
 
 
+def list_images(folder: Path, problems: list[str]) -> list[Path]:
+    """The image files under ``folder`` as extract sees them (hidden files and folders skipped, links followed,
+    regular files only), sorted; what was passed over goes to ``problems``. Predict lists its folders with it too."""
+    return _walk_images(Path(folder), root=Path(folder), problems=problems)
+
+
 def _holds_only_outputs(folder: Path) -> bool:
     """A folder of feature files (``--out`` inside the image folder): not a class."""
     return any(".h5" in p.name for p in folder.rglob("*") if p.is_file())
@@ -258,7 +283,7 @@ def _file_digest(path: Path, *, verify: str) -> tuple[str, str]:
     return key, hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def _file_identity(root: Path, relpaths: list[str], *, verify: str = "stat") -> tuple[str, dict[str, str]]:
+def file_identity(root: Path, relpaths: list[str], *, verify: str = "stat") -> tuple[str, dict[str, str]]:
     """Hash of sorted relative paths with sizes and modification times (or contents): any change to the files
     changes it. Also the per-file digests, by displayed path."""
     h, digests = hashlib.sha256(), {}
@@ -272,8 +297,13 @@ def _split_from_files(root: Path, classes: list[str], files: dict[str, list[Path
     index = {c: i for i, c in enumerate(classes)}
     rel = [str(p.relative_to(base)) for c in classes for p in files.get(c, [])]
     labels = np.array([index[c] for c in classes for _ in files.get(c, [])], dtype=np.int64)
-    ids = [display_name(r) for r in rel]  # the real names open the files; the ids must be storable text
-    return Split(ids=ids, labels=labels, load=_FileLoader(base, rel), path=_FilePath(base, rel))
+    return file_split(base, rel, labels)
+
+
+def file_split(base: Path, relpaths: list[str], labels: np.ndarray) -> Split:
+    """Image files ``base/relpath`` with their labels; ids are the relative paths as storable text."""
+    ids = [display_name(r) for r in relpaths]  # the real names open the files; the ids must be storable text
+    return Split(ids=ids, labels=labels, load=_FileLoader(base, relpaths), path=_FilePath(base, relpaths))
 
 
 def load_folder(root: Path, *, val_fraction: float = 0.2, seed: int = 0, verify: str = "stat") -> Source:
@@ -294,14 +324,14 @@ def load_folder(root: Path, *, val_fraction: float = 0.2, seed: int = 0, verify:
     else:
         classes, files = _scan_classes(root, problems)
         whole = _split_from_files(root, classes, files, root)
-        splits = _stratified_split(whole, val_fraction=val_fraction, seed=seed, root=root)
+        splits = stratified_split(whole, val_fraction=val_fraction, seed=seed, root=root)
         how = f"stratified val_fraction={val_fraction} seed={seed}"
     if problems:
         shown = ", ".join(problems[:5]) + (" ..." if len(problems) > 5 else "")
         log.warning("skipped %d entries of %s that cannot be read: %s", len(problems), root, shown)
     found = [train_files, val_files] if how == "folders" else [files]
     relpaths = [str(p.relative_to(root)) for by_class in found for ps in by_class.values() for p in ps]
-    files_sha256, digests = _file_identity(root, relpaths, verify=verify)
+    files_sha256, digests = file_identity(root, relpaths, verify=verify)
     identity = {
         "kind": "folder",
         "root": str(root.resolve()),
@@ -309,12 +339,12 @@ def load_folder(root: Path, *, val_fraction: float = 0.2, seed: int = 0, verify:
         "num_files": len(relpaths),
         "files_sha256": files_sha256,
     }
-    if verify != "stat":
-        identity["verify"] = verify  # absent for the default, which keeps older fingerprints valid
+    identity["verify"] = verify  # "stat", the default before it was recorded, hashes as absent (store DEFAULTS)
     return Source(name=root.name, classes=classes, splits=splits, identity=identity, files=digests, unreadable=problems)
 
 
-def _stratified_split(whole: Split, *, val_fraction: float, seed: int, root: Path) -> dict[str, Split]:
+def stratified_split(whole: Split, *, val_fraction: float, seed: int, root: Path | str) -> dict[str, Split]:
+    """Each class's samples shuffled by ``seed``, ``val_fraction`` of them to val; both splits keep the order."""
     if not 0 < val_fraction < 1:
         raise PipelineError(f"--val-fraction must be between 0 and 1, not {val_fraction}")
     rng = np.random.default_rng(seed)
@@ -417,14 +447,16 @@ def load_source(
         source = load_folder(Path(dataset), val_fraction=val_fraction, seed=split_seed, verify=verify)
     else:
         raise PipelineError(
-            f"unknown dataset {dataset!r}; choose one of: {', '.join(available_datasets())}, or a folder path"
+            f"unknown dataset {dataset!r}; choose one of: {', '.join(available_datasets())}, or a folder path, a "
+            "labels table (.csv, .tsv, .jsonl, .parquet) or WebDataset shards (.tar)"
         )
     if limit is not None:
-        source = _limited(source, limit, seed=split_seed)
+        source = limited(source, limit, seed=split_seed)
     return source
 
 
-def _limited(source: Source, limit: int, *, seed: int) -> Source:
+def limited(source: Source, limit: int, *, seed: int) -> Source:
+    """``--limit``: the first N samples of a torchvision split, else a seeded sample in the split's order."""
     if limit < 1:
         raise PipelineError(f"--limit must be at least 1, not {limit}")
     splits = {}
@@ -440,3 +472,18 @@ def _limited(source: Source, limit: int, *, seed: int) -> Source:
     if source.identity["kind"] != "torchvision":
         identity["limit_seed"] = seed  # the seeded sample is part of what the features are of
     return replace(source, splits=splits, identity=identity)
+
+
+def rank_rows(split: Split, rank: int, world: int) -> tuple[int, int]:
+    """Rows ``[lo, hi)`` of ``split`` that torchrun rank ``rank`` of ``world`` extracts: contiguous, in order, and,
+    when the split has :attr:`Split.units` (shards), cut only where a unit ends, so no two ranks read one shard."""
+    n = len(split)
+    if split.units is None or n == 0:
+        return n * rank // world, n * (rank + 1) // world
+    starts = np.flatnonzero(np.r_[True, split.units[1:] != split.units[:-1]])  # first row of each unit
+    edges = np.r_[starts, n]
+
+    def cut(r: int) -> int:  # the unit edge nearest the even cut n*r/W (ties to the earlier edge)
+        return int(edges[np.argmin(np.abs(edges * world - n * r))])
+
+    return cut(rank), cut(rank + 1)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import PipelineError
+from pipeline.stage1.datasets import rank_rows
 from pipeline.stage1.extract import (
     ExtractConfig,
     ExtractPlan,
@@ -60,7 +61,7 @@ def shard_path(out: Path, rank: int, world: int) -> Path:
 def shard_plan(plan: ExtractPlan, *, rank: int, world: int) -> ExtractPlan:
     """The same plan (model, fingerprint) narrowed to ``rank``'s rows of every split and its shard file."""
     splits = {
-        name: split.subset(np.arange(*shard_bounds(len(split), rank, world)))
+        name: split.subset(np.arange(*rank_rows(split, rank, world)))  # WebDataset shards stay whole
         for name, split in plan.source.splits.items()
     }
     return replace(plan, source=replace(plan.source, splits=splits), out=shard_path(plan.out, rank, world))

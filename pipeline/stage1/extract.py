@@ -389,6 +389,8 @@ def _run_split(
             outputs = None
             if batch.images is not None:
                 outputs = _embed(model, batch.images, plan=plan, cfg=cfg, geometry=source.geometry_on_device)
+                if not done:  # the first batch: weights holding NaN made a file of NaN features, exit 0
+                    check_first_features(outputs["features"], weights=cfg.weights, first=split.ids[batch.indices[0]])
             ok = batch.indices
             sink.put(
                 name,
@@ -405,6 +407,16 @@ def _run_split(
         batches.close()  # stops loader workers and reading threads on every exit path
         bar.close()
     return done
+
+
+def check_first_features(features: torch.Tensor, *, weights: str, first: str) -> None:
+    """Stop, in one line naming the weights, when the first batch's features are not finite: every later batch
+    would be the same (one sync with the device, once a split)."""
+    if not bool(torch.isfinite(features).all()):
+        raise PipelineError(
+            f"the features of the first batch (image {first}) are NaN or infinite: the weights ({weights}) hold NaN "
+            "or infinite values, or --precision overflows"
+        )
 
 
 def _check_bad(batch: Batch, split: Split, *, skip_bad: bool) -> None:

@@ -16,10 +16,12 @@ narrowing is in the dataset identity (so in the fingerprint), and a CSV that cov
 
 from __future__ import annotations
 
+import array as array_module
 import csv
 import hashlib
 import logging
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -42,7 +44,7 @@ class TargetTable:
     """The checked CSV: target ``names``, one float64 row per id, and what the file records of it."""
 
     names: tuple[str, ...]
-    values: dict[str, np.ndarray]  # id -> (T,) float64
+    values: Mapping[str, np.ndarray]  # id -> (T,) float64 (a TargetRows when read from a CSV)
     source: str  # the CSV's file name
     sha256: str  # of the CSV's bytes
     by_split: bool = False  # ids are "<split>/<id>" (a source whose splits share ids)
@@ -64,55 +66,87 @@ class TargetTable:
         return np.asarray(rows, dtype=np.float32).reshape(len(ids), len(self.names))
 
 
+class TargetRows(Mapping):
+    """id -> (T,) float64 targets, held as one (N, T) array and an index: a million rows take tens of MB, where a
+    dict of small arrays (and the CSV's lines and cells held at once) peaked at 2 GB for a 47 MB file."""
+
+    def __init__(self, index: dict[str, int], array: np.ndarray):
+        self._index, self._array = index, array
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self._array[self._index[key]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+
 def read_targets_csv(path: Path | str) -> TargetTable:
-    """Parse and check a targets CSV (header ``id,<name>,...``); one-line :class:`PipelineError` on any problem."""
+    """Parse and check a targets CSV (header ``id,<name>,...``); one-line :class:`PipelineError` on any problem.
+    Read as a stream, row by row: memory grows with the number of ids, not with the file's text."""
     path = Path(path)
     try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise PipelineError(f"cannot read --targets {path}: {e.strerror or e}") from None
-    try:
-        text = data.decode("utf-8-sig")  # a spreadsheet's byte-order mark is not part of the first column name
+        digest = _sha256(path)
+        with open(path, encoding="utf-8-sig", newline="") as fh:  # a spreadsheet's byte-order mark is not an id
+            names, index, array = _parse(csv.reader(fh), name=path.name)
     except UnicodeDecodeError:
         raise PipelineError(f"{path.name}: not UTF-8 text (save the CSV as UTF-8)") from None
-    try:
-        rows = [row for row in csv.reader(text.splitlines()) if any(cell.strip() for cell in row)]
     except csv.Error as e:  # e.g. a field over the csv module's 131,072-character limit
         raise PipelineError(f"--targets {path}: not a readable CSV ({e})") from None
-    if not rows:
-        raise PipelineError(f"{path.name} is empty: expected a header row id,<target>,... and one row per image")
-    header = [cell.strip() for cell in rows[0]]
+    except OSError as e:
+        raise PipelineError(f"cannot read --targets {path}: {e.strerror or e}") from None
+    return TargetTable(names=names, values=TargetRows(index, array), source=path.name, sha256=digest)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _parse(reader: Iterator[list[str]], *, name: str) -> tuple[tuple[str, ...], dict[str, int], np.ndarray]:
+    """(target names, id -> row, (N, T) float64 values) from the CSV's rows, checked as they stream by."""
+    rows = ((line, row) for line, row in enumerate(reader, start=1) if any(cell.strip() for cell in row))
+    first = next(rows, None)
+    if first is None:
+        raise PipelineError(f"{name} is empty: expected a header row id,<target>,... and one row per image")
+    header = [cell.strip() for cell in first[1]]
     names = tuple(header[1:])
     if header[0].lower() != "id" or not names or not all(names):
         raise PipelineError(
-            f"{path.name}: the header must be id, then one name per target column (found: {','.join(header)[:80]})"
+            f"{name}: the header must be id, then one name per target column (found: {','.join(header)[:80]})"
         )
     if len(set(names)) != len(names):
-        raise PipelineError(f"{path.name}: target column names repeat ({','.join(names)[:80]})")
-    if len(rows) < 2:
-        raise PipelineError(f"{path.name} has a header but no rows")
-    values, seen, duplicates, bad = {}, set(), [], []
-    for line, row in enumerate(rows[1:], start=2):
+        raise PipelineError(f"{name}: target column names repeat ({','.join(names)[:80]})")
+    index: dict[str, int] = {}
+    packed = array_module.array("d")  # the values as they come, 8 bytes each
+    duplicates, bad, n_bad = [], [], 0
+    for line, row in rows:
         if len(row) != len(header):
-            raise PipelineError(f"{path.name}: line {line} has {len(row)} fields, the header has {len(header)}")
+            raise PipelineError(f"{name}: line {line} has {len(row)} fields, the header has {len(header)}")
         image_id = row[0].strip()
-        if image_id in seen:
+        if image_id in index:
             duplicates.append(image_id)
             continue
-        seen.add(image_id)
-        parsed = []
-        for name, cell in zip(names, row[1:]):
+        index[image_id] = len(index)
+        for target, cell in zip(names, row[1:]):
             value = _number(cell)
             if value is None:
-                bad.append(f"line {line} {name} {cell.strip()!r}")
-            parsed.append(value)
-        values[image_id] = np.array([v if v is not None else np.nan for v in parsed], dtype=np.float64)
+                n_bad += 1
+                if len(bad) <= SHOWN:  # the first few are named
+                    bad.append(f"line {line} {target} {cell.strip()!r}")
+            packed.append(np.nan if value is None else value)
+    if not index:
+        raise PipelineError(f"{name} has a header but no rows")
     if duplicates:
-        raise PipelineError(f"{path.name}: {len(duplicates)} ids appear more than once ({_shown(duplicates)})")
-    if bad:
-        raise PipelineError(f"{path.name}: {len(bad)} values are empty, not numbers or not finite ({_shown(bad)})")
-    digest = hashlib.sha256(data).hexdigest()
-    return TargetTable(names=names, values=values, source=path.name, sha256=digest)
+        raise PipelineError(f"{name}: {len(duplicates)} ids appear more than once ({_shown(duplicates)})")
+    if n_bad:
+        raise PipelineError(f"{name}: {n_bad} values are empty, not numbers or not finite ({_shown(bad)})")
+    return names, index, np.frombuffer(packed, dtype=np.float64).reshape(len(index), len(names))
 
 
 def _number(cell: str) -> float | None:

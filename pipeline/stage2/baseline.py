@@ -37,6 +37,7 @@ from pipeline.stage1.datasets import SourceOptions, Split  # noqa: F401 (SourceO
 from pipeline.stage2 import plots
 from pipeline.stage2.baseline_config import BaselineConfig
 from pipeline.stage2.evaluate import HeadMetrics, classification_metrics, summarize
+from pipeline.store.record import complete
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,50 @@ def load_checkpoint(path: Path, *, digest: str, key: dict[str, Any], force: bool
         f"{path} was made with other settings ({', '.join(changed) or 'format'} differ); pass --force to start "
         "afresh or choose another --out"
     )
+
+
+# The entries of each epoch's line of the history (``_Training.epoch``), all finite numbers.
+HISTORY_KEYS = ("epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds")
+
+
+def unusable(state: dict[str, Any], model: nn.Module) -> str | None:
+    """Why a checkpoint whose key matches cannot be continued (a damaged or edited file), or None. Checked before
+    anything is restored: the model's tensors (names, shapes, finite), the epoch count against the history, each
+    line of the history, and that the optimiser, schedule and RNG states are there."""
+    missing = [k for k in ("epoch", "history", "model", "optimizer", "scheduler", "rng") if k not in state]
+    if missing:
+        return f"no {', '.join(missing)}"
+    history, epoch = state["history"], state["epoch"]
+    if not isinstance(history, list) or isinstance(epoch, bool) or not isinstance(epoch, int) or epoch != len(history):
+        return f"its epoch count {epoch!r} does not match its history"
+    for line in history:
+        if not isinstance(line, dict) or not all(isinstance(line.get(k), (int, float)) for k in HISTORY_KEYS):
+            return f"a line of its history lacks one of {', '.join(HISTORY_KEYS)}"
+    weights, want = state["model"], model.state_dict()
+    if not isinstance(weights, dict) or set(weights) != set(want):
+        return "its model's tensors are not this model's"
+    for name, t in weights.items():
+        if not isinstance(t, torch.Tensor) or t.shape != want[name].shape:
+            return f"its model's {name} has shape {getattr(t, 'shape', None)}, this model's {tuple(want[name].shape)}"
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return f"its model's {name} holds NaN or infinite values"
+    if not isinstance(state["scheduler"], dict):
+        return "its schedule state is not a mapping"
+    rng, fresh = state["rng"], torch.get_rng_state()
+    for name in ("generator", "torch"):
+        t = rng.get(name) if isinstance(rng, dict) else None
+        if not isinstance(t, torch.Tensor) or t.dtype != fresh.dtype or t.shape != fresh.shape:
+            return f"its {name} RNG state is not one torch can restore"
+    return None
+
+
+def _restore(run: _Training, state: dict[str, Any], *, path: Path) -> list[dict[str, float]]:
+    """``run.restore``; what the checks above cannot see (an optimiser or RNG state of the wrong form) is one line."""
+    try:
+        return run.restore(state)
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise PipelineError(f"{path} is damaged ({type(e).__name__}: {first}); delete it to start afresh") from None
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -288,6 +333,12 @@ def train_baseline(cfg: BaselineConfig) -> BaselineResult:
     key = checkpoint_key(cfg, source.identity)
     digest = key_digest(key)
     state = load_checkpoint(out / CHECKPOINT, digest=digest, key=key, force=cfg.force)
+    why = None if state is None else unusable(state, model)
+    if why is not None:
+        if not cfg.force:
+            raise PipelineError(f"{out / CHECKPOINT} is damaged ({why}); pass --force to start afresh")
+        log.warning("--force: discarding %s (%s)", out / CHECKPOINT, why)
+        state = None
     if state is not None and state["epoch"] > cfg.epochs:
         raise PipelineError(
             f"{out / CHECKPOINT} already holds {state['epoch']} epochs, more than --epochs {cfg.epochs}; pass "
@@ -300,7 +351,7 @@ def train_baseline(cfg: BaselineConfig) -> BaselineResult:
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(cfg.seed)
-        history = run.restore(state) if state is not None else []
+        history = _restore(run, state, path=out / CHECKPOINT) if state is not None else []
         start = len(history)
         for epoch in range(start, cfg.epochs):
             history.append({"epoch": epoch + 1, **run.epoch(images, labels, classes=source.classes)})
@@ -356,6 +407,12 @@ def _write_outputs(out: Path, metrics: HeadMetrics, history: list[dict[str, floa
 # ------------------------------------------------------------------------------------------ compare
 
 
+def _completed(identity: Any) -> Any:
+    """A dataset identity with the defaults a feature file's reader fills in (``verify`` of a folder): a baseline
+    records the identity as the source gives it, a feature file as its versioned reader completes it."""
+    return complete({"dataset_identity": identity})["dataset_identity"] if isinstance(identity, dict) else identity
+
+
 def baseline_row(folder: Path | str, *, dataset_identity: dict[str, Any] | None = None) -> dict[str, Any]:
     """A baseline folder as a row of ``compare``'s table. ``dataset_identity``: the feature file's; a baseline
     trained on other images is refused (the rows would not be comparable)."""
@@ -367,7 +424,7 @@ def baseline_row(folder: Path | str, *, dataset_identity: dict[str, Any] | None 
         raise PipelineError(f"--baseline {folder}: no readable metrics.json/config.json ({e})") from None
     if config.get("kind") != "baseline":
         raise PipelineError(f"--baseline {folder} is not a baseline folder (made by `python -m pipeline baseline`)")
-    if dataset_identity and config.get("dataset_identity") != dataset_identity:
+    if dataset_identity and _completed(config.get("dataset_identity")) != _completed(dataset_identity):
         raise PipelineError(
             f"--baseline {folder} was trained on other images than the feature file's (dataset, split or limit "
             "differ); train it with extract's dataset options"

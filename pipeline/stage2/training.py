@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import PipelineError
-from pipeline.fileio import write_json
+from pipeline.fileio import atomic_directory, write_json
 from pipeline.stage2.heads import HEADS, HeadConfig, save_head
 from pipeline.stage2.heads.base import Head
 from pipeline.stage2.heads.tail import require_activations, with_activations
@@ -110,9 +110,10 @@ def train_one(fs: FeatureSet, cfg: HeadConfig, *, out: Path) -> Any:
     metrics = replace(metrics, details={**metrics.details, **on}, history=history or None)
     try:
         config = head_config(fs, head, settings=run_settings(cfg), task=task, metrics=metrics)
-        save_head(head, out, config=config)
-        write_json(out / "metrics.json", metrics.to_json())
-        task.write_plots(metrics, out, fs=fs, head=head, label=features_label(fs), note=curves_note(head.cfg))
+        with atomic_directory(out, owned_by="config.json") as unit:  # one unit: old head or new, never a mix
+            save_head(head, unit, config=config)
+            write_json(unit / "metrics.json", metrics.to_json())
+            task.write_plots(metrics, unit, fs=fs, head=head, label=features_label(fs), note=curves_note(head.cfg))
     except OSError as e:
         raise PipelineError(f"cannot write head to {out}: {e.strerror or e}") from None
     return replace(metrics, out=str(out))

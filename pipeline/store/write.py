@@ -233,12 +233,14 @@ class FeatureWriter:
 
     ``meta``: the root attributes (a :class:`FeatureMeta`, or a dict of its fields); ``sizes``: source samples per
     split; ``files``: per-file digests of the source (``/dataset_files``); ``columns``: extra per-row datasets
-    beside the features, name -> (row shape, dtype), e.g. ``{"activations": ((256, 14, 14), "float16")}``: appended,
-    committed, resumed and merged with the rows they belong to. Appended rows are held in memory and
-    written at each commit (every ``flush_every`` appends, or 64 MiB): space checked, rows written and flushed,
-    then the counters written and flushed (see the module docstring). An existing ``.tmp`` is handled by the one
-    policy of the module docstring; ``restart`` (``--force``) discards it first. ``start`` says where this run
-    began (> 0: resumed).
+    beside the features, name -> (row shape, dtype), e.g. ``{"activations": ((256, 14, 14), "float16")}`` or the
+    audit's :data:`AUDIT_COLUMNS`: appended, committed, resumed and merged with the rows they belong to. Appended
+    rows are held in memory and written at each commit (every ``flush_every`` appends, or 64 MiB): space checked,
+    rows written and flushed, then the counters written and flushed. So a ``.tmp`` left by a crash, ``kill -9`` or a
+    full disk describes exactly rows that reached the disk. An existing ``.tmp`` is handled by the one policy for a
+    partial file (docs/reliability.md): same settings, resumed; other settings or not a feature file, refused and
+    kept; an HDF5 file that will not open (killed before its first commit), replaced. ``restart`` (``--force``)
+    discards it first. ``start`` says where this run began (> 0: resumed).
     """
 
     def __init__(

@@ -52,7 +52,8 @@ def build_head(cfg: HeadConfig, *, num_classes: int, feature_dim: int) -> Head:
 
 
 def save_head(head: Head, out_dir: Path, *, config: dict[str, Any]) -> None:
-    """``head.safetensors`` (arrays only) + ``config.json`` (what produced it)."""
+    """``head.safetensors`` (arrays only) + ``config.json`` (what produced it). Into a folder of its own: a head
+    folder is written as one unit by ``fileio.atomic_directory`` (see ``training.train_one``)."""
     import numpy as np
     from safetensors.numpy import save_file
 
@@ -76,7 +77,7 @@ def load_head(head_dir: Path) -> tuple[Head, dict[str, Any]]:
         outputs = len(config["targets"]) if head_cfg.task == "regress" else len(config["classes"])
         head = build_head(head_cfg, num_classes=outputs, feature_dim=int(config["feature_dim"]))
         state = load_file(str(tensors))
-    except (SafetensorError, ValueError, KeyError, TypeError, OSError) as e:
+    except (SafetensorError, ValueError, KeyError, TypeError, OSError, RecursionError) as e:
         raise PipelineError(f"cannot load head from {head_dir}: {type(e).__name__}: {e}") from None
     weight = state.get("weight")
     if weight is not None and weight.shape != (head.num_classes, head.feature_dim):

@@ -82,7 +82,7 @@ _GROUPS = knob_groups()
 
 
 @dataclass(frozen=True)
-class HeadConfig(*reversed(_GROUPS), RunOptions):  # type: ignore[misc]  # bases from the registry
+class HeadConfig(RunOptions, *reversed(_GROUPS)):  # type: ignore[misc]  # bases from the registry: knobs first
     """One run of one head: the protocol (:class:`RunOptions`) plus every registered head's knobs; each head reads
     the ones its registry entry names."""
 
