@@ -243,7 +243,7 @@ class LoaderSource(BatchSource):
             try:
                 yield from it
                 finished = True
-            except RuntimeError as e:
+            except (RuntimeError, OSError, EOFError) as e:  # a dead worker's batch fails as any of these
                 why = _worker_failure(it, e, batch_bytes=batch_bytes)
                 if why is None:
                     raise
@@ -330,10 +330,15 @@ def fit_shared_memory(*, workers: int, prefetch: int, batch_bytes: int) -> tuple
     return 0, prefetch
 
 
-def _worker_failure(it: Any, e: RuntimeError, *, batch_bytes: int) -> str | None:
-    """The one line for a loader worker that died or could not allocate shared memory, or None for another error."""
-    codes = [w.exitcode for w in getattr(it, "_workers", []) if w.exitcode not in (None, 0)]
-    text = str(e)
+def _worker_failure(it: Any, e: BaseException, *, batch_bytes: int) -> str | None:
+    """The one line for a loader worker that died or could not allocate shared memory, or None for another error.
+    A worker killed while the main process fetched a batch from it fails that fetch (connection reset, EOF)."""
+    workers = list(getattr(it, "_workers", []))
+    if not isinstance(e, RuntimeError):
+        for w in workers:
+            w.join(timeout=0.5)  # the reset came from a worker dying: let it be reaped, for its exit code
+    codes = [w.exitcode for w in workers if w.exitcode not in (None, 0)]
+    text = str(e) if isinstance(e, RuntimeError) else ""
     if EXIT_NO_SHARED_MEMORY in codes or "shared memory" in text:
         what = "a loader worker ran out of shared memory"
     elif codes or "exited unexpectedly" in text or "killed by signal" in text:
