@@ -61,7 +61,7 @@ DEMO_SIZE    ?= 112
 DEMO_FEATURES      := artifacts/features/digits_mobilenet_v2_imagenet_img$(DEMO_SIZE).h5
 DEMO_FEATURES_NONE := artifacts/features/digits_mobilenet_v2_none_img$(DEMO_SIZE).h5
 
-.PHONY: install extract train-head compare export predict demo demo-none demo-baseline test bench bench-gpu lint clean help
+.PHONY: install extract train-head compare audit export predict demo demo-none demo-baseline test bench bench-gpu lint clean help
 
 help:
 	@echo "make demo        offline end-to-end run on committed data with real pretrained weights"
@@ -70,6 +70,7 @@ help:
 	@echo "make extract     stage one: DATASET=$(DATASET) BACKBONE=$(BACKBONE) WEIGHTS=$(WEIGHTS)"
 	@echo "make train-head  stage two: HEAD=linear|logreg on FEATURES=$(FEATURES)"
 	@echo "make compare     all heads on FEATURES"
+	@echo "make audit       leaks, duplicates, likely wrong labels, outliers of FEATURES: AUDIT_DIR/report.html"
 	@echo "make export      backbone + trained HEAD as one model: MODEL=$(MODEL)"
 	@echo "make predict     MODEL on IMAGES=<files or folders>, CSV to PREDS=$(PREDS)"
 	@echo "make install     .venv (TORCH=cpu: CPU-only torch from download.pytorch.org, no NVIDIA libraries)"
@@ -96,6 +97,12 @@ train-head: $(STAMP)
 
 compare: $(STAMP)
 	$(PY) -m pipeline compare --features $(FEATURES) --heads $(HEADS) $(HEAD_ARGS)
+
+# Leaks, duplicates, likely wrong labels and outliers found from the cached features (report.html to look at).
+AUDIT_DIR  ?= artifacts/audits/$(FEATURES_NAME)
+AUDIT_ARGS ?=
+audit: $(STAMP)
+	$(PY) -m pipeline audit --features $(FEATURES) --out $(AUDIT_DIR) $(AUDIT_ARGS)
 
 # Re-exported whenever the head is retrained; a missing head means `make train-head HEAD=...` first.
 $(MODEL): $(HEAD_DIR)/head.safetensors | $(STAMP)
@@ -158,6 +165,7 @@ bench: $(STAMP)
 	$(PY) -m pipeline.bench.fidelity
 	$(PY) -m pipeline.bench.predict
 	$(PY) -m pipeline.bench.sources
+	$(PY) -m pipeline.bench.audit
 
 # On a GPU machine without this venv: PYTHONPATH=. python -m pipeline.bench.gpu --out <path>.json
 BENCH_GPU_ARGS ?=

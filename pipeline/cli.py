@@ -105,6 +105,10 @@ def _config_class(name: str) -> type:
         from pipeline.stage2.baseline_config import BaselineConfig
 
         return BaselineConfig
+    if name == "AuditConfig":
+        from pipeline.audit.config import AuditConfig
+
+        return AuditConfig
     from pipeline.stage2.heads import HeadConfig
 
     return HeadConfig
@@ -558,6 +562,28 @@ def _run(argv: list[str] | None) -> int:
         click.echo("interrupted", err=True)
         return EXIT_INTERRUPTED
     return code if isinstance(code, int) else 0
+
+
+# ------------------------------------------------------------------------------------------ the data
+
+
+@cli.command("audit")
+@click.option("--features", required=True, type=click.Path(dir_okay=False), help="Feature file from extract.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Output folder (default: artifacts/audits/<features>/).",
+)
+@_options_from("AuditConfig")
+def audit_cmd(features: str, out: str | None, **opts: Any) -> None:
+    """Leaks, duplicates, likely wrong labels and outliers, from the cached features: one report to look at."""
+    from pipeline.audit.config import AuditConfig
+    from pipeline.audit.run import audit, print_lines
+
+    report = audit(Path(features), _config(AuditConfig, opts), out=Path(out) if out else None)
+    click.echo("\n".join(print_lines(report)))
+    click.echo(f"\nwrote {report['out']}/ (report.html, audit.json, audit.md, oof_probabilities.npy, oof_ids.json)")
 
 
 # ------------------------------------------------------------------------------------------ small tools

@@ -1,0 +1,41 @@
+"""``AuditConfig``: the options of ``python -m pipeline audit``, each written once (torch-free: the CLI builds its
+options from these fields to print ``--help``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.devices import DEVICES
+from pipeline.errors import PipelineError
+from pipeline.options import option
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    threshold: float | None = option(
+        None,
+        "Evidence score (similarity + the smaller margin of the two images over their second neighbour) from which "
+        "mutual nearest neighbours are called copies. Default: chosen from the file's own distribution (median + "
+        "2.5 robust deviations), printed.",
+    )
+    k: int = option(10, "Neighbours kept per image (near-duplicates, outliers).")
+    search_dim: int = option(
+        64, "Search neighbours on the features projected to this many principal directions (0: all columns); the "
+        "candidates are then re-scored exactly on all columns.",
+    )  # fmt: skip
+    folds: int = option(5, "K of the K-fold out-of-sample probabilities (fewer when a class has fewer images).")
+    head: str = option(
+        "logreg", "The head scored with and without the leaked val images ('best': the best of compare's table)."
+    )
+    top: int = option(100, "Images listed per section of the report (label issues, outliers).")
+    thumbnails: bool = option(True, "Thumbnails in report.html, read from the source images or arrays.")
+    seed: int = option(0, "Seed of the folds and the projection.")
+    device: str = option("auto", "Where the neighbour search and the folds run (as the heads).", choices=DEVICES)
+
+    def __post_init__(self) -> None:
+        if self.k < 2:
+            raise PipelineError(f"--k must be at least 2, not {self.k}")
+        if self.folds < 2:
+            raise PipelineError(f"--folds must be at least 2, not {self.folds}")
+        if self.search_dim < 0 or self.top < 1:
+            raise PipelineError("--search-dim must be >= 0 and --top >= 1")

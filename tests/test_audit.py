@@ -1,0 +1,271 @@
+"""The audit (python -m pipeline audit) on real images with planted faults, and its parts on tiny data.
+
+The planted set: the committed digits (data/digits) as train/ and val/ folders, with 20 train images copied byte
+for byte into val, 20 resized, shifted by one pixel and re-encoded as JPEG into val, 5 copied inside train and 20
+moved into a wrong class folder; features from the real ImageNet MobileNetV2 at 64 px.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.audit.config import AuditConfig
+from pipeline.audit.duplicates import Rows, exact_pairs, hamming, phash_pairs
+from pipeline.audit.labels import choose_folds, confident_issues, fold_of
+from pipeline.audit.neighbours import candidates, nearest, normalise
+from pipeline.audit.plant import plant_faults
+from pipeline.audit.run import audit
+from pipeline.bench.fidelity import DEMO_WEIGHTS
+from pipeline.cli import main
+from pipeline.errors import PipelineError
+
+from .conftest import write_feature_file
+
+DIGITS = Path("data/digits")
+
+
+def _extract(dataset: Path, out: Path, *, backbone: str = "mobilenet_v2", weights: str = str(DEMO_WEIGHTS),
+             size: int = 64) -> Path:  # fmt: skip
+    from pipeline.stage1.config import ExtractConfig
+    from pipeline.stage1.extract import extract
+
+    extract(ExtractConfig(dataset=str(dataset), backbone=backbone, weights=weights, image_size=size, out=str(out),
+                          progress=False))  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object, dict]:
+    if not DEMO_WEIGHTS.is_file():
+        pytest.skip(f"{DEMO_WEIGHTS} is built by `make demo`")
+    root = tmp_path_factory.mktemp("planted")
+    truth = plant_faults(DIGITS, root / "digits", near_size=64)
+    features = _extract(root / "digits", root / "planted.h5")
+    report = audit(features, AuditConfig(device="cpu"), out=root / "audit")
+    return root, truth, report
+
+
+def _pairs(report: dict) -> set[tuple[str, str]]:
+    found = {(p["id"], p["other_id"]) for p in report["leaks"] + report["duplicates"]}
+    return found | {(b, a) for a, b in found}
+
+
+def test_every_planted_copy_found_and_near_copies_measured(planted: tuple) -> None:
+    _, truth, report = planted
+    found = _pairs(report)
+    assert all(tuple(p) in found for p in truth.exact), "an exact copy across splits was missed"
+    assert all(tuple(p) in found for p in truth.within), "an exact copy within train was missed"
+    leaks = {(p["id"], p["other_id"]) for p in report["leaks"]}
+    assert all(tuple(p) in leaks for p in truth.exact), "copies in val must be listed as leaks, val image first"
+    planted_pairs = {tuple(p) for p in truth.exact + truth.near + truth.within}
+    planted_pairs |= {(b, a) for a, b in planted_pairs}
+    false = [p for p in report["leaks"] + report["duplicates"] if (p["id"], p["other_id"]) not in planted_pairs]
+    near = sum(tuple(p) in found for p in truth.near)
+    print(f"\nnear copies found: {near}/{len(truth.near)}, false flags: {len(false)} "
+          f"(threshold {report['near_duplicates']['threshold']:.4f})")  # fmt: skip
+    assert near >= 1, "no shifted, re-encoded copy found"
+    assert len(false) <= len(truth.exact) // 4, f"too many false flags: {false[:3]}"
+
+
+def test_near_copies_are_their_sources_nearest(planted: tuple) -> None:
+    """The evidence the threshold works on: a shifted re-encoded copy's nearest train image is its source."""
+    root, truth, _ = planted
+    from pipeline.audit.run import file_rows
+    from pipeline.store import read_features
+
+    fs = read_features(root / "planted.h5")
+    rows = file_rows(fs)
+    X = np.concatenate([fs.train.features, fs.val.features])
+    nb = nearest(X, k=10, device=torch.device("cpu"))
+    pos = {s: i for i, s in enumerate(rows.ids)}
+    hits = 0
+    for copy, source in truth.near:
+        train_nb = [j for j in nb.index[pos[copy]] if rows.split[j] == "train"]
+        hits += bool(train_nb) and rows.ids[train_nb[0]] == source
+    print(f"\nnear copies whose nearest train image is the source: {hits}/{len(truth.near)}")
+    assert hits >= 0.9 * len(truth.near)
+
+
+def test_moved_labels_rank_near_the_top(planted: tuple) -> None:
+    _, truth, report = planted
+    top50 = [it["id"] for it in report["label_issues"][:50]]
+    recall = sum(m in top50 for m in truth.moved) / len(truth.moved)
+    print(f"\nrecall at 50 of the {len(truth.moved)} moved labels: {recall:.2f}")
+    assert recall >= 0.7
+    first = next(it for it in report["label_issues"] if it["id"] in truth.moved)
+    assert first["suggested"] != first["given"] and first["given"] == first["id"].split("/")[1]
+
+
+def test_score_without_leaks_is_lower(planted: tuple) -> None:
+    _, truth, report = planted
+    s = report["score"]
+    assert s["n_leaked_val"] >= len(truth.exact)
+    assert s["leaked_val_right"] == s["n_leaked_val"], "a copy of a train image should be classified right"
+    assert s["val_accuracy_without_leaks"] < s["val_accuracy"]
+
+
+def test_files_and_json_schema(planted: tuple) -> None:
+    root, _, report = planted
+    out = root / "audit"
+    data = json.loads((out / "audit.json").read_text())
+    for key in ("leaks", "duplicates"):
+        assert data[key] and all({"id", "split", "other_id", "other_split", "similarity", "exact"} <= set(p)
+                                 for p in data[key])  # fmt: skip
+    assert all({"id", "split", "given", "suggested", "score"} <= set(it) for it in data["label_issues"])
+    scores = [it["score"] for it in data["label_issues"]]
+    assert scores == sorted(scores, reverse=True)
+    assert all({"id", "split", "score"} <= set(it) for it in data["outliers"])
+    proba = np.load(out / "oof_probabilities.npy")
+    ids = json.loads((out / "oof_ids.json").read_text())
+    assert proba.shape == (len(ids["ids"]), len(ids["classes"])) and np.allclose(proba.sum(1), 1, atol=1e-4)
+    page = (out / "report.html").read_text()
+    for section in ('id="leaks"', 'id="duplicates"', 'id="labels"', 'id="outliers"'):
+        assert section in page
+    assert "http://" not in page and "https://" not in page and "<script" not in page
+    assert page.count("data:image/png;base64,") >= len(data["leaks"]) * 2
+    assert "# Audit of" in (out / "audit.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------ the browser
+
+
+def _browser() -> str | None:
+    return next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+
+
+BROKEN_MARKER = """<script>addEventListener('load', () => {
+  const broken = [...document.images].filter(i => !i.complete || i.naturalWidth === 0).length;
+  document.body.setAttribute('data-images', document.images.length);
+  document.body.setAttribute('data-broken', broken);
+});</script>"""
+
+
+def render_in_chromium(page: Path, *, tmp: Path, screenshot: Path | None = None) -> dict[str, int]:
+    """Load ``page`` in headless Chromium; the number of images and of broken ones, read from the dumped DOM."""
+    browser = _browser()
+    if browser is None:
+        pytest.skip("no Chromium on this machine (apt-get install -y chromium; .ci/run installs it)")
+    probe = tmp / "probe.html"
+    probe.write_text(page.read_text().replace("</body>", BROKEN_MARKER + "</body>"))
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp / 'profile'}"]  # fmt: skip
+    dom = subprocess.run(flags + ["--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    if screenshot is not None:
+        subprocess.run(flags + [f"--screenshot={screenshot}", "--window-size=1200,1400", page.as_uri()],
+                       capture_output=True, timeout=120)  # fmt: skip
+    import re
+
+    found = re.search(r'data-images="(\d+)" data-broken="(\d+)"', dom.stdout)
+    assert found, f"the page did not load in {browser}: {dom.stderr[-500:]}"
+    return {"images": int(found[1]), "broken": int(found[2])}
+
+
+def test_report_renders_in_chromium_with_every_image(planted: tuple, tmp_path: Path) -> None:
+    root, _, _ = planted
+    shot = tmp_path / "report.png"
+    seen = render_in_chromium(root / "audit" / "report.html", tmp=tmp_path, screenshot=shot)
+    assert seen["images"] > 0 and seen["broken"] == 0
+    assert shot.is_file() and shot.stat().st_size > 10_000
+
+
+def test_moved_image_named_and_left_blank(tmp_path: Path) -> None:
+    from .conftest import write_image_folder
+
+    folder = write_image_folder(tmp_path / "imgs", per_class=6)
+    features = _extract(folder, tmp_path / "f.h5", backbone="resnet18", weights="none", size=32)
+    cfg = AuditConfig(device="cpu", top=50)
+    first = audit(features, cfg, out=tmp_path / "a1")
+    gone = first["outliers"][0]["id"]
+    (folder / gone).unlink()
+    report = audit(features, cfg, out=tmp_path / "a2")
+    assert report["missing_images"] == [gone]
+    page = (tmp_path / "a2" / "report.html").read_text()
+    assert f"1 image(s) not found (moved since extraction?): {gone}" in page and 'class="blank"' in page
+    assert report["folds"] < 5 and "folds instead of 5" in report["folds_note"]  # 1 val image per class
+
+
+# ------------------------------------------------------------------------------------------ the parts
+
+
+def test_blocked_search_matches_brute_force() -> None:
+    X = normalise(torch.as_tensor(np.random.default_rng(0).normal(size=(700, 24)), dtype=torch.float32))
+    S = X @ X.T
+    S.fill_diagonal_(-2)
+    want = S.topk(6, dim=1).values
+    got, _ = candidates(X, k=6, block=64)  # many blocks: both sides of each block update
+    assert torch.allclose(got.sort(1, descending=True).values, want, atol=1e-6)
+
+
+def test_projected_search_rescored_exactly() -> None:
+    X = np.random.default_rng(1).normal(size=(500, 300)).astype(np.float32)
+    X[1] = X[0] * 3  # parallel: cosine 1 whatever the scale
+    nb = nearest(X, k=3, device=torch.device("cpu"), search_dim=16)
+    assert nb.index[0, 0] == 1 and nb.index[1, 0] == 0 and nb.sim[0, 0] == pytest.approx(1.0, abs=1e-5)
+    Z = normalise(torch.as_tensor(X)).numpy()
+    assert np.allclose(nb.sim, np.einsum("nd,nkd->nk", Z, Z[nb.index]), atol=1e-5)
+
+
+def test_confident_learning_flags_the_confidently_other() -> None:
+    proba = np.array([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.1, 0.9], [0.2, 0.8], [0.85, 0.15]])
+    labels = np.array([0, 0, 0, 1, 1, 1])  # the last is labelled 1 but looks like a 0
+    rows, suggested, score = confident_issues(proba, labels)
+    assert rows.tolist() == [5] and suggested.tolist() == [0] and score[0] == pytest.approx(0.85)
+
+
+def test_folds_stratified_and_reduced_with_a_note() -> None:
+    y = np.repeat([0, 1, 2], [10, 10, 3])
+    assert choose_folds([y], folds=5) == (3, "3 folds instead of 5: a class has only 3 image(s) in a split")
+    f = fold_of(y, folds=3, seed=0)
+    assert all(set(f[y == c]) == {0, 1, 2} for c in range(3))
+
+
+def test_exact_and_phash_pairs() -> None:
+    hashes = np.array([0, 0xFFFF_0000_FFFF, 0b111 << 20, 2**63 - 1], np.uint64)
+    split = np.array(["train"] * 2 + ["val"] * 2)
+    rows = Rows(ids=np.array(list("abcd")), split=split, digests=np.array(["x", "y", "x", ""]), phash=hashes)
+    assert exact_pairs(rows) == [(0, 2)]
+    assert hamming(np.array([0b1011], np.uint64), np.array([0], np.uint64)).tolist() == [3]
+    assert phash_pairs(rows, bits=3) == [(0, 2)]
+
+
+def test_cli_writes_the_folder_and_refuses_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    features = write_feature_file(tmp_path / "f.h5", n_train=120, n_val=40)
+    with pytest.raises(SystemExit) as e:
+        main(["audit", "--features", str(features), "--out", str(tmp_path / "a"), "--device", "cpu"])
+    assert e.value.code == 0
+    assert {"audit.json", "audit.md", "report.html", "oof_probabilities.npy", "oof_ids.json"} <= {
+        p.name for p in (tmp_path / "a").iterdir()
+    }
+    assert "near-duplicate threshold" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["audit", "--features", str(tmp_path / "missing.h5")])
+    assert e.value.code == 1
+    assert capsys.readouterr().err.count("\n") == 1
+    with pytest.raises(PipelineError, match="--folds"):
+        AuditConfig(folds=1)
+
+
+def test_phash_counts_only_with_the_features() -> None:
+    """Two images with the same hash are a pair only when each is among the other's nearest neighbours."""
+    from pipeline.audit.duplicates import find_pairs
+
+    rng = np.random.default_rng(0)
+    X = normalise(torch.as_tensor(rng.normal(size=(40, 16)), dtype=torch.float32)).numpy()
+    hashes = rng.integers(0, 2**63, 40).astype(np.uint64)
+    hashes[1] = hashes[0]  # same hash, unrelated features
+    rows = Rows(ids=np.array([str(i) for i in range(40)]), split=np.array(["train"] * 30 + ["val"] * 10), phash=hashes)
+    nb = nearest(X, k=3, device=torch.device("cpu"), search_dim=0)
+    near = 1 in nb.index[0] or 0 in nb.index[1]
+    leaks, dups, _ = find_pairs(nb, rows, unit=X, threshold=10.0)  # the features alone flag nothing
+    assert any(set(p["rows"]) == {0, 1} for p in dups) == near
+    nb.index[0, 0] = 1  # now the features agree
+    leaks, dups, _ = find_pairs(nb, rows, unit=X, threshold=10.0)
+    assert any(set(p["rows"]) == {0, 1} and "phash" in p["evidence"] for p in dups)
