@@ -328,3 +328,19 @@ def test_make_install_torch_cpu_uses_the_cpu_index(makefile_dir: Path) -> None:
     assert default.returncode == 0 and "--index-url" not in default.stdout
     bad = make(makefile_dir, "install", "TORCH=gpu")
     assert bad.returncode != 0 and "TORCH=cpu" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("dataset", "name"),
+    [
+        ("my_images/labels.csv", "my_images-labels"),  # a table: its folder and stem, as tables.py names it
+        ("kaggle/train.tsv", "kaggle-train"),
+        ("my_shards/train-{0000..0004}.tar", "my_shards"),  # shards: their folder, as shards.py names it
+    ],
+)
+def test_make_features_name_of_a_table_or_shards(makefile_dir: Path, dataset: str, name: str) -> None:
+    """README: the Makefile names the files as `extract` does, for a labels table and shards too."""
+    r = make(makefile_dir, "extract", f"DATASET={dataset}", "BACKBONE=mobilenet_v2",
+             "WEIGHTS=artifacts/weights/mobilenet_v2_imagenet.pt")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert _out_of(r.stdout) == f"artifacts/features/{name}_mobilenet_v2_mobilenet_v2_imagenet.h5"
