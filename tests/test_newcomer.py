@@ -344,3 +344,21 @@ def test_make_features_name_of_a_table_or_shards(makefile_dir: Path, dataset: st
              "WEIGHTS=artifacts/weights/mobilenet_v2_imagenet.pt")  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert _out_of(r.stdout) == f"artifacts/features/{name}_mobilenet_v2_mobilenet_v2_imagenet.h5"
+
+
+@pytest.mark.parametrize(
+    ("identity", "shown"),
+    [
+        ({"kind": "table", "root": "/d/train", "tables": {"../labels.csv": "ab"}, "split": "s"},
+         "(/d/train, table ../labels.csv, s)"),
+        ({"kind": "webdataset", "shards": ["/d/train-0.tar", "/d/val-0.tar"], "split": "val shards"},
+         "(2 shards from /d/train-0.tar, val shards)"),
+    ],
+)  # fmt: skip
+def test_inspect_names_the_table_or_shards(feature_file: Path, identity: dict, shown: str) -> None:
+    """`inspect` of a file made from a labels table or WebDataset shards says which table or shards it read."""
+    from pipeline.inspection import format_summary, summarize
+
+    summary = {**summarize(feature_file), "dataset_identity": identity}
+    line = next(x for x in format_summary(summary).splitlines() if x.startswith("dataset"))
+    assert line.endswith(shown), line
