@@ -132,6 +132,7 @@ def test_list_datasets_finds_image_folders(tmp_path: Path, capsys: pytest.Captur
     assert {"cifar10", "mnist"} <= set(names)
     assert str(tmp_path / "pets") in names and str(tmp_path / "split") in names
     assert not any("cifar-10-batches-py" in n for n in names)
+    assert all(kind in out.splitlines()[0] for kind in ("labels table", "imagefolder", "shards"))  # every other kind
 
 
 def test_list_unknown_kind_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
