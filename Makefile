@@ -19,7 +19,12 @@ RESIZE ?= $(if $(filter $(DATASET),$(LOWRES_DATASETS)),full,crop)
 RESIZE_TAG := $(if $(filter full,$(RESIZE)),_full,)
 # File names as `extract` makes them: the folder's name (my_images/ -> my_images) and, for WEIGHTS=path/to/x.pt,
 # the file's stem (x), so FEATURES is one file directly under artifacts/features/.
-DATASET_NAME := $(notdir $(abspath $(DATASET)))
+# A labels table (my_images/labels.csv -> my_images-labels) and WebDataset shards (my_shards/train-{0000..0004}.tar ->
+# my_shards) are named after their folder, as `extract` names them.
+TABLE_EXTS := .csv .tsv .jsonl .parquet
+DATASET_DIR := $(notdir $(patsubst %/,%,$(dir $(abspath $(DATASET)))))
+DATASET_NAME := $(if $(filter $(TABLE_EXTS),$(suffix $(DATASET))),$(DATASET_DIR)-$(basename $(notdir $(DATASET))),$\
+	$(if $(filter %.tar,$(DATASET)),$(DATASET_DIR),$(notdir $(abspath $(DATASET)))))
 WEIGHTS_NAME := $(basename $(notdir $(WEIGHTS)))
 FEATURES ?= artifacts/features/$(DATASET_NAME)_$(BACKBONE)_$(WEIGHTS_NAME)$(RESIZE_TAG).h5
 HEAD     ?= linear
@@ -89,7 +94,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 extract: $(STAMP)
-	$(PY) -m pipeline extract --dataset $(DATASET) --backbone $(BACKBONE) --weights $(WEIGHTS) --resize $(RESIZE) \
+	$(PY) -m pipeline extract --dataset '$(DATASET)' --backbone $(BACKBONE) --weights $(WEIGHTS) --resize $(RESIZE) \
 		--out $(FEATURES) $(EXTRACT_ARGS)
 
 train-head: $(STAMP)

@@ -623,7 +623,10 @@ def list_cmd(what: str, backbone: str, weights_dir: str, data_root: str) -> None
         click.echo(f"--weights for --backbone {backbone} (a path to any state_dict that fits works too):")
     elif what == "datasets":
         entries = catalog.datasets(data_root=Path(data_root))
-        click.echo("--dataset names (or the path of any folder PATH/<class>/<images>):")
+        click.echo(
+            "--dataset names (or the path of a folder PATH/<class>/<images>, a labels table .csv/.tsv/.jsonl/.parquet,"
+            " a Hugging Face imagefolder, or WebDataset shards 'DIR/train-{0000..0009}.tar'):"
+        )
     else:
         entries = catalog.LISTS[what]()
         click.echo(f"--{what[:-1]} names:")

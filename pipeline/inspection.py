@@ -121,12 +121,26 @@ def _counts_table(classes: list[str], counts: dict[str, dict[str, int]]) -> str:
     return "\n".join(lines)
 
 
+def _dataset_where(ident: dict[str, Any]) -> list[str]:
+    """Where the images came from: the folder, the labels table(s) read, the shards, and how the split was made."""
+    parts = [str(ident["root"])] if ident.get("root") else []
+    tables = ident.get("tables")
+    if isinstance(tables, dict) and tables:
+        parts.append("table " + " ".join(str(t) for t in tables))
+    shards = ident.get("shards")
+    if isinstance(shards, list) and shards:
+        parts.append(f"{len(shards)} shard{'s' if len(shards) > 1 else ''} from {shards[0]}")
+    if ident.get("split"):
+        parts.append(str(ident["split"]))
+    return parts
+
+
 def format_summary(s: dict[str, Any]) -> str:
     """The summary as the text ``pipeline inspect`` prints."""
     size = s["bytes"] / 2**20
     state = "complete" if s["complete"] else "INCOMPLETE: extraction did not finish; rerun extract to resume"
     ident = s["dataset_identity"] if isinstance(s["dataset_identity"], dict) else {}
-    where = ", ".join(str(ident[k]) for k in ("root", "split") if ident.get(k))
+    where = ", ".join(_dataset_where(ident))
     versions = s["versions"] if isinstance(s["versions"], dict) else {}
     seconds = f"; extraction {s['extract_seconds']:.1f} s" if s["extract_seconds"] is not None else ""
     rows = [

@@ -62,3 +62,17 @@ def test_command_parses(page: str, line: str) -> None:
 
 def test_docs_show_commands() -> None:
     assert len(_commands()) >= 10
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_code_fences_balanced(page: Path) -> None:
+    """Every fence opened is closed, and a closing fence names no language: an unclosed ```bash swallows the prose
+    after it (and hides the next block's commands from test_command_parses)."""
+    inside = False
+    for number, line in enumerate(page.read_text().splitlines(), 1):
+        if not line.lstrip().startswith("```"):
+            continue
+        if inside:
+            assert line.strip() == "```", f"{page.name} line {number}: {line.strip()!r} closes a block it should not"
+        inside = not inside
+    assert not inside, f"{page.name}: the last code block is not closed"

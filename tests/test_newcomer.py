@@ -132,6 +132,7 @@ def test_list_datasets_finds_image_folders(tmp_path: Path, capsys: pytest.Captur
     assert {"cifar10", "mnist"} <= set(names)
     assert str(tmp_path / "pets") in names and str(tmp_path / "split") in names
     assert not any("cifar-10-batches-py" in n for n in names)
+    assert all(kind in out.splitlines()[0] for kind in ("labels table", "imagefolder", "shards"))  # every other kind
 
 
 def test_list_unknown_kind_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
@@ -328,3 +329,37 @@ def test_make_install_torch_cpu_uses_the_cpu_index(makefile_dir: Path) -> None:
     assert default.returncode == 0 and "--index-url" not in default.stdout
     bad = make(makefile_dir, "install", "TORCH=gpu")
     assert bad.returncode != 0 and "TORCH=cpu" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("dataset", "name"),
+    [
+        ("my_images/labels.csv", "my_images-labels"),  # a table: its folder and stem, as tables.py names it
+        ("kaggle/train.tsv", "kaggle-train"),
+        ("my_shards/train-{0000..0004}.tar", "my_shards"),  # shards: their folder, as shards.py names it
+    ],
+)
+def test_make_features_name_of_a_table_or_shards(makefile_dir: Path, dataset: str, name: str) -> None:
+    """README: the Makefile names the files as `extract` does, for a labels table and shards too."""
+    r = make(makefile_dir, "extract", f"DATASET={dataset}", "BACKBONE=mobilenet_v2",
+             "WEIGHTS=artifacts/weights/mobilenet_v2_imagenet.pt")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert _out_of(r.stdout) == f"artifacts/features/{name}_mobilenet_v2_mobilenet_v2_imagenet.h5"
+
+
+@pytest.mark.parametrize(
+    ("identity", "shown"),
+    [
+        ({"kind": "table", "root": "/d/train", "tables": {"../labels.csv": "ab"}, "split": "s"},
+         "(/d/train, table ../labels.csv, s)"),
+        ({"kind": "webdataset", "shards": ["/d/train-0.tar", "/d/val-0.tar"], "split": "val shards"},
+         "(2 shards from /d/train-0.tar, val shards)"),
+    ],
+)  # fmt: skip
+def test_inspect_names_the_table_or_shards(feature_file: Path, identity: dict, shown: str) -> None:
+    """`inspect` of a file made from a labels table or WebDataset shards says which table or shards it read."""
+    from pipeline.inspection import format_summary, summarize
+
+    summary = {**summarize(feature_file), "dataset_identity": identity}
+    line = next(x for x in format_summary(summary).splitlines() if x.startswith("dataset"))
+    assert line.endswith(shown), line
