@@ -185,7 +185,7 @@ def test_training_on_an_in_memory_dataset(tmp_path: Path, monkeypatch: pytest.Mo
     splits = {s: array_split(rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), np.arange(n) % 2)
               for s, n in (("train", 9), ("val", 4))}  # fmt: skip
     source = Source(name="arrays", classes=["a", "b"], splits=splits, identity={"kind": "test"})
-    monkeypatch.setattr(bl.SourceOptions, "load", lambda self: source)
+    monkeypatch.setattr(bl, "load_options", lambda opts: source)
     result = train_baseline(_cfg(Path("unused"), tmp_path / "bl", epochs=1))
     assert result.metrics["n_train"] == 9 and (tmp_path / "bl" / "metrics.json").is_file()
 

@@ -140,7 +140,9 @@ def _read_only(cfg: object) -> float:
 
 def _decode_only(cfg: object, *, repeat: int = 3) -> float:
     """img/s of ``split.load`` over every sample, in this process: the per-image cost of the source itself."""
-    source = cfg.load()
+    from pipeline.stage1.sources import load_options
+
+    source = load_options(cfg)
     n, t0 = 0, time.perf_counter()
     for _ in range(repeat):
         for split in source.splits.values():

@@ -6,15 +6,10 @@ from here."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pipeline.devices import DEVICES
 from pipeline.errors import PipelineError
 from pipeline.options import option
-
-if TYPE_CHECKING:
-    from pipeline.stage1.datasets import Source
 
 RESIZE_MODES = ("crop", "full")
 PREPROCESS_MODES = ("auto", "loader", "device", "gpu-decode")
@@ -86,28 +81,6 @@ class SourceOptions:
             raise PipelineError(f"--split-seed must be between 0 and 2**32 - 1, not {self.split_seed}")
         if self.verify not in VERIFY_MODES:
             raise PipelineError(f"unknown --verify {self.verify!r}; choose one of: {', '.join(VERIFY_MODES)}")
-
-    def load(self) -> Source:
-        """The source these options pick (:func:`~pipeline.stage1.sources.load_dataset`)."""
-        from pipeline.stage1.sources import load_dataset  # here: the readers import torch
-
-        source = load_dataset(
-            self.dataset,
-            data_root=Path(self.data_root),
-            download=self.download,
-            val_fraction=self.val_fraction,
-            split_seed=self.split_seed,
-            limit=self.limit,
-            verify=self.verify,
-            images=self.images,
-            image_column=self.image_column,
-            label_column=self.label_column,
-            val_dataset=self.val_dataset,
-            label_key=self.label_key,
-            label_columns=self.label_columns,
-            label_delimiter=self.label_delimiter,
-        )
-        return source
 
 
 @dataclass(frozen=True)

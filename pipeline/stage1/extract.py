@@ -31,6 +31,7 @@ from pipeline.stage1.batches import (
 from pipeline.stage1.config import ExtractConfig
 from pipeline.stage1.datasets import Source, Split
 from pipeline.stage1.precision import Precision, precision_context, resolve_precision
+from pipeline.stage1.sources import load_options
 from pipeline.stage1.targets import TargetTable, match_targets, read_targets_csv, skipped_line
 from pipeline.store import (
     IDENTITY_VERSION,
@@ -579,7 +580,7 @@ def plan_extraction(cfg: ExtractConfig, *, source: Source | None = None) -> Extr
         cfg.backbone, weights=cfg.weights, image_size=cfg.image_size, seed=cfg.seed, resize=cfg.resize
     )
     backbone = with_outputs(backbone, layers=cfg.layer_list, cache_at=cfg.cache_at and cfg.cache_at.strip())
-    source = source or cfg.load()
+    source = source or load_options(cfg)
     skipped: dict[str, int] = {}
     if table is not None:  # before the fingerprint: --skip-missing-targets narrows the rows it covers
         table, source, skipped = match_targets(table, source, skip_missing=cfg.skip_missing_targets)

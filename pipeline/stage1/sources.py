@@ -1,4 +1,4 @@
-"""Which reader a ``--dataset`` value names, and the one call that loads it (``SourceOptions.load``).
+"""Which reader a ``--dataset`` value names, and the one call that loads it (:func:`load_options`).
 
     cifar10, mnist, ...            a torchvision dataset (:func:`pipeline.stage1.datasets.load_torchvision`)
     labels.csv / .tsv / .jsonl / .parquet   a labels table (:func:`pipeline.stage1.tables.load_table`)
@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.errors import PipelineError
+from pipeline.stage1.config import SourceOptions
 from pipeline.stage1.datasets import Source, limited, load_source
 from pipeline.stage1.shards import is_url, load_shards, looks_like_shards
 from pipeline.stage1.tables import TABLE_SUFFIXES, load_imagefolder, load_table, metadata_files
@@ -85,3 +86,23 @@ def _check_options(kind: str, *, images: str | None, val_dataset: str | None, la
             "--image-column, --label-column, --label-columns and --label-delimiter are for a labels table or a "
             "Hugging Face imagefolder"
         )
+
+
+def load_options(opts: SourceOptions) -> Source:
+    """The source ``extract``'s (and ``baseline``'s) image options pick: :func:`load_dataset` on their fields."""
+    return load_dataset(
+        opts.dataset,
+        data_root=Path(opts.data_root),
+        download=opts.download,
+        val_fraction=opts.val_fraction,
+        split_seed=opts.split_seed,
+        limit=opts.limit,
+        verify=opts.verify,
+        images=opts.images,
+        image_column=opts.image_column,
+        label_column=opts.label_column,
+        val_dataset=opts.val_dataset,
+        label_key=opts.label_key,
+        label_columns=opts.label_columns,
+        label_delimiter=opts.label_delimiter,
+    )

@@ -34,6 +34,7 @@ from pipeline.errors import PipelineError, raise_if_stopped
 from pipeline.fileio import atomic_write, write_json
 from pipeline.stage1.backbones import Preprocessing, load_backbone
 from pipeline.stage1.datasets import SourceOptions, Split  # noqa: F401 (SourceOptions: for importers)
+from pipeline.stage1.sources import load_options
 from pipeline.stage2 import plots
 from pipeline.stage2.baseline_config import BaselineConfig
 from pipeline.stage2.evaluate import HeadMetrics, classification_metrics, summarize
@@ -326,7 +327,7 @@ class _Training:
 def train_baseline(cfg: BaselineConfig) -> BaselineResult:
     """Train ``cfg.backbone`` from scratch; write checkpoint.pt per epoch, then metrics.json, config.json and
     curves.png to the output folder."""
-    source = cfg.load()
+    source = load_options(cfg)
     if any(split.multi_hot is not None for split in source.splits.values()):
         raise PipelineError(f"{cfg.dataset} has several labels per image: the from-scratch baseline trains one "
                             "label per image (train-head and compare train the multilabel task)")  # fmt: skip
