@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -141,6 +141,23 @@ def seeded(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
+
+
+def unpretrained(
+    weights: str, seed: int, create: Callable[[], nn.Module]
+) -> tuple[nn.Module, WeightsIdentity, Path | None] | None:
+    """The two ``--weights`` every family reads the same way: ``none`` (random initialisation seeded with ``seed``)
+    and a file path (the architecture built by ``create``, the caller then loads the file into it with
+    :func:`load_state_file` once it knows where its classifier sits). ``(model, identity, path or None)``; ``None``
+    for any other value, which names the family's own pretrained weights."""
+    if weights.lower() == "none":
+        with seeded(seed):
+            return create(), WeightsIdentity("none", str(seed)), None
+    if looks_like_path(weights):
+        path = weights_file(weights)
+        with torch.random.fork_rng(devices=[]):  # every tensor is then overwritten from the file
+            return create(), WeightsIdentity("file", file_sha256(path)), path
+    return None
 
 
 def file_sha256(path: Path) -> str:

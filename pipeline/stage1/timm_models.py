@@ -30,12 +30,10 @@ from pipeline.errors import PipelineError
 from pipeline.stage1.families import (
     Backbone,
     BackboneFamily,
-    file_sha256,
     frozen,
     load_state_file,
-    looks_like_path,
     seeded,
-    weights_file,
+    unpretrained,
 )
 from pipeline.stage1.preprocessing import Preprocessing
 from pipeline.store import WeightsIdentity
@@ -241,16 +239,11 @@ class TimmFamily(BackboneFamily):
         path; see the module docstring. Weights are loaded at the model's own input size, then the model is fitted
         to the crop."""
         model_name = _model_name(name)
-        if weights.lower() == "none":
-            with seeded(seed):
-                model = _create(model_name, pretrained=False)
-            identity = WeightsIdentity("none", str(seed))
-        elif looks_like_path(weights):
-            path = weights_file(weights)
-            with torch.random.fork_rng(devices=[]):  # every tensor is then overwritten from the file
-                model = _create(model_name, pretrained=False)
-            load_state_file(model, path, _classifier_path(model, name))
-            identity = WeightsIdentity("file", file_sha256(path))
+        built = unpretrained(weights, seed, lambda: _create(model_name, pretrained=False))
+        if built is not None:
+            model, identity, path = built
+            if path is not None:
+                load_state_file(model, path, _classifier_path(model, name))
         elif weights.lower() in PRETRAINED_WORDS:
             model, identity = _pretrained(name, model_name)
         else:

@@ -21,12 +21,10 @@ from pipeline.errors import PipelineError
 from pipeline.stage1.families import (
     Backbone,
     BackboneFamily,
-    file_sha256,
     frozen,
     load_state_file,
-    looks_like_path,
     seeded,
-    weights_file,
+    unpretrained,
 )
 from pipeline.stage1.preprocessing import Preprocessing
 from pipeline.store import WeightsIdentity
@@ -119,15 +117,11 @@ class TorchvisionFamily(BackboneFamily):
 
     def build(self, name: str, *, weights: str, image_size: int | None, seed: int, resize: str) -> Backbone:
         pre = Preprocessing()
-        if weights.lower() == "none":
-            with seeded(seed):
-                model = torchvision.models.get_model(name, weights=None)
-            identity = WeightsIdentity("none", str(seed))
-        elif looks_like_path(weights):
-            path = weights_file(weights)
-            model = torchvision.models.get_model(name, weights=None)
-            identity = WeightsIdentity("file", file_sha256(path))
+        built = unpretrained(weights, seed, lambda: torchvision.models.get_model(name, weights=None))
+        if built is not None:
+            model, identity, path = built
         else:
+            path = None
             w = _resolve_weights(name, weights)
             try:
                 model = torchvision.models.get_model(name, weights=w)
@@ -136,8 +130,8 @@ class TorchvisionFamily(BackboneFamily):
             pre = _weights_preprocessing(w)
             identity = WeightsIdentity("torchvision", str(w))  # DEFAULT resolves to a concrete version
         classifier_path = strip_classifier(model)
-        if identity.kind == "file":
-            load_state_file(model, Path(weights), classifier_path)
+        if path is not None:
+            load_state_file(model, path, classifier_path)
         if image_size is not None:
             pre = pre.with_crop(image_size)
         pre = replace(pre, resize=resize)
