@@ -294,13 +294,13 @@ def test_foreign_hdf5_files_are_refused(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------ concurrency
 
 _READER = """
-import sys, time
+import sys
 from pipeline.store import read_features
 fs = read_features(sys.argv[1])            # holds nothing open afterwards; then hold the file open while others read
 import h5py
 with h5py.File(sys.argv[1], "r") as f:
     print(len(fs.train), flush=True)
-    time.sleep(float(sys.argv[2]))
+    sys.stdin.readline()                   # held open until the test says so (no sleep: no race with a slow machine)
     assert f["train/features"].shape[0] == len(fs.train)
 """
 
@@ -312,7 +312,11 @@ def test_many_readers_at_once(make_feature_file, tmp_path: Path, capsys) -> None
     path = make_feature_file(n_train=200, n_val=80)
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", _READER, str(path), "4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT
+            [sys.executable, "-c", _READER, str(path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=ROOT,
         )
         for _ in range(3)
     ]
@@ -328,7 +332,7 @@ def test_many_readers_at_once(make_feature_file, tmp_path: Path, capsys) -> None
         assert read_features(path).train.features.shape == (200, 32)
     finally:
         for p in procs:
-            _, err = p.communicate(timeout=60)
+            _, err = p.communicate(b"\n", timeout=60)
             assert p.returncode == 0, err.decode()
 
 
