@@ -107,6 +107,7 @@ def render_leaderboard(root: Path, result: dict[str, Any]) -> str:
     body = [f"<h1>Leaderboard of {len(result['features'])} feature files by {esc(result['score'].replace('_', ' '))}"
             "</h1>", table([("features", f) for f in result["features"]], row_headers=True)]  # fmt: skip
     marks = ["best" if n == 0 else None for n in range(len(rows))]
+    body.append('<h2 id="table">Every head on every file, best first</h2>')
     body.append(table(cells(COLUMNS, rows), header=[c for c, _, _ in COLUMNS], cls="rows", row_classes=marks))
     if (root / "leaderboard.png").is_file():
         body.append(figure(root / "leaderboard.png", caption="leaderboard.png"))
