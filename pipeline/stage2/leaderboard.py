@@ -106,7 +106,7 @@ def leaderboard(
     write_json(root / "leaderboard.json", result)
     write_text(root / "leaderboard.md", leaderboard_table(rows) + "\n")
     _plot(rows, root / "leaderboard.png", score=task.score)
-    write_leaderboard_report(root, result)
+    write_leaderboard_report(root, result, columns=COLUMNS)
     return result
 
 

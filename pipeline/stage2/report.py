@@ -99,16 +99,14 @@ def write_compare_report(root: Path, result: dict[str, Any]) -> Path:
     return path
 
 
-def render_leaderboard(root: Path, result: dict[str, Any]) -> str:
-    """The leaderboard page: its table, leaderboard.png and a link to each run's compare page."""
-    from pipeline.stage2.leaderboard import COLUMNS
-
+def render_leaderboard(root: Path, result: dict[str, Any], *, columns: tuple[Column, ...]) -> str:
+    """The leaderboard page: its table (in ``columns``), leaderboard.png and a link to each run's compare page."""
     rows = result["rows"]
     body = [f"<h1>Leaderboard of {len(result['features'])} feature files by {esc(result['score'].replace('_', ' '))}"
             "</h1>", table([("features", f) for f in result["features"]], row_headers=True)]  # fmt: skip
     marks = ["best" if n == 0 else None for n in range(len(rows))]
     body.append('<h2 id="table">Every head on every file, best first</h2>')
-    body.append(table(cells(COLUMNS, rows), header=[c for c, _, _ in COLUMNS], cls="rows", row_classes=marks))
+    body.append(table(cells(columns, rows), header=[c for c, _, _ in columns], cls="rows", row_classes=marks))
     if (root / "leaderboard.png").is_file():
         body.append(figure(root / "leaderboard.png", caption="leaderboard.png"))
     runs = sorted(p.parent.relative_to(root).as_posix() for p in root.glob("*/*/report.html"))
@@ -118,8 +116,8 @@ def render_leaderboard(root: Path, result: dict[str, Any]) -> str:
     return page("Leaderboard", "\n".join(body))
 
 
-def write_leaderboard_report(root: Path, result: dict[str, Any]) -> Path:
-    """``<root>/report.html`` of a leaderboard (``result``: what leaderboard.json holds)."""
+def write_leaderboard_report(root: Path, result: dict[str, Any], *, columns: tuple[Column, ...]) -> Path:
+    """``<root>/report.html`` of a leaderboard (``result``: what leaderboard.json holds; ``columns``: its table's)."""
     path = Path(root) / "report.html"
-    write_text(path, render_leaderboard(Path(root), result))
+    write_text(path, render_leaderboard(Path(root), result, columns=columns))
     return path
