@@ -342,6 +342,7 @@ def compare_cmd(
     leaderboard)."""
     from pipeline.stage2.comparing import compare, compare_table, parse_heads
     from pipeline.stage2.heads import HeadConfig
+    from pipeline.stage2.report import best_line
     from pipeline.stage2.tasks import feature_task
 
     names = parse_heads(heads, task=feature_task(Path(features[0]), opts["task"]))
@@ -379,9 +380,8 @@ def compare_cmd(
     for head, note in notes:
         click.echo(note if note.startswith("WARNING") else f"{head}: {note}")
     click.echo(
-        f"\nbest on val: {result['best']}{_tied_words(result)}; wrote {result['out']}/ (compare.json, compare.md, "
-        "compare.png and a folder per head, each with predictions.csv and errors.png); "
-        f"{result['compare_seconds']:.1f} s in all"
+        f"\n{best_line(result)}; wrote {result['out']}/ (report.html, compare.json, compare.md, compare.png and a "
+        f"folder per head, each with predictions.csv and errors.png); {result['compare_seconds']:.1f} s in all"
     )
 
 
@@ -397,13 +397,7 @@ def _leaderboard(features: list[str], *, names: list[str], base: Any, out: str |
     result = leaderboard([Path(f) for f in features], heads=names, base=base, out=out, force=force, layers=layers)
     click.echo(f"leaderboard of {len(features)} feature files by {result['score'].replace('_', ' ')}\n")
     click.echo(leaderboard_table(result["rows"]))
-    click.echo(f"\nwrote {result['out']}/ (leaderboard.json, .md, .png and a folder per file)")
-
-
-def _tied_words(result: dict) -> str:
-    """`` (tied with linear, mlp: not significantly different on val)`` when other heads tie with the best."""
-    tied = result.get("best_tied_with") or []
-    return f" (tied with {', '.join(tied)}: not significantly different on val, p >= 0.05)" if tied else ""
+    click.echo(f"\nwrote {result['out']}/ (report.html, leaderboard.json, .md, .png and a folder per file)")
 
 
 def _compare_layers(

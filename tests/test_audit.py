@@ -8,8 +8,6 @@ moved into a wrong class folder; features from the real ImageNet MobileNetV2 at 
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +24,7 @@ from pipeline.bench.fidelity import DEMO_WEIGHTS
 from pipeline.cli import main
 from pipeline.errors import PipelineError
 
+from .browser import render_in_chromium
 from .conftest import write_feature_file
 
 DIGITS = Path("data/digits")
@@ -136,43 +135,11 @@ def test_files_and_json_schema(planted: tuple) -> None:
 # ------------------------------------------------------------------------------------------ the browser
 
 
-def _browser() -> str | None:
-    return next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
-
-
-BROKEN_MARKER = """<script>addEventListener('load', () => {
-  const broken = [...document.images].filter(i => !i.complete || i.naturalWidth === 0).length;
-  document.body.setAttribute('data-images', document.images.length);
-  document.body.setAttribute('data-broken', broken);
-});</script>"""
-
-
-def render_in_chromium(page: Path, *, tmp: Path, screenshot: Path | None = None) -> dict[str, int]:
-    """Load ``page`` in headless Chromium; the number of images and of broken ones, read from the dumped DOM."""
-    browser = _browser()
-    if browser is None:
-        pytest.skip("no Chromium on this machine (apt-get install -y chromium; .ci/run installs it)")
-    probe = tmp / "probe.html"
-    probe.write_text(page.read_text().replace("</body>", BROKEN_MARKER + "</body>"))
-    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp / 'profile'}"]  # fmt: skip
-    dom = subprocess.run(flags + ["--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
-    if screenshot is not None:
-        subprocess.run(flags + [f"--screenshot={screenshot}", "--window-size=1200,1400", page.as_uri()],
-                       capture_output=True, timeout=120)  # fmt: skip
-    import re
-
-    found = re.search(r'data-images="(\d+)" data-broken="(\d+)"', dom.stdout)
-    assert found, f"the page did not load in {browser}: {dom.stderr[-500:]}"
-    return {"images": int(found[1]), "broken": int(found[2])}
-
-
 def test_report_renders_in_chromium_with_every_image(planted: tuple, tmp_path: Path) -> None:
     root, _, _ = planted
     shot = tmp_path / "report.png"
     seen = render_in_chromium(root / "audit" / "report.html", tmp=tmp_path, screenshot=shot)
-    assert seen["images"] > 0 and seen["broken"] == 0
+    assert seen["images"] > 0 and seen["broken"] == 0 and seen["errors"] == 0 and seen["console"] == []
     assert shot.is_file() and shot.stat().st_size > 10_000
 
 

@@ -7,9 +7,6 @@ set); an image moved or deleted since extraction is named once and its cell left
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -18,20 +15,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from pipeline.html import esc, grid, image_uri, page, table
 from pipeline.store import FeatureMeta
 
 log = logging.getLogger(__name__)
 
 THUMB = 64  # px, the longer side; small images are scaled up (nearest) to this
-CSS = """
-body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1200px}
-h1{font-size:22px}h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ddd}
-.grid{display:flex;flex-wrap:wrap;gap:10px}
-.card{border:1px solid #ddd;border-radius:6px;padding:6px;font-size:11px;width:150px;background:#fafafa}
-.card img,.blank{width:64px;height:64px;image-rendering:pixelated;background:#eee;display:inline-block}
-.cap{overflow-wrap:anywhere;margin-top:4px}.exact{color:#b00;font-weight:bold}.note{color:#666}
-table{border-collapse:collapse}td,th{padding:2px 8px;border-bottom:1px solid #eee;text-align:left}
-"""
 
 
 def thumbnail_reader(meta: FeatureMeta) -> Callable[[str, str], Image.Image | None]:
@@ -75,17 +64,14 @@ def encode_thumbnail(img: Image.Image) -> str:
     """A PNG data URI of ``img`` fitted into THUMB x THUMB."""
     scale = THUMB / max(img.size)
     size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
-    img = img.resize(size, Image.NEAREST if scale > 1 else Image.BILINEAR)
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return image_uri(img.resize(size, Image.NEAREST if scale > 1 else Image.BILINEAR))
 
 
 def _cell(thumbs: dict[tuple[str, str], str | None], split: str, sample: str) -> str:
     uri = thumbs.get((split, sample))
     if uri is None:
         return '<span class="blank" title="not found"></span>'
-    return f'<img src="{uri}" alt="{html.escape(sample)}">'
+    return f'<img src="{uri}" alt="{esc(sample)}">'
 
 
 def _pairs_html(pairs: list[dict[str, Any]], thumbs: dict) -> str:
@@ -95,11 +81,11 @@ def _pairs_html(pairs: list[dict[str, Any]], thumbs: dict) -> str:
         cards.append(
             f'<div class="card">{_cell(thumbs, p["split"], p["id"])} '
             f"{_cell(thumbs, p['other_split'], p['other_id'])}"
-            f'<div class="cap">cos {p["similarity"]:.3f}{exact}<br>{p["split"]}: {html.escape(p["id"])}<br>'
-            f'{p["other_split"]}: {html.escape(p["other_id"])}<br><span class="note">{", ".join(p["evidence"])}'
+            f'<div class="cap">cos {p["similarity"]:.3f}{exact}<br>{p["split"]}: {esc(p["id"])}<br>'
+            f'{p["other_split"]}: {esc(p["other_id"])}<br><span class="note">{", ".join(p["evidence"])}'
             "</span></div></div>"
         )
-    return '<div class="grid">' + "".join(cards) + "</div>" if cards else "<p>None found.</p>"
+    return grid(cards)
 
 
 def _items_html(items: list[dict[str, Any]], thumbs: dict, caption: Callable[[dict[str, Any]], str]) -> str:
@@ -107,7 +93,7 @@ def _items_html(items: list[dict[str, Any]], thumbs: dict, caption: Callable[[di
         f'<div class="card">{_cell(thumbs, it["split"], it["id"])}<div class="cap">{caption(it)}</div></div>'
         for it in items
     ]
-    return '<div class="grid">' + "".join(cards) + "</div>" if cards else "<p>None found.</p>"
+    return grid(cards)
 
 
 def collect_thumbnails(
@@ -130,8 +116,7 @@ def collect_thumbnails(
 
 def render_html(report: dict[str, Any], thumbs: dict, *, missing: list[str]) -> str:
     s = report["summary"]
-    esc = html.escape
-    rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in s.items())
+    rows = table(s.items(), row_headers=True)
     moved = ""
     if missing:
         moved = f'<p class="note">{len(missing)} image(s) not found (moved since extraction?): ' + esc(
@@ -143,15 +128,14 @@ def render_html(report: dict[str, Any], thumbs: dict, *, missing: list[str]) -> 
                            lambda it: f'score {it["score"]:.3f}<br>{it["split"]}: {esc(it["id"])}')  # fmt: skip
     name = esc(report["features"])
     leaks, dups = _pairs_html(report["leaks"], thumbs), _pairs_html(report["duplicates"], thumbs)
-    return f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Audit: {name}</title>
-<style>{CSS}</style></head><body>
-<h1>Audit of {name}</h1><table>{rows}</table>{moved}
+    return page(
+        f"Audit: {report['features']}",
+        f"""<h1>Audit of {name}</h1>{rows}{moved}
 <h2 id="leaks">Leaks: val images with a copy in train ({len(report["leaks"])})</h2>{leaks}
 <h2 id="duplicates">Duplicates within a split ({len(report["duplicates"])})</h2>{dups}
 <h2 id="labels">Likely wrong labels ({len(report["label_issues"])})</h2>{labels}
-<h2 id="outliers">Outliers (top {len(report["outliers"])})</h2>{outliers}
-</body></html>
-"""
+<h2 id="outliers">Outliers (top {len(report["outliers"])})</h2>{outliers}""",
+    )
 
 
 def render_markdown(report: dict[str, Any]) -> str:

@@ -10,4 +10,5 @@ runs        run folders: default roots, recorded settings, the check before repl
 train       the public names of the modules above, in one import
 evaluate    metrics records (accuracy, per-class P/R/F1, confusion; R^2, RMSE, MAE) and the printed report
 plots       the PNG figures
+report      report.html of a compare folder and of a leaderboard (the page blocks: ``pipeline.html``)
 """

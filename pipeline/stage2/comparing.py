@@ -16,6 +16,7 @@ from pipeline.stage2 import plots, thresholds
 from pipeline.stage2.evaluate import report_notes
 from pipeline.stage2.heads import HEADS, HeadConfig
 from pipeline.stage2.heads.tail import require_activations
+from pipeline.stage2.report import write_compare_report
 from pipeline.stage2.runs import (
     check_heads,
     check_replace,
@@ -135,6 +136,7 @@ def compare(
             write_json(root / "compare.json", result)
             write_text(root / "compare.md", header(fs) + compare_table(rows) + "\n")
             plots.compare_png(rows, root / "compare.png", title=f"heads on val: {features_label(fs)}", bars=task.bars)
+            write_compare_report(root, result)  # last: the page shows the files above
         except OSError as e:
             raise PipelineError(f"cannot write comparison to {root}: {e.strerror or e}") from None
     result["out"] = str(root)

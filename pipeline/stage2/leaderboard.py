@@ -12,6 +12,7 @@ from typing import Any
 from pipeline.errors import PipelineError
 from pipeline.fileio import write_json, write_text
 from pipeline.stage2.heads import HeadConfig
+from pipeline.stage2.report import write_leaderboard_report
 from pipeline.stage2.tasks import TASKS, resolve_task
 from pipeline.store import FeatureMeta, read_meta
 
@@ -105,6 +106,7 @@ def leaderboard(
     write_json(root / "leaderboard.json", result)
     write_text(root / "leaderboard.md", leaderboard_table(rows) + "\n")
     _plot(rows, root / "leaderboard.png", score=task.score)
+    write_leaderboard_report(root, result, columns=COLUMNS)
     return result
 
 
