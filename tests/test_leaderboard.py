@@ -51,6 +51,15 @@ def test_leaderboard_refuses_files_of_another_dataset_or_split(tmp_path: Path, c
     assert code == 1 and "another dataset or split" in err and len(err.strip().splitlines()) == 1
 
 
+def test_the_same_file_twice_is_refused(tmp_path: Path, capsys) -> None:
+    one = {"kind": "folder", "root": "/a", "split": "stratified val_fraction=0.2 seed=0", "files_sha256": "x"}
+    a = _file(tmp_path / "a.h5", identity=one)
+    code, _, err = run(["compare", "--features", str(a), "--features", str(tmp_path / "." / "a.h5"),
+                        "--heads", "centroid", "--out", str(tmp_path / "cli")], capsys)  # fmt: skip
+    assert code == 1 and "given twice" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "cli").exists()
+
+
 def test_layers_files_get_readable_default_names() -> None:
     from types import SimpleNamespace
 

@@ -84,6 +84,10 @@ def leaderboard(
     from pipeline.stage2.runs import weights_label
 
     features = [Path(f) for f in features]
+    seen: dict[Path, Path] = {}
+    for f in features:
+        if (twin := seen.setdefault(f.resolve(), f)) is not f:
+            raise PipelineError(f"{f} is given twice (as {twin} too): each file's rows would be listed twice")
     metas = [read_meta(f) for f in features]
     check_same_dataset(features, metas)
     task = TASKS[resolve_task(base.task, metas[0])]
@@ -112,11 +116,9 @@ def leaderboard(
 
 def leaderboard_table(rows: list[dict[str, Any]]) -> str:
     from pipeline.stage2.comparing import table
+    from pipeline.stage2.report import cells
 
-    def cell(r: dict[str, Any], key: str, fmt: str) -> str:
-        return "-" if r.get(key) is None else fmt.format(r[key])
-
-    return table([c for c, _, _ in COLUMNS], [[cell(r, k, f) for _, k, f in COLUMNS] for r in rows])
+    return table([c for c, _, _ in COLUMNS], cells(COLUMNS, rows))
 
 
 def _plot(rows: list[dict[str, Any]], path: Path, *, score: str) -> None:
@@ -143,5 +145,5 @@ def _plot(rows: list[dict[str, Any]], path: Path, *, score: str) -> None:
     lo = min((v for v in values), default=0.0)
     ax.set_xlim(max(0.0, lo - 0.1), 1.0 if score != "val_r2" else None)
     fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=90))
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=90, bbox_inches="tight"))  # long labels whole
     plt.close(fig)
