@@ -62,7 +62,8 @@ def guard(
         best = own  # a tie goes to the defaults
     record: dict[str, Any] = {"defaults": grid[own], "defaults_score": scores[own]}
     if best == own:
-        return own, {**record, "kept_defaults": True, "note": "the defaults scored highest on held-out train"}
+        note = "the defaults scored highest on held-out train (a tie goes to the defaults)"
+        return own, {**record, "kept_defaults": True, "note": note}
     chosen = held_out_predictions(head, grid[best], X, y, held)
     defaults = held_out_predictions(head, grid[own], X, y, held)
     verdict = stats.beats_defaults(y[held], chosen, defaults, regress=head.regress, seed=head.cfg.seed)

@@ -299,7 +299,7 @@ def compare_shots(
         check_replace(root / "shots.json", settings=settings, fingerprint=meta.fingerprint, what=what, force=force)
         fs = read_features(features, layer=base.layer)
         scores: dict[str, dict[str, float]] = {name: {} for name in heads}
-        runs = []
+        runs, skipped = [], []
         for name in heads:
             for k, label in zip(shots, labels):
                 _, metrics, _ = fit_and_evaluate(fs, replace(base, head=name, shots=k))
@@ -307,6 +307,11 @@ def compare_shots(
                 keep = ("val_accuracy", "balanced_accuracy", "worst_class_recall", "n_train_used", "fit_seconds")
                 runs.append({"head": name, "shots": label, **{key: getattr(metrics, key) for key in keep}})
                 runs[-1] |= {"shots_short": metrics.shots_short or {}, "notes": report_notes(metrics)}
+                if metrics.sweep and "skipped" in metrics.sweep:
+                    skipped.append(f"{name} at {label}")
+        if skipped:  # one line, not one per head and number of shots
+            log.warning("--sweep skipped where too few examples per class were left to hold some out (%s): those "
+                        "runs used the heads' own settings", ", ".join(skipped))  # fmt: skip
         result = {**describe(fs), "settings": settings, "seed": base.seed, "shots": labels, "val_accuracy": scores}
         result["runs"] = runs
         try:

@@ -108,7 +108,8 @@ def sweep(head: Head, X: np.ndarray, y: np.ndarray, *, task: Task) -> tuple[Head
         return cfg, {"grid": [], "note": f"{cfg.head} has no hyper-parameter to choose"}
     fit, held, too_few = task.holdout(y, fraction=HELD_OUT_FRACTION, seed=cfg.seed)
     if too_few:
-        log.warning("--sweep skipped for %s: %s to hold some out", cfg.head, too_few)
+        # under --shots the few-shot comparison says it once for all its runs (compare_shots)
+        (log.info if cfg.shots else log.warning)("--sweep skipped for %s: %s to hold some out", cfg.head, too_few)
         return cfg, {"grid": grid, "skipped": f"{too_few} to hold some out"}
     t0 = time.perf_counter()
     grid, own = with_own_point(head, grid)  # the defaults are a point of every grid
