@@ -312,7 +312,8 @@ def train_head_cmd(features: str, out: str | None, force: bool, **opts: Any) -> 
     "--out",
     type=click.Path(file_okay=False),
     default=None,
-    help="Output folder (default: artifacts/heads/<features>/compare/: its own, apart from train-head's heads).",
+    help="Output folder (default: artifacts/heads/<features>/compare/, with --sweep compare-sweep/: its own, apart "
+    "from train-head's heads).",
 )
 @_force_option
 @click.option(
@@ -373,7 +374,7 @@ def compare_cmd(
     click.echo(f"{result['label']}: {result['n_train']} train / {result['n_val']} val\n")
     if result.get("imbalance"):
         click.echo(result["imbalance"]["line"] + "\n")
-    click.echo(compare_table(result["rows"]))
+    click.echo(compare_table(result["rows"], extract_seconds=result["extract_seconds"]))
     notes = [(row["head"], note) for row in result["rows"] for note in row["notes"]]
     if notes:
         click.echo("")

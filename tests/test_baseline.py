@@ -129,7 +129,7 @@ def test_compare_adds_the_baseline_row_with_times(tiny: Path, tmp_path: Path) ->
     assert scratch["head"] == "from scratch (resnet18)"
     metrics = json.loads((tmp_path / "bl" / "metrics.json").read_text())
     assert scratch["total_seconds"] == metrics["train_seconds"] > 0
-    assert head["total_seconds"] == pytest.approx(result["extract_seconds"] + head["fit_seconds"])
+    assert head["total_seconds"] == pytest.approx(result["extract_seconds"] + head["head_seconds"])
     saved = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert [r["head"] for r in saved["rows"]] == ["centroid", "from scratch (resnet18)"]
     assert "from scratch (resnet18)" in compare_table(saved["rows"])

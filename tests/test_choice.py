@@ -20,7 +20,8 @@ def test_the_heads_own_settings_join_the_grid() -> None:
     assert own == 1 and grid[own] == {"lr": 7e-4, "weight_decay": 0.0}
     head = build_head(HeadConfig(head="linear"), num_classes=3, feature_dim=4)
     grid, own = choice.with_own_point(head, type(head).sweep_grid(head.cfg))
-    assert grid[own] == {"lr": head.cfg.lr, "weight_decay": head.cfg.weight_decay} and len(grid) == 15
+    assert grid[own] == {"lr": head.cfg.lr, "weight_decay": head.cfg.weight_decay, "epochs": head.cfg.epochs}
+    assert len(grid) == 15 * head.cfg.epochs  # 5 lr x 3 weight decays x every epoch count
 
 
 def test_a_choice_within_noise_keeps_the_defaults_and_says_so() -> None:
@@ -82,3 +83,70 @@ def test_overfitting_advice_after_a_sweep_knows_what_was_swept() -> None:
     assert "already chose" in line and "C 0.5" in line and "smaller --C" not in line
     m.sweep = None
     assert "--sweep to choose" in overfitting_warning(m)
+
+
+def test_a_sweep_where_the_last_epoch_drops_keeps_a_head_at_least_as_good_as_the_defaults(monkeypatch) -> None:
+    """The issue's failure: the sweep's rate ended on an epoch that dropped, and its last epoch was kept. Now every
+    epoch count is a grid point, so the sweep can stop before the drop, and what it hands back scores at least as
+    well as the defaults on the held-out rows."""
+    from pipeline.stage2.heads.fitting import with_epochs
+    from pipeline.stage2.heads.linear import LinearHead
+    from pipeline.stage2.protocol import HELD_OUT_FRACTION, sweep
+    from pipeline.stage2.tasks import TASKS
+
+    rng = np.random.default_rng(0)
+    X, y = separable_features(n=1500, classes=4, spread=2.5)
+    y = np.where(rng.random(1500) < 0.2, rng.integers(0, 4, 1500), y)  # 20% label noise: a high rate bounces
+    cfg = HeadConfig(head="linear", epochs=6, lr=1e-2, sweep=True, device="cpu")
+    grid = with_epochs([{"lr": 1e-2, "weight_decay": 0.0}, {"lr": 0.3, "weight_decay": 0.0}], cfg.epochs)
+    monkeypatch.setattr(LinearHead, "sweep_grid", classmethod(lambda cls, cfg: grid))
+    head = build_head(cfg, num_classes=4, feature_dim=32)
+    _, record = sweep(head, X, y, task=TASKS["classify"])
+    high = record["held_out_accuracy"][cfg.epochs :]  # the lr 0.3 run, epoch by epoch
+    assert high[-1] < max(high)  # on this data the last epoch of the high rate is not its best
+    fit, held, _ = TASKS["classify"].holdout(y, fraction=HELD_OUT_FRACTION, seed=cfg.seed)
+    chosen = choice.held_out_predictions(head, record["chosen"], X, y, held).argmax(1)
+    defaults = choice.held_out_predictions(head, record["defaults"], X, y, held).argmax(1)
+    assert record["defaults"] == {"lr": 1e-2, "weight_decay": 0.0, "epochs": 6}
+    assert (chosen == y[held]).mean() >= (defaults == y[held]).mean()
+    # the score recorded for the chosen point is that of the head its settings train (an E-epoch run is the first
+    # E epochs of a longer one): what was chosen is what is refitted
+    assert record["chosen_score"] == (chosen == y[held]).mean() or record["chosen"]["lr"] != 1e-2
+
+
+def test_every_epoch_count_is_scored_by_one_run_and_equals_a_run_that_long() -> None:
+    """mlp: the held-out score of (settings, E epochs) read from one longer run is that of an E-epoch fit."""
+    from pipeline.stage2.heads.fitting import with_epochs
+    from pipeline.stage2.tasks import TASKS
+
+    X, y = separable_features(n=600, classes=3, spread=3.0)
+    cfg = HeadConfig(head="mlp", epochs=4, hidden=16, device="cpu")
+    head = build_head(cfg, num_classes=3, feature_dim=32)
+    grid = with_epochs([{"lr": 1e-3, "weight_decay": 0.0}], 4)
+    score = TASKS["classify"].held_out_score
+    scores = head.sweep_scores(X[:480], y[:480], (X[480:], y[480:]), grid=grid, score=score)
+    for point, got in zip(grid, scores):
+        alone = build_head(HeadConfig(head="mlp", hidden=16, device="cpu", **point), num_classes=3, feature_dim=32)
+        alone.fit(X[:480], y[:480])
+        assert got == score(y[480:], alone.logits(X[480:]))
+    assert len(set(scores)) > 1  # the epochs differ: the test could fail
+
+
+def test_a_refit_that_fits_its_rows_worse_than_the_held_out_fit_is_not_kept(monkeypatch) -> None:
+    """After a sweep, the head of the chosen settings refitted on all of train is compared with the same settings
+    fitted on the rows the choice was scored from, on those rows: a refit that landed on a bad epoch is replaced."""
+    from pipeline.stage2.heads.linear import LinearHead
+
+    X, y = separable_features(n=500, classes=3, spread=1.0)
+    rows = np.arange(400)
+    cfg = HeadConfig(head="linear", epochs=4, lr=3e-3, device="cpu")
+    refit = build_head(cfg, num_classes=3, feature_dim=32)
+    result = refit.fit(X, y)
+    kept, _, record = choice.check_refit(refit, result, X, y, rows=rows, val=None)
+    assert kept is refit and record["refit"] == "checked"
+    refit.weight, refit.bias = refit.weight[[1, 2, 0]], refit.bias[[1, 2, 0]]  # a refit gone wrong: classes swapped
+    kept, _, record = choice.check_refit(refit, result, X, y, rows=rows, val=None)
+    assert kept is not refit and isinstance(kept, LinearHead) and record["refit"] == "kept the held-out fit"
+    assert (kept.logits(X[rows]).argmax(1) == y[rows]).mean() > 0.9
+    knn = build_head(HeadConfig(head="knn"), num_classes=3, feature_dim=32)  # not trained for epochs: not checked
+    assert choice.check_refit(knn, result, X, y, rows=rows, val=None)[2] == {}

@@ -62,7 +62,7 @@ def test_grid_members_train_independently() -> None:
     alone = LinearHead(cfg, num_classes=3, feature_dim=32)
     alone.fit(X, y)
     grid = [{"lr": 3e-3, "weight_decay": 0.0}, {"lr": 1.0, "weight_decay": 0.1}, {"lr": 1e-4, "weight_decay": 0.0}]
-    model, histories = LinearHead(cfg, num_classes=3, feature_dim=32)._fit_grid(X, y, grid=grid)
+    model, histories, _ = LinearHead(cfg, num_classes=3, feature_dim=32)._fit_grid(X, y, grid=grid)
     np.testing.assert_allclose(model.weight[0].numpy(), alone.weight, rtol=1e-5, atol=1e-6)
     assert len(histories) == 3 and len(histories[0]) == 4
     assert not np.allclose(model.weight[1].numpy(), alone.weight)
@@ -122,12 +122,8 @@ def _autograd_reference(module, data, *, cfg: HeadConfig) -> list[dict[str, floa
     import torch
 
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    from pipeline.stage2.heads.fitting import lr_factor
-
     opt = torch.optim.Adam(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n, history = len(data.X), []
-    total = cfg.epochs * -(-n // cfg.batch_size)
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, total))
 
     def loss_of(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         per = torch.nn.functional.cross_entropy(logits, y, weight=data.weight, reduction="none")
@@ -143,7 +139,6 @@ def _autograd_reference(module, data, *, cfg: HeadConfig) -> list[dict[str, floa
             opt.zero_grad()
             loss.backward()
             opt.step()
-            schedule.step()
             seen += float(loss.detach()) * len(idx)
             correct += float((logits.argmax(1) == data.y[idx]).sum())
         module.eval()

@@ -46,9 +46,27 @@ def test_compare_does_not_replace_a_head_train_head_made(
     assert code == 0, err
     assert _head_config(mine)["head_config"]["class_weight"] == "balanced"
     assert (mine / "head.safetensors").read_bytes() == before
-    run_dir = tmp_path / "artifacts/heads/features/compare"
+    run_dir = tmp_path / "artifacts/heads/features/compare-sweep"
     assert _head_config(run_dir / "linear")["settings"]["sweep"] is True
-    assert f"wrote {Path('artifacts/heads/features/compare')}/" in out
+    assert f"wrote {Path('artifacts/heads/features/compare-sweep')}/" in out
+
+
+def test_compare_then_compare_sweep_keeps_both_without_force(
+    feature_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Trying the sweep after a plain compare writes a folder of its own: no refusal, no --force, both kept; the
+    table says what each time column counts."""
+    monkeypatch.chdir(tmp_path)
+    args = ["compare", "--features", str(feature_file), "--epochs", "2", "--heads", "linear,knn"]
+    code, out, err = run(args, capsys)
+    assert code == 0, err
+    assert "head s: what you wait per head" in out and "total s: the two-stage cost" in out
+    code, out, err = run([*args, "--sweep"], capsys)
+    assert code == 0, err
+    heads = tmp_path / "artifacts/heads/features"
+    assert json.loads((heads / "compare/compare.json").read_text())["rows"][0].get("sweep") is None
+    assert all("sweep" in row for row in json.loads((heads / "compare-sweep/compare.json").read_text())["rows"])
+    assert "compare took" in (heads / "compare-sweep/compare.md").read_text()
 
 
 def test_a_head_of_other_settings_is_replaced_only_with_force(

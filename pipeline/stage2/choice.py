@@ -18,7 +18,7 @@ import numpy as np
 from pipeline.stage2 import stats
 
 if TYPE_CHECKING:
-    from pipeline.stage2.heads.base import Head
+    from pipeline.stage2.heads.base import FitResult, Head
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,8 @@ def guard(
         best = own  # a tie goes to the defaults
     record: dict[str, Any] = {"defaults": grid[own], "defaults_score": scores[own]}
     if best == own:
-        return own, {**record, "kept_defaults": True, "note": "the defaults scored highest on held-out train"}
+        note = "the defaults scored highest on held-out train (a tie goes to the defaults)"
+        return own, {**record, "kept_defaults": True, "note": note}
     chosen = held_out_predictions(head, grid[best], X, y, held)
     defaults = held_out_predictions(head, grid[own], X, y, held)
     verdict = stats.beats_defaults(y[held], chosen, defaults, regress=head.regress, seed=head.cfg.seed)
@@ -81,3 +82,35 @@ def guard(
 
 def _point(point: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in point.items())
+
+
+def check_refit(
+    refit: Head, result: FitResult, X: np.ndarray, y: np.ndarray, *, rows: np.ndarray, val: Any
+) -> tuple[Head, FitResult, dict[str, Any]]:
+    """The head to keep after a sweep's refit on all of train, and what the sweep record says about it.
+
+    The held-out score was measured on a head fitted on ``rows`` (the 80%); the refit on all of train is a new
+    training run whose last epoch nobody scored, and a gradient-trained head can land on a bad one. So the head of
+    the chosen settings is fitted on ``rows`` again and both are compared on ``rows``, which both trained on: the
+    refit is kept unless the 80% head beats it beyond noise there (the same paired test as :func:`guard`). A sound
+    refit fits its own training rows about as well; one that bounced fits them worse. scikit-learn's
+    ``GridSearchCV(refit=True)`` and dinov2 refit without a check: that is right for a convex fit that converges
+    (logreg, ridge), not for a fixed number of Adam epochs, so only heads trained for ``--epochs`` are checked.
+    Not checked for several labels per image (the paired test is of one label per row)."""
+    if not refit.spec.uses("epochs") or refit.cfg.task == "multilabel":
+        return refit, result, {}
+    held_model = type(refit)(refit.cfg, num_classes=refit.num_classes, feature_dim=refit.feature_dim)
+    held_result = held_model.fit(X[rows], y[rows], val=val)
+    verdict = stats.beats_defaults(
+        y[rows], held_model.logits(X[rows]), refit.logits(X[rows]), regress=refit.regress, seed=refit.cfg.seed
+    )
+    test = "paired bootstrap" if refit.regress else "McNemar"
+    if verdict["beats"]:
+        note = (
+            f"the refit on all of train fitted the {len(rows)} rows the choice was scored from worse than the head "
+            f"fitted on them ({test} p={verdict['p_value']:.3g}): that head is kept"
+        )
+        log.warning("sweep %s: %s", refit.cfg.head, note)
+        return held_model, held_result, {"refit": "kept the held-out fit", "refit_p_value": verdict["p_value"],
+                                         "refit_note": note}  # fmt: skip
+    return refit, result, {"refit": "checked", "refit_p_value": verdict["p_value"]}

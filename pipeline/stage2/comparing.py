@@ -68,14 +68,37 @@ def table(header_row: list[str], body: list[list[str]]) -> str:
     return "\n".join(["| " + " | ".join(header_row) + " |", sep, *("| " + " | ".join(row) + " |" for row in body)])
 
 
+def _columns_of(rows: list[dict[str, Any]]) -> tuple[tuple[Column, ...], list[dict[str, Any]]]:
+    return task_of_rows(rows).table_columns(rows), rows
+
+
 def _rows_table(columns: tuple[Column, ...], rows: list[dict[str, Any]]) -> str:
     body = [[fmt.format(r[k]) if r.get(k) is not None else "-" for _, k, fmt in columns] for r in rows]
     return table([c for c, _, _ in columns], body)
 
 
-def compare_table(rows: list[dict[str, Any]]) -> str:
-    """Markdown table of compared heads (also what the CLI prints), in the columns of their task."""
-    return _rows_table(task_of_rows(rows).table_columns(rows), rows)
+def compare_table(rows: list[dict[str, Any]], *, extract_seconds: float | None = None) -> str:
+    """Markdown table of compared heads (also what the CLI prints), in the columns of their task, and under it
+    what each time column counts (:func:`times_footer`)."""
+    columns = task_of_rows(rows).table_columns(rows)
+    footer = times_footer(columns, rows, extract_seconds=extract_seconds)
+    return _rows_table(columns, rows) + (f"\n\n{footer}" if footer else "")
+
+
+def times_footer(columns: tuple[Column, ...], rows: list[dict[str, Any]], *, extract_seconds: float | None) -> str:
+    """One line per time column of the table, saying what it counts (wall-clock seconds)."""
+    said = {
+        "fit_seconds": "fit s: training the head (with --sweep: its grid on held-out train, the refit on all of "
+        "train and the refit's check)",
+        "eval_seconds": "eval s: predicting and scoring train and val",
+        "head_seconds": "head s: what you wait per head: fit + eval + writing its folder (plots, predictions.csv, "
+        "errors.png)",
+        "total_seconds": "total s: the two-stage cost of that head: the feature file's extraction"
+        + ("" if extract_seconds is None else f" ({extract_seconds:.1f} s, run once for every head)")
+        + " + head s"
+        + ("; the baseline's: its training" if any(r.get("head") == "baseline" for r in rows) else ""),
+    }
+    return "\n".join(f"- {said[key]}" for _, key, _ in columns if key in said)
 
 
 def compare(
@@ -95,7 +118,7 @@ def compare(
     features = Path(features)
     meta = read_meta(features)
     base = with_layer(base, meta, features=features)
-    root = Path(out) if out else default_compare_root(features, layer=base.layer)
+    root = Path(out) if out else default_compare_root(features, layer=base.layer, sweep=base.sweep)
     heads = usable_heads(heads, meta)
     task = TASKS[resolve_task(base.task, meta)]
     configs = {name: with_task(replace(base, head=name), meta) for name in heads}  # refused before any training
@@ -122,8 +145,8 @@ def compare(
         if hint:  # said once, under the table, beside the first head it is about
             next(r for r in rows if r["head"] in ("linear", "mlp")).setdefault("notes", []).append(hint)
         extract_seconds = fs.meta.extract_seconds
-        for row in rows:  # the two-stage cost of each head: the one extraction + its own fit
-            row["total_seconds"] = None if extract_seconds is None else extract_seconds + row["fit_seconds"]
+        for row in rows:  # the two-stage cost of each head: the one extraction + all the head cost
+            row["total_seconds"] = None if extract_seconds is None else extract_seconds + row["head_seconds"]
         if scratch is not None:
             rows.append(scratch)
         result = {**describe(fs), "extract_seconds": extract_seconds, "rows": rows, "best": best["head"]}
@@ -134,7 +157,9 @@ def compare(
             result["imbalance"] = skew | {"line": thresholds.imbalance_line(skew)}
         try:
             write_json(root / "compare.json", result)
-            write_text(root / "compare.md", header(fs) + compare_table(rows) + "\n")
+            took = f"compare took {result['compare_seconds']:.1f} s in all"
+            table_md = compare_table(rows, extract_seconds=extract_seconds)
+            write_text(root / "compare.md", f"{header(fs)}{table_md}\n\n{took}\n")
             plots.compare_png(rows, root / "compare.png", title=f"heads on val: {features_label(fs)}", bars=task.bars)
             write_compare_report(root, result)  # last: the page shows the files above
         except OSError as e:
@@ -191,7 +216,7 @@ def layers_report(result: dict[str, Any]) -> str:
     rows = result["layers"]
     parts = [_rows_table(LAYER_COLUMNS, rows)]
     for row in rows:
-        heads = compare_table(result["runs"][row["layer"]]["rows"])
+        heads = _rows_table(*_columns_of(result["runs"][row["layer"]]["rows"]))
         parts.append(f"{row['shown']}, {row['feature_dim']}-d, per head:\n\n{heads}")
     return "\n\n".join(parts)
 
@@ -266,7 +291,7 @@ def compare_shots(
     features = Path(features)
     meta = read_meta(features)
     base = with_layer(base, meta, features=features)
-    root = Path(out) if out else default_compare_root(features, layer=base.layer)
+    root = Path(out) if out else default_compare_root(features, layer=base.layer, sweep=base.sweep)
     heads = usable_heads(heads, meta)
     labels = [_shot_label(s) for s in shots]
     settings = {"heads": {name: run_settings(replace(base, head=name)) for name in heads}, "shots": labels}
@@ -276,7 +301,7 @@ def compare_shots(
         check_replace(root / "shots.json", settings=settings, fingerprint=meta.fingerprint, what=what, force=force)
         fs = read_features(features, layer=base.layer)
         scores: dict[str, dict[str, float]] = {name: {} for name in heads}
-        runs = []
+        runs, skipped = [], []
         for name in heads:
             for k, label in zip(shots, labels):
                 _, metrics, _ = fit_and_evaluate(fs, replace(base, head=name, shots=k))
@@ -284,6 +309,11 @@ def compare_shots(
                 keep = ("val_accuracy", "balanced_accuracy", "worst_class_recall", "n_train_used", "fit_seconds")
                 runs.append({"head": name, "shots": label, **{key: getattr(metrics, key) for key in keep}})
                 runs[-1] |= {"shots_short": metrics.shots_short or {}, "notes": report_notes(metrics)}
+                if metrics.sweep and "skipped" in metrics.sweep:
+                    skipped.append(f"{name} at {label}")
+        if skipped:  # one line, not one per head and number of shots
+            log.warning("--sweep skipped where too few examples per class were left to hold some out (%s): those "
+                        "runs used the heads' own settings", ", ".join(skipped))  # fmt: skip
         result = {**describe(fs), "settings": settings, "seed": base.seed, "shots": labels, "val_accuracy": scores}
         result["runs"] = runs
         try:

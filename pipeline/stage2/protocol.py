@@ -18,7 +18,7 @@ import numpy as np
 
 from pipeline.errors import PipelineError
 from pipeline.stage2 import thresholds
-from pipeline.stage2.choice import guard, with_own_point
+from pipeline.stage2.choice import check_refit, guard, with_own_point
 from pipeline.stage2.heads import HeadConfig, build_head
 from pipeline.stage2.heads.base import warn_if_tiny
 from pipeline.store import FeatureSet, SplitFeatures
@@ -108,7 +108,8 @@ def sweep(head: Head, X: np.ndarray, y: np.ndarray, *, task: Task) -> tuple[Head
         return cfg, {"grid": [], "note": f"{cfg.head} has no hyper-parameter to choose"}
     fit, held, too_few = task.holdout(y, fraction=HELD_OUT_FRACTION, seed=cfg.seed)
     if too_few:
-        log.warning("--sweep skipped for %s: %s to hold some out", cfg.head, too_few)
+        # under --shots the few-shot comparison says it once for all its runs (compare_shots)
+        (log.info if cfg.shots else log.warning)("--sweep skipped for %s: %s to hold some out", cfg.head, too_few)
         return cfg, {"grid": grid, "skipped": f"{too_few} to hold some out"}
     t0 = time.perf_counter()
     grid, own = with_own_point(head, grid)  # the defaults are a point of every grid
@@ -168,7 +169,9 @@ class Fitted:
 
 def fit(cfg: HeadConfig, X: Any, y: np.ndarray, *, val: tuple[Any, np.ndarray], dims: dict[str, int],
         task: Task) -> Fitted:  # fmt: skip
-    """The one fit of every task: the --sweep's choice (held-out train) if asked, then the head on all of ``X``."""
+    """The one fit of every task: the --sweep's choice (held-out train) if asked, then the head on all of ``X``
+    (after a sweep, checked against the same settings fitted on the part the choice was scored from:
+    :func:`~pipeline.stage2.choice.check_refit`)."""
     t0 = time.perf_counter()
     sweep_record = None
     if cfg.sweep:
@@ -177,4 +180,8 @@ def fit(cfg: HeadConfig, X: Any, y: np.ndarray, *, val: tuple[Any, np.ndarray], 
     if head.spec.uses("standardize") and not cfg.standardize:
         warn_if_tiny(X, cfg)
     result = head.fit(X, y, val=val)
+    if sweep_record is not None and "chosen" in sweep_record:  # the refit is checked against the held-out choice
+        rows, _, _ = task.holdout(y, fraction=HELD_OUT_FRACTION, seed=cfg.seed)
+        head, result, checked = check_refit(head, result, X, y, rows=rows, val=val)
+        sweep_record = {**sweep_record, **checked}
     return Fitted(head, result, cfg, sweep_record, time.perf_counter() - t0, X, y, dims)

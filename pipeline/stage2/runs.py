@@ -23,10 +23,11 @@ def default_head_root(features: Path, *, layer: str | None = None) -> Path:
     return root / layer if layer else root
 
 
-def default_compare_root(features: Path, *, layer: str | None = None) -> Path:
+def default_compare_root(features: Path, *, layer: str | None = None, sweep: bool = False) -> Path:
     """Where ``compare`` puts its run by default: its own folder, so that it never replaces a head that
-    ``train-head`` trained (with other settings, say ``--class-weight balanced``) beside it."""
-    return default_head_root(features, layer=layer) / "compare"
+    ``train-head`` trained (with other settings, say ``--class-weight balanced``) beside it; ``compare --sweep`` in
+    ``compare-sweep/`` beside it, so trying the sweep after a plain compare keeps both and needs no ``--force``."""
+    return default_head_root(features, layer=layer) / ("compare-sweep" if sweep else "compare")
 
 
 def with_layer(cfg: HeadConfig, meta: FeatureMeta, *, features: Path) -> HeadConfig:

@@ -8,14 +8,14 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from pipeline.stage2.heads.base import balanced_weights
+from pipeline.stage2.heads.base import Score, balanced_weights
 from pipeline.stage2.heads.config import HeadConfig
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,6 @@ class Adam:
     def __init__(self, groups: list[dict[str, Any]], *, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
         self.groups = [{**g, "params": list(g["params"])} for g in groups]
         self.betas, self.eps, self.steps = betas, eps, 0
-        self.scale = 1.0  # every group's lr is multiplied by this (the schedule of train_epochs sets it each step)
         # Moments made up front, so that a step is one kernel call per group and no Python bookkeeping: at a few
         # microseconds per kernel, the bookkeeping was most of the optimizer's time on a small head.
         for g in self.groups:
@@ -94,7 +93,7 @@ class Adam:
                 params, given, m, v = ([t[i] for i in keep] for t in (params, given, m, v))
             if not params:
                 continue
-            lr, wd = float(g["lr"]) * self.scale, float(g["weight_decay"])
+            lr, wd = float(g["lr"]), float(g["weight_decay"])
             if self.FUSED:
                 torch._fused_adam_(
                     params, given, m, v, [], [self.step_tensor] * len(params), lr=lr, beta1=b1, beta2=b2,
@@ -151,18 +150,6 @@ class TorchData:
 Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-DECAY_SHARE = 1 / 3  # the last third of the steps anneals the learning rate
-
-
-def lr_factor(t: int, total: int) -> float:
-    """The learning-rate factor of step ``t`` of ``total`` (0-based): 1 for the first two thirds, then down a half
-    cosine to ~0 at the last step. Measured on real MobileNetV2 features of digits (1,438 and 5,000 train
-    images), a cosine over all the steps cost the defaults 1.5-4 points of val accuracy (a lower mean rate: these
-    heads are still learning at 15 epochs); this one 0.3-1.4, and it still ends small."""
-    start = total * (1 - DECAY_SHARE)
-    return 1.0 if t < start else 0.5 * (1.0 + math.cos(math.pi * (t - start) / (total - start)))
-
-
 @torch.no_grad()
 def train_epochs(
     data: TorchData,
@@ -172,6 +159,7 @@ def train_epochs(
     step: Step,
     evaluate: Callable[[torch.Tensor], torch.Tensor],
     opt: Adam,
+    watch: Callable[[torch.Tensor], None] | None = None,
 ) -> list[list[dict[str, float]]]:
     """The mini-batch loop of the analytic-gradient heads, with nothing waiting on the device until the end of
     the epoch. Tested against the same loop written with autograd and ``torch.optim.Adam`` (tests/test_heads.py).
@@ -182,9 +170,15 @@ def train_epochs(
     (G * C, N)) so that train loss and accuracy are computed once per epoch from the same pre-update logits a
     per-step tally would see.
 
-    The learning rate of ``opt`` follows :func:`lr_factor`: a constant rate left the last epochs
-    bouncing (on 5,000 real train images a sweep's lr 3e-3 ended an epoch 5 points below the defaults); a rate
-    that ends near 0 settles into the minimum it has reached, so the last epoch, which is kept, is a good one.
+    ``watch``, when given, is handed each epoch's (G, N, C) outputs on ``data.val``: what a sweep scores every
+    epoch of every grid member by (see :func:`epoch_scores`).
+
+    The learning rate is constant, so the first E epochs of a longer run are exactly a run of E epochs (the same
+    seeded shuffles, the same updates): a sweep can score every epoch count in one run, and the refit with the
+    chosen count is the model it scored. Why not a schedule that ends small: measured on real MobileNetV2 features
+    (the demo digits and 5,000 of the 32 px bench digits), annealing over the last third cost the defaults 0.3-1.4
+    points (these heads still learn at 15 epochs), over the last tenth 0.1-0.3; choosing the epoch count on held-out
+    train costs the defaults nothing (their run is unchanged) and skips a last epoch that dropped.
     """
     dev, n, B, C = data.X.device, len(data.X), cfg.batch_size, data.classes
     row_weight = data.weight[data.y] if data.weight is not None else torch.ones(n, device=dev)
@@ -194,7 +188,6 @@ def train_epochs(
     xb = torch.empty(min(B, n), data.X.shape[1], device=dev)
     gen = torch.Generator(device=dev).manual_seed(cfg.seed)  # shuffled where the rows are: no copy per epoch
     histories: list[list[dict[str, float]]] = [[] for _ in range(groups)]
-    total, t = cfg.epochs * len(batch_size), 0
     for epoch in range(1, cfg.epochs + 1):
         perm = torch.randperm(n, generator=gen, device=dev)
         y, w = data.y[perm], row_weight[perm]
@@ -204,18 +197,20 @@ def train_epochs(
         batches = zip(perm.split(B), share.split(B), target.split(B, 1), logits.split(B, 1))  # views, made at once
         for idx, share_b, target_b, out in batches:
             x = torch.index_select(data.X, 0, idx, out=xb[: len(idx)])  # faster than X[idx]
-            opt.scale, t = lr_factor(t, total), t + 1
             step(x, share_b, target_b, out)
         logits3 = logits.view(groups, C, n)
+        val_out = evaluate(data.val[0]) if data.val is not None else None  # (G, N_val, C)
+        if watch is not None and val_out is not None:
+            watch(val_out)
         if data.multilabel:
             stats = _multilabel_stats(logits3, y)
-            if data.val is not None:
-                stats += _multilabel_stats(evaluate(data.val[0]).transpose(1, 2), data.val[1])
+            if val_out is not None:
+                stats += _multilabel_stats(val_out.transpose(1, 2), data.val[1])
             keys: tuple[str, ...] = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
         elif data.regress:
             stats = _regression_stats(logits3, y)
-            if data.val is not None:
-                stats += _regression_stats(evaluate(data.val[0]).transpose(1, 2), data.val[1])
+            if val_out is not None:
+                stats += _regression_stats(val_out.transpose(1, 2), data.val[1])
             keys = ("train_loss", "train_r2", "val_loss", "val_r2")
         else:
             nll = -torch.log_softmax(logits3, 1).gather(1, y[None, None].expand(groups, 1, n))[:, 0]  # (G, n)
@@ -223,11 +218,10 @@ def train_epochs(
                 (nll * share * batch_size[batch_of]).sum(1) / n,  # mean over batches of each batch's loss
                 (logits3.transpose(1, 2).contiguous().argmax(2) == y).float().mean(1),  # 4x faster than argmax(1)
             ]
-            if data.val is not None:
-                val_logits = evaluate(data.val[0])
+            if val_out is not None:
                 stats += [
-                    _grid_loss(val_logits, data.val[1], data.weight),
-                    (val_logits.argmax(2) == data.val[1]).float().mean(1),
+                    _grid_loss(val_out, data.val[1], data.weight),
+                    (val_out.argmax(2) == data.val[1]).float().mean(1),
                 ]
             keys = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
         values = torch.stack(stats).tolist()  # the epoch's one wait on the device
@@ -236,6 +230,48 @@ def train_epochs(
             history.append({"epoch": epoch, **{k: float(v[g]) for k, v in zip(keys, values)}})
         log.debug("epoch %d %s", epoch, histories[0][-1])
     return histories
+
+
+def with_epochs(points: list[dict[str, float]], epochs: int) -> list[dict[str, Any]]:
+    """A sweep grid of ``points`` x every epoch count 1 .. ``epochs`` (epochs innermost): one run per point scores
+    them all (see :func:`train_epochs`)."""
+    return [{**point, "epochs": e} for point in points for e in range(1, epochs + 1)]
+
+
+def grid_runs(grid: list[dict[str, Any]], *, epochs: int) -> tuple[list[dict[str, Any]], int]:
+    """The distinct settings of ``grid`` other than ``epochs``, in order (one training run each), and the most
+    epochs a point asks for (``epochs`` where points do not name it)."""
+    runs: list[dict[str, Any]] = []
+    for point in grid:
+        run = {k: v for k, v in point.items() if k != "epochs"}
+        if run not in runs:
+            runs.append(run)
+    return runs, max(int(point.get("epochs", epochs)) for point in grid)
+
+
+@dataclass
+class EpochScores:
+    """The held-out score of every run after every epoch (a ``watch`` of :func:`train_epochs`). ``targets``: the
+    (mean, std) regression outputs were standardised by, undone before scoring."""
+
+    y: np.ndarray
+    score: Score
+    targets: tuple[np.ndarray, np.ndarray] | None = None
+    rows: list[list[float]] = field(default_factory=list)  # [epoch][run]
+
+    def __call__(self, out: torch.Tensor) -> None:
+        z = out.float().cpu().numpy()
+        if self.targets is not None:
+            z = z * self.targets[1] + self.targets[0]
+        self.rows.append([self.score(self.y, z_run) for z_run in z])
+
+    def of(self, grid: list[dict[str, Any]], runs: list[dict[str, Any]], *, epochs: int) -> list[float]:
+        """Each grid point's score: its run's, after its epoch count."""
+
+        def run_of(point: dict[str, Any]) -> int:
+            return runs.index({k: v for k, v in point.items() if k != "epochs"})
+
+        return [self.rows[int(p.get("epochs", epochs)) - 1][run_of(p)] for p in grid]
 
 
 def _softmax_grad(z: torch.Tensor, groups: int, share: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -280,7 +316,13 @@ def _regression_stats(pred: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]
 
 
 def train_linear_grid(
-    model: LinearGrid, data: TorchData, *, lr: list[float], weight_decay: list[float], cfg: HeadConfig
+    model: LinearGrid,
+    data: TorchData,
+    *,
+    lr: list[float],
+    weight_decay: list[float],
+    cfg: HeadConfig,
+    watch: Callable[[torch.Tensor], None] | None = None,
 ) -> list[list[dict[str, float]]]:
     """Mini-batch Adam for every member of ``model`` at once, without autograd; per-member histories.
 
@@ -306,10 +348,16 @@ def train_linear_grid(
         opt.step(grads)
         return z
 
-    return train_epochs(data, groups=G, cfg=cfg, step=step, evaluate=model, opt=opt)
+    return train_epochs(data, groups=G, cfg=cfg, step=step, evaluate=model, opt=opt, watch=watch)
 
 
-def train_mlp(module: nn.Sequential, data: TorchData, *, cfg: HeadConfig) -> list[list[dict[str, float]]]:
+def train_mlp(
+    module: nn.Sequential,
+    data: TorchData,
+    *,
+    cfg: HeadConfig,
+    watch: Callable[[torch.Tensor], None] | None = None,
+) -> list[list[dict[str, float]]]:
     """Mini-batch Adam for ``Linear -> ReLU -> Dropout -> Linear`` with the backward pass written out, like
     :func:`train_linear_grid`: autograd, ``bernoulli_`` dropout masks and one Adam update per parameter cost
     2-3 ms a step on this CPU, 4x the matmuls themselves. Same loss, update and history as the autograd loop.
@@ -347,7 +395,7 @@ def train_mlp(module: nn.Sequential, data: TorchData, *, cfg: HeadConfig) -> lis
     def evaluate(X: torch.Tensor) -> torch.Tensor:
         return torch.addmm(b2, torch.addmm(b1, X, w1.t()).relu_(), w2.t())[None]
 
-    histories = train_epochs(data, groups=1, cfg=cfg, step=step, evaluate=evaluate, opt=opt)
+    histories = train_epochs(data, groups=1, cfg=cfg, step=step, evaluate=evaluate, opt=opt, watch=watch)
     with torch.no_grad():
         for t, v in zip(params, flat.split(sizes)):
             t.copy_(v.view_as(t))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -13,10 +14,20 @@ from pipeline.errors import PipelineError
 from pipeline.stage2.heads.base import (
     FitResult,
     Head,
+    Score,
     prepare_scaled,
 )
 from pipeline.stage2.heads.config import HeadConfig
-from pipeline.stage2.heads.fitting import TorchData, fitting_threads, ran_with, scaled_for_device, train_mlp
+from pipeline.stage2.heads.fitting import (
+    EpochScores,
+    TorchData,
+    fitting_threads,
+    grid_runs,
+    ran_with,
+    scaled_for_device,
+    train_mlp,
+    with_epochs,
+)
 
 
 class MLPHead(Head):
@@ -33,22 +44,50 @@ class MLPHead(Head):
         )
 
     def fit(self, X: np.ndarray, y: np.ndarray, *, val: tuple[np.ndarray, np.ndarray] | None = None) -> FitResult:
+        return self._fit(X, y, val=val)[0]
+
+    def _fit(
+        self, X: np.ndarray, y: np.ndarray, *, val: Any = None, score: Score | None = None
+    ) -> tuple[FitResult, Any]:
+        """The fit; with ``score``, ``val`` scored after every epoch (:class:`EpochScores`, a sweep's held-out rows)."""
         device = resolve_device(self.cfg.device)
         cfg, _ = scaled_for_device(self.cfg, n=len(y), device=device)
+        raw_val_y = None if val is None else val[1]
         X, y, val, scalings = prepare_scaled(X, y, val, cfg=cfg)
+        watch = None if score is None else EpochScores(raw_val_y, score, scalings.targets)
         data = TorchData.build(X, y, val=val, cfg=cfg, num_classes=self.num_classes, device=device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)  # init and dropout masks
             self.module = self._module().to(device)
             with fitting_threads(device):
-                histories = train_mlp(self.module, data, cfg=cfg)
+                histories = train_mlp(self.module, data, cfg=cfg, watch=watch)
         self.module = self.module.cpu().eval()
         scalings.fold(self.module[0], self.module[3])
-        return FitResult(history=histories[0], info=ran_with(self.cfg, device=device, n=len(y)))
+        return FitResult(history=histories[0], info=ran_with(self.cfg, device=device, n=len(y))), watch
 
     @classmethod
     def sweep_grid(cls, cfg: HeadConfig) -> list[dict[str, float]]:
-        return [{"lr": lr, "weight_decay": wd} for lr in (3e-4, 1e-3, 3e-3) for wd in (0.0, 1e-3)]
+        points = [{"lr": lr, "weight_decay": wd} for lr in (3e-4, 1e-3, 3e-3) for wd in (0.0, 1e-3)]
+        return with_epochs(points, cfg.epochs)  # every epoch count up to --epochs: one run per point scores them
+
+    def sweep_scores(
+        self,
+        X: np.ndarray,
+        y: np.ndarray,
+        held_out: tuple[np.ndarray, np.ndarray],
+        *,
+        grid: list[dict[str, float]],
+        score: Score,
+    ) -> list[float]:
+        """One run per setting, for the most epochs any point asks, scored on ``held_out`` after every epoch."""
+        runs, epochs = grid_runs(grid, epochs=self.cfg.epochs)
+        per_run = []
+        for run in runs:
+            head = type(self)(replace(self.cfg, **run, epochs=epochs), num_classes=self.num_classes,
+                              feature_dim=self.feature_dim)  # fmt: skip
+            per_run.append(head._fit(X, y, val=held_out, score=score)[1].rows)
+        watch = EpochScores(held_out[1], score, rows=[[r[e][0] for r in per_run] for e in range(epochs)])
+        return watch.of(grid, runs, epochs=self.cfg.epochs)
 
     @torch.no_grad()
     def logits(self, X: np.ndarray) -> np.ndarray:

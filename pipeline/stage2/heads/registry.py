@@ -68,7 +68,7 @@ HEADS: dict[str, HeadSpec] = {
             "The reference recipe: nn.Linear(D, C), cross-entropy, Adam, mini-batches over the in-memory matrix",
             knobs=GRADIENT, reads=PROTOCOL_SETTINGS, tasks=("classify", "regress", "multilabel"),
             in_all=("classify", "regress", "multilabel"),
-            advice="try fewer --epochs or a --weight-decay", sweeps="lr and weight decay",
+            advice="try fewer --epochs or a --weight-decay", sweeps="lr, weight decay and epochs",
         ),
         HeadSpec(
             "logreg", "pipeline.stage2.heads.logreg:LogRegHead",
@@ -82,7 +82,7 @@ HEADS: dict[str, HeadSpec] = {
             knobs=(*GRADIENT, MLPKnobs), reads=PROTOCOL_SETTINGS, tasks=("classify", "regress", "multilabel"),
             in_all=("classify", "regress", "multilabel"),
             advice="try fewer --epochs, a --weight-decay or a higher --dropout",
-            sweeps="lr and weight decay",
+            sweeps="lr, weight decay and epochs",
         ),
         HeadSpec(
             "knn", "pipeline.stage2.heads.knn:KNNHead",
