@@ -5,6 +5,7 @@ scikit-learn, and labels that train has on every row or on none."""
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,3 +149,16 @@ def test_labels_on_every_row_or_none(name: str) -> None:
         with pytest.raises(PipelineError, match="some train images have and some lack") as e:
             head.fit(X, Y)
         assert "\n" not in str(e.value)
+
+
+def test_mosaics_rewritten_the_same_keep_their_files(tmp_path: Path) -> None:
+    """``python -m pipeline.bench.mosaics`` run again leaves unchanged files alone, so extract reuses its features
+    (their identity covers the files' times); another seed rewrites them."""
+    from pipeline.bench.mosaics import write_mosaics
+
+    first = write_mosaics(tmp_path, n=6)
+    labels = (tmp_path / "labels.csv").read_text()
+    times = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    assert write_mosaics(tmp_path, n=6) == first
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == times
+    assert write_mosaics(tmp_path, n=6, seed=1) != first and (tmp_path / "labels.csv").read_text() != labels

@@ -13,6 +13,7 @@ mAP of a constant score, each label's frequency, beside it as the chance level),
 from __future__ import annotations
 
 import argparse
+import io
 import json
 from pathlib import Path
 
@@ -35,10 +36,16 @@ def write_mosaics(root: Path, *, n: int, seed: int = 0, digits: Path = DIGITS) -
         ds = rng.integers(0, 10, 4)
         tiles = [np.asarray(Image.open(files[d][rng.integers(len(files[d]))]).convert("L")) for d in ds]
         name = f"m{k:04d}.png"
-        Image.fromarray(np.block([[tiles[0], tiles[1]], [tiles[2], tiles[3]]])).save(root / name)
+        png = io.BytesIO()
+        Image.fromarray(np.block([[tiles[0], tiles[1]], [tiles[2], tiles[3]]])).save(png, format="PNG")
+        path = root / name
+        if not path.is_file() or path.read_bytes() != png.getvalue():  # an unchanged file keeps its time: reuse
+            path.write_bytes(png.getvalue())
         truth[name] = {str(d) for d in ds}
         lines.append(f"{name},{';'.join(sorted(truth[name]))}")
-    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    text = "\n".join(lines) + "\n"
+    if not (root / "labels.csv").is_file() or (root / "labels.csv").read_text() != text:
+        (root / "labels.csv").write_text(text)
     return truth
 
 
