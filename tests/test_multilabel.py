@@ -189,7 +189,7 @@ def test_every_multi_label_head_trains_exports_and_predicts_its_decisions(mosaic
     tmp, path, truth = mosaic_features
     fs = read_features(path)
     heads = [name for name, spec in HEADS.items() if "multilabel" in spec.tasks]
-    assert {"linear", "mlp", "knn"} <= set(heads)
+    assert {"linear", "mlp", "knn", "logreg", "centroid"} <= set(heads)
     val_paths = [str(tmp / "mos" / Path(i).name) for i in fs.val.ids]
     for head in heads:
         out = tmp / "heads" / head
@@ -239,7 +239,8 @@ def test_compare_ranks_multi_label_heads_by_val_map(mosaic_features, capsys) -> 
     assert code == 0, err
     rows = json.loads((tmp / "cmp/compare.json").read_text())["rows"]
     maps = [r["val_map"] for r in rows]
-    assert maps == sorted(maps, reverse=True) and {r["head"] for r in rows} >= {"linear", "mlp", "knn"}
+    assert maps == sorted(maps, reverse=True)
+    assert {r["head"] for r in rows} >= {"linear", "mlp", "knn", "logreg", "centroid"}
     assert "val mAP" in out
 
 
@@ -248,7 +249,10 @@ def test_multi_label_refusals_are_one_line(mosaic_features, capsys) -> None:
     csv_path = tmp / "mos/labels.csv"
     code, _, err = run(["baseline", "--dataset", str(csv_path), "--out", str(tmp / "b")], capsys)
     assert_one_line_error(code, err, "several labels per image", "baseline")
-    code, _, err = run(["train-head", "--features", str(path), "--head", "centroid", "--out", str(tmp / "c")], capsys)
-    assert_one_line_error(code, err, "does not learn several labels per image", "linear")
+    code, _, err = run(["train-head", "--features", str(path), "--head", "ridge", "--out", str(tmp / "c")], capsys)
+    assert_one_line_error(code, err, "does not learn several labels per image", "linear", "logreg", "centroid")
+    code, _, err = run(["train-head", "--features", str(path), "--head", "logreg", "--class-weight", "balanced",
+                        "--out", str(tmp / "w")], capsys)  # fmt: skip
+    assert_one_line_error(code, err, "--class-weight balanced", "several labels per image")
     code, _, err = run(["train-head", "--features", str(path), "--task", "classify", "--out", str(tmp / "x")], capsys)
     assert_one_line_error(code, err, "several labels per image", "--task multilabel")

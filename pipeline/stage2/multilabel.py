@@ -179,3 +179,57 @@ def summarize_multilabel(
         **typed,
         details=extra,
     )
+
+
+def stratified_multilabel_holdout(y: np.ndarray, *, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, held-out) row indices of a multi-hot ``y`` (N, L), each label's positives split in proportion:
+    iterative stratification (Sechidis, Tsoumakas and Vlahavas 2011, as scikit-multilearn's
+    ``IterativeStratification``) for two parts. The rarest label still to place goes first; each of its rows goes to
+    the part that lacks most of that label (then the part that lacks most rows; then a seeded coin), and counts
+    against every label it carries. Each label with 2+ positives wants at least one in each part, and a repair pass
+    moves a row where the greedy pass left a part without one; the exception is a set of labels whose rows no two
+    parts can separate (three labels on three rows, each pair sharing one), where a label may stay on one side.
+    None held out when fewer than 5 rows."""
+    y = np.asarray(y).astype(bool)
+    n = len(y)
+    if n < 5:
+        return np.arange(n), np.arange(0)
+    rng = np.random.default_rng(seed)
+    n_held = max(1, round(fraction * n))
+    counts = y.sum(0).astype(np.float64)
+    held_want = np.where(counts >= 2, np.clip(np.round(fraction * counts), 1, counts - 1), fraction * counts)
+    want_rows = np.array([n - n_held, n_held], np.float64)  # part 0: fit, part 1: held out
+    want = np.stack([counts - held_want, held_want])  # (2, L)
+    part = np.full(n, -1)
+    left = y.copy()  # positives of rows not yet placed
+    remaining = counts.copy()  # per label, its positives not yet placed
+    while remaining.any():
+        label = int(np.argmin(np.where(remaining > 0, remaining, np.inf)))  # the rarest; the first of equals
+        for row in rng.permutation(np.flatnonzero(left[:, label])):
+            key = [(want[q, label], want_rows[q], rng.random()) for q in (0, 1)]
+            p = int(key[1] > key[0])
+            part[row], left[row] = p, False
+            want[p] -= y[row]
+            want_rows[p] -= 1
+            remaining -= y[row]
+    unlabelled = np.flatnonzero(part < 0)  # rows with no label: whichever part lacks rows
+    for row in rng.permutation(unlabelled):
+        p = int(want_rows[1] > want_rows[0])
+        part[row] = p
+        want_rows[p] -= 1
+    _repair(y, part, counts)
+    return np.flatnonzero(part == 0), np.flatnonzero(part == 1)
+
+
+def _repair(y: np.ndarray, part: np.ndarray, counts: np.ndarray) -> None:
+    """In place: for each label with 2+ positives and none in one part, move one of its rows there when that leaves
+    every label of the row with a positive in the part it leaves (if it had 2+ there)."""
+    for label in np.flatnonzero(counts >= 2):
+        for p in (0, 1):
+            if (y[:, label] & (part == p)).any():
+                continue
+            per_part = np.stack([(y & (part == q)[:, None]).sum(0) for q in (0, 1)])  # (2, L)
+            for row in np.flatnonzero(y[:, label] & (part == 1 - p)):
+                if (per_part[1 - p, y[row] & (counts >= 2)] >= 2).all():
+                    part[row] = p
+                    break

@@ -36,6 +36,7 @@ from pipeline.stage2.multilabel import (
     mean_average_precision,
     multilabel_metrics,
     sigmoid,
+    stratified_multilabel_holdout,
     summarize_multilabel,
 )
 from pipeline.stage2.protocol import (
@@ -73,9 +74,9 @@ class Task(ABC):
     - ``config_record(fs, metrics)``: what ``config.json`` adds (export reads it: e.g. the target names, or per-label
       thresholds), and ``refuse(option)`` for compare's options that do not apply.
 
-    :class:`MultiLabel` (issue 26) shows what a third task takes: a multi-hot ``truth``, a random holdout scored by
-    mAP, its record (:mod:`pipeline.stage2.multilabel`), per-label thresholds in ``config_record``, and an entry in
-    ``TASKS``; heads list it in their registry entry's ``tasks``.
+    :class:`MultiLabel` (issue 26) shows what a third task takes: a multi-hot ``truth``, a label-stratified holdout
+    scored by mAP, its record (:mod:`pipeline.stage2.multilabel`), per-label thresholds in ``config_record``, and an
+    entry in ``TASKS``; heads list it in their registry entry's ``tasks``.
     """
 
     name: ClassVar[str]
@@ -402,8 +403,9 @@ class Regress(Task):
 
 class MultiLabel(Task):
     """Several labels per image (``label_kind`` "multi"): a multi-hot truth, per-label sigmoid + binary
-    cross-entropy (linear, mlp), a random held-out part of train scored by mAP, each label's threshold chosen on it
-    (maximum F1) and recorded for export and predict."""
+    cross-entropy (linear, mlp, one-vs-rest logreg; knn's vote shares, centroid's Platt-scaled distances), an
+    iteratively stratified held-out part of train scored by mAP, each label's threshold chosen on it (maximum F1)
+    and recorded for export and predict."""
 
     name = "multilabel"
     score = "val_map"
@@ -425,6 +427,7 @@ class MultiLabel(Task):
         "shots": "--shots draws K examples per class",
         "positive": "--positive chooses one class's threshold (each label's is chosen on held-out train)",
         "baseline": "--baseline compares single-label classifiers",
+        "class_weight": "--class-weight balanced weights the classes of one label per image",
     }
 
     record = MultiLabelMetrics
@@ -435,6 +438,8 @@ class MultiLabel(Task):
             self.refuse("shots")
         if cfg.positive:
             self.refuse("positive")
+        if cfg.class_weight == "balanced" and HEADS[cfg.head].uses("class_weight"):
+            self.refuse("class_weight")
         return replace(cfg, task=self.name)
 
     def wrong_head(self, head: str) -> str:
@@ -451,9 +456,9 @@ class MultiLabel(Task):
         return fs.classes
 
     def holdout(self, y: np.ndarray, *, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, str | None]:
-        # Random, not iteratively stratified: a rare label may have no held-out positive (its AP is then left
-        # out of the held-out mAP, and its threshold stays 0.5).
-        fit, held = random_holdout(len(y), fraction=fraction, seed=seed)
+        # Iteratively stratified: each label with 2+ positives has one on both sides, so its held-out AP counts
+        # and its threshold is chosen (a random part left the rare labels out: 0.5 for their thresholds).
+        fit, held = stratified_multilabel_holdout(y, fraction=fraction, seed=seed)
         return fit, held, None if len(held) else "too few training rows"
 
     def held_out_score(self, y: np.ndarray, pred: np.ndarray) -> float:
@@ -482,7 +487,7 @@ class MultiLabel(Task):
             "head": cfg.head,
             "standardize": cfg.standardize if head.spec.uses("standardize") else "n/a",
             "n_train_used": len(Y),
-            "holdout": "random",
+            "holdout": "iteratively stratified by label",
             **fitted.fit.info,
             "sweep": fitted.sweep,
         }

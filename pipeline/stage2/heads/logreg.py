@@ -24,7 +24,7 @@ from pipeline.stage2.heads.base import (
 )
 from pipeline.stage2.heads.config import HeadConfig
 from pipeline.stage2.heads.fitting import fitting_threads
-from pipeline.stage2.heads.lbfgs import Problem, fit_path
+from pipeline.stage2.heads.lbfgs import OneVsRestProblem, Problem, fit_path
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,8 @@ class LogRegHead(Head):
     DTYPE = torch.float32  # float64 for the checks against scikit-learn (tests)
 
     def fit(self, X: np.ndarray, y: np.ndarray, *, val: tuple[np.ndarray, np.ndarray] | None = None) -> FitResult:
+        if self.cfg.task == "multilabel":
+            return self._fit_one_vs_rest(X, y)
         if self.cfg.solver == "sklearn":
             return self._fit_sklearn(X, y)
         device = resolve_device(self.cfg.device)
@@ -148,6 +150,8 @@ class LogRegHead(Head):
         logreg classifies only: the torch path scores held-out accuracy (the classify task's score) on the device."""
         if self.cfg.solver == "sklearn":
             return super().sweep_scores(X, y, held_out, grid=grid, score=score)
+        if self.cfg.task == "multilabel":
+            return self._sweep_one_vs_rest(X, y, held_out, grid=grid, score=score)
         device = resolve_device(self.cfg.device)
         Xd = torch.as_tensor(np.asarray(X), device=device).to(self.DTYPE)
         with fitting_threads(device):
@@ -189,3 +193,90 @@ class LogRegHead(Head):
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         self.weight, self.bias, self.mean, self.scale = (state[k] for k in ("weight", "bias", "mean", "scale"))
+
+    # ---- several labels per image: one-vs-rest, one L-BFGS over all labels (lbfgs.OneVsRestProblem)
+
+    def _fit_one_vs_rest(self, X: np.ndarray, Y: np.ndarray) -> FitResult:
+        if self.cfg.solver == "sklearn":
+            return self._fit_one_vs_rest_sklearn(X, Y)
+        device = resolve_device(self.cfg.device)
+        Xd = torch.as_tensor(np.asarray(X), device=device).to(self.DTYPE)
+        with fitting_threads(device):
+            problem, varying, (mean, scale) = one_vs_rest_problem(Xd, np.asarray(Y))
+            (sol,) = fit_path(problem, [1.0 / (self.cfg.C * len(Y))], max_iter=self.cfg.max_iter, tol=self.cfg.tol)
+        self._warn_unless(sol.converged)
+        theta = sol.theta.cpu().numpy()
+        self._set_labels(theta[:, :-1], theta[:, -1], mean.cpu().numpy(), scale.cpu().numpy(), Y=Y, varying=varying)
+        return FitResult(info={"converged": sol.converged, "n_iter": sol.n_iter, "solver": "torch"})
+
+    def _fit_one_vs_rest_sklearn(self, X: np.ndarray, Y: np.ndarray) -> FitResult:
+        """The reference: scikit-learn's binary ``LogisticRegression`` once per label (what ``OneVsRestClassifier``
+        does), on the same standardised features."""
+        from sklearn.linear_model import LogisticRegression
+        from threadpoolctl import threadpool_limits
+
+        Y = np.asarray(Y)
+        varying = _varying_labels(Y)
+        mean, scale = (t.numpy() for t in standardise(torch.as_tensor(np.asarray(X, np.float32))))
+        Z = (np.asarray(X, np.float32) - mean) / scale
+        coef, intercept, iters = [], [], []
+        with threadpool_limits(limits=1):  # one thread: see _fit_sklearn
+            for j in varying:
+                clf = LogisticRegression(C=self.cfg.C, max_iter=self.cfg.max_iter, tol=self.cfg.tol,
+                                         random_state=self.cfg.seed).fit(Z, Y[:, j])  # fmt: skip
+                coef.append(clf.coef_[0])
+                intercept.append(clf.intercept_[0])
+                iters.append(int(clf.n_iter_[0]))
+        self._set_labels(np.array(coef), np.array(intercept), mean, scale, Y=Y, varying=varying)
+        converged = max(iters) < self.cfg.max_iter
+        self._warn_unless(converged)
+        return FitResult(info={"converged": converged, "n_iter": max(iters), "solver": "sklearn"})
+
+    def _set_labels(self, coef: Any, intercept: Any, mean: Any, scale: Any, *, Y: np.ndarray,
+                    varying: np.ndarray) -> None:  # fmt: skip
+        """As :meth:`_set`, then a label every train row has gets a very high logit (one no row has: very low)."""
+        self._set(coef, intercept, mean, scale, classes_seen=varying)
+        self.bias[np.asarray(Y).astype(bool).all(0)] = -ABSENT_LOGIT
+
+    def _sweep_one_vs_rest(
+        self, X: np.ndarray, Y: np.ndarray, held_out: tuple[np.ndarray, np.ndarray], *, grid: list[dict[str, float]],
+        score: Score,
+    ) -> list[float]:  # fmt: skip
+        """The grid along one regularisation path, as for classes; each point scored by ``score`` (held-out mAP)
+        on the logits of every label (a label constant in train at its constant logit)."""
+        device = resolve_device(self.cfg.device)
+        Xd = torch.as_tensor(np.asarray(X), device=device).to(self.DTYPE)
+        constant = np.where(np.asarray(Y).astype(bool).all(0), -ABSENT_LOGIT, ABSENT_LOGIT).astype(np.float32)
+        scores, iters = [], 0
+        with fitting_threads(device):
+            problem, varying, (mean, scale) = one_vs_rest_problem(Xd, np.asarray(Y))
+            Zh = (torch.as_tensor(np.asarray(held_out[0]), device=device).to(self.DTYPE) - mean) / scale
+            lams = [1.0 / (p["C"] * len(Y)) for p in grid]
+            for sol in fit_path(problem, lams, max_iter=self.cfg.max_iter, tol=PATH_TOL_FACTOR * self.cfg.tol):
+                z = np.tile(constant, (len(Zh), 1))
+                z[:, varying] = torch.addmm(sol.theta[:, -1], Zh, sol.theta[:, :-1].t()).cpu().numpy()
+                scores.append(score(held_out[1], z))
+                iters += sol.n_iter
+        self.sweep_info = {"iterations": iters, "path_tol": PATH_TOL_FACTOR * self.cfg.tol, "solver": "torch"}
+        return scores
+
+
+def _varying_labels(Y: np.ndarray) -> np.ndarray:
+    """The labels train has both with and without (one-vs-rest fits only these); none is one line."""
+    Y = np.asarray(Y).astype(bool)
+    varying = np.flatnonzero(Y.any(0) & ~Y.all(0))
+    if not len(varying):
+        raise PipelineError("logreg needs a label that some train images have and some lack; every label here is "
+                            "on all train images or on none")  # fmt: skip
+    return varying
+
+
+def one_vs_rest_problem(
+    X: torch.Tensor, Y: np.ndarray
+) -> tuple[OneVsRestProblem, np.ndarray, tuple[torch.Tensor, torch.Tensor]]:
+    """The one-vs-rest L-BFGS problem on standardised ``X`` over the labels train has both with and without:
+    ``(problem, those labels, (mean, scale))``."""
+    varying = _varying_labels(Y)
+    mean, scale = standardise(X)
+    Yt = torch.as_tensor(np.asarray(Y)[:, varying], device=X.device)
+    return OneVsRestProblem.build_multi((X - mean) / scale, Yt), varying, (mean, scale)

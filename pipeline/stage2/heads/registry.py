@@ -74,6 +74,7 @@ HEADS: dict[str, HeadSpec] = {
             "logreg", "pipeline.stage2.heads.logreg:LogRegHead",
             "Multinomial logistic regression (scikit-learn's objective) on standardised features",
             knobs=(LogRegKnobs, ClassWeightKnobs), reads=PROTOCOL_SETTINGS,
+            tasks=("classify", "multilabel"), in_all=("classify", "multilabel"),
             advice="try a smaller --C (stronger L2)", sweeps="C",
         ),
         HeadSpec(
@@ -93,6 +94,7 @@ HEADS: dict[str, HeadSpec] = {
         ),
         HeadSpec(
             "centroid", "pipeline.stage2.heads.centroid:CentroidHead", "Nearest class mean (Euclidean)",
+            tasks=("classify", "multilabel"), in_all=("classify", "multilabel"),
             advice="a nearest class mean has nothing to tune; more training examples per class help",
         ),
         HeadSpec(
