@@ -182,3 +182,30 @@ def test_compile_measure_bookkeeping_on_cpu(tmp_path: Path, monkeypatch: pytest.
     assert out["eager"]["images"] == out["compiled"]["images"] == bench_gpu.QUICK.compile_images
     assert out["compiled"]["compile_seconds"] > 0 and out["eager"]["compile_seconds"] == 0
     assert out["constant_in_use"] > 0 and out["mode"]
+
+
+def test_heads_bench_compare_rows_time_each_head_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A head's row is the time the user waits for it (fit + evaluation + writing its folder), k-NN against its
+    target, with the three parts in the note."""
+    import subprocess
+    from types import SimpleNamespace
+
+    from pipeline.bench import heads
+
+    def fake_compare(cmd: list[str], **kwargs: object) -> SimpleNamespace:
+        out = Path(cmd[cmd.index("--out") + 1])
+        out.mkdir(parents=True)
+        rows = [
+            {"head": "logreg", "fit_seconds": 2.0, "eval_seconds": 0.5, "head_seconds": 3.0, "val_accuracy": 0.8},
+            {"head": "knn", "fit_seconds": 0.3, "eval_seconds": 4.0, "head_seconds": 5.5, "val_accuracy": 0.7},
+        ]
+        (out / "compare.json").write_text(json.dumps({"rows": rows, "best": "logreg"}))
+        return SimpleNamespace(returncode=0, stderr="")
+
+    monkeypatch.setattr(subprocess, "run", fake_compare)
+    rows = heads.compare_rows(tmp_path / "f.h5", tmp_path, label="x", device="cpu", gpu=False)
+    logreg, knn = rows[1], rows[2]
+    assert logreg["seconds"] == 3.0 and logreg["target_s"] is None
+    assert "fit 2.00 s, evaluation 0.50 s, writing 0.50 s" in logreg["note"]
+    assert knn["seconds"] == 5.5 and knn["target_s"] == heads.KNN_TARGET_S and knn["met"] is False
+    assert rows[0]["target_s"] == heads.COMPARE_TARGET_S

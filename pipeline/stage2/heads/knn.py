@@ -170,7 +170,7 @@ def nearest(
     low = (kth - 2 * coarse_error(q.shape[1]) - 2.0**-8).bfloat16()
     within = approx >= low
     del approx
-    if int(within.sum()) > (len(train) / RESCORE_COST if limit is None else limit) * len(q):
+    if int(torch.count_nonzero(within)) > (len(train) / RESCORE_COST if limit is None else limit) * len(q):
         return None
     qi, ti = torch.nonzero(within, as_tuple=True)  # row-major: grouped by query
     return _rescore(q, train, qi, ti, k=k)
