@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from pipeline.errors import PipelineError
 from pipeline.stage1.config import VERIFY_MODES, SourceOptions  # noqa: F401 (their home is torch-free config)
@@ -142,17 +142,29 @@ def load_image(path: Path) -> Image.Image:
     Large photos are fine up to :data:`MAX_PIXELS` (PIL's own warning at ~89 megapixels, which a 100 MP camera
     exceeds, is silenced); a larger one is refused from its header, before any pixel is decoded.
     """
+    check_regular(path)
+    return decode_image(path)
+
+
+def check_regular(path: Path) -> None:
+    """Raise ``ValueError`` with the one-word reason (``missing``, ``broken link``, ``not a regular file``...)
+    when ``path`` is not an image file to open."""
     kind = _not_regular(Path(path))
     if kind:
         raise ValueError(kind)
-    return decode_image(path)
 
 
 def decode_image(src: Path | io.BytesIO) -> Image.Image:
     """:func:`load_image` for a file or the bytes of one (a WebDataset member): the same checks, the same pixels."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with Image.open(src) as img:
+        try:
+            img = Image.open(src)
+        except UnidentifiedImageError:
+            if isinstance(src, io.BytesIO):  # PIL names the buffer object (``<_io.BytesIO object at 0x...>``)
+                raise UnidentifiedImageError("cannot identify image file") from None
+            raise
+        with img:
             check_pixels(*img.size)
             img.load()
             return to_rgb(img)
