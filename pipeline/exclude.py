@@ -140,3 +140,22 @@ def _from_list(spec: str, text: str) -> Exclusion:
         split, sep, rest = line.partition(":")
         pairs.add((split, rest) if sep and split in SPLITS else (ANY, line))
     return Exclusion(spec, frozenset(pairs), (("listed", len(pairs)),))
+
+
+def drop_excluded(fs: Any, exclusion: Exclusion) -> Any:
+    """A :class:`~pipeline.store.FeatureSet` without the rows ``exclusion`` names (every per-row column narrowed);
+    ids no split holds are refused in one line. Stage two's one use of it: ``runs.read_run_features``."""
+    from dataclasses import fields, replace
+
+    if fs.meta.activations:
+        raise PipelineError(
+            f"--exclude is not yet supported on a file with --cache-at activations ({fs.path}): extract it with "
+            "--exclude instead"
+        )
+    exclusion.check_known({name: split.ids for name, split in fs.splits.items()})
+    splits = {}
+    for name, split in fs.splits.items():
+        keep = exclusion.keep(name, split.ids)
+        rows = {f.name: getattr(split, f.name) for f in fields(split)}
+        splits[name] = replace(split, **{k: v[keep] for k, v in rows.items() if v is not None and len(v) == len(keep)})
+    return replace(fs, splits=splits)
