@@ -47,7 +47,7 @@ def test_digests_are_the_file_bytes_and_every_layout_agrees(layouts: dict[str, s
     folder and WebDataset shards: the same digest and hash for each image, the digest that of its file."""
     folder = _marks(_extract(tmp_path / "folder.h5", layouts["folder"], workers=2))
     root = Path(layouts["folder"])
-    for split, (ids, dig, ph) in folder.items():
+    for ids, dig, ph in folder.values():
         assert ids and all(len(d) == 64 for d in dig)
         for i, d, h in zip(ids, dig, ph):
             assert d == hashlib.sha256((root / i).read_bytes()).hexdigest()
@@ -123,6 +123,30 @@ def test_a_file_without_the_columns_is_still_read_and_reused(layouts, tmp_path: 
     monkeypatch.undo()
     again = extract(ExtractConfig(dataset=layouts["folder"], out=str(old), **TINY_EXTRACT))
     assert again.reused
+
+
+def test_a_partial_file_begun_without_the_columns_resumes_without_them(layouts, tmp_path: Path, monkeypatch) -> None:
+    kw = {"batch_size": 4}
+    whole = read_features(_extract(tmp_path / "whole.h5", layouts["folder"], **kw))
+    real, calls = ex.embed_batch, [0]
+
+    def stop_at_3(*a: object, **k: object) -> object:
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(ex, "output_columns", lambda backbone: {})  # what the code before the columns wrote
+    monkeypatch.setattr(ex, "source_settings", _without_marks(ex.source_settings))
+    monkeypatch.setattr(ex, "embed_batch", stop_at_3)
+    with pytest.raises(ExtractInterrupted):
+        _extract(tmp_path / "out.h5", layouts["folder"], **kw)
+    monkeypatch.undo()
+    result = extract(ExtractConfig(dataset=layouts["folder"], out=str(tmp_path / "out.h5"), **{**TINY_EXTRACT, **kw}))
+    assert result.resumed_from["train"] > 0
+    resumed = read_features(result.path)
+    assert resumed.train.digests is None and resumed.val.phash is None
+    np.testing.assert_array_equal(resumed.train.features, whole.train.features)
 
 
 def _without_marks(settings):  # noqa: ANN001, ANN202

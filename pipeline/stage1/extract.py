@@ -376,6 +376,7 @@ class FeatureSink:
                 for c in hosts:
                     outputs[c].record_stream(self._stream)
         host = marks_columns(marks) if rows and marks is not None else {}
+        host = {c: v for c, v in host.items() if c in self.writer.columns}  # a .tmp resumed without them has none
         self._jobs.put(_Job(split, slot, rows, event, host, labels, ids, seen, skipped))
 
     def _take_slot(self) -> int:
