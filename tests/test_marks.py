@@ -94,30 +94,47 @@ def test_a_jpeg_hashed_at_reduced_scale_in_gpu_decode_stays_near_the_full_decode
         assert max(bits) <= 3
 
 
-def test_a_resumed_extraction_has_the_columns_of_an_uninterrupted_one(layouts, tmp_path: Path, monkeypatch) -> None:
-    kw = {"batch_size": 4, "workers": 2}
-    whole = _marks(_extract(tmp_path / "whole.h5", layouts["folder"], **kw))
+def _interrupted_then_resumed(folder: str, out: Path, monkeypatch: pytest.MonkeyPatch, *, old_code: bool = False,
+                              **kw: object) -> Path:  # fmt: skip
+    """Extract into ``out``, stopped by a Ctrl-C on the third batch's forward (by the code before the audit columns
+    with ``old_code``), then rerun to resume; the finished file."""
+    if old_code:
+        _as_before_the_columns(monkeypatch)
     real, calls = ex.embed_batch, [0]
 
-    def stop_at_3(*a: object, **k: object) -> object:
+    def stop(*a: object, **k: object) -> object:
         calls[0] += 1
         if calls[0] == 3:
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(ex, "embed_batch", stop_at_3)
+    monkeypatch.setattr(ex, "embed_batch", stop)
     with pytest.raises(ExtractInterrupted):
-        _extract(tmp_path / "out.h5", layouts["folder"], **kw)
+        _extract(out, folder, **kw)
     monkeypatch.undo()
-    result = extract(ExtractConfig(dataset=layouts["folder"], out=str(tmp_path / "out.h5"), **{**TINY_EXTRACT, **kw}))
+    result = extract(ExtractConfig(dataset=folder, out=str(out), **{**TINY_EXTRACT, **kw}))
     assert result.resumed_from["train"] > 0
-    assert _marks(result.path) == whole
+    return result.path
+
+
+def _as_before_the_columns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Extraction as the code before the audit columns ran it: no columns, no marks computed."""
+    from dataclasses import replace
+
+    settings = ex.source_settings
+    monkeypatch.setattr(ex, "output_columns", lambda backbone: {})
+    monkeypatch.setattr(ex, "source_settings", lambda *a, **k: replace(settings(*a, **k), marks=False))
+
+
+def test_a_resumed_extraction_has_the_columns_of_an_uninterrupted_one(layouts, tmp_path: Path, monkeypatch) -> None:
+    kw = {"batch_size": 4, "workers": 2}
+    whole = _marks(_extract(tmp_path / "whole.h5", layouts["folder"], **kw))
+    assert _marks(_interrupted_then_resumed(layouts["folder"], tmp_path / "out.h5", monkeypatch, **kw)) == whole
 
 
 def test_a_file_without_the_columns_is_still_read_and_reused(layouts, tmp_path: Path, monkeypatch) -> None:
     """Files written before extraction filled the columns: read (digests None), and up to date (not re-extracted)."""
-    monkeypatch.setattr(ex, "output_columns", lambda backbone: {})
-    monkeypatch.setattr(ex, "source_settings", _without_marks(ex.source_settings))
+    _as_before_the_columns(monkeypatch)
     old = _extract(tmp_path / "old.h5", layouts["folder"])
     assert read_features(old).train.digests is None
     monkeypatch.undo()
@@ -126,33 +143,11 @@ def test_a_file_without_the_columns_is_still_read_and_reused(layouts, tmp_path: 
 
 
 def test_a_partial_file_begun_without_the_columns_resumes_without_them(layouts, tmp_path: Path, monkeypatch) -> None:
-    kw = {"batch_size": 4}
-    whole = read_features(_extract(tmp_path / "whole.h5", layouts["folder"], **kw))
-    real, calls = ex.embed_batch, [0]
-
-    def stop_at_3(*a: object, **k: object) -> object:
-        calls[0] += 1
-        if calls[0] == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(ex, "output_columns", lambda backbone: {})  # what the code before the columns wrote
-    monkeypatch.setattr(ex, "source_settings", _without_marks(ex.source_settings))
-    monkeypatch.setattr(ex, "embed_batch", stop_at_3)
-    with pytest.raises(ExtractInterrupted):
-        _extract(tmp_path / "out.h5", layouts["folder"], **kw)
-    monkeypatch.undo()
-    result = extract(ExtractConfig(dataset=layouts["folder"], out=str(tmp_path / "out.h5"), **{**TINY_EXTRACT, **kw}))
-    assert result.resumed_from["train"] > 0
-    resumed = read_features(result.path)
+    whole = read_features(_extract(tmp_path / "whole.h5", layouts["folder"], batch_size=4))
+    out = _interrupted_then_resumed(layouts["folder"], tmp_path / "out.h5", monkeypatch, old_code=True, batch_size=4)
+    resumed = read_features(out)
     assert resumed.train.digests is None and resumed.val.phash is None
     np.testing.assert_array_equal(resumed.train.features, whole.train.features)
-
-
-def _without_marks(settings):  # noqa: ANN001, ANN202
-    from dataclasses import replace
-
-    return lambda *a, **k: replace(settings(*a, **k), marks=False)
 
 
 # ------------------------------------------------------------------------------------------ --exclude
