@@ -25,7 +25,6 @@ of a full decode), so the decode on the device stays the only full one.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import io
 import logging
@@ -49,7 +48,7 @@ from pipeline.errors import PipelineError
 from pipeline.imagehash import hashes_of, perceptual_hash, perceptual_hash_of_bytes, thumbnail
 from pipeline.stage1.backbones import Preprocessing
 from pipeline.stage1.config import PREPROCESS_MODES
-from pipeline.stage1.datasets import Split, check_pixels, check_regular, decode_image
+from pipeline.stage1.datasets import Split, check_pixels, decode_image, read_image_file, read_regular_file
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +91,8 @@ def load_sample(split: Split, i: int) -> tuple[Any, Any]:
         img = split.load(i)
         return img, np.ascontiguousarray(np.asarray(img))
     if split.path is not None:
-        check_regular(split.path(i))  # load_image's one-word reasons first (missing, broken link, ...)
-    data = sample_bytes(split, i)
+        return read_image_file(split.path(i))  # what load_image reads: the same checks, the same pixels
+    data = split.read_bytes(i)
     return decode_image(io.BytesIO(data)), data
 
 
@@ -488,14 +487,24 @@ class ArraySource(BatchSource):
         return device.type == "cuda" and split.arrays is not None
 
     def batches(self, start: int) -> Iterator[Batch]:
-        arrays, step = self.split.arrays, self.settings.batch_size
-        to_device = HostToDevice(self.settings.device, slots=max(2, self.settings.prefetch))
-        for lo in range(start, len(self.split), step):
-            hi = min(lo + step, len(self.split))
-            # The marks first, on the host: the copy and the forward of the previous batch run on the device meanwhile.
-            marks = array_marks(arrays[lo:hi]) if self.settings.marks else None
-            x = to_device(arrays[lo:hi])
-            yield Batch(x.permute(0, 3, 1, 2) if x.ndim == 4 else x, list(range(lo, hi)), marks=marks)
+        s, arrays, n = self.settings, self.split.arrays, len(self.split)
+        to_device = HostToDevice(s.device, slots=max(2, s.prefetch))
+        bounds = [(lo, min(lo + s.batch_size, n)) for lo in range(start, n, s.batch_size)]
+        # The marks are hashed on host threads, ``prefetch`` batches ahead (PIL and numpy release the GIL): about
+        # 35 us an image at 32 px on one core, which would otherwise hold up the main thread feeding the device.
+        pool = ThreadPoolExecutor(max(1, s.workers), thread_name_prefix="marks") if s.marks else None
+        ahead: deque[Future[Marks]] = deque()
+        try:
+            for k, (lo, hi) in enumerate(bounds):
+                while pool is not None and len(ahead) < max(1, s.prefetch) and k + len(ahead) < len(bounds):
+                    a, b = bounds[k + len(ahead)]
+                    ahead.append(pool.submit(array_marks, arrays[a:b]))
+                marks = ahead.popleft().result() if pool is not None else None
+                x = to_device(arrays[lo:hi])
+                yield Batch(x.permute(0, 3, 1, 2) if x.ndim == 4 else x, list(range(lo, hi)), marks=marks)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ------------------------------------------------------------------------------------------ JPEGs decoded on the device
@@ -631,23 +640,6 @@ def sample_bytes(split: Split, i: int) -> bytes:
     """The encoded image of sample ``i``: its file's bytes (a regular file only), or its WebDataset member's
     (``split.read_bytes``)."""
     return split.read_bytes(i) if split.read_bytes is not None else read_regular_file(split.path(i))
-
-
-def read_regular_file(path: Any) -> bytes:
-    """The bytes of a regular file; anything else (a FIFO or device swapped in after the scan) is refused from the
-    open descriptor's ``fstat``. Opened non-blocking, so a FIFO cannot block the reading thread (a thread, unlike a
-    worker process, cannot be killed at exit)."""
-    import stat
-
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
-        os.set_blocking(fd, True)
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            return f.read()
-    finally:
-        os.close(fd)
 
 
 def _jpeg_size(data: bytes) -> tuple[int, int]:

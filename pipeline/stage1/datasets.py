@@ -6,6 +6,7 @@ Every source yields, per split, a deterministic sequence of samples with an id a
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import logging
@@ -142,8 +143,29 @@ def load_image(path: Path) -> Image.Image:
     Large photos are fine up to :data:`MAX_PIXELS` (PIL's own warning at ~89 megapixels, which a 100 MP camera
     exceeds, is silenced); a larger one is refused from its header, before any pixel is decoded.
     """
-    check_regular(path)
-    return decode_image(path)
+    return read_image_file(path)[0]
+
+
+def read_image_file(path: Path) -> tuple[Image.Image, bytes]:
+    """:func:`load_image`, with the file's bytes: read once, then decoded from memory (extract's content digest)."""
+    check_regular(path)  # the one-word reasons first (missing, broken link, not a regular file)
+    data = read_regular_file(path)
+    return decode_image(io.BytesIO(data)), data
+
+
+def read_regular_file(path: Any) -> bytes:
+    """The bytes of a regular file; anything else (a FIFO or device swapped in after the scan) is refused from the
+    open descriptor's ``fstat``. Opened non-blocking, so a FIFO cannot block the reading thread (a thread, unlike a
+    worker process, cannot be killed at exit)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
 
 
 def check_regular(path: Path) -> None:
