@@ -285,7 +285,9 @@ def train_head_cmd(features: str, out: str | None, force: bool, **opts: Any) -> 
     from pipeline.stage2.tasks import TASKS
     from pipeline.stage2.training import train_head
 
-    metrics = train_head(Path(features), _config(HeadConfig, opts), out=out, force=force)
+    cfg = _config(HeadConfig, opts)
+    _say_excluded(cfg.exclude)
+    metrics = train_head(Path(features), cfg, out=out, force=force)
     click.echo(format_report(metrics, title=f"{opts['head']} head on {features}"))
     pngs = "".join(f", {name}" for name in TASKS[metrics.task].figures(metrics))
     click.echo(f"\nwrote {metrics.out}/ (metrics.json, config.json, head.safetensors{pngs})")
@@ -348,6 +350,7 @@ def compare_cmd(
 
     names = parse_heads(heads, task=feature_task(Path(features[0]), opts["task"]))
     base = _config(HeadConfig, {"head": names[0], **opts})
+    _say_excluded(base.exclude)
     if len(features) > 1:
         _leaderboard(list(features), names=names, base=base, out=out, force=force, layers=layers,
                      others={"--shots": shots, "--baseline": baseline})  # fmt: skip
@@ -384,6 +387,14 @@ def compare_cmd(
         f"\n{best_line(result)}; wrote {result['out']}/ (report.html, compare.json, compare.md, compare.png and a "
         f"folder per head, each with predictions.csv and errors.png); {result['compare_seconds']:.1f} s in all"
     )
+
+
+def _say_excluded(spec: str | None) -> None:
+    """``excluding 23 images (20 leaks, 3 label issues) from audit.json``, before the run (stage two's --exclude)."""
+    if spec:
+        from pipeline.exclude import read_exclusion
+
+        click.echo(read_exclusion(spec).line())
 
 
 def _leaderboard(features: list[str], *, names: list[str], base: Any, out: str | None, force: bool,

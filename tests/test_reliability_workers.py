@@ -102,12 +102,12 @@ def test_shared_memory_exhausted_ends_the_run_in_one_line_keeping_rows(folder: P
 
 _KILL_A_WORKER = """
 import os, signal, pipeline.stage1.datasets as d
-main_pid, real = os.getpid(), d.load_image
+main_pid, real = os.getpid(), d.read_image_file
 def load(path):
     if os.getpid() != main_pid and path.name == "015.png" and path.parent.name == "dog":
         os.kill(os.getpid(), signal.SIGKILL)
     return real(path)
-d.load_image = load
+d.read_image_file = load
 """
 
 
@@ -193,12 +193,12 @@ def test_sigterm_with_a_worker_blocked_on_a_fifo_exits_within_5_s(tmp_path: Path
     os.mkfifo(fifo)
     patch = (
         "import os, pipeline.stage1.datasets as d\n"
-        "main_pid, real = os.getpid(), d.load_image\n"
+        "main_pid, real = os.getpid(), d.read_image_file\n"
         "def load(path):\n"
         "    if os.getpid() != main_pid and path.name == '015.png' and path.parent.name == 'dog':\n"
         f"        open({str(fifo)!r}, 'rb')  # blocks: nobody writes\n"
         "    return real(path)\n"
-        "d.load_image = load\n"
+        "d.read_image_file = load\n"
     )
     code = f"import sys\n{patch}\nfrom pipeline.cli import main\nmain(sys.argv[1:])\n"
     args = ["extract", "--dataset", str(folder), "--out", str(out), *SLOW_ARGS, "--skip-bad"]

@@ -171,6 +171,9 @@ def test_torchrun_two_ranks_over_shards_equal_one_process(layouts, tmp_path: Pat
     for name in ("train", "val"):
         assert list(a.splits[name].ids) == list(b.splits[name].ids)  # row for row, in one process's order
         np.testing.assert_array_equal(a.splits[name].labels, b.splits[name].labels)
+        # the audit columns travel with their rows through each rank's shard file and the merge
+        assert list(a.splits[name].digests) == list(b.splits[name].digests) and len(set(b.splits[name].digests)) > 1
+        np.testing.assert_array_equal(a.splits[name].phash, b.splits[name].phash)
         # ranks batch differently (shard-aligned cuts): oneDNN's kernels differ in the last bits by batch shape
         np.testing.assert_allclose(a.splits[name].features, b.splits[name].features, rtol=0, atol=1e-5)
 

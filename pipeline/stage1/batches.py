@@ -13,12 +13,19 @@ and its name goes into the fingerprint (the sources agree to rounding, not bit f
             Anything the decoder rejects (PNG, CMYK, corrupt files) goes through PIL for that file, as ``loader``.
 
 On CUDA, ``auto`` takes ``device`` for arrays and ``gpu-decode`` for folders; on the CPU it takes ``loader``.
+
+With ``SourceSettings.marks`` (extract sets it) every batch also carries each sample's content digest and perceptual
+hash (:class:`Marks`: the feature file's ``digests`` and ``phash`` columns, for the audit), computed where the pixels
+already are, once: ``loader`` in its workers, from the bytes each reads once and the image it decodes from them;
+``device`` on the host from the array rows, before they go to the device; ``gpu-decode`` in its reading threads,
+from the bytes read and a reduced-scale greyscale decode of each JPEG (``draft``: libjpeg's DCT scaling, a fraction
+of a full decode), so the decode on the device stays the only full one.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
+import hashlib
 import io
 import logging
 import math
@@ -34,12 +41,14 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.errors import PipelineError
+from pipeline.imagehash import hashes_of, perceptual_hash, perceptual_hash_of_bytes, thumbnail
 from pipeline.stage1.backbones import Preprocessing
 from pipeline.stage1.config import PREPROCESS_MODES
-from pipeline.stage1.datasets import Split, check_pixels
+from pipeline.stage1.datasets import Split, check_pixels, decode_image, read_image_file, read_regular_file
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +65,42 @@ class Batch:
     images: torch.Tensor | None
     indices: list[int]  # split positions of the rows of ``images``, in order
     bad: list[tuple[int, str]] = field(default_factory=list)  # (split position, why it could not be read)
+    marks: Marks | None = None  # with ``SourceSettings.marks``: the digest and hash of each row of ``images``
 
     @property
     def consumed(self) -> int:
         return len(self.indices) + len(self.bad)
+
+
+@dataclass
+class Marks:
+    """What the audit needs of each sample, beside its features: the hex sha256 of the bytes it was decoded from (a
+    file's or shard member's bytes; an array split's pixel bytes) and the perceptual hash of its decoded pixels
+    (before any resize or crop). Named as the feature file's columns (:data:`pipeline.store.AUDIT_COLUMNS`)."""
+
+    digests: list[str] = field(default_factory=list)
+    phash: list[int] = field(default_factory=list)
+
+
+def load_sample(split: Split, i: int) -> tuple[Any, Any]:
+    """Sample ``i`` decoded as ``split.load`` decodes it, with the bytes it came from, read once (the digest's
+    input): an image file's or shard member's bytes; for an array split, its pixel bytes (the array row)."""
+    if split.arrays is not None:
+        return split.load(i), np.ascontiguousarray(split.arrays[i])  # hashlib reads an array's buffer
+    if split.path is None and split.read_bytes is None:  # a source of decoded images only: their pixel bytes
+        img = split.load(i)
+        return img, np.ascontiguousarray(np.asarray(img))
+    if split.path is not None:
+        return read_image_file(split.path(i))  # what load_image reads: the same checks, the same pixels
+    data = split.read_bytes(i)
+    return decode_image(io.BytesIO(data)), data
+
+
+def array_marks(rows: np.ndarray) -> Marks:
+    """The marks of uint8 array rows (NHW or NHWC): digests of each row's bytes, hashes in one batched DCT."""
+    rows = np.ascontiguousarray(rows)
+    thumbs = np.stack([thumbnail(Image.fromarray(r)) for r in rows]) if len(rows) else np.zeros((0, 32, 32))
+    return Marks([hashlib.sha256(r).hexdigest() for r in rows], [int(h) for h in hashes_of(thumbs)])
 
 
 @dataclass(frozen=True)
@@ -72,6 +113,7 @@ class SourceSettings:
     workers: int  # loader processes (loader) or file-reading threads (gpu-decode)
     pin_memory: bool = False  # page-locked host buffers: asynchronous copies to the device
     prefetch: int = 2  # batches each source prepares ahead of the one being embedded
+    marks: bool = False  # also give each sample's content digest and perceptual hash (Batch.marks): extract does
 
     def recorded(self) -> dict[str, Any]:
         """The resolved values, as the feature file's config records them."""
@@ -109,21 +151,29 @@ class BatchSource(ABC):
 # ------------------------------------------------------------------------------------------ PIL in workers
 
 
-class _Images(Dataset):
-    """Samples ``start..`` of a split as uint8 CHW tensors; an unreadable image yields its error instead."""
+_Item = tuple[torch.Tensor | None, int, str | None, tuple[str, int] | None]  # crop, position, error, (digest, hash)
 
-    def __init__(self, split: Split, pre: Preprocessing, start: int):
-        self.split, self.pre, self.start = split, pre, start
+
+class _Images(Dataset):
+    """Samples ``start..`` of a split as uint8 CHW tensors; an unreadable image yields its error instead. With
+    ``marks``, each also gives its content digest and perceptual hash, from the bytes and the image decoded here."""
+
+    def __init__(self, split: Split, pre: Preprocessing, start: int, *, marks: bool = False):
+        self.split, self.pre, self.start, self.marks = split, pre, start, marks
 
     def __len__(self) -> int:
         return len(self.split) - self.start
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int, str | None]:
+    def __getitem__(self, i: int) -> _Item:
         idx = self.start + i
         try:
-            return self.pre.geometry(self.split.load(idx)), idx, None
+            if not self.marks:
+                return self.pre.geometry(self.split.load(idx)), idx, None, None
+            img, data = load_sample(self.split, idx)
+            mark = (hashlib.sha256(data).hexdigest(), perceptual_hash(img))
+            return self.pre.geometry(img), idx, None, mark
         except Exception as e:  # noqa: BLE001 - reported per file by the main process
-            return None, idx, error_line(e)
+            return None, idx, error_line(e), None
 
 
 def error_line(e: BaseException) -> str:
@@ -132,12 +182,14 @@ def error_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}"
 
 
-def _collate(items: list[tuple[torch.Tensor | None, int, str | None]]) -> Batch:
-    good = [t for t, _, err in items if err is None]
+def _collate(items: list[_Item]) -> Batch:
+    ok = [item for item in items if item[2] is None]
+    marks = [m for *_, m in ok]
     return Batch(
-        images=torch.stack(good) if good else None,
-        indices=[i for _, i, err in items if err is None],
-        bad=[(i, err) for _, i, err in items if err is not None],
+        images=torch.stack([t for t, *_ in ok]) if ok else None,
+        indices=[i for _, i, *_ in ok],
+        bad=[(i, err) for _, i, err, _ in items if err is not None],
+        marks=Marks([d for d, _ in marks], [h for _, h in marks]) if ok and marks[0] is not None else None,
     )
 
 
@@ -227,7 +279,7 @@ class LoaderSource(BatchSource):
         prefetch = s.prefetch if s.batch_size < 256 else 2  # at 512 x 224 px a batch is 77 MB
         workers, prefetch = fit_shared_memory(workers=s.workers, prefetch=prefetch, batch_bytes=batch_bytes)
         loader = DataLoader(
-            _Images(self.split, s.pre, start),
+            _Images(self.split, s.pre, start, marks=s.marks),
             batch_size=s.batch_size,
             shuffle=False,
             num_workers=workers,
@@ -435,12 +487,24 @@ class ArraySource(BatchSource):
         return device.type == "cuda" and split.arrays is not None
 
     def batches(self, start: int) -> Iterator[Batch]:
-        arrays, step = self.split.arrays, self.settings.batch_size
-        to_device = HostToDevice(self.settings.device, slots=max(2, self.settings.prefetch))
-        for lo in range(start, len(self.split), step):
-            hi = min(lo + step, len(self.split))
-            x = to_device(arrays[lo:hi])
-            yield Batch(x.permute(0, 3, 1, 2) if x.ndim == 4 else x, list(range(lo, hi)))
+        s, arrays, n = self.settings, self.split.arrays, len(self.split)
+        to_device = HostToDevice(s.device, slots=max(2, s.prefetch))
+        bounds = [(lo, min(lo + s.batch_size, n)) for lo in range(start, n, s.batch_size)]
+        # The marks are hashed on host threads, ``prefetch`` batches ahead (PIL and numpy release the GIL): about
+        # 35 us an image at 32 px on one core, which would otherwise hold up the main thread feeding the device.
+        pool = ThreadPoolExecutor(max(1, s.workers), thread_name_prefix="marks") if s.marks else None
+        ahead: deque[Future[Marks]] = deque()
+        try:
+            for k, (lo, hi) in enumerate(bounds):
+                while pool is not None and len(ahead) < max(1, s.prefetch) and k + len(ahead) < len(bounds):
+                    a, b = bounds[k + len(ahead)]
+                    ahead.append(pool.submit(array_marks, arrays[a:b]))
+                marks = ahead.popleft().result() if pool is not None else None
+                x = to_device(arrays[lo:hi])
+                yield Batch(x.permute(0, 3, 1, 2) if x.ndim == 4 else x, list(range(lo, hi)), marks=marks)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ------------------------------------------------------------------------------------------ JPEGs decoded on the device
@@ -457,6 +521,7 @@ class _Read:
     jpegs: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (split position, uint8 file bytes)
     ready: dict[int, torch.Tensor] = field(default_factory=dict)  # split position -> uint8 CHW crop (PIL path)
     bad: dict[int, str] = field(default_factory=dict)
+    marks: dict[int, tuple[str, int]] = field(default_factory=dict)  # split position -> (digest, hash)
 
 
 class GpuDecodeSource(BatchSource):
@@ -522,6 +587,12 @@ class GpuDecodeSource(BatchSource):
                 except Exception as e:  # noqa: BLE001 - reported per file by the main process
                     raw.bad[i] = error_line(e)
                     continue
+                if self.settings.marks:
+                    try:  # a reduced-scale greyscale decode: a fraction of the full one the device does
+                        raw.marks[i] = (hashlib.sha256(data).hexdigest(), perceptual_hash_of_bytes(data))
+                    except Exception:  # noqa: BLE001 - PIL cannot read it: its path decides (features or the error)
+                        self._pil(raw, i)
+                        continue
                 raw.jpegs.append((i, torch.frombuffer(bytearray(data), dtype=torch.uint8)))
             else:
                 self._pil(raw, i)
@@ -529,7 +600,12 @@ class GpuDecodeSource(BatchSource):
 
     def _pil(self, raw: _Read, i: int) -> None:
         try:
-            raw.ready[i] = self.settings.pre.geometry(self.split.load(i))
+            if not self.settings.marks:
+                raw.ready[i] = self.settings.pre.geometry(self.split.load(i))
+                return
+            img, data = load_sample(self.split, i)
+            raw.marks[i] = (hashlib.sha256(data).hexdigest(), perceptual_hash(img))
+            raw.ready[i] = self.settings.pre.geometry(img)
         except Exception as e:  # noqa: BLE001 - reported per file by the main process
             raw.bad[i] = error_line(e)
 
@@ -551,10 +627,12 @@ class GpuDecodeSource(BatchSource):
         for i, crop in raw.ready.items():
             out[i] = crop.to(device, non_blocking=True).float()
         order = sorted(out)
+        marks = [raw.marks[i] for i in order] if self.settings.marks else []
         return Batch(
             images=torch.stack([out[i] for i in order]) if order else None,
             indices=order,
             bad=sorted(raw.bad.items()),
+            marks=Marks([d for d, _ in marks], [h for _, h in marks]) if self.settings.marks else None,
         )
 
 
@@ -562,23 +640,6 @@ def sample_bytes(split: Split, i: int) -> bytes:
     """The encoded image of sample ``i``: its file's bytes (a regular file only), or its WebDataset member's
     (``split.read_bytes``)."""
     return split.read_bytes(i) if split.read_bytes is not None else read_regular_file(split.path(i))
-
-
-def read_regular_file(path: Any) -> bytes:
-    """The bytes of a regular file; anything else (a FIFO or device swapped in after the scan) is refused from the
-    open descriptor's ``fstat``. Opened non-blocking, so a FIFO cannot block the reading thread (a thread, unlike a
-    worker process, cannot be killed at exit)."""
-    import stat
-
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
-        os.set_blocking(fd, True)
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            return f.read()
-    finally:
-        os.close(fd)
 
 
 def _jpeg_size(data: bytes) -> tuple[int, int]:

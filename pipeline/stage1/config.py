@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from pipeline.devices import DEVICES
 from pipeline.errors import PipelineError
+from pipeline.exclude import exclude_option
 from pipeline.options import option
 
 RESIZE_MODES = ("crop", "full")
@@ -161,6 +162,7 @@ class ExtractConfig(SourceOptions):
         False, "Leave out images that have no row in --targets (counted in the summary) instead of refusing.",
         flag=True,
     )  # fmt: skip
+    exclude: str | None = exclude_option()  # --exclude, defined once for extract and stage two
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -6,6 +6,7 @@ Every source yields, per split, a deterministic sequence of samples with an id a
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import logging
@@ -19,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from pipeline.errors import PipelineError
 from pipeline.stage1.config import VERIFY_MODES, SourceOptions  # noqa: F401 (their home is torch-free config)
@@ -142,17 +143,50 @@ def load_image(path: Path) -> Image.Image:
     Large photos are fine up to :data:`MAX_PIXELS` (PIL's own warning at ~89 megapixels, which a 100 MP camera
     exceeds, is silenced); a larger one is refused from its header, before any pixel is decoded.
     """
+    return read_image_file(path)[0]
+
+
+def read_image_file(path: Path) -> tuple[Image.Image, bytes]:
+    """:func:`load_image`, with the file's bytes: read once, then decoded from memory (extract's content digest)."""
+    check_regular(path)  # the one-word reasons first (missing, broken link, not a regular file)
+    data = read_regular_file(path)
+    return decode_image(io.BytesIO(data)), data
+
+
+def read_regular_file(path: Any) -> bytes:
+    """The bytes of a regular file; anything else (a FIFO or device swapped in after the scan) is refused from the
+    open descriptor's ``fstat``. Opened non-blocking, so a FIFO cannot block the reading thread (a thread, unlike a
+    worker process, cannot be killed at exit)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
+
+
+def check_regular(path: Path) -> None:
+    """Raise ``ValueError`` with the one-word reason (``missing``, ``broken link``, ``not a regular file``...)
+    when ``path`` is not an image file to open."""
     kind = _not_regular(Path(path))
     if kind:
         raise ValueError(kind)
-    return decode_image(path)
 
 
 def decode_image(src: Path | io.BytesIO) -> Image.Image:
     """:func:`load_image` for a file or the bytes of one (a WebDataset member): the same checks, the same pixels."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with Image.open(src) as img:
+        try:
+            img = Image.open(src)
+        except UnidentifiedImageError:
+            if isinstance(src, io.BytesIO):  # PIL names the buffer object (``<_io.BytesIO object at 0x...>``)
+                raise UnidentifiedImageError("cannot identify image file") from None
+            raise
+        with img:
             check_pixels(*img.size)
             img.load()
             return to_rgb(img)

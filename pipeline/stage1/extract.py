@@ -16,10 +16,12 @@ from PIL import Image
 
 from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError, raise_if_stopped
+from pipeline.exclude import Exclusion, read_exclusion
 from pipeline.progress import progress_bar
 from pipeline.stage1.backbones import Backbone, Preprocessing, load_backbone, with_outputs
 from pipeline.stage1.batches import (
     Batch,
+    Marks,
     SourceSettings,
     choose_source,
     default_batch_size,
@@ -34,7 +36,10 @@ from pipeline.stage1.precision import Precision, precision_context, resolve_prec
 from pipeline.stage1.sources import load_options
 from pipeline.stage1.targets import TargetTable, match_targets, read_targets_csv, skipped_line
 from pipeline.store import (
+    AUDIT_COLUMNS,
+    DIGESTS,
     IDENTITY_VERSION,
+    PHASH,
     FeatureMeta,
     FeatureWriter,
     FileLock,
@@ -75,10 +80,16 @@ class ExtractInterrupted(PipelineError):
 
 
 def feature_identity(
-    *, backbone: Backbone, source: Source, cfg: ExtractConfig, precision: Precision, sources: dict[str, str]
+    *,
+    backbone: Backbone,
+    source: Source,
+    cfg: ExtractConfig,
+    precision: Precision,
+    sources: dict[str, str],
+    exclusion: Exclusion | None = None,
 ) -> dict[str, Any]:
     """Everything that determines the features; its hash is the file's fingerprint. ``sources``: the batch source
-    of each split (see :mod:`pipeline.stage1.batches`)."""
+    of each split (see :mod:`pipeline.stage1.batches`); ``exclusion``: the images --exclude left out."""
     identity = {
         "schema_version": IDENTITY_VERSION,
         "backbone": backbone.name,
@@ -99,10 +110,12 @@ def feature_identity(
         identity["layers"] = [layer["name"] for layer in backbone.layers]
     if backbone.activations:
         identity["cache_at"] = backbone.activations["node"]
+    if exclusion is not None:  # absent without --exclude: files written before it keep their fingerprint
+        identity["exclude"] = exclusion.record()
     return identity
 
 
-def default_out(cfg: ExtractConfig, source: Source, backbone: Backbone) -> Path:
+def default_out(cfg: ExtractConfig, source: Source, backbone: Backbone, *, exclusion: Exclusion | None = None) -> Path:
     kind = WeightsIdentity.parse(backbone.weights).kind
     weights = {"none": "none", "file": Path(cfg.weights).stem, "timm": "pretrained"}.get(kind, cfg.weights)
     parts = [source.name, cfg.backbone.replace(":", "-"), weights]  # timm:NAME: no colon in a file name
@@ -113,6 +126,8 @@ def default_out(cfg: ExtractConfig, source: Source, backbone: Backbone) -> Path:
     if cfg.resize != "crop":
         parts.append(cfg.resize)  # a second recipe of the same images gets its own file, not a stale-file refusal
     parts += _outputs_suffix(cfg)
+    if exclusion is not None:  # the cleaned images get their own file beside the whole set's
+        parts.append(f"x{len(exclusion)}-{exclusion.digest[:6]}")
     return Path("artifacts") / "features" / ("_".join(parts) + ".h5")
 
 
@@ -150,9 +165,26 @@ def short_layer_name(name: str) -> str:
 
 def output_columns(backbone: Backbone) -> dict[str, tuple[tuple[int, ...], str]]:
     """The per-row columns a file of this backbone holds beside the features (:class:`FeatureWriter`'s
-    ``columns``): the --cache-at activation map."""
+    ``columns``): the --cache-at activation map, and always the audit's content digest and perceptual hash of each
+    image (the batch sources compute them: ``SourceSettings.marks``). These are not in the fingerprint: they do not
+    change the features, and a file written before them stays up to date (the audit then goes without them)."""
     acts = backbone.activations
-    return {"activations": (tuple(acts["shape"]), acts["dtype"])} if acts else {}
+    return ({"activations": (tuple(acts["shape"]), acts["dtype"])} if acts else {}) | AUDIT_COLUMNS
+
+
+def marks_columns(marks: Marks) -> dict[str, np.ndarray]:
+    """A batch's :class:`Marks` as the writer's rows of the audit columns."""
+    return {DIGESTS: np.array(marks.digests, dtype="S64"), PHASH: np.array(marks.phash, dtype=np.uint64)}
+
+
+def exclude_from(source: Source, exclusion: Exclusion) -> Source:
+    """``source`` without the images ``exclusion`` names (every split narrowed; the dataset identity kept: the
+    fingerprint records the exclusion apart); ids it names that no split holds are refused in one line."""
+    exclusion.check_known({name: split.ids for name, split in source.splits.items()})
+    splits = {
+        name: split.subset(np.flatnonzero(exclusion.keep(name, split.ids))) for name, split in source.splits.items()
+    }
+    return replace(source, splits=splits)
 
 
 def multi_hot_of(source: Source) -> MultiHot | None:
@@ -258,6 +290,7 @@ class _Job:
     slot: int | None  # the pinned host buffers holding the outputs; None for a batch of unreadable samples only
     rows: int
     event: Any  # CUDA event recorded after the copy to the host; None on the CPU
+    host: dict[str, np.ndarray]  # the columns made on the host (the audit's marks), already as rows
     labels: np.ndarray
     ids: list[str]
     seen: int
@@ -285,14 +318,16 @@ class FeatureSink:
     side CUDA stream, and queues it; one writer thread waits for each copy (its event, not a device-wide
     synchronisation) and calls ``writer.append``. The main thread meanwhile queues the next batches on the GPU. Once
     started, only the writer thread touches the :class:`FeatureWriter` until :meth:`stop` has joined it. The ring
-    bounds how far the GPU runs ahead of the disk (``put`` waits for a free buffer).
+    bounds how far the GPU runs ahead of the disk (``put`` waits for a free buffer). The audit's columns are made on
+    the host by the batch sources and travel with their batch as they are (no buffer, no copy).
     """
 
     def __init__(self, writer: FeatureWriter, *, device: torch.device, rows: int, slots: int = 4):
         self.writer, self.device = writer, device
         cuda = device.type == "cuda"
         columns = {"features": ((writer.dim,), torch.float32)}
-        columns |= {c: (shape, getattr(torch, str(dtype))) for c, (shape, dtype) in writer.columns.items()}
+        columns |= {c: (shape, getattr(torch, str(dtype)))
+                    for c, (shape, dtype) in writer.columns.items() if c not in AUDIT_COLUMNS}  # fmt: skip
         self._bufs = [
             {c: torch.empty((rows, *shape), dtype=dtype, pin_memory=cuda) for c, (shape, dtype) in columns.items()}
             for _ in range(slots)
@@ -318,8 +353,10 @@ class FeatureSink:
         ids: list[str],
         seen: int,
         skipped: list[str],
+        marks: Marks | None = None,
     ) -> None:
-        """Queue a batch: ``outputs`` (from :func:`embed_batch`: features and any other column) or None."""
+        """Queue a batch: ``outputs`` (from :func:`embed_batch`: features and any other column) or None, with the
+        batch's ``marks`` (the audit columns, required when the writer has them and the batch has rows)."""
         self.raise_error()
         slot = event = None
         rows = 0 if outputs is None else len(outputs["features"])
@@ -338,7 +375,9 @@ class FeatureSink:
                     event.record(self._stream)
                 for c in hosts:
                     outputs[c].record_stream(self._stream)
-        self._jobs.put(_Job(split, slot, rows, event, labels, ids, seen, skipped))
+        host = marks_columns(marks) if rows and marks is not None else {}
+        host = {c: v for c, v in host.items() if c in self.writer.columns}  # a .tmp resumed without them has none
+        self._jobs.put(_Job(split, slot, rows, event, host, labels, ids, seen, skipped))
 
     def _take_slot(self) -> int:
         while True:
@@ -367,6 +406,7 @@ class FeatureSink:
             host = {c: buf[: job.rows].numpy() for c, buf in self._bufs[job.slot].items()}
             feats, extra = host.pop("features"), host
             _check_finite(extra, ids=job.ids)
+            extra |= job.host
         self.writer.append(job.split, feats, job.labels, job.ids, seen=job.seen, skipped=job.skipped, extra=extra)
 
     def raise_error(self) -> None:
@@ -430,6 +470,7 @@ def _run_split(
                 ids=[split.ids[i] for i in ok],
                 seen=batch.consumed,
                 skipped=[split.ids[i] for i, _ in batch.bad],
+                marks=batch.marks,
             )
             done += len(ok)
             bar.update(batch.consumed)
@@ -536,6 +577,7 @@ class ExtractPlan:
     pad_to: int = 0  # pad every batch to this many rows (0: no padding): one shape for compile and cuDNN
     targets: TargetTable | None = None  # --targets, checked against the images (stored at finish)
     targets_skipped: dict[str, int] = field(default_factory=dict)  # images --skip-missing-targets left out
+    exclusion: Exclusion | None = None  # --exclude: the images left out (in the fingerprint)
 
     def recorded_config(self, cfg: ExtractConfig) -> dict[str, Any]:
         """The file's ``config``: the options with every ``None`` (= by device) replaced by the value used."""
@@ -584,10 +626,15 @@ def plan_extraction(cfg: ExtractConfig, *, source: Source | None = None) -> Extr
     skipped: dict[str, int] = {}
     if table is not None:  # before the fingerprint: --skip-missing-targets narrows the rows it covers
         table, source, skipped = match_targets(table, source, skip_missing=cfg.skip_missing_targets)
+    exclusion = read_exclusion(cfg.exclude) if cfg.exclude else None
+    if exclusion is not None:
+        source = exclude_from(source, exclusion)
     sources = {name: choose_source(cfg.preprocess, split, device) for name, split in source.splits.items()}
     precision = resolve_precision(cfg.precision, device)
-    identity = feature_identity(backbone=backbone, source=source, cfg=cfg, precision=precision, sources=sources)
-    out = Path(cfg.out) if cfg.out else default_out(cfg, source, backbone)
+    identity = feature_identity(
+        backbone=backbone, source=source, cfg=cfg, precision=precision, sources=sources, exclusion=exclusion
+    )
+    out = Path(cfg.out) if cfg.out else default_out(cfg, source, backbone, exclusion=exclusion)
     settings = source_settings(cfg, device=device, pre=backbone.preprocess)
     images = sum(len(split) for split in source.splits.values())
     compile = resolve_compile(cfg.compile, device=device, images=images)
@@ -606,6 +653,7 @@ def plan_extraction(cfg: ExtractConfig, *, source: Source | None = None) -> Extr
         pad_to=pad_to,
         targets=table,
         targets_skipped=skipped,
+        exclusion=exclusion,
     )
 
 
@@ -625,6 +673,7 @@ def source_settings(cfg: ExtractConfig, *, device: torch.device, pre: Preprocess
         workers=default_workers(device) if cfg.workers is None else cfg.workers,
         pin_memory=device.type == "cuda",
         prefetch=default_prefetch(device),
+        marks=True,  # the audit columns (output_columns): every source computes them where its pixels are
     )
 
 
@@ -652,6 +701,8 @@ def extract(cfg: ExtractConfig, *, plan: ExtractPlan | None = None) -> ExtractRe
 
 
 def _with_notes(result: ExtractResult, plan: ExtractPlan) -> ExtractResult:
+    if plan.exclusion is not None:
+        result.notes.insert(0, plan.exclusion.line())
     if plan.targets_skipped and plan.targets is not None:
         result.notes.insert(0, skipped_line(plan.targets_skipped, plan.targets.source))
     pre = plan.backbone.preprocess

@@ -25,13 +25,14 @@ from pipeline.stage2.runs import (
     describe,
     features_label,
     header,
+    read_run_features,
     run_settings,
     with_layer,
     writing,
 )
 from pipeline.stage2.tasks import TASKS, Column, resolve_task, task_of_rows, with_task
 from pipeline.stage2.training import fit_and_evaluate, train_one
-from pipeline.store import ALL_LAYERS, FeatureMeta, layer_columns, read_features, read_meta, resolve_layer
+from pipeline.store import ALL_LAYERS, FeatureMeta, layer_columns, read_meta, resolve_layer
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ def compare(
         scratch = baseline_row(baseline, dataset_identity=meta.dataset_identity)
     with writing(root, *(root / name for name in heads)):
         check_heads(root, heads=heads, base=base, fingerprint=meta.fingerprint, force=force)
-        fs = read_features(features, layer=base.layer)
+        fs = read_run_features(features, base)
         rows = []
         for name, cfg in configs.items():
             log.info("training %s", name)
@@ -152,6 +153,7 @@ def compare(
         result = {**describe(fs), "extract_seconds": extract_seconds, "rows": rows, "best": best["head"]}
         result |= {"best_tied_with": best.get("tied_with", []), "compare_seconds": time.perf_counter() - started}
         result |= {"layer": fs.layer or ALL_LAYERS, "feature_dim": fs.feature_dim, "best_by": ranked_by}
+        result |= {"exclude": run_settings(base)["exclude"]} if base.exclude else {}  # what --exclude left out
         skew = rows[0].get("imbalance")  # train's classes, the same for every head
         if skew:
             result["imbalance"] = skew | {"line": thresholds.imbalance_line(skew)}
@@ -299,7 +301,7 @@ def compare_shots(
     with writing(root):
         what = "a few-shot comparison"
         check_replace(root / "shots.json", settings=settings, fingerprint=meta.fingerprint, what=what, force=force)
-        fs = read_features(features, layer=base.layer)
+        fs = read_run_features(features, base)
         scores: dict[str, dict[str, float]] = {name: {} for name in heads}
         runs, skipped = [], []
         for name in heads:

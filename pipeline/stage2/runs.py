@@ -14,7 +14,7 @@ from typing import Any
 from pipeline.errors import PipelineError
 from pipeline.locks import FileLock
 from pipeline.stage2.heads import HEADS, HeadConfig
-from pipeline.store import FeatureMeta, FeatureSet, WeightsIdentity, resolve_layer
+from pipeline.store import FeatureMeta, FeatureSet, WeightsIdentity, read_features, resolve_layer
 
 
 def default_head_root(features: Path, *, layer: str | None = None) -> Path:
@@ -34,6 +34,15 @@ def with_layer(cfg: HeadConfig, meta: FeatureMeta, *, features: Path) -> HeadCon
     """``cfg`` with ``--layer`` in its canonical form for this file (None: the whole stored row; see
     :func:`pipeline.store.resolve_layer`), so equal choices record equal settings; an unknown layer is one line."""
     return replace(cfg, layer=resolve_layer(meta, cfg.layer, path=features))
+
+
+def read_run_features(features: Path, cfg: HeadConfig) -> FeatureSet:
+    """The rows a run trains and scores on: the file's (``--layer``'s columns), less the images ``--exclude``
+    names (see :mod:`pipeline.exclude`)."""
+    from pipeline.exclude import drop_excluded, read_exclusion
+
+    fs = read_features(features, layer=cfg.layer)
+    return drop_excluded(fs, read_exclusion(cfg.exclude)) if cfg.exclude else fs
 
 
 # ------------------------------------------------------------------------------------------ who wrote a folder
@@ -58,6 +67,10 @@ def run_settings(cfg: HeadConfig) -> dict[str, Any]:
         settings |= {"positive": cfg.positive, **(cfg.threshold_target or {})}
     if cfg.layer:  # one stored layer (canonical, see with_layer); the whole row is recorded as before
         settings["layer"] = cfg.layer
+    if cfg.exclude:  # the images left out, by count and digest: a run without them has other settings
+        from pipeline.exclude import read_exclusion
+
+        settings["exclude"] = read_exclusion(cfg.exclude).record()
     return {**settings, "sweep": cfg.sweep, "shots": cfg.shots}
 
 

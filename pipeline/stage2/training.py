@@ -21,6 +21,7 @@ from pipeline.stage2.runs import (
     check_replace,
     default_head_root,
     features_label,
+    read_run_features,
     run_settings,
     used_settings,
     weights_label,
@@ -28,7 +29,7 @@ from pipeline.stage2.runs import (
     writing,
 )
 from pipeline.stage2.tasks import Task, task_of, with_task
-from pipeline.store import ALL_LAYERS, FeatureSet, read_features, read_meta
+from pipeline.store import ALL_LAYERS, FeatureSet, read_meta
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def train_head(features: Path | str, cfg: HeadConfig, *, out: Path | str | None 
     with writing(out):
         check_replace(out / "config.json", settings=run_settings(cfg), fingerprint=meta.fingerprint, what="a head",
                       force=force)  # fmt: skip
-        return train_one(read_features(features, layer=cfg.layer), cfg, out=out)
+        return train_one(read_run_features(features, cfg), cfg, out=out)
 
 
 def head_config(fs: FeatureSet, head: Head, *, settings: dict[str, Any], task: Task, metrics: Any) -> dict[str, Any]:

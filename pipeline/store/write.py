@@ -377,6 +377,11 @@ class FeatureWriter:
                 "finish it, or pass --force to discard it"
             )
         shapes = {s: f[s]["features"].shape[1:] if s in f else None for s in self.sizes}
+        lacking = {c for s in self.sizes if s in f for c in self.columns if c not in f[s]}
+        if lacking and lacking <= set(AUDIT_COLUMNS):  # begun before extraction filled them: finished without them
+            log.info("%s was begun without the audit columns (%s): it is finished without them", self.tmp,
+                     ", ".join(sorted(lacking)))  # fmt: skip
+            self.columns = {c: v for c, v in self.columns.items() if c not in AUDIT_COLUMNS}
         wrong = [s for s in self.sizes if s in f and any(
             c not in f[s] or f[s][c].shape[1:] != shape for c, (shape, _) in self.columns.items())]  # fmt: skip
         if wrong:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from pipeline.devices import DEVICES
 from pipeline.errors import PipelineError
+from pipeline.exclude import exclude_option
 from pipeline.options import option
 from pipeline.stage2.heads.knobs import CLASS_WEIGHTS, DEFAULT_BATCH, SOLVERS, one_of
 from pipeline.stage2.heads.registry import HEADS, knob_groups
@@ -49,6 +50,7 @@ class RunOptions:
     shots: int | None = option(None, "Train on K examples per class (seeded sample).", cli=False)
     seed: int = option(0, "Seed of initialisation, batches and samples.")
     device: str = option("auto", "Where torch heads train.", choices=DEVICES)
+    exclude: str | None = exclude_option()  # rows left out when the features are read (runs.read_run_features)
 
     def check(self) -> None:
         if self.head not in HEADS:
