@@ -236,3 +236,15 @@ def test_phash_counts_only_with_the_features() -> None:
     nb.index[0, 0] = 1  # now the features agree
     leaks, dups, _ = find_pairs(nb, rows, unit=X, threshold=10.0)
     assert any(set(p["rows"]) == {0, 1} and "phash" in p["evidence"] for p in dups)
+
+
+def test_best_head_read_from_a_given_compare_folder(tmp_path: Path) -> None:
+    """--head best reads compare.json from --compare (a sweep's compare may live elsewhere), else the default folder."""
+    from pipeline.audit.score import best_compared_head
+
+    features = tmp_path / "f.h5"
+    assert best_compared_head(features, tmp_path / "nowhere") is None
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "compare.json").write_text(json.dumps({"best": "mlp"}))
+    assert best_compared_head(features, tmp_path / "sweep") == "mlp"
+    assert AuditConfig(compare=str(tmp_path / "sweep")).compare == str(tmp_path / "sweep")

@@ -27,6 +27,11 @@ class AuditConfig:
     head: str = option(
         "logreg", "The head scored with and without the leaked val images ('best': the best of compare's table)."
     )
+    compare: str | None = option(
+        None,
+        "compare's output folder whose best head '--head best' scores (default: compare's default folder for "
+        "this file; a sweep's compare may be elsewhere).",
+    )
     top: int = option(100, "Images listed per section of the report (label issues, outliers).")
     thumbnails: bool = option(True, "Thumbnails in report.html, read from the source images or arrays.")
     seed: int = option(0, "Seed of the folds and the projection.")

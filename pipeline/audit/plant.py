@@ -79,3 +79,29 @@ def plant_faults(
             path.rename(dst)
             planted.moved.append(rel(dst))
     return planted
+
+
+def with_audit_columns(features: Path, root: Path, out: Path) -> Path:
+    """A copy of the feature file ``features`` (extracted from the image folder ``root``) with the per-row ``digests``
+    (sha256 of each file's bytes) and ``phash`` (:func:`pipeline.imagehash.perceptual_hash` of the decoded image)
+    columns, written through the store's writer: the columns extraction records (docs/schema.md), for files
+    extracted without them."""
+    import hashlib
+
+    from pipeline.imagehash import perceptual_hash
+    from pipeline.store import AUDIT_COLUMNS, FeatureWriter, read_features
+
+    fs = read_features(features)
+    w = FeatureWriter(out, meta=fs.meta, classes=fs.classes, sizes={s: len(v) for s, v in fs.splits.items()},
+                      feature_dim=fs.feature_dim, columns=AUDIT_COLUMNS)  # fmt: skip
+    for name, s in fs.splits.items():
+        digests, hashes = [], []
+        for i in s.ids:
+            data = (root / str(i)).read_bytes()
+            digests.append(hashlib.sha256(data).hexdigest())
+            with Image.open(root / str(i)) as img:
+                hashes.append(perceptual_hash(img))
+        extra = {"digests": digests, "phash": np.array(hashes, np.uint64)}
+        w.append(name, s.features, s.labels, [str(i) for i in s.ids], seen=len(s), extra=extra)
+    w.finish()
+    return out

@@ -11,13 +11,14 @@ import numpy as np
 from pipeline.store import FeatureSet
 
 
-def best_compared_head(features: Path) -> str | None:
-    """The head ``compare`` chose as best on this file (its default folder), if it was run."""
+def best_compared_head(features: Path, compare: Path | None = None) -> str | None:
+    """The head ``compare`` chose as best on this file, read from its output folder ``compare`` (default: compare's
+    default folder for the file), if it was run."""
     import json
 
-    from pipeline.stage2.train import default_compare_root
+    from pipeline.stage2.runs import default_compare_root
 
-    record = default_compare_root(features) / "compare.json"
+    record = Path(compare or default_compare_root(features)) / "compare.json"
     try:
         return str(json.loads(record.read_text())["best"])
     except (OSError, ValueError, KeyError, TypeError):
