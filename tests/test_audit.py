@@ -220,8 +220,9 @@ def test_cli_writes_the_folder_and_refuses_bad_input(tmp_path: Path, capsys: pyt
         AuditConfig(folds=1)
 
 
-def test_phash_counts_only_with_the_features() -> None:
-    """Two images with the same hash are a pair only when each is among the other's nearest neighbours."""
+def test_phash_is_evidence_on_a_flagged_pair_never_a_flag_alone() -> None:
+    """Two images with the same hash are not a pair by that alone, even among each other's nearest neighbours (tiny
+    images' hashes collide); on a pair the features flag, the hash is listed as evidence."""
     from pipeline.audit.duplicates import find_pairs
 
     rng = np.random.default_rng(0)
@@ -230,12 +231,13 @@ def test_phash_counts_only_with_the_features() -> None:
     hashes[1] = hashes[0]  # same hash, unrelated features
     rows = Rows(ids=np.array([str(i) for i in range(40)]), split=np.array(["train"] * 30 + ["val"] * 10), phash=hashes)
     nb = nearest(X, k=3, device=torch.device("cpu"), search_dim=0)
-    near = 1 in nb.index[0] or 0 in nb.index[1]
-    leaks, dups, _ = find_pairs(nb, rows, unit=X, threshold=10.0)  # the features alone flag nothing
-    assert any(set(p["rows"]) == {0, 1} for p in dups) == near
-    nb.index[0, 0] = 1  # now the features agree
+    nb.index[0, 0] = 1  # neighbours, but the features alone flag nothing at this threshold
     leaks, dups, _ = find_pairs(nb, rows, unit=X, threshold=10.0)
-    assert any(set(p["rows"]) == {0, 1} and "phash" in p["evidence"] for p in dups)
+    assert not any(set(p["rows"]) == {0, 1} for p in dups + leaks)
+    X[1] = X[0]  # now the features are the same: flagged, with the hash as evidence
+    nb = nearest(X, k=3, device=torch.device("cpu"), search_dim=0)
+    leaks, dups, _ = find_pairs(nb, rows, unit=X, threshold=10.0)
+    assert any(set(p["rows"]) == {0, 1} and {"features", "phash"} <= set(p["evidence"]) for p in dups)
 
 
 def test_best_head_read_from_a_given_compare_folder(tmp_path: Path) -> None:

@@ -66,8 +66,15 @@ def guard(
         return own, {**record, "kept_defaults": True, "note": note}
     chosen = held_out_predictions(head, grid[best], X, y, held)
     defaults = held_out_predictions(head, grid[own], X, y, held)
-    verdict = stats.beats_defaults(y[held], chosen, defaults, regress=head.regress, seed=head.cfg.seed)
-    test = "paired bootstrap" if head.regress else "McNemar"
+    if head.cfg.task == "multilabel":  # (N, L) truth: a paired bootstrap of held-out mAP
+        from pipeline.stage2.multilabel import mean_average_precision
+
+        p = stats.paired_bootstrap(y[held], chosen, defaults, seed=head.cfg.seed, metric=mean_average_precision)
+        higher = mean_average_precision(y[held], chosen) > mean_average_precision(y[held], defaults)
+        verdict = {"beats": bool(higher and p < stats.ALPHA), "p_value": p}
+    else:
+        verdict = stats.beats_defaults(y[held], chosen, defaults, regress=head.regress, seed=head.cfg.seed)
+    test = "paired bootstrap" if head.regress or head.cfg.task == "multilabel" else "McNemar"
     record["p_value_vs_defaults"] = verdict["p_value"]
     if verdict["beats"]:
         note = f"beats the defaults ({test} p={verdict['p_value']:.3g})"

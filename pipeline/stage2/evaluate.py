@@ -340,15 +340,19 @@ def sweep_line(sweep: dict[str, Any]) -> str:
     """What ``--sweep`` chose, on what, and whether other grid points scored as well."""
     if "chosen" not in sweep:
         return f"sweep: {sweep.get('skipped') or sweep.get('note') or 'nothing chosen'}"
+    verb = "kept the defaults" if sweep.get("kept_defaults") else "chose"
     line = (
-        f"sweep: chose {_point(sweep['chosen'])} (held-out {sweep.get('metric', 'accuracy')} "
+        f"sweep: {verb} {_point(sweep['chosen'])} (held-out {sweep.get('metric', 'accuracy')} "
         f"{sweep['chosen_score']:.4f} on "
         f"{sweep['n_held_out']} held-out train rows)"
     )
+    if sweep.get("kept_defaults") and sweep.get("not_chosen"):  # the top of the grid did not beat them beyond noise
+        return line + f"; {sweep['note']}"
     tied = sweep.get("tied") or []
     if tied:
         shown = "; ".join(_point(p) for p in tied[:3]) + (" ..." if len(tied) > 3 else "")
-        line += f"; a tie of {len(tied)} grid points ({shown}): the first in grid order was taken"
+        taken = "the defaults are kept" if sweep.get("kept_defaults") else "the first in grid order was taken"
+        line += f"; a tie of {len(tied)} grid points ({shown}): {taken}"
     return line
 
 

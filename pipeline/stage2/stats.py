@@ -162,20 +162,23 @@ def mcnemar(right_a: np.ndarray, right_b: np.ndarray) -> float:
 
 
 def paired_bootstrap(
-    y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, *, resamples: int = BOOTSTRAP, seed: int = 0
-) -> float:
-    """Two-sided p-value that regressors ``a`` and ``b`` have the same val R^2: the share of resamples (the same
-    rows for both) on which the R^2 difference falls on the other side of 0 than it does on all rows, doubled."""
+    y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, *, resamples: int = BOOTSTRAP, seed: int = 0,
+    metric: Callable[[np.ndarray, np.ndarray], float] | None = None,
+) -> float:  # fmt: skip
+    """Two-sided p-value that regressors ``a`` and ``b`` have the same val R^2 (or ``metric``, e.g. the mAP of
+    several labels per image): the share of resamples (the same rows for both) on which the difference falls on the
+    other side of 0 than it does on all rows, doubled."""
+    metric = metric or r2
     y = np.asarray(y, np.float64).reshape(len(y), -1)
     pa, pb = (np.asarray(p, np.float64).reshape(len(y), -1) for p in (pred_a, pred_b))
-    observed = r2(y, pa) - r2(y, pb)
+    observed = metric(y, pa) - metric(y, pb)
     if observed == 0 or not len(y):
         return 1.0
     rng = np.random.default_rng(seed)
     diffs = np.empty(resamples)
     for i in range(resamples):
         r = rng.integers(0, len(y), len(y))
-        diffs[i] = r2(y[r], pa[r]) - r2(y[r], pb[r])
+        diffs[i] = metric(y[r], pa[r]) - metric(y[r], pb[r])
     other_side = (diffs <= 0).mean() if observed > 0 else (diffs >= 0).mean()
     return float(min(1.0, 2 * other_side))
 
