@@ -23,7 +23,15 @@ from pipeline.errors import PipelineError
 from pipeline.stage1.backbones import Backbone, Preprocessing, load_backbone, pool, with_outputs
 from pipeline.stage1.distributed import extract_distributed
 from pipeline.stage1.extract import ExtractConfig, ExtractInterrupted, default_out, extract, plan_extraction
-from pipeline.store import FeatureWriter, fingerprint, read_activations, read_features, read_meta, tmp_path_for
+from pipeline.store import (
+    AUDIT_COLUMNS,
+    FeatureWriter,
+    fingerprint,
+    read_activations,
+    read_features,
+    read_meta,
+    tmp_path_for,
+)
 from tests.conftest import TINY_ARGS, TINY_EXTRACT, assert_one_line_error, run, write_image_folder
 from tests.test_reliability import one_thread  # noqa: F401 - autouse: one torch thread in this module
 
@@ -93,7 +101,8 @@ def test_a_plain_run_is_unchanged(folder: Path, tmp_path: Path) -> None:
     meta = read_meta(tmp_path / "plain.h5")
     assert meta.layers is None and meta.activations is None and meta.feature_dim == 512
     with h5py.File(tmp_path / "plain.h5") as f:
-        assert set(f["train"]) == {"features", "labels", "ids"}
+        # no layer datasets; the audit columns (digests, phash) every extraction now writes are not layers
+        assert set(f["train"]) == {"features", "labels", "ids", *AUDIT_COLUMNS}
     plain_name = default_out(replace(cfg, out=None), plan.source, plan.backbone)
     layered = plan_extraction(replace(cfg, out=None, layers="layer3", cache_at="layer2"))
     assert plain_name.name == "img_resnet18_none_img64.h5"

@@ -4,6 +4,7 @@ regression metrics, plots and compare. Tiny data, no downloads."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -321,7 +322,8 @@ def test_cli_regression_smoke(image_folder: Path, tmp_path: Path, capsys) -> Non
     assert code == 0 and "targets        ink, size (from t.csv, sha256 " in stdout
     code, stdout, _ = run(["train-head", "--features", str(out), "--head", "ridge", "--sweep", "--out",
                            str(tmp_path / "ridge")], capsys)  # fmt: skip
-    assert code == 0 and "val   R^2" in stdout and "sweep: chose alpha" in stdout and "regression.png" in stdout
+    assert code == 0 and "val   R^2" in stdout and "regression.png" in stdout
+    assert re.search(r"sweep: (chose|kept the defaults) alpha", stdout)
     code, stdout, _ = run(["compare", "--features", str(out), "--epochs", "3", "--device", "cpu", "--out",
                            str(tmp_path / "cmp")], capsys)  # fmt: skip
     assert code == 0 and "| head | val R^2 |" in stdout and "logreg" not in stdout
