@@ -39,6 +39,16 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True)
+def ctrl_c_as_in_a_terminal():
+    """Ctrl-C as a terminal's foreground job gets it. A test run started in the background of a shell without job
+    control (``make test &``) inherits SIGINT ignored, and extract deliberately keeps ignoring it then (cli.py); these
+    tests are about a Ctrl-C that arrives, so they set Python's own handler (children start with the default)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 @pytest.fixture(scope="module")
 def big_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_image_folder(tmp_path_factory.mktemp("reliability") / "img", per_class=60)
