@@ -409,6 +409,8 @@ def _leaderboard(features: list[str], *, names: list[str], base: Any, out: str |
     result = leaderboard([Path(f) for f in features], heads=names, base=base, out=out, force=force, layers=layers)
     click.echo(f"leaderboard of {len(features)} feature files by {result['score'].replace('_', ' ')}\n")
     click.echo(leaderboard_table(result["rows"]))
+    for note in result.get("notes", []):
+        click.echo(f"\nWARNING: {note}")
     click.echo(f"\nwrote {result['out']}/ (report.html, leaderboard.json, .md, .png and a folder per file)")
 
 

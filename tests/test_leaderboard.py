@@ -13,8 +13,9 @@ from pipeline.store import FeatureWriter
 from tests.conftest import run, separable_features, write_feature_file
 
 
-def _file(path: Path, *, identity: dict, seed: int = 0) -> Path:
+def _file(path: Path, *, identity: dict, seed: int = 0, scale: float = 1.0) -> Path:
     X, y = separable_features(n=300, dim=16, classes=3, seed=seed, spread=1.0)
+    X = X * scale
     meta = {"fingerprint": f"f-{path.stem}", "backbone": "synthetic", "weights": "none", "feature_dim": 16,
             "num_classes": 3, "dataset": "shapes", "preprocessing": {"crop_size": 32, "resize": "full"},
             "dataset_identity": identity}  # fmt: skip
@@ -72,3 +73,24 @@ def test_layers_files_get_readable_default_names() -> None:
     many = [f"features.{i}.conv.1.0" for i in range(1, 18)]
     (name,) = _outputs_suffix(SimpleNamespace(layer_list=many, cache_at=None))
     assert name.startswith("Lf1c10..f17c10_17_") and len(name) < 40
+
+
+def test_rows_name_the_layer_and_its_width_and_warn_of_unstandardised_features(tmp_path: Path, capsys) -> None:
+    """A file without --layers is the backbone's 'final' features; the concatenation of a --layers file names its
+    layers; each row has its feature width. compare's standardize warning reaches the leaderboard's output."""
+    from pipeline.stage2.comparing import layer_shown
+
+    assert layer_shown(None, []) == "final" and layer_shown("features.7", ["features.7", "f.9"]) == "features.7"
+    assert layer_shown("all", ["features.7", "f.9"]) == "all (features.7+f.9)"
+    assert layer_shown(None, [f"features.{i}" for i in range(10)]) == "all (10 layers)"
+    same = {"kind": "folder", "root": "/a", "split": "stratified val_fraction=0.2 seed=0", "files_sha256": "x"}
+    a = _file(tmp_path / "a.h5", identity=same)
+    b = _file(tmp_path / "b.h5", identity=same, seed=1, scale=1e-4)  # a tiny raw scale: Adam's lr does not suit it
+    code, out, _ = run(["compare", "--features", str(a), "--features", str(b), "--heads", "logreg,linear",
+                        "--out", str(tmp_path / "lb")], capsys)  # fmt: skip
+    assert code == 0
+    result = __import__("json").loads((tmp_path / "lb" / "leaderboard.json").read_text())
+    assert {r["layer"] for r in result["rows"]} == {"final"} and {r["feature_dim"] for r in result["rows"]} == {16}
+    assert "| layer | dim |" in out
+    assert len(result["notes"]) == 1 and "b.h5 final" in result["notes"][0] and "a.h5" not in result["notes"][0]
+    assert "WARNING: linear or mlp trail logreg" in out and "--standardize" in out

@@ -197,14 +197,24 @@ def parse_layers(spec: str, meta: FeatureMeta, *, features: Path) -> list[str]:
     return names + ([ALL_LAYERS] if len(columns) > 1 else [])
 
 
+def layer_shown(name: str | None, stored: list[str]) -> str:
+    """A layer as tables show it: its name; ``all (a+b+c)`` for the concatenation of a ``--layers`` file's layers
+    (``all (N layers)`` when long); ``final`` for a file without ``--layers`` (the backbone's classifier input)."""
+    if not stored:
+        return "final"
+    if name not in (None, ALL_LAYERS):
+        return str(name)
+    joined = "+".join(stored)
+    return f"all ({joined if len(joined) <= 40 else f'{len(stored)} layers'})"
+
+
 def _layer_row(name: str, run: dict[str, Any], *, stored: list[str]) -> dict[str, Any]:
     """One line of the layer table: the best head of ``run`` (a :func:`compare` result on layer ``name``)."""
     best = next(r for r in run["rows"] if r["head"] == run["best"])
-    joined = "+".join(stored)
     keep = ("val_accuracy", "balanced_accuracy", "train_val_gap", "fit_seconds")
     return {
         "layer": name,
-        "shown": name if name != ALL_LAYERS else f"all ({joined if len(joined) <= 40 else f'{len(stored)} layers'})",
+        "shown": layer_shown(name, stored),
         "feature_dim": run["feature_dim"],
         "best": run["best"],
         **{k: best.get(k) for k in keep},

@@ -21,6 +21,7 @@ COLUMNS = (
     ("backbone", "backbone", "{}"),
     ("weights", "weights", "{}"),
     ("layer", "layer", "{}"),
+    ("dim", "feature_dim", "{}"),
     ("image", "image", "{}"),
     ("head", "head", "{}"),
     ("val", "val", "{:.4f}"),
@@ -80,7 +81,7 @@ def leaderboard(
 ) -> dict[str, Any]:
     """Every head on every file (and on each stored layer with ``layers``), one sorted table; written to ``out``
     (default ``artifacts/heads/leaderboard/``) as leaderboard.json/.md/.png, each run's folder below it."""
-    from pipeline.stage2.comparing import compare, parse_layers
+    from pipeline.stage2.comparing import STANDARDIZE_GAP, compare, layer_shown, parse_layers, standardize_hint
     from pipeline.stage2.runs import weights_label
 
     features = [Path(f) for f in features]
@@ -93,22 +94,34 @@ def leaderboard(
     task = TASKS[resolve_task(base.task, metas[0])]
     root = Path(out) if out else Path("artifacts/heads/leaderboard")
     rows: list[dict[str, Any]] = []
+    unstandardised: list[str] = []  # the runs where linear or mlp trailed logreg (compare's standardize hint)
     for n, (path, meta) in enumerate(zip(features, metas)):
         names = parse_layers(layers, meta, features=path) if layers and meta.layers else [base.layer]
         for layer in names:
             folder = root / f"{n}_{path.stem}" / (layer or "all")
             result = compare(path, heads=heads, base=replace(base, layer=layer), out=folder, force=force)
+            shown = layer_shown(layer, [d["name"] for d in meta.layers or []])
+            if standardize_hint(result["rows"], base=base):
+                unstandardised.append(f"{path.name} {shown}")
             for r in result["rows"]:
                 rows.append({
                     "features": str(path), "backbone": meta.backbone, "weights": weights_label(meta),
-                    "layer": result.get("layer") or "all", "image": image_words(meta), "head": r["head"],
+                    "layer": shown,
+                    "feature_dim": result.get("feature_dim"), "image": image_words(meta), "head": r["head"],
                     "val": r.get(task.score), "interval": r.get(f"{task.score}_interval"),
                     "extract_seconds": meta.extract_seconds, "head_seconds": r.get("head_seconds"),
                 })  # fmt: skip
     rows.sort(key=lambda r: -(r["val"] if r["val"] is not None else float("-inf")))
     result = {"score": task.score, "rows": rows, "out": str(root), "features": [str(f) for f in features]}
+    if unstandardised:
+        result["notes"] = [
+            f"linear or mlp trail logreg by more than {100 * STANDARDIZE_GAP:.0f} points on unstandardised features "
+            f"in {len(unstandardised)} of the runs ({', '.join(unstandardised[:4])}"
+            f"{', ...' if len(unstandardised) > 4 else ''}): rerun with --standardize"
+        ]
     write_json(root / "leaderboard.json", result)
-    write_text(root / "leaderboard.md", leaderboard_table(rows) + "\n")
+    notes = "".join(f"\nWARNING: {n}\n" for n in result.get("notes", []))
+    write_text(root / "leaderboard.md", leaderboard_table(rows) + "\n" + notes)
     _plot(rows, root / "leaderboard.png", score=task.score)
     write_leaderboard_report(root, result, columns=COLUMNS)
     return result

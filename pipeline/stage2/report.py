@@ -107,6 +107,7 @@ def render_leaderboard(root: Path, result: dict[str, Any], *, columns: tuple[Col
     marks = ["best" if n == 0 else None for n in range(len(rows))]
     body.append('<h2 id="table">Every head on every file, best first</h2>')
     body.append(table(cells(columns, rows), header=[c for c, _, _ in columns], cls="rows", row_classes=marks))
+    body += [f"<p><strong>Warning:</strong> {esc(note)}</p>" for note in result.get("notes", [])]
     if (root / "leaderboard.png").is_file():
         body.append(figure(root / "leaderboard.png", caption="leaderboard.png"))
     runs = sorted(p.parent.relative_to(root).as_posix() for p in root.glob("*/*/report.html"))
