@@ -388,3 +388,18 @@ def test_multi_label_refusals_are_one_line(mosaic_features, capsys) -> None:
     assert_one_line_error(code, err, "--class-weight balanced", "several labels per image")
     code, _, err = run(["train-head", "--features", str(path), "--task", "classify", "--out", str(tmp / "x")], capsys)
     assert_one_line_error(code, err, "several labels per image", "--task multilabel")
+
+
+def test_multi_label_compare_page_renders_in_chromium(mosaic_features) -> None:
+    """report.html of a multi-label compare on real images: every figure (each head's errors.png first) decoded."""
+    from pipeline.stage2.comparing import compare
+    from pipeline.stage2.heads import HeadConfig
+    from tests.browser import render_in_chromium
+
+    tmp, path, _ = mosaic_features
+    root = tmp / "cmp-page"
+    compare(path, heads=["logreg", "centroid"], base=HeadConfig(head="logreg", device="cpu"), out=root)
+    pngs = sorted(root.rglob("*.png"))
+    assert {p.relative_to(root).as_posix() for p in pngs} >= {"logreg/errors.png", "centroid/errors.png"}
+    seen = render_in_chromium(root / "report.html", tmp=tmp)
+    assert seen["images"] == len(pngs) and seen["broken"] == 0 and seen["errors"] == 0 and seen["console"] == []
