@@ -263,9 +263,11 @@ def test_every_multi_label_head_trains_exports_and_predicts_its_decisions(mosaic
     val_paths = [str(tmp / "mos" / Path(i).name) for i in fs.val.ids]
     for head in heads:
         out = tmp / "heads" / head
-        code, _, err = run(["train-head", "--features", str(path), "--head", head, "--out", str(out)], capsys)
+        code, said, err = run(["train-head", "--features", str(path), "--head", head, "--out", str(out)], capsys)
         assert code == 0, err
         metrics = json.loads((out / "metrics.json").read_text())
+        lo, hi = metrics["val_map_interval"]
+        assert f"val 95% intervals (bootstrap over images): mAP [{lo:.4f}, {hi:.4f}]" in said
         chance = float(np.mean(fs.val.multi_hot.mean(0)))  # a constant score's AP is the label's frequency
         assert metrics["task"] == "multilabel" and metrics["val_map"] > chance + 0.15, (head, metrics["val_map"])
         # the report's decisions: the saved head on the cached val features at its recorded thresholds

@@ -205,14 +205,12 @@ class MultiLabelMetrics(MetricsRecord):
             f"  val   mAP {m.val_map:.4f}   micro F1 {m.val_micro_f1:.4f}   macro F1 {m.val_macro_f1:.4f}   "
             f"subset acc {m.val_subset_accuracy:.4f}   Hamming loss {m.val_hamming_loss:.4f}",
         ]
-        said = [(name, getattr(m, key), m.details.get(f"{key}_interval"))
+        said = [(name, m.details[f"{key}_interval"])
                 for name, key in (("mAP", "val_map"), ("micro F1", "val_micro_f1"), ("macro F1", "val_macro_f1"))
                 if m.details.get(f"{key}_interval")]  # fmt: skip
-        if said:
-            lines.append(
-                "  95% intervals (bootstrap over val images): "
-                + "   ".join(f"{name} {stats.format_interval(value, interval)}" for name, value, interval in said)
-            )
+        if said:  # the values are on the line above
+            shown = "   ".join(f"{name} [{lo:.4f}, {hi:.4f}]" for name, (lo, hi) in said)
+            lines.append(f"  val 95% intervals (bootstrap over images): {shown}")
         lines += [
             f"  train mAP {m.train_map:.4f}   micro F1 {m.train_micro_f1:.4f}   train - val mAP gap "
             f"{m.train_val_gap:+.4f}",
