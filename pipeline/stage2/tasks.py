@@ -561,9 +561,11 @@ class MultiLabel(Task):
     def write_plots(self, metrics: Any, out: Path, *, fs: FeatureSet, head: Any, label: str,
                     note: str) -> None:  # fmt: skip
         if metrics.history:
+            score = stats.format_interval(metrics.val_map, metrics.details.get("val_map_interval"))
             plots.curves_png(
                 metrics.history, out / "curves.png", title=f"{metrics.head} head: loss (binary cross-entropy summed "
-                f"over labels) and label accuracy per epoch ({label})", note=note,
+                f"over labels) and label accuracy per epoch\n{label}\nthe trained head: val mAP {score} (95% interval)",
+                note=note,
             )  # fmt: skip
 
     def config_record(self, fs: FeatureSet, metrics: Any) -> dict[str, Any]:
