@@ -41,37 +41,39 @@ class LabelRanking:
     row counted as often as it was drawn; :func:`pipeline.stage2.stats.resample_counts`), and its AP is exactly the
     AP of the resampled rows: a row drawn twice ties with itself. With all weights 1 it is the AP of the rows."""
 
-    BLOCK = 1 << 22  # cells (rows x labels) per block of cumulative sums: memory bounded on many labels
+    BLOCK = 1 << 22  # cells (labels x rows) per block of cumulative sums: memory bounded on many labels
 
     def __init__(self, y: np.ndarray, score: np.ndarray) -> None:
-        y = np.asarray(y).astype(bool).reshape(len(y), -1)
-        s = np.asarray(score, np.float64).reshape(len(y), -1)
-        n = len(y)
-        self.order = np.argsort(-s, axis=0, kind="mergesort")
-        ranked = np.take_along_axis(s, self.order, 0)
-        self.hit = np.take_along_axis(y, self.order, 0)
+        # label-major (L, N): each label's cumulative sums run over contiguous memory
+        y, s = np.asarray(y).astype(bool), np.asarray(score, np.float64)
+        y, s = (y[:, None], s[:, None]) if y.ndim == 1 else (y, s)  # one label's column
+        y, s = np.ascontiguousarray(y.T), np.ascontiguousarray(s.T)
+        n = y.shape[1]
+        self.order = np.argsort(-s, axis=1, kind="mergesort")
+        ranked = np.take_along_axis(s, self.order, 1)
+        self.hit = np.take_along_axis(y, self.order, 1)
         last = np.ones(s.shape, bool)
-        last[:-1] = ranked[1:] != ranked[:-1]
-        # each row's run end: the first run end at or below it (a reversed running minimum of the run ends' rows)
-        at = np.where(last, np.arange(n)[:, None], n)
-        self.run_end = np.minimum.accumulate(at[::-1], axis=0)[::-1]
+        last[:, :-1] = ranked[:, 1:] != ranked[:, :-1]
+        # each row's run end: the first run end at or after it (a reversed running minimum of the run ends' places)
+        at = np.where(last, np.arange(n)[None], n)
+        self.run_end = np.ascontiguousarray(np.minimum.accumulate(at[:, ::-1], axis=1)[:, ::-1])
 
     def aps(self, weights: np.ndarray | None = None) -> np.ndarray:
         """Each label's AP of the rows weighted by ``weights`` (None: 1 each); NaN for a label without a positive."""
-        n, labels = self.order.shape
+        labels, n = self.order.shape
         w = np.ones(n) if weights is None else np.asarray(weights, np.float64)
         out = np.full(labels, np.nan)
         step = max(1, self.BLOCK // max(n, 1))
         for a in range(0, labels, step):
-            cols = slice(a, a + step)
-            W = w[self.order[:, cols]]
-            hit = W * self.hit[:, cols]
-            total = hit.sum(0)
-            seen = np.cumsum(W, 0)
-            precision = np.cumsum(hit, 0) / np.where(seen > 0, seen, 1)
-            at_end = np.take_along_axis(precision, self.run_end[:, cols], 0)
+            rows = slice(a, a + step)
+            W = w[self.order[rows]]
+            hit = W * self.hit[rows]
+            total = hit.sum(1)
+            seen = np.cumsum(W, 1)
+            precision = np.cumsum(hit, 1) / np.where(seen > 0, seen, 1)
+            at_end = np.take_along_axis(precision, self.run_end[rows], 1)
             has = total > 0
-            out[cols][has] = (hit * at_end).sum(0)[has] / total[has]
+            out[rows][has] = (hit * at_end).sum(1)[has] / total[has]
         return out
 
     def map(self, weights: np.ndarray | None = None) -> float:
@@ -137,7 +139,7 @@ def multilabel_intervals(
 ) -> dict[str, list[float]]:
     """Bootstrap 95% intervals (images resampled) of val mAP (``val_map_interval``; :data:`stats.BOOTSTRAP_MAP`
     resamples, as for a classifier's mAP) and of micro and macro F1 at ``thresholds`` (``val_micro_f1_interval``,
-    ``val_macro_f1_interval``; :data:`stats.BOOTSTRAP`). On 10,000 val images and 80 labels: ~3 s."""
+    ``val_macro_f1_interval``; :data:`stats.BOOTSTRAP`). On 10,000 val images and 80 labels: ~2.2 s."""
     ranking = LabelRanking(y, proba)
     out = stats.weighted_intervals(lambda w: {"val_map_interval": ranking.map(w)}, len(y),
                                    resamples=stats.BOOTSTRAP_MAP, seed=seed)  # fmt: skip
