@@ -339,7 +339,7 @@ def mark_ties(rows: list[dict[str, Any]], *, best: str, root: Path, task: Task) 
         return answers.read_predictions(path) if path.is_file() else None
 
     best_rows = answered(best)
-    if best_rows is None:
+    if not best_rows:
         return
     ids = [r["id"] for r in best_rows]
     tied = []
