@@ -40,6 +40,28 @@ def test_errors_png_draws_the_worst_and_names_the_unreadable(tmp_path: Path) -> 
     assert Image.open(tmp_path / "errors.png").size[0] > 100
 
 
+def test_multi_label_errors_png_captions_label_sets_from_a_tables_files(tmp_path: Path) -> None:
+    """errors.png of several labels per image: the highest-loss images, read back from a table dataset's files
+    (``kind: table``, ids relative to its root), captioned with the true and decided label sets."""
+    root = tmp_path / "data"
+    root.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8), 60 * i, np.uint8)).save(root / f"{i}.png")
+    y = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 0]])
+    proba = np.array([[0.9, 0.2, 0.8], [0.7, 0.1, 0.1], [0.6, 0.9, 0.2]])
+    rows = answers.multilabel_rows([f"{i}.png" for i in range(3)], y, proba, ["a", "b", "c"], thresholds=[0.5] * 3)
+    assert [r["predicted"] for r in rows] == ["a;c", "a", "a;b"] and rows[1]["true"] == "b"
+    caption, _ = answers.CAPTIONS["label sets"]
+    assert caption(rows[1]).splitlines()[:2] == ["true b", "pred a"]
+    assert caption({**rows[1], "true": ""}).startswith("true (none)")
+    identity = {"kind": "table", "root": str(root)}
+    note = answers.write_errors_png(tmp_path / "e.png", rows, identity=identity, captions="label sets")
+    assert note is None and Image.open(tmp_path / "e.png").size[0] > 100
+    (root / "1.png").unlink()  # the worst image (b missed, a said) is gone: named, the rest drawn
+    note = answers.write_errors_png(tmp_path / "e.png", rows, identity=identity, captions="label sets")
+    assert note is not None and "1 of 3" in note and "1.png" in note
+
+
 def test_small_images_hint_at_extract() -> None:
     from pipeline.stage1.datasets import Source, array_split
     from pipeline.stage1.extract import small_images_hint

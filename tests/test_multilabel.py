@@ -71,6 +71,76 @@ def test_thresholds_maximise_each_labels_f1() -> None:
         assert got == pytest.approx(best) and got > f1_score(y[:, j], proba[:, j] >= 0.99, zero_division=0)
 
 
+def _two_heads(n: int = 300, labels: int = 5, *, seed: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Truth and two heads' probabilities, rounded so that scores tie (knn's vote shares do)."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random((n, labels)) < 0.3).astype(np.uint8)
+    a = np.round(np.clip(0.4 * y + rng.random(y.shape) * 0.7, 0, 1), 2)
+    b = np.round(np.clip(0.4 * y + rng.random(y.shape) * 0.7, 0, 1), 2)
+    return y, a, b
+
+
+def test_weighted_ap_is_the_ap_of_the_resampled_images() -> None:
+    """The bootstrap's mAP of a resample (counts per image as weights, one sort) is the mAP of the resampled rows,
+    so the intervals and the tie test are stats.bootstrap_interval's and stats.paired_bootstrap's, only faster."""
+    from pipeline.stage2 import stats
+    from pipeline.stage2.multilabel import LabelRanking, map_p_value, multilabel_intervals
+
+    y, a, b = _two_heads()
+    ranking = LabelRanking(y, a)
+    rng = np.random.default_rng(7)
+    for _ in range(5):
+        rows = rng.integers(0, len(y), len(y))
+        counts = np.bincount(rows, minlength=len(y)).astype(float)
+        assert ranking.map(counts) == pytest.approx(mean_average_precision(y[rows], a[rows]), abs=1e-12)
+        assert ranking.map(counts) == pytest.approx(average_precision_score(y[rows], a[rows], average="macro"))
+    plain = stats.paired_bootstrap(y, a, b, metric=mean_average_precision, resamples=stats.BOOTSTRAP_MAP, seed=3)
+    assert map_p_value(y, a, b, seed=3) == pytest.approx(plain)
+    interval = stats.bootstrap_interval(lambda r: mean_average_precision(y[r], a[r]), len(y),
+                                        resamples=stats.BOOTSTRAP_MAP, seed=3)  # fmt: skip
+    assert multilabel_intervals(y, a, [0.5] * 5, seed=3)["val_map_interval"] == pytest.approx(list(interval))
+
+
+def test_intervals_hold_the_val_scores_and_a_better_head_is_not_tied() -> None:
+    from pipeline.stage2.multilabel import map_p_value, multilabel_intervals
+
+    y, a, b = _two_heads(n=400)
+    thresholds = [0.5, 0.45, 0.55, 0.5, 0.6]
+    m = multilabel_metrics(y, a, list("abcde"), thresholds=thresholds)
+    got = multilabel_intervals(y, a, thresholds)
+    for key in ("map", "micro_f1", "macro_f1"):
+        lo, hi = got[f"val_{key}_interval"]
+        assert lo < m[key] < hi and hi - lo < 0.15, (key, lo, m[key], hi)
+    rng = np.random.default_rng(9)
+    worse = np.round(np.clip(0.15 * y + rng.random(y.shape) * 0.7, 0, 1), 2)  # a weaker signal: a lower mAP
+    assert mean_average_precision(y, worse) < mean_average_precision(y, a) - 0.1
+    assert map_p_value(y, a, worse) < 0.05  # a real difference
+    assert map_p_value(y, a, b) >= 0.05  # the same kind of head with other noise: tied
+    assert map_p_value(y, a, a) == 1.0
+
+
+def test_predictions_rows_hold_label_sets_probabilities_and_the_summed_cross_entropy(tmp_path: Path) -> None:
+    from sklearn.metrics import log_loss
+
+    from pipeline.stage2 import answers
+
+    y, a, _ = _two_heads(n=6, labels=3)
+    y[0] = 0  # an image with no label: an empty cell
+    thresholds = [0.5, 0.3, 0.7]
+    rows = answers.multilabel_rows([f"x{i}.png" for i in range(6)], y, a, ["cat", "id", "loss"],
+                                   thresholds=thresholds)  # fmt: skip
+    assert list(rows[0]) == ["id", "true", "predicted", "loss", "p_cat", "p_id", "p_loss"]  # no label overwrites
+    for r, truth, p, on in zip(rows, y, a, decide(a, thresholds)):
+        assert r["true"] == ";".join(n for n, t in zip(["cat", "id", "loss"], truth) if t)
+        assert r["predicted"] == ";".join(n for n, t in zip(["cat", "id", "loss"], on) if t)
+        assert [r["p_cat"], r["p_id"], r["p_loss"]] == pytest.approx(p.tolist())
+        bce = sum(log_loss([t], [q], labels=[0, 1]) for t, q in zip(truth, p))
+        assert r["loss"] == pytest.approx(bce, rel=1e-6)
+    answers.write_predictions(tmp_path / "p.csv", rows)
+    labels, proba, truth = answers.label_sets(answers.read_predictions(tmp_path / "p.csv"))
+    assert labels == ["cat", "id", "loss"] and (truth == y.astype(bool)).all() and proba == pytest.approx(a)
+
+
 # ------------------------------------------------------------------------------------------ the feature file
 
 
@@ -193,9 +263,11 @@ def test_every_multi_label_head_trains_exports_and_predicts_its_decisions(mosaic
     val_paths = [str(tmp / "mos" / Path(i).name) for i in fs.val.ids]
     for head in heads:
         out = tmp / "heads" / head
-        code, _, err = run(["train-head", "--features", str(path), "--head", head, "--out", str(out)], capsys)
+        code, said, err = run(["train-head", "--features", str(path), "--head", head, "--out", str(out)], capsys)
         assert code == 0, err
         metrics = json.loads((out / "metrics.json").read_text())
+        lo, hi = metrics["val_map_interval"]
+        assert f"val 95% intervals (bootstrap over images): mAP [{lo:.4f}, {hi:.4f}]" in said
         chance = float(np.mean(fs.val.multi_hot.mean(0)))  # a constant score's AP is the label's frequency
         assert metrics["task"] == "multilabel" and metrics["val_map"] > chance + 0.15, (head, metrics["val_map"])
         # the report's decisions: the saved head on the cached val features at its recorded thresholds
@@ -231,6 +303,28 @@ def test_every_multi_label_head_trains_exports_and_predicts_its_decisions(mosaic
             said = {c for c in row["labels"].split(";") if c}
             assert {fs.classes[j] for j in np.flatnonzero(d & ~near)} <= said
             assert said <= {fs.classes[j] for j in np.flatnonzero(d | near)}
+        assert_predictions_csv_says_what_predict_says(out, rows, truth=truth, thresholds=thresholds)
+
+
+def assert_predictions_csv_says_what_predict_says(
+    head_dir: Path, live: dict[str, dict[str, str]], *, truth: dict[str, set[str]], thresholds: np.ndarray
+) -> None:
+    """train-head's predictions.csv (from the cached val features, no backbone run) says what ``predict`` says
+    (``live``, its CSV's rows by file name) for the same images through the exported model: the same label sets
+    (but for a probability within float32 rounding of its threshold) and the same probabilities."""
+    from pipeline.stage2.answers import label_sets, read_predictions
+
+    cached = read_predictions(head_dir / "predictions.csv")
+    labels, proba, _ = label_sets(cached)
+    assert len(cached) == len(live) and list(cached[0])[:4] == ["id", "true", "predicted", "loss"]
+    for row, p in zip(cached, proba):
+        name = Path(row["id"]).name
+        said = live[name]
+        assert set(row["true"].split(";")) == truth[name]
+        assert p == pytest.approx([float(said[c]) for c in labels], abs=2e-3)
+        near = {c for c, q, t in zip(labels, p, thresholds) if abs(q - t) < 2e-3}
+        assert set(row["predicted"].split(";")) - {""} - near == set(said["labels"].split(";")) - {""} - near
+    assert (head_dir / "errors.png").is_file()
 
 
 def test_compare_ranks_multi_label_heads_by_val_map(mosaic_features, capsys) -> None:
@@ -242,6 +336,46 @@ def test_compare_ranks_multi_label_heads_by_val_map(mosaic_features, capsys) -> 
     assert maps == sorted(maps, reverse=True)
     assert {r["head"] for r in rows} >= {"linear", "mlp", "knn", "logreg", "centroid"}
     assert "val mAP" in out
+
+
+def test_compare_gives_intervals_ties_times_and_each_heads_answers(mosaic_features, capsys) -> None:
+    """Issue 25 for several labels per image: each val score's 95% interval, the heads tied with the best by a
+    paired bootstrap of val mAP, the time columns, and per head predictions.csv and errors.png on report.html."""
+    from pipeline.stage2.answers import label_sets, read_predictions
+    from pipeline.stage2.multilabel import map_p_value
+    from pipeline.stage2.report import best_line
+
+    tmp, path, _ = mosaic_features
+    root = tmp / "cmp-answers"
+    code, out, err = run(["compare", "--features", str(path), "--heads", "linear,logreg,centroid,knn", "--out",
+                          str(root)], capsys)  # fmt: skip
+    assert code == 0, err
+    result = json.loads((root / "compare.json").read_text())
+    rows, best = result["rows"], result["best"]
+    for row in rows:
+        metrics = json.loads((root / row["head"] / "metrics.json").read_text())
+        for key in ("val_map", "val_micro_f1", "val_macro_f1"):
+            lo, hi = metrics[f"{key}_interval"]
+            assert lo <= metrics[key] <= hi and hi - lo > 0, (row["head"], key)
+        assert row["val_map_interval"] == metrics["val_map_interval"]
+        assert row["eval_seconds"] > 0 and row["head_seconds"] >= row["fit_seconds"] + row["eval_seconds"]
+    _, best_proba, truth = label_sets(read_predictions(root / best / "predictions.csv"))
+    for row in rows:  # the marks are the paired test of the heads' predictions.csv
+        if row["head"] == best:
+            continue
+        _, proba, _ = label_sets(read_predictions(root / row["head"] / "predictions.csv"))
+        p = map_p_value(truth, best_proba, proba)
+        assert row["tied_p_value"] == pytest.approx(p)
+        assert (row.get("tied_with_best") is not None) == (p >= 0.05) == (row["head"] in result["best_tied_with"])
+    assert rows[-1]["tied_p_value"] < 0.05  # the last head's mAP is not the best's
+    assert best_line(result) in out
+    for header in ("95% interval", "tied", "micro F1 95%", "eval s", "head s"):
+        assert f" {header} |" in out
+    html = (root / "report.html").read_text()
+    for row in rows:
+        head = row["head"]
+        section = html.split(f'id="head-{head}"')[1].split("<h2")[0]
+        assert f'href="{head}/predictions.csv"' in section and "errors.png" in section.split("<img")[1]
 
 
 def test_multi_label_refusals_are_one_line(mosaic_features, capsys) -> None:
@@ -256,3 +390,18 @@ def test_multi_label_refusals_are_one_line(mosaic_features, capsys) -> None:
     assert_one_line_error(code, err, "--class-weight balanced", "several labels per image")
     code, _, err = run(["train-head", "--features", str(path), "--task", "classify", "--out", str(tmp / "x")], capsys)
     assert_one_line_error(code, err, "several labels per image", "--task multilabel")
+
+
+def test_multi_label_compare_page_renders_in_chromium(mosaic_features) -> None:
+    """report.html of a multi-label compare on real images: every figure (each head's errors.png first) decoded."""
+    from pipeline.stage2.comparing import compare
+    from pipeline.stage2.heads import HeadConfig
+    from tests.browser import render_in_chromium
+
+    tmp, path, _ = mosaic_features
+    root = tmp / "cmp-page"
+    compare(path, heads=["logreg", "centroid"], base=HeadConfig(head="logreg", device="cpu"), out=root)
+    pngs = sorted(root.rglob("*.png"))
+    assert {p.relative_to(root).as_posix() for p in pngs} >= {"logreg/errors.png", "centroid/errors.png"}
+    seen = render_in_chromium(root / "report.html", tmp=tmp)
+    assert seen["images"] == len(pngs) and seen["broken"] == 0 and seen["errors"] == 0 and seen["console"] == []

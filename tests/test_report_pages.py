@@ -149,6 +149,9 @@ def test_multi_label_page_has_the_multi_label_columns(tmp_path: Path) -> None:
     html = (tmp_path / "cmp" / "report.html").read_text()
     columns = task_of_rows(result["rows"]).table_columns(result["rows"])
     assert "<th>val mAP</th>" in html and all(f"<th>{esc(h)}</th>" in html for h, _, _ in columns)
+    assert {"95% interval", "tied", "eval s", "head s"} <= {h for h, _, _ in columns}
+    for head in ("knn", "linear"):  # no image files behind these features: no errors.png, the answers linked
+        assert f'href="{head}/predictions.csv"' in html
     assert all("".join(f"<td>{esc(c)}</td>" for c in r) in html for r in cells(columns, result["rows"]))
     assert esc(best_line(result)) in html
     assert_self_contained(html, tmp_path / "cmp")

@@ -1,7 +1,8 @@
 """Per-image answers of a trained head on val, with no backbone run: ``predictions.csv`` (each val image's id, its
 true and predicted class, the predicted class's probability and the top k; for regression the true and predicted
-values) and ``errors.png`` (the worst-predicted val images, highest loss first, read back from the source images by
-their stored ids: files under a folder dataset's root, or the arrays of a torchvision set)."""
+values; for several labels per image the true and decided label sets and each label's probability) and
+``errors.png`` (the worst-predicted val images, highest loss first, read back from the source images by their stored
+ids: files under a folder dataset's root, or the arrays of a torchvision set)."""
 
 from __future__ import annotations
 
@@ -55,6 +56,50 @@ def regression_rows(ids: Any, y: np.ndarray, pred: np.ndarray, targets: list[str
     return rows
 
 
+PROBABILITY = "p_"  # a multi-label predictions.csv: the column of label L's probability is p_L
+SEP = ";"  # between the labels of one image, as extract reads them and predict writes them
+
+
+def multilabel_rows(
+    ids: Any, y: np.ndarray, proba: np.ndarray, labels: list[str], *, thresholds: Any
+) -> list[dict[str, Any]]:
+    """One row per image: ``id``, ``true`` (its labels, ``;``-joined), ``predicted`` (the labels whose probability
+    reaches their threshold: the decisions ``predict`` makes through the exported model), ``loss`` (binary
+    cross-entropy summed over the labels), then ``p_<label>``, each label's probability, in the labels' order.
+
+    One column per label rather than one ``a:0.91 b:0.05`` cell: ``pd.read_csv(...).filter(regex="^p_")`` is the
+    (N, L) matrix to threshold, sort or plot as it is, with no parsing; the prefix keeps a label named ``id`` or
+    ``loss`` from overwriting a fixed column."""
+    from pipeline.stage2.multilabel import decide
+
+    y, proba = np.asarray(y).astype(bool), np.asarray(proba, np.float64)
+    on = decide(proba, thresholds).astype(bool)
+    p = np.clip(proba, 1e-12, 1 - 1e-12)
+    loss = -np.where(y, np.log(p), np.log1p(-p)).sum(1)
+    names = np.array(labels, dtype=object)
+    return [
+        {"id": str(ids[i]), "true": SEP.join(names[y[i]]), "predicted": SEP.join(names[on[i]]), "loss": float(loss[i]),
+         **{f"{PROBABILITY}{name}": float(proba[i, j]) for j, name in enumerate(labels)}}
+        for i in range(len(y))
+    ]  # fmt: skip
+
+
+def label_sets(rows: list[dict[str, str]]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """A multi-label predictions.csv read back: its labels, the (N, L) probabilities and the (N, L) truth."""
+    keys = [k for k in (rows[0] if rows else {}) if k.startswith(PROBABILITY)]
+    labels = [k[len(PROBABILITY) :] for k in keys]
+    index = {name: j for j, name in enumerate(labels)}
+    truth = np.zeros((len(rows), len(labels)), bool)
+    for i, r in enumerate(rows):
+        truth[i, [index[name] for name in r["true"].split(SEP) if name]] = True
+    return labels, columns(rows, keys), truth
+
+
+def columns(rows: list[dict[str, str]], keys: list[str]) -> np.ndarray:
+    """The (N, len(keys)) float values of ``keys`` in predictions.csv rows read back."""
+    return np.array([[float(r[k]) for k in keys] for r in rows], np.float64).reshape(len(rows), len(keys))
+
+
 def write_predictions(path: Path, rows: list[dict[str, Any]]) -> None:
     """``predictions.csv``, written atomically."""
     buf = io.StringIO()
@@ -70,9 +115,13 @@ def read_predictions(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+FILE_KINDS = ("folder", "table", "imagefolder")  # datasets whose ids are image paths relative to their root
+
+
 def source_images(identity: dict[str, Any], ids: list[str], *, split: str = "val") -> tuple[list[Any], list[str]]:
     """The images of ``ids`` (PIL, or None where unreadable) and the ids that could not be read, from what the
-    feature file recorded of its dataset: a folder's files by relative path, a torchvision set's arrays by index."""
+    feature file recorded of its dataset: a folder's (or a table's, or a Hugging Face imagefolder's) files by relative
+    path, a torchvision set's arrays by index."""
     from pipeline.stage1.datasets import load_image
 
     kind, root = identity.get("kind"), Path(str(identity.get("root", "")))
@@ -88,7 +137,7 @@ def source_images(identity: dict[str, Any], ids: list[str], *, split: str = "val
             log.debug("cannot reopen %s: %s", identity.get("name"), e)
     for i in ids:
         try:
-            if kind == "folder":
+            if kind in FILE_KINDS:
                 images.append(load_image(root / i))
             elif arrays is not None:
                 images.append(arrays.load(int(i)))
@@ -100,11 +149,31 @@ def source_images(identity: dict[str, Any], ids: list[str], *, split: str = "val
     return images, missing
 
 
+def _short(labels: str, width: int = 24) -> str:
+    shown = labels.replace(SEP, " ") or "(none)"
+    return shown if len(shown) <= width else shown[: width - 3] + "..."
+
+
+CAPTIONS = {  # errors.png of a task (Task.errors): each image's caption, and the figure's title
+    "classes": (
+        lambda r: f"{r['true']} -> {r['predicted']}\n({r['probability']:.2f})",
+        "worst-predicted val images (highest loss first): true -> predicted",
+    ),
+    "label sets": (
+        lambda r: f"true {_short(r['true'])}\npred {_short(r['predicted'])}\nloss {r['loss']:.2f}",
+        "worst-predicted val images (highest loss first: binary cross-entropy summed over labels): true and "
+        "predicted label sets",
+    ),
+}
+
+
 def write_errors_png(
-    path: Path, rows: list[dict[str, Any]], *, identity: dict[str, Any], count: int = ERROR_IMAGES
-) -> str | None:
-    """A grid of the ``count`` highest-loss rows' images, each titled true -> predicted (probability). Returns a
-    one-line note when some images could not be read (the rest are drawn), or None."""
+    path: Path, rows: list[dict[str, Any]], *, identity: dict[str, Any], count: int = ERROR_IMAGES,
+    captions: str = "classes",
+) -> str | None:  # fmt: skip
+    """A grid of the ``count`` highest-loss rows' images, each captioned as :data:`CAPTIONS` ``[captions]`` says
+    (true -> predicted (probability); true and predicted label sets). Returns a one-line note when some images could
+    not be read (the rest are drawn), or None."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -121,18 +190,17 @@ def write_errors_png(
         note = f"errors.png: {len(missing)} of {len(worst)} images could not be read from {where} (e.g. {missing[0]})"
     if not shown:
         return note
+    caption, title = CAPTIONS[captions]
+    lines = caption(shown[0][0]).count("\n") + 1
     cols = min(5, len(shown))
     rows_n = -(-len(shown) // cols)
-    fig, axes = plt.subplots(rows_n, cols, figsize=(2.2 * cols, 2.5 * rows_n), squeeze=False)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(2.2 * cols, (2.1 + 0.2 * lines) * rows_n), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, (r, im) in zip(axes.flat, shown):
         ax.imshow(np.asarray(im))
-        if "true" in r:
-            ax.set_title(f"{r['true']} -> {r['predicted']}\n({r['probability']:.2f})", fontsize=8)
-        else:
-            ax.set_title(f"loss {r['loss']:.3g}", fontsize=8)
-    fig.suptitle("worst-predicted val images (highest loss first): true -> predicted", fontsize=9)
+        ax.set_title(caption(r), fontsize=8)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     atomic_write(Path(path), lambda p: fig.savefig(p, format="png", dpi=80))
     plt.close(fig)

@@ -30,7 +30,7 @@ from pipeline.stage2.runs import (
     with_layer,
     writing,
 )
-from pipeline.stage2.tasks import TASKS, Column, resolve_task, task_of_rows, with_task
+from pipeline.stage2.tasks import TASKS, Column, Task, resolve_task, task_of_rows, with_task
 from pipeline.stage2.training import fit_and_evaluate, train_one
 from pipeline.store import ALL_LAYERS, FeatureMeta, layer_columns, read_meta, resolve_layer
 
@@ -141,7 +141,7 @@ def compare(
             rows.append(row | {"head_seconds": time.perf_counter() - t0})
         ranked_by = task.rank(rows)
         best = max(rows, key=lambda r: r[ranked_by])
-        mark_ties(rows, best=best["head"], root=root, regress=task.name == "regress")
+        mark_ties(rows, best=best["head"], root=root, task=task)
         hint = standardize_hint(rows, base=base)
         if hint:  # said once, under the table, beside the first head it is about
             next(r for r in rows if r["head"] in ("linear", "mlp")).setdefault("notes", []).append(hint)
@@ -338,40 +338,28 @@ def compare_shots(
     return result
 
 
-def mark_ties(rows: list[dict[str, Any]], *, best: str, root: Path, regress: bool) -> None:
-    """Each head whose val predictions are not significantly different from the best head's (McNemar's test for
-    labels, a paired bootstrap for regression; read back from each head's predictions.csv) gets
+def mark_ties(rows: list[dict[str, Any]], *, best: str, root: Path, task: Task) -> None:
+    """Each head whose val answers are not significantly different from the best head's (the task's paired test:
+    McNemar's for labels, a paired bootstrap of R^2 or of mAP; read back from each head's predictions.csv) gets
     ``tied_with_best: "yes (p=...)"``; the best row lists them in ``tied_with``."""
-    import numpy as np
-
     from pipeline.stage2 import answers, stats
 
-    def outcome(name: str) -> np.ndarray | None:
+    def answered(name: str) -> list[dict[str, str]] | None:
         path = root / name / "predictions.csv"
-        if not path.is_file():
-            return None
-        got = answers.read_predictions(path)
-        if regress:
-            keys = [k for k in got[0] if k.startswith("predicted_")] if got else []
-            return np.array([[float(r[k]) for k in keys] for r in got])
-        return np.array([r["true"] == r["predicted"] for r in got])
+        return answers.read_predictions(path) if path.is_file() else None
 
-    def truth(name: str) -> np.ndarray:
-        got = answers.read_predictions(root / name / "predictions.csv")
-        keys = [k for k in got[0] if k.startswith("true_")]
-        return np.array([[float(r[k]) for k in keys] for r in got])
-
-    best_out = outcome(best)
-    if best_out is None:
+    best_rows = answered(best)
+    if not best_rows:
         return
+    ids = [r["id"] for r in best_rows]
     tied = []
     for row in rows:
         if row["head"] == best:
             continue
-        other = outcome(row["head"])
-        if other is None or len(other) != len(best_out):
+        other = answered(row["head"])
+        if other is None or [r["id"] for r in other] != ids:
             continue
-        p = stats.paired_bootstrap(truth(best), best_out, other) if regress else stats.mcnemar(best_out, other)
+        p = task.tie_p_value(best_rows, other)
         row["tied_p_value"] = p
         if p >= stats.ALPHA:
             row["tied_with_best"] = f"yes (p={p:.2f})"

@@ -5,11 +5,13 @@ scikit-learn's ``average_precision_score`` and ``f1_score``."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from pipeline.stage2 import stats
 from pipeline.stage2.evaluate import OVERFIT_GAP, MetricsRecord, report_notes
 
 DEFAULT_THRESHOLD = 0.5
@@ -24,23 +26,61 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
 def average_precision(y: np.ndarray, score: np.ndarray) -> float:
     """Average precision of one label (scikit-learn's definition: sum over score thresholds of the recall gained
     times the precision there; tied scores form one threshold). NaN when ``y`` has no positive."""
-    y = np.asarray(y).astype(bool)
-    positives = int(y.sum())
-    if not positives:
-        return float("nan")
-    order = np.argsort(-np.asarray(score, np.float64), kind="mergesort")
-    s, hit = np.asarray(score, np.float64)[order], y[order]
-    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # the last row of each run of equal scores
-    tp = np.cumsum(hit)[last]
-    precision, recall = tp / (last + 1), tp / positives
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+    y = np.asarray(y).reshape(-1, 1)
+    return float(LabelRanking(y, np.asarray(score).reshape(-1, 1)).aps()[0])
 
 
 def mean_average_precision(y: np.ndarray, proba: np.ndarray) -> float:
     """mAP: the mean of the per-label AP over the labels with at least one positive row (0 when none has)."""
-    aps = [average_precision(y[:, j], proba[:, j]) for j in range(y.shape[1])]
-    present = [a for a in aps if not np.isnan(a)]
-    return float(np.mean(present)) if present else 0.0
+    return LabelRanking(y, proba).map()
+
+
+class LabelRanking:
+    """Each label's rows sorted once by score, each row knowing the last row of its run of equal scores, so the AP
+    of any weighting of the rows costs cumulative sums, not a sort. A bootstrap resample is such a weighting (each
+    row counted as often as it was drawn; :func:`pipeline.stage2.stats.resample_counts`), and its AP is exactly the
+    AP of the resampled rows: a row drawn twice ties with itself. With all weights 1 it is the AP of the rows."""
+
+    BLOCK = 1 << 22  # cells (labels x rows) per block of cumulative sums: memory bounded on many labels
+
+    def __init__(self, y: np.ndarray, score: np.ndarray) -> None:
+        # label-major (L, N): each label's cumulative sums run over contiguous memory
+        y, s = np.asarray(y).astype(bool), np.asarray(score, np.float64)
+        y, s = (y[:, None], s[:, None]) if y.ndim == 1 else (y, s)  # one label's column
+        y, s = np.ascontiguousarray(y.T), np.ascontiguousarray(s.T)
+        n = y.shape[1]
+        self.order = np.argsort(-s, axis=1, kind="mergesort")
+        ranked = np.take_along_axis(s, self.order, 1)
+        self.hit = np.take_along_axis(y, self.order, 1)
+        last = np.ones(s.shape, bool)
+        last[:, :-1] = ranked[:, 1:] != ranked[:, :-1]
+        # each row's run end: the first run end at or after it (a reversed running minimum of the run ends' places)
+        at = np.where(last, np.arange(n)[None], n)
+        self.run_end = np.ascontiguousarray(np.minimum.accumulate(at[:, ::-1], axis=1)[:, ::-1])
+
+    def aps(self, weights: np.ndarray | None = None) -> np.ndarray:
+        """Each label's AP of the rows weighted by ``weights`` (None: 1 each); NaN for a label without a positive."""
+        labels, n = self.order.shape
+        w = np.ones(n) if weights is None else np.asarray(weights, np.float64)
+        out = np.full(labels, np.nan)
+        step = max(1, self.BLOCK // max(n, 1))
+        for a in range(0, labels, step):
+            rows = slice(a, a + step)
+            W = w[self.order[rows]]
+            hit = W * self.hit[rows]
+            total = hit.sum(1)
+            seen = np.cumsum(W, 1)
+            precision = np.cumsum(hit, 1) / np.where(seen > 0, seen, 1)
+            at_end = np.take_along_axis(precision, self.run_end[rows], 1)
+            has = total > 0
+            out[rows][has] = (hit * at_end).sum(1)[has] / total[has]
+        return out
+
+    def map(self, weights: np.ndarray | None = None) -> float:
+        """The mean of :meth:`aps` over the labels with a positive (0 when none has)."""
+        aps = self.aps(weights)
+        present = aps[~np.isnan(aps)]
+        return float(present.mean()) if len(present) else 0.0
 
 
 def decide(proba: np.ndarray, thresholds: np.ndarray | list[float]) -> np.ndarray:
@@ -78,6 +118,40 @@ def multilabel_metrics(
         "hamming_loss": float((pred != y).mean()) if y.size else 0.0,
         "per_label": per_label,
     }
+
+
+def resampled_f1(y: np.ndarray, decided: np.ndarray) -> Callable[[np.ndarray], dict[str, float]]:
+    """Micro and macro F1 of fixed decisions (N, L) for the rows weighted by a resample's counts (keyed by the names
+    of their intervals): each label's true/false positives and false negatives are weighted sums over rows."""
+    y, decided = np.asarray(y).astype(bool), np.asarray(decided).astype(bool)
+    tp, fp, fn = ((a & b).astype(np.float64) for a, b in ((decided, y), (decided, ~y), (~decided, y)))
+
+    def scores(w: np.ndarray) -> dict[str, float]:
+        t, f, n = w @ tp, w @ fp, w @ fn
+        macro = float(_f1(t, f, n).mean()) if len(t) else 0.0
+        return {"val_micro_f1_interval": float(_f1(t.sum(), f.sum(), n.sum())), "val_macro_f1_interval": macro}
+
+    return scores
+
+
+def multilabel_intervals(
+    y: np.ndarray, proba: np.ndarray, thresholds: np.ndarray | list[float], *, seed: int = 0
+) -> dict[str, list[float]]:
+    """Bootstrap 95% intervals (images resampled) of val mAP (``val_map_interval``; :data:`stats.BOOTSTRAP_MAP`
+    resamples, as for a classifier's mAP) and of micro and macro F1 at ``thresholds`` (``val_micro_f1_interval``,
+    ``val_macro_f1_interval``; :data:`stats.BOOTSTRAP`). On 10,000 val images and 80 labels: ~2.2 s."""
+    ranking = LabelRanking(y, proba)
+    out = stats.weighted_intervals(lambda w: {"val_map_interval": ranking.map(w)}, len(y),
+                                   resamples=stats.BOOTSTRAP_MAP, seed=seed)  # fmt: skip
+    return out | stats.weighted_intervals(resampled_f1(y, decide(proba, thresholds)), len(y), seed=seed)
+
+
+def map_p_value(y: np.ndarray, proba_a: np.ndarray, proba_b: np.ndarray, *, seed: int = 0) -> float:
+    """Two-sided p-value that two heads' val mAP are the same: a paired bootstrap over images
+    (:func:`stats.paired_weighted`, :data:`stats.BOOTSTRAP_MAP` resamples; each resample scores both heads on the
+    same images)."""
+    a, b = LabelRanking(y, proba_a), LabelRanking(y, proba_b)
+    return stats.paired_weighted(a.map, b.map, len(y), resamples=stats.BOOTSTRAP_MAP, seed=seed)
 
 
 def choose_thresholds(y: np.ndarray, proba: np.ndarray) -> np.ndarray:
@@ -132,6 +206,14 @@ class MultiLabelMetrics(MetricsRecord):
         lines += [
             f"  val   mAP {m.val_map:.4f}   micro F1 {m.val_micro_f1:.4f}   macro F1 {m.val_macro_f1:.4f}   "
             f"subset acc {m.val_subset_accuracy:.4f}   Hamming loss {m.val_hamming_loss:.4f}",
+        ]
+        said = [(name, m.details[f"{key}_interval"])
+                for name, key in (("mAP", "val_map"), ("micro F1", "val_micro_f1"), ("macro F1", "val_macro_f1"))
+                if m.details.get(f"{key}_interval")]  # fmt: skip
+        if said:  # the values are on the line above
+            shown = "   ".join(f"{name} [{lo:.4f}, {hi:.4f}]" for name, (lo, hi) in said)
+            lines.append(f"  val 95% intervals (bootstrap over images): {shown}")
+        lines += [
             f"  train mAP {m.train_map:.4f}   micro F1 {m.train_micro_f1:.4f}   train - val mAP gap "
             f"{m.train_val_gap:+.4f}",
             f"  thresholds: {m.threshold_source}",

@@ -10,7 +10,7 @@ one of the two is right, which is what can tell them apart.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -131,11 +131,53 @@ def classification_intervals(y: np.ndarray, proba: np.ndarray, *, seed: int = 0)
                     precision = np.cumsum(hit_w) / np.maximum(np.cumsum(wc), 1e-12)
                     aps.append(float((precision * hit_w).sum() / total))
             values["map_interval"].append(float(np.mean(aps)) if aps else math.nan)
-    for key, vals in values.items():
-        v = np.asarray(vals)
-        v = v[np.isfinite(v)]
-        out[key] = [float(x) for x in np.quantile(v, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])] if len(v) else [math.nan] * 2
-    return out
+    return out | {key: _ends(vals) for key, vals in values.items()}
+
+
+def _ends(values: Any) -> list[float]:
+    """The ends of the 95% percentile interval of bootstrap ``values`` (the finite ones); NaN when none is."""
+    v = np.asarray(values, np.float64)
+    v = v[np.isfinite(v)]
+    return [float(x) for x in np.quantile(v, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])] if len(v) else [math.nan] * 2
+
+
+def resample_counts(n: int, *, resamples: int = BOOTSTRAP, seed: int = 0) -> Iterator[np.ndarray]:
+    """Bootstrap resamples of ``n`` rows as counts per row (how often each was drawn), float64: a metric that is a
+    weighted sum over rows sorted once takes them as weights. The draws are :func:`bootstrap_interval`'s and
+    :func:`paired_bootstrap`'s (the same seed resamples the same rows)."""
+    rng = np.random.default_rng(seed)
+    for _ in range(resamples):
+        yield np.bincount(rng.integers(0, n, n), minlength=n).astype(np.float64)
+
+
+def weighted_intervals(
+    scores: Callable[[np.ndarray], dict[str, float]], n: int, *, resamples: int = BOOTSTRAP, seed: int = 0
+) -> dict[str, list[float]]:
+    """The bootstrap 95% interval of each score ``scores(counts)`` gives (a dict: name -> value for the rows
+    weighted by their counts in one resample of ``n`` rows); NaN ends when there are no rows."""
+    if n <= 0:
+        return {key: [math.nan, math.nan] for key in scores(np.ones(0))}
+    values: dict[str, list[float]] = {}
+    for w in resample_counts(n, resamples=resamples, seed=seed):
+        for key, value in scores(w).items():
+            values.setdefault(key, []).append(value)
+    return {key: _ends(vals) for key, vals in values.items()}
+
+
+def paired_weighted(
+    score_a: Callable[[np.ndarray], float], score_b: Callable[[np.ndarray], float], n: int, *,
+    resamples: int = BOOTSTRAP, seed: int = 0,
+) -> float:  # fmt: skip
+    """:func:`paired_bootstrap` of two heads' scores given as functions of the rows' weights (counts per row, all
+    ones for the rows as they are): the same resamples and the same p-value, without re-sorting per resample."""
+    if not n:
+        return 1.0
+    observed = score_a(np.ones(n)) - score_b(np.ones(n))
+    if observed == 0:
+        return 1.0
+    diffs = np.array([score_a(w) - score_b(w) for w in resample_counts(n, resamples=resamples, seed=seed)])
+    other_side = (diffs <= 0).mean() if observed > 0 else (diffs >= 0).mean()
+    return float(min(1.0, 2 * other_side))
 
 
 def regression_intervals(y: np.ndarray, pred: np.ndarray, *, seed: int = 0) -> dict[str, list[float]]:

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.stage2 import plots, stats, thresholds
+from pipeline.stage2 import answers, plots, stats, thresholds
 from pipeline.stage2.evaluate import (
     HeadMetrics,
     RegressionMetrics,
@@ -33,7 +33,9 @@ from pipeline.stage2.multilabel import (
     DEFAULT_THRESHOLD,
     MultiLabelMetrics,
     choose_thresholds,
+    map_p_value,
     mean_average_precision,
+    multilabel_intervals,
     multilabel_metrics,
     sigmoid,
     stratified_multilabel_holdout,
@@ -72,7 +74,10 @@ class Task(ABC):
       "best" is chosen by; ``bars``: compare.png's bars;
     - ``write_plots`` and ``figures``: the PNGs beside a head;
     - ``config_record(fs, metrics)``: what ``config.json`` adds (export reads it: e.g. the target names, or per-label
-      thresholds), and ``refuse(option)`` for compare's options that do not apply.
+      thresholds), and ``refuse(option)`` for compare's options that do not apply;
+    - ``answer_rows``: ``predictions.csv``'s rows (:mod:`pipeline.stage2.answers`), ``errors``: how ``errors.png``
+      captions its images (None: no errors.png), and ``tie_p_value``: the paired test of two heads' val answers
+      that ``compare`` marks the heads tied with the best by.
 
     :class:`MultiLabel` (issue 26) shows what a third task takes: a multi-hot ``truth``, a label-stratified holdout
     scored by mAP, its record (:mod:`pipeline.stage2.multilabel`), per-label thresholds in ``config_record``, and an
@@ -85,6 +90,7 @@ class Task(ABC):
     columns: ClassVar[tuple[Column, ...]]
     bars: ClassVar[tuple[tuple[str, str], ...]]  # compare.png: (row key, label) pairs
     record: ClassVar[type]  # its metrics record
+    errors: ClassVar[str | None] = "classes"  # errors.png's captions (answers.CAPTIONS); None: no errors.png
 
     def check(self, cfg: HeadConfig) -> HeadConfig:
         if self.name not in HEADS[cfg.head].tasks:
@@ -149,6 +155,15 @@ class Task(ABC):
 
     def config_record(self, fs: FeatureSet, metrics: Any) -> dict[str, Any]:
         return {}
+
+    @abstractmethod
+    def answer_rows(self, fs: FeatureSet, outputs: np.ndarray, metrics: Any) -> list[dict[str, Any]]:
+        """``predictions.csv``: one row per val image from ``outputs``, the val outputs ``evaluate`` computed."""
+
+    @abstractmethod
+    def tie_p_value(self, best: list[dict[str, str]], other: list[dict[str, str]]) -> float:
+        """The p-value that two heads score the same on val, from their ``predictions.csv`` rows (the same images
+        in the same order): at least :data:`stats.ALPHA` and they are tied."""
 
 
 class Classify(Task):
@@ -280,6 +295,14 @@ class Classify(Task):
             return {}
         return {"decision": {k: metrics.threshold[k] for k in ("positive", "threshold")}}  # what predict applies
 
+    def answer_rows(self, fs: FeatureSet, outputs: np.ndarray, metrics: HeadMetrics) -> list[dict[str, Any]]:
+        return answers.classification_rows(fs.val.ids, fs.val.labels, outputs, self.outputs(fs))
+
+    def tie_p_value(self, best: list[dict[str, str]], other: list[dict[str, str]]) -> float:
+        """McNemar's test of the rows each gets right."""
+        right = [np.array([r["true"] == r["predicted"] for r in rows]) for rows in (best, other)]
+        return stats.mcnemar(*right)
+
     def figures(self, metrics: HeadMetrics) -> list[str]:
         pr_roc = ["pr_roc.png"] if metrics.curves and metrics.curves.per_class else []
         at = ["confusion_threshold.png"] if metrics.threshold and metrics.threshold.get("confusion_matrix") else []
@@ -308,6 +331,7 @@ class Regress(Task):
     )
     bars = plots.REGRESS_BARS
     record = RegressionMetrics
+    errors = None  # predictions.csv only
     REFUSED = {
         "shots": "--shots draws K examples per class",
         "positive": "--positive chooses a class threshold",
@@ -400,6 +424,18 @@ class Regress(Task):
     def config_record(self, fs: FeatureSet, metrics: Any) -> dict[str, Any]:
         return {"targets": self.outputs(fs)}
 
+    def answer_rows(self, fs: FeatureSet, outputs: np.ndarray, metrics: Any) -> list[dict[str, Any]]:
+        return answers.regression_rows(fs.val.ids, fs.val.targets, outputs, self.outputs(fs))
+
+    def tie_p_value(self, best: list[dict[str, str]], other: list[dict[str, str]]) -> float:
+        """A paired bootstrap of val R^2."""
+
+        def keys(prefix: str) -> list[str]:
+            return [k for k in best[0] if k.startswith(prefix)] if best else []
+
+        values = [answers.columns(rows, keys("predicted_")) for rows in (best, other)]
+        return stats.paired_bootstrap(answers.columns(best, keys("true_")), *values)
+
 
 class MultiLabel(Task):
     """Several labels per image (``label_kind`` "multi"): a multi-hot truth, per-label sigmoid + binary
@@ -413,16 +449,23 @@ class MultiLabel(Task):
     columns = (
         ("head", "head", "{}"),
         ("val mAP", "val_map", "{:.4f}"),
+        ("95% interval", "val_map_interval", INTERVAL),
+        ("tied", "tied_with_best", "{}"),
         ("micro F1", "val_micro_f1", "{:.4f}"),
+        ("micro F1 95%", "val_micro_f1_interval", INTERVAL),
         ("macro F1", "val_macro_f1", "{:.4f}"),
+        ("macro F1 95%", "val_macro_f1_interval", INTERVAL),
         ("subset acc", "val_subset_accuracy", "{:.4f}"),
         ("Hamming", "val_hamming_loss", "{:.4f}"),
         ("train mAP", "train_map", "{:.4f}"),
         ("mAP gap", "train_val_gap", "{:+.4f}"),
         FIT_SECONDS,
+        EVAL_SECONDS,
+        HEAD_SECONDS,
         TOTAL_SECONDS,
     )
     bars = (("val_map", "val mAP"), ("train_map", "train mAP"))
+    errors = "label sets"
     REFUSED = {
         "shots": "--shots draws K examples per class",
         "positive": "--positive chooses one class's threshold (each label's is chosen on held-out train)",
@@ -482,7 +525,9 @@ class MultiLabel(Task):
     def evaluate(self, fitted: Fitted, fs: FeatureSet) -> MultiLabelMetrics:
         head, cfg, X, Y = fitted.head, fitted.cfg, fitted.X, fitted.y
         labels = self.outputs(fs)
-        chosen, source = self.label_thresholds(fitted)
+        t0 = time.perf_counter()
+        chosen, source = self.label_thresholds(fitted)  # learnt like the weights, so counted in fit s
+        threshold_seconds, t0 = time.perf_counter() - t0, time.perf_counter()
         extra = {
             "head": cfg.head,
             "standardize": cfg.standardize if head.spec.uses("standardize") else "n/a",
@@ -496,15 +541,14 @@ class MultiLabel(Task):
             train_y, train_proba = Y, sigmoid(head.logits(X))
         else:
             extra["train_metrics_note"] = note
-        return summarize_multilabel(
-            train=multilabel_metrics(train_y, train_proba, labels, thresholds=chosen),
-            val=multilabel_metrics(self.truth(fs.val), sigmoid(head.logits(fs.val.features)), labels,
-                                   thresholds=chosen),
-            thresholds=chosen,
-            threshold_source=source,
-            fit_seconds=fitted.seconds,
-            extra=extra,
-        )  # fmt: skip
+        val_y, val_proba = self.truth(fs.val), sigmoid(head.logits(fs.val.features))
+        head.val_outputs = val_proba  # kept for predictions.csv (training.train_one)
+        train_m = multilabel_metrics(train_y, train_proba, labels, thresholds=chosen)
+        val_m = multilabel_metrics(val_y, val_proba, labels, thresholds=chosen)
+        extra |= multilabel_intervals(val_y, val_proba, chosen, seed=cfg.seed)
+        extra |= {"threshold_seconds": threshold_seconds, "eval_seconds": time.perf_counter() - t0}
+        return summarize_multilabel(train=train_m, val=val_m, thresholds=chosen, threshold_source=source,
+                                    fit_seconds=fitted.seconds + threshold_seconds, extra=extra)  # fmt: skip
 
     def compare_row(self, metrics: Any) -> dict[str, Any]:
         row = super().compare_row(metrics) | {"imbalance": None, "per_label": metrics.per_label}
@@ -517,14 +561,27 @@ class MultiLabel(Task):
     def write_plots(self, metrics: Any, out: Path, *, fs: FeatureSet, head: Any, label: str,
                     note: str) -> None:  # fmt: skip
         if metrics.history:
+            score = stats.format_interval(metrics.val_map, metrics.details.get("val_map_interval"))
             plots.curves_png(
                 metrics.history, out / "curves.png", title=f"{metrics.head} head: loss (binary cross-entropy summed "
-                f"over labels) and label accuracy per epoch ({label})", note=note,
+                f"over labels) and label accuracy per epoch\n{label}\nthe trained head: val mAP {score} (95% interval)",
+                note=note,
             )  # fmt: skip
 
     def config_record(self, fs: FeatureSet, metrics: Any) -> dict[str, Any]:
         """What export and predict apply: the labels and each label's threshold on its sigmoid probability."""
         return {"labels": self.outputs(fs), "thresholds": list(metrics.thresholds)}
+
+    def answer_rows(self, fs: FeatureSet, outputs: np.ndarray, metrics: Any) -> list[dict[str, Any]]:
+        """Each image's true and decided labels, its loss and each label's probability (``outputs``)."""
+        return answers.multilabel_rows(fs.val.ids, self.truth(fs.val), outputs, self.outputs(fs),
+                                       thresholds=metrics.thresholds)  # fmt: skip
+
+    def tie_p_value(self, best: list[dict[str, str]], other: list[dict[str, str]]) -> float:
+        """A paired bootstrap of val mAP over images."""
+        _, proba_best, truth = answers.label_sets(best)
+        _, proba_other, _ = answers.label_sets(other)
+        return map_p_value(truth, proba_best, proba_other)
 
 
 THRESHOLD_FRACTION = 0.2  # of train, held out to choose each label's threshold

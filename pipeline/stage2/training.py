@@ -118,26 +118,25 @@ def train_one(fs: FeatureSet, cfg: HeadConfig, *, out: Path) -> Any:
             save_head(head, unit, config=config)
             write_json(unit / "metrics.json", metrics.to_json())
             task.write_plots(metrics, unit, fs=fs, head=head, label=features_label(fs), note=curves_note(head.cfg))
-            write_answers(fs, head, out=unit, names=task.outputs(fs), regress=task.name == "regress")
+            write_answers(fs, head, out=unit, task=task, metrics=metrics)
     except OSError as e:
         raise PipelineError(f"cannot write head to {out}: {e.strerror or e}") from None
     return replace(metrics, out=str(out))
 
 
-def write_answers(fs: FeatureSet, head: Any, *, out: Path, names: list[str], regress: bool) -> None:
-    """``predictions.csv`` (every val image) and ``errors.png`` (the worst-predicted ones, read back from the
-    source images) from the val outputs the evaluation already computed: no backbone run, no second prediction."""
+def write_answers(fs: FeatureSet, head: Any, *, out: Path, task: Task, metrics: Any) -> None:
+    """``predictions.csv`` (every val image, in the task's columns) and ``errors.png`` (the worst-predicted ones,
+    read back from the source images; not for regression) from the val outputs the evaluation already computed: no
+    backbone run, no second prediction."""
     from pipeline.stage2 import answers
 
     outputs = getattr(head, "val_outputs", None)
     if outputs is None:
         return
-    if regress:
-        rows = answers.regression_rows(fs.val.ids, fs.val.targets, outputs, names)
-    else:
-        rows = answers.classification_rows(fs.val.ids, fs.val.labels, outputs, names)
+    rows = task.answer_rows(fs, outputs, metrics)
     answers.write_predictions(out / "predictions.csv", rows)
-    if not regress:
-        note = answers.write_errors_png(out / "errors.png", rows, identity=dict(fs.meta.dataset_identity or {}))
+    if task.errors:
+        identity = dict(fs.meta.dataset_identity or {})
+        note = answers.write_errors_png(out / "errors.png", rows, identity=identity, captions=task.errors)
         if note:
             log.warning("%s", note)
