@@ -724,3 +724,25 @@ def test_knn_normalises_huge_and_tiny_features() -> None:
     unit = X / np.linalg.norm(X, axis=1, keepdims=True)
     for scale in (1e-30, 1.0, 1e30):
         np.testing.assert_allclose(_l2_normalise(X * np.float32(scale)), unit, rtol=1e-5, atol=1e-6)
+
+
+def test_transposed_problem_has_the_same_loss_and_gradient() -> None:
+    """The logits from Z's transposed copy (logreg's problem on a CPU): the loss and gradient of :class:`Problem`,
+    with and without class weights, up to the rounding of the other summation order."""
+    import torch
+
+    from pipeline.stage2.heads import lbfgs
+
+    g = torch.Generator().manual_seed(0)
+    Z = torch.randn(500, 30, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (500,), generator=g)
+    theta = torch.randn(4, 31, generator=g, dtype=torch.float64)
+    for weight in (None, torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=torch.float64)):
+        plain = lbfgs.Problem.build(Z, y, classes=4, class_weight=weight)
+        transposed = lbfgs.TransposedProblem.of(plain)
+        assert isinstance(transposed, lbfgs.TransposedProblem)
+        (f, grad), (ft, gradt) = plain.loss_grad(theta, 0.01), transposed.loss_grad(theta, 0.01)
+        assert abs(float(f - ft)) < 1e-12
+        np.testing.assert_allclose(gradt.numpy(), grad.numpy(), rtol=1e-10, atol=1e-12)
+    multi = lbfgs.OneVsRestProblem.build_multi(Z, (torch.rand(500, 3, generator=g) > 0.5).long())
+    assert lbfgs.TransposedProblem.of(multi) is multi  # one-vs-rest keeps its own loss

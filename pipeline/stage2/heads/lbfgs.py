@@ -68,6 +68,41 @@ class Problem:
         return f, grad
 
 
+# Z's transposed copy is kept (TransposedProblem) up to this size: it doubles the features' memory.
+TRANSPOSED_BYTES = 2 << 30
+
+
+@dataclass
+class TransposedProblem(Problem):
+    """The same loss as :class:`Problem`, with the logits computed as ``W @ Z^T`` from a transposed copy of ``Z``
+    (D, N): on a CPU core that matmul with K ~ 10 outputs takes 0.046 s for 50,000 x 1,280 against 0.069 s for
+    ``Z @ W^T`` (the gradient's ``r^T Z`` is fast in ``Z``'s own layout), a quarter of each function evaluation
+    (126 iterations: 21.2 -> 16.8 CPU s). The logits and residuals are (K, N). The sums run in another order than
+    :class:`Problem`'s, so the iterates differ by rounding; the stopping rule is the same."""
+
+    Zt: torch.Tensor | None = None  # (D, N), contiguous
+    target_t: torch.Tensor | None = None  # (K, N), contiguous
+
+    @classmethod
+    def of(cls, problem: Problem) -> Problem:
+        """``problem`` with the transposed copies, on a CPU and while they fit TRANSPOSED_BYTES; else as it is."""
+        Z = problem.Z
+        if Z.device.type != "cpu" or Z.numel() * Z.element_size() > TRANSPOSED_BYTES or type(problem) is not Problem:
+            return problem
+        return cls(Z, problem.target, problem.share, Z.t().contiguous(), problem.target.t().contiguous())
+
+    def loss_grad(self, theta: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+        W, b = theta[:, :-1], theta[:, -1]
+        logp = torch.log_softmax(torch.addmm(b[:, None], W, self.Zt), 0)  # (K, N)
+        f = -(self.target_t * logp).sum(dtype=torch.float64) + 0.5 * lam * (W * W).sum(dtype=torch.float64)
+        r = logp.exp_().mul_(self.share[None, :]).sub_(self.target_t)  # d f / d logits, (K, N)
+        grad = torch.empty_like(theta)
+        torch.mm(r, self.Z, out=grad[:, :-1])
+        grad[:, :-1].add_(W, alpha=lam)
+        grad[:, -1] = r.sum(1)
+        return f, grad
+
+
 @dataclass
 class OneVsRestProblem(Problem):
     """Several labels per image, one binary logistic regression per label (one-vs-rest), all solved at once as one
