@@ -726,7 +726,7 @@ def test_knn_normalises_huge_and_tiny_features() -> None:
         np.testing.assert_allclose(_l2_normalise(X * np.float32(scale)), unit, rtol=1e-5, atol=1e-6)
 
 
-def test_transposed_problem_has_the_same_loss_and_gradient() -> None:
+def test_transposed_problem_has_the_same_loss_and_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
     """The logits from Z's transposed copy (logreg's problem on a CPU): the loss and gradient of :class:`Problem`,
     with and without class weights, up to the rounding of the other summation order."""
     import torch
@@ -735,6 +735,9 @@ def test_transposed_problem_has_the_same_loss_and_gradient() -> None:
 
     g = torch.Generator().manual_seed(0)
     Z = torch.randn(500, 30, generator=g, dtype=torch.float64)
+    assert lbfgs.TransposedProblem.of(lbfgs.Problem.build(Z, torch.zeros(500, dtype=torch.long), classes=2,
+                                                          class_weight=None)).__class__ is lbfgs.Problem  # fmt: skip
+    monkeypatch.setattr(lbfgs, "TRANSPOSED_MIN_DIM", 30)  # 30 features: the copy from here on
     y = torch.randint(0, 4, (500,), generator=g)
     theta = torch.randn(4, 31, generator=g, dtype=torch.float64)
     for weight in (None, torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=torch.float64)):
