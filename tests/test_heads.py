@@ -758,14 +758,14 @@ def test_logreg_evaluation_in_threads_is_the_same_to_the_bit(ways: int, monkeypa
     predictions do not depend on the cores."""
     import torch
 
-    from pipeline.stage2.heads import lbfgs
+    from pipeline.stage2.heads import fitting, lbfgs
 
     g = torch.Generator().manual_seed(0)
     Z = torch.randn(3001, 700, generator=g)
     y = torch.randint(0, 5, (3001,), generator=g)
     theta = torch.randn(5, 701, generator=g) * 0.1
     monkeypatch.setattr(lbfgs, "TRANSPOSED_MIN_DIM", 1)
-    monkeypatch.setattr(lbfgs, "_ways", lambda: ways)
+    monkeypatch.setattr(fitting, "_ways", lambda: ways)
     plain = lbfgs.Problem.build(Z, y, classes=5, class_weight=None)
     for problem in (plain, lbfgs.TransposedProblem.of(plain)):
         monkeypatch.setattr(lbfgs, "SPLIT_ENTRIES", 1 << 62)

@@ -22,12 +22,12 @@ C=1): 86 iterations -> 31, for a 0.3 s set-up; on PCA features (already uncorrel
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
+
+from pipeline.stage2.heads.fitting import in_pieces
 
 log = logging.getLogger(__name__)
 
@@ -40,37 +40,11 @@ PRECONDITIONER_ROWS = 8192  # rows sampled for Sigma: 0.3 s on 1,280-d on one CP
 Precondition = Callable[[torch.Tensor], torch.Tensor]
 
 
-# From this many feature entries (N x D) on a CPU, each of an evaluation's two big matmuls runs as one piece per
-# core (up to 4), each piece in a Python thread with one torch thread: the pieces are slices of the output's
-# columns or rows, never of a sum, so the result is the same to the bit as one call (tested), and a thread waiting
-# for the other sleeps instead of spinning (torch's own 2 threads spin, and split the gradient's sum differently:
-# see fitting.fitting_threads). On a quiet 2-core CPU an evaluation takes about half the time; on a busy one, what
-# it took with one thread.
+# From this many feature entries (N x D) on a CPU, each of an evaluation's two big matmuls runs in pieces, one per
+# core (fitting.in_pieces): slices of the output's columns or rows, never of a sum, so the result is the same to
+# the bit as one call (tested); torch's own 2 threads would split the gradient's sum differently. On a quiet 2-core
+# CPU an evaluation takes about half the time; on a busy one, what it took with one thread.
 SPLIT_ENTRIES = 1 << 22
-_POOL: dict[int, ThreadPoolExecutor] = {}
-
-
-def _ways() -> int:
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, 4))
-
-
-def in_pieces(run: Callable[[slice], object], length: int, *, big: bool) -> None:
-    """``run(part)`` for consecutive slices covering ``range(length)``: one per core in threads when ``big``."""
-    ways = _ways() if big else 1
-    if ways < 2 or length < 2 * ways:
-        run(slice(0, length))
-        return
-    pool = _POOL.get(ways)
-    if pool is None:
-        pool = _POOL[ways] = ThreadPoolExecutor(ways, thread_name_prefix="lbfgs", initializer=torch.set_num_threads,
-                                                initargs=(1,))  # fmt: skip
-    step = -(-length // ways)
-    for job in [pool.submit(run, slice(i, min(i + step, length))) for i in range(0, length, step)]:
-        job.result()
 
 
 def _big(Z: torch.Tensor) -> bool:
