@@ -500,7 +500,7 @@ def test_knn_coarse_bf16_pass_finds_the_float32_neighbours(use_exclude: bool) ->
     a plain bfloat16 top-k would not, with and without a row excluded per query (leave-one-out)."""
     import torch
 
-    from pipeline.stage2.heads.knn import coarse_error, nearest
+    from pipeline.stage2.heads.knn import Coarse, coarse_error, nearest
     from pipeline.stage2.heads.knn import exact_topk as _exact_topk
 
     train = _clustered_unit_rows(3000)
@@ -509,7 +509,7 @@ def test_knn_coarse_bf16_pass_finds_the_float32_neighbours(use_exclude: bool) ->
     if use_exclude:  # the excluded row is the query's true nearest: the case where excluding matters
         exclude = (q @ train.T).argmax(1)
     want_sim, want_idx = _exact_topk(q, train, k=10, exclude=exclude)
-    found = nearest(q, train, k=10, exclude=exclude, coarse=train.bfloat16(), limit=math.inf)
+    found = nearest(q, train, k=10, exclude=exclude, coarse=Coarse.of(train), limit=math.inf)
     assert found is not None  # the rescoring path, however many rows it rescores
     sim, idx = found
     np.testing.assert_allclose(sim.numpy(), want_sim.numpy(), rtol=0, atol=1e-6)
@@ -546,12 +546,13 @@ def test_knn_head_gives_the_same_votes_with_and_without_the_coarse_pass(monkeypa
     assert (plain.sort(1).values != (q @ torch.as_tensor(X[:1000]).T).topk(7, dim=1).indices.sort(1).values).any()
 
 
-def test_knn_on_nearly_parallel_features_is_exact_float32_and_never_rescores_row_by_row(
+def test_knn_on_nearly_parallel_features_is_exact_float32_and_rescores_few_rows(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Features that all point nearly the same way (a random-init backbone): the bfloat16 pass would leave every
-    row within its bound of the k-th, and rescoring them one by one ran for minutes. The search falls back to the
-    exact blocked float32 top-k (blocks smaller than train here) and gives the brute-force float32 neighbours."""
+    """Features that all point nearly the same way (a random-init backbone): the whole similarity in bfloat16 would
+    leave every row within its bound of the k-th. Split along the mean direction, the bound shrinks with the
+    residuals and only a few rows a query are rescored; the neighbours are the brute-force float32 ones. Without
+    the split the search falls back to the exact blocked float32 top-k (blocks smaller than train here)."""
     import torch
 
     from pipeline.stage2.heads import knn
@@ -562,27 +563,64 @@ def test_knn_on_nearly_parallel_features_is_exact_float32_and_never_rescores_row
     y = g.integers(0, 3, 1500)
     monkeypatch.setattr(knn, "_fast_bf16", lambda device: True)
     monkeypatch.setattr(knn, "EXACT_BLOCK_ROWS", 300)  # several train blocks: the merge of block top-k's
-    calls = []
-    monkeypatch.setattr(knn, "_rescore", lambda *a, **kw: calls.append(1) or (_ for _ in ()).throw(AssertionError))
+    monkeypatch.setattr(knn, "RESCORE_COST", 4)  # train is small here: up to 300 rows a query may be rescored
+    rescored = []
+    real_rescore = knn._rescore
+    monkeypatch.setattr(
+        knn, "_rescore", lambda q, t, qi, ti, **kw: rescored.append(len(ti)) or real_rescore(q, t, qi, ti, **kw)
+    )
     head = build_head(HeadConfig(head="knn", k=5, device="cpu"), num_classes=3, feature_dim=48)
     head.fit(X[:1200], y[:1200])
     votes = head.logits(X[1200:])
-    assert not calls
+    assert rescored and sum(rescored) <= 200 * 300  # ~135 rows a query (float32 near-ties), not all 1,200
     train, q = torch.as_tensor(knn._l2_normalise(X[:1200])), torch.as_tensor(knn._l2_normalise(X[1200:]))
-    sim, idx = knn.exact_topk(q, train, k=5)
     truth = q.double() @ train.double().T  # brute force in float64: float32's own rounding is ~1e-7
     kth = truth.topk(5, dim=1).values[:, -1:]
     spread = (truth.max(1).values - truth.min(1).values).min()
     assert spread < 1e-3  # nearly parallel: far inside bfloat16's error bound (~1e-2)
-    assert (truth.gather(1, idx) >= kth - 1e-6).all()  # the true top 5, up to float32 ties
-    np.testing.assert_allclose(sim.numpy(), truth.gather(1, idx).numpy(), rtol=0, atol=1e-6)
-    assert (truth.gather(1, idx) - kth).min() > -1e-6 and spread > 1e-5  # the neighbours are not all ties
-    w = torch.exp(sim / knn.KNNHead.TEMPERATURE)
-    want = torch.zeros(300, 3).scatter_add_(1, torch.as_tensor(y[:1200])[idx], w)
-    want = torch.log(want / want.sum(1, keepdim=True) + 1e-6)
-    np.testing.assert_allclose(votes, want.numpy(), rtol=1e-5, atol=1e-5)
-    # the coarse pass on these features would rescore nearly every row (so it is not taken)
-    assert knn.nearest(q, train, k=5, coarse=train.bfloat16(), limit=0.9 * len(train)) is None
+
+    def votes_of(sim: torch.Tensor, idx: torch.Tensor) -> np.ndarray:
+        w = torch.zeros(300, 3).scatter_add_(
+            1, torch.as_tensor(y[:1200])[idx], torch.exp(sim / knn.KNNHead.TEMPERATURE)
+        )
+        return torch.log(w / w.sum(1, keepdim=True) + 1e-6).numpy()
+
+    found = knn.nearest(q, train, k=5, coarse=knn.Coarse.of(train))
+    np.testing.assert_allclose(votes, votes_of(*found), rtol=1e-5, atol=1e-5)  # the head's search is this one
+    for sim, idx in (found, knn.exact_topk(q, train, k=5)):  # each the true top 5, up to float32 ties
+        assert (truth.gather(1, idx) >= kth - 1e-6).all()
+        np.testing.assert_allclose(sim.numpy(), truth.gather(1, idx).numpy(), rtol=0, atol=1e-6)
+        assert (truth.gather(1, idx) - kth).min() > -1e-6 and spread > 1e-5  # the neighbours are not all ties
+    # unsplit (the whole similarity in bfloat16) the coarse pass would rescore nearly every row: it is not taken
+    monkeypatch.setattr(knn, "SPLIT_BELOW", 0.0)
+    assert not knn.Coarse.of(train).is_split
+    assert knn.nearest(q, train, k=5, coarse=knn.Coarse.of(train), limit=0.9 * len(train)) is None
+
+
+@pytest.mark.parametrize("use_exclude", [False, True])
+def test_knn_queries_with_more_rows_within_the_bound_than_candidates_get_them_all(
+    use_exclude: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A query whose CANDIDATES-th coarse row is still within the bound of its k-th compares its whole row of coarse
+    similarities with its threshold: with few candidates (most queries spill) the neighbours are still the float32
+    ones, and with an excluded row per query that row is never among them."""
+    from pipeline.stage2.heads import knn
+
+    monkeypatch.setattr(knn, "CANDIDATES", 11)
+    train, q = _clustered_unit_rows(3000), _clustered_unit_rows(200, seed=1)
+    exclude = (q @ train.T).argmax(1) if use_exclude else None
+    coarse = knn.Coarse.of(train)
+    approx, error = coarse.similarities(q)
+    top = approx.float().topk(11, dim=1).values
+    assert (top[:, -1] >= top[:, 4] - 2 * error).float().mean() > 0.5  # most queries spill
+    sim, idx = knn.nearest(q, train, k=5, exclude=exclude, coarse=coarse, limit=math.inf)
+    want_sim, want_idx = knn.exact_topk(q, train, k=5, exclude=exclude)
+    np.testing.assert_allclose(sim.numpy(), want_sim.numpy(), rtol=0, atol=1e-6)
+    exact = q @ train.T
+    for i in np.flatnonzero((np.sort(idx.numpy(), 1) != np.sort(want_idx.numpy(), 1)).any(1)):
+        assert (exact[i, idx[i]] - want_sim[i, -1]).abs().min() < 1e-6  # only a float32 tie
+    if exclude is not None:
+        assert not (idx == exclude[:, None]).any()
 
 
 def test_correlation_preconditioner_is_the_ridged_inverse_and_cuts_iterations() -> None:
@@ -686,3 +724,52 @@ def test_knn_normalises_huge_and_tiny_features() -> None:
     unit = X / np.linalg.norm(X, axis=1, keepdims=True)
     for scale in (1e-30, 1.0, 1e30):
         np.testing.assert_allclose(_l2_normalise(X * np.float32(scale)), unit, rtol=1e-5, atol=1e-6)
+
+
+def test_transposed_problem_has_the_same_loss_and_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The logits from Z's transposed copy (logreg's problem on a CPU): the loss and gradient of :class:`Problem`,
+    with and without class weights, up to the rounding of the other summation order."""
+    import torch
+
+    from pipeline.stage2.heads import lbfgs
+
+    g = torch.Generator().manual_seed(0)
+    Z = torch.randn(500, 30, generator=g, dtype=torch.float64)
+    assert lbfgs.TransposedProblem.of(lbfgs.Problem.build(Z, torch.zeros(500, dtype=torch.long), classes=2,
+                                                          class_weight=None)).__class__ is lbfgs.Problem  # fmt: skip
+    monkeypatch.setattr(lbfgs, "TRANSPOSED_MIN_DIM", 30)  # 30 features: the copy from here on
+    y = torch.randint(0, 4, (500,), generator=g)
+    theta = torch.randn(4, 31, generator=g, dtype=torch.float64)
+    for weight in (None, torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=torch.float64)):
+        plain = lbfgs.Problem.build(Z, y, classes=4, class_weight=weight)
+        transposed = lbfgs.TransposedProblem.of(plain)
+        assert isinstance(transposed, lbfgs.TransposedProblem)
+        (f, grad), (ft, gradt) = plain.loss_grad(theta, 0.01), transposed.loss_grad(theta, 0.01)
+        assert abs(float(f - ft)) < 1e-12
+        np.testing.assert_allclose(gradt.numpy(), grad.numpy(), rtol=1e-10, atol=1e-12)
+    multi = lbfgs.OneVsRestProblem.build_multi(Z, (torch.rand(500, 3, generator=g) > 0.5).long())
+    assert lbfgs.TransposedProblem.of(multi) is multi  # one-vs-rest keeps its own loss
+
+
+@pytest.mark.parametrize("ways", [2, 3])
+def test_logreg_evaluation_in_threads_is_the_same_to_the_bit(ways: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The two matmuls of an L-BFGS evaluation split in pieces run by threads (slices of the outputs, never of a
+    sum) give the same loss and gradient to the bit as one call each, in both layouts: the fit's iterates and
+    predictions do not depend on the cores."""
+    import torch
+
+    from pipeline.stage2.heads import fitting, lbfgs
+
+    g = torch.Generator().manual_seed(0)
+    Z = torch.randn(3001, 700, generator=g)
+    y = torch.randint(0, 5, (3001,), generator=g)
+    theta = torch.randn(5, 701, generator=g) * 0.1
+    monkeypatch.setattr(lbfgs, "TRANSPOSED_MIN_DIM", 1)
+    monkeypatch.setattr(fitting, "_ways", lambda: ways)
+    plain = lbfgs.Problem.build(Z, y, classes=5, class_weight=None)
+    for problem in (plain, lbfgs.TransposedProblem.of(plain)):
+        monkeypatch.setattr(lbfgs, "SPLIT_ENTRIES", 1 << 62)
+        f1, g1 = problem.loss_grad(theta, 0.01)
+        monkeypatch.setattr(lbfgs, "SPLIT_ENTRIES", 0)
+        f2, g2 = problem.loss_grad(theta, 0.01)
+        assert torch.equal(f1, f2) and torch.equal(g1, g2), type(problem).__name__

@@ -63,7 +63,8 @@ def confusion_figure(cm: list[list[int]], classes: list[str], *, title: str = ""
                 if counts[i, j]:
                     colour = "white" if norm[i, j] > 0.5 else "black"
                     text = f"{norm[i, j]:.2f}\n({int(counts[i, j])})"
-                    ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=7 if n > 10 else 8)
+                    cell = ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=7 if n > 10 else 8)
+                    cell.set_in_layout(False)  # inside the axes: tight_layout need not measure 100 texts
     fig.text(0.01, 0.01, "cells: share of the true class (count of val images)", fontsize=8, color="0.3")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     return fig
@@ -91,7 +92,7 @@ def curves_figure(history: list[dict[str, float]], *, title: str = "", note: str
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend().set_in_layout(False)  # inside the axes: tight_layout need not measure it
     fig.suptitle(title or "training curves", fontsize=10)
     if note:
         fig.text(0.5, 0.01, note, ha="center", fontsize=8, color="0.3")
@@ -222,8 +223,8 @@ def pr_roc_figure(curves: Curves, *, title: str = "", mark: dict[str, Any] | Non
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
-        if len(per_class) <= MAX_CURVES_LABELLED:
-            ax.legend(fontsize=7, loc="lower left" if ax is pr else "lower right")
+        if len(per_class) <= MAX_CURVES_LABELLED:  # inside the axes: tight_layout need not measure it
+            ax.legend(fontsize=7, loc="lower left" if ax is pr else "lower right").set_in_layout(False)
     fig.suptitle(title or "precision-recall and ROC", fontsize=10)
     fig.tight_layout()
     return fig

@@ -13,14 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import (
-    average_precision_score,
-    confusion_matrix,
-    precision_recall_curve,
-    precision_recall_fscore_support,
-    roc_auc_score,
-    roc_curve,
-)
+from sklearn.metrics import auc, confusion_matrix, precision_recall_curve, precision_recall_fscore_support, roc_curve
 
 from pipeline.errors import PipelineError
 
@@ -163,8 +156,8 @@ def curves(y: np.ndarray, proba: np.ndarray, classes: list[str], *, positive: in
         pr_recall, pr_precision = _thin(recall, precision)
         roc_fpr, roc_tpr = _thin(fpr, tpr)
         per_class[classes[c]] = {
-            "average_precision": float(average_precision_score(truth, score)),
-            "roc_auc": float(roc_auc_score(truth, score)),
+            "average_precision": average_precision_of(precision, recall),
+            "roc_auc": float(auc(fpr, tpr)),
             "pr": {"recall": pr_recall, "precision": pr_precision},
             "roc": {"fpr": roc_fpr, "tpr": roc_tpr},
         }
@@ -173,6 +166,14 @@ def curves(y: np.ndarray, proba: np.ndarray, classes: list[str], *, positive: in
         means["mean_average_precision"] = float(np.mean([v["average_precision"] for v in per_class.values()]))
         means["macro_roc_auc"] = float(np.mean([v["roc_auc"] for v in per_class.values()]))
     return Curves(per_class, None if positive is None else classes[positive], **means)
+
+
+def average_precision_of(precision: np.ndarray, recall: np.ndarray) -> float:
+    """scikit-learn's ``average_precision_score`` of a binary split, from the ``precision_recall_curve`` it would
+    compute again: the step integral of precision over recall (the curve's last precision is 1). Likewise
+    ``roc_auc_score`` is ``auc`` of the ``roc_curve``: the curves once per class, not twice (both equal to the bit,
+    tested)."""
+    return float(max(0.0, -np.sum(np.diff(recall) * np.asarray(precision)[:-1])))
 
 
 def curves_line(record: Curves) -> str:

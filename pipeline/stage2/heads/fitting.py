@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -449,3 +451,32 @@ def fitting_threads(device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+_POOL: dict[int, ThreadPoolExecutor] = {}
+
+
+def _ways() -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 4))
+
+
+def in_pieces(run: Callable[[slice], object], length: int, *, big: bool) -> None:
+    """``run(part)`` for consecutive slices covering ``range(length)``: when ``big``, one per core (up to 4), each in
+    a Python thread with one torch thread. Unlike torch's own OpenMP threads, a thread waiting for the other sleeps
+    instead of spinning, so on a shared CPU a busy core costs its share and no more (see :func:`fitting_threads`);
+    and the caller chooses what is split (slices of an output, never of a sum: the same result to the bit)."""
+    ways = _ways() if big else 1
+    if ways < 2 or length < 2 * ways:
+        run(slice(0, length))
+        return
+    pool = _POOL.get(ways)
+    if pool is None:
+        pool = _POOL[ways] = ThreadPoolExecutor(ways, thread_name_prefix="pieces", initializer=torch.set_num_threads,
+                                                initargs=(1,))  # fmt: skip
+    step = -(-length // ways)
+    for job in [pool.submit(run, slice(i, min(i + step, length))) for i in range(0, length, step)]:
+        job.result()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -62,7 +63,7 @@ class KNNHead(Head):
         if self.cfg.class_weight == "balanced" and labels.ndim == 1:
             class_w = torch.as_tensor(balanced_weights(self.train_labels, self.num_classes), device=dev)
         k = min(self.cfg.k, len(labels) - (exclude is not None))
-        search = Search(train, coarse=train.bfloat16() if _fast_bf16(dev) else None)
+        search = Search(train, coarse=self._coarse(train) if _fast_bf16(dev) else None)
         chunk = max(1, self.CHUNK_ELEMENTS // max(1, len(labels)))  # bounds the similarity block's memory
         out = []
         for start in range(0, len(X), chunk):
@@ -82,6 +83,13 @@ class KNNHead(Head):
         if search.fell_back:
             log.info("k-NN: features too alike for the bfloat16 pass (%s); exact float32 search", search.fell_back)
         return torch.cat(out).cpu().numpy() if out else np.zeros((0, self.num_classes), np.float32)
+
+    def _coarse(self, train: torch.Tensor) -> Coarse:
+        """Train's :class:`Coarse` split, made once for the val and the train-metric queries."""
+        made = getattr(self, "_coarse_of", None)
+        if made is None or made[0] is not self.train_features or made[1].resid.device != train.device:
+            made = self._coarse_of = (self.train_features, Coarse.of(train))
+        return made[1]
 
     def state(self) -> dict[str, np.ndarray]:
         return {"train_features": self.train_features, "train_labels": self.train_labels}
@@ -119,20 +127,95 @@ def coarse_error(dim: int) -> float:
     return 2 * u + u * u + 2 * dim * 2.0**-24 * (1 + u) ** 2 + 2.0**-9 * (1 + 3 * u)
 
 
+def split_error(dim: int) -> float:
+    """A bound on the float32 rounding of :class:`Coarse`'s split for vectors of norm at most 1, beside the
+    bfloat16 part's: the exact similarity's own sum over ``dim`` products, the residuals ``x - (x.m) m`` (2 roundings
+    an entry, on each side), the product along ``m`` and the final sum; doubled for margin."""
+    return 2 * (dim + 16) * 2.0**-24
+
+
 # A candidate rescored on its own costs about as much as this many rows of the float32 matmul (1.1 us against
-# 6.4 ns a 512-d row on this CPU), and the bfloat16 pass about half the exact search: so the coarse path pays
-# while it leaves fewer than ~len(train) / 300 rows per query (on real MobileNetV2 features ~4 per neighbour).
-# On features that all point nearly the same way (a random-init backbone) every row is within the bound of the
-# k-th: rescoring them one by one ran 124 s for 50,000 x 512, where the exact float32 search takes a few seconds.
+# 6.4 ns a 512-d row on this CPU), and the coarse pass about half the exact search: so the coarse path pays while it
+# leaves fewer than ~len(train) / 300 rows per query (on real features ~2 per neighbour, on features that all point
+# nearly the same way, thanks to the split along the mean direction, ~3).
 RESCORE_COST = 300
+# Candidates taken per query by one top-k of the coarse similarities: a query whose rows within the bound of its
+# k-th all fit (on real and random-init features 99% of queries have under 40 for k = 10) needs no comparison of
+# its whole row of similarities with its threshold, nor the nonzero() over it: those cost as much as the top-k.
+CANDIDATES = 64
+
+
+# Below this largest |r_t| the split along the mean direction pays for its float32 block of similarities (the
+# bound shrinks with |r|); above it (real features: ~1) the coarse similarities stay bfloat16, as one matmul.
+SPLIT_BELOW = 0.8
+
+
+@dataclass
+class Coarse:
+    """Train for the coarse pass, split along its unit mean direction ``m`` where that tightens the bound:
+    ``t = (t.m) m + r_t``. A query's similarity to a train row is then ``(q.m)(t.m)`` in float32 (an outer product)
+    plus ``r_q.r_t`` in bfloat16, whose error is at most :func:`coarse_error` times ``|r_q| |r_t|`` (:meth:`bound`).
+    On features that all point nearly the same way (a random-init backbone: median cosine 0.95) ``|r|`` is ~0.2
+    and the bound ~10x tighter: the whole similarity in bfloat16 left every train row within the bound of the
+    k-th. On real features (``|r|`` ~1) there is no split: ``m`` is 0 and the similarities stay bfloat16."""
+
+    direction: torch.Tensor  # (D,) float32: m, or zeros
+    along: torch.Tensor  # (N,) float32: t.m
+    resid: torch.Tensor  # (N, D) bfloat16: r_t
+    resid_norm: float  # the largest |r_t| (of the float32 residuals)
+    scratch: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def of(cls, train: torch.Tensor) -> Coarse:
+        mean = train.mean(0)
+        m = mean / mean.norm().clamp_min(1e-30)
+        along = train @ m
+        resid = train - along[:, None] * m
+        resid_norm = float(torch.linalg.vector_norm(resid, dim=1).max()) if len(train) else 0.0
+        if resid_norm >= SPLIT_BELOW:
+            m, along, resid = torch.zeros_like(m), torch.zeros_like(along), train
+            resid_norm = float(torch.linalg.vector_norm(train, dim=1).max()) if len(train) else 0.0
+        return cls(m, along, resid.bfloat16(), resid_norm)
+
+    @property
+    def is_split(self) -> bool:
+        return bool(self.direction.any())
+
+    def split(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A query block's ``(q.m, r_q)``."""
+        along = q @ self.direction
+        return along, q - along[:, None] * self.direction
+
+    def bound(self, q_resid: torch.Tensor) -> torch.Tensor:
+        """Per query: a bound on |coarse similarity - float32 similarity| for every train row."""
+        dim = q_resid.shape[1]
+        norms = torch.linalg.vector_norm(q_resid, dim=1)
+        return norms * (self.resid_norm * coarse_error(dim)) + split_error(dim)
+
+    def similarities(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The coarse similarities (len(q), N), float32 when split (else bfloat16), and each query's bound on their
+        error. Written into buffers kept from the last block: valid until the next call. New (len(q), N) tensors
+        a block cost more in page faults than the bfloat16 matmul (0.14 s against 0.03 s to fill a float32 one)."""
+        along, resid = self.split(q)
+        shape = (len(q), len(self.resid))
+        approx = torch.mm(resid.bfloat16(), self.resid.T, out=self._buffer("bf16", shape, torch.bfloat16))
+        if self.is_split:
+            approx = self._buffer("f32", shape, torch.float32).copy_(approx).addr_(along, self.along)
+        return approx, self.bound(resid)
+
+    def _buffer(self, name: str, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        have = self.scratch.get(name)
+        if have is None or have.numel() < shape[0] * shape[1]:
+            have = self.scratch[name] = torch.empty(shape[0] * shape[1], dtype=dtype, device=self.resid.device)
+        return have[: shape[0] * shape[1]].view(shape)
 
 
 class Search:
-    """The k nearest train rows of blocks of queries: the bfloat16 pass while it pays, the exact float32 search
+    """The k nearest train rows of blocks of queries: the coarse pass while it pays, the exact float32 search
     from the first block where it would not (the rest of the blocks are of the same features). ``fell_back``
     says why, once it has."""
 
-    def __init__(self, train: torch.Tensor, *, coarse: torch.Tensor | None):
+    def __init__(self, train: torch.Tensor, *, coarse: Coarse | None):
         self.train, self.coarse, self.fell_back = train, coarse, ""
 
     def nearest(self, q: torch.Tensor, *, k: int, exclude: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,29 +234,40 @@ def nearest(
     *,
     k: int,
     exclude: torch.Tensor | None = None,
-    coarse: torch.Tensor | None = None,
+    coarse: Coarse | None = None,
     limit: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The ``k`` largest float32 similarities ``q @ train.T`` of each query (rows of norm <= 1) and their train
-    rows, skipping row ``exclude[i]`` for query i. With ``coarse`` (``train`` in bfloat16) the same neighbours for
-    a fraction of the work: a bfloat16 pass finds each query's k-th coarse similarity t, and only the rows whose
-    coarse similarity is at least ``t - 2 e`` (e = :func:`coarse_error`; every true k nearest row is among them,
-    and on real features they are ~40 of 50,000) are rescored in float32. None when that would rescore more than
-    ``limit`` rows per query on average (default ``len(train) / RESCORE_COST``): the exact search is cheaper."""
+    rows, skipping row ``exclude[i]`` for query i. With ``coarse`` (:class:`Coarse` of ``train``) the same
+    neighbours for a fraction of the work: the coarse pass finds each query's k-th coarse similarity t, and only
+    the rows whose coarse similarity is at least ``t - 2 e`` (e: :meth:`Coarse.bound`; every true k nearest row is
+    among them, and there are ~20-40 of 50,000) are rescored in float32. Those are among the query's CANDIDATES
+    best coarse rows unless the CANDIDATES-th is itself within the bound: only such queries compare their whole
+    row with the threshold. None when that would rescore more than ``limit`` rows per query on average (default
+    ``len(train) / RESCORE_COST``): the exact search is cheaper."""
     if coarse is None or k >= len(train) - (exclude is not None):
         return exact_topk(q, train, k=k, exclude=exclude)
-    approx = q.bfloat16() @ coarse.T
+    approx, error = coarse.similarities(q)
     if exclude is not None:
         approx[torch.arange(len(q), device=q.device), exclude] = -math.inf
-    kth = approx.topk(k, dim=1).values[:, -1:].float()
-    # Compared in bfloat16 (2.5x faster than mixed types), the threshold rounded down: 2^-8 covers the rounding.
-    low = (kth - 2 * coarse_error(q.shape[1]) - 2.0**-8).bfloat16()
-    within = approx >= low
-    del approx
-    if int(torch.count_nonzero(within)) > (len(train) / RESCORE_COST if limit is None else limit) * len(q):
+    top, at = approx.topk(min(len(train), max(CANDIDATES, 2 * k)), dim=1)  # sorted, largest first
+    top = top.float()  # exact: comparisons of float32 values below need no rounding of the threshold
+    low = top[:, k - 1] - 2 * error
+    keep = top >= low[:, None]
+    spill = keep[:, -1].clone()  # the last candidate is within the bound: more rows may be, beyond the candidates
+    keep[spill] = False
+    qi, pos = torch.nonzero(keep, as_tuple=True)  # row-major: grouped by query
+    ti = at[qi, pos]
+    if not bool(spill.any()):
+        return _rescore(q, train, qi, ti, k=k)
+    rows = torch.nonzero(spill).squeeze(1)  # those queries' whole rows of coarse similarities, against the threshold
+    within = approx[rows].float() >= low[rows, None]
+    if int(torch.count_nonzero(within)) + len(ti) > (len(train) / RESCORE_COST if limit is None else limit) * len(q):
         return None
-    qi, ti = torch.nonzero(within, as_tuple=True)  # row-major: grouped by query
-    return _rescore(q, train, qi, ti, k=k)
+    si, sti = torch.nonzero(within, as_tuple=True)
+    sim, idx = _rescore(q, train, qi, ti, k=k)
+    sim[rows], idx[rows] = _rescore(q[rows], train, si, sti, k=k)
+    return sim, idx
 
 
 def _rescore(
@@ -188,7 +282,7 @@ def _rescore(
             exact[s : s + RESCORE_ROWS] = rows.mul_(q[qi[s : s + RESCORE_ROWS]]).sum(1)
         counts = torch.bincount(qi, minlength=len(q))
         pos = torch.arange(len(qi), device=q.device) - (counts.cumsum(0) - counts)[qi]  # place within its query
-        width = int(counts.max())
+        width = max(k, int(counts.max()) if len(qi) else 0)  # a query with no candidate: -inf (see nearest)
         sims = torch.full((len(q), width), -math.inf, device=q.device).index_put_((qi, pos), exact)
         rows = torch.zeros((len(q), width), dtype=torch.long, device=q.device).index_put_((qi, pos), ti)
         sim, at = sims.topk(k, dim=1)

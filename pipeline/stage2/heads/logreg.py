@@ -24,7 +24,7 @@ from pipeline.stage2.heads.base import (
 )
 from pipeline.stage2.heads.config import HeadConfig
 from pipeline.stage2.heads.fitting import fitting_threads
-from pipeline.stage2.heads.lbfgs import OneVsRestProblem, Problem, fit_path
+from pipeline.stage2.heads.lbfgs import OneVsRestProblem, Problem, TransposedProblem, fit_path
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,8 @@ def logreg_problem(
     if class_weight == "balanced":  # sklearn's "balanced", computed over the classes present
         weight = torch.as_tensor(balanced_weights(y, num_classes)[present], dtype=X.dtype, device=X.device)
     total = float(len(y)) if weight is None else float(weight[yt].sum())
-    return Problem.build(Z, yt, classes=len(present), class_weight=weight), present, (mean, scale), total
+    problem = TransposedProblem.of(Problem.build(Z, yt, classes=len(present), class_weight=weight))
+    return problem, present, (mean, scale), total
 
 
 class LogRegHead(Head):
