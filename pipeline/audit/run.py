@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.audit.config import AuditConfig
+from pipeline.audit.config import PCA_LOGREG, AuditConfig
 from pipeline.audit.duplicates import Rows, find_pairs
 from pipeline.errors import PipelineError
 from pipeline.fileio import atomic_write, write_json, write_text
@@ -64,7 +64,7 @@ def audit(features: Path, cfg: AuditConfig, *, out: Path | None = None) -> dict[
     from pipeline.audit.labels import confident_issues, out_of_fold
     from pipeline.audit.neighbours import nearest, normalise
     from pipeline.audit.outliers import outlier_scores, ranked_outliers
-    from pipeline.audit.score import best_compared_head, leak_free_score
+    from pipeline.audit.score import best_compared_head, leak_free_score, saved_head_dir
     from pipeline.devices import resolve_device
 
     features = Path(features)
@@ -98,9 +98,11 @@ def audit(features: Path, cfg: AuditConfig, *, out: Path | None = None) -> dict[
     t = _timed(seconds, "labels", t, cpu)
     outliers = ranked_outliers(outlier_scores(nb), rows.ids, rows.split, top=cfg.top)
     t = _timed(seconds, "outliers", t, cpu)
-    head = cfg.head if cfg.head != "best" else (best_compared_head(features, cfg.compare) or "logreg")
+    head = cfg.head if cfg.head != "best" else (best_compared_head(features, cfg.compare) or PCA_LOGREG)
+    saved = saved_head_dir(features, fs, head=head, compare=cfg.compare) if head != PCA_LOGREG else None
     leaked = {p["id"] for p in leaks if p["split"] == "val"}
-    score = leak_free_score(fs, leaked_val_ids=leaked, head=head, device=cfg.device, seed=cfg.seed)
+    score = leak_free_score(fs, leaked_val_ids=leaked, head=head, device=cfg.device, seed=cfg.seed, oof=oof,
+                            saved=saved)  # fmt: skip
     t = _timed(seconds, "score", t, cpu)
     report = {
         "features": str(features),
@@ -140,6 +142,7 @@ def summary(fs: FeatureSet, *, leaks: list, dups: list, issues: int, info: dict,
         "near-duplicate threshold": f"{info['threshold']:.4f} ({how})",
         "likely wrong labels": issues,
         "out-of-fold accuracy": f"{oof_acc:.4f} ({oof.folds} folds)",
+        "scored head": f"{score['head']}: {score['head_is']}",
         f"val accuracy ({score['head']})": f"{score['val_accuracy']:.4f} on {score['n_val']}",
         "val accuracy without the leaks": "n/a" if score["val_accuracy_without_leaks"] is None
         else f"{score['val_accuracy_without_leaks']:.4f} on {score['n_val_without_leaks']}",
