@@ -19,9 +19,10 @@ PCA_LOGREG = "pca-logreg"
 class AuditConfig:
     threshold: float | None = option(
         None,
-        "Evidence score (similarity + the smaller margin of the two images over their second neighbour) from which "
-        "mutual nearest neighbours are called copies. Default: chosen from the file's own distribution (median + "
-        "2.5 robust deviations), printed.",
+        "Evidence from which mutual nearest neighbours are called copies: with perceptual hashes in the file, the "
+        "rank statistic (Fisher's combination of the similarity, margin and hash ranks), else the evidence score "
+        "(similarity + the smaller margin of the two images over their second neighbour). Default: chosen from "
+        "the file's own distribution (median + 3.25 or 2.5 robust deviations), printed.",
     )
     k: int = option(10, "Neighbours kept per image (near-duplicates, outliers).")
     search_dim: int = option(

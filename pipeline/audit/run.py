@@ -23,6 +23,9 @@ from pipeline.store import FeatureSet, read_features
 log = logging.getLogger(__name__)
 
 AUDIT_ROOT = Path("artifacts/audits")
+# What the near-duplicate threshold is on (pipeline.audit.duplicates): the rank rule with hashes in the file, else
+# the evidence score.
+RULES = {"ranks": "rank statistic of similarity, margin and hash", "score": "evidence score, similarity + margin"}
 
 
 def default_audit_dir(features: Path) -> Path:
@@ -139,7 +142,7 @@ def summary(fs: FeatureSet, *, leaks: list, dups: list, issues: int, info: dict,
         "exact copies": sum(p["exact"] for p in leaks + dups),
         "content digests": exact,
         "perceptual hashes": "yes" if info["phash"] else "none in this file",
-        "near-duplicate threshold": f"{info['threshold']:.4f} ({how})",
+        "near-duplicate threshold": f"{info['threshold']:.4f} ({how}; {RULES[info['rule']]})",
         "likely wrong labels": issues,
         "out-of-fold accuracy": f"{oof_acc:.4f} ({oof.folds} folds)",
         "scored head": f"{score['head']}: {score['head_is']}",
@@ -180,7 +183,8 @@ def print_lines(report: dict[str, Any]) -> list[str]:
     s = report["near_duplicates"]["scores"]
     if s.get("pairs"):
         lines.append(
-            f"  evidence scores of mutual nearest pairs: median {s['median']:.4f}, robust sd {s['robust_sd']:.4f}, "
+            f"  {RULES[report['near_duplicates']['rule']]} of mutual nearest pairs: median {s['median']:.4f}, "
+            f"robust sd {s['robust_sd']:.4f}, "
             f"p90 {s['p90']:.4f}, p99 {s['p99']:.4f}"
         )
     if report.get("folds_note"):
