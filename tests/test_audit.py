@@ -105,6 +105,8 @@ def test_moved_labels_rank_near_the_top(planted: tuple) -> None:
 def test_score_without_leaks_is_lower(planted: tuple) -> None:
     _, truth, report = planted
     s = report["score"]
+    assert s["head"] == "pca-logreg" and "principal directions" in s["head_is"] and s["fit"]["n_iter"] > 0
+    assert "principal directions" in report["summary"]["scored head"]
     assert s["n_leaked_val"] >= len(truth.exact)
     assert s["leaked_val_right"] == s["n_leaked_val"], "a copy of a train image should be classified right"
     assert s["val_accuracy_without_leaks"] < s["val_accuracy"]
@@ -250,3 +252,83 @@ def test_best_head_read_from_a_given_compare_folder(tmp_path: Path) -> None:
     (tmp_path / "sweep" / "compare.json").write_text(json.dumps({"best": "mlp"}))
     assert best_compared_head(features, tmp_path / "sweep") == "mlp"
     assert AuditConfig(compare=str(tmp_path / "sweep")).compare == str(tmp_path / "sweep")
+
+
+def _mutual_file(n: int = 240, seed: int = 0) -> tuple[np.ndarray, Rows]:
+    """Random unit features of ``n`` rows (train then val) with random hashes; rows 1 and 3 are near copies of rows
+    0 and 2 (cosine about 0.99: below the identical-features cut), with hashes 1 bit from their source's."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 24))
+    X[1] = X[0] + 0.1 * rng.normal(size=24)
+    X[3] = X[2] + 0.1 * rng.normal(size=24)
+    X = normalise(torch.as_tensor(X, dtype=torch.float32)).numpy()
+    hashes = rng.integers(0, 2**63, n).astype(np.uint64)
+    hashes[1], hashes[3] = hashes[0] ^ np.uint64(1), hashes[2] ^ np.uint64(4)
+    split = np.array(["train"] * (n * 3 // 4) + ["val"] * (n - n * 3 // 4))
+    return X, Rows(ids=np.array([str(i) for i in range(n)]), split=split, phash=hashes)
+
+
+def test_rank_rule_flags_near_copies_with_the_hash_as_evidence() -> None:
+    """With hashes in the file the rank rule is the default: the near copies (top similarity, margin and hash
+    ranks) are flagged at the threshold the file gives, with the hash listed as evidence. Like the evidence score's,
+    its threshold flags a share of the pairs of random features (the file-relative cut has no null of its own:
+    docs/audit.md), fewer than the score's."""
+    from pipeline.audit.duplicates import find_pairs
+
+    X, rows = _mutual_file(n=2000)
+    nb = nearest(X, k=5, device=torch.device("cpu"), search_dim=0)
+    leaks, dups, info = find_pairs(nb, rows, unit=X)
+    assert info["rule"] == "ranks" and not info["threshold_given"]
+    found = {tuple(p["rows"]): p["evidence"] for p in leaks + dups}
+    assert found[(0, 1)] == found[(2, 3)] == ["features", "phash"]
+    rows.phash = None  # without hashes: the evidence score and its own threshold
+    leaks, dups, info = find_pairs(nb, rows, unit=X)
+    assert info["rule"] == "score" and {(0, 1), (2, 3)} <= {tuple(p["rows"]) for p in leaks + dups}
+    assert len(found) < len(leaks + dups), "the rank rule should flag fewer random pairs than the score"
+
+
+def test_rank_rule_never_flags_on_the_hash_alone() -> None:
+    """Even where the rank cut lets every mutual pair through (--threshold 0), a pair whose features' own ranks are
+    below their median is not flagged, however close its hashes."""
+    from pipeline.audit.duplicates import evidence, find_pairs, mutual_pairs, rank_evidence
+
+    X, rows = _mutual_file(seed=1)
+    nb = nearest(X, k=5, device=torch.device("cpu"), search_dim=0)
+    same, other = evidence(nb, rows.split, same=True), evidence(nb, rows.split, same=False)
+    a, b, sim, margin = mutual_pairs(same, other)
+    features, _ = rank_evidence(sim, margin)
+    weak = int(np.argmin(features))
+    rows.phash[b[weak]] = rows.phash[a[weak]]  # the same hash on the pair the features say least about
+    leaks, dups, _ = find_pairs(nb, rows, unit=X, threshold=0.0)
+    flagged = {tuple(sorted(p["rows"])) for p in leaks + dups}
+    assert (int(a[weak]), int(b[weak])) not in flagged
+    assert flagged == {(int(i), int(j)) for i, j, f in zip(a, b, features) if f >= np.median(features)}
+
+
+def test_rank_evidence_orders_by_every_component() -> None:
+    from pipeline.audit.duplicates import rank_evidence
+
+    sim, margin, bits = np.array([0.9, 0.8, 0.7, 0.6]), np.array([0.1, 0.2, 0.05, 0.01]), np.array([2, 30, 30, 40])
+    ranks, features = rank_evidence(sim, margin, bits)
+    assert np.allclose(features, rank_evidence(sim, margin)[0])
+    assert np.argmax(ranks) == 0 and np.argmin(ranks) == 3  # first by similarity and hash, last by all three
+    assert np.all(ranks >= features) and ranks[1] > ranks[2]  # a larger margin ranks higher at equal bits
+
+
+def test_scored_head_loaded_from_compare_not_refitted(tmp_path: Path) -> None:
+    """--head names a head compare saved for this very file: the audit scores that head, loaded, and says so."""
+    features = write_feature_file(tmp_path / "f.h5", n_train=120, n_val=40)
+    with pytest.raises(SystemExit) as e:
+        main(["compare", "--features", str(features), "--heads", "centroid", "--out", str(tmp_path / "cmp")])
+    assert e.value.code == 0
+    cfg = AuditConfig(device="cpu", head="best", compare=str(tmp_path / "cmp"), thumbnails=False)
+    report = audit(features, cfg, out=tmp_path / "a")
+    assert (
+        report["score"]["head"] == "centroid"
+        and f"saved in {tmp_path / 'cmp' / 'centroid'}" in report["score"]["head_is"]
+    )
+    other = write_feature_file(tmp_path / "g.h5", n_train=100, n_val=40)  # another file: that head is not its
+    fitted = audit(other, cfg, out=tmp_path / "b")
+    assert "fitted on train" in fitted["score"]["head_is"]
+    with pytest.raises(PipelineError, match="--head must be one of"):
+        AuditConfig(head="tail")

@@ -8,15 +8,21 @@ from dataclasses import dataclass
 from pipeline.devices import DEVICES
 from pipeline.errors import PipelineError
 from pipeline.options import option
+from pipeline.stage2.heads.registry import HEADS
+
+# The score pass's default head: the label pass's model (the logreg objective at C = 1 on the features' first 256
+# principal directions) fitted on train; see pipeline.audit.score.
+PCA_LOGREG = "pca-logreg"
 
 
 @dataclass(frozen=True)
 class AuditConfig:
     threshold: float | None = option(
         None,
-        "Evidence score (similarity + the smaller margin of the two images over their second neighbour) from which "
-        "mutual nearest neighbours are called copies. Default: chosen from the file's own distribution (median + "
-        "2.5 robust deviations), printed.",
+        "Evidence from which mutual nearest neighbours are called copies: with perceptual hashes in the file, the "
+        "rank statistic (Fisher's combination of the similarity, margin and hash ranks), else the evidence score "
+        "(similarity + the smaller margin of the two images over their second neighbour). Default: chosen from "
+        "the file's own distribution (median + 3.25 or 2.5 robust deviations), printed.",
     )
     k: int = option(10, "Neighbours kept per image (near-duplicates, outliers).")
     search_dim: int = option(
@@ -25,7 +31,10 @@ class AuditConfig:
     )  # fmt: skip
     folds: int = option(5, "K of the K-fold out-of-sample probabilities (fewer when a class has fewer images).")
     head: str = option(
-        "logreg", "The head scored with and without the leaked val images ('best': the best of compare's table)."
+        PCA_LOGREG,
+        "The head scored with and without the leaked val images: 'pca-logreg' (the label pass's model fitted on "
+        "train), a head by name or 'best' (the best of compare's table), loaded when compare or train-head saved it "
+        "for this file, else fitted with its default settings.",
     )
     compare: str | None = option(
         None,
@@ -42,5 +51,8 @@ class AuditConfig:
             raise PipelineError(f"--k must be at least 2, not {self.k}")
         if self.folds < 2:
             raise PipelineError(f"--folds must be at least 2, not {self.folds}")
+        heads = (PCA_LOGREG, "best", *(name for name, spec in HEADS.items() if spec.inputs == "features"))
+        if self.head not in heads:
+            raise PipelineError(f"--head must be one of {', '.join(heads)}, not {self.head!r}")
         if self.search_dim < 0 or self.top < 1:
             raise PipelineError("--search-dim must be >= 0 and --top >= 1")

@@ -17,11 +17,13 @@ self-confidence (the probability of the given label), lowest first; ``score`` is
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from pipeline.stage2.heads.fitting import fitting_threads
 from pipeline.stage2.heads.lbfgs import Precondition, Problem, Solution, correlation_preconditioner, lbfgs
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,11 @@ class OutOfFold:
     folds: int
     note: str | None = None  # said when fewer folds than asked were possible
     iterations: list[int] | None = None  # L-BFGS iterations of each fold
+    # What the folds' models saw, for one more fit of the same model (the score pass, :func:`refit`): the rows'
+    # design matrix (standardised, on the principal directions), the last fold's weights, the preconditioner.
+    design: torch.Tensor | None = None
+    theta: torch.Tensor | None = None
+    precondition: Precondition | None = None
 
 
 def fold_of(labels: np.ndarray, *, folds: int, seed: int) -> np.ndarray:
@@ -95,11 +102,12 @@ def project_for_labels(X: torch.Tensor, *, dim: int = LABEL_DIM, seed: int = 0) 
     from pipeline.stage2.heads.logreg import standardise
 
     mean, scale = standardise(X)
-    X = (X - mean) / scale
-    if 0 < dim < X.shape[1]:
-        centre, V = principal_basis(X, dim=dim, seed=seed)
-        X = (X - centre) @ V
-    return X.contiguous()
+    if not 0 < dim < X.shape[1]:
+        return ((X - mean) / scale).contiguous()
+    centre, V = principal_basis(X, dim=dim, seed=seed, prepare=lambda rows: (rows - mean) / scale)
+    # ((X - mean) / scale - centre) @ V with the scaling folded into V: no standardised copy of all of X.
+    V = V / scale[:, None]
+    return torch.addmm(-((mean + centre[0] * scale) @ V), X, V)
 
 
 @torch.inference_mode()
@@ -125,22 +133,48 @@ def out_of_fold(
     precondition = correlation_preconditioner(Z, seed=seed)
     for f in range(used):
         held = torch.as_tensor(fold == f, device=device)
-        sol = fit_fold(
-            Z[~held],
-            y[~held],
-            num_classes=num_classes,
-            C=C,
-            max_iter=max_iter,
-            tol=tol,
-            theta=theta,
-            precondition=precondition,
-        )
+        with fitting_threads(device):  # small steps: one thread was 2.8x less CPU than two on the shared CPU
+            sol = fit_fold(
+                Z[~held],
+                y[~held],
+                num_classes=num_classes,
+                C=C,
+                max_iter=max_iter,
+                tol=tol,
+                theta=theta,
+                precondition=precondition,
+            )
         theta = sol.theta
         iterations.append(sol.n_iter)
         W, b = theta[:, :-1], theta[:, -1]
         proba[held] = torch.softmax(torch.addmm(b, Z[held], W.t()), 1)
     log.info("out-of-fold logreg: %s L-BFGS iterations per fold", iterations)
-    return OutOfFold(proba=proba.cpu().numpy(), folds=used, note=note, iterations=iterations)
+    return OutOfFold(proba=proba.cpu().numpy(), folds=used, note=note, iterations=iterations, design=Z, theta=theta,
+                     precondition=precondition)  # fmt: skip
+
+
+def refit(
+    oof: OutOfFold, *, rows: np.ndarray, labels: np.ndarray, num_classes: int, C: float = 1.0,
+    max_iter: int = OOF_MAX_ITER, tol: float = 1e-4,
+) -> tuple[Solution, Callable[[np.ndarray], np.ndarray]]:  # fmt: skip
+    """The folds' model fitted once more, on the rows ``rows`` (a mask over the rows of every split) with their
+    ``labels``, from the last fold's weights: ``(solution, predict)``, ``predict(mask)`` the class probabilities of
+    the rows in ``mask``. The score pass's model when it is asked for this one (``--head pca-logreg``)."""
+    assert oof.design is not None and oof.theta is not None
+    Z = oof.design
+    with torch.inference_mode():
+        keep = torch.as_tensor(rows, device=Z.device)
+        y = torch.as_tensor(labels, device=Z.device)
+        with fitting_threads(Z.device):
+            sol = fit_fold(Z[keep], y, num_classes=num_classes, C=C, max_iter=max_iter, tol=tol, theta=oof.theta,
+                           precondition=oof.precondition)  # fmt: skip
+
+    def predict(mask: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            W, b = sol.theta[:, :-1], sol.theta[:, -1]
+            return torch.softmax(torch.addmm(b, Z[torch.as_tensor(mask, device=Z.device)], W.t()), 1).cpu().numpy()
+
+    return sol, predict
 
 
 def confident_issues(proba: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

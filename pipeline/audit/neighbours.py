@@ -12,6 +12,7 @@ top-k are taken, by the maxima of runs of columns (:func:`_row_topk`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,12 +39,16 @@ def normalise(X: torch.Tensor) -> torch.Tensor:
     return X / X.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
-def principal_basis(X: torch.Tensor, *, dim: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(mean, V)``: the mean row and the first ``dim`` principal directions (D, dim) of ``X``, by randomised PCA
-    on up to :data:`PCA_ROWS` seeded rows (fitting on all 100,000 rows cost 4x more for the same subspace)."""
+def principal_basis(
+    X: torch.Tensor, *, dim: int, seed: int = 0, prepare: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean, V)``: the mean row and the first ``dim`` principal directions (D, dim) of ``X`` (of ``prepare(X)``,
+    applied to the sampled rows only), by randomised PCA on up to :data:`PCA_ROWS` seeded rows (fitting on all
+    100,000 rows cost 4x more for the same subspace)."""
     with torch.random.fork_rng(devices=[X.device] if X.device.type == "cuda" else []):  # seeded, the caller's RNG kept
         torch.manual_seed(seed)
         sample = X[torch.randperm(len(X), device=X.device)[:PCA_ROWS]]
+        sample = prepare(sample) if prepare is not None else sample
         mean = sample.mean(0, keepdim=True)
         _, _, V = torch.pca_lowrank(sample - mean, q=min(dim, *sample.shape), center=False, niter=2)
     return mean, V

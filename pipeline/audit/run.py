@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.audit.config import AuditConfig
+from pipeline.audit.config import PCA_LOGREG, AuditConfig
 from pipeline.audit.duplicates import Rows, find_pairs
 from pipeline.errors import PipelineError
 from pipeline.fileio import atomic_write, write_json, write_text
@@ -23,6 +23,9 @@ from pipeline.store import FeatureSet, read_features
 log = logging.getLogger(__name__)
 
 AUDIT_ROOT = Path("artifacts/audits")
+# What the near-duplicate threshold is on (pipeline.audit.duplicates): the rank rule with hashes in the file, else
+# the evidence score.
+RULES = {"ranks": "rank statistic of similarity, margin and hash", "score": "evidence score, similarity + margin"}
 
 
 def default_audit_dir(features: Path) -> Path:
@@ -64,7 +67,7 @@ def audit(features: Path, cfg: AuditConfig, *, out: Path | None = None) -> dict[
     from pipeline.audit.labels import confident_issues, out_of_fold
     from pipeline.audit.neighbours import nearest, normalise
     from pipeline.audit.outliers import outlier_scores, ranked_outliers
-    from pipeline.audit.score import best_compared_head, leak_free_score
+    from pipeline.audit.score import best_compared_head, leak_free_score, saved_head_dir
     from pipeline.devices import resolve_device
 
     features = Path(features)
@@ -98,9 +101,11 @@ def audit(features: Path, cfg: AuditConfig, *, out: Path | None = None) -> dict[
     t = _timed(seconds, "labels", t, cpu)
     outliers = ranked_outliers(outlier_scores(nb), rows.ids, rows.split, top=cfg.top)
     t = _timed(seconds, "outliers", t, cpu)
-    head = cfg.head if cfg.head != "best" else (best_compared_head(features, cfg.compare) or "logreg")
+    head = cfg.head if cfg.head != "best" else (best_compared_head(features, cfg.compare) or PCA_LOGREG)
+    saved = saved_head_dir(features, fs, head=head, compare=cfg.compare) if head != PCA_LOGREG else None
     leaked = {p["id"] for p in leaks if p["split"] == "val"}
-    score = leak_free_score(fs, leaked_val_ids=leaked, head=head, device=cfg.device, seed=cfg.seed)
+    score = leak_free_score(fs, leaked_val_ids=leaked, head=head, device=cfg.device, seed=cfg.seed, oof=oof,
+                            saved=saved)  # fmt: skip
     t = _timed(seconds, "score", t, cpu)
     report = {
         "features": str(features),
@@ -137,9 +142,10 @@ def summary(fs: FeatureSet, *, leaks: list, dups: list, issues: int, info: dict,
         "exact copies": sum(p["exact"] for p in leaks + dups),
         "content digests": exact,
         "perceptual hashes": "yes" if info["phash"] else "none in this file",
-        "near-duplicate threshold": f"{info['threshold']:.4f} ({how})",
+        "near-duplicate threshold": f"{info['threshold']:.4f} ({how}; {RULES[info['rule']]})",
         "likely wrong labels": issues,
         "out-of-fold accuracy": f"{oof_acc:.4f} ({oof.folds} folds)",
+        "scored head": f"{score['head']}: {score['head_is']}",
         f"val accuracy ({score['head']})": f"{score['val_accuracy']:.4f} on {score['n_val']}",
         "val accuracy without the leaks": "n/a" if score["val_accuracy_without_leaks"] is None
         else f"{score['val_accuracy_without_leaks']:.4f} on {score['n_val_without_leaks']}",
@@ -177,7 +183,8 @@ def print_lines(report: dict[str, Any]) -> list[str]:
     s = report["near_duplicates"]["scores"]
     if s.get("pairs"):
         lines.append(
-            f"  evidence scores of mutual nearest pairs: median {s['median']:.4f}, robust sd {s['robust_sd']:.4f}, "
+            f"  {RULES[report['near_duplicates']['rule']]} of mutual nearest pairs: median {s['median']:.4f}, "
+            f"robust sd {s['robust_sd']:.4f}, "
             f"p90 {s['p90']:.4f}, p99 {s['p99']:.4f}"
         )
     if report.get("folds_note"):
