@@ -773,3 +773,25 @@ def test_logreg_evaluation_in_threads_is_the_same_to_the_bit(ways: int, monkeypa
         monkeypatch.setattr(lbfgs, "SPLIT_ENTRIES", 0)
         f2, g2 = problem.loss_grad(theta, 0.01)
         assert torch.equal(f1, f2) and torch.equal(g1, g2), type(problem).__name__
+
+
+def test_pieces_run_in_a_forked_child_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A child forked after the pieces' threads started (a loader worker, say) has none of them: it starts its own
+    instead of waiting forever on the parent's."""
+    import os
+    import signal
+
+    from pipeline.stage2.heads import fitting
+
+    monkeypatch.setattr(fitting, "_ways", lambda: 2)
+    seen: list[int] = []
+    fitting.in_pieces(lambda part: seen.append(part.start), 10, big=True)
+    assert sorted(seen) == [0, 5]
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if the pieces ran (killed by the alarm if it waits on the parent's threads)
+        signal.alarm(30)
+        done: list[int] = []
+        fitting.in_pieces(lambda part: done.append(part.start), 10, big=True)
+        os._exit(0 if sorted(done) == [0, 5] else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

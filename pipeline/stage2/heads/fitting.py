@@ -453,7 +453,7 @@ def fitting_threads(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-_POOL: dict[int, ThreadPoolExecutor] = {}
+_POOL: dict[tuple[int, int], ThreadPoolExecutor] = {}  # by (process id, threads): a forked child makes its own
 
 
 def _ways() -> int:
@@ -473,10 +473,10 @@ def in_pieces(run: Callable[[slice], object], length: int, *, big: bool) -> None
     if ways < 2 or length < 2 * ways:
         run(slice(0, length))
         return
-    pool = _POOL.get(ways)
+    pool = _POOL.get((os.getpid(), ways))
     if pool is None:
-        pool = _POOL[ways] = ThreadPoolExecutor(ways, thread_name_prefix="pieces", initializer=torch.set_num_threads,
-                                                initargs=(1,))  # fmt: skip
+        pool = ThreadPoolExecutor(ways, thread_name_prefix="pieces", initializer=torch.set_num_threads, initargs=(1,))
+        _POOL[os.getpid(), ways] = pool
     step = -(-length // ways)
     for job in [pool.submit(run, slice(i, min(i + step, length))) for i in range(0, length, step)]:
         job.result()
