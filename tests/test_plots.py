@@ -113,6 +113,18 @@ def test_compare_axis_starts_at_zero_with_values_written() -> None:
     assert ax.get_ylim()[0] == 0 and {"0.961", "0.981"} <= set(_texts(fig))
 
 
+def test_compare_bars_carry_their_95_percent_interval() -> None:
+    """A row's ``<key>_interval`` is drawn as that bar's error bar, from its low to its high end."""
+    rows = [
+        {"head": h, "val_accuracy": v, "val_accuracy_interval": span, "balanced_accuracy": v}
+        for h, v, span in (("linear", 0.90, [0.85, 0.93]), ("logreg", 0.95, [0.92, 0.97]))
+    ]
+    ax = plots.compare_figure(rows).axes[0]
+    (bars_with_errors,) = [c for c in ax.containers if getattr(c, "errorbar", None) is not None]
+    segments = bars_with_errors.errorbar.lines[2][0].get_segments()
+    assert [(round(float(s[0][1]), 3), round(float(s[1][1]), 3)) for s in segments] == [(0.85, 0.93), (0.92, 0.97)]
+
+
 def test_coinciding_shots_lines_stay_apart() -> None:
     same = {"1": 0.5, "5": 0.8, "all": 0.9}
     fig = plots.shots_figure({"linear": same, "logreg": dict(same), "knn": dict(same)}, ["1", "5", "all"])

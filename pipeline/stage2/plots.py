@@ -110,21 +110,29 @@ REGRESS_BARS = (("val_r2", "val R^2"), ("train_r2", "train R^2"))
 
 def compare_figure(rows: list[dict[str, Any]], *, title: str = "", bars: tuple = CLASSIFY_BARS) -> Any:
     """Grouped bars per head: val accuracy and balanced accuracy (``REGRESS_BARS``: val and train R^2), values
-    written on the bars. The axis starts at 0 (or below, for a negative R^2), so that 0.961 and 0.981 look as close
-    as they are; the labels give the difference."""
+    written on the bars, and a bar's 95% interval as an error bar where the row has one (``<key>_interval``). The
+    axis starts at 0 (or below, for a negative R^2), so that 0.961 and 0.981 look as close as they are; the labels
+    give the difference."""
     plt = _pyplot()
     names = [r["head"] for r in rows]
     x = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(names) + 2), 4))
-    lowest = 0.0
+    lowest, with_intervals = 0.0, False
     for offset, (key, label) in zip((-0.2, 0.2), bars):
         values = [r[key] if r.get(key) is not None else np.nan for r in rows]
         lowest = min(lowest, np.nanmin(values) if not np.isnan(values).all() else 0.0)
-        bar = ax.bar(x + offset, values, width=0.4, label=label)
-        ax.bar_label(bar, labels=[f"{v:.3f}" for v in values], fontsize=8)
+        spans = [r.get(f"{key}_interval") for r in rows]
+        yerr = None
+        if any(spans):  # asymmetric: [below, above] each value
+            with_intervals = True
+            yerr = np.array([[max(0.0, v - s[0]), max(0.0, s[1] - v)] if s and not np.isnan(v) else [0.0, 0.0]
+                             for v, s in zip(values, spans)]).T  # fmt: skip
+        bar = ax.bar(x + offset, values, width=0.4, label=label, yerr=yerr, ecolor="0.3", capsize=3)
+        # inside the bar, so the error bar's cap above it does not cover the value
+        ax.bar_label(bar, labels=[f"{v:.3f}" for v in values], fontsize=8, label_type="center", color="white")
     ax.set_xticks(x, names)
     ax.set_ylim(max(lowest * 1.1, -1.0) if lowest < 0 else 0, 1.18)  # head-room for the legend above the bars
-    ax.set_ylabel("score on val")
+    ax.set_ylabel("score on val" + (" (error bars: 95% interval)" if with_intervals else ""))
     ax.legend(loc="upper center", ncol=2)
     ax.set_title(title or "heads compared", fontsize=10)
     fig.tight_layout()

@@ -132,6 +132,9 @@ class Task(ABC):
         """One head's line of compare.json: the table's columns and what the CLI says below the table."""
         # a column is a field of the record or one of its details (intervals, eval seconds)
         row = {k: getattr(metrics, k, metrics.details.get(k)) for _, k, _ in self.columns} | {"task": self.name}
+        for key, _ in self.bars:  # compare.png's error bars: each bar's interval, where the record has one
+            if metrics.details.get(f"{key}_interval") is not None:
+                row[f"{key}_interval"] = metrics.details[f"{key}_interval"]
         row |= {"train_val_gap": metrics.train_val_gap, "overfitting": metrics.overfitting}
         row["n_train_used"] = metrics.n_train_used
         if metrics.sweep is not None:
