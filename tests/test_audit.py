@@ -332,3 +332,22 @@ def test_scored_head_loaded_from_compare_not_refitted(tmp_path: Path) -> None:
     assert "fitted on train" in fitted["score"]["head_is"]
     with pytest.raises(PipelineError, match="--head must be one of"):
         AuditConfig(head="tail")
+
+
+def test_thumbnails_come_from_labels_tables_and_imagefolders_too(tmp_path: Path) -> None:
+    """The audit reads thumbnails through the reader errors.png uses: a labels table's or a Hugging Face
+    imagefolder's ids are files under its root as a folder's are (they were blank before); a moved file is None."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from pipeline.audit.report import thumbnail_reader
+
+    (tmp_path / "imgs").mkdir()
+    Image.new("L", (8, 8), 200).save(tmp_path / "imgs" / "a.png")
+    for kind in ("folder", "table", "imagefolder"):
+        read = thumbnail_reader(SimpleNamespace(dataset_identity={"kind": kind, "root": str(tmp_path)}))
+        img = read("train", "imgs/a.png")
+        assert img is not None and img.mode == "RGB" and img.size == (8, 8) and img.getpixel((0, 0)) == (200,) * 3
+        assert read("train", "imgs/moved.png") is None
+    assert thumbnail_reader(SimpleNamespace(dataset_identity={"kind": "shards"}))("train", "k") is None

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image
 
 from pipeline.html import esc, grid, image_uri, page, table
@@ -24,40 +22,11 @@ THUMB = 64  # px, the longer side; small images are scaled up (nearest) to this
 
 
 def thumbnail_reader(meta: FeatureMeta) -> Callable[[str, str], Image.Image | None]:
-    """``(split, id) -> PIL image or None`` (unreadable or moved) for the file's dataset."""
-    ident = meta.dataset_identity or {}
-    if ident.get("kind") == "folder":
-        root = Path(ident.get("root", ""))
+    """``(split, id) -> PIL image or None`` (unreadable or moved) for the file's dataset: the images errors.png reads
+    (:class:`pipeline.stage2.answers.SourceImages`: folders, labels tables, imagefolders, torchvision arrays)."""
+    from pipeline.stage2.answers import SourceImages
 
-        def from_folder(split: str, sample: str) -> Image.Image | None:
-            try:
-                with Image.open(root / sample) as img:
-                    return img.convert("RGB")
-            except (OSError, ValueError):
-                return None
-
-        return from_folder
-    if ident.get("kind") == "torchvision":
-        arrays: dict[str, np.ndarray] = {}
-
-        def from_arrays(split: str, sample: str) -> Image.Image | None:
-            if not arrays:
-                from pipeline.stage1.datasets import load_torchvision
-
-                try:
-                    source = load_torchvision(ident["name"], root=Path(ident["root"]), download=False)
-                except Exception as e:  # noqa: BLE001 -- any failure: the report is drawn without thumbnails
-                    log.warning("no thumbnails: cannot load %s (%s)", ident.get("name"), e)
-                    arrays["none"] = np.zeros(0)
-                    return None
-                arrays.update({s: v.arrays for s, v in source.splits.items()})
-            a = arrays.get(split)
-            if a is None or not sample.isdigit() or int(sample) >= len(a):
-                return None
-            return Image.fromarray(a[int(sample)]).convert("RGB")
-
-        return from_arrays
-    return lambda split, sample: None
+    return SourceImages(meta.dataset_identity).read
 
 
 def encode_thumbnail(img: Image.Image) -> str:

@@ -118,35 +118,48 @@ def read_predictions(path: Path) -> list[dict[str, str]]:
 FILE_KINDS = ("folder", "table", "imagefolder")  # datasets whose ids are image paths relative to their root
 
 
-def source_images(identity: dict[str, Any], ids: list[str], *, split: str = "val") -> tuple[list[Any], list[str]]:
-    """The images of ``ids`` (PIL, or None where unreadable) and the ids that could not be read, from what the
-    feature file recorded of its dataset: a folder's (or a table's, or a Hugging Face imagefolder's) files by relative
-    path, a torchvision set's arrays by index."""
-    from pipeline.stage1.datasets import load_image
+class SourceImages:
+    """The dataset's images by stored id, from what the feature file recorded of it (its ``dataset_identity``): a
+    folder's (or a table's, or a Hugging Face imagefolder's) files by relative path, a torchvision set's arrays by
+    index (the set reopened once per split). ``read(split, id)`` is a PIL RGB image, or None where it cannot be
+    read any more (moved, deleted, a source with no files of its own such as shards). One reader for errors.png and
+    the audit's thumbnails."""
 
-    kind, root = identity.get("kind"), Path(str(identity.get("root", "")))
-    images: list[Any] = []
-    missing: list[str] = []
-    arrays = None
-    if kind == "torchvision":
-        try:
-            from pipeline.stage1.datasets import load_torchvision
+    def __init__(self, identity: dict[str, Any] | None):
+        self.identity = dict(identity or {})
+        self.kind, self.root = self.identity.get("kind"), Path(str(self.identity.get("root", "")))
+        self._splits: dict[str, Any] = {}
 
-            arrays = load_torchvision(identity["name"], root=root, download=False).splits[split]
-        except Exception as e:  # noqa: BLE001 - any failure to reopen the set means: these images are not readable
-            log.debug("cannot reopen %s: %s", identity.get("name"), e)
-    for i in ids:
+    def _arrays(self, split: str) -> Any:
+        if split not in self._splits:
+            self._splits[split] = None
+            try:
+                from pipeline.stage1.datasets import load_torchvision
+
+                source = load_torchvision(self.identity["name"], root=self.root, download=False)
+                self._splits.update(source.splits)
+            except Exception as e:  # noqa: BLE001 - any failure to reopen the set means: these images are not readable
+                log.debug("cannot reopen %s: %s", self.identity.get("name"), e)
+        return self._splits.get(split)
+
+    def read(self, split: str, sample: str) -> Any:
+        from pipeline.stage1.datasets import load_image
+
         try:
-            if kind in FILE_KINDS:
-                images.append(load_image(root / i))
-            elif arrays is not None:
-                images.append(arrays.load(int(i)))
-            else:
-                raise ValueError("no source")
+            if self.kind in FILE_KINDS:
+                return load_image(self.root / sample)
+            arrays = self._arrays(split) if self.kind == "torchvision" else None
+            return None if arrays is None else arrays.load(int(sample))
         except (OSError, ValueError, IndexError):
-            images.append(None)
-            missing.append(i)
-    return images, missing
+            return None
+
+
+def source_images(identity: dict[str, Any], ids: list[str], *, split: str = "val") -> tuple[list[Any], list[str]]:
+    """The images of ``ids`` (PIL, or None where unreadable; :class:`SourceImages`) and the ids that could not be
+    read."""
+    reader = SourceImages(identity)
+    images = [reader.read(split, i) for i in ids]
+    return images, [i for i, im in zip(ids, images) if im is None]
 
 
 def _short(labels: str, width: int = 24) -> str:
