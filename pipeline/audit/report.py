@@ -1,8 +1,9 @@
 """The audit's three files: ``audit.json`` (for tools), ``audit.md`` (to read) and ``report.html`` (to look at).
 
 report.html is one self-contained page: inline CSS, thumbnails as base64 PNG data, no script, nothing fetched.
-Thumbnails are read from the source images by their stored ids (an image folder) or from the arrays (a torchvision
-set); an image moved or deleted since extraction is named once and its cell left blank.
+Thumbnails are read from the source images by their stored ids (an image folder, a labels table, an imagefolder)
+or from the arrays (a torchvision set); an image moved or deleted since extraction is named once and its cell left
+blank (shards: no file per image, so blank).
 """
 
 from __future__ import annotations
