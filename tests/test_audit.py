@@ -321,7 +321,8 @@ def test_scored_head_loaded_from_compare_not_refitted(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as e:
         main(["compare", "--features", str(features), "--heads", "centroid", "--out", str(tmp_path / "cmp")])
     assert e.value.code == 0
-    cfg = AuditConfig(device="cpu", head="best", compare=str(tmp_path / "cmp"), thumbnails=False)
+    cfg = AuditConfig(device="cpu", compare=str(tmp_path / "cmp"), thumbnails=False)
+    assert cfg.head == "best"  # the default: the score compare showed, with and without the leaks
     report = audit(features, cfg, out=tmp_path / "a")
     assert (
         report["score"]["head"] == "centroid"

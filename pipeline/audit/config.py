@@ -31,10 +31,11 @@ class AuditConfig:
     )  # fmt: skip
     folds: int = option(5, "K of the K-fold out-of-sample probabilities (fewer when a class has fewer images).")
     head: str = option(
-        PCA_LOGREG,
-        "The head scored with and without the leaked val images: 'pca-logreg' (the label pass's model fitted on "
-        "train), a head by name or 'best' (the best of compare's table), loaded when compare or train-head saved it "
-        "for this file, else fitted with its default settings.",
+        "best",
+        "The head scored with and without the leaked val images: 'best' (the default: the best of compare's table "
+        "for this file, as compare saved it, so the score is the one compare showed; 'pca-logreg' when compare has "
+        "not been run), 'pca-logreg' (the label pass's model fitted on train: no new fit on all columns), or a head "
+        "by name, loaded when compare or train-head saved it for this file, else fitted with its default settings.",
     )
     compare: str | None = option(
         None,

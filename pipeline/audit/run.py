@@ -134,7 +134,11 @@ def summary(fs: FeatureSet, *, leaks: list, dups: list, issues: int, info: dict,
     oof_acc = float((oof.proba.argmax(1) == y).mean())
     how = "--threshold" if info["threshold_given"] else "chosen from this file"
     sizes = ", ".join(f"{name} {len(s)}" for name, s in fs.splits.items())
-    exact = "digests" if info["digests"] else "none in this file: the near-duplicate pass alone"
+    exact = (
+        "yes (sha256 of each image: exact copies)"
+        if info["digests"]
+        else "none in this file: the near-duplicate pass alone"
+    )
     return {
         "images": sizes,
         "leaks (val images with a copy in train)": len({p["id"] for p in leaks}),
