@@ -795,3 +795,21 @@ def test_pieces_run_in_a_forked_child_too(monkeypatch: pytest.MonkeyPatch) -> No
         os._exit(0 if sorted(done) == [0, 5] else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_pieces_run_under_the_callers_inference_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inference mode is thread-local: a piece writing in place into a tensor made under ``torch.inference_mode`` (the
+    audit's folds call the L-BFGS problem that way) ran outside it in the worker thread and was refused."""
+    import torch
+
+    from pipeline.stage2.heads import fitting
+
+    monkeypatch.setattr(fitting, "_ways", lambda: 2)
+    with torch.inference_mode():
+        z = torch.zeros(10)
+        fitting.in_pieces(lambda part: z[part].add_(1), 10, big=True)
+    assert z.tolist() == [1.0] * 10
+    w = torch.zeros(10, requires_grad=True)
+    with torch.no_grad():  # grad mode follows the caller too: an in-place write to a leaf needing grad is allowed
+        fitting.in_pieces(lambda part: w[part].add_(1), 10, big=True)
+    assert w.detach().tolist() == [1.0] * 10

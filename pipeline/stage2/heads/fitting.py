@@ -477,6 +477,14 @@ def in_pieces(run: Callable[[slice], object], length: int, *, big: bool) -> None
     if pool is None:
         pool = ThreadPoolExecutor(ways, thread_name_prefix="pieces", initializer=torch.set_num_threads, initargs=(1,))
         _POOL[os.getpid(), ways] = pool
+    # Grad and inference mode are thread-local: each piece runs under the caller's, or an in-place write into a
+    # tensor made under torch.inference_mode (the audit's folds) is refused in the worker thread.
+    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+    def piece(part: slice) -> None:
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            run(part)
+
     step = -(-length // ways)
-    for job in [pool.submit(run, slice(i, min(i + step, length))) for i in range(0, length, step)]:
+    for job in [pool.submit(piece, slice(i, min(i + step, length))) for i in range(0, length, step)]:
         job.result()
