@@ -269,20 +269,22 @@ def _mutual_file(n: int = 240, seed: int = 0) -> tuple[np.ndarray, Rows]:
 
 
 def test_rank_rule_flags_near_copies_with_the_hash_as_evidence() -> None:
-    """With hashes in the file the rank rule is the default: the near copies (top similarity, margin and hash
-    ranks) are flagged at the threshold the file gives, with the hash listed as evidence. Like the evidence score's,
+    """With hashes in the file and ``--near-rule ranks``: the near copies (top similarity, margin and hash ranks) are
+    flagged at the threshold the file gives, with the hash listed as evidence. Like the evidence score's,
     its threshold flags a share of the pairs of random features (the file-relative cut has no null of its own:
     docs/audit.md), fewer than the score's."""
     from pipeline.audit.duplicates import find_pairs
 
     X, rows = _mutual_file(n=2000)
     nb = nearest(X, k=5, device=torch.device("cpu"), search_dim=0)
-    leaks, dups, info = find_pairs(nb, rows, unit=X)
+    leaks, dups, info = find_pairs(nb, rows, unit=X, rule="ranks")
     assert info["rule"] == "ranks" and not info["threshold_given"]
     found = {tuple(p["rows"]): p["evidence"] for p in leaks + dups}
     assert found[(0, 1)] == found[(2, 3)] == ["features", "phash"]
-    rows.phash = None  # without hashes: the evidence score and its own threshold
-    leaks, dups, info = find_pairs(nb, rows, unit=X)
+    leaks, dups, info = find_pairs(nb, rows, unit=X)  # the default: the evidence score and its own threshold
+    assert info["rule"] == "score"
+    rows.phash = None  # ranks need hashes: without them, the evidence score
+    leaks, dups, info = find_pairs(nb, rows, unit=X, rule="ranks")
     assert info["rule"] == "score" and {(0, 1), (2, 3)} <= {tuple(p["rows"]) for p in leaks + dups}
     assert len(found) < len(leaks + dups), "the rank rule should flag fewer random pairs than the score"
 
@@ -299,7 +301,7 @@ def test_rank_rule_never_flags_on_the_hash_alone() -> None:
     features, _ = rank_evidence(sim, margin)
     weak = int(np.argmin(features))
     rows.phash[b[weak]] = rows.phash[a[weak]]  # the same hash on the pair the features say least about
-    leaks, dups, _ = find_pairs(nb, rows, unit=X, threshold=0.0)
+    leaks, dups, _ = find_pairs(nb, rows, unit=X, threshold=0.0, rule="ranks")
     flagged = {tuple(sorted(p["rows"])) for p in leaks + dups}
     assert (int(a[weak]), int(b[weak])) not in flagged
     assert flagged == {(int(i), int(j)) for i, j, f in zip(a, b, features) if f >= np.median(features)}

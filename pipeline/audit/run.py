@@ -88,7 +88,7 @@ def audit(features: Path, cfg: AuditConfig, *, out: Path | None = None) -> dict[
     nb = nearest(X, k=cfg.k, device=device, search_dim=cfg.search_dim, seed=cfg.seed)
     t = _timed(seconds, "neighbours", t, cpu)
     unit = normalise(torch.as_tensor(X).float()).numpy()
-    leaks, dups, dup_info = find_pairs(nb, rows, unit=unit, threshold=cfg.threshold)
+    leaks, dups, dup_info = find_pairs(nb, rows, unit=unit, threshold=cfg.threshold, rule=cfg.near_rule)
     t = _timed(seconds, "duplicates", t, cpu)
     oof = out_of_fold([s.features for s in fs.splits.values()], [s.labels for s in fs.splits.values()],
                       num_classes=len(fs.classes), device=device, folds=cfg.folds, seed=cfg.seed)  # fmt: skip
