@@ -153,6 +153,7 @@ def compare(
         result = {**describe(fs), "extract_seconds": extract_seconds, "rows": rows, "best": best["head"]}
         result |= {"best_tied_with": best.get("tied_with", []), "compare_seconds": time.perf_counter() - started}
         result |= {"layer": fs.layer or ALL_LAYERS, "feature_dim": fs.feature_dim, "best_by": ranked_by}
+        result["layer_shown"] = layer_shown(fs.layer, [d["name"] for d in fs.meta.layers or []])  # "final", ...
         result |= {"exclude": run_settings(base)["exclude"]} if base.exclude else {}  # what --exclude left out
         skew = rows[0].get("imbalance")  # train's classes, the same for every head
         if skew:

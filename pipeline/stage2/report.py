@@ -58,7 +58,7 @@ def _summary(result: dict[str, Any]) -> list[tuple[str, Any]]:
     items = [
         ("features", result.get("features")),
         ("images", f"{result.get('n_train')} train / {result.get('n_val')} val"),
-        ("layer", result.get("layer")),
+        ("layer", result.get("layer_shown", result.get("layer"))),
         ("feature dim", result.get("feature_dim")),
         ("ranked by", str(result.get("best_by", "")).replace("_", " ")),
         ("extraction s", None if result.get("extract_seconds") is None else f"{result['extract_seconds']:.1f}"),
