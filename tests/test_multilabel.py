@@ -376,6 +376,7 @@ def test_compare_gives_intervals_ties_times_and_each_heads_answers(mosaic_featur
         head = row["head"]
         section = html.split(f'id="head-{head}"')[1].split("<h2")[0]
         assert f'href="{head}/predictions.csv"' in section and "errors.png" in section.split("<img")[1]
+        assert "true and predicted label sets" in section and "true -&gt; predicted" not in section  # its caption
 
 
 def test_multi_label_refusals_are_one_line(mosaic_features, capsys) -> None:

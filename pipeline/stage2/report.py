@@ -14,6 +14,7 @@ from urllib.parse import quote
 
 from pipeline.fileio import write_text
 from pipeline.html import esc, figure, page, table
+from pipeline.stage2.answers import CAPTIONS
 from pipeline.stage2.tasks import Column, task_of_rows
 
 ERRORS = "errors.png"  # the worst-predicted val images (pipeline.stage2.answers), shown first under each head
@@ -41,13 +42,14 @@ def _links(folder: Path, names: tuple[str, ...], *, prefix: str) -> str:
     return " &middot; ".join(f'<a href="{quote(f"{prefix}/{n}")}">{esc(n)}</a>' for n in present)
 
 
-def _head_section(root: Path, name: str, *, best: bool) -> str:
-    """One head: links to its files, its worst-predicted images, then the other figures its folder holds."""
+def _head_section(root: Path, name: str, *, best: bool, errors: str) -> str:
+    """One head: links to its files, its worst-predicted images (captioned ``errors``: what errors.png's title says
+    of them), then the other figures its folder holds."""
     folder = root / name
     links = _links(folder, LINKED, prefix=name)
     parts = [f'<h2 id="head-{esc(name)}">{esc(name)}{" (best on val)" if best else ""}</h2>']
     parts += [f"<p>{links}</p>"] if links else []
-    worst = f"{name}/{ERRORS}: the worst-predicted val images, highest loss first: true -> predicted (probability)"
+    worst = f"{name}/{ERRORS}: {errors}"
     shown = [figure(folder / ERRORS, caption=worst)] if (folder / ERRORS).is_file() else []
     shown += [figure(p, caption=f"{name}/{p.name}") for p in sorted(folder.glob("*.png")) if p.name != ERRORS]
     parts += [f'<div class="figures">{"".join(shown)}</div>'] if shown else []
@@ -70,7 +72,9 @@ def _summary(result: dict[str, Any]) -> list[tuple[str, Any]]:
 def render_compare(root: Path, result: dict[str, Any]) -> str:
     """The compare page of ``result`` (what compare.json holds), its figures read from ``root``."""
     rows = result["rows"]
-    columns = task_of_rows(rows).table_columns(rows)
+    task = task_of_rows(rows)
+    columns = task.table_columns(rows)
+    errors = CAPTIONS[task.errors][1] if task.errors else ""  # the task's errors.png title
     marks = ["best" if r["head"] == result["best"] else None for r in rows]
     body = [f"<h1>Heads compared on val: {esc(result.get('label', result.get('features', '')))}</h1>"]
     body.append(table(_summary(result), row_headers=True))
@@ -87,7 +91,7 @@ def render_compare(root: Path, result: dict[str, Any]) -> str:
                               if (root / r["head"]).is_dir())  # fmt: skip
     if heads:
         body.append(f"<p>Per head: {heads}</p>")
-    body += [_head_section(root, r["head"], best=r["head"] == result["best"])
+    body += [_head_section(root, r["head"], best=r["head"] == result["best"], errors=errors)
              for r in rows if (root / r["head"]).is_dir()]  # a baseline's row has no folder here  # fmt: skip
     return page(f"Compare: {result.get('label', result.get('features', ''))}", "\n".join(body))
 
