@@ -67,9 +67,9 @@ def guard(
     chosen = held_out_predictions(head, grid[best], X, y, held)
     defaults = held_out_predictions(head, grid[own], X, y, held)
     if head.cfg.task == "multilabel":  # (N, L) truth: a paired bootstrap of held-out mAP
-        from pipeline.stage2.multilabel import mean_average_precision
+        from pipeline.stage2.multilabel import map_p_value, mean_average_precision
 
-        p = stats.paired_bootstrap(y[held], chosen, defaults, seed=head.cfg.seed, metric=mean_average_precision)
+        p = map_p_value(y[held], chosen, defaults, seed=head.cfg.seed, resamples=stats.BOOTSTRAP)
         higher = mean_average_precision(y[held], chosen) > mean_average_precision(y[held], defaults)
         verdict = {"beats": bool(higher and p < stats.ALPHA), "p_value": p}
     else:

@@ -146,12 +146,15 @@ def multilabel_intervals(
     return out | stats.weighted_intervals(resampled_f1(y, decide(proba, thresholds)), len(y), seed=seed)
 
 
-def map_p_value(y: np.ndarray, proba_a: np.ndarray, proba_b: np.ndarray, *, seed: int = 0) -> float:
-    """Two-sided p-value that two heads' val mAP are the same: a paired bootstrap over images
-    (:func:`stats.paired_weighted`, :data:`stats.BOOTSTRAP_MAP` resamples; each resample scores both heads on the
-    same images)."""
+def map_p_value(
+    y: np.ndarray, proba_a: np.ndarray, proba_b: np.ndarray, *, seed: int = 0, resamples: int = stats.BOOTSTRAP_MAP
+) -> float:
+    """Two-sided p-value that two heads' mAP on these images are the same: a paired bootstrap over images
+    (:func:`stats.paired_weighted`, :data:`stats.BOOTSTRAP_MAP` resamples by default; each resample scores both
+    heads on the same images). The p-value of ``stats.paired_bootstrap(..., metric=mean_average_precision)`` with
+    the same resamples, without a sort per resample."""
     a, b = LabelRanking(y, proba_a), LabelRanking(y, proba_b)
-    return stats.paired_weighted(a.map, b.map, len(y), resamples=stats.BOOTSTRAP_MAP, seed=seed)
+    return stats.paired_weighted(a.map, b.map, len(y), resamples=resamples, seed=seed)
 
 
 def choose_thresholds(y: np.ndarray, proba: np.ndarray) -> np.ndarray:

@@ -176,6 +176,12 @@ def paired_weighted(
     if observed == 0:
         return 1.0
     diffs = np.array([score_a(w) - score_b(w) for w in resample_counts(n, resamples=resamples, seed=seed)])
+    return _two_sided(observed, diffs)
+
+
+def _two_sided(observed: float, diffs: np.ndarray) -> float:
+    """The paired bootstrap's p-value: the share of resampled differences on the other side of 0 than the
+    ``observed`` one (ties counted against it), doubled."""
     other_side = (diffs <= 0).mean() if observed > 0 else (diffs >= 0).mean()
     return float(min(1.0, 2 * other_side))
 
@@ -221,8 +227,7 @@ def paired_bootstrap(
     for i in range(resamples):
         r = rng.integers(0, len(y), len(y))
         diffs[i] = metric(y[r], pa[r]) - metric(y[r], pb[r])
-    other_side = (diffs <= 0).mean() if observed > 0 else (diffs >= 0).mean()
-    return float(min(1.0, 2 * other_side))
+    return _two_sided(observed, diffs)
 
 
 def differs(y: np.ndarray, a: np.ndarray, b: np.ndarray, *, regress: bool, seed: int = 0) -> float:
