@@ -23,8 +23,8 @@ from pipeline.store import FeatureSet, read_features
 log = logging.getLogger(__name__)
 
 AUDIT_ROOT = Path("artifacts/audits")
-# What the near-duplicate threshold is on (pipeline.audit.duplicates): the rank rule with hashes in the file, else
-# the evidence score.
+# What the near-duplicate threshold is on (pipeline.audit.duplicates): the evidence score, or with --near-rule ranks
+# (and hashes in the file) the rank statistic.
 RULES = {"ranks": "rank statistic of similarity, margin and hash", "score": "evidence score, similarity + margin"}
 
 
@@ -50,12 +50,11 @@ def _clock() -> tuple[float, float]:
     return time.perf_counter(), time.process_time()
 
 
-def _timed(seconds: dict[str, float], name: str, t0: tuple[float, float], cpu: dict[str, float] | None = None
-           ) -> tuple[float, float]:  # fmt: skip
+def _timed(seconds: dict[str, float], name: str, t0: tuple[float, float], cpu: dict[str, float]) -> tuple[float, float]:
+    """Records pass ``name``'s wall and CPU seconds since ``t0``; returns now (the next pass's start)."""
     now = _clock()
     seconds[name] = round(now[0] - t0[0], 3)
-    if cpu is not None:
-        cpu[name] = round(now[1] - t0[1], 3)
+    cpu[name] = round(now[1] - t0[1], 3)
     return now
 
 

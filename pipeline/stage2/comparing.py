@@ -69,10 +69,6 @@ def table(header_row: list[str], body: list[list[str]]) -> str:
     return "\n".join(["| " + " | ".join(header_row) + " |", sep, *("| " + " | ".join(row) + " |" for row in body)])
 
 
-def _columns_of(rows: list[dict[str, Any]]) -> tuple[tuple[Column, ...], list[dict[str, Any]]]:
-    return task_of_rows(rows).table_columns(rows), rows
-
-
 def _rows_table(columns: tuple[Column, ...], rows: list[dict[str, Any]]) -> str:
     body = [[fmt.format(r[k]) if r.get(k) is not None else "-" for _, k, fmt in columns] for r in rows]
     return table([c for c, _, _ in columns], body)
@@ -229,7 +225,8 @@ def layers_report(result: dict[str, Any]) -> str:
     rows = result["layers"]
     parts = [_rows_table(LAYER_COLUMNS, rows)]
     for row in rows:
-        heads = _rows_table(*_columns_of(result["runs"][row["layer"]]["rows"]))
+        run = result["runs"][row["layer"]]["rows"]
+        heads = _rows_table(task_of_rows(run).table_columns(run), run)  # compare_table less its footer
         parts.append(f"{row['shown']}, {row['feature_dim']}-d, per head:\n\n{heads}")
     return "\n\n".join(parts)
 

@@ -245,7 +245,7 @@ def grid_runs(grid: list[dict[str, Any]], *, epochs: int) -> tuple[list[dict[str
     epochs a point asks for (``epochs`` where points do not name it)."""
     runs: list[dict[str, Any]] = []
     for point in grid:
-        run = {k: v for k, v in point.items() if k != "epochs"}
+        run = _setting(point)
         if run not in runs:
             runs.append(run)
     return runs, max(int(point.get("epochs", epochs)) for point in grid)
@@ -270,10 +270,12 @@ class EpochScores:
     def of(self, grid: list[dict[str, Any]], runs: list[dict[str, Any]], *, epochs: int) -> list[float]:
         """Each grid point's score: its run's, after its epoch count."""
 
-        def run_of(point: dict[str, Any]) -> int:
-            return runs.index({k: v for k, v in point.items() if k != "epochs"})
+        return [self.rows[int(p.get("epochs", epochs)) - 1][runs.index(_setting(p))] for p in grid]
 
-        return [self.rows[int(p.get("epochs", epochs)) - 1][run_of(p)] for p in grid]
+
+def _setting(point: dict[str, Any]) -> dict[str, Any]:
+    """A grid point less its epoch count: the training run that scores it (:func:`grid_runs`)."""
+    return {k: v for k, v in point.items() if k != "epochs"}
 
 
 def _softmax_grad(z: torch.Tensor, groups: int, share: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
