@@ -597,6 +597,86 @@ def test_knn_on_nearly_parallel_features_is_exact_float32_and_rescores_few_rows(
     assert knn.nearest(q, train, k=5, coarse=knn.Coarse.of(train), limit=0.9 * len(train)) is None
 
 
+def _low_rank_unit_rows(n: int, *, dim: int = 96, rank: int = 8, noise: float = 0.02, parallel: bool = False):
+    """Unit rows near a ``rank``-dimensional subspace (as real features are: 99% of MobileNetV2's energy in a fifth of
+    its dimensions); with ``parallel``, all near one direction too (a random-init backbone: cosine ~0.999)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, rank, generator=g) @ torch.randn(rank, dim, generator=g) + noise * torch.randn(
+        n, dim, generator=g
+    )
+    if parallel:
+        x = 0.3 * x / x.norm(dim=1, keepdim=True) + torch.rand(dim, generator=g) + 0.5
+    return x / x.norm(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("use_exclude", [False, True])
+def test_knn_projected_pass_finds_the_float32_neighbours(
+    parallel: bool, use_exclude: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a CPU without fast bfloat16 the coarse pass is float32 on train's top eigenvectors (Projected): its bound
+    holds for every pair, and ``nearest`` returns the float32 top-k (up to float32 ties) rescoring a few rows a
+    query, on low-rank features and on features that all point nearly the same way, with and without a row excluded
+    per query (leave-one-out)."""
+
+    import torch
+
+    from pipeline.stage2.heads import knn
+
+    monkeypatch.setattr(knn, "PROJECT_MIN_ROWS", 1000)
+    rows = _low_rank_unit_rows(3200, parallel=parallel, noise=0.4)
+    train, q = rows[:3000], rows[3000:]
+    if parallel:
+        assert (q @ train.T).min() > 0.99  # nearly the same direction: far inside bfloat16's error (~1e-2)
+    exclude = (q @ train.T).argmax(1) if use_exclude else None  # the excluded row is the query's true nearest
+    projected = knn.Projected.of(train)
+    assert projected is not None and projected.rows.shape[1] < train.shape[1] // 2 + 1
+    a, rest = knn._project(q, projected.basis)
+    truth = q.double() @ train.double().T
+    gap = (truth - a.double() @ projected.rows.double().T).abs()
+    assert (gap <= rest.double()[:, None] * projected.rest.double() + projected.margin).all()  # the bound
+    rescored = []
+    real = knn._rescore
+    monkeypatch.setattr(
+        knn, "_rescore", lambda q, t, qi, ti, **kw: rescored.append(len(ti)) or real(q, t, qi, ti, **kw)
+    )
+    found = knn.nearest(q, train, k=10, exclude=exclude, coarse=projected, limit=math.inf)
+    assert found is not None and 10 * 200 <= sum(rescored) <= 200 * 300  # a few rows a query, not all 3,000
+    sim, idx = found
+    want_sim, want_idx = knn.exact_topk(q, train, k=10, exclude=exclude)
+    np.testing.assert_allclose(sim.numpy(), want_sim.numpy(), rtol=0, atol=1e-6)
+    kth = truth.gather(1, want_idx).min(1, keepdim=True).values
+    assert (truth.gather(1, idx) >= kth - 1e-6).all()  # any other row is a float32 tie with the k-th
+    plain = a @ projected.rows.T  # the projection alone, without the bound on the rest: other neighbours
+    if exclude is not None:
+        assert not (idx == exclude[:, None]).any()
+        plain[torch.arange(len(q)), exclude] = -math.inf
+    assert (plain.topk(10, dim=1).indices.sort(1).values != want_idx.sort(1).values).any()
+
+
+def test_knn_head_takes_the_projected_pass_on_a_cpu_without_fast_bfloat16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The head's votes (val and the leave-one-out train metrics) are the same with the projected pass as with the
+    exact one."""
+    from pipeline.stage2.heads import knn
+
+    monkeypatch.setattr(knn, "PROJECT_MIN_ROWS", 1000)
+    monkeypatch.setattr(knn, "_fast_bf16", lambda device: False)
+    X = _low_rank_unit_rows(1500, noise=0.2).numpy()
+    y = np.arange(1500) % 3  # labels not tied to the rows: a wrong neighbour changes the votes
+    head = build_head(HeadConfig(head="knn", k=7, device="cpu"), num_classes=3, feature_dim=96)
+    head.fit(X[:1200], y[:1200])
+    projected = head.logits(X[1200:]), head.train_predictions(X[:1200], y[:1200])[1]
+    assert isinstance(head._coarse_of[1], knn.Projected)
+    monkeypatch.setattr(knn.Projected, "of", classmethod(lambda cls, train: None))
+    head._coarse_of = None
+    exact = head.logits(X[1200:]), head.train_predictions(X[:1200], y[:1200])[1]
+    assert head._coarse_of[1] is None
+    for a, b in zip(projected, exact):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("use_exclude", [False, True])
 def test_knn_queries_with_more_rows_within_the_bound_than_candidates_get_them_all(
     use_exclude: bool, monkeypatch: pytest.MonkeyPatch
