@@ -459,11 +459,9 @@ _POOL: dict[tuple[int, int], ThreadPoolExecutor] = {}  # by (process id, threads
 
 
 def _ways() -> int:
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, 4))
+    from pipeline.workers import cores
+
+    return max(1, min(cores(), 4))
 
 
 def in_pieces(run: Callable[[slice], object], length: int, *, big: bool) -> None:

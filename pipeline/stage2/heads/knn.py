@@ -12,7 +12,7 @@ import torch
 from pipeline.devices import resolve_device
 from pipeline.stage2.heads.base import FitResult, Head, balanced_weights, softmax
 from pipeline.stage2.heads.config import HeadConfig
-from pipeline.stage2.heads.fitting import fitting_threads
+from pipeline.stage2.heads.fitting import fitting_threads, in_pieces
 
 log = logging.getLogger(__name__)
 
@@ -292,7 +292,10 @@ class Projected:
         CANDIDATES best upper bounds (a lower bound on its k-th float32 similarity), less the margins."""
         a, rest = _project(q, self.basis)
         upper = _kept(self.scratch, "upper", (len(q), len(self.rows)), torch.float32, q.device)
-        torch.mm(a, self.rows.T, out=upper).addr_(rest, self.rest)
+        # Slices of the output's rows, one per core in Python threads (fitting.in_pieces): OpenMP threads cannot run
+        # in a forked compare worker (pipeline.workers); the same result to the bit.
+        in_pieces(lambda part: torch.mm(a[part], self.rows.T, out=upper[part]), len(q), big=True)
+        upper.addr_(rest, self.rest)
         if exclude is not None:
             upper[torch.arange(len(q), device=q.device), exclude] = -math.inf
         top, at = upper.topk(min(len(self.rows), max(CANDIDATES, 2 * k)), dim=1)

@@ -43,6 +43,9 @@ class HeadSpec:
     inputs: str = "features"  # what fit/logits take: "features" (N, D) or "activations" (the tail head)
     advice: str = "try more regularisation"  # what reins it in when it overfits: its own options
     sweeps: str = ""  # what --sweep chooses for it, in words ("": nothing; see the class's sweep_grid)
+    # Its time beside the other heads' on a CPU (0 a second or two, 4 the longest): compare starts the costliest
+    # first, which packs best when two heads train at once (pipeline.workers).
+    cost: int = 1
 
     @property
     def settings(self) -> tuple[str, ...]:
@@ -75,7 +78,7 @@ HEADS: dict[str, HeadSpec] = {
             "Multinomial logistic regression (scikit-learn's objective) on standardised features",
             knobs=(LogRegKnobs, ClassWeightKnobs), reads=PROTOCOL_SETTINGS,
             tasks=("classify", "multilabel"), in_all=("classify", "multilabel"),
-            advice="try a smaller --C (stronger L2)", sweeps="C",
+            advice="try a smaller --C (stronger L2)", sweeps="C", cost=4,
         ),
         HeadSpec(
             "mlp", "pipeline.stage2.heads.mlp:MLPHead",
@@ -83,19 +86,19 @@ HEADS: dict[str, HeadSpec] = {
             knobs=(*GRADIENT, MLPKnobs), reads=PROTOCOL_SETTINGS, tasks=("classify", "regress", "multilabel"),
             in_all=("classify", "regress", "multilabel"),
             advice="try fewer --epochs, a --weight-decay or a higher --dropout",
-            sweeps="lr, weight decay and epochs",
+            sweeps="lr, weight decay and epochs", cost=3,
         ),
         HeadSpec(
             "knn", "pipeline.stage2.heads.knn:KNNHead",
             "k nearest neighbours by cosine similarity on L2-normalised features; votes weighted by exp(sim / 0.07) "
             "(dinov2's k-NN evaluation), and by inverse class frequency with --class-weight balanced",
-            knobs=(KNNKnobs, ClassWeightKnobs), reads=PROTOCOL_SETTINGS, advice="try a larger --k", sweeps="k",
+            knobs=(KNNKnobs, ClassWeightKnobs), reads=PROTOCOL_SETTINGS, advice="try a larger --k", sweeps="k", cost=4,
             tasks=("classify", "multilabel"), in_all=("classify", "multilabel"),
         ),
         HeadSpec(
             "centroid", "pipeline.stage2.heads.centroid:CentroidHead", "Nearest class mean (Euclidean)",
             tasks=("classify", "multilabel"), in_all=("classify", "multilabel"),
-            advice="a nearest class mean has nothing to tune; more training examples per class help",
+            advice="a nearest class mean has nothing to tune; more training examples per class help", cost=0,
         ),
         HeadSpec(
             "ridge", "pipeline.stage2.heads.ridge:RidgeHead",
@@ -108,7 +111,7 @@ HEADS: dict[str, HeadSpec] = {
             "tail", "pipeline.stage2.heads.tail:TailHead",
             "The backbone's blocks after the --cache-at node plus a new nn.Linear(D, C), trained with Adam on the "
             "cached activation maps (extract --cache-at NODE); export puts the blocks back into the backbone",
-            knobs=(AdamKnobs, ClassWeightKnobs, TailKnobs), reads=PROTOCOL_SETTINGS, inputs="activations",
+            knobs=(AdamKnobs, ClassWeightKnobs, TailKnobs), reads=PROTOCOL_SETTINGS, inputs="activations", cost=5,
         ),
     )
 }  # fmt: skip

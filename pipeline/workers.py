@@ -1,0 +1,230 @@
+"""Independent jobs (a comparison's heads) run two at a time in forked child processes, on a CPU.
+
+Why processes: most of a head's time is one core's (its small steps run on one thread, see
+:func:`pipeline.stage2.heads.fitting.fitting_threads`), so on a 2-core CPU two heads at once take about the time of
+the longer, where one after the other took the sum. A fork shares the features already read, copy-on-write.
+
+What keeps it safe:
+- A child runs torch (and any BLAS) with one thread: GNU OpenMP deadlocks in a forked child whose parent has used
+  its threads (measured: a 2-thread matmul in such a child never returned). Its big matmuls still use the cores
+  through :func:`pipeline.stage2.heads.fitting.in_pieces` (Python threads, made anew in each process).
+- A child dies with its parent (``PR_SET_PDEATHSIG``, SIGKILL): after a ``kill -9`` of the parent none keeps writing
+  into a folder whose lock died with the parent. What it had written is in its unit's temporary folder, which the
+  next write removes.
+- Ctrl-C or SIGTERM of the parent: its children are stopped (SIGTERM: each raises KeyboardInterrupt, so its unit's
+  temporary folder is removed) and waited for before the parent goes on stopping.
+- The parent keeps its output locks (:mod:`pipeline.locks` points a child's copies at /dev/null).
+- An exception in a child comes back to the parent and is raised there: a PipelineError as its one line, anything
+  else as a PipelineError carrying the child's traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+import select
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+STOP_WAIT_S = 10.0  # how long stopped children get to remove their temporary folders before SIGKILL
+
+
+def cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def worker_count(jobs: int, *, device: Any) -> int:
+    """How many jobs run at once: two on a CPU of two or more cores where fork is available; else one (a GPU: a
+    CUDA context does not survive a fork, and its heads take seconds anyway)."""
+    if getattr(device, "type", str(device)) != "cpu" or not hasattr(os, "fork") or sys.platform != "linux":
+        return 1
+    return max(1, min(2, jobs, cores()))
+
+
+def run_jobs(jobs: Sequence[Callable[[], T]], *, ways: int, order: Sequence[int] | None = None) -> list[T]:
+    """Each job's result, in the order of ``jobs``. With ``ways`` > 1, up to ``ways`` jobs at a time, each in a
+    forked child, started in ``order`` (longest first packs best; default: as given); else one after another here."""
+    if ways < 2 or len(jobs) < 2 or not fork_can_train():
+        return [job() for job in jobs]
+    pending = list(order if order is not None else range(len(jobs)))
+    results: dict[int, T] = {}
+    running: dict[int, tuple[int, int, bytearray]] = {}  # pid -> (job, read end of its pipe, bytes so far)
+    try:
+        while pending or running:
+            while pending and len(running) < ways:
+                i = pending.pop(0)
+                pid, fd = _start(jobs[i])
+                running[pid] = (i, fd, bytearray())
+            _read_some(running, results)
+    except BaseException:
+        _stop(running)
+        raise
+    return [results[i] for i in range(len(jobs))]
+
+
+def fork_can_train() -> bool:
+    """Whether a child forked now can train a head: not once this process has initialised CUDA, nor once it has run
+    autograd's backward (PyTorch then refuses autograd in a forked child: "Unable to handle autograd's threading in
+    combination with fork-based multiprocessing"; the CLI never does, a Python session that trained something may
+    have). A forked child tries a one-element backward (a few milliseconds); where it cannot, the jobs run here."""
+    import torch
+
+    if torch.cuda.is_initialized():
+        log.info("heads train one after another: this process has used CUDA, which a forked worker cannot")
+        return False
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            _die_with(parent)
+            torch.set_num_threads(1)
+            torch.ones(1, requires_grad=True).sum().backward()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    works = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    if not works:
+        log.info("heads train one after another: this process has run autograd, which a forked worker then cannot")
+    return works
+
+
+def _start(job: Callable[[], Any]) -> tuple[int, int]:
+    parent = os.getpid()
+    read, write = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        os.close(read)
+        _child(job, write, parent)
+    os.close(write)
+    return pid, read
+
+
+def _child(job: Callable[[], Any], write: int, parent: int) -> None:
+    code = 0
+    try:
+        _die_with(parent)
+        if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+            signal.signal(signal.SIGTERM, _interrupt)  # the parent stops a child with SIGTERM: clean up, exit
+        import torch
+        from threadpoolctl import threadpool_limits
+
+        torch.set_num_threads(1)
+        with threadpool_limits(limits=1):
+            payload = pickle.dumps(("ok", job()))
+    except BaseException as e:  # noqa: BLE001 - every failure goes back to the parent, which raises it
+        code = 1
+        payload = pickle.dumps(("error", _portable(e)))
+    try:
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(write, view) :]
+    except OSError:
+        code = 1
+    finally:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _die_with(parent: int) -> None:
+    """SIGKILL this process when its parent dies (Linux ``prctl(PR_SET_PDEATHSIG)``); exit now if it already has."""
+    import ctypes
+    import ctypes.util
+
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _portable(e: BaseException) -> BaseException:
+    """``e`` as it can cross the pipe: a PipelineError or KeyboardInterrupt as it is, anything else a PipelineError
+    with the child's traceback (it would be lost with the child)."""
+    if isinstance(e, (PipelineError, KeyboardInterrupt)):
+        try:
+            pickle.loads(pickle.dumps(e))
+            return e
+        except Exception:  # noqa: BLE001 - an exception that does not pickle: its line
+            return PipelineError(str(e)) if isinstance(e, PipelineError) else KeyboardInterrupt()
+    detail = "".join(traceback.format_exception(type(e), e, e.__traceback__)).rstrip()
+    return PipelineError(f"a worker process failed: {type(e).__name__}: {e}\n{detail}")
+
+
+def _read_some(running: dict[int, tuple[int, int, bytearray]], results: dict[int, Any]) -> None:
+    """Read what the children have sent; a child whose pipe is closed is reaped and its result kept (or its
+    exception raised)."""
+    fds = {fd: pid for pid, (_, fd, _) in running.items()}
+    ready, _, _ = select.select(list(fds), [], [])
+    for fd in ready:
+        pid = fds[fd]
+        i, _, got = running[pid]
+        chunk = os.read(fd, 1 << 20)
+        if chunk:
+            got += chunk
+            continue
+        os.close(fd)
+        del running[pid]
+        _, status = os.waitpid(pid, 0)
+        if not got:
+            raise PipelineError(f"a worker process died ({_status(status)}) before it answered")
+        kind, value = pickle.loads(bytes(got))
+        if kind == "error":
+            raise value
+        results[i] = value
+
+
+def _status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {os.WTERMSIG(status)}"
+    return f"exit code {os.WEXITSTATUS(status)}"
+
+
+def _stop(running: dict[int, tuple[int, int, bytearray]]) -> None:
+    """SIGTERM every running child, wait up to STOP_WAIT_S for them to clean up and exit, then SIGKILL."""
+    for pid in running:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_WAIT_S
+    for pid, (_, fd, _) in running.items():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        while True:
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if done:
+                break
+            if time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                break
+            time.sleep(0.02)
+    running.clear()

@@ -1,0 +1,176 @@
+"""compare's heads, two at a time in forked workers (:mod:`pipeline.workers`): the same answers as one after another,
+failures raised in the parent, and no worker left behind by an error, Ctrl-C or a ``kill -9`` of the parent."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline import workers
+from pipeline.errors import PipelineError
+from pipeline.stage2.heads import HeadConfig
+from pipeline.stage2.train import compare
+
+ROOT = Path(__file__).resolve().parents[1]
+FORKS = pytest.mark.skipif(sys.platform != "linux", reason="workers fork on Linux only")
+
+
+def _alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def _wait_gone(pids: list[int], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(_alive(p) for p in pids):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@FORKS
+def test_jobs_run_in_other_processes_and_answer_in_their_own_order() -> None:
+    jobs = [lambda i=i: (i, os.getpid()) for i in range(5)]
+    got = workers.run_jobs(jobs, ways=2, order=[4, 2, 0, 1, 3])
+    assert [i for i, _ in got] == [0, 1, 2, 3, 4]
+    assert all(pid != os.getpid() for _, pid in got) and len({pid for _, pid in got}) == 5
+    assert workers.run_jobs(jobs, ways=1) == [(i, os.getpid()) for i in range(5)]  # one way: here, in order
+
+
+@FORKS
+def test_jobs_run_here_where_a_forked_child_could_not_train(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After this process ran autograd in a way that leaves forked children unable to (PyTorch's "Unable to handle
+    autograd's threading in combination with fork-based multiprocessing"), or initialised CUDA, the jobs run here."""
+    monkeypatch.setattr(workers, "fork_can_train", lambda: False)
+    jobs = [lambda i=i: (i, os.getpid()) for i in range(3)]
+    assert workers.run_jobs(jobs, ways=2) == [(i, os.getpid()) for i in range(3)]
+
+
+def _sleeper(pids: Path) -> int:
+    pids.write_text(str(os.getpid()))
+    time.sleep(60)
+    return 0
+
+
+@FORKS
+@pytest.mark.parametrize("error", [PipelineError("bad input: one line"), ValueError("a bug")])
+def test_a_failing_job_is_raised_in_the_parent_and_stops_the_other(error: Exception, tmp_path: Path) -> None:
+    def fail() -> int:
+        while not (tmp_path / "pid").is_file():  # the other job is running
+            time.sleep(0.01)
+        raise error
+
+    started = time.monotonic()
+    with pytest.raises(PipelineError) as caught:
+        workers.run_jobs([lambda: _sleeper(tmp_path / "pid"), fail], ways=2)
+    assert time.monotonic() - started < 20  # not the sleeper's 60 s
+    if isinstance(error, PipelineError):
+        assert str(caught.value) == "bad input: one line"
+    else:  # a bug: its type, message and the child's traceback, which would be lost with the child
+        assert "ValueError: a bug" in str(caught.value) and "Traceback" in str(caught.value)
+    assert not _alive(int((tmp_path / "pid").read_text()))  # stopped and reaped: no orphan keeps running
+
+
+_PARENT = """
+import sys, time
+from pathlib import Path
+from pipeline import workers
+folder = Path(sys.argv[1])
+def job(i):
+    def run():
+        (folder / f"{i}.pid").write_text(str(__import__("os").getpid()))
+        time.sleep(60)
+    return run
+workers.run_jobs([job(0), job(1)], ways=2)
+"""
+
+
+@FORKS
+def test_workers_die_with_a_killed_parent(tmp_path: Path) -> None:
+    """``kill -9`` of the parent: its workers die with it (PR_SET_PDEATHSIG), none keeps writing."""
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, str(tmp_path)], cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("*.pid"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pids = [int(p.read_text()) for p in tmp_path.glob("*.pid")]
+        assert len(pids) == 2 and all(_alive(p) for p in pids)
+        parent.kill()
+        parent.wait(10)
+        assert _wait_gone(pids, timeout=10)
+    finally:
+        parent.kill()
+
+
+@pytest.fixture
+def features(make_feature_file) -> Path:
+    return make_feature_file(n_train=3000, n_val=600, dim=64, classes=5, spread=2.0)
+
+
+@FORKS
+def test_compare_in_workers_gives_what_one_after_another_gives(
+    features: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = HeadConfig(device="cpu", epochs=3)
+    heads = ["linear", "logreg", "mlp", "knn", "centroid"]
+    together = compare(features, heads=heads, base=base, out=tmp_path / "together")
+    monkeypatch.setattr(workers, "worker_count", lambda jobs, device: 1)
+    alone = compare(features, heads=heads, base=base, out=tmp_path / "alone")
+    keys = ("head", "val_accuracy", "val_loss", "train_accuracy", "balanced_accuracy")
+    assert [{k: r[k] for k in keys} for r in together["rows"]] == [{k: r[k] for k in keys} for r in alone["rows"]]
+    assert together["best"] == alone["best"]
+    for head in heads:  # every head's folder whole, with the same per-image answers
+        a, b = (tmp_path / run / head / "predictions.csv" for run in ("together", "alone"))
+        assert a.read_text() == b.read_text()
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+@FORKS
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_compare_stopped_while_heads_train_leaves_no_worker_and_no_partial_head(
+    sig: signal.Signals, make_feature_file, tmp_path: Path
+) -> None:
+    """Ctrl-C or SIGTERM while two heads train: exit 130 with one line, the workers stopped and gone, no temporary
+    or partial head folder left; a rerun then writes every head."""
+    features = make_feature_file(n_train=20_000, n_val=2_000, dim=256, classes=10, spread=0.3)
+    out = tmp_path / "cmp"
+    args = ["compare", "--features", str(features), "--out", str(out), "--device", "cpu", "--epochs", "40"]
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(_children(proc.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        kids = _children(proc.pid)
+        assert len(kids) == 2, "two heads never trained at once"
+        time.sleep(0.5)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err, err[-2000:]
+    assert _wait_gone(kids, timeout=5)
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no .<head>.tmp left
+    for folder in (p for p in out.iterdir() if p.is_dir()):  # a head written before the stop is whole
+        assert json.loads((folder / "config.json").read_text())["head"] == folder.name
+        assert (folder / "metrics.json").is_file() and (folder / "predictions.csv").is_file()
+    rerun = subprocess.run([sys.executable, "-m", "pipeline", *args[:-2], "--epochs", "2", "--force"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert {r["head"] for r in json.loads((out / "compare.json").read_text())["rows"]} >= {"linear", "knn"}
