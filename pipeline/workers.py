@@ -49,17 +49,19 @@ def cores() -> int:
 
 
 def worker_count(jobs: int, *, device: Any) -> int:
-    """How many jobs run at once: two on a CPU of two or more cores where fork is available; else one (a GPU: a
-    CUDA context does not survive a fork, and its heads take seconds anyway)."""
+    """How many jobs run at once: two on a CPU of two or more cores where fork is available and a forked child can
+    train (:func:`fork_can_train`); else one (a GPU: a CUDA context does not survive a fork, and its heads take
+    seconds anyway)."""
     if getattr(device, "type", str(device)) != "cpu" or not hasattr(os, "fork") or sys.platform != "linux":
         return 1
-    return max(1, min(2, jobs, cores()))
+    ways = max(1, min(2, jobs, cores()))
+    return ways if ways < 2 or fork_can_train() else 1
 
 
 def run_jobs(jobs: Sequence[Callable[[], T]], *, ways: int, order: Sequence[int] | None = None) -> list[T]:
     """Each job's result, in the order of ``jobs``. With ``ways`` > 1, up to ``ways`` jobs at a time, each in a
     forked child, started in ``order`` (longest first packs best; default: as given); else one after another here."""
-    if ways < 2 or len(jobs) < 2 or not fork_can_train():
+    if ways < 2 or len(jobs) < 2:
         return [job() for job in jobs]
     pending = list(order if order is not None else range(len(jobs)))
     results: dict[int, T] = {}

@@ -15,8 +15,6 @@ import pytest
 
 from pipeline import workers
 from pipeline.errors import PipelineError
-from pipeline.stage2.heads import HeadConfig
-from pipeline.stage2.train import compare
 
 ROOT = Path(__file__).resolve().parents[1]
 FORKS = pytest.mark.skipif(sys.platform != "linux", reason="workers fork on Linux only")
@@ -50,12 +48,31 @@ def test_jobs_run_in_other_processes_and_answer_in_their_own_order() -> None:
 
 
 @FORKS
-def test_jobs_run_here_where_a_forked_child_could_not_train(monkeypatch: pytest.MonkeyPatch) -> None:
-    """After this process ran autograd in a way that leaves forked children unable to (PyTorch's "Unable to handle
-    autograd's threading in combination with fork-based multiprocessing"), or initialised CUDA, the jobs run here."""
+def test_heads_train_one_after_another_where_a_forked_child_could_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two at a time on a CPU; one on a GPU, and one after this process ran autograd in a way that leaves forked
+    children unable to (PyTorch's "Unable to handle autograd's threading in combination with fork-based
+    multiprocessing": the test process itself, after some tests) or initialised CUDA."""
+    import torch
+
+    monkeypatch.setattr(workers, "cores", lambda: 2)
+    monkeypatch.setattr(workers, "fork_can_train", lambda: True)
+    assert workers.worker_count(5, device=torch.device("cpu")) == 2
+    assert workers.worker_count(1, device=torch.device("cpu")) == 1
+    assert workers.worker_count(5, device=torch.device("cuda")) == 1
     monkeypatch.setattr(workers, "fork_can_train", lambda: False)
-    jobs = [lambda i=i: (i, os.getpid()) for i in range(3)]
-    assert workers.run_jobs(jobs, ways=2) == [(i, os.getpid()) for i in range(3)]
+    assert workers.worker_count(5, device=torch.device("cpu")) == 1
+
+
+_POISON = "import torch\n{}\nfrom pipeline import workers\nprint(workers.fork_can_train())\n"
+
+
+def test_fork_can_train_says_whether_a_forked_child_can_run_a_backward() -> None:
+    """A fresh process can; after CUDA was initialised (faked) it cannot."""
+    fresh = subprocess.run([sys.executable, "-c", _POISON.format("")], cwd=ROOT, capture_output=True, text=True)
+    assert fresh.stdout.strip() == "True", fresh.stderr[-2000:]
+    fake = "torch.cuda.is_initialized = lambda: True"
+    cuda = subprocess.run([sys.executable, "-c", _POISON.format(fake)], cwd=ROOT, capture_output=True, text=True)
+    assert cuda.stdout.strip() == "False", cuda.stderr[-2000:]
 
 
 def _sleeper(pids: Path) -> int:
@@ -119,20 +136,31 @@ def features(make_feature_file) -> Path:
     return make_feature_file(n_train=3000, n_val=600, dim=64, classes=5, spread=2.0)
 
 
+# compare with its heads one after another: the CLI with pipeline.workers held to one way
+_ONE_WAY = (
+    "import sys\nfrom pipeline import workers\nworkers.worker_count = lambda jobs, device: 1\n"
+    "from pipeline.cli import main\nmain(sys.argv[1:])\n"
+)
+
+
 @FORKS
-def test_compare_in_workers_gives_what_one_after_another_gives(
-    features: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    base = HeadConfig(device="cpu", epochs=3)
-    heads = ["linear", "logreg", "mlp", "knn", "centroid"]
-    together = compare(features, heads=heads, base=base, out=tmp_path / "together")
-    monkeypatch.setattr(workers, "worker_count", lambda jobs, device: 1)
-    alone = compare(features, heads=heads, base=base, out=tmp_path / "alone")
+def test_compare_in_workers_gives_what_one_after_another_gives(features: Path, tmp_path: Path) -> None:
+    """Each run in a fresh process (a test process may have run autograd, after which compare trains one head after
+    another): the rows, the best head and every head's per-image answers are the same either way."""
+    args = ["compare", "--features", str(features), "--device", "cpu", "--epochs", "3", "--out"]
+    runs = {"together": [sys.executable, "-m", "pipeline"], "alone": [sys.executable, "-c", _ONE_WAY]}
+    results = {}
+    for name, start in runs.items():
+        proc = subprocess.run([*start, *args, str(tmp_path / name)], cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        results[name] = json.loads((tmp_path / name / "compare.json").read_text())
+    together, alone = results["together"], results["alone"]
+    assert (together["heads_at_once"], alone["heads_at_once"]) == (2, 1)
     keys = ("head", "val_accuracy", "val_loss", "train_accuracy", "balanced_accuracy")
     assert [{k: r[k] for k in keys} for r in together["rows"]] == [{k: r[k] for k in keys} for r in alone["rows"]]
-    assert together["best"] == alone["best"]
-    for head in heads:  # every head's folder whole, with the same per-image answers
-        a, b = (tmp_path / run / head / "predictions.csv" for run in ("together", "alone"))
+    assert together["best"] == alone["best"] and len(together["rows"]) == 5
+    for head in ("linear", "logreg", "mlp", "knn", "centroid"):  # every head's folder whole, the same answers
+        a, b = (tmp_path / run / head / "predictions.csv" for run in runs)
         assert a.read_text() == b.read_text()
 
 

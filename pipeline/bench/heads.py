@@ -276,21 +276,51 @@ def other_head_rows(fs: Any, *, label: str, device: str, logreg_acc: float) -> l
 COMPARE_TARGET_S, KNN_TARGET_S = 30.0, 5.0  # the issue's targets on this 2-core CPU: whole compare, k-NN
 
 
-def compare_rows(path: Path, work: Path, *, label: str, device: str, gpu: bool) -> list[dict[str, Any]]:
-    """``python -m pipeline compare`` of every head, the whole process (start-up and reading the file included),
-    then one row per head: its whole time (fit + evaluation + writing its folder) as compare recorded it, with
-    the three parts in the note."""
-    out = work / f"compare_{path.stem}"
-    cmd = [sys.executable, "-m", "pipeline", "compare", "--features", str(path), "--out", str(out),
-           "--device", device, "--force"]  # fmt: skip
+# compare as it ran before its heads trained two at a time: the same process with pipeline.workers held to one way
+ONE_AFTER_ANOTHER = (
+    "import sys\nfrom pipeline import workers\nworkers.worker_count = lambda jobs, device: 1\n"
+    "from pipeline.cli import main\nmain(sys.argv[1:])\n"
+)
+
+
+def _compare_process(path: Path, out: Path, *, device: str, one_by_one: bool = False) -> tuple[float, float, Any]:
+    """``python -m pipeline compare`` of every head on ``path`` into ``out``: (wall s, CPU s of the process and its
+    workers, the finished process)."""
+    import resource
+
+    start = [sys.executable, "-c", ONE_AFTER_ANOTHER] if one_by_one else [sys.executable, "-m", "pipeline"]
+    cmd = [*start, "compare", "--features", str(path), "--out", str(out), "--device", device, "--force"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return seconds, cpu, proc
+
+
+def compare_rows(
+    path: Path, work: Path, *, label: str, device: str, gpu: bool, baseline: bool = False
+) -> list[dict[str, Any]]:
+    """``python -m pipeline compare`` of every head, the whole process (start-up and reading the file included),
+    then one row per head: its whole time (fit + evaluation + writing its folder) as compare recorded it, with
+    the three parts in the note. With ``baseline``, first the same compare with its heads one after another (as
+    before they trained two at a time), for the ratio side by side."""
+    rows = []
+    if baseline:
+        seconds, cpu, proc = _compare_process(path, work / f"compare1_{path.stem}", device=device, one_by_one=True)
+        said = f"CPU {cpu:.1f} s" if not proc.returncode else "FAILED: " + proc.stderr.strip()[-300:]
+        rows.append(_row(f"compare, heads one after another, {label}", seconds, None, said))
+    out = work / f"compare_{path.stem}"
+    seconds, cpu, proc = _compare_process(path, out, device=device)
     name = f"compare all heads (process), {label}"
     if proc.returncode:
-        return [_row(name, seconds, None, "FAILED: " + proc.stderr.strip()[-300:])]
+        return [*rows, _row(name, seconds, None, "FAILED: " + proc.stderr.strip()[-300:])]
     result = json.loads((out / "compare.json").read_text())
-    rows = [_row(name, seconds, 10.0 if gpu else COMPARE_TARGET_S, f"best {result.get('best')}")]
+    note = f"best {result.get('best')}; CPU {cpu:.1f} s"
+    if rows:
+        note += f"; {rows[0]['seconds'] / seconds:.2f}x the one-after-another run above"
+    rows.append(_row(name, seconds, 10.0 if gpu else COMPARE_TARGET_S, note))
     for r in result["rows"]:
         fit, evaluation, whole = r.get("fit_seconds"), r.get("eval_seconds"), r.get("head_seconds")
         # what the user waits for the head: fit + evaluation + writing its folder (plots, predictions.csv)
@@ -337,7 +367,9 @@ def heads_bench(*, work: Path, device: str = "auto", quick: bool = False) -> dic
         parallel: f"{len(fs_random.train):,} x {fs_random.feature_dim} real (ResNet18 random init: nearly parallel)",
     }
     for path, label in labels.items():
-        rows += compare_rows(path, work, label=label, device=device, gpu=gpu)
+        rows += compare_rows(
+            path, work, label=label, device=device, gpu=gpu, baseline=path == full and not (gpu or quick)
+        )
     rows.append(_row("  (cosine of random-init features)", 0.0, None, _parallel_note(fs_random)))
     n = f"{len(fs1280.train):,} train"
     rows += logreg_rows(fs512, label=labels[reduced], device=device, gpu=gpu)

@@ -129,7 +129,8 @@ def compare(
     with writing(root, *(root / name for name in heads)):
         check_heads(root, heads=heads, base=base, fingerprint=meta.fingerprint, force=force)
         fs = read_run_features(features, base)
-        rows = [task.compare_row(m) | {"head_seconds": s} for m, s in train_heads(fs, configs, root=root)]
+        trained, at_once = train_heads(fs, configs, root=root)
+        rows = [task.compare_row(m) | {"head_seconds": s} for m, s in trained]
         ranked_by = task.rank(rows)
         best = max(rows, key=lambda r: r[ranked_by])
         mark_ties(rows, best=best["head"], root=root, task=task)
@@ -143,6 +144,7 @@ def compare(
             rows.append(scratch)
         result = {**describe(fs), "extract_seconds": extract_seconds, "rows": rows, "best": best["head"]}
         result |= {"best_tied_with": best.get("tied_with", []), "compare_seconds": time.perf_counter() - started}
+        result["heads_at_once"] = at_once  # 2: on a CPU, each in a forked worker (pipeline.workers)
         result |= {"layer": fs.layer or ALL_LAYERS, "feature_dim": fs.feature_dim, "best_by": ranked_by}
         result["layer_shown"] = layer_shown(fs.layer, [d["name"] for d in fs.meta.layers or []])  # "final", ...
         result |= {"exclude": run_settings(base)["exclude"]} if base.exclude else {}  # what --exclude left out

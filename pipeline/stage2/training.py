@@ -124,10 +124,10 @@ def train_one(fs: FeatureSet, cfg: HeadConfig, *, out: Path) -> Any:
     return replace(metrics, out=str(out))
 
 
-def train_heads(fs: FeatureSet, configs: dict[str, HeadConfig], *, root: Path) -> list[tuple[Any, float]]:
+def train_heads(fs: FeatureSet, configs: dict[str, HeadConfig], *, root: Path) -> tuple[list[tuple[Any, float]], int]:
     """:func:`train_one` of each head into ``root/<head>``: ``(its metrics record, the seconds it took)`` in the order
-    of ``configs``. On a CPU two heads train at once, each in a forked worker (:mod:`pipeline.workers`), the
-    costliest first."""
+    of ``configs``, and how many trained at once. On a CPU two at a time, each in a forked worker
+    (:mod:`pipeline.workers`), the costliest first."""
     import time
 
     from pipeline import workers
@@ -145,8 +145,8 @@ def train_heads(fs: FeatureSet, configs: dict[str, HeadConfig], *, root: Path) -
 
     device = resolve_device(configs[names[0]].device) if names else None
     order = sorted(range(len(names)), key=lambda i: -HEADS[names[i]].cost)
-    return workers.run_jobs([job(name) for name in names], ways=workers.worker_count(len(names), device=device),
-                            order=order)  # fmt: skip
+    ways = workers.worker_count(len(names), device=device)
+    return workers.run_jobs([job(name) for name in names], ways=ways, order=order), ways
 
 
 def write_answers(fs: FeatureSet, head: Any, *, out: Path, task: Task, metrics: Any) -> None:

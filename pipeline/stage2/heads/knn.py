@@ -282,9 +282,13 @@ class Projected:
         d = min(-(-d // 32) * 32, dim // 2)  # a multiple of 32: the matmul ran 15% faster at 320 than at 321
         basis = vectors.flip(1)[:, :d].contiguous()
         rows, rest = torch.empty(n, d), torch.empty(n)
-        for start in range(0, n, PROJECT_BLOCK):
-            part = slice(start, start + PROJECT_BLOCK)
-            rows[part], rest[part] = _project(train[part], basis)
+
+        def project(part: slice) -> None:  # rows of train, a block at a time
+            for start in range(part.start, part.stop, PROJECT_BLOCK):
+                block = slice(start, min(start + PROJECT_BLOCK, part.stop))
+                rows[block], rest[block] = _project(train[block], basis)
+
+        in_pieces(project, n, big=True)  # one slice of rows per core: the same result to the bit
         return cls(basis, rows, rest, 2 * (dim + 2 * d + 16) * 2.0**-24)
 
     def screen(self, q: torch.Tensor, *, k: int, exclude: torch.Tensor | None) -> Screen:
