@@ -30,6 +30,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 from pipeline.errors import PipelineError
@@ -48,14 +49,37 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-def worker_count(jobs: int, *, device: Any) -> int:
-    """How many jobs run at once: two on a CPU of two or more cores where fork is available and a forked child can
-    train (:func:`fork_can_train`); else one (a GPU: a CUDA context does not survive a fork, and its heads take
-    seconds anyway)."""
+# A head's working memory, in copies of the features it trains on: logreg's standardised copy and its transpose,
+# k-NN's normalised copy and its similarity blocks. Two heads at once need twice that beside the shared features.
+HEAD_MEMORY = 3
+
+
+def worker_count(jobs: int, *, device: Any, data_bytes: int = 0) -> int:
+    """How many jobs run at once: two on a CPU of two or more cores where fork is available, a forked child can
+    train (:func:`fork_can_train`) and the memory available holds two heads' working memory beside ``data_bytes``
+    of features; else one (a GPU: a CUDA context does not survive a fork, and its heads take seconds anyway)."""
     if getattr(device, "type", str(device)) != "cpu" or not hasattr(os, "fork") or sys.platform != "linux":
         return 1
     ways = max(1, min(2, jobs, cores()))
-    return ways if ways < 2 or fork_can_train() else 1
+    if ways < 2:
+        return ways
+    free = available_memory()
+    if free is not None and (1 + 2 * HEAD_MEMORY) * data_bytes > free:
+        log.info("heads train one after another: two at once would need more memory than the %.1f GB available",
+                 free / 1e9)  # fmt: skip
+        return 1
+    return 2 if fork_can_train() else 1
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux ``MemAvailable``); None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def run_jobs(jobs: Sequence[Callable[[], T]], *, ways: int, order: Sequence[int] | None = None) -> list[T]:

@@ -59,6 +59,9 @@ def test_heads_train_one_after_another_where_a_forked_child_could_not(monkeypatc
     assert workers.worker_count(5, device=torch.device("cpu")) == 2
     assert workers.worker_count(1, device=torch.device("cpu")) == 1
     assert workers.worker_count(5, device=torch.device("cuda")) == 1
+    monkeypatch.setattr(workers, "available_memory", lambda: 6 * 10**9)  # needs 7 copies of the features
+    assert workers.worker_count(5, device=torch.device("cpu"), data_bytes=10**9) == 1  # two heads would not fit
+    assert workers.worker_count(5, device=torch.device("cpu"), data_bytes=10**8) == 2
     monkeypatch.setattr(workers, "fork_can_train", lambda: False)
     assert workers.worker_count(5, device=torch.device("cpu")) == 1
 
@@ -138,7 +141,7 @@ def features(make_feature_file) -> Path:
 
 # compare with its heads one after another: the CLI with pipeline.workers held to one way
 _ONE_WAY = (
-    "import sys\nfrom pipeline import workers\nworkers.worker_count = lambda jobs, device: 1\n"
+    "import sys\nfrom pipeline import workers\nworkers.worker_count = lambda jobs, **kw: 1\n"
     "from pipeline.cli import main\nmain(sys.argv[1:])\n"
 )
 

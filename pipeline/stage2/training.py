@@ -145,7 +145,8 @@ def train_heads(fs: FeatureSet, configs: dict[str, HeadConfig], *, root: Path) -
 
     device = resolve_device(configs[names[0]].device) if names else None
     order = sorted(range(len(names)), key=lambda i: -HEADS[names[i]].cost)
-    ways = workers.worker_count(len(names), device=device)
+    data = sum(split.features.nbytes for split in fs.splits.values())
+    ways = workers.worker_count(len(names), device=device, data_bytes=data)
     return workers.run_jobs([job(name) for name in names], ways=ways, order=order), ways
 
 
