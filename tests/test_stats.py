@@ -102,3 +102,55 @@ def test_stats_imports_no_torch() -> None:
 
     code = "import sys, pipeline.stage2.stats; assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_scores_equal_scikit_learns(seed: int) -> None:
+    """Confusion matrix, per-class precision / recall / F1 / support, binary scores and log loss: scikit-learn's
+    (``zero_division=0``), on predictions that miss a class, never predict another and tie scores."""
+    from sklearn.metrics import confusion_matrix, log_loss, precision_recall_fscore_support
+
+    rng = np.random.default_rng(seed)
+    classes = 5
+    y = rng.integers(0, classes - 1, 400)  # the last class is in no row
+    proba = rng.dirichlet(np.ones(classes), 400).astype(np.float32)
+    proba[:, 2] = 0  # never predicted
+    proba[:10] = 1 / classes  # ties: argmax takes the first
+    proba /= proba.sum(1, keepdims=True)
+    pred = proba.argmax(1)
+    labels = np.arange(classes)
+    np.testing.assert_array_equal(stats.confusion_matrix(y, pred, classes), confusion_matrix(y, pred, labels=labels))
+    got = stats.precision_recall_f1(y, pred, classes)
+    want = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    for c in range(classes):
+        want_binary = precision_recall_fscore_support(y == c, pred == c, average="binary", zero_division=0)[:3]
+        assert stats.binary_scores(y == c, pred == c) == tuple(float(v) for v in want_binary)
+    assert stats.log_loss(y, proba) == pytest.approx(log_loss(y, proba, labels=labels), rel=1e-6)
+    assert stats.balanced_accuracy(y, pred, classes) == pytest.approx(balanced_accuracy_score(y, pred))
+
+
+def test_mcnemar_and_z_equal_scipys() -> None:
+    from scipy.stats import binom, norm
+
+    assert stats._z(0.95) == pytest.approx(float(norm.ppf(0.975)), rel=1e-12)
+    rng = np.random.default_rng(4)
+    for n_only_a, n_only_b in [(0, 1), (3, 9), (40, 41), (120, 30), (2500, 2600), (9000, 1)]:
+        a = np.r_[np.ones(n_only_a, bool), np.zeros(n_only_b, bool), rng.random(50) < 0.5]
+        b = np.r_[np.zeros(n_only_a, bool), np.ones(n_only_b, bool), a[n_only_a + n_only_b :]]
+        n, low = n_only_a + n_only_b, min(n_only_a, n_only_b)
+        want = min(1.0, max(0.0, 2 * binom.cdf(low, n, 0.5) - binom.pmf(low, n, 0.5)))
+        assert stats.mcnemar(a, b) == pytest.approx(want, rel=1e-9, abs=1e-300)
+
+
+def test_stats_and_evaluation_import_neither_scikit_learn_nor_scipy() -> None:
+    """A second of every command's start-up (and 0.7 s of each compare worker's) was these imports."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pipeline.stage2.evaluate, pipeline.stage2.thresholds, pipeline.stage2.comparing\n"
+            "bad = [m for m in ('sklearn', 'scipy') if m in sys.modules]\nassert not bad, bad")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-1000:]

@@ -248,3 +248,23 @@ def test_export_records_the_threshold_and_predict_applies_it(
     model.with_suffix(".json").write_text(json.dumps(meta))
     code, _, _ = run(["predict", "--model", str(model), str(image_folder), "--out", str(tmp_path / "p.csv")], capsys)
     assert code == 0 and "decided_class" not in (tmp_path / "p.csv").read_text().splitlines()[0]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_curves_equal_scikit_learns(seed: int) -> None:
+    """precision_recall_curve, roc_curve (points on straight stretches dropped) and auc, on scores with ties."""
+    from sklearn import metrics
+
+    from pipeline.stage2 import thresholds
+
+    rng = np.random.default_rng(seed)
+    truth = rng.random(300) < 0.3
+    score = np.round(rng.random(300) * 20).astype(np.float32) / 20 + truth * 0.1  # many ties
+    for ours, theirs in ((thresholds.precision_recall_curve, metrics.precision_recall_curve),
+                         (thresholds.roc_curve, metrics.roc_curve)):  # fmt: skip
+        for g, w in zip(ours(truth, score), theirs(truth, score)):
+            np.testing.assert_array_equal(g, w)
+    fpr, tpr, _ = thresholds.roc_curve(truth, score)
+    assert thresholds.auc(fpr, tpr) == metrics.auc(fpr, tpr) == metrics.roc_auc_score(truth, score)
+    recall, precision = thresholds.precision_recall_curve(truth, score)[1::-1]
+    assert thresholds.auc(recall, precision) == metrics.auc(recall, precision)

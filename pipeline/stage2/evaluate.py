@@ -8,14 +8,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import numpy as np
-from sklearn.metrics import (
-    balanced_accuracy_score,
-    confusion_matrix,
-    log_loss,
-    precision_recall_fscore_support,
-)
 
 from pipeline.stage2.heads.registry import HEADS
+from pipeline.stage2.stats import balanced_accuracy, confusion_matrix, log_loss, precision_recall_f1
 from pipeline.stage2.thresholds import Curves, curves_line, imbalance_line, threshold_line
 
 OVERFIT_GAP = 0.10  # train accuracy this far above val accuracy is flagged as overfitting
@@ -23,16 +18,15 @@ OVERFIT_GAP = 0.10  # train accuracy this far above val accuracy is flagged as o
 
 def classification_metrics(y_true: np.ndarray, proba: np.ndarray, classes: list[str]) -> dict[str, Any]:
     """Metrics of predicted class probabilities ``proba`` (N, C) against integer labels."""
-    labels = np.arange(len(classes))
     pred = proba.argmax(axis=1)
-    p, r, f1, support = precision_recall_fscore_support(y_true, pred, labels=labels, zero_division=0)
+    p, r, f1, support = precision_recall_f1(y_true, pred, len(classes))
     present = support > 0  # macro averages over the classes this split has
     eps = 1e-7
     clipped = np.clip(proba, eps, 1.0)
     return {
         "accuracy": float((pred == y_true).mean()) if len(y_true) else 0.0,
-        "balanced_accuracy": float(balanced_accuracy_score(y_true, pred)) if len(y_true) else 0.0,
-        "loss": float(log_loss(y_true, clipped / clipped.sum(1, keepdims=True), labels=labels)),
+        "balanced_accuracy": balanced_accuracy(y_true, pred, len(classes)) if len(y_true) else 0.0,
+        "loss": log_loss(y_true, clipped / clipped.sum(1, keepdims=True)),
         "macro_precision": float(p[present].mean()),
         "macro_recall": float(r[present].mean()),
         "macro_f1": float(f1[present].mean()),
@@ -46,7 +40,7 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, classes: list[
             }
             for i, c in enumerate(classes)
         ],
-        "confusion_matrix": confusion_matrix(y_true, pred, labels=labels).tolist(),
+        "confusion_matrix": confusion_matrix(y_true, pred, len(classes)).tolist(),
     }
 
 

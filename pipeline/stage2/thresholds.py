@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import auc, confusion_matrix, precision_recall_curve, precision_recall_fscore_support, roc_curve
 
 from pipeline.errors import PipelineError
+from pipeline.stage2.stats import binary_scores, confusion_matrix
 
 IMBALANCE_RATIO = 3.0  # largest train class more than this many times the smallest: say so, lead with recall
 CURVE_POINTS = 201  # points of each curve kept in metrics.json (AP and AUC are computed on the full curve)
@@ -73,8 +73,8 @@ def thresholded_predictions(proba: np.ndarray, *, positive: int, threshold: floa
 
 
 def _binary_scores(y: np.ndarray, pred: np.ndarray, positive: int) -> dict[str, float]:
-    p, r, f1, _ = precision_recall_fscore_support(y == positive, pred == positive, average="binary", zero_division=0)
-    return {"precision": float(p), "recall": float(r), "f1": float(f1)}
+    p, r, f1 = binary_scores(y == positive, pred == positive)
+    return {"precision": p, "recall": r, "f1": f1}
 
 
 def threshold_report(
@@ -87,7 +87,7 @@ def threshold_report(
         **choice,
         "at_threshold": _binary_scores(y, pred, positive),
         "at_argmax": _binary_scores(y, proba.argmax(axis=1), positive),
-        "confusion_matrix": confusion_matrix(y, pred, labels=np.arange(num_classes)).tolist(),
+        "confusion_matrix": confusion_matrix(y, pred, num_classes).tolist(),
     }
 
 
@@ -109,6 +109,46 @@ def threshold_line(record: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------------------ curves
+
+
+def _counts_at_thresholds(truth: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(false positives, true positives, threshold)`` at each distinct score, highest first: the rows scoring at
+    least the threshold called positive (sklearn's ``confusion_matrix_at_thresholds``)."""
+    truth, score = np.asarray(truth, bool), np.asarray(score)
+    order = np.argsort(-score, kind="stable")
+    score, hits = score[order], truth[order].astype(np.float64)
+    last = np.concatenate([np.flatnonzero(np.diff(score)), [len(score) - 1]])  # the last row of each score
+    tps = np.cumsum(hits)[last]
+    return 1 + last.astype(np.float64) - tps, tps, score[last]
+
+
+def precision_recall_curve(truth: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Precision and recall at each threshold, thresholds ascending, ending at (precision 1, recall 0); as
+    sklearn's ``precision_recall_curve`` (truth must hold a positive)."""
+    fps, tps, thresholds = _counts_at_thresholds(truth, score)
+    ps = tps + fps
+    precision = np.divide(tps, ps, out=np.zeros_like(tps), where=ps != 0)
+    recall = tps / tps[-1]
+    return np.concatenate([precision[::-1], [1.0]]), np.concatenate([recall[::-1], [0.0]]), thresholds[::-1]
+
+
+def roc_curve(truth: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """False and true positive rates, thresholds descending from +inf, the points on straight stretches dropped; as
+    sklearn's ``roc_curve`` (truth must hold a positive and a negative)."""
+    fps, tps, thresholds = _counts_at_thresholds(truth, score)
+    if len(fps) > 2:
+        keep = np.flatnonzero(np.concatenate([[True], (np.diff(fps, 2) != 0) | (np.diff(tps, 2) != 0), [True]]))
+        fps, tps, thresholds = fps[keep], tps[keep], thresholds[keep]
+    fps, tps = np.concatenate([[0.0], fps]), np.concatenate([[0.0], tps])
+    thresholds = np.concatenate([[np.inf], thresholds.astype(np.float64)])
+    return fps / fps[-1], tps / tps[-1], thresholds
+
+
+def auc(x: np.ndarray, y: np.ndarray) -> float:
+    """The trapezoidal area under ``y(x)``, ``x`` monotonic (sklearn's ``auc``)."""
+    dx = np.diff(x)
+    direction = -1.0 if np.any(dx < 0) and np.all(dx <= 0) else 1.0
+    return float(direction * np.trapezoid(y, x))
 
 
 def _thin(*arrays: np.ndarray) -> list[list[float]]:
