@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, on_stop_signal
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -149,7 +149,7 @@ def _child(job: Callable[[], Any], write: int, parent: int) -> None:
     try:
         _die_with(parent)
         if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
-            signal.signal(signal.SIGTERM, _interrupt)  # the parent stops a child with SIGTERM: clean up, exit
+            signal.signal(signal.SIGTERM, on_stop_signal)  # the parent stops a child with SIGTERM: clean up, exit
         import torch
         from threadpoolctl import threadpool_limits
 
@@ -171,10 +171,6 @@ def _child(job: Callable[[], Any], write: int, parent: int) -> None:
             with contextlib.suppress(Exception):
                 stream.flush()
         os._exit(code)
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 def _die_with(parent: int) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import workers
+from pipeline.bench.heads import ONE_AFTER_ANOTHER
 from pipeline.errors import PipelineError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,19 +140,12 @@ def features(make_feature_file) -> Path:
     return make_feature_file(n_train=3000, n_val=600, dim=64, classes=5, spread=2.0)
 
 
-# compare with its heads one after another: the CLI with pipeline.workers held to one way
-_ONE_WAY = (
-    "import sys\nfrom pipeline import workers\nworkers.worker_count = lambda jobs, **kw: 1\n"
-    "from pipeline.cli import main\nmain(sys.argv[1:])\n"
-)
-
-
 @FORKS
 def test_compare_in_workers_gives_what_one_after_another_gives(features: Path, tmp_path: Path) -> None:
     """Each run in a fresh process (a test process may have run autograd, after which compare trains one head after
     another): the rows, the best head and every head's per-image answers are the same either way."""
     args = ["compare", "--features", str(features), "--device", "cpu", "--epochs", "3", "--out"]
-    runs = {"together": [sys.executable, "-m", "pipeline"], "alone": [sys.executable, "-c", _ONE_WAY]}
+    runs = {"together": [sys.executable, "-m", "pipeline"], "alone": [sys.executable, "-c", ONE_AFTER_ANOTHER]}
     results = {}
     for name, start in runs.items():
         proc = subprocess.run([*start, *args, str(tmp_path / name)], cwd=ROOT, capture_output=True, text=True)

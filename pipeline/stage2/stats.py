@@ -65,7 +65,7 @@ def confusion_matrix(y: np.ndarray, pred: np.ndarray, classes: int) -> np.ndarra
     return np.bincount(y[keep] * classes + pred[keep], minlength=classes * classes).reshape(classes, classes)
 
 
-def _divide(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+def divide_or_zero(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     """``num / den`` as float64, 0 where ``den`` is 0 (sklearn's ``zero_division=0``)."""
     num, den = np.asarray(num, np.float64), np.asarray(den, np.float64)
     return np.divide(num, den, out=np.zeros(np.broadcast(num, den).shape), where=den != 0)
@@ -78,14 +78,18 @@ def precision_recall_f1(
     ``labels=range(classes)``, ``zero_division=0``; F1 as it computes it, ``2 tp / (support + predicted)``)."""
     cm = confusion_matrix(y, pred, classes)
     tp, support, predicted = np.diag(cm), cm.sum(1), cm.sum(0)
-    return _divide(tp, predicted), _divide(tp, support), _divide(2 * tp, support + predicted), support
+    return (
+        divide_or_zero(tp, predicted),
+        divide_or_zero(tp, support),
+        divide_or_zero(2 * tp, support + predicted),
+        support,
+    )
 
 
 def binary_scores(truth: np.ndarray, predicted: np.ndarray) -> tuple[float, float, float]:
     """Precision, recall and F1 of boolean decisions against boolean truth (sklearn's ``average="binary"``)."""
-    truth, predicted = np.asarray(truth, bool), np.asarray(predicted, bool)
-    tp, n_true, n_pred = int((truth & predicted).sum()), int(truth.sum()), int(predicted.sum())
-    return tuple(float(v) for v in (_divide(tp, n_pred), _divide(tp, n_true), _divide(2 * tp, n_true + n_pred)))
+    p, r, f1, _ = precision_recall_f1(np.asarray(truth, np.int64), np.asarray(predicted, np.int64), 2)
+    return float(p[1]), float(r[1]), float(f1[1])  # class 1: the positive one
 
 
 def log_loss(y: np.ndarray, proba: np.ndarray) -> float:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.stage2.stats import binary_scores, confusion_matrix
+from pipeline.stage2.stats import binary_scores, confusion_matrix, divide_or_zero
 
 IMBALANCE_RATIO = 3.0  # largest train class more than this many times the smallest: say so, lead with recall
 CURVE_POINTS = 201  # points of each curve kept in metrics.json (AP and AUC are computed on the full curve)
@@ -126,8 +126,7 @@ def precision_recall_curve(truth: np.ndarray, score: np.ndarray) -> tuple[np.nda
     """Precision and recall at each threshold, thresholds ascending, ending at (precision 1, recall 0); as
     sklearn's ``precision_recall_curve`` (truth must hold a positive)."""
     fps, tps, thresholds = _counts_at_thresholds(truth, score)
-    ps = tps + fps
-    precision = np.divide(tps, ps, out=np.zeros_like(tps), where=ps != 0)
+    precision = divide_or_zero(tps, tps + fps)
     recall = tps / tps[-1]
     return np.concatenate([precision[::-1], [1.0]]), np.concatenate([recall[::-1], [0.0]]), thresholds[::-1]
 

@@ -211,11 +211,17 @@ class Coarse:
     def screen(self, q: torch.Tensor, *, k: int, exclude: torch.Tensor | None) -> Screen:
         """The coarse similarities and each query's threshold: the k-th coarse similarity less twice the bound."""
         approx, error = self.similarities(q)
-        if exclude is not None:
-            approx[torch.arange(len(q), device=q.device), exclude] = -math.inf
-        top, at = approx.topk(min(len(approx[0]), max(CANDIDATES, 2 * k)), dim=1)  # sorted, largest first
+        top, at = _candidates(approx, k=k, exclude=exclude)
         top = top.float()  # exact: comparisons of float32 values below need no rounding of the threshold
         return Screen(approx, top, at, top[:, k - 1] - 2 * error)
+
+
+def _candidates(scores: torch.Tensor, *, k: int, exclude: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query's CANDIDATES (at least 2k) best coarse scores, largest first, and their train rows; query i's
+    ``exclude[i]`` set to -inf in ``scores`` first (leave-one-out)."""
+    if exclude is not None:
+        scores[torch.arange(len(scores), device=scores.device), exclude] = -math.inf
+    return scores.topk(min(scores.shape[1], max(CANDIDATES, 2 * k)), dim=1)
 
 
 def _kept(scratch: dict[str, torch.Tensor], name: str, shape: tuple[int, int], dtype: torch.dtype,
@@ -300,9 +306,7 @@ class Projected:
         # in a forked compare worker (pipeline.workers); the same result to the bit.
         in_pieces(lambda part: torch.mm(a[part], self.rows.T, out=upper[part]), len(q), big=True)
         upper.addr_(rest, self.rest)
-        if exclude is not None:
-            upper[torch.arange(len(q), device=q.device), exclude] = -math.inf
-        top, at = upper.topk(min(len(self.rows), max(CANDIDATES, 2 * k)), dim=1)
+        top, at = _candidates(upper, k=k, exclude=exclude)
         lower = top - 2 * rest[:, None] * self.rest[at]
         return Screen(upper, top, at, lower.topk(k, dim=1).values[:, -1] - 2 * self.margin)
 
