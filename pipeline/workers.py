@@ -49,6 +49,25 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
+# How many jobs run now, in a page shared with the forked children (anonymous mmap, MAP_SHARED): the parent writes it
+# as jobs start and end, a child reads it (:func:`share_of_cores`). None outside :func:`run_jobs`.
+_RUNNING: Any = None
+
+
+def share_of_cores() -> int:
+    """The cores this process's work may use: all of them, or in a child of :func:`run_jobs` its share while other
+    jobs run beside it. A job whose big matmuls split by this (``fitting.in_pieces``) takes both cores once the
+    other job has ended, and one while both run: two threads beside another worker's made 3 runnable threads on 2
+    cores, so the heads on one thread (mlp, linear) got two thirds of a core and ended last."""
+    running = _RUNNING[0] if _RUNNING is not None else 0
+    return max(1, cores() // max(1, running))
+
+
+def _set_running(count: int) -> None:
+    if _RUNNING is not None:
+        _RUNNING[0] = min(count, 255)
+
+
 # A head's working memory, in copies of the features it trains on: logreg's standardised copy and its transpose,
 # k-NN's normalised copy and its similarity blocks. Two heads at once need twice that beside the shared features.
 HEAD_MEMORY = 3
@@ -87,19 +106,28 @@ def run_jobs(jobs: Sequence[Callable[[], T]], *, ways: int, order: Sequence[int]
     forked child, started in ``order`` (longest first packs best; default: as given); else one after another here."""
     if ways < 2 or len(jobs) < 2:
         return [job() for job in jobs]
+    global _RUNNING
+    import mmap
+
     pending = list(order if order is not None else range(len(jobs)))
     results: dict[int, T] = {}
     running: dict[int, tuple[int, int, bytearray]] = {}  # pid -> (job, read end of its pipe, bytes so far)
+    _RUNNING = mmap.mmap(-1, mmap.PAGESIZE)  # shared with the children forked below
     try:
         while pending or running:
+            _set_running(min(ways, len(running) + len(pending)))  # before a fork, so the child reads its share
             while pending and len(running) < ways:
                 i = pending.pop(0)
                 pid, fd = _start(jobs[i])
                 running[pid] = (i, fd, bytearray())
             _read_some(running, results)
+            _set_running(len(running) + min(len(pending), ways - len(running)))
     except BaseException:
         _stop(running)
         raise
+    finally:
+        _RUNNING.close()
+        _RUNNING = None
     return [results[i] for i in range(len(jobs))]
 
 

@@ -49,6 +49,36 @@ def test_jobs_run_in_other_processes_and_answer_in_their_own_order() -> None:
 
 
 @FORKS
+def test_a_worker_takes_every_core_once_the_other_has_ended(monkeypatch: pytest.MonkeyPatch) -> None:
+    """While two jobs run, each may use half the cores (``fitting.in_pieces`` splits its matmuls that many ways);
+    once one has ended, the other may use them all; outside ``run_jobs`` a process has them all."""
+    from pipeline.stage2.heads import fitting
+
+    monkeypatch.setattr(workers, "cores", lambda: 2)
+
+    def short() -> int:
+        time.sleep(1.0)  # still running while the other job reads its share
+        return workers.share_of_cores()
+
+    def long() -> tuple[int, int]:
+        beside = fitting._ways()
+        deadline = time.monotonic() + 20
+        while workers.share_of_cores() < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return beside, fitting._ways()
+
+    assert workers.run_jobs([short, long], ways=2) == [1, (1, 2)]
+    assert workers.share_of_cores() == 2 and workers._RUNNING is None  # the shared count is gone with the jobs
+
+
+def test_heads_on_one_thread_start_first_and_those_that_spread_end_last() -> None:
+    from pipeline.stage2.training import start_order
+
+    names = ["linear", "logreg", "mlp", "knn", "centroid"]
+    assert [names[i] for i in start_order(names)] == ["mlp", "linear", "centroid", "logreg", "knn"]
+
+
+@FORKS
 def test_heads_train_one_after_another_where_a_forked_child_could_not(monkeypatch: pytest.MonkeyPatch) -> None:
     """Two at a time on a CPU; one on a GPU, and one after this process ran autograd in a way that leaves forked
     children unable to (PyTorch's "Unable to handle autograd's threading in combination with fork-based

@@ -127,7 +127,7 @@ def train_one(fs: FeatureSet, cfg: HeadConfig, *, out: Path) -> Any:
 def train_heads(fs: FeatureSet, configs: dict[str, HeadConfig], *, root: Path) -> tuple[list[tuple[Any, float]], int]:
     """:func:`train_one` of each head into ``root/<head>``: ``(its metrics record, the seconds it took)`` in the order
     of ``configs``, and how many trained at once. On a CPU two at a time, each in a forked worker
-    (:mod:`pipeline.workers`), the costliest first."""
+    (:mod:`pipeline.workers`): the heads on one thread first, then those whose matmuls spread over the cores."""
     import time
 
     from pipeline import workers
@@ -144,10 +144,17 @@ def train_heads(fs: FeatureSet, configs: dict[str, HeadConfig], *, root: Path) -
         return run
 
     device = resolve_device(configs[names[0]].device) if names else None
-    order = sorted(range(len(names)), key=lambda i: -HEADS[names[i]].cost)
+    order = start_order(names)
     data = sum(split.features.nbytes for split in fs.splits.values())
     ways = workers.worker_count(len(names), device=device, data_bytes=data)
     return workers.run_jobs([job(name) for name in names], ways=ways, order=order), ways
+
+
+def start_order(names: list[str]) -> list[int]:
+    """The order heads start in when two train at once: the heads on one thread first (costliest first), then those
+    whose matmuls spread over the cores free to them (:attr:`HeadSpec.spreads`), so that the last to end takes both
+    cores (:func:`pipeline.workers.share_of_cores`) instead of leaving one idle."""
+    return sorted(range(len(names)), key=lambda i: (HEADS[names[i]].spreads, -HEADS[names[i]].cost))
 
 
 def write_answers(fs: FeatureSet, head: Any, *, out: Path, task: Task, metrics: Any) -> None:

@@ -259,6 +259,12 @@ def select_layer(fs: FeatureSet, layer: str | None) -> FeatureSet:
 # --------------------------------------------------------------------------------------------- validation
 
 
+def all_finite(a: np.ndarray) -> bool:
+    """No NaN or Inf in ``a``: its min and max (a NaN propagates to both, an Inf is one of them), two passes and no
+    new array, where ``np.isfinite(a).all()`` wrote a boolean array the size of ``a`` (0.23 s on 60,000 x 1,280)."""
+    return a.size == 0 or bool(np.isfinite(a.min()) and np.isfinite(a.max()))
+
+
 def _validate(fs: FeatureSet) -> None:
     path, n_classes = fs.path, len(fs.classes)
     layer_columns(fs.meta, path=path)  # the layers' dims add up to feature_dim
@@ -279,7 +285,7 @@ def _validate(fs: FeatureSet) -> None:
                 f"{path}: /{name}/labels fall outside the {n_classes} classes "
                 f"(range {split.labels.min()}..{split.labels.max()})"
             )
-        if not np.isfinite(split.features).all():
+        if not all_finite(split.features):
             bad = int((~np.isfinite(split.features)).any(axis=1).sum())
             raise PipelineError(f"{path}: /{name}/features holds NaN or Inf in {bad} rows")
     _validate_targets(fs)
@@ -343,7 +349,7 @@ def _validate_targets(fs: FeatureSet) -> None:
             raise PipelineError(
                 f"{fs.path}: /{name}/targets is {t.dtype} {t.shape}, expected float ({len(split)}, {len(names)})"
             )
-        if not np.isfinite(t).all():
+        if not all_finite(t):
             bad = int((~np.isfinite(t)).any(axis=1).sum())
             raise PipelineError(f"{fs.path}: /{name}/targets holds NaN or Inf in {bad} rows")
         split.targets = t.astype(np.float32, copy=False)

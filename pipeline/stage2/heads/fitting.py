@@ -459,9 +459,9 @@ _POOL: dict[tuple[int, int], ThreadPoolExecutor] = {}  # by (process id, threads
 
 
 def _ways() -> int:
-    from pipeline.workers import cores
+    from pipeline.workers import share_of_cores
 
-    return max(1, min(cores(), 4))
+    return max(1, min(share_of_cores(), 4))
 
 
 def in_pieces(run: Callable[[slice], object], length: int, *, big: bool) -> None:

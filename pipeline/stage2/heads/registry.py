@@ -46,6 +46,9 @@ class HeadSpec:
     # Its time beside the other heads' on a CPU (0 a second or two, 4 the longest): compare starts the costliest
     # first, which packs best when two heads train at once (pipeline.workers).
     cost: int = 1
+    # Its big matmuls split over the cores free to it (fitting.in_pieces): compare starts such heads after the ones
+    # on one thread, so that one of them ends last and takes the core the other worker leaves.
+    spreads: bool = False
 
     @property
     def settings(self) -> tuple[str, ...]:
@@ -78,7 +81,7 @@ HEADS: dict[str, HeadSpec] = {
             "Multinomial logistic regression (scikit-learn's objective) on standardised features",
             knobs=(LogRegKnobs, ClassWeightKnobs), reads=PROTOCOL_SETTINGS,
             tasks=("classify", "multilabel"), in_all=("classify", "multilabel"),
-            advice="try a smaller --C (stronger L2)", sweeps="C", cost=4,
+            advice="try a smaller --C (stronger L2)", sweeps="C", cost=4, spreads=True,
         ),
         HeadSpec(
             "mlp", "pipeline.stage2.heads.mlp:MLPHead",
@@ -93,7 +96,7 @@ HEADS: dict[str, HeadSpec] = {
             "k nearest neighbours by cosine similarity on L2-normalised features; votes weighted by exp(sim / 0.07) "
             "(dinov2's k-NN evaluation), and by inverse class frequency with --class-weight balanced",
             knobs=(KNNKnobs, ClassWeightKnobs), reads=PROTOCOL_SETTINGS, advice="try a larger --k", sweeps="k", cost=4,
-            tasks=("classify", "multilabel"), in_all=("classify", "multilabel"),
+            tasks=("classify", "multilabel"), in_all=("classify", "multilabel"), spreads=True,
         ),
         HeadSpec(
             "centroid", "pipeline.stage2.heads.centroid:CentroidHead", "Nearest class mean (Euclidean)",
