@@ -31,13 +31,51 @@ def _pyplot() -> Any:
     return plt
 
 
+DPI = 120
+STAMPED = "stamped"  # the gid of texts that _save draws with PIL (the cells of a confusion matrix)
+
+
 def _save(fig: Any, path: Path) -> Path:
     """Write a figure the builders below laid out (each ends with ``tight_layout``) and close it."""
     try:
-        atomic_write(path, lambda p: fig.savefig(p, dpi=120))
+        atomic_write(path, lambda p: _write_png(fig, p))
     finally:
         _pyplot().close(fig)
     return path
+
+
+def _write_png(fig: Any, path: Path) -> None:
+    """``fig.savefig(path, dpi=DPI)``, except that the texts marked :data:`STAMPED` are drawn onto the picture by PIL
+    in the same font, size, colour and place: matplotlib spent ~2 ms a text laying out and rendering them (0.23 s of
+    the 0.46 s a 10-class confusion matrix took), PIL ~0.03 ms."""
+    stamped = [t for ax in fig.axes for t in ax.texts if t.get_gid() == STAMPED and t.get_visible()]
+    if not stamped:
+        fig.savefig(path, dpi=DPI)
+        return
+    from matplotlib import colors, font_manager
+    from PIL import Image, ImageDraw, ImageFont
+
+    for t in stamped:
+        t.set_visible(False)
+    fig.set_dpi(DPI)  # what savefig(dpi=DPI) does for its draw
+    fig.canvas.draw()
+    width, height = fig.canvas.get_width_height(physical=True)
+    picture = Image.frombuffer("RGBA", (width, height), fig.canvas.buffer_rgba(), "raw", "RGBA", 0, 1).copy()
+    draw = ImageDraw.Draw(picture)
+    fonts: dict[tuple[str, float], Any] = {}
+    for t in stamped:
+        size = t.get_fontsize() * DPI / 72  # points to pixels
+        file = font_manager.findfont(t.get_fontproperties())
+        font = fonts.get((file, size)) or fonts.setdefault((file, size), ImageFont.truetype(file, size))
+        x, y = t.get_transform().transform(t.get_position())
+        colour = tuple(round(255 * c) for c in colors.to_rgba(t.get_color()))
+        # PIL puts lines its "A"'s height plus ``spacing`` apart; matplotlib's "normal" spacing is the font's ascent
+        # plus descent
+        spacing = sum(font.getmetrics()) - font.getbbox("A")[3]
+        draw.multiline_text((x, height - y), t.get_text(), fill=colour, font=font, anchor="mm", align="center",
+                            spacing=spacing)  # fmt: skip
+        t.set_visible(True)
+    picture.save(path, format="PNG", dpi=(DPI, DPI))
 
 
 def confusion_figure(cm: list[list[int]], classes: list[str], *, title: str = "") -> Any:
@@ -63,7 +101,8 @@ def confusion_figure(cm: list[list[int]], classes: list[str], *, title: str = ""
                 if counts[i, j]:
                     colour = "white" if norm[i, j] > 0.5 else "black"
                     text = f"{norm[i, j]:.2f}\n({int(counts[i, j])})"
-                    cell = ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=7 if n > 10 else 8)
+                    cell = ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=7 if n > 10 else 8,
+                                   gid=STAMPED)  # fmt: skip
                     cell.set_in_layout(False)  # inside the axes: tight_layout need not measure 100 texts
     fig.text(0.01, 0.01, "cells: share of the true class (count of val images)", fontsize=8, color="0.3")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
