@@ -68,8 +68,9 @@ def _set_running(count: int) -> None:
         _RUNNING[0] = min(count, 255)
 
 
-# A head's working memory, in copies of the features it trains on: logreg's standardised copy and its transpose,
-# k-NN's normalised copy and its similarity blocks. Two heads at once need twice that beside the shared features.
+# A head's working memory, in copies of the features it trains on, with room to spare: logreg's standardised copy
+# (one, transposed, from 1,024-d), k-NN's normalised copy, its projection and its similarity blocks. Two heads at
+# once need twice that beside the shared features.
 HEAD_MEMORY = 3
 
 

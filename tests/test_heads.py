@@ -893,3 +893,31 @@ def test_pieces_run_under_the_callers_inference_mode(monkeypatch: pytest.MonkeyP
     with torch.no_grad():  # grad mode follows the caller too: an in-place write to a leaf needing grad is allowed
         fitting.in_pieces(lambda part: w[part].add_(1), 10, big=True)
     assert w.detach().tolist() == [1.0] * 10
+
+
+@pytest.mark.parametrize("ways", [1, 2])
+def test_logreg_keeps_one_standardised_copy_in_the_transposed_layout(
+    ways: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From 1,024 features logreg standardises straight into the (D, N) layout its logits use and keeps no (N, D)
+    copy beside it (``Z`` is a view of ``Zt``): the same standardised values, and the same loss and gradient to the
+    bit as with a separate contiguous ``Z``, whether the matmuls run in one piece or in threads."""
+    import torch
+
+    from pipeline.stage2.heads import fitting, lbfgs
+    from pipeline.stage2.heads.logreg import logreg_problem, standardise
+
+    monkeypatch.setattr(fitting, "_ways", lambda: ways)
+    monkeypatch.setattr(lbfgs, "SPLIT_ENTRIES", 0)
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(3001, 1100, generator=g) * 3 + 1
+    y = np.random.default_rng(0).integers(0, 4, 3001)
+    problem, *_ = logreg_problem(X, y, class_weight="none", num_classes=4)
+    assert isinstance(problem, lbfgs.TransposedProblem) and problem.Z.data_ptr() == problem.Zt.data_ptr()
+    mean, scale = standardise(X)
+    Z = (X - mean) / scale
+    assert torch.equal(problem.Zt, Z.t())
+    separate = lbfgs.TransposedProblem(Z, problem.target, problem.share, Z.t().contiguous(), problem.target_t)
+    theta = torch.randn(4, 1101, generator=g) * 0.1
+    (f1, g1), (f2, g2) = problem.loss_grad(theta, 0.01), separate.loss_grad(theta, 0.01)
+    assert torch.equal(f1, f2) and torch.equal(g1, g2)

@@ -63,6 +63,19 @@ def standardise(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean.to(X.dtype), scale.to(X.dtype)
 
 
+def standardised_transposed(X: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``((X - mean) / scale)^T``, (D, N) contiguous, standardised a block of rows at a time: the same values as the
+    whole matrix at once, without a (N, D) copy beside the transposed one."""
+    Zt = torch.empty(X.shape[1], len(X), dtype=X.dtype, device=X.device)
+    rows = max(1, min(STANDARDISE_ROWS, len(X)))
+    block = torch.empty(rows, X.shape[1], dtype=X.dtype, device=X.device)
+    for start in range(0, len(X), rows):
+        part = block[: len(X[start : start + rows])]
+        torch.sub(X[start : start + rows], mean, out=part).div_(scale)
+        Zt[:, start : start + len(part)].copy_(part.t())
+    return Zt
+
+
 def logreg_problem(
     X: torch.Tensor, y: np.ndarray, *, class_weight: str, num_classes: int
 ) -> tuple[Problem, np.ndarray, tuple[torch.Tensor, torch.Tensor], float]:
@@ -72,7 +85,10 @@ def logreg_problem(
     if len(present) < 2:
         raise PipelineError("logreg needs at least 2 classes in train; this train split has one")
     mean, scale = standardise(X)
-    Z = torch.sub(X, mean, out=torch.empty_like(X)).div_(scale)  # one copy, not two
+    if TransposedProblem.wanted(X):  # standardised straight into the transposed layout: one copy of X, not two
+        Z = standardised_transposed(X, mean, scale).t()
+    else:
+        Z = torch.sub(X, mean, out=torch.empty_like(X)).div_(scale)  # one copy, not two
     remap = np.zeros(num_classes, np.int64)
     remap[present] = np.arange(len(present))
     yt = torch.as_tensor(remap[y], device=X.device)
