@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 MAX_ANNOTATED_CLASSES = 20  # above this the cells are too small for numbers
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -40,7 +40,7 @@ def _save(fig: Any, path: Path) -> Path:
     try:
         atomic_write(path, lambda p: _write_png(fig, p))
     finally:
-        _pyplot().close(fig)
+        pyplot().close(fig)
     return path
 
 
@@ -81,7 +81,7 @@ def _write_png(fig: Any, path: Path) -> None:
 def confusion_figure(cm: list[list[int]], classes: list[str], *, title: str = "") -> Any:
     """Row-normalised confusion matrix (each row: where that true class went), class names on both axes, each
     cell's share of its true class above its count."""
-    plt = _pyplot()
+    plt = pyplot()
     counts = np.asarray(cm, dtype=float)
     rows = counts.sum(1, keepdims=True)
     norm = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
@@ -116,7 +116,7 @@ def confusion_png(cm: list[list[int]], classes: list[str], path: Path, *, title:
 def curves_figure(history: list[dict[str, float]], *, title: str = "", note: str = "") -> Any:
     """Train and val loss (left) and accuracy (right; R^2 for regression) per epoch; ``note`` (how they were
     measured) below."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     epochs = [row["epoch"] for row in history]
@@ -152,7 +152,7 @@ def compare_figure(rows: list[dict[str, Any]], *, title: str = "", bars: tuple =
     written on the bars, and a bar's 95% interval as an error bar where the row has one (``<key>_interval``). The
     axis starts at 0 (or below, for a negative R^2), so that 0.961 and 0.981 look as close as they are; the labels
     give the difference."""
-    plt = _pyplot()
+    plt = pyplot()
     names = [r["head"] for r in rows]
     x = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(names) + 2), 4))
@@ -188,7 +188,7 @@ MAX_TARGETS_PLOTTED = 4
 def regression_figure(y_true: np.ndarray, pred: np.ndarray, names: list[str], *, title: str = "") -> Any:
     """Per target (the first few): predicted against true with the y = x line (left), and a histogram of the
     residuals, predicted - true (right)."""
-    plt = _pyplot()
+    plt = pyplot()
     shown = min(len(names), MAX_TARGETS_PLOTTED)
     fig, axes = plt.subplots(shown, 2, figsize=(10, 3.8 * shown), squeeze=False)
     for t, (scatter, hist) in enumerate(axes):
@@ -223,7 +223,7 @@ SHOTS_OFFSET = 0.06  # of the distance between two x ticks, between neighbouring
 def shots_figure(table: dict[str, dict[str, float]], shots: list[str], *, title: str = "") -> Any:
     """Val accuracy against examples per class, one line per head (``table[head][shots]``). Lines that coincide
     stay visible: each head has its own marker and line style and is shifted a little sideways."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     x = np.arange(len(shots))
     styles = zip(itertools.cycle("osD^vx*+"), itertools.cycle(SHOTS_STYLES))
@@ -254,7 +254,7 @@ MAX_CURVES_LABELLED = 12  # above this the legend hides the curves
 def pr_roc_figure(curves: Curves, *, title: str = "", mark: dict[str, Any] | None = None) -> Any:
     """Precision-recall (left, with average precision) and ROC (right, with AUC) of each class that
     ``curves.per_class`` holds (one-vs-rest; the positive class alone for two classes)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (pr, roc) = plt.subplots(1, 2, figsize=(10, 4.6))
     per_class = curves.per_class
     for name, c in per_class.items():
