@@ -32,7 +32,7 @@ def pyplot() -> Any:
 
 
 DPI = 120
-STAMPED = "stamped"  # the gid of texts that _save draws with PIL (the cells of a confusion matrix)
+STAMPED = "stamped"  # the gid of unrotated texts that _save draws with PIL (the cells of a confusion matrix)
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -48,7 +48,8 @@ def _write_png(fig: Any, path: Path) -> None:
     """``fig.savefig(path, dpi=DPI)``, except that the texts marked :data:`STAMPED` are drawn onto the picture by PIL
     in the same font, size, colour and place: matplotlib spent ~2 ms a text laying out and rendering them (0.23 s of
     the 0.46 s a 10-class confusion matrix took), PIL ~0.03 ms."""
-    stamped = [t for ax in fig.axes for t in ax.texts if t.get_gid() == STAMPED and t.get_visible()]
+    stamped = [t for ax in fig.axes for t in ax.texts if t.get_gid() == STAMPED and t.get_visible()
+               and t.get_rotation() == 0]  # fmt: skip
     if not stamped:
         fig.savefig(path, dpi=DPI)
         return

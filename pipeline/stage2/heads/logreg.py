@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -46,17 +47,14 @@ def standardise(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if X.dtype == torch.float64:
         mean, var = X.mean(0), X.var(0, unbiased=False)
     else:
-        rows = max(1, min(STANDARDISE_ROWS, len(X)))
-        block = torch.empty(rows, X.shape[1], dtype=torch.float64, device=X.device)
+        buffer = torch.empty(max(1, min(STANDARDISE_ROWS, len(X))), X.shape[1], dtype=torch.float64, device=X.device)
         total = torch.zeros(X.shape[1], dtype=torch.float64, device=X.device)
-        for start in range(0, len(X), rows):
-            part = block[: len(X[start : start + rows])]
-            total += part.copy_(X[start : start + rows]).sum(0)
+        for rows, block in _row_blocks(X, buffer):
+            total += block.copy_(X[rows]).sum(0)
         mean = total / len(X)
         var = torch.zeros_like(mean)
-        for start in range(0, len(X), rows):
-            part = block[: len(X[start : start + rows])]
-            var += part.copy_(X[start : start + rows]).sub_(mean).square_().sum(0)
+        for rows, block in _row_blocks(X, buffer):
+            var += block.copy_(X[rows]).sub_(mean).square_().sum(0)
         var = var / len(X)
     scale = var.sqrt()
     scale[scale < 10 * torch.finfo(torch.float64).eps] = 1.0
@@ -67,13 +65,18 @@ def standardised_transposed(X: torch.Tensor, mean: torch.Tensor, scale: torch.Te
     """``((X - mean) / scale)^T``, (D, N) contiguous, standardised a block of rows at a time: the same values as the
     whole matrix at once, without a (N, D) copy beside the transposed one."""
     Zt = torch.empty(X.shape[1], len(X), dtype=X.dtype, device=X.device)
-    rows = max(1, min(STANDARDISE_ROWS, len(X)))
-    block = torch.empty(rows, X.shape[1], dtype=X.dtype, device=X.device)
-    for start in range(0, len(X), rows):
-        part = block[: len(X[start : start + rows])]
-        torch.sub(X[start : start + rows], mean, out=part).div_(scale)
-        Zt[:, start : start + len(part)].copy_(part.t())
+    buffer = torch.empty(max(1, min(STANDARDISE_ROWS, len(X))), X.shape[1], dtype=X.dtype, device=X.device)
+    for rows, block in _row_blocks(X, buffer):
+        Zt[:, rows].copy_(torch.sub(X[rows], mean, out=block).div_(scale).t())
     return Zt
+
+
+def _row_blocks(X: torch.Tensor, buffer: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Consecutive slices of ``X``'s rows, each with as many rows of ``buffer`` to work in: one allocation for
+    the whole pass (a new block per step faulted its pages in anew)."""
+    for start in range(0, len(X), len(buffer)):
+        rows = slice(start, min(start + len(buffer), len(X)))
+        yield rows, buffer[: rows.stop - start]
 
 
 def logreg_problem(
