@@ -116,13 +116,13 @@ def run_jobs(jobs: Sequence[Callable[[], T]], *, ways: int, order: Sequence[int]
     _RUNNING = mmap.mmap(-1, mmap.PAGESIZE)  # shared with the children forked below
     try:
         while pending or running:
-            _set_running(min(ways, len(running) + len(pending)))  # before a fork, so the child reads its share
+            # how many run from now on: set before a fork (the child reads its share) and after a job ends
+            _set_running(min(ways, len(running) + len(pending)))
             while pending and len(running) < ways:
                 i = pending.pop(0)
                 pid, fd = _start(jobs[i])
                 running[pid] = (i, fd, bytearray())
             _read_some(running, results)
-            _set_running(len(running) + min(len(pending), ways - len(running)))
     except BaseException:
         _stop(running)
         raise

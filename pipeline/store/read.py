@@ -261,7 +261,7 @@ def select_layer(fs: FeatureSet, layer: str | None) -> FeatureSet:
 
 def all_finite(a: np.ndarray) -> bool:
     """No NaN or Inf in ``a``: its min and max (a NaN propagates to both, an Inf is one of them), two passes and no
-    new array, where ``np.isfinite(a).all()`` wrote a boolean array the size of ``a`` (0.23 s on 60,000 x 1,280)."""
+    new array, where ``np.isfinite(a).all()`` wrote a boolean array the size of ``a`` (77 MB for 60,000 x 1,280)."""
     return a.size == 0 or bool(np.isfinite(a.min()) and np.isfinite(a.max()))
 
 

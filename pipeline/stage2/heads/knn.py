@@ -325,7 +325,7 @@ def _project(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x V, |x - V V^T x|)`` of float32 rows, computed in float64 (in ``buffer``, of at least len(x) rows, when
     given: a new float64 block per step faulted its pages in anew); float32 out, the norm rounded up."""
-    x64 = x.double() if buffer is None else buffer[: len(x)].copy_(x)
+    x64 = x.to(torch.float64, copy=True) if buffer is None else buffer[: len(x)].copy_(x)  # squared in place below
     b = x64 @ basis
     r = (x64.mul_(x64).sum(1) - (b * b).sum(1)).clamp_min(0).sqrt()
     r32 = r.float()
