@@ -279,7 +279,7 @@ COMPARE_TARGET_S, KNN_TARGET_S = 30.0, 5.0  # the issue's targets on this 2-core
 # compare as it ran before its heads trained two at a time: the same process with pipeline.workers held to one way
 ONE_AFTER_ANOTHER = (
     "import sys\nfrom pipeline import workers\nworkers.worker_count = lambda jobs, **kw: 1\n"
-    "from pipeline.cli import main\nmain(sys.argv[1:])\n"
+    "from pipeline.cli import console\nconsole()\n"
 )
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from pipeline import pages
 from pipeline.errors import PipelineError
 from pipeline.store.record import DIGEST_LEN, SPLITS, FeatureMeta, read_record
 
@@ -155,7 +156,7 @@ def _read_split(f: h5py.File, name: str, path: Path) -> SplitFeatures:
     ):
         raise PipelineError(f"{path} has no complete '/{name}' group (features, labels, ids)")
     g = f[name]
-    feats, labels = g["features"][()], g["labels"][()]
+    feats, labels = _read_array(g["features"]), g["labels"][()]
     if feats.dtype.kind != "f" or labels.dtype.kind not in "iu" or g["ids"].dtype.kind not in "OSU":
         raise PipelineError(
             f"{path}: /{name} has the wrong types (features {feats.dtype}, labels {labels.dtype}, "
@@ -176,6 +177,16 @@ def _read_split(f: h5py.File, name: str, path: Path) -> SplitFeatures:
         phash=_audit_column(g, "phash", len(labels), path=path),
         multi_hot=g["multi_hot"][()] if "multi_hot" in g else None,
     )
+
+
+def _read_array(d: h5py.Dataset) -> np.ndarray:
+    """A dataset's values; a large float one read into memory mapped up front (:mod:`pipeline.pages`): reading
+    60,000 x 1,280 float32 into a new array took 0.65-0.86 s here, nearly all of it page faults, 0.2 s so."""
+    if d.dtype.kind != "f" or not d.dtype.isnative or d.ndim != 2 or not d.size:
+        return d[()]
+    out = pages.empty(d.shape, d.dtype)
+    d.read_direct(out)
+    return out
 
 
 def _audit_column(g: h5py.Group, name: str, rows: int, *, path: Path) -> np.ndarray | None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from pipeline import pages
 from pipeline.devices import resolve_device
 from pipeline.stage2.heads.base import FitResult, Head, balanced_weights, softmax
 from pipeline.stage2.heads.config import HeadConfig
@@ -102,8 +103,10 @@ class KNNHead(Head):
 
 def _l2_normalise(X: np.ndarray) -> np.ndarray:
     """Unit rows, float32, in one new array (divided in place: each new 307 MB array of 60,000 x 1,280 cost 75,000
-    page faults)."""
-    X = torch.from_numpy(np.array(X, np.float32))  # a copy: the caller's rows stay as they are
+    page faults), its memory mapped up front (:mod:`pipeline.pages`)."""
+    out = pages.empty(np.shape(X), np.float32)  # a copy: the caller's rows stay as they are
+    np.copyto(out, X, casting="unsafe")
+    X = torch.from_numpy(out)
     # Each row divided by its largest entry first: the squares of features above ~1e19 overflow float32, which left
     # k-NN at chance on huge features; the direction, all that cosine similarity uses, is the same.
     X.div_(X.abs().amax(dim=1, keepdim=True).clamp_min_(1e-30))
@@ -238,7 +241,9 @@ def _kept(scratch: dict[str, torch.Tensor], name: str, shape: tuple[int, int], d
     (len(q), N) tensors a block cost more in page faults than filling them."""
     have = scratch.get(name)
     if have is None or have.numel() < shape[0] * shape[1]:
-        have = scratch[name] = torch.empty(shape[0] * shape[1], dtype=dtype, device=device)
+        count = shape[0] * shape[1]
+        have = pages.tensor(count, dtype) if device.type == "cpu" else torch.empty(count, dtype=dtype, device=device)
+        scratch[name] = have
     return have[: shape[0] * shape[1]].view(shape)
 
 
@@ -295,7 +300,7 @@ class Projected:
         d = min(max(int((share < PROJECT_ENERGY).sum()) + 1, dim // 4), dim // 2)
         d = min(-(-d // 32) * 32, dim // 2)  # a multiple of 32: the matmul ran 15% faster at 320 than at 321
         basis = vectors.flip(1)[:, :d].contiguous()
-        rows, rest = torch.empty(n, d), torch.empty(n)
+        rows, rest = pages.tensor((n, d), torch.float32), torch.empty(n)
 
         def project(part: slice) -> None:  # rows of train, a block at a time, through one float64 buffer
             buffer = torch.empty(min(PROJECT_BLOCK, part.stop - part.start), dim, dtype=torch.float64)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline import pages
 from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.stage2.heads.base import (
@@ -64,7 +65,8 @@ def standardise(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def standardised_transposed(X: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``((X - mean) / scale)^T``, (D, N) contiguous, standardised a block of rows at a time: the same values as the
     whole matrix at once, without a (N, D) copy beside the transposed one."""
-    Zt = torch.empty(X.shape[1], len(X), dtype=X.dtype, device=X.device)
+    shape = (X.shape[1], len(X))
+    Zt = pages.tensor(shape, X.dtype) if X.device.type == "cpu" else torch.empty(shape, dtype=X.dtype, device=X.device)
     buffer = torch.empty(max(1, min(STANDARDISE_ROWS, len(X))), X.shape[1], dtype=X.dtype, device=X.device)
     for rows, block in _row_blocks(X, buffer):
         Zt[:, rows].copy_(torch.sub(X[rows], mean, out=block).div_(scale).t())
