@@ -137,6 +137,34 @@ def test_a_killed_train_head_force_leaves_the_old_head_folder(features: Path, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["head"]  # no temporary folder left behind
 
 
+def test_the_head_file_written_beside_the_plots_is_waited_for_and_its_error_raised(tmp_path: Path) -> None:
+    """training.beside: the block's exit waits for the thread (an atomic folder's cleanup never races the write),
+    the thread's error is raised after the block, and the block's own error goes first."""
+    import threading
+    import time
+
+    from pipeline.errors import PipelineError
+    from pipeline.stage2.training import beside
+
+    done = threading.Event()
+
+    def slow() -> None:
+        time.sleep(0.2)
+        done.set()
+
+    with pytest.raises(KeyboardInterrupt), beside(slow):
+        raise KeyboardInterrupt
+    assert done.is_set()  # waited for, though the block was interrupted
+
+    def full_disk() -> None:
+        raise PipelineError("cannot write head.safetensors: no space left on device")
+
+    with pytest.raises(PipelineError, match="no space left"), beside(full_disk):
+        pass
+    with pytest.raises(ValueError, match="the block's own"), beside(full_disk):
+        raise ValueError("the block's own")
+
+
 def test_a_head_folder_of_other_files_is_not_replaced(features: Path, tmp_path: Path) -> None:
     """The unit replaces a folder only if it is empty or holds a head: a user's folder is never swapped away."""
     from pipeline.errors import PipelineError
