@@ -1,10 +1,12 @@
 """Large arrays whose memory is handed over whole: ``empty`` (numpy) and ``tensor`` (torch).
 
-Why: memory a process touches for the first time is mapped in one 4 KB page at a time, one page fault each, and
-on the virtual machines this project runs on a fault costs ~10 us: the first write to a new 307 MB array (60,000 x
-1,280 float32) took 0.73 s, nearly all of it faults; the copy that filled it, 0.07 s. Asked for with
-``MAP_POPULATE``, the kernel maps the whole range in one call: 0.14 s for the same 307 MB. A comparison makes
-several such arrays (the features read, k-NN's normalised copy and similarity block, logreg's standardised copy).
+Why: memory a process touches for the first time is mapped one page at a time, one page fault each, and on the
+virtual machines this project runs on a fault costs 3-10 us. The first write to a new 307 MB array (60,000 x 1,280
+float32) took 0.03-1.2 s: fast when the kernel had free huge pages for numpy (which asks for them), 0.24 s in 4 KB
+pages, up to 1.2 s when it compacted memory to make huge pages; the copy that filled it, 0.07 s. Asked for with
+``MAP_POPULATE``, the kernel maps the whole range in one call: 0.11-0.37 s for the same 307 MB, whatever the state
+of memory. A comparison makes several such arrays (the features read, k-NN's normalised copy and similarity block,
+logreg's standardised copy): its system time went from 4.8-5.3 to 3.4 s.
 
 Below :data:`MIN_BYTES`, or where ``MAP_POPULATE`` is missing (not Linux), the usual allocators: small arrays come
 from memory the process already holds. The memory is zeroed, private to the process (a forked child shares it

@@ -181,7 +181,8 @@ def _read_split(f: h5py.File, name: str, path: Path) -> SplitFeatures:
 
 def _read_array(d: h5py.Dataset) -> np.ndarray:
     """A dataset's values; a large float one read into memory mapped up front (:mod:`pipeline.pages`): reading
-    60,000 x 1,280 float32 into a new array took 0.65-0.86 s here, nearly all of it page faults, 0.2 s so."""
+    60,000 x 1,280 float32 into a new numpy array took 0.13-1.2 s here, nearly all of it page faults (how long
+    depends on the kernel's free huge pages), and 0.28-0.37 s so."""
     if d.dtype.kind != "f" or not d.dtype.isnative or d.ndim != 2 or not d.size:
         return d[()]
     out = pages.empty(d.shape, d.dtype)
