@@ -206,7 +206,10 @@ def test_compare_stopped_while_heads_train_leaves_no_worker_and_no_partial_head(
     features = make_feature_file(n_train=20_000, n_val=2_000, dim=256, classes=10, spread=0.3)
     out = tmp_path / "cmp"
     args = ["compare", "--features", str(features), "--out", str(out), "--device", "cpu", "--epochs", "40"]
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C as in a terminal: a suite run as a background job (`make test &`) hands its children SIGINT ignored,
+    # which the CLI keeps (a background job's Ctrl-C is not its own)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     try:
         deadline = time.monotonic() + 60
         while len(_children(proc.pid)) < 2 and time.monotonic() < deadline:
