@@ -576,8 +576,8 @@ def _exit_now(code: object) -> None:
     if code is not None and not isinstance(code, int):
         print(code, file=sys.stderr)
     fitting = sys.modules.get("pipeline.stage2.heads.fitting")
-    for pool in getattr(fitting, "_POOL", {}).values():
-        pool.shutdown(wait=True)
+    if fitting is not None:
+        fitting.close_pools()
     others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
     h5py = sys.modules.get("h5py")
     if others or (h5py is not None and h5py.h5f.get_obj_count(h5py.h5f.OBJ_ALL, h5py.h5f.OBJ_FILE)):

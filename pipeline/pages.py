@@ -36,22 +36,24 @@ def _populated(nbytes: int) -> mmap.mmap | None:
 
 def empty(shape: int | tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
     """``np.empty(shape, dtype)`` (C order), its memory mapped up front when large (zeroed, not uninitialised)."""
-    shape = (shape,) if isinstance(shape, int) else tuple(shape)
-    dtype = np.dtype(dtype)
-    count = math.prod(shape)
-    buffer = _populated(count * dtype.itemsize)
+    shape, dtype = _shape(shape), np.dtype(dtype)
+    buffer = _populated(math.prod(shape) * dtype.itemsize)
     if buffer is None:
         return np.empty(shape, dtype)
-    return np.frombuffer(buffer, dtype, count).reshape(shape)
+    return np.frombuffer(buffer, dtype, math.prod(shape)).reshape(shape)
 
 
-def tensor(shape: int | tuple[int, ...], dtype: Any) -> Any:
-    """``torch.empty(shape, dtype=dtype)`` on the CPU, its memory mapped up front when large."""
+def tensor(shape: int | tuple[int, ...], dtype: Any, *, device: Any = "cpu") -> Any:
+    """``torch.empty(shape, dtype=dtype, device=device)``, its memory mapped up front when large and on the CPU."""
     import torch
 
-    shape = (shape,) if isinstance(shape, int) else tuple(shape)
-    count = math.prod(shape)
-    buffer = _populated(count * torch.empty((), dtype=dtype).element_size())
+    shape = _shape(shape)
+    on_cpu = torch.device(device).type == "cpu"
+    buffer = _populated(math.prod(shape) * torch.empty((), dtype=dtype).element_size()) if on_cpu else None
     if buffer is None:
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(buffer, dtype=dtype, count=count).view(shape)
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.frombuffer(buffer, dtype=dtype, count=math.prod(shape)).view(shape)
+
+
+def _shape(shape: int | tuple[int, ...]) -> tuple[int, ...]:
+    return (shape,) if isinstance(shape, int) else tuple(shape)

@@ -48,6 +48,11 @@ def test_a_large_tensor_is_mapped_and_behaves_as_torch_empty(dtype: torch.dtype)
     torch.mm(torch.ones(2, rows, dtype=dtype), t, out=torch.empty(2, 256, dtype=dtype))  # usable as any tensor
 
 
+def test_a_tensor_off_the_cpu_is_torch_empty_there() -> None:
+    t = pages.tensor((pages.MIN_BYTES // 4 + 1,), torch.float32, device="meta")
+    assert t.device.type == "meta" and t.shape == (pages.MIN_BYTES // 4 + 1,)
+
+
 def test_features_read_into_mapped_memory_are_the_stored_values(tmp_path, monkeypatch) -> None:
     """A feature file's features, read through pages.empty (the threshold lowered so a small file takes that path),
     equal what h5py reads, and can be written to (copy-on-write: nothing reaches the file)."""

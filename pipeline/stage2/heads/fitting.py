@@ -458,6 +458,12 @@ def fitting_threads(device: torch.device) -> Iterator[None]:
 _POOL: dict[tuple[int, int], ThreadPoolExecutor] = {}  # by (process id, threads): a forked child makes its own
 
 
+def close_pools() -> None:
+    """Shut down this process's :func:`in_pieces` threads (idle between calls), as an exit would."""
+    for pool in _POOL.values():
+        pool.shutdown(wait=True)
+
+
 def _ways() -> int:
     from pipeline.workers import share_of_cores
 

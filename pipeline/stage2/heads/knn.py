@@ -239,12 +239,11 @@ def _kept(scratch: dict[str, torch.Tensor], name: str, shape: tuple[int, int], d
           device: torch.device) -> torch.Tensor:  # fmt: skip
     """A (shape) tensor in a buffer kept in ``scratch`` from the last block (valid until the next call): new
     (len(q), N) tensors a block cost more in page faults than filling them."""
+    count = shape[0] * shape[1]
     have = scratch.get(name)
-    if have is None or have.numel() < shape[0] * shape[1]:
-        count = shape[0] * shape[1]
-        have = pages.tensor(count, dtype) if device.type == "cpu" else torch.empty(count, dtype=dtype, device=device)
-        scratch[name] = have
-    return have[: shape[0] * shape[1]].view(shape)
+    if have is None or have.numel() < count:
+        have = scratch[name] = pages.tensor(count, dtype, device=device)
+    return have[:count].view(shape)
 
 
 @dataclass

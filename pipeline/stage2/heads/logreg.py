@@ -65,8 +65,7 @@ def standardise(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def standardised_transposed(X: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``((X - mean) / scale)^T``, (D, N) contiguous, standardised a block of rows at a time: the same values as the
     whole matrix at once, without a (N, D) copy beside the transposed one."""
-    shape = (X.shape[1], len(X))
-    Zt = pages.tensor(shape, X.dtype) if X.device.type == "cpu" else torch.empty(shape, dtype=X.dtype, device=X.device)
+    Zt = pages.tensor((X.shape[1], len(X)), X.dtype, device=X.device)
     buffer = torch.empty(max(1, min(STANDARDISE_ROWS, len(X))), X.shape[1], dtype=X.dtype, device=X.device)
     for rows, block in _row_blocks(X, buffer):
         Zt[:, rows].copy_(torch.sub(X[rows], mean, out=block).div_(scale).t())
