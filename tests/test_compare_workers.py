@@ -48,6 +48,33 @@ def test_jobs_run_in_other_processes_and_answer_in_their_own_order() -> None:
     assert workers.run_jobs(jobs, ways=1) == [(i, os.getpid()) for i in range(5)]  # one way: here, in order
 
 
+_WARMED: list[tuple[int, bool]] = []  # who ran ``warm``, and whether the objects were frozen (gc.freeze) then
+
+
+@FORKS
+def test_warm_runs_once_beside_the_first_job_and_the_later_children_inherit_it() -> None:
+    """``warm`` (compare's matplotlib import) runs in the parent once the first child has started: that child
+    forked without what it loads, every child forked after it has it; and the parent's objects are out of the
+    collector's reach only while the children run (``gc.freeze``)."""
+    import gc
+
+    def warm() -> None:
+        _WARMED.append((os.getpid(), gc.get_freeze_count() > 0))
+
+    def job() -> tuple[int, bool]:
+        time.sleep(0.3)  # the first child is still running when the parent warms
+        return os.getpid(), bool(_WARMED)
+
+    _WARMED.clear()
+    got = workers.run_jobs([job, job, job], ways=2, warm=warm)
+    assert [(os.getpid(), True)] == _WARMED  # once, here, while the children's objects were frozen
+    assert [seen for _, seen in got] == [False, True, True]
+    assert gc.get_freeze_count() == 0  # unfrozen after: later collections see every object again
+    _WARMED.clear()
+    assert workers.run_jobs([job, job], ways=1, warm=warm) == [(os.getpid(), True)] * 2  # one way: warm first
+    assert [(os.getpid(), False)] == _WARMED
+
+
 @FORKS
 def test_a_worker_takes_every_core_once_the_other_has_ended(monkeypatch: pytest.MonkeyPatch) -> None:
     """While two jobs run, each may use half the cores (``fitting.in_pieces`` splits its matmuls that many ways);

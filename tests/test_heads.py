@@ -597,6 +597,28 @@ def test_knn_on_nearly_parallel_features_is_exact_float32_and_rescores_few_rows(
     assert knn.nearest(q, train, k=5, coarse=knn.Coarse.of(train), limit=0.9 * len(train)) is None
 
 
+def test_knn_rescoring_split_over_the_cores_gives_the_same_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The candidates' float32 similarities, scored in slices on two threads (fitting.in_pieces), are the serial
+    loop's to the bit, and each query's k best of them are the brute-force ones among its candidates."""
+    import torch
+
+    from pipeline.stage2.heads import fitting, knn
+
+    g = torch.Generator().manual_seed(0)
+    train = torch.nn.functional.normalize(torch.randn(3000, 64, generator=g), dim=1)
+    q = torch.nn.functional.normalize(torch.randn(50, 64, generator=g), dim=1)
+    qi = torch.arange(50).repeat_interleave(60)  # 60 candidates a query, grouped by query: 3,000 pairs
+    ti = torch.randint(0, 3000, (3000,), generator=g)
+    answers = {}
+    for ways in (1, 2):
+        monkeypatch.setattr(fitting, "_ways", lambda ways=ways: ways)
+        answers[ways] = knn._rescore(q, train, qi, ti, k=5)
+    assert len(ti) >= 2 * knn.RESCORE_ROWS  # large enough to be split
+    assert torch.equal(answers[1][0], answers[2][0]) and torch.equal(answers[1][1], answers[2][1])
+    exact = (train[ti] * q[qi]).sum(1).view(50, 60)
+    assert torch.equal(answers[2][0], exact.topk(5, dim=1).values)
+
+
 def _low_rank_unit_rows(n: int, *, dim: int = 96, rank: int = 8, noise: float = 0.02, parallel: bool = False):
     """Unit rows near a ``rank``-dimensional subspace (as real features are: 99% of MobileNetV2's energy in a fifth of
     its dimensions); with ``parallel``, all near one direction too (a random-init backbone: cosine ~0.999)."""
@@ -804,6 +826,10 @@ def test_knn_normalises_huge_and_tiny_features() -> None:
     unit = X / np.linalg.norm(X, axis=1, keepdims=True)
     for scale in (1e-30, 1.0, 1e30):
         np.testing.assert_allclose(_l2_normalise(X * np.float32(scale)), unit, rtol=1e-5, atol=1e-6)
+    # rows of every scale in one array: only those whose squares over- or underflow are rescaled first
+    mixed = X * np.float32([1e-30, 1e-20, 1e-10, 1.0, 1e10, 1e17, 1e30, 1e37, 1.0, 1.0] * 2)[:, None]
+    np.testing.assert_allclose(_l2_normalise(mixed), unit, rtol=1e-5, atol=1e-6)
+    assert np.isfinite(_l2_normalise(np.zeros((2, 16), np.float32))).all()  # a zero row stays a zero row
 
 
 def test_transposed_problem_has_the_same_loss_and_gradient(monkeypatch: pytest.MonkeyPatch) -> None:

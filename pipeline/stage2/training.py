@@ -177,13 +177,11 @@ def train_heads(fs: FeatureSet, configs: dict[str, HeadConfig], *, root: Path) -
     order = start_order(names)
     data = sum(split.features.nbytes for split in fs.splits.values())
     ways = workers.worker_count(len(names), device=device, data_bytes=data)
-    if ways > 1:
-        # matplotlib imported once here, before the fork: each worker would import it for its first plot (~0.5 s
-        # each), and this process again for compare.png after them, while the other core waited
-        from pipeline.stage2 import plots
+    # matplotlib imported once, here, while the first worker trains (on the core it leaves free): each worker would
+    # import it for its first plot (~0.5 s each), and this process again for compare.png after them
+    from pipeline.stage2 import plots
 
-        plots.pyplot()
-    return workers.run_jobs([job(name) for name in names], ways=ways, order=order), ways
+    return workers.run_jobs([job(name) for name in names], ways=ways, order=order, warm=plots.pyplot), ways
 
 
 def start_order(names: list[str]) -> list[int]:

@@ -107,10 +107,21 @@ def _l2_normalise(X: np.ndarray) -> np.ndarray:
     out = pages.empty(np.shape(X), np.float32)  # a copy: the caller's rows stay as they are
     np.copyto(out, X, casting="unsafe")
     X = torch.from_numpy(out)
-    # Each row divided by its largest entry first: the squares of features above ~1e19 overflow float32, which left
-    # k-NN at chance on huge features; the direction, all that cosine similarity uses, is the same.
-    X.div_(X.abs().amax(dim=1, keepdim=True).clamp_min_(1e-30))
-    return X.div_(torch.linalg.vector_norm(X, dim=1, keepdim=True).clamp_min_(1e-12)).numpy()  # 5x np.linalg.norm
+    norm = torch.linalg.vector_norm(X, dim=1, keepdim=True)  # 5x np.linalg.norm
+    # Rows whose squares over- or underflow float32 (features above ~1e19 left k-NN at chance; below ~1e-19 they
+    # lose their digits) are divided by their largest entry first: the direction, all that cosine similarity
+    # uses, is the same. Only those rows: a max pass over all of them (abs, a 307 MB temporary) cost 75,000 page
+    # faults and a quarter of a second on 60,000 x 1,280.
+    odd = ~((norm > UNIT_SAFE[0]) & (norm < UNIT_SAFE[1])).squeeze(1)
+    if odd.any():
+        rows = X[odd]
+        rows.div_(rows.abs().amax(dim=1, keepdim=True).clamp_min_(1e-30))
+        X[odd] = rows
+        norm[odd] = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
+    return X.div_(norm.clamp_min_(1e-12)).numpy()
+
+
+UNIT_SAFE = (1e-15, 1e15)  # row norms whose sum of squares float32 holds: no overflow, no digits lost to underflow
 
 
 RESCORE_ROWS = 512  # train rows gathered per rescoring step (2.6 MB of 1,280-d float32: stays in a core's L2)
@@ -398,12 +409,18 @@ def _rescore(
     q: torch.Tensor, train: torch.Tensor, qi: torch.Tensor, ti: torch.Tensor, *, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The float32 similarity of each (query qi, train row ti) candidate, and each query's k best of them."""
-    with fitting_threads(q.device):  # small ops: two threads on a shared CPU made this loop 10-40x slower
-        exact = torch.empty(len(ti), device=q.device)
-        buf = torch.empty(min(RESCORE_ROWS, len(ti)), train.shape[1], device=q.device)
-        for s in range(0, len(ti), RESCORE_ROWS):
-            rows = torch.index_select(train, 0, ti[s : s + RESCORE_ROWS], out=buf[: len(ti[s : s + RESCORE_ROWS])])
-            exact[s : s + RESCORE_ROWS] = rows.mul_(q[qi[s : s + RESCORE_ROWS]]).sum(1)
+    exact = torch.empty(len(ti), device=q.device)
+
+    def score(part: slice) -> None:  # the candidates of ``part``, RESCORE_ROWS at a time
+        buf = torch.empty(min(RESCORE_ROWS, part.stop - part.start), train.shape[1], device=q.device)
+        for s in range(part.start, part.stop, RESCORE_ROWS):
+            at = slice(s, min(s + RESCORE_ROWS, part.stop))
+            rows = torch.index_select(train, 0, ti[at], out=buf[: at.stop - at.start])
+            exact[at] = rows.mul_(q[qi[at]]).sum(1)
+
+    with fitting_threads(q.device):  # small ops: two OpenMP threads on a shared CPU made this loop 10-40x slower
+        # slices of the candidates, one per core free (Python threads, see in_pieces): the same sums to the bit
+        in_pieces(score, len(ti), big=q.device.type == "cpu" and len(ti) >= 2 * RESCORE_ROWS)
         counts = torch.bincount(qi, minlength=len(q))
         pos = torch.arange(len(qi), device=q.device) - (counts.cumsum(0) - counts)[qi]  # place within its query
         width = max(k, int(counts.max()) if len(qi) else 0)  # a query with no candidate: -inf (see nearest)
