@@ -114,9 +114,9 @@ def run_jobs(
     forked child, started in ``order`` (longest first packs best; default: as given); else one after another here.
     ``warm`` (imports every job will need) runs here once the first child has started, on the core it leaves free,
     so that the children forked after it inherit what it loaded; one after another, it runs first."""
-    if warm is not None and (ways < 2 or len(jobs) < 2):
-        warm()
     if ways < 2 or len(jobs) < 2:
+        if warm is not None:
+            warm()
         return [job() for job in jobs]
     global _RUNNING
     import mmap
@@ -136,9 +136,9 @@ def run_jobs(
                 i = pending.pop(0)
                 pid, fd = _start(jobs[i])
                 running[pid] = (i, fd, bytearray())
-                if warm is not None:
-                    warm, warming = None, warm
-                    warming()
+                if warm is not None:  # once, beside the first child
+                    warm()
+                    warm = None
             _read_some(running, results)
     except BaseException:
         _stop(running)
