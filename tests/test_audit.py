@@ -354,3 +354,15 @@ def test_thumbnails_come_from_labels_tables_and_imagefolders_too(tmp_path: Path)
         assert img is not None and img.mode == "RGB" and img.size == (8, 8) and img.getpixel((0, 0)) == (200,) * 3
         assert read("train", "imgs/moved.png") is None
     assert thumbnail_reader(SimpleNamespace(dataset_identity={"kind": "shards"}))("train", "k") is None
+
+
+def test_audit_unit_rows_of_huge_and_tiny_features_and_the_input_kept() -> None:
+    """The audit's cosine similarities take k-NN's normalisation: rows of 1e30 (whose squares overflow float32) and
+    of 1e-30 are unit rows, not zeros, and the caller's tensor is not changed."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(6, 16, generator=g)
+    unit = X / X.norm(dim=1, keepdim=True)
+    scaled = X * torch.tensor([1e-30, 1.0, 1e30, 1.0, 1e-20, 1e17])[:, None]
+    before = scaled.clone()
+    torch.testing.assert_close(normalise(scaled), unit, rtol=1e-5, atol=1e-6)
+    assert torch.equal(scaled, before)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.stage2.heads.knn import unit_rows_
+
 log = logging.getLogger(__name__)
 
 PCA_ROWS = 16384  # rows the projection is fitted on
@@ -35,8 +37,8 @@ class Neighbours:
 
 
 def normalise(X: torch.Tensor) -> torch.Tensor:
-    """Rows scaled to unit length (a zero row stays zero)."""
-    return X / X.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    """A copy of ``X`` with its rows scaled to unit length, whatever their scale (k-NN's :func:`unit_rows_`)."""
+    return unit_rows_(X.clone())
 
 
 def principal_basis(

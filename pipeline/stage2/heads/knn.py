@@ -106,7 +106,12 @@ def _l2_normalise(X: np.ndarray) -> np.ndarray:
     page faults), its memory mapped up front (:mod:`pipeline.pages`)."""
     out = pages.empty(np.shape(X), np.float32)  # a copy: the caller's rows stay as they are
     np.copyto(out, X, casting="unsafe")
-    X = torch.from_numpy(out)
+    return unit_rows_(torch.from_numpy(out)).numpy()
+
+
+def unit_rows_(X: torch.Tensor) -> torch.Tensor:
+    """``X``'s rows scaled to unit length, in place (a zero row stays zero), whatever their scale: k-NN's and the
+    audit's cosine similarities."""
     norm = torch.linalg.vector_norm(X, dim=1, keepdim=True)  # 5x np.linalg.norm
     # Rows whose squares over- or underflow float32 (features above ~1e19 left k-NN at chance; below ~1e-19 they
     # lose their digits) are divided by their largest entry first: the direction, all that cosine similarity
@@ -118,7 +123,7 @@ def _l2_normalise(X: np.ndarray) -> np.ndarray:
         rows.div_(rows.abs().amax(dim=1, keepdim=True).clamp_min_(1e-30))
         X[odd] = rows
         norm[odd] = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
-    return X.div_(norm.clamp_min_(1e-12)).numpy()
+    return X.div_(norm.clamp_min_(1e-12))
 
 
 UNIT_SAFE = (1e-15, 1e15)  # row norms whose sum of squares float32 holds: no overflow, no digits lost to underflow
