@@ -657,7 +657,7 @@ def test_knn_projected_pass_finds_the_float32_neighbours(
     assert projected is not None and projected.rows.shape[1] < train.shape[1] // 2 + 1
     a, rest = knn._project(q, projected.basis)
     truth = q.double() @ train.double().T
-    gap = (truth - a.double() @ projected.rows.double().T).abs()
+    gap = (truth - a.double() @ projected.rows[:, :-1].double().T).abs()
     assert (gap <= rest.double()[:, None] * projected.rest.double() + projected.margin).all()  # the bound
     rescored = []
     real = knn._rescore
@@ -671,7 +671,7 @@ def test_knn_projected_pass_finds_the_float32_neighbours(
     np.testing.assert_allclose(sim.numpy(), want_sim.numpy(), rtol=0, atol=1e-6)
     kth = truth.gather(1, want_idx).min(1, keepdim=True).values
     assert (truth.gather(1, idx) >= kth - 1e-6).all()  # any other row is a float32 tie with the k-th
-    plain = a @ projected.rows.T  # the projection alone, without the bound on the rest: other neighbours
+    plain = a @ projected.rows[:, :-1].T  # the projection alone, without the bound on the rest: other neighbours
     if exclude is not None:
         assert not (idx == exclude[:, None]).any()
         plain[torch.arange(len(q)), exclude] = -math.inf
@@ -699,23 +699,40 @@ def test_knn_head_takes_the_projected_pass_on_a_cpu_without_fast_bfloat16(monkey
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("use_exclude", [False, True])
-def test_knn_queries_with_more_rows_within_the_bound_than_candidates_get_them_all(
-    use_exclude: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A query whose CANDIDATES-th coarse row is still within the bound of its k-th compares its whole row of coarse
-    similarities with its threshold: with few candidates (most queries spill) the neighbours are still the float32
-    ones, and with an excluded row per query that row is never among them."""
+def test_knn_groups_of_train_rows_hold_each_row_once_and_their_largest_score() -> None:
+    """The screening's groups (rows g, g + G, ...; then the rows after GROUP * G one a group) hold every train row
+    exactly once, for any number of rows, and each group's largest score is that of its rows."""
+    import torch
+
     from pipeline.stage2.heads import knn
 
-    monkeypatch.setattr(knn, "CANDIDATES", 11)
-    train, q = _clustered_unit_rows(3000), _clustered_unit_rows(200, seed=1)
+    g = torch.Generator().manual_seed(0)
+    for n in (1, knn.GROUP - 1, knn.GROUP, 5 * knn.GROUP, 5 * knn.GROUP + 3):
+        scores = torch.randn(4, n, generator=g)
+        best = knn._group_max(scores)
+        rows, one = knn._group_rows(torch.arange(best.shape[1]), n)
+        assert torch.equal(rows[one].sort().values, torch.arange(n))  # each row in one group, once
+        assert torch.equal(best, scores[:, rows].masked_fill(~one, -math.inf).amax(2))
+
+
+@pytest.mark.parametrize("use_exclude", [False, True])
+def test_knn_screening_finds_the_neighbours_from_any_seed(use_exclude: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The threshold set from a query's single best group of a few rows (the weakest seed) still keeps every true
+    neighbour, among rows in whole groups and in the one-row groups after them (train's size not a multiple of
+    GROUP; there the queries' nearest rows): the float32 top-k, and an excluded row never among them."""
+    import torch
+
+    from pipeline.stage2.heads import knn
+
+    monkeypatch.setattr(knn, "GROUP", 7)
+    monkeypatch.setattr(knn, "SEED_GROUPS", 1)
+    q = _clustered_unit_rows(200, seed=1)
+    train = torch.cat([_clustered_unit_rows(3000), q[:3] + 0.001])  # 3,003 = 7 x 429: no tail...
+    train = torch.cat([train, q[3:5] + 0.001])  # ... and 2 rows after the whole groups
+    train = train / train.norm(dim=1, keepdim=True)
+    assert len(train) % knn.GROUP == 2
     exclude = (q @ train.T).argmax(1) if use_exclude else None
-    coarse = knn.Coarse.of(train)
-    approx, error = coarse.similarities(q)
-    top = approx.float().topk(11, dim=1).values
-    assert (top[:, -1] >= top[:, 4] - 2 * error).float().mean() > 0.5  # most queries spill
-    sim, idx = knn.nearest(q, train, k=5, exclude=exclude, coarse=coarse, limit=math.inf)
+    sim, idx = knn.nearest(q, train, k=5, exclude=exclude, coarse=knn.Coarse.of(train), limit=math.inf)
     want_sim, want_idx = knn.exact_topk(q, train, k=5, exclude=exclude)
     np.testing.assert_allclose(sim.numpy(), want_sim.numpy(), rtol=0, atol=1e-6)
     exact = q @ train.T
@@ -723,6 +740,8 @@ def test_knn_queries_with_more_rows_within_the_bound_than_candidates_get_them_al
         assert (exact[i, idx[i]] - want_sim[i, -1]).abs().min() < 1e-6  # only a float32 tie
     if exclude is not None:
         assert not (idx == exclude[:, None]).any()
+    else:
+        assert idx[3:5, 0].tolist() == [3003, 3004]  # the rows after the whole groups, found
 
 
 def test_correlation_preconditioner_is_the_ridged_inverse_and_cuts_iterations() -> None:

@@ -129,7 +129,7 @@ def unit_rows_(X: torch.Tensor) -> torch.Tensor:
 UNIT_SAFE = (1e-15, 1e15)  # row norms whose sum of squares float32 holds: no overflow, no digits lost to underflow
 
 
-RESCORE_ROWS = 512  # train rows gathered per rescoring step (2.6 MB of 1,280-d float32: stays in a core's L2)
+RESCORE_ROWS = 256  # candidates scored per step: their rows and their queries' (2 x 1.3 MB at 1,280-d float32)
 
 
 def _fast_bf16(device: torch.device) -> bool:
@@ -157,15 +157,18 @@ def split_error(dim: int) -> float:
     return 2 * (dim + 16) * 2.0**-24
 
 
-# A candidate rescored on its own costs about as much as this many rows of the float32 matmul (1.1 us against
+# A candidate rescored on its own costs about as much as this many rows of the float32 matmul (0.8-1.1 us against
 # 6.4 ns a 512-d row on this CPU), and the coarse pass about half the exact search: so the coarse path pays while it
 # leaves fewer than ~len(train) / 300 rows per query (on real features ~2 per neighbour, on features that all point
 # nearly the same way, thanks to the split along the mean direction, ~3).
 RESCORE_COST = 300
-# Candidates taken per query by one top-k of the coarse similarities: a query whose rows within the bound of its
-# k-th all fit (on real and random-init features 99% of queries have under 40 for k = 10) needs no comparison of
-# its whole row of similarities with its threshold, nor the nonzero() over it: those cost as much as the top-k.
-CANDIDATES = 64
+# The coarse scores are screened a group of train rows at a time. Group g is rows g, g + G, g + 2G, ... (G = N //
+# GROUP; the last N - GROUP * G rows are a group each), so each group's largest score is one vectorised pass over
+# the scores: 24 ms for 1,342 queries x 50,000 rows on one core, where each query's top 64 took 146 ms and the
+# queries whose 64th was still within the bound another 98 ms. A group whose largest score is below a query's
+# threshold holds none of its candidates; one at or above it holds at least one, its largest.
+GROUP = 16
+SEED_GROUPS = 16  # a query's best groups, whose rows set its threshold (the k-th best lower bound among them)
 
 
 # Below this largest |r_t| the split along the mean direction pays for its float32 block of similarities (the
@@ -229,26 +232,11 @@ class Coarse:
     def _buffer(self, name: str, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
         return _kept(self.scratch, name, shape, dtype, self.resid.device)
 
-    def screen(self, q: torch.Tensor, *, k: int, exclude: torch.Tensor | None) -> Screen:
-        """The coarse similarities and each query's threshold: the k-th coarse similarity less twice the bound."""
+    def screen(self, q: torch.Tensor) -> Screen:
+        """The coarse similarities: each within ``error`` of the float32 one, so a row's coarse similarity less it
+        is a lower bound, and the threshold is the k-th of those less ``error`` again."""
         approx, error = self.similarities(q)
-        top, at = _candidates(approx, k=k, exclude=exclude)
-        top = top.float()  # exact: comparisons of float32 values below need no rounding of the threshold
-        return Screen(approx, top, at, top[:, k - 1] - 2 * error)
-
-
-def _candidates(scores: torch.Tensor, *, k: int, exclude: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each query's CANDIDATES (at least 2k) best coarse scores, largest first, and their train rows; query i's
-    ``exclude[i]`` set to -inf in ``scores`` first (leave-one-out)."""
-    if exclude is not None:
-        scores[torch.arange(len(scores), device=scores.device), exclude] = -math.inf
-    width = min(scores.shape[1], max(CANDIDATES, 2 * k))
-    top = torch.empty(len(scores), width, dtype=scores.dtype, device=scores.device)
-    at = torch.empty(len(scores), width, dtype=torch.long, device=scores.device)
-    # Rows of queries, one slice per core free (in_pieces): each row's top-k is its own, the same to the bit.
-    in_pieces(lambda part: torch.topk(scores[part], width, dim=1, out=(top[part], at[part])), len(scores),
-              big=scores.device.type == "cpu")  # fmt: skip
-    return top, at
+        return Screen(approx, 2 * error)
 
 
 def _kept(scratch: dict[str, torch.Tensor], name: str, shape: tuple[int, int], dtype: torch.dtype,
@@ -264,23 +252,76 @@ def _kept(scratch: dict[str, torch.Tensor], name: str, shape: tuple[int, int], d
 
 @dataclass
 class Screen:
-    """A coarse pass's answer for a block of queries: ``scores`` (len(q), N), each query's CANDIDATES best of them
-    (``top``, float32, largest first, at train rows ``at``) and its threshold ``low``: every train row whose
-    float32 similarity can be among the query's k best has a score of at least ``low``."""
+    """A coarse pass's answer for a block of queries: ``scores`` (len(q), N), from which :func:`within` takes each
+    query's threshold. A row's score less ``2 q_rest[i] t_rest[row]`` (nothing when None) is at most its float32
+    similarity to query i up to ``slack[i] / 2``; so the k-th best such lower bound among any k rows, less
+    ``slack``, is at most any true neighbour's score, and that is query i's threshold."""
 
     scores: torch.Tensor
-    top: torch.Tensor
-    at: torch.Tensor
-    low: torch.Tensor
+    slack: torch.Tensor | float
+    q_rest: torch.Tensor | None = None
+    t_rest: torch.Tensor | None = None
+
+    def threshold(self, values: torch.Tensor, rows: torch.Tensor, *, k: int) -> torch.Tensor:
+        """Each query's threshold from the scores ``values`` (float32) of its train ``rows`` (len(q), >= k)."""
+        lower = values if self.q_rest is None else values - 2 * self.q_rest[:, None] * self.t_rest[rows]
+        return lower.topk(k, dim=1).values[:, -1] - self.slack
+
+
+def within(
+    screen: Screen, *, k: int, exclude: torch.Tensor | None, limit: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Every (query, train row) pair whose coarse score is at least the query's threshold, as ``(qi, ti)`` grouped
+    by query: every true k nearest row is among them. Query i's row ``exclude[i]`` is set to -inf first
+    (leave-one-out). None when there are more than ``limit`` a query on average (the exact search is cheaper)."""
+    scores = screen.scores
+    n_q, n = scores.shape
+    if exclude is not None:
+        scores[torch.arange(n_q, device=scores.device), exclude] = -math.inf
+    best = _group_max(scores)
+    seed = best.topk(min(best.shape[1], max(SEED_GROUPS, k + 1)), dim=1).indices  # its best groups: their rows
+    rows, one = _group_rows(seed, n)
+    rows, one = rows.flatten(1), one.flatten(1)
+    low = screen.threshold(scores.gather(1, rows).float().masked_fill_(~one, -math.inf), rows, k=k)
+    qi, group = torch.nonzero(best.float() >= low[:, None], as_tuple=True)  # row-major: grouped by query
+    if len(qi) > limit * n_q:  # each such group holds at least one row within the threshold
+        return None
+    rows, one = _group_rows(group, n)
+    keep = one & (scores[qi[:, None], rows].float() >= low[qi, None])
+    if int(keep.sum()) > limit * n_q:
+        return None
+    return qi[:, None].expand_as(rows)[keep], rows[keep]
+
+
+def _group_max(scores: torch.Tensor) -> torch.Tensor:
+    """Each query's largest score in each group of train rows (see GROUP): (len(q), G + the rows after GROUP * G)."""
+    whole = scores.shape[1] // GROUP * GROUP
+    best = scores[:, :whole].unflatten(1, (GROUP, whole // GROUP)).amax(1)
+    return torch.cat([best, scores[:, whole:]], 1) if whole < scores.shape[1] else best
+
+
+def _group_rows(groups: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The train rows of each group in ``groups`` (shape S) among ``n``: (S + (GROUP,)) rows, and which of them are
+    rows of the group (a group after GROUP * G has one, repeated)."""
+    size = n // GROUP
+    step = torch.arange(GROUP, device=groups.device)
+    g = groups[..., None]
+    tail = g >= size
+    return torch.where(tail, g + (GROUP - 1) * size, g + step * size), ~tail | (step == 0)
 
 
 # On a CPU without fast bfloat16 (AVX2 only: a bfloat16 matmul ran at 20 GFLOP/s there, float32 at 150), the coarse
 # pass is a float32 one on fewer dimensions (:class:`Projected`): on the eigenvectors holding this share of train's
-# energy, between a quarter and half of the dimensions. Measured on real features (1,000 queries, k = 10): MobileNetV2
-# 60,000 x 1,280 at 256 of 1,280 dimensions left 53 rows a query to rescore; random-init ResNet18 50,000 x 512 at
-# 128, 58; MobileNetV2 reduced to 512 by PCA at 256, 42. Below these sizes the exact pass is cheap.
+# energy, between a fifth and half of the dimensions. The time of a block of queries (the matmul, the screening and
+# the rescoring) is flat near its least where 40-70 rows a query are left to rescore; measured on one core on real
+# features (1,118 queries, k = 10; the matmul's width with the column of norms): MobileNetV2 60,000 x 1,280 at 224,
+# 256, 288 and 320 wide, 98, 62, 43 and 32 rows a query, 582, 562, 602 and 617 ms (the fastest of 6); random-init
+# ResNet18 50,000 x 512 at 96, 128, 160 and 192, 166, 67, 37 and 25 rows, 360, 301, 299 and 326 ms; MobileNetV2
+# reduced to 512 by PCA at 192, 224, 256 and 288, 120, 71, 45 and 31 rows, 437, 457, 442 and 479 ms. Below these
+# sizes the exact pass is cheap.
 PROJECT_ENERGY = 0.99
 PROJECT_MIN_DIM, PROJECT_MIN_ROWS = 64, 4096
+PROJECT_FLOOR = 0.2  # of the dimensions, at least (MobileNetV2's 99% of the energy is in 255 of 1,280)
 PROJECT_SAMPLE = 8192  # train rows the second moment is estimated on: the basis needs no precision, only the bound
 PROJECT_BLOCK = 2048  # train rows projected at a time, in float64 (60,000 x 1,280 -> 320: 0.98 s; in 16,384s: 1.9 s)
 
@@ -288,19 +329,24 @@ PROJECT_BLOCK = 2048  # train rows projected at a time, in float64 (60,000 x 1,2
 @dataclass
 class Projected:
     """Train for the coarse pass on a CPU without fast bfloat16. Each unit row is ``t = V b + r`` with ``V`` (D, d)
-    the top d eigenvectors of train's second moment (orthonormal columns), ``b = V^T t`` and ``r`` orthogonal to
-    ``V``; so ``q.t = a.b + r_q.r_t`` and, by Cauchy-Schwarz, ``|q.t - a.b| <= |r_q| |r_t|``. A float32 matmul of
-    d columns (d / D of the exact pass's work) and an outer product give every pair's upper bound ``a.b + |r_q|
-    |r_t|``; the lower one is that less ``2 |r_q| |r_t|``. The projections and ``|r|^2 = |t|^2 -
-    |b|^2`` are computed in float64 and the norms rounded up, so the only slack left is float32's rounding
-    (``margin``, doubled). Exact however the features look: where the bound is loose (features whose energy is
-    spread over every dimension), too many rows are within it and :class:`Search` takes the exact pass."""
+    train's top d eigenvectors made orthonormal in float64 (their second moment's, on a sample of rows), ``b = V^T
+    t`` and ``r`` orthogonal to ``V``; so ``q.t = a.b + r_q.r_t`` and, by Cauchy-Schwarz, ``|q.t - a.b| <= |r_q|
+    |r_t|``. One float32 matmul of d + 1 columns (d / D of the exact pass's work) gives every pair's upper bound
+    ``a.b + |r_q| |r_t|``, the norms being the last column of both sides; the lower one is that less ``2 |r_q|
+    |r_t|``. The projections and ``|r|^2 = |t|^2 - |b|^2`` are computed in float64 and the norms rounded up, so the
+    only slack left is float32's rounding (``margin``, doubled). Exact however the features look: where the bound is
+    loose (features whose energy is spread over every dimension), too many rows are within it and :class:`Search`
+    takes the exact pass."""
 
     basis: torch.Tensor  # (D, d) float64
-    rows: torch.Tensor  # (N, d) float32: b
-    rest: torch.Tensor  # (N,) float32: |r_t|, rounded up
+    rows: torch.Tensor  # (N, d + 1) float32: [b, |r_t| rounded up]
     margin: float
     scratch: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def rest(self) -> torch.Tensor:
+        """(N,) each train row's |r_t|, rounded up."""
+        return self.rows[:, -1]
 
     @classmethod
     def of(cls, train: torch.Tensor) -> Projected | None:
@@ -309,35 +355,33 @@ class Projected:
         if train.device.type != "cpu" or dim < PROJECT_MIN_DIM or n < PROJECT_MIN_ROWS:
             return None
         sample = train[:: max(1, n // PROJECT_SAMPLE)]
-        values, vectors = torch.linalg.eigh((sample.T @ sample).double())  # ascending
-        values = values.flip(0).clamp_min(0)
+        values, vectors = torch.linalg.eigh(sample.T @ sample)  # ascending; float32: 0.3 s less than float64 at 1,280
+        values = values.double().flip(0).clamp_min(0)
         share = values.cumsum(0) / values.sum().clamp_min(1e-300)
-        d = min(max(int((share < PROJECT_ENERGY).sum()) + 1, dim // 4), dim // 2)
-        d = min(-(-d // 32) * 32, dim // 2)  # a multiple of 32: the matmul ran 15% faster at 320 than at 321
-        basis = vectors.flip(1)[:, :d].contiguous()
-        rows, rest = pages.tensor((n, d), torch.float32), torch.empty(n)
+        width = min(max(int((share < PROJECT_ENERGY).sum()) + 2, int(dim * PROJECT_FLOOR)), dim // 2)
+        width = min(-(-width // 32) * 32, dim // 2)  # a multiple of 32: the matmul ran 15% faster at 320 than at 321
+        basis = torch.linalg.qr(vectors.flip(1)[:, : width - 1].double()).Q  # orthonormal to float64's precision
+        rows = pages.tensor((n, width), torch.float32)
 
         def project(part: slice) -> None:  # rows of train, a block at a time, through one float64 buffer
             buffer = torch.empty(min(PROJECT_BLOCK, part.stop - part.start), dim, dtype=torch.float64)
             for start in range(part.start, part.stop, PROJECT_BLOCK):
                 block = slice(start, min(start + PROJECT_BLOCK, part.stop))
-                rows[block], rest[block] = _project(train[block], basis, buffer=buffer)
+                rows[block, :-1], rows[block, -1] = _project(train[block], basis, buffer=buffer)
 
         in_pieces(project, n, big=True)  # one slice of rows per core: the same result to the bit
-        return cls(basis, rows, rest, 2 * (dim + 2 * d + 16) * 2.0**-24)
+        return cls(basis, rows, 2 * (dim + 2 * width + 16) * 2.0**-24)
 
-    def screen(self, q: torch.Tensor, *, k: int, exclude: torch.Tensor | None) -> Screen:
-        """The upper bounds (len(q), N) and each query's threshold: its k-th largest lower bound among its
-        CANDIDATES best upper bounds (a lower bound on its k-th float32 similarity), less the margins."""
-        a, rest = _project(q, self.basis)
+    def screen(self, q: torch.Tensor) -> Screen:
+        """The upper bounds (len(q), N): a row's upper bound less ``2 |r_q| |r_t|`` is a lower bound on its float32
+        similarity, both up to the margins."""
+        a = torch.empty(len(q), self.rows.shape[1])
+        a[:, :-1], a[:, -1] = _project(q, self.basis)
         upper = _kept(self.scratch, "upper", (len(q), len(self.rows)), torch.float32, q.device)
         # Slices of the output's rows, one per core in Python threads (fitting.in_pieces): OpenMP threads cannot run
         # in a forked compare worker (pipeline.workers); the same result to the bit.
         in_pieces(lambda part: torch.mm(a[part], self.rows.T, out=upper[part]), len(q), big=True)
-        upper.addr_(rest, self.rest)
-        top, at = _candidates(upper, k=k, exclude=exclude)
-        lower = top - 2 * rest[:, None] * self.rest[at]
-        return Screen(upper, top, at, lower.topk(k, dim=1).values[:, -1] - 2 * self.margin)
+        return Screen(upper, 2 * self.margin, a[:, -1], self.rest)
 
 
 def _project(
@@ -385,29 +429,14 @@ def nearest(
     """The ``k`` largest float32 similarities ``q @ train.T`` of each query (rows of norm <= 1) and their train
     rows, skipping row ``exclude[i]`` for query i. With ``coarse`` (:class:`Coarse` or :class:`Projected` of
     ``train``) the same neighbours for a fraction of the work: the coarse pass scores every row and sets each
-    query's threshold (:meth:`Coarse.screen`: its k-th coarse similarity less twice the bound; every true k nearest
-    row scores at least that, and there are ~20-60 such rows of 50,000), and only those rows are rescored in
-    float32. Those are among the query's CANDIDATES best coarse rows unless the CANDIDATES-th is itself above the
-    threshold: only such queries compare their whole row with it. None when that would rescore more than
-    ``limit`` rows per query on average (default ``len(train) / RESCORE_COST``): the exact search is cheaper."""
+    query's threshold (:func:`within`: every true k nearest row scores at least that, and there are ~20-60 such
+    rows of 50,000), and only those rows are rescored in float32. None when that would rescore more than ``limit``
+    rows per query on average (default ``len(train) / RESCORE_COST``): the exact search is cheaper."""
     if coarse is None or k >= len(train) - (exclude is not None):
         return exact_topk(q, train, k=k, exclude=exclude)
-    screen = coarse.screen(q, k=k, exclude=exclude)
-    keep = screen.top >= screen.low[:, None]
-    spill = keep[:, -1].clone()  # the last candidate is within the bound: more rows may be, beyond the candidates
-    keep[spill] = False
-    qi, pos = torch.nonzero(keep, as_tuple=True)  # row-major: grouped by query
-    ti = screen.at[qi, pos]
-    if not bool(spill.any()):
-        return _rescore(q, train, qi, ti, k=k)
-    rows = torch.nonzero(spill).squeeze(1)  # those queries' whole rows of coarse scores, against the threshold
-    within = screen.scores[rows].float() >= screen.low[rows, None]
-    if int(torch.count_nonzero(within)) + len(ti) > (len(train) / RESCORE_COST if limit is None else limit) * len(q):
-        return None
-    si, sti = torch.nonzero(within, as_tuple=True)
-    sim, idx = _rescore(q, train, qi, ti, k=k)
-    sim[rows], idx[rows] = _rescore(q[rows], train, si, sti, k=k)
-    return sim, idx
+    limit = len(train) / RESCORE_COST if limit is None else limit
+    found = within(coarse.screen(q), k=k, exclude=exclude, limit=limit)
+    return None if found is None else _rescore(q, train, *found, k=k)
 
 
 def _rescore(
@@ -416,12 +445,14 @@ def _rescore(
     """The float32 similarity of each (query qi, train row ti) candidate, and each query's k best of them."""
     exact = torch.empty(len(ti), device=q.device)
 
-    def score(part: slice) -> None:  # the candidates of ``part``, RESCORE_ROWS at a time
-        buf = torch.empty(min(RESCORE_ROWS, part.stop - part.start), train.shape[1], device=q.device)
+    def score(part: slice) -> None:  # the candidates of ``part``, RESCORE_ROWS at a time, in two kept buffers
+        size = (min(RESCORE_ROWS, part.stop - part.start), train.shape[1])
+        rows_buf, queries_buf = torch.empty(size, device=q.device), torch.empty(size, device=q.device)
         for s in range(part.start, part.stop, RESCORE_ROWS):
             at = slice(s, min(s + RESCORE_ROWS, part.stop))
-            rows = torch.index_select(train, 0, ti[at], out=buf[: at.stop - at.start])
-            exact[at] = rows.mul_(q[qi[at]]).sum(1)
+            rows = torch.index_select(train, 0, ti[at], out=rows_buf[: at.stop - at.start])
+            queries = torch.index_select(q, 0, qi[at], out=queries_buf[: at.stop - at.start])
+            torch.sum(rows.mul_(queries), 1, out=exact[at])
 
     with fitting_threads(q.device):  # small ops: two OpenMP threads on a shared CPU made this loop 10-40x slower
         # slices of the candidates, one per core free (Python threads, see in_pieces): the same sums to the bit
