@@ -3,6 +3,7 @@ protocol pieces (batched linear grid, --sweep on held-out train, --shots, --clas
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import replace
@@ -700,17 +701,18 @@ def test_knn_head_takes_the_projected_pass_on_a_cpu_without_fast_bfloat16(monkey
 
 
 def test_knn_groups_of_train_rows_hold_each_row_once_and_their_largest_score() -> None:
-    """The screening's groups (rows g, g + G, ...; then the rows after GROUP * G one a group) hold every train row
-    exactly once, for any number of rows, and each group's largest score is that of its rows."""
+    """The groups of columns (k-NN's strided ones, the audit's runs of consecutive columns; then the columns after
+    group * G one a group) hold every column exactly once, for any number of columns, and each group's largest
+    score is that of its columns."""
     import torch
 
     from pipeline.stage2.heads import knn
 
     g = torch.Generator().manual_seed(0)
-    for n in (1, knn.GROUP - 1, knn.GROUP, 5 * knn.GROUP, 5 * knn.GROUP + 3):
-        scores = torch.randn(4, n, generator=g)
-        best = knn._group_max(scores)
-        rows, one = knn._group_rows(torch.arange(best.shape[1]), n)
+    for group, n in itertools.product((knn.GROUP, knn.STRIDED_BELOW), (1, 15, 16, 32, 80, 83, 160, 163)):
+        scores = torch.randn(4, n, generator=g)  # k-NN's strided groups and the audit's runs of columns
+        best = knn.group_max(scores, group)
+        rows, one = knn.group_members(torch.arange(best.shape[1]), n, group)
         assert torch.equal(rows[one].sort().values, torch.arange(n))  # each row in one group, once
         assert torch.equal(best, scores[:, rows].masked_fill(~one, -math.inf).amax(2))
 

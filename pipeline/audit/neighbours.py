@@ -6,25 +6,26 @@ duplicates within a split and outliers are all read from that one table. The all
 re-normalised) and the candidates it returns are re-scored exactly on the full features. On the planted digits
 (tests/test_audit.py) 64 and 128 directions found the same copies; without the exact re-scoring the margins are
 noisier and one near copy fewer was found. Each block of rows is multiplied with every row and only its rows'
-top-k are taken, by the maxima of runs of columns (:func:`_row_topk`).
+top-k are taken, by the maxima of groups of columns (:func:`_row_topk`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from pipeline.stage2.heads.knn import unit_rows_
+from pipeline.stage2.heads.knn import group_max, group_members, unit_rows_
 
 log = logging.getLogger(__name__)
 
 PCA_ROWS = 16384  # rows the projection is fitted on
 BLOCK_BYTES = 256 << 20  # the similarity block held at once (rows x columns x 4 bytes)
-GROUP = 32  # columns per run in a row's top-k (:func:`_row_topk`)
+GROUP = 32  # columns per group in a row's top-k (:func:`_row_topk`)
 RESCORE_BYTES = 64 << 20  # candidate rows gathered at once for the exact re-scoring
 
 
@@ -66,19 +67,18 @@ def project(X: torch.Tensor, *, dim: int, seed: int = 0) -> torch.Tensor:
 
 
 def _row_topk(S: torch.Tensor, k: int, *, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's ``k`` largest entries of ``S`` (values, columns). The columns are cut into runs of ``group``; a
-    row's k largest lie in its k runs of largest maximum (each of them has a maximum at least as large as the k-th
-    largest, and at most k runs can), so only those k x ``group`` entries are ranked: the maxima are one pass over
-    ``S`` that vectorises, where a top-k over every full row cost 3 ns an entry."""
+    """Each row's ``k`` largest entries of ``S`` (values, columns). The columns are cut into groups of ``group``
+    (k-NN's :func:`~pipeline.stage2.heads.knn.group_max`); a row's k largest lie in its k groups of largest maximum
+    (each of them has a maximum at least as large as the k-th largest, and at most k groups can), so only those
+    k x ``group`` entries are ranked: the maxima are one pass over ``S`` that vectorises, where a top-k over every
+    full row cost 3 ns an entry."""
     b, m = S.shape
-    m0 = m // group * group
-    if m0 < 4 * k * group:
+    if m // group * group < 4 * k * group:
         return S.topk(min(k, m), dim=1)
-    _, runs = S[:, :m0].reshape(b, m0 // group, group).amax(2).topk(k, dim=1)
-    cols = (runs[:, :, None] * group + torch.arange(group, device=S.device)).reshape(b, -1)
-    if m0 < m:
-        cols = torch.cat([cols, torch.arange(m0, m, device=S.device).expand(b, -1)], 1)
-    s, pos = S.gather(1, cols).topk(k, dim=1)
+    _, runs = group_max(S, group).topk(k, dim=1)
+    cols, member = group_members(runs, m, group)
+    cols, member = cols.reshape(b, -1), member.reshape(b, -1)
+    s, pos = S.gather(1, cols).masked_fill_(~member, -math.inf).topk(k, dim=1)
     return s, cols.gather(1, pos)
 
 
