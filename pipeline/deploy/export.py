@@ -40,7 +40,6 @@ from typing import Any
 
 import torch
 import torchvision
-from safetensors.torch import save
 from torch import nn
 
 from pipeline.errors import PipelineError
@@ -57,6 +56,7 @@ from pipeline.stage1.tail import put_back
 from pipeline.stage2.heads import HEADS, head_class, load_head
 from pipeline.stage2.heads.base import Head
 from pipeline.store import ALL_LAYERS
+from pipeline.tensorfile import write_safetensors
 
 log = logging.getLogger(__name__)
 PROGRAM_SUFFIX = ".pt2"
@@ -505,10 +505,7 @@ def _check_program(program: Any, model: nn.Module, crop: int) -> float:
 
 
 def _save_tensors(model: nn.Module, path: Path, identity: dict[str, Any]) -> None:
-    # clone: safetensors refuses tensors that share memory, and a state_dict may hold views
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    # bytes written by us, not save_file: its file is created mode 0600 (unreadable to others), ours follows umask
-    path.write_bytes(save(state, metadata={IDENTITY_KEY: json.dumps(identity, sort_keys=True)}))
+    write_safetensors(path, model.state_dict(), metadata={IDENTITY_KEY: json.dumps(identity, sort_keys=True)})
 
 
 def _save_program(program: Any, path: Path) -> None:

@@ -134,8 +134,8 @@ def train_one(fs: FeatureSet, cfg: HeadConfig, *, out: Path) -> Any:
 def beside(work: Callable[[], object]) -> Iterator[None]:
     """``work()`` in a thread while the block runs; waited for when the block ends, however it ends, and its
     exception raised then (the block's own, if it had one, goes first). For a head's file: k-NN's holds train
-    (307 MB at 60,000 x 1,280), about 1 s of writing in the kernel, with the GIL released (safetensors), while the
-    plots take the Python thread: at the end of a comparison that second is the other core's, which would idle."""
+    (307 MB at 60,000 x 1,280), about 0.25 s of waiting on the disk (:mod:`pipeline.tensorfile`), with the GIL
+    released, while the plots take the Python thread."""
     failed: list[BaseException] = []
 
     def run() -> None:

@@ -54,11 +54,10 @@ def build_head(cfg: HeadConfig, *, num_classes: int, feature_dim: int) -> Head:
 def save_head(head: Head, out_dir: Path, *, config: dict[str, Any]) -> None:
     """``head.safetensors`` (arrays only) + ``config.json`` (what produced it). Into a folder of its own: a head
     folder is written as one unit by ``fileio.atomic_directory`` (see ``training.train_one``)."""
-    import numpy as np
-    from safetensors.numpy import save_file
+    from pipeline.tensorfile import write_safetensors
 
-    state = {k: np.ascontiguousarray(v) for k, v in head.state().items()}
-    atomic_write(out_dir / HEAD_FILE, lambda p: save_file(state, str(p)))
+    state = head.state()
+    atomic_write(out_dir / HEAD_FILE, lambda p: write_safetensors(p, state))
     write_json(out_dir / "config.json", config)
 
 
