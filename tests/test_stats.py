@@ -51,6 +51,25 @@ def test_metrics_match_sklearn() -> None:
         assert intervals[key][0] < intervals[key][1]
 
 
+def test_each_resampled_map_is_scikit_learns_on_the_rows_drawn() -> None:
+    """The bootstrap of mAP, all resamples at once from counts: each resample's value is scikit-learn's mean
+    average precision over the classes it holds, on its rows repeated as often as they were drawn."""
+    rng = np.random.default_rng(3)
+    n, classes = 300, 5
+    y = rng.integers(0, classes, n)
+    y[y == 4] = 3  # a class never present
+    proba = rng.dirichlet(np.ones(classes), n) + np.eye(classes)[y] * 0.2
+    counts = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(8)], 1).astype(np.float32)
+    present = np.unique(y)
+    ranked = [(order, y[order] == c) for c in present for order in [np.argsort(-proba[:, c], kind="stable")]]
+    got = stats._resampled_map(counts, ranked)
+    for b in range(counts.shape[1]):
+        rows = np.repeat(np.arange(n), counts[:, b].astype(int))
+        held = [c for c in present if (y[rows] == c).any()]
+        want = np.mean([average_precision_score(y[rows] == c, proba[rows, c]) for c in held])
+        assert got[b] == pytest.approx(want, rel=1e-12), b
+
+
 def test_mcnemar_tells_a_real_difference_from_noise() -> None:
     rng = np.random.default_rng(3)
     truth = rng.random(1000) < 0.85

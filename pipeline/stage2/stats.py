@@ -136,7 +136,8 @@ def classification_intervals(y: np.ndarray, proba: np.ndarray, *, seed: int = 0)
     """95% intervals of a classifier's val scores: ``val_accuracy_interval`` (Wilson), and bootstrap ones for
     ``balanced_accuracy_interval``, ``macro_f1_interval`` and ``map_interval``. A resample is a count per row
     (how often it was drawn), so each metric is a weighted sum over rows sorted once: no re-sorting per resample
-    (on 10,000 val rows, 10 classes, the three intervals take ~0.3 s)."""
+    (on 10,000 val rows, 10 classes, the three intervals take ~0.13 s; they took ~0.25 s before mAP's resamples ran
+    at once, :func:`_resampled_map`)."""
     y, proba = np.asarray(y, np.int64), np.asarray(proba, np.float64)
     pred, classes, n = proba.argmax(1), proba.shape[1], len(y)
     out = {"val_accuracy_interval": list(wilson(int((pred == y).sum()), n))}
@@ -149,7 +150,9 @@ def classification_intervals(y: np.ndarray, proba: np.ndarray, *, seed: int = 0)
     present = np.unique(y)
     orders = {c: np.argsort(-proba[:, c], kind="stable") for c in present}
     hits = {c: (y[orders[c]] == c) for c in present}
-    values: dict[str, list[float]] = {"balanced_accuracy_interval": [], "macro_f1_interval": [], "map_interval": []}
+    values: dict[str, list[float]] = {"balanced_accuracy_interval": [], "macro_f1_interval": []}
+    # the first resamples' counts, for mAP's below: float32 holds them and their sums (at most n) exactly
+    for_map = np.empty((n, min(BOOTSTRAP, BOOTSTRAP_MAP)), np.float32)
     for b in range(BOOTSTRAP):
         w = np.bincount(rng.integers(0, n, n), minlength=n).astype(np.float64)
         cm = np.bincount(cell, weights=w, minlength=classes * classes).reshape(classes, classes)
@@ -159,17 +162,33 @@ def classification_intervals(y: np.ndarray, proba: np.ndarray, *, seed: int = 0)
         denom = support + predicted
         f1 = np.where(denom > 0, 2 * tp / np.where(denom > 0, denom, 1), 0.0)
         values["macro_f1_interval"].append(float(f1[seen].mean()))
-        if b < BOOTSTRAP_MAP:
-            aps = []
-            for c in present:
-                wc = w[orders[c]]
-                hit_w = wc * hits[c]
-                total = hit_w.sum()
-                if total > 0:
-                    precision = np.cumsum(hit_w) / np.maximum(np.cumsum(wc), 1e-12)
-                    aps.append(float((precision * hit_w).sum() / total))
-            values["map_interval"].append(float(np.mean(aps)) if aps else math.nan)
+        if b < for_map.shape[1]:
+            for_map[:, b] = w
+    values["map_interval"] = list(_resampled_map(for_map, [(orders[c], hits[c]) for c in present]))
     return out | {key: _ends(vals) for key, vals in values.items()}
+
+
+def _resampled_map(counts: np.ndarray, ranked: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Mean average precision in each resample (column of ``counts``, (rows, resamples): how often each val row was
+    drawn), over the classes a resample holds; ``ranked``: per class, the rows by descending score and whether each
+    is of the class. All resamples at once, and only at the class's own rows, where the precision counts: the rows
+    drawn up to each of them are the sums between them (one pass), not a cumulative sum over every row (0.16 ->
+    0.03 s for 100 resamples of 10,000 rows, 10 classes). The counts are whole numbers, so the sums are exact."""
+    aps = np.full((len(ranked), counts.shape[1]), np.nan)
+    for j, (order, hit) in enumerate(ranked):
+        at = np.flatnonzero(hit)
+        if not len(at):
+            continue
+        drawn = counts[order[: at[-1] + 1]]  # (rows ranked up to the class's last, resamples)
+        upto = np.cumsum(np.add.reduceat(drawn, np.r_[0, at[:-1] + 1], axis=0), axis=0, dtype=np.float64)
+        mine = drawn[at].astype(np.float64)
+        total = mine.sum(0)
+        precision = np.cumsum(mine, axis=0) / np.maximum(upto, 1e-12)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            aps[j] = np.where(total > 0, (precision * mine).sum(0) / total, np.nan)
+    held = np.isfinite(aps)
+    with np.errstate(invalid="ignore"):
+        return np.where(held.any(0), np.where(held, aps, 0.0).sum(0) / held.sum(0), np.nan)
 
 
 def _ends(values: Any) -> list[float]:
