@@ -30,7 +30,7 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -62,6 +62,12 @@ def share_of_cores() -> int:
     cores, so the heads on one thread (mlp, linear) got two thirds of a core and ended last."""
     running = _RUNNING[0] if _RUNNING is not None else 0
     return max(1, cores() // max(1, running))
+
+
+def idle_core() -> bool:
+    """Whether a core is left idle while this process works: more than one core, and this process the only job
+    running (in a child of :func:`run_jobs` whose other jobs have ended, or outside one)."""
+    return cores() >= 2 and (_RUNNING[0] if _RUNNING is not None else 0) <= 1
 
 
 def _set_running(count: int) -> None:
@@ -148,6 +154,29 @@ def run_jobs(
         _RUNNING.close()
         _RUNNING = None
     return [results[i] for i in range(len(jobs))]
+
+
+@contextlib.contextmanager
+def alongside(job: Callable[[], object]) -> Iterator[None]:
+    """``job()`` in a forked child while the block runs here; waited for when the block ends, and the child's
+    exception raised then (the block's own first; the child stopped). For the end of a comparison, where one core
+    is idle: its figure drawn beside the ties tested and the tables written. Where a child cannot be forked (one
+    core, no ``fork``, this process has used CUDA), ``job()`` runs here after the block."""
+    import torch
+
+    if cores() < 2 or not hasattr(os, "fork") or sys.platform != "linux" or torch.cuda.is_initialized():
+        yield
+        job()
+        return
+    pid, fd = _start(job)
+    running = {pid: (0, fd, bytearray())}
+    try:
+        yield
+        while running:
+            _read_some(running, {})
+    except BaseException:
+        _stop(running)
+        raise
 
 
 def fork_can_train() -> bool:

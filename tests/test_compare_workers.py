@@ -161,6 +161,57 @@ def test_a_failing_job_is_raised_in_the_parent_and_stops_the_other(error: Except
     assert not _alive(int((tmp_path / "pid").read_text()))  # stopped and reaped: no orphan keeps running
 
 
+@FORKS
+def test_a_job_alongside_runs_in_another_process_while_the_block_runs_here(tmp_path: Path) -> None:
+    """compare.png drawn by a forked child while the parent tests the ties: both at once, the child waited for."""
+
+    def job() -> None:
+        (tmp_path / "child").write_text(str(os.getpid()))
+        while not (tmp_path / "parent").is_file():  # the block is running at the same time
+            time.sleep(0.01)
+
+    with workers.alongside(job):
+        deadline = time.monotonic() + 20
+        while not (tmp_path / "child").is_file() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (tmp_path / "parent").write_text("here")
+    assert int((tmp_path / "child").read_text()) != os.getpid()
+    assert not _alive(int((tmp_path / "child").read_text()))  # waited for and reaped
+
+
+@FORKS
+def test_a_job_alongside_that_fails_is_raised_after_the_block(tmp_path: Path) -> None:
+    ran = []
+    with (
+        pytest.raises(PipelineError, match="bad input: one line"),
+        workers.alongside(lambda: _fail_with("bad input: one line")),
+    ):
+        ran.append("block")
+    assert ran == ["block"]
+
+
+@FORKS
+def test_a_block_that_fails_stops_the_job_alongside(tmp_path: Path) -> None:
+    with pytest.raises(KeyError), workers.alongside(lambda: _sleeper(tmp_path / "pid")):
+        deadline = time.monotonic() + 20
+        while not (tmp_path / "pid").is_file() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        raise KeyError("the block's own error")
+    assert not _alive(int((tmp_path / "pid").read_text()))
+
+
+def test_a_job_alongside_runs_here_after_the_block_on_one_core(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(workers, "cores", lambda: 1)
+    order = []
+    with workers.alongside(lambda: order.append(("job", os.getpid()))):
+        order.append(("block", os.getpid()))
+    assert order == [("block", os.getpid()), ("job", os.getpid())]
+
+
+def _fail_with(message: str) -> None:
+    raise PipelineError(message)
+
+
 _PARENT = """
 import sys, time
 from pathlib import Path
@@ -216,6 +267,38 @@ def test_compare_in_workers_gives_what_one_after_another_gives(features: Path, t
     for head in ("linear", "logreg", "mlp", "knn", "centroid"):  # every head's folder whole, the same answers
         a, b = (tmp_path / run / head / "predictions.csv" for run in runs)
         assert a.read_text() == b.read_text()
+
+
+@FORKS
+@pytest.mark.parametrize("head", ["linear", "centroid"])
+def test_figures_drawn_half_in_a_forked_child_are_the_files_drawn_here(
+    head: str, features: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where a core is idle (the last head of a comparison, train-head) half of a head's figures are drawn in a
+    forked child: the same files, byte for byte, as all of them drawn here."""
+    from pipeline.stage2.heads import HeadConfig
+    from pipeline.stage2.training import train_head
+
+    forked, real = [], workers.alongside
+
+    def spy(job):  # type: ignore[no-untyped-def]
+        forked.append(job)
+        return real(job)
+
+    monkeypatch.setattr(workers, "alongside", spy)
+    cfg = HeadConfig(head=head, epochs=2, device="cpu")
+    monkeypatch.setattr(workers, "idle_core", lambda: True)
+    train_head(features, cfg, out=tmp_path / "split")
+    assert len(forked) == 1
+    monkeypatch.setattr(workers, "idle_core", lambda: False)
+    train_head(features, cfg, out=tmp_path / "here")
+    assert len(forked) == 1  # not forked this time
+    names = sorted(p.name for p in (tmp_path / "here").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "split").iterdir())
+    pngs = [n for n in names if n.endswith(".png")]
+    assert {"confusion.png", "pr_roc.png"} <= set(pngs)
+    for name in [*pngs, "predictions.csv", "head.safetensors"]:
+        assert (tmp_path / "split" / name).read_bytes() == (tmp_path / "here" / name).read_bytes(), name
 
 
 def _children(pid: int) -> list[int]:

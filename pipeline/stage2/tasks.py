@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -72,7 +73,7 @@ class Task(ABC):
       ``report()`` for the printed text);
     - ``columns``, ``compare_row``, ``rank``: the compare table, its row for one head, how rows rank and the key
       "best" is chosen by; ``bars``: compare.png's bars;
-    - ``write_plots`` and ``figures``: the PNGs beside a head;
+    - ``figure_jobs`` (``write_plots`` runs them) and ``figures``: the PNGs beside a head;
     - ``config_record(fs, metrics)``: what ``config.json`` adds (export reads it: e.g. the target names, or per-label
       thresholds), and ``refuse(option)`` for compare's options that do not apply;
     - ``answer_rows``: ``predictions.csv``'s rows (:mod:`pipeline.stage2.answers`), ``errors``: how ``errors.png``
@@ -150,7 +151,14 @@ class Task(ABC):
         return self.columns
 
     @abstractmethod
-    def write_plots(self, metrics: Any, out: Path, *, fs: FeatureSet, head: Any, label: str, note: str) -> None: ...
+    def figure_jobs(self, metrics: Any, out: Path, *, fs: FeatureSet, head: Any, label: str,
+                    note: str) -> list[Callable[[], object]]:  # fmt: skip
+        """One call per PNG beside a head, in any order or process (``training.train_one`` may draw some in a
+        forked child, on a core left idle)."""
+
+    def write_plots(self, metrics: Any, out: Path, *, fs: FeatureSet, head: Any, label: str, note: str) -> None:
+        for job in self.figure_jobs(metrics, out, fs=fs, head=head, label=label, note=note):
+            job()
 
     def figures(self, metrics: Any) -> list[str]:
         """The PNGs ``write_plots`` wrote, by name."""
@@ -272,26 +280,30 @@ class Classify(Task):
             columns = [columns[0], *lead, *(c for c in columns[1:] if c not in lead)]
         return tuple(columns)
 
-    def write_plots(self, metrics: HeadMetrics, out: Path, *, fs: FeatureSet, head: Any, label: str,
-                    note: str) -> None:  # fmt: skip
+    def figure_jobs(self, metrics: HeadMetrics, out: Path, *, fs: FeatureSet, head: Any, label: str,
+                    note: str) -> list[Callable[[], object]]:  # fmt: skip
         name = metrics.head
-        plots.confusion_png(
-            metrics.confusion_matrix, fs.classes, out / "confusion.png", title=f"{name} head: val confusion\n{label}"
-        )
-        if metrics.curves and metrics.curves.per_class:
-            plots.pr_roc_png(metrics.curves, out / "pr_roc.png", title=f"{name} head: val PR and ROC ({label})",
-                             mark=metrics.threshold)  # fmt: skip
+        jobs: list[Callable[[], object]] = [
+            lambda: plots.confusion_png(metrics.confusion_matrix, fs.classes, out / "confusion.png",
+                                        title=f"{name} head: val confusion\n{label}")
+        ]  # fmt: skip
         if metrics.threshold and metrics.threshold.get("confusion_matrix"):  # beside the argmax one
-            plots.confusion_png(
-                metrics.threshold["confusion_matrix"], fs.classes, out / "confusion_threshold.png",
-                title=f"{name} head: val confusion at threshold {metrics.threshold['threshold']:.3f} for "
-                f"{metrics.threshold['positive']!r}\n{label}",
-            )  # fmt: skip
+            at = metrics.threshold
+            jobs.append(lambda: plots.confusion_png(
+                at["confusion_matrix"], fs.classes, out / "confusion_threshold.png",
+                title=f"{name} head: val confusion at threshold {at['threshold']:.3f} for {at['positive']!r}\n{label}",
+            ))  # fmt: skip
+        if metrics.curves and metrics.curves.per_class:
+            jobs.append(lambda: plots.pr_roc_png(
+                metrics.curves, out / "pr_roc.png", title=f"{name} head: val PR and ROC ({label})",
+                mark=metrics.threshold,
+            ))  # fmt: skip
         if metrics.history:
-            plots.curves_png(
+            jobs.append(lambda: plots.curves_png(
                 metrics.history, out / "curves.png", title=f"{name} head: loss and accuracy per epoch ({label})",
                 note=note,
-            )  # fmt: skip
+            ))  # fmt: skip
+        return jobs
 
     def config_record(self, fs: FeatureSet, metrics: HeadMetrics) -> dict[str, Any]:
         if not metrics.threshold:
@@ -408,18 +420,19 @@ class Regress(Task):
         rows.sort(key=lambda r: -r[self.score])  # higher R^2 first
         return self.score
 
-    def write_plots(self, metrics: RegressionMetrics, out: Path, *, fs: FeatureSet, head: Any, label: str,
-                    note: str) -> None:  # fmt: skip
+    def figure_jobs(self, metrics: RegressionMetrics, out: Path, *, fs: FeatureSet, head: Any, label: str,
+                    note: str) -> list[Callable[[], object]]:  # fmt: skip
         name = metrics.head
-        plots.regression_png(
+        jobs: list[Callable[[], object]] = [lambda: plots.regression_png(
             fs.val.targets, head.logits(fs.val.features), self.outputs(fs), out / "regression.png",
             title=f"{name} head: val predicted vs true, residuals ({label})",
-        )  # fmt: skip
+        )]  # fmt: skip
         if metrics.history:
-            plots.curves_png(
+            jobs.append(lambda: plots.curves_png(
                 metrics.history, out / "curves.png", title=f"{name} head: loss (MSE of standardised targets) and "
                 f"R^2 per epoch ({label})", note=note,
-            )  # fmt: skip
+            ))  # fmt: skip
+        return jobs
 
     def figures(self, metrics: RegressionMetrics) -> list[str]:
         return ["regression.png", *super().figures(metrics)]
@@ -561,15 +574,16 @@ class MultiLabel(Task):
         rows.sort(key=lambda r: -r[self.score])  # higher mAP first
         return self.score
 
-    def write_plots(self, metrics: Any, out: Path, *, fs: FeatureSet, head: Any, label: str,
-                    note: str) -> None:  # fmt: skip
-        if metrics.history:
-            score = stats.format_interval(metrics.val_map, metrics.details.get("val_map_interval"))
-            plots.curves_png(
-                metrics.history, out / "curves.png", title=f"{metrics.head} head: loss (binary cross-entropy summed "
-                f"over labels) and label accuracy per epoch\n{label}\nthe trained head: val mAP {score} (95% interval)",
-                note=note,
-            )  # fmt: skip
+    def figure_jobs(self, metrics: Any, out: Path, *, fs: FeatureSet, head: Any, label: str,
+                    note: str) -> list[Callable[[], object]]:  # fmt: skip
+        if not metrics.history:
+            return []
+        score = stats.format_interval(metrics.val_map, metrics.details.get("val_map_interval"))
+        return [lambda: plots.curves_png(
+            metrics.history, out / "curves.png", title=f"{metrics.head} head: loss (binary cross-entropy summed "
+            f"over labels) and label accuracy per epoch\n{label}\nthe trained head: val mAP {score} (95% interval)",
+            note=note,
+        )]  # fmt: skip
 
     def config_record(self, fs: FeatureSet, metrics: Any) -> dict[str, Any]:
         """What export and predict apply: the labels and each label's threshold on its sigmoid probability."""

@@ -9,13 +9,15 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from pipeline import workers
 from pipeline.errors import PipelineError
 from pipeline.fileio import atomic_directory, write_json
+from pipeline.stage2 import plots
 from pipeline.stage2.heads import HEADS, HeadConfig, save_head
 from pipeline.stage2.heads.base import Head
 from pipeline.stage2.heads.tail import require_activations, with_activations
@@ -117,14 +119,22 @@ def train_one(fs: FeatureSet, cfg: HeadConfig, *, out: Path) -> Any:
     metrics = replace(metrics, details={**metrics.details, **on}, history=history or None)
     try:
         config = head_config(fs, head, settings=run_settings(cfg), task=task, metrics=metrics)
-        # one unit: old head or new, never a mix; the head's file written beside the rest
-        with (
-            atomic_directory(out, owned_by="config.json") as unit,
-            beside(lambda: save_head(head, unit, config=config)),
-        ):
-            write_json(unit / "metrics.json", metrics.to_json())
-            task.write_plots(metrics, unit, fs=fs, head=head, label=features_label(fs), note=curves_note(head.cfg))
-            write_answers(fs, head, out=unit, task=task, metrics=metrics)
+        # one unit: old head or new, never a mix; the head's file written beside the rest, and half the figures in
+        # a forked child where this process is the only one at work (the last head of a comparison, train-head)
+        with atomic_directory(out, owned_by="config.json") as unit:
+            figures = task.figure_jobs(metrics, unit, fs=fs, head=head, label=features_label(fs),
+                                       note=curves_note(head.cfg))  # fmt: skip
+            aside = figures[len(figures) // 2 :] if workers.idle_core() else []
+            if aside:
+                plots.pyplot()  # imported once, before the fork: not in both processes
+            with (
+                workers.alongside(lambda: [job() for job in aside]) if aside else nullcontext(),
+                beside(lambda: save_head(head, unit, config=config)),
+            ):
+                write_json(unit / "metrics.json", metrics.to_json())
+                for job in figures[: len(figures) - len(aside)]:
+                    job()
+                write_answers(fs, head, out=unit, task=task, metrics=metrics)
     except OSError as e:
         raise PipelineError(f"cannot write head to {out}: {e.strerror or e}") from None
     return replace(metrics, out=str(out))
@@ -179,8 +189,6 @@ def train_heads(fs: FeatureSet, configs: dict[str, HeadConfig], *, root: Path) -
     ways = workers.worker_count(len(names), device=device, data_bytes=data)
     # matplotlib imported once, here, while the first worker trains (on the core it leaves free): each worker would
     # import it for its first plot (~0.5 s each), and this process again for compare.png after them
-    from pipeline.stage2 import plots
-
     return workers.run_jobs([job(name) for name in names], ways=ways, order=order, warm=plots.pyplot), ways
 
 
