@@ -112,11 +112,11 @@ def _write_direct(path: Path, parts: list[memoryview], *, size: int) -> bool:
             _write_all(fd, bounce[:padded])
         os.ftruncate(fd, size)
     except OSError as e:
-        os.close(fd)
         if e.errno == errno.EINVAL:  # opened, but the writes refused: this filesystem's O_DIRECT is not ours
             return False
         raise
-    os.close(fd)
+    finally:  # on every exit, an interrupt included
+        os.close(fd)
     return True
 
 

@@ -60,14 +60,23 @@ def share_of_cores() -> int:
     jobs run beside it. A job whose big matmuls split by this (``fitting.in_pieces``) takes both cores once the
     other job has ended, and one while both run: two threads beside another worker's made 3 runnable threads on 2
     cores, so the heads on one thread (mlp, linear) got two thirds of a core and ended last."""
-    running = _RUNNING[0] if _RUNNING is not None else 0
-    return max(1, cores() // max(1, running))
+    return max(1, cores() // max(1, _running()))
 
 
 def idle_core() -> bool:
     """Whether a core is left idle while this process works: more than one core, and this process the only job
     running (in a child of :func:`run_jobs` whose other jobs have ended, or outside one)."""
-    return cores() >= 2 and (_RUNNING[0] if _RUNNING is not None else 0) <= 1
+    return cores() >= 2 and _running() <= 1
+
+
+def _running() -> int:
+    """How many jobs of :func:`run_jobs` run now (0 outside it)."""
+    return _RUNNING[0] if _RUNNING is not None else 0
+
+
+def _forks() -> bool:
+    """Whether this system forks children the way :func:`run_jobs` and :func:`alongside` do (Linux)."""
+    return hasattr(os, "fork") and sys.platform == "linux"
 
 
 def _set_running(count: int) -> None:
@@ -85,7 +94,7 @@ def worker_count(jobs: int, *, device: Any, data_bytes: int = 0) -> int:
     """How many jobs run at once: two on a CPU of two or more cores where fork is available, a forked child can
     train (:func:`fork_can_train`) and the memory available holds two heads' working memory beside ``data_bytes``
     of features; else one (a GPU: a CUDA context does not survive a fork, and its heads take seconds anyway)."""
-    if getattr(device, "type", str(device)) != "cpu" or not hasattr(os, "fork") or sys.platform != "linux":
+    if getattr(device, "type", str(device)) != "cpu" or not _forks():
         return 1
     ways = max(1, min(2, jobs, cores()))
     if ways < 2:
@@ -164,7 +173,7 @@ def alongside(job: Callable[[], object]) -> Iterator[None]:
     core, no ``fork``, this process has used CUDA), ``job()`` runs here after the block."""
     import torch
 
-    if cores() < 2 or not hasattr(os, "fork") or sys.platform != "linux" or torch.cuda.is_initialized():
+    if cores() < 2 or not _forks() or torch.cuda.is_initialized():
         yield
         job()
         return

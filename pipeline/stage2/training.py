@@ -124,15 +124,15 @@ def train_one(fs: FeatureSet, cfg: HeadConfig, *, out: Path) -> Any:
         with atomic_directory(out, owned_by="config.json") as unit:
             figures = task.figure_jobs(metrics, unit, fs=fs, head=head, label=features_label(fs),
                                        note=curves_note(head.cfg))  # fmt: skip
-            aside = figures[len(figures) // 2 :] if workers.idle_core() else []
-            if aside:
+            cut = len(figures) // 2 if workers.idle_core() else len(figures)  # figures[cut:] in the child
+            if cut < len(figures):
                 plots.pyplot()  # imported once, before the fork: not in both processes
             with (
-                workers.alongside(lambda: [job() for job in aside]) if aside else nullcontext(),
+                workers.alongside(lambda: [job() for job in figures[cut:]]) if cut < len(figures) else nullcontext(),
                 beside(lambda: save_head(head, unit, config=config)),
             ):
                 write_json(unit / "metrics.json", metrics.to_json())
-                for job in figures[: len(figures) - len(aside)]:
+                for job in figures[:cut]:
                     job()
                 write_answers(fs, head, out=unit, task=task, metrics=metrics)
     except OSError as e:
