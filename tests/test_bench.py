@@ -209,3 +209,26 @@ def test_heads_bench_compare_rows_time_each_head_whole(tmp_path: Path, monkeypat
     assert "fit 2.00 s, evaluation 0.50 s, writing 0.50 s" in logreg["note"]
     assert knn["seconds"] == 5.5 and knn["target_s"] == heads.KNN_TARGET_S and knn["met"] is False
     assert rows[0]["target_s"] == heads.COMPARE_TARGET_S
+
+
+def test_heads_bench_compare_row_is_the_median_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With several runs the row is the median run, its heads' rows that run's, and the note gives every run."""
+    from types import SimpleNamespace
+
+    from pipeline.bench import heads
+
+    times = iter([31.0, 27.0, 29.0])
+
+    def fake_process(path: Path, out: Path, *, device: str, one_by_one: bool = False) -> tuple:
+        seconds = next(times)
+        out.mkdir(parents=True, exist_ok=True)
+        row = {"head": "logreg", "fit_seconds": 1.0, "eval_seconds": 0.5, "head_seconds": seconds / 10}
+        (out / "compare.json").write_text(json.dumps({"rows": [row], "best": f"run of {seconds}"}))
+        return seconds, 2 * seconds, SimpleNamespace(returncode=0, stderr="")
+
+    monkeypatch.setattr(heads, "_compare_process", fake_process)
+    whole, logreg = heads.compare_rows(tmp_path / "f.h5", tmp_path, label="x", device="cpu", gpu=False, runs=3)
+    assert whole["seconds"] == 29.0 and whole["met"] is True
+    assert "median of 3 runs (31.00, 27.00, 29.00 s)" in whole["note"]
+    assert "best run of 29.0; CPU 58.0 s" in whole["note"]
+    assert logreg["seconds"] == 2.9

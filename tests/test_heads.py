@@ -774,6 +774,32 @@ def test_correlation_preconditioner_is_the_ridged_inverse_and_cuts_iterations() 
     torch.testing.assert_close(pre.theta, plain.theta, rtol=1e-4, atol=1e-5)
 
 
+def test_lbfgs_keeps_its_history_of_pairs_and_more_on_big_cpu_problems() -> None:
+    """``history`` bounds the pairs kept (the same optimum either way); the logreg head's fits keep LONG_HISTORY on
+    big problems on a CPU (fewer iterations measured there) and HISTORY on small ones (as before)."""
+    import torch
+
+    from pipeline.stage2.heads import lbfgs
+
+    g = torch.Generator().manual_seed(1)
+    Z = torch.randn(1500, 30, generator=g, dtype=torch.float64) @ torch.randn(30, 30, generator=g, dtype=torch.float64)
+    y = (Z @ torch.randn(30, 4, generator=g, dtype=torch.float64)).argmax(1)
+    problem = lbfgs.Problem.build(Z, y, classes=4, class_weight=None)
+    sols = {}
+    for history in (3, 10, 25):
+        pairs: list = []
+        start = torch.zeros(4, 31, dtype=torch.float64)
+        sols[history] = lbfgs.lbfgs(lambda t: problem.loss_grad(t, 1e-3), start, max_iter=500, tol=1e-9, pairs=pairs,
+                                    history=history)  # fmt: skip
+        assert sols[history].converged and sols[history].n_iter > history and len(pairs) == history
+    for history in (3, 25):
+        torch.testing.assert_close(sols[history].theta, sols[10].theta, rtol=1e-4, atol=1e-5)
+    big = torch.zeros(lbfgs.SPLIT_ENTRIES // 64 + 1, 64)
+    assert lbfgs.history_for(big) == lbfgs.LONG_HISTORY > lbfgs.HISTORY == lbfgs.history_for(big[:100])
+    if torch.cuda.is_available():
+        assert lbfgs.history_for(big.cuda()) == lbfgs.HISTORY
+
+
 def test_centroid_temperature_is_the_best_of_its_grid() -> None:
     """The fitted temperature has the lowest train log-loss of the 25-point grid (computed here in numpy)."""
     from pipeline.stage2.heads.base import softmax
