@@ -36,7 +36,7 @@ HISTORY = 10  # scipy's default number of correction pairs (maxcor)
 # real MobileNetV2 / random-init ResNet18 features of the bench, C = 0.1, 1 and 10: 60,000 x 1,280 102 / 131 / 192
 # iterations with 10 pairs, 81 / 103 / 172 with 30; 50,000 x 512 (PCA) 36 / 57 / 91 -> 33 / 54 / 64; 50,000 x 512
 # (random init) 43 / 77 / 130 -> 40 / 81 / 105: 15% fewer in all (859 -> 733), at ~0.1 s an iteration on 1,280-d.
-# On the demo (1,438 x 1,280, 13-22 iterations) 30 pairs took 0-5 more, so small problems keep 10; on a GPU a pair
+# On the demo (1,438 x 1,280, 13-26 iterations) 30 pairs took 0-5 more, so small problems keep 10; on a GPU a pair
 # costs ~8 kernel launches beside an evaluation of ~1 ms, so it keeps 10 too.
 LONG_HISTORY = 30
 ARMIJO = 1e-4
