@@ -45,6 +45,20 @@ def held_out_predictions(
     return other.logits(X[held])
 
 
+def sweep_key(point: dict[str, float]) -> tuple:
+    """A grid point as a key of ``Head.held_out_logits`` (whatever the order of its settings)."""
+    return tuple(sorted(point.items()))
+
+
+def _held_out(head: Head, point: dict[str, float], X: np.ndarray, y: np.ndarray, held: np.ndarray) -> np.ndarray:
+    """``point``'s outputs on the ``held`` rows: those its sweep computed when it kept them (the very outputs its
+    score came from; logreg's path, 1,280-d: two fits of ~10 s each saved), else of a head fitted again."""
+    kept = head.held_out_logits.get(sweep_key(point))
+    if kept is not None and len(kept) == len(held):
+        return kept
+    return held_out_predictions(head, point, X, y, held)
+
+
 def guard(
     head: Head,
     X: np.ndarray,
@@ -64,8 +78,7 @@ def guard(
     if best == own:
         note = "the defaults scored highest on held-out train (a tie goes to the defaults)"
         return own, {**record, "kept_defaults": True, "note": note}
-    chosen = held_out_predictions(head, grid[best], X, y, held)
-    defaults = held_out_predictions(head, grid[own], X, y, held)
+    chosen, defaults = (_held_out(head, grid[i], X, y, held) for i in (best, own))
     if head.cfg.task == "multilabel":  # (N, L) truth: a paired bootstrap of held-out mAP
         from pipeline.stage2.multilabel import map_p_value, mean_average_precision
 

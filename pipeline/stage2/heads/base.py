@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import PipelineError
+from pipeline.stage2.choice import sweep_key
 from pipeline.stage2.heads.config import HeadConfig
 from pipeline.stage2.heads.registry import HeadSpec, spec
 
@@ -38,6 +39,9 @@ class Head(ABC):
         # num_classes: the outputs, i.e. the number of targets of a regression head (cfg.task == "regress")
         self.cfg, self.num_classes, self.feature_dim = cfg, num_classes, feature_dim
         self.sweep_info: dict[str, Any] = {}  # what sweep_scores wants recorded beside the grid (e.g. iterations)
+        # The held-out outputs of the grid points sweep_scores fitted (by choice.sweep_key): choice.guard tests the
+        # chosen point against the defaults on these instead of fitting both again.
+        self.held_out_logits: dict[tuple, np.ndarray] = {}
 
     @property
     def spec(self) -> HeadSpec:
@@ -96,7 +100,8 @@ class Head(ABC):
         for point in grid:
             head = type(self)(replace(self.cfg, **point), num_classes=self.num_classes, feature_dim=self.feature_dim)
             head.fit(X, y)
-            scores.append(score(held_out[1], head.logits(held_out[0])))
+            logits = self.held_out_logits[sweep_key(point)] = head.logits(held_out[0])
+            scores.append(score(held_out[1], logits))
         return scores
 
     def as_module(self) -> nn.Module:

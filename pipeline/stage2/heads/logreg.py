@@ -15,6 +15,7 @@ from torch import nn
 from pipeline import pages
 from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
+from pipeline.stage2.choice import sweep_key
 from pipeline.stage2.heads.base import (
     ABSENT_LOGIT,
     FitResult,
@@ -204,9 +205,13 @@ class LogRegHead(Head):
             correct, iters = [], 0
             # 10x looser along the path: a held-out accuracy needs the predictions, not W's last digits; this
             # keeps the 45 fits at 1-2x the iterations of one (measured on real MobileNetV2 features, 50,000 x 512).
-            for sol in fit_path(problem, lams, max_iter=self.cfg.max_iter, tol=PATH_TOL_FACTOR * self.cfg.tol):
-                pred = classes[torch.addmm(sol.theta[:, -1], Zh, sol.theta[:, :-1].t()).argmax(1)]
-                correct.append((pred == yh).float().mean())
+            paths = fit_path(problem, lams, max_iter=self.cfg.max_iter, tol=PATH_TOL_FACTOR * self.cfg.tol)
+            for point, sol in zip(grid, paths):
+                z = torch.addmm(sol.theta[:, -1], Zh, sol.theta[:, :-1].t())
+                correct.append((classes[z.argmax(1)] == yh).float().mean())
+                logits = self.held_out_logits[sweep_key(point)] = np.full((len(z), self.num_classes), ABSENT_LOGIT,
+                                                                          np.float32)  # fmt: skip
+                logits[:, present] = z.cpu().numpy()  # a class train lacks: the logit _set gives it
                 iters += sol.n_iter
         self.sweep_info = {"iterations": iters, "path_tol": PATH_TOL_FACTOR * self.cfg.tol, "solver": "torch"}
         log.info("logreg sweep: %d L-BFGS iterations along the path of %d values", iters, len(grid))
@@ -291,8 +296,9 @@ class LogRegHead(Head):
             problem, varying, (mean, scale) = one_vs_rest_problem(Xd, np.asarray(Y))
             Zh = (torch.as_tensor(np.asarray(held_out[0]), device=device).to(self.DTYPE) - mean) / scale
             lams = [1.0 / (p["C"] * len(Y)) for p in grid]
-            for sol in fit_path(problem, lams, max_iter=self.cfg.max_iter, tol=PATH_TOL_FACTOR * self.cfg.tol):
-                z = np.tile(constant, (len(Zh), 1))
+            paths = fit_path(problem, lams, max_iter=self.cfg.max_iter, tol=PATH_TOL_FACTOR * self.cfg.tol)
+            for point, sol in zip(grid, paths):
+                z = self.held_out_logits[sweep_key(point)] = np.tile(constant, (len(Zh), 1))
                 z[:, varying] = torch.addmm(sol.theta[:, -1], Zh, sol.theta[:, :-1].t()).cpu().numpy()
                 scores.append(score(held_out[1], z))
                 iters += sol.n_iter

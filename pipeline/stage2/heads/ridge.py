@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from pipeline.devices import resolve_device
+from pipeline.stage2.choice import sweep_key
 from pipeline.stage2.heads.base import AffineHead, FitResult, Score
 from pipeline.stage2.heads.config import HeadConfig
 from pipeline.stage2.heads.fitting import fitting_threads
@@ -85,6 +86,6 @@ class RidgeHead(AffineHead):
         scores = []
         for point in grid:
             weight, bias = solver.solve(point["alpha"])
-            pred = np.asarray(held_out[0], np.float32) @ weight.T + bias
+            pred = self.held_out_logits[sweep_key(point)] = np.asarray(held_out[0], np.float32) @ weight.T + bias
             scores.append(score(held_out[1], pred))
         return scores
