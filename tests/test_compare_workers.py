@@ -98,11 +98,12 @@ def test_a_worker_takes_every_core_once_the_other_has_ended(monkeypatch: pytest.
     assert workers.share_of_cores() == 2 and workers._RUNNING is None  # the shared count is gone with the jobs
 
 
-def test_heads_on_one_thread_start_first_and_those_that_spread_end_last() -> None:
+def test_the_costliest_heads_start_first_and_of_equal_costs_the_one_that_spreads_last() -> None:
     from pipeline.stage2.training import start_order
 
     names = ["linear", "logreg", "mlp", "knn", "centroid"]
-    assert [names[i] for i in start_order(names)] == ["mlp", "linear", "centroid", "logreg", "knn"]
+    assert [names[i] for i in start_order(names)] == ["mlp", "logreg", "knn", "linear", "centroid"]
+    assert [["tail", "ridge"][i] for i in start_order(["tail", "ridge"])] == ["tail", "ridge"]
 
 
 @FORKS
