@@ -84,7 +84,8 @@ def test_weighted_ap_is_the_ap_of_the_resampled_images() -> None:
     """The bootstrap's mAP of a resample (counts per image as weights, one sort) is the mAP of the resampled rows,
     so the intervals and the tie test are stats.bootstrap_interval's and stats.paired_bootstrap's, only faster."""
     from pipeline.stage2 import stats
-    from pipeline.stage2.multilabel import LabelRanking, map_p_value, multilabel_intervals
+    from pipeline.stage2.multilabel import map_p_value, multilabel_intervals
+    from pipeline.stage2.stats import LabelRanking
 
     y, a, b = _two_heads()
     ranking = LabelRanking(y, a)

@@ -42,7 +42,7 @@ def test_metrics_match_sklearn() -> None:
     assert stats.balanced_accuracy(y, pred, 4) == pytest.approx(balanced_accuracy_score(y, pred))
     assert stats.macro_f1(y, pred, 4) == pytest.approx(f1_score(y, pred, average="macro"))
     want = np.mean([average_precision_score(y == c, proba[:, c]) for c in range(4)])
-    assert stats.mean_average_precision(y, proba) == pytest.approx(want)
+    assert stats.LabelRanking(y[:, None] == np.arange(4), proba).map() == pytest.approx(want)
     intervals = stats.classification_intervals(y, proba)
     acc = (pred == y).mean()
     lo, hi = intervals["val_accuracy_interval"]
@@ -53,21 +53,27 @@ def test_metrics_match_sklearn() -> None:
 
 def test_each_resampled_map_is_scikit_learns_on_the_rows_drawn() -> None:
     """The bootstrap of mAP, all resamples at once from counts: each resample's value is scikit-learn's mean
-    average precision over the classes it holds, on its rows repeated as often as they were drawn."""
+    average precision over the classes it holds, on its rows repeated as often as they were drawn, tied scores
+    included (k-NN's probabilities tie on every row whose neighbours agree; a class's AP then differs by ~0.02
+    between scikit-learn's one threshold per score and an order that breaks the ties by row)."""
     rng = np.random.default_rng(3)
     n, classes = 300, 5
     y = rng.integers(0, classes, n)
     y[y == 4] = 3  # a class never present
     proba = rng.dirichlet(np.ones(classes), n) + np.eye(classes)[y] * 0.2
-    counts = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(8)], 1).astype(np.float32)
-    present = np.unique(y)
-    ranked = [(order, y[order] == c) for c in present for order in [np.argsort(-proba[:, c], kind="stable")]]
-    got = stats._resampled_map(counts, ranked)
-    for b in range(counts.shape[1]):
-        rows = np.repeat(np.arange(n), counts[:, b].astype(int))
-        held = [c for c in present if (y[rows] == c).any()]
-        want = np.mean([average_precision_score(y[rows] == c, proba[rows, c]) for c in held])
-        assert got[b] == pytest.approx(want, rel=1e-12), b
+    for scores in (proba, np.round(proba * 4) / 4):  # distinct scores, then runs of ties
+        counts = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(8)], 1).astype(np.float32)
+        present = np.unique(y)
+        ranking = stats.LabelRanking(y[:, None] == present[None], scores[:, present])
+        got = ranking.resampled_map(counts)
+        for b in range(counts.shape[1]):
+            rows = np.repeat(np.arange(n), counts[:, b].astype(int))
+            held = [c for c in present if (y[rows] == c).any()]
+            want = np.mean([average_precision_score(y[rows] == c, scores[rows, c]) for c in held])
+            assert got[b] == pytest.approx(want, rel=1e-12), b
+            assert ranking.map(counts[:, b]) == pytest.approx(want, rel=1e-12)
+        want = np.mean([average_precision_score(y == c, scores[:, c]) for c in present])
+        assert ranking.map() == pytest.approx(want, rel=1e-12)
 
 
 def test_mcnemar_tells_a_real_difference_from_noise() -> None:
