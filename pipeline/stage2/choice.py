@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.stage2 import stats
+from pipeline.stage2.heads.config import sweep_key
 
 if TYPE_CHECKING:
     from pipeline.stage2.heads.base import FitResult, Head
@@ -43,11 +44,6 @@ def held_out_predictions(
     other = type(head)(replace(head.cfg, **point), num_classes=head.num_classes, feature_dim=head.feature_dim)
     other.fit(X[fit], y[fit])
     return other.logits(X[held])
-
-
-def sweep_key(point: dict[str, float]) -> tuple:
-    """A grid point as a key of ``Head.held_out_logits`` (whatever the order of its settings)."""
-    return tuple(sorted(point.items()))
 
 
 def _held_out(head: Head, point: dict[str, float], X: np.ndarray, y: np.ndarray, held: np.ndarray) -> np.ndarray:

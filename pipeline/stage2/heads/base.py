@@ -14,8 +14,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import PipelineError
-from pipeline.stage2.choice import sweep_key
-from pipeline.stage2.heads.config import HeadConfig
+from pipeline.stage2.heads.config import HeadConfig, sweep_key
 from pipeline.stage2.heads.registry import HeadSpec, spec
 
 log = logging.getLogger(__name__)
@@ -39,7 +38,7 @@ class Head(ABC):
         # num_classes: the outputs, i.e. the number of targets of a regression head (cfg.task == "regress")
         self.cfg, self.num_classes, self.feature_dim = cfg, num_classes, feature_dim
         self.sweep_info: dict[str, Any] = {}  # what sweep_scores wants recorded beside the grid (e.g. iterations)
-        # The held-out outputs of the grid points sweep_scores fitted (by choice.sweep_key): choice.guard tests the
+        # The held-out outputs of the grid points sweep_scores fitted (by config.sweep_key): choice.guard tests the
         # chosen point against the defaults on these instead of fitting both again.
         self.held_out_logits: dict[tuple, np.ndarray] = {}
 

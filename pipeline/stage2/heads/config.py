@@ -93,3 +93,9 @@ class HeadConfig(RunOptions, *reversed(_GROUPS)):  # type: ignore[misc]  # bases
         RunOptions.check(self)
         for group in _GROUPS:
             group.check(self)
+
+
+def sweep_key(point: dict[str, float]) -> tuple:
+    """A ``--sweep`` grid point as a key of ``Head.held_out_logits`` (the held-out outputs of the points a sweep
+    fitted, which choice.guard tests), whatever the order of its settings."""
+    return tuple(sorted(point.items()))

@@ -15,7 +15,6 @@ from torch import nn
 from pipeline import pages
 from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
-from pipeline.stage2.choice import sweep_key
 from pipeline.stage2.heads.base import (
     ABSENT_LOGIT,
     FitResult,
@@ -25,7 +24,7 @@ from pipeline.stage2.heads.base import (
     fold_standardiser,
     linear_module,
 )
-from pipeline.stage2.heads.config import HeadConfig
+from pipeline.stage2.heads.config import HeadConfig, sweep_key
 from pipeline.stage2.heads.fitting import fitting_threads
 from pipeline.stage2.heads.lbfgs import OneVsRestProblem, Problem, TransposedProblem, fit_path
 

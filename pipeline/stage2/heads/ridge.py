@@ -15,9 +15,8 @@ import numpy as np
 import torch
 
 from pipeline.devices import resolve_device
-from pipeline.stage2.choice import sweep_key
 from pipeline.stage2.heads.base import AffineHead, FitResult, Score
-from pipeline.stage2.heads.config import HeadConfig
+from pipeline.stage2.heads.config import HeadConfig, sweep_key
 from pipeline.stage2.heads.fitting import fitting_threads
 
 # --sweep: alpha from 1e-2 to 1e6, half a decade apart (17 values; on standardised features alpha ~ n shrinks a lot)
