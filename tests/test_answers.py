@@ -87,3 +87,18 @@ def test_positive_curves_are_of_that_class_with_the_threshold_and_its_confusion(
     assert list(metrics.curves.per_class) == ["class_2"]  # not all 4 classes
     for name in ("pr_roc.png", "confusion_threshold.png", "confusion.png", "predictions.csv"):
         assert (tmp_path / "h" / name).is_file(), name
+
+
+def test_errors_grid_keeps_the_order_and_scales_small_images_up_without_smoothing() -> None:
+    """errors.png's grid (PIL, no matplotlib axes): row by row in loss order, each image fitted into its cell, an
+    8 x 8 image's pixels as sharp 20 x 20 blocks (blurred, the worst images of a 28 px dataset would be unreadable)."""
+    colours = [(0, 0, 255), (0, 255, 0), (255, 0, 255)]  # not grey: the captions' anti-aliasing is
+    images = [Image.fromarray(np.tile(np.array(c, np.uint8), (8, 8, 1))) for c in colours]
+    images[0].putpixel((0, 0), (255, 0, 0))
+    picture = np.asarray(answers.image_grid(images, ["3 -> 9\n(0.65)"] * 3, title="worst first", columns=2))
+    red = np.all(picture == (255, 0, 0), axis=2)
+    assert red.sum() == (answers.CELL // 8) ** 2  # one pixel, one block, not smeared into its neighbours
+    first, second, third = (np.argwhere(np.all(picture == c, axis=2)) for c in colours)
+    assert len(first) + red.sum() == len(second) == len(third) == answers.CELL**2  # the whole cell, one block red
+    assert second[:, 1].min() > picture.shape[1] // 2 > first[:, 1].max()  # the second image: right of the first
+    assert third[:, 0].min() > first[:, 0].max()  # the third: the next row
