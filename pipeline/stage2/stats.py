@@ -133,14 +133,12 @@ def classification_intervals(y: np.ndarray, proba: np.ndarray, *, seed: int = 0)
         return out | {
             k: [math.nan, math.nan] for k in ("balanced_accuracy_interval", "macro_f1_interval", "map_interval")
         }
-    rng = np.random.default_rng(seed)
     cell = y * classes + pred
     present = np.unique(y)
     values: dict[str, list[float]] = {"balanced_accuracy_interval": [], "macro_f1_interval": []}
     # the first resamples' counts, for mAP's below: float32 holds them and their sums (at most n) exactly
     for_map = np.empty((n, min(BOOTSTRAP, BOOTSTRAP_MAP)), np.float32)
-    for b in range(BOOTSTRAP):
-        w = np.bincount(rng.integers(0, n, n), minlength=n).astype(np.float64)
+    for b, w in enumerate(resample_counts(n, resamples=BOOTSTRAP, seed=seed)):
         cm = np.bincount(cell, weights=w, minlength=classes * classes).reshape(classes, classes)
         tp, support, predicted = np.diag(cm), cm.sum(1), cm.sum(0)
         seen = support > 0
@@ -230,8 +228,9 @@ def interval_ends(values: Any) -> list[float]:
 
 def resample_counts(n: int, *, resamples: int = BOOTSTRAP, seed: int = 0) -> Iterator[np.ndarray]:
     """Bootstrap resamples of ``n`` rows as counts per row (how often each was drawn), float64: a metric that is a
-    weighted sum over rows sorted once takes them as weights. The draws are :func:`bootstrap_interval`'s and
-    :func:`paired_bootstrap`'s (the same seed resamples the same rows)."""
+    weighted sum over rows sorted once takes them as weights (:func:`classification_intervals`, the multilabel
+    intervals). The draws are :func:`bootstrap_interval`'s and :func:`paired_bootstrap`'s (the same seed resamples
+    the same rows)."""
     rng = np.random.default_rng(seed)
     for _ in range(resamples):
         yield np.bincount(rng.integers(0, n, n), minlength=n).astype(np.float64)
