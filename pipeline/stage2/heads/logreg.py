@@ -185,8 +185,9 @@ class LogRegHead(Head):
         grid: list[dict[str, float]],
         score: Score,
     ) -> list[float]:
-        """The whole grid along one regularisation path (strong to weak), each fit warm-started from the last.
-        logreg classifies only: the torch path scores held-out accuracy (the classify task's score) on the device."""
+        """The whole grid along one regularisation path (strong to weak), each fit warm-started from the last; each
+        point's held-out logits kept (``held_out_logits``) and scored by ``score``, so what choice.guard tests is
+        what was scored."""
         if self.cfg.solver == "sklearn":
             return super().sweep_scores(X, y, held_out, grid=grid, score=score)
         if self.cfg.task == "multilabel":
@@ -198,23 +199,20 @@ class LogRegHead(Head):
                 Xd, np.asarray(y), class_weight=self.cfg.class_weight, num_classes=self.num_classes
             )
             Zh = (torch.as_tensor(np.asarray(held_out[0]), device=device).to(self.DTYPE) - mean) / scale
-            yh = torch.as_tensor(np.asarray(held_out[1]), device=device)
-            classes = torch.as_tensor(present, device=device)
             lams = [1.0 / (p["C"] * total) for p in grid]
-            correct, iters = [], 0
+            scores, iters = [], 0
             # 10x looser along the path: a held-out accuracy needs the predictions, not W's last digits; this
             # keeps the 45 fits at 1-2x the iterations of one (measured on real MobileNetV2 features, 50,000 x 512).
             paths = fit_path(problem, lams, max_iter=self.cfg.max_iter, tol=PATH_TOL_FACTOR * self.cfg.tol)
             for point, sol in zip(grid, paths):
-                z = torch.addmm(sol.theta[:, -1], Zh, sol.theta[:, :-1].t())
-                correct.append((classes[z.argmax(1)] == yh).float().mean())
-                logits = self.held_out_logits[sweep_key(point)] = np.full((len(z), self.num_classes), ABSENT_LOGIT,
-                                                                          np.float32)  # fmt: skip
-                logits[:, present] = z.cpu().numpy()  # a class train lacks: the logit _set gives it
+                z = self.held_out_logits[sweep_key(point)] = np.full((len(Zh), self.num_classes), ABSENT_LOGIT,
+                                                                     np.float32)  # fmt: skip
+                z[:, present] = torch.addmm(sol.theta[:, -1], Zh, sol.theta[:, :-1].t()).cpu().numpy()  # as _set
+                scores.append(score(held_out[1], z))
                 iters += sol.n_iter
         self.sweep_info = {"iterations": iters, "path_tol": PATH_TOL_FACTOR * self.cfg.tol, "solver": "torch"}
         log.info("logreg sweep: %d L-BFGS iterations along the path of %d values", iters, len(grid))
-        return [float(a) for a in torch.stack(correct).tolist()]
+        return scores
 
     def logits(self, X: np.ndarray) -> np.ndarray:
         """Standardised a block of rows at a time: a whole standardised copy of 50,000 x 1,280 cost ~1 s in
