@@ -24,13 +24,6 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
 
 
-def average_precision(y: np.ndarray, score: np.ndarray) -> float:
-    """Average precision of one label (scikit-learn's definition: sum over score thresholds of the recall gained
-    times the precision there; tied scores form one threshold). NaN when ``y`` has no positive."""
-    y = np.asarray(y).reshape(-1, 1)
-    return float(LabelRanking(y, np.asarray(score).reshape(-1, 1)).aps()[0])
-
-
 def mean_average_precision(y: np.ndarray, proba: np.ndarray) -> float:
     """mAP: the mean of the per-label AP over the labels with at least one positive row (0 when none has)."""
     return LabelRanking(y, proba).map()
@@ -56,15 +49,15 @@ def multilabel_metrics(
     precision = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), 0.0)
     recall = np.where(tp + fn > 0, tp / np.maximum(tp + fn, 1), 0.0)
     f1 = _f1(tp, fp, fn)
-    aps = [average_precision(y[:, j], proba[:, j]) for j in range(y.shape[1])]
+    aps = LabelRanking(y, proba).aps()  # each label's, sorted once: the mAP below is their mean
     per_label = [
-        {"label": name, "ap": None if np.isnan(aps[j]) else aps[j], "precision": float(precision[j]),
+        {"label": name, "ap": None if np.isnan(aps[j]) else float(aps[j]), "precision": float(precision[j]),
          "recall": float(recall[j]), "f1": float(f1[j]), "support": int(y[:, j].sum()),
          "threshold": float(np.asarray(thresholds)[j])}
         for j, name in enumerate(labels)
     ]  # fmt: skip
     return {
-        "map": mean_average_precision(y, proba),
+        "map": LabelRanking.mean(aps),
         "micro_f1": float(_f1(tp.sum(), fp.sum(), fn.sum())),
         "macro_f1": float(f1.mean()) if len(f1) else 0.0,
         "subset_accuracy": float((pred == y).all(1).mean()) if len(y) else 0.0,

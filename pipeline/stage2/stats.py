@@ -214,7 +214,11 @@ class LabelRanking:
 
     def map(self, weights: np.ndarray | None = None) -> float:
         """The mean of :meth:`aps` over the labels with a positive (0 when none has)."""
-        aps = self.aps(weights)
+        return self.mean(self.aps(weights))
+
+    @staticmethod
+    def mean(aps: np.ndarray) -> float:
+        """mAP from per-label APs: their mean over the labels with a positive (not NaN), 0 when none has."""
         present = aps[~np.isnan(aps)]
         return float(present.mean()) if len(present) else 0.0
 
