@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline.stage2 import choice
 from pipeline.stage2.heads import HeadConfig, build_head
@@ -153,11 +154,18 @@ def test_a_refit_that_fits_its_rows_worse_than_the_held_out_fit_is_not_kept(monk
     assert choice.check_refit(knn, result, X, y, rows=rows, val=None)[2] == {}
 
 
-@pytest.mark.parametrize("name, defaults", [("logreg", {"C": 1e-6}), ("knn", {"k": 1}), ("ridge", {"alpha": 1e6})])
+SLOW = {"lr": 1e-6, "weight_decay": 0.0, "epochs": 2}  # two epochs at lr 1e-6: the linear and mlp defaults lose
+
+
+@pytest.mark.parametrize(
+    "name, defaults",
+    [("logreg", {"C": 1e-6}), ("knn", {"k": 1}), ("ridge", {"alpha": 1e6}), ("linear", SLOW), ("mlp", SLOW)],
+)
 def test_the_guard_tests_the_outputs_the_sweep_scored_without_fitting_again(monkeypatch, name, defaults) -> None:
-    """logreg's path and the generic sweep (k-NN) keep each grid point's held-out outputs: the paired test of the
-    chosen point against the defaults is on the very outputs its scores came from, with no second fit of either
-    (on 60,000 x 1,280 real features, two logreg fits of ~10 s each)."""
+    """Every sweep keeps each grid point's held-out outputs (logreg's path, ridge, the generic sweep of k-NN, and
+    each epoch of linear's and mlp's runs): the paired test of the chosen point against the defaults is on the very
+    outputs its scores came from, with no second fit of either (on 60,000 x 1,280 real features, two logreg fits
+    of ~10 s each, two mlp fits of ~10 s)."""
     from pipeline.stage2.protocol import HELD_OUT_FRACTION, sweep
     from pipeline.stage2.tasks import TASKS
 
@@ -177,3 +185,24 @@ def test_the_guard_tests_the_outputs_the_sweep_scored_without_fitting_again(monk
     for point, score in ((record["chosen"], record["chosen_score"]), (defaults, record["defaults_score"])):
         kept = head.held_out_logits[choice.sweep_key(point)]
         assert kept.shape == (len(held), 4) and (kept.argmax(1) == y[held]).mean() == pytest.approx(score)
+
+
+def test_a_sweep_keeps_the_outputs_of_the_first_epochs_that_fit_its_budget_and_the_guard_fits_the_rest() -> None:
+    """EpochScores keeps each epoch's outputs, as scored, while they fit ``keep_bytes``; the points of later epochs
+    are missing from ``kept``, so choice.guard fits them again rather than testing other outputs."""
+    from pipeline.stage2.heads.config import sweep_key
+    from pipeline.stage2.heads.fitting import EpochScores, with_epochs
+
+    y = np.array([0, 1, 1])
+    watch = EpochScores(y, lambda t, z: float((z.argmax(1) == t).mean()), keep_bytes=2 * 2 * 3 * 2 * 4)
+    epochs = [torch.randn(2, 3, 2) for _ in range(3)]  # (runs, rows, classes) after each of 3 epochs
+    for out in epochs:
+        watch(out)
+    runs = [{"lr": 0.1}, {"lr": 0.2}]
+    grid = with_epochs(runs, 3)
+    assert len(watch.outputs) == 2 and watch.of(grid, runs, epochs=3)[2] == watch.rows[2][0]
+    kept = watch.kept(grid, runs, epochs=3)
+    assert set(kept) == {sweep_key(p) for p in grid if p["epochs"] <= 2}
+    assert np.array_equal(kept[sweep_key({"lr": 0.2, "epochs": 2})], epochs[1][1].numpy())
+    epochs[1].zero_()  # a copy was kept, not the caller's tensor
+    assert kept[sweep_key({"lr": 0.2, "epochs": 2})].any()

@@ -48,7 +48,8 @@ def held_out_predictions(
 
 def _held_out(head: Head, point: dict[str, float], X: np.ndarray, y: np.ndarray, held: np.ndarray) -> np.ndarray:
     """``point``'s outputs on the ``held`` rows: those its sweep computed when it kept them (the very outputs its
-    score came from; logreg's path, 1,280-d: two fits of ~10 s each saved), else of a head fitted again."""
+    score came from; every head's sweep keeps them, linear's and mlp's within fitting.KEEP_BYTES; logreg's path or
+    mlp, 1,280-d: two fits of ~10 s each saved), else of a head fitted again."""
     kept = head.held_out_logits.get(sweep_key(point))
     if kept is not None and len(kept) == len(held):
         return kept

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from pipeline.stage2.heads.base import Score, balanced_weights
-from pipeline.stage2.heads.config import HeadConfig
+from pipeline.stage2.heads.config import HeadConfig, sweep_key
 
 log = logging.getLogger(__name__)
 
@@ -251,26 +251,49 @@ def grid_runs(grid: list[dict[str, Any]], *, epochs: int) -> tuple[list[dict[str
     return runs, max(int(point.get("epochs", epochs)) for point in grid)
 
 
+# A sweep keeps every run's held-out outputs after every epoch up to this many bytes (15 linear runs x 15 epochs x
+# 12,000 held-out rows x 10 classes: 108 MB), so that choice.guard tests the points it chose between on the outputs
+# their scores came from instead of training both again (mlp on 48,000 x 1,280: two fits of ~10 s). Beyond it, the
+# epochs not kept are fitted again when the guard needs them.
+KEEP_BYTES = 1 << 28
+
+
 @dataclass
 class EpochScores:
-    """The held-out score of every run after every epoch (a ``watch`` of :func:`train_epochs`). ``targets``: the
-    (mean, std) regression outputs were standardised by, undone before scoring."""
+    """The held-out score of every run after every epoch (a ``watch`` of :func:`train_epochs`), and the outputs
+    scored, while they fit :data:`KEEP_BYTES`. ``targets``: the (mean, std) regression outputs were standardised
+    by, undone before scoring."""
 
     y: np.ndarray
     score: Score
     targets: tuple[np.ndarray, np.ndarray] | None = None
     rows: list[list[float]] = field(default_factory=list)  # [epoch][run]
+    outputs: list[list[np.ndarray]] = field(default_factory=list)  # [epoch][run] (N, C): the first epochs that fit
+    keep_bytes: int = KEEP_BYTES
 
     def __call__(self, out: torch.Tensor) -> None:
         z = out.float().cpu().numpy()
         if self.targets is not None:
             z = z * self.targets[1] + self.targets[0]
         self.rows.append([self.score(self.y, z_run) for z_run in z])
+        if len(self.outputs) == len(self.rows) - 1 and z.nbytes <= self.keep_bytes:
+            self.outputs.append(list(np.array(z, np.float32)))  # a copy: the caller's buffer is not ours
+            self.keep_bytes -= z.nbytes
 
     def of(self, grid: list[dict[str, Any]], runs: list[dict[str, Any]], *, epochs: int) -> list[float]:
         """Each grid point's score: its run's, after its epoch count."""
 
         return [self.rows[int(p.get("epochs", epochs)) - 1][runs.index(_setting(p))] for p in grid]
+
+    def kept(self, grid: list[dict[str, Any]], runs: list[dict[str, Any]], *, epochs: int) -> dict[tuple, np.ndarray]:
+        """The held-out outputs each grid point was scored by, by :func:`sweep_key` (the points whose epoch was
+        kept): what ``Head.held_out_logits`` holds for choice.guard."""
+        kept = {}
+        for p in grid:
+            epoch = int(p.get("epochs", epochs)) - 1
+            if epoch < len(self.outputs):
+                kept[sweep_key(p)] = self.outputs[epoch][runs.index(_setting(p))]
+        return kept
 
 
 def _setting(point: dict[str, Any]) -> dict[str, Any]:

@@ -81,4 +81,5 @@ class LinearHead(AffineHead):
         cfg = replace(self.cfg, epochs=epochs)
         longest = type(self)(cfg, num_classes=self.num_classes, feature_dim=self.feature_dim)
         _, _, watch = longest._fit_grid(X, y, grid=runs, val=held_out, score=score)
+        self.held_out_logits.update(watch.kept(grid, runs, epochs=self.cfg.epochs))
         return watch.of(grid, runs, epochs=self.cfg.epochs)

@@ -19,6 +19,7 @@ from pipeline.stage2.heads.base import (
 )
 from pipeline.stage2.heads.config import HeadConfig
 from pipeline.stage2.heads.fitting import (
+    KEEP_BYTES,
     EpochScores,
     TorchData,
     fitting_threads,
@@ -47,14 +48,15 @@ class MLPHead(Head):
         return self._fit(X, y, val=val)[0]
 
     def _fit(
-        self, X: np.ndarray, y: np.ndarray, *, val: Any = None, score: Score | None = None
+        self, X: np.ndarray, y: np.ndarray, *, val: Any = None, score: Score | None = None, keep_bytes: int = KEEP_BYTES
     ) -> tuple[FitResult, Any]:
-        """The fit; with ``score``, ``val`` scored after every epoch (:class:`EpochScores`, a sweep's held-out rows)."""
+        """The fit; with ``score``, ``val`` scored after every epoch (:class:`EpochScores`, a sweep's held-out rows,
+        keeping the outputs scored up to ``keep_bytes``)."""
         device = resolve_device(self.cfg.device)
         cfg, _ = scaled_for_device(self.cfg, n=len(y), device=device)
         raw_val_y = None if val is None else val[1]
         X, y, val, scalings = prepare_scaled(X, y, val, cfg=cfg)
-        watch = None if score is None else EpochScores(raw_val_y, score, scalings.targets)
+        watch = None if score is None else EpochScores(raw_val_y, score, scalings.targets, keep_bytes=keep_bytes)
         data = TorchData.build(X, y, val=val, cfg=cfg, num_classes=self.num_classes, device=device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)  # init and dropout masks
@@ -85,8 +87,11 @@ class MLPHead(Head):
         for run in runs:
             head = type(self)(replace(self.cfg, **run, epochs=epochs), num_classes=self.num_classes,
                               feature_dim=self.feature_dim)  # fmt: skip
-            per_run.append(head._fit(X, y, val=held_out, score=score)[1].rows)
-        watch = EpochScores(held_out[1], score, rows=[[r[e][0] for r in per_run] for e in range(epochs)])
+            per_run.append(head._fit(X, y, val=held_out, score=score, keep_bytes=KEEP_BYTES // len(runs))[1])
+        watch = EpochScores(held_out[1], score, rows=[[r.rows[e][0] for r in per_run] for e in range(epochs)])
+        kept = min(len(r.outputs) for r in per_run)  # the epochs every run kept
+        watch.outputs = [[r.outputs[e][0] for r in per_run] for e in range(kept)]
+        self.held_out_logits.update(watch.kept(grid, runs, epochs=self.cfg.epochs))
         return watch.of(grid, runs, epochs=self.cfg.epochs)
 
     @torch.no_grad()
