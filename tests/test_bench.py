@@ -232,3 +232,32 @@ def test_heads_bench_compare_row_is_the_median_run(tmp_path: Path, monkeypatch: 
     assert "median of 3 runs (31.00, 27.00, 29.00 s)" in whole["note"]
     assert "best run of 29.0; CPU 58.0 s" in whole["note"]
     assert logreg["seconds"] == 2.9
+
+
+def test_heads_bench_says_the_hosts_speed_beside_each_compare_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a probe, each run's time is said beside the host's speed measured just before it (the shared CPU's
+    slow spells slow every head), and the speed is measured in GFLOP/s and GB/s that a matmul really reaches."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from pipeline.bench import heads
+
+    gflops, gbs = heads.host_speed(np.random.default_rng(0).random((4_000, 256), np.float32))
+    assert 0.1 < gflops < 1e4 and 0.01 < gbs < 1e4
+    speeds, times = iter([(80.0, 4.5), (60.0, 3.1)]), iter([25.0, 31.0])
+
+    def fake_process(path: Path, out: Path, *, device: str, one_by_one: bool = False) -> tuple:
+        seconds = next(times)
+        out.mkdir(parents=True, exist_ok=True)
+        row = {"head": "logreg", "fit_seconds": 1.0, "eval_seconds": 0.5, "head_seconds": 2.0}
+        (out / "compare.json").write_text(json.dumps({"rows": [row], "best": "logreg"}))
+        return seconds, 2 * seconds, SimpleNamespace(returncode=0, stderr="")
+
+    monkeypatch.setattr(heads, "_compare_process", fake_process)
+    monkeypatch.setattr(heads, "host_speed", lambda X: next(speeds))
+    whole = heads.compare_rows(tmp_path / "f.h5", tmp_path, label="x", device="cpu", gpu=False, runs=2,
+                               probe=np.zeros((2, 2), np.float32))  # fmt: skip
+    assert "25.00 s (host 80 GFLOP/s, 4.5 GB/s), 31.00 s (host 60 GFLOP/s, 3.1 GB/s)" in whole[0]["note"]

@@ -303,14 +303,53 @@ def _compare_process(path: Path, out: Path, *, device: str, one_by_one: bool = F
     return seconds, cpu, proc
 
 
+def host_speed(X: np.ndarray) -> tuple[float, float]:
+    """How fast this shared CPU runs just now, on one core, in the two kinds of work that are most of compare's
+    time: mlp's mini-batch matmul (128 x D by D x 128; GFLOP/s) and logreg's pass over the whole train matrix
+    (10 x D by D x N; GB/s of features read). Each is the median of five short timings (~0.5 s in all).
+    Measured beside each compare run, so that a run in one of the host's slow spells shows as one: every head
+    slowed by 21-30% between two bench runs of the same code in session 18, and these fall with them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        Z = torch.from_numpy(np.ascontiguousarray(X, np.float32))
+        gen = torch.Generator().manual_seed(0)
+        x, w = Z[:128], torch.randn(128, Z.shape[1], generator=gen)
+        thin = torch.randn(10, Z.shape[1], generator=gen)
+
+        def median_time(work: Any, repeat: int) -> float:
+            times = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                for _ in range(repeat):
+                    work()
+                times.append((time.perf_counter() - t0) / repeat)
+            return sorted(times)[2]
+
+        gemm = median_time(lambda: torch.mm(x, w.t()), 40)
+        passes = median_time(lambda: torch.mm(thin, Z.t()), 1)
+    finally:
+        torch.set_num_threads(threads)
+    return 2 * 128 * Z.shape[1] * 128 / gemm / 1e9, Z.numel() * 4 / passes / 1e9
+
+
 def compare_rows(
-    path: Path, work: Path, *, label: str, device: str, gpu: bool, baseline: bool = False, runs: int = 1
+    path: Path,
+    work: Path,
+    *,
+    label: str,
+    device: str,
+    gpu: bool,
+    baseline: bool = False,
+    runs: int = 1,
+    probe: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
     """``python -m pipeline compare`` of every head, the whole process (start-up and reading the file included),
     ``runs`` times: the row is the median run (every run's seconds in its note), then one row per head of that
     run: its whole time (fit + evaluation + writing its folder) as compare recorded it, with the three parts in
     the note. With ``baseline``, first the same compare with its heads one after another (as before they trained
-    two at a time), for the ratio side by side."""
+    two at a time), for the ratio side by side. With ``probe`` (features), the host's speed (:func:`host_speed`)
+    is measured before each run and said beside its time."""
     rows = []
     if baseline:
         seconds, cpu, proc = _compare_process(path, work / f"compare1_{path.stem}", device=device, one_by_one=True)
@@ -320,13 +359,17 @@ def compare_rows(
     name = f"compare all heads (process), {label}"
     tries = []
     for _ in range(runs):
+        speed = None if probe is None or gpu else "host {:.0f} GFLOP/s, {:.1f} GB/s".format(*host_speed(probe))
         seconds, cpu, proc = _compare_process(path, out, device=device)
         if proc.returncode:
             return [*rows, _row(name, seconds, None, "FAILED: " + proc.stderr.strip()[-300:])]
-        tries.append((seconds, cpu, json.loads((out / "compare.json").read_text())))  # the next run replaces it
-    seconds, cpu, result = sorted(tries, key=lambda t: t[0])[len(tries) // 2]
+        tries.append((seconds, cpu, json.loads((out / "compare.json").read_text()), speed))  # the next run replaces it
+    seconds, cpu, result, _ = sorted(tries, key=lambda t: t[0])[len(tries) // 2]
     note = f"best {result.get('best')}; CPU {cpu:.1f} s"
-    if runs > 1:  # a shared machine's speed drifts by seconds: the median run, and every run's time
+    if tries[0][3]:  # a shared machine's speed drifts by seconds: each run's time beside the host's speed then
+        listed = ", ".join(f"{t[0]:.2f} s ({t[3]})" for t in tries)
+        note = (f"median of {runs} runs: {listed}; " if runs > 1 else f"{listed}; ") + note
+    elif runs > 1:  # the median run, and every run's time
         note = f"median of {runs} runs ({', '.join(f'{t[0]:.2f}' for t in tries)} s); " + note
     if rows:
         note += f"; {rows[0]['seconds'] / seconds:.2f}x the one-after-another run above"
@@ -382,7 +425,7 @@ def heads_bench(*, work: Path, device: str = "auto", quick: bool = False) -> dic
     for path, label in labels.items():
         one = gpu or quick
         rows += compare_rows(path, work, label=label, device=device, gpu=gpu, baseline=path == full and not one,
-                             runs=1 if one else COMPARE_RUNS)  # fmt: skip
+                             runs=1 if one else COMPARE_RUNS, probe=fs1280.train.features)  # fmt: skip
     rows.append(_row("  (cosine of random-init features)", 0.0, None, _parallel_note(fs_random)))
     for fs, label in ((fs512, labels[reduced]), (fs_random, labels[parallel])):  # k-NN's own bound, no other head
         seconds, m = _timed_head(fs, HeadConfig(head="knn", device=device))
