@@ -206,3 +206,40 @@ def test_a_sweep_keeps_the_outputs_of_the_first_epochs_that_fit_its_budget_and_t
     assert np.array_equal(kept[sweep_key({"lr": 0.2, "epochs": 2})], epochs[1][1].numpy())
     epochs[1].zero_()  # a copy was kept, not the caller's tensor
     assert kept[sweep_key({"lr": 0.2, "epochs": 2})].any()
+
+
+def test_the_refit_check_tests_the_mlp_its_sweep_fitted_without_fitting_it_again(monkeypatch) -> None:
+    """mlp's sweep keeps its parameters after each epoch: the head of each grid point is, to the bit, the head that
+    fitting that point on the sweep's rows gives, and the refit's check tests it rather than fitting it again
+    (48,000 x 1,280: ~10 s): a sweep's mlp is fitted once on all of train and never on the 80% again."""
+    from dataclasses import replace
+
+    from pipeline.stage2 import protocol
+    from pipeline.stage2.heads.config import sweep_key
+    from pipeline.stage2.heads.mlp import MLPHead
+    from pipeline.stage2.tasks import TASKS
+
+    X, y = separable_features(n=600, classes=3, spread=2.0)
+    cfg = HeadConfig(head="mlp", sweep=True, epochs=3, device="cpu")
+    dims = {"num_classes": 3, "feature_dim": 32}
+    head = build_head(cfg, **dims)
+    _, record = protocol.sweep(head, X, y, task=TASKS["classify"])
+    assert set(head.held_out_fits) == {sweep_key(p) for p in record["grid"]}
+    rows, held, _ = TASKS["classify"].holdout(y, fraction=protocol.HELD_OUT_FRACTION, seed=0)
+    for point in (record["grid"][1], record["chosen"]):
+        lone = build_head(replace(cfg, **point), **dims)
+        lone.fit(X[rows], y[rows])
+        scored = head.held_out_fits[sweep_key(point)]()
+        assert np.array_equal(scored.logits(X), lone.logits(X))
+        assert np.array_equal(scored.logits(X[held]), head.held_out_logits[sweep_key(point)])
+
+    fits = []
+    original = MLPHead.fit
+
+    def counted(self, *args, **kwargs):
+        fits.append(len(args[1]))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(MLPHead, "fit", counted)
+    fitted = protocol.fit(cfg, X, y, val=(X[:50], y[:50]), dims=dims, task=TASKS["classify"])
+    assert fits == [len(y)] and fitted.sweep["refit"] == "checked"  # the refit on all of train, and no other fit

@@ -21,6 +21,7 @@ from pipeline.stage2 import thresholds
 from pipeline.stage2.choice import check_refit, guard, with_own_point
 from pipeline.stage2.heads import HeadConfig, build_head
 from pipeline.stage2.heads.base import warn_if_tiny
+from pipeline.stage2.heads.config import sweep_key
 from pipeline.store import FeatureSet, SplitFeatures
 
 if TYPE_CHECKING:
@@ -173,15 +174,17 @@ def fit(cfg: HeadConfig, X: Any, y: np.ndarray, *, val: tuple[Any, np.ndarray], 
     (after a sweep, checked against the same settings fitted on the part the choice was scored from:
     :func:`~pipeline.stage2.choice.check_refit`)."""
     t0 = time.perf_counter()
-    sweep_record = None
+    sweep_record, sweeping = None, None
     if cfg.sweep:
-        cfg, sweep_record = sweep(build_head(cfg, **dims), X, y, task=task)
+        sweeping = build_head(cfg, **dims)
+        cfg, sweep_record = sweep(sweeping, X, y, task=task)
     head = build_head(cfg, **dims)
     if head.spec.uses("standardize") and not cfg.standardize:
         warn_if_tiny(X, cfg)
     result = head.fit(X, y, val=val)
     if sweep_record is not None and "chosen" in sweep_record:  # the refit is checked against the held-out choice
         rows, _, _ = task.holdout(y, fraction=HELD_OUT_FRACTION, seed=cfg.seed)
-        head, result, checked = check_refit(head, result, X, y, rows=rows, val=val)
+        scored = sweeping.held_out_fits.get(sweep_key(sweep_record["chosen"])) if sweeping is not None else None
+        head, result, checked = check_refit(head, result, X, y, rows=rows, val=val, scored=scored)
         sweep_record = {**sweep_record, **checked}
     return Fitted(head, result, cfg, sweep_record, time.perf_counter() - t0, X, y, dims)

@@ -41,6 +41,9 @@ class Head(ABC):
         # The held-out outputs of the grid points sweep_scores fitted (by config.sweep_key): choice.guard tests the
         # chosen point against the defaults on these instead of fitting both again.
         self.held_out_logits: dict[tuple, np.ndarray] = {}
+        # ... and, where the sweep kept them (mlp), the heads those outputs came from, fitted on the sweep's part of
+        # train (made when asked): choice.check_refit tests the refit against the chosen one without fitting it again.
+        self.held_out_fits: dict[tuple, Callable[[], Head]] = {}
 
     @property
     def spec(self) -> HeadSpec:

@@ -270,15 +270,23 @@ class EpochScores:
     rows: list[list[float]] = field(default_factory=list)  # [epoch][run]
     outputs: list[list[np.ndarray]] = field(default_factory=list)  # [epoch][run] (N, C): the first epochs that fit
     keep_bytes: int = KEEP_BYTES
+    # Set by a trainer that can say it (train_mlp): its parameters now, a copy; kept beside each epoch's outputs
+    # (``states``, [epoch]), so that the head a point was scored from need not be trained again (choice.check_refit).
+    state: Callable[[], torch.Tensor] | None = None
+    states: list[torch.Tensor] = field(default_factory=list)
 
     def __call__(self, out: torch.Tensor) -> None:
         z = out.float().cpu().numpy()
         if self.targets is not None:
             z = z * self.targets[1] + self.targets[0]
         self.rows.append([self.score(self.y, z_run) for z_run in z])
-        if len(self.outputs) == len(self.rows) - 1 and z.nbytes <= self.keep_bytes:
+        state = None if self.state is None else self.state()
+        size = z.nbytes + (0 if state is None else state.numel() * state.element_size())
+        if len(self.outputs) == len(self.rows) - 1 and size <= self.keep_bytes:
             self.outputs.append(list(np.array(z, np.float32)))  # a copy: the caller's buffer is not ours
-            self.keep_bytes -= z.nbytes
+            if state is not None:
+                self.states.append(state)
+            self.keep_bytes -= size
 
     def of(self, grid: list[dict[str, Any]], runs: list[dict[str, Any]], *, epochs: int) -> list[float]:
         """Each grid point's score: its run's, after its epoch count."""
@@ -401,6 +409,8 @@ def train_mlp(
     b2_col = b2[:, None]
     opt = Adam([{"params": [flat], "lr": cfg.lr, "weight_decay": cfg.weight_decay}])
     grad_of = output_grad(data)
+    if isinstance(watch, EpochScores):  # a sweep: the parameters after each epoch, as MLPHead.from_flat takes them
+        watch.state = flat.clone
 
     def step(x: torch.Tensor, share: torch.Tensor, target: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         a = torch.addmm(b1, x, w1.t())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -14,10 +15,11 @@ from pipeline.errors import PipelineError
 from pipeline.stage2.heads.base import (
     FitResult,
     Head,
+    Scalings,
     Score,
     prepare_scaled,
 )
-from pipeline.stage2.heads.config import HeadConfig
+from pipeline.stage2.heads.config import HeadConfig, sweep_key
 from pipeline.stage2.heads.fitting import (
     KEEP_BYTES,
     EpochScores,
@@ -49,9 +51,10 @@ class MLPHead(Head):
 
     def _fit(
         self, X: np.ndarray, y: np.ndarray, *, val: Any = None, score: Score | None = None, keep_bytes: int = KEEP_BYTES
-    ) -> tuple[FitResult, Any]:
+    ) -> tuple[FitResult, Any, Scalings]:
         """The fit; with ``score``, ``val`` scored after every epoch (:class:`EpochScores`, a sweep's held-out rows,
-        keeping the outputs scored up to ``keep_bytes``)."""
+        keeping the outputs scored and the parameters after each epoch up to ``keep_bytes``); the scalings folded
+        into the layers at the end."""
         device = resolve_device(self.cfg.device)
         cfg, _ = scaled_for_device(self.cfg, n=len(y), device=device)
         raw_val_y = None if val is None else val[1]
@@ -65,7 +68,24 @@ class MLPHead(Head):
                 histories = train_mlp(self.module, data, cfg=cfg, watch=watch)
         self.module = self.module.cpu().eval()
         scalings.fold(self.module[0], self.module[3])
-        return FitResult(history=histories[0], info=ran_with(self.cfg, device=device, n=len(y))), watch
+        return FitResult(history=histories[0], info=ran_with(self.cfg, device=device, n=len(y))), watch, scalings
+
+    def _layers(self) -> list[torch.Tensor]:
+        """The parameters in train_mlp's order (its flat tensor's)."""
+        return [self.module[0].weight, self.module[0].bias, self.module[3].weight, self.module[3].bias]
+
+    def from_flat(self, cfg: HeadConfig, flat: torch.Tensor, scalings: Scalings) -> MLPHead:
+        """A head of ``cfg`` holding ``flat`` (train_mlp's parameters, kept by a sweep after an epoch), folded as
+        :meth:`_fit` folds its own: to the bit the head that fitting ``cfg`` on the sweep's rows gives (tested)."""
+        head = type(self)(cfg, num_classes=self.num_classes, feature_dim=self.feature_dim)
+        with torch.random.fork_rng(devices=[]):  # the layers' initial draws, overwritten: not from the caller's stream
+            head.module = head._module().eval()
+        layers = head._layers()
+        with torch.no_grad():
+            for t, v in zip(layers, flat.cpu().split([t.numel() for t in layers])):
+                t.copy_(v.view_as(t))
+        scalings.fold(head.module[0], head.module[3])
+        return head
 
     @classmethod
     def sweep_grid(cls, cfg: HeadConfig) -> list[dict[str, float]]:
@@ -81,13 +101,18 @@ class MLPHead(Head):
         grid: list[dict[str, float]],
         score: Score,
     ) -> list[float]:
-        """One run per setting, for the most epochs any point asks, scored on ``held_out`` after every epoch."""
+        """One run per setting, for the most epochs any point asks, scored on ``held_out`` after every epoch; the
+        outputs scored and the parameters after each epoch kept (``held_out_logits``, ``held_out_fits``)."""
         runs, epochs = grid_runs(grid, epochs=self.cfg.epochs)
         per_run = []
         for run in runs:
             head = type(self)(replace(self.cfg, **run, epochs=epochs), num_classes=self.num_classes,
                               feature_dim=self.feature_dim)  # fmt: skip
-            per_run.append(head._fit(X, y, val=held_out, score=score, keep_bytes=KEEP_BYTES // len(runs))[1])
+            _, run_watch, scalings = head._fit(X, y, val=held_out, score=score, keep_bytes=KEEP_BYTES // len(runs))
+            per_run.append(run_watch)
+            for e, flat in enumerate(run_watch.states):
+                cfg = replace(self.cfg, **run, epochs=e + 1)
+                self.held_out_fits[sweep_key({**run, "epochs": e + 1})] = partial(self.from_flat, cfg, flat, scalings)
         watch = EpochScores(held_out[1], score, rows=[[r.rows[e][0] for r in per_run] for e in range(epochs)])
         kept = min(len(r.outputs) for r in per_run)  # the epochs every run kept
         watch.outputs = [[r.outputs[e][0] for r in per_run] for e in range(kept)]
