@@ -280,9 +280,11 @@ class EpochScores:
         if self.targets is not None:
             z = z * self.targets[1] + self.targets[0]
         self.rows.append([self.score(self.y, z_run) for z_run in z])
+        if len(self.outputs) < len(self.rows) - 1:  # an earlier epoch did not fit: neither does this one
+            return
         state = None if self.state is None else self.state()
         size = z.nbytes + (0 if state is None else state.numel() * state.element_size())
-        if len(self.outputs) == len(self.rows) - 1 and size <= self.keep_bytes:
+        if size <= self.keep_bytes:
             self.outputs.append(list(np.array(z, np.float32)))  # a copy: the caller's buffer is not ours
             if state is not None:
                 self.states.append(state)
