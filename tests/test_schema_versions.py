@@ -21,9 +21,38 @@ from pipeline.stage1.extract import ExtractConfig, extract
 from pipeline.store import AUDIT_COLUMNS, FeatureWriter, StoredFile, fingerprint, read_features, read_meta
 from tests.conftest import TINY_EXTRACT, write_feature_file, write_image_folder
 
-# Written by `python -m pipeline extract` of main at 9816617 (schema version 1; mobilenet_v2, random weights,
-# 32 px, a folder of 8 digits from data/digits, float16): the record exactly as today's files hold it.
-MAIN_V1 = Path(__file__).parent / "data" / "features_v1_main-9816617.h5"
+# The record of a file written by `python -m pipeline extract` of main at 9816617 (schema version 1; mobilenet_v2,
+# random weights, 32 px, a folder of 8 digits from data/digits, float16): every attribute and dataset as that code
+# stored them, kept as text (no feature file in git); :func:`main_v1_file` writes the file from it.
+MAIN_V1 = Path(__file__).parent / "data" / "features_v1_main-9816617.json"
+
+
+def _stored(value: dict) -> object:
+    """An attribute's value in the type version 1 code stored it as."""
+    ((kind, v),) = value.items()
+    return {"str": str, "bool": np.bool_, "int64": np.int64, "float64": np.float64}[kind](v)
+
+
+def main_v1_file(path: Path) -> Path:
+    """The version 1 file of :data:`MAIN_V1` at ``path``: its attributes, groups and datasets (types, shapes,
+    layouts, ids, labels, class names) as stored, the features seeded draws in their dtype."""
+    record = json.loads(MAIN_V1.read_text())
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "w") as f:
+        f.attrs.update({k: _stored(v) for k, v in record["attrs"].items()})
+        for name, attrs in record["groups"].items():
+            f.create_group(name).attrs.update({k: _stored(v) for k, v in attrs.items()})
+        for name, d in record["datasets"].items():
+            shape, maxshape = tuple(d["shape"]), tuple(d["maxshape"])
+            if d["dtype"] == "str":
+                dtype, data = h5py.string_dtype("utf-8"), np.array(d["values"], dtype=object)
+            elif d["values"] == "seeded":
+                dtype, data = np.dtype(d["dtype"]), rng.standard_normal(shape).astype(d["dtype"])
+            else:
+                dtype, data = np.dtype(d["dtype"]), np.array(d["values"], dtype=d["dtype"])
+            layout = {"maxshape": maxshape, "chunks": tuple(d["chunks"])} if d["chunks"] else {}  # else contiguous
+            f.create_dataset(name, data=data, dtype=dtype, **layout)
+    return path
 
 
 def _old_fingerprint(identity: dict) -> str:
@@ -34,12 +63,13 @@ def _old_fingerprint(identity: dict) -> str:
 # ------------------------------------------------------------------------------------------ version 1 files
 
 
-def test_a_file_written_by_main_reads_as_a_complete_record() -> None:
-    with h5py.File(MAIN_V1) as f:  # the file as stored: version 1, the defaults left out
+def test_a_file_written_by_main_reads_as_a_complete_record(tmp_path: Path) -> None:
+    path = main_v1_file(tmp_path / "v1.h5")
+    with h5py.File(path) as f:  # the file as stored: version 1, the defaults left out
         assert f.attrs["schema_version"] == 1
         stored = json.loads(f.attrs["identity"])
         assert "resize" not in json.loads(f.attrs["preprocessing"]) and "preprocess_on" not in stored
-    fs = read_features(MAIN_V1)
+    fs = read_features(path)
     meta = fs.meta
     assert meta.schema_version == 1 and meta.complete is True and meta.feature_dim == 1280
     assert meta.preprocessing["resize"] == "crop" and meta.identity["preprocessing"]["resize"] == "crop"
