@@ -293,17 +293,18 @@ class EpochScores:
     def of(self, grid: list[dict[str, Any]], runs: list[dict[str, Any]], *, epochs: int) -> list[float]:
         """Each grid point's score: its run's, after its epoch count."""
 
-        return [self.rows[int(p.get("epochs", epochs)) - 1][runs.index(_setting(p))] for p in grid]
+        return [self.rows[e][r] for e, r in (_cell(p, runs, epochs) for p in grid)]
 
     def kept(self, grid: list[dict[str, Any]], runs: list[dict[str, Any]], *, epochs: int) -> dict[tuple, np.ndarray]:
         """The held-out outputs each grid point was scored by, by :func:`sweep_key` (the points whose epoch was
         kept): what ``Head.held_out_logits`` holds for choice.guard."""
-        kept = {}
-        for p in grid:
-            epoch = int(p.get("epochs", epochs)) - 1
-            if epoch < len(self.outputs):
-                kept[sweep_key(p)] = self.outputs[epoch][runs.index(_setting(p))]
-        return kept
+        cells = {sweep_key(p): _cell(p, runs, epochs) for p in grid}
+        return {key: self.outputs[e][r] for key, (e, r) in cells.items() if e < len(self.outputs)}
+
+
+def _cell(point: dict[str, Any], runs: list[dict[str, Any]], epochs: int) -> tuple[int, int]:
+    """Where a grid point's score and outputs are: (its epoch count - 1, its run's index)."""
+    return int(point.get("epochs", epochs)) - 1, runs.index(_setting(point))
 
 
 def _setting(point: dict[str, Any]) -> dict[str, Any]:
